@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ROOT := $(CURDIR)/.run
+BIND ?= 127.0.0.1:8080
+
+.PHONY: run test lint unit integration bench sysdeps venv format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Starts the daemon in the foreground, no root needed: state, sockets and token under .run/.
+run: $(STAMP)
+	mkdir -p $(RUN_ROOT)
+	$(VENV)/bin/smechvisord --bind $(BIND) \
+		--state-dir $(RUN_ROOT)/state --run-dir $(RUN_ROOT)/run \
+		--token-file $(RUN_ROOT)/token
+
+# Debian packages the integration tests use (as root); a no-op with a note otherwise.
+sysdeps:
+	scripts/install-sysdeps
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(STAMP) sysdeps lint
+	$(PY) -m pytest
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration
+
+bench: $(STAMP)
+	$(PY) bench/daemon.py
+
+clean:
+	rm -rf $(VENV) $(RUN_ROOT) .pytest_cache .mypy_cache .ruff_cache

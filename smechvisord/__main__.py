@@ -1,0 +1,3 @@
+from smechvisord.main import main
+
+raise SystemExit(main())

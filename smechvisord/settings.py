@@ -1,0 +1,147 @@
+"""Daemon settings: each SMECHVISORD_* variable, also a command-line flag (flag wins)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smechvisord.version import VERSION
+
+
+class SettingsError(ValueError):
+    """A setting has a value the daemon cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    default: str
+    help: str
+
+
+# The table DESIGN.md documents; the man page and --help are generated from it.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SMECHVISORD_BIND", "--bind", "0.0.0.0:8080",
+            "listen address HOST:PORT; port 0 picks a free port and logs it"),
+    Setting("SMECHVISORD_WEB_DIR", "--web-dir", "/usr/share/smechvisord/web",
+            "dashboard assets; the packaged copy when that path does not exist"),
+    Setting("SMECHVISORD_STATE_DIR", "--state-dir", "/var/lib/smechvisord",
+            "VM records and logs; images in vms/"),
+    Setting("SMECHVISORD_RUN_DIR", "--run-dir", "/run/smechvisord",
+            "VMM API sockets"),
+    Setting("SMECHVISORD_TOKEN_FILE", "--token-file", "/etc/smechvisord/token",
+            "API token, created 0600 at first start"),
+    Setting("SMECHVISORD_SYSROOT", "--sysroot", "/",
+            "prefix for every /proc, /sys, /dev and efivars read about the host"),
+    Setting("SMECHVISORD_CH_BIN", "--ch-bin", "cloud-hypervisor",
+            "the VMM binary (a name on PATH or a path)"),
+    Setting("SMECHVISORD_FIRMWARE", "--firmware", "/usr/share/cloud-hypervisor/CLOUDHV.fd",
+            "what boots a disk image"),
+    Setting("SMECHVISORD_IMAGE_DIRS", "--image-dirs", "",
+            "colon-separated dirs a VM disk may come from (default $STATE_DIR/vms)"),
+    Setting("SMECHVISORD_MODPROBE", "--modprobe", "modprobe",
+            "command for vfio-pci load/unload"),
+    Setting("SMECHVISORD_REBOOT_CMD", "--reboot-cmd", "reboot",
+            "command that reboots the host"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bind_host: str
+    bind_port: int
+    web_dir: Path
+    state_dir: Path
+    run_dir: Path
+    token_file: Path
+    sysroot: Path
+    ch_bin: str
+    firmware: Path
+    image_dirs: tuple[Path, ...]
+    modprobe: tuple[str, ...]
+    reboot_cmd: tuple[str, ...]
+    # Limits with reasons: see design/daemon.md "Input, auth, limits".
+    max_connections: int = 64
+    socket_timeout: float = 15.0
+    vmm_ready_timeout: float = 10.0
+    version: str = VERSION
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def records_dir(self) -> Path:
+        return self.state_dir / "machines"
+
+    def host_path(self, path: str) -> Path:
+        """Map an absolute host path (/proc/..., /sys/..., /dev/...) into the sysroot."""
+        return self.sysroot / path.lstrip("/")
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise SettingsError(f"SMECHVISORD_BIND: expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise SettingsError(f"SMECHVISORD_BIND: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise SettingsError(f"SMECHVISORD_BIND: port {number} is out of range 0..65535")
+    return host, number
+
+
+def _split_command(name: str, value: str) -> tuple[str, ...]:
+    # Commands are split on whitespace, never handed to a shell.
+    argv = tuple(value.split())
+    if not argv:
+        raise SettingsError(f"{name}: empty command")
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smechvisord",
+        description="SmechVisor node daemon: REST API and dashboard, cloud-hypervisor VMs.",
+        epilog="Every flag may also be set by the environment variable shown with it.",
+    )
+    for s in SETTINGS:
+        dest = s.env.removeprefix("SMECHVISORD_").lower()
+        parser.add_argument(s.flag, dest=dest, metavar="VALUE",
+                            help=f"{s.help} [env {s.env}, default {s.default or 'see text'}]")
+    parser.add_argument("--version", action="version", version=f"smechvisord {VERSION}")
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags, then the environment, then the defaults."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    raw: dict[str, str] = {}
+    for s in SETTINGS:
+        dest = s.env.removeprefix("SMECHVISORD_").lower()
+        flag_value = args.get(dest)
+        raw[s.env] = flag_value if flag_value is not None else env.get(s.env, s.default)
+    host, port = parse_bind(raw["SMECHVISORD_BIND"])
+    state_dir = Path(raw["SMECHVISORD_STATE_DIR"]).absolute()
+    image_dirs_raw = raw["SMECHVISORD_IMAGE_DIRS"]
+    image_dirs = tuple(
+        Path(p).absolute() for p in image_dirs_raw.split(":") if p
+    ) or (state_dir / "vms",)
+    return Settings(
+        bind_host=host,
+        bind_port=port,
+        web_dir=Path(raw["SMECHVISORD_WEB_DIR"]),
+        state_dir=state_dir,
+        run_dir=Path(raw["SMECHVISORD_RUN_DIR"]).absolute(),
+        token_file=Path(raw["SMECHVISORD_TOKEN_FILE"]).absolute(),
+        sysroot=Path(raw["SMECHVISORD_SYSROOT"]).absolute(),
+        ch_bin=raw["SMECHVISORD_CH_BIN"],
+        firmware=Path(raw["SMECHVISORD_FIRMWARE"]),
+        image_dirs=image_dirs,
+        modprobe=_split_command("SMECHVISORD_MODPROBE", raw["SMECHVISORD_MODPROBE"]),
+        reboot_cmd=_split_command("SMECHVISORD_REBOOT_CMD", raw["SMECHVISORD_REBOOT_CMD"]),
+    )
