@@ -22,8 +22,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
 
-
-def need_root() -> None:
-    """Skip (fail under CI) unless running as root."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
