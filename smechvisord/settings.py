@@ -25,28 +25,57 @@ class Setting:
 
 # The table DESIGN.md documents; the man page and --help are generated from it.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("SMECHVISORD_BIND", "--bind", "0.0.0.0:8080",
-            "listen address HOST:PORT; port 0 picks a free port and logs it"),
-    Setting("SMECHVISORD_WEB_DIR", "--web-dir", "/usr/share/smechvisord/web",
-            "dashboard assets; the packaged copy when that path does not exist"),
-    Setting("SMECHVISORD_STATE_DIR", "--state-dir", "/var/lib/smechvisord",
-            "VM records and logs; images in vms/"),
-    Setting("SMECHVISORD_RUN_DIR", "--run-dir", "/run/smechvisord",
-            "VMM API sockets"),
-    Setting("SMECHVISORD_TOKEN_FILE", "--token-file", "/etc/smechvisord/token",
-            "API token, created 0600 at first start"),
-    Setting("SMECHVISORD_SYSROOT", "--sysroot", "/",
-            "prefix for every /proc, /sys, /dev and efivars read about the host"),
-    Setting("SMECHVISORD_CH_BIN", "--ch-bin", "cloud-hypervisor",
-            "the VMM binary (a name on PATH or a path)"),
-    Setting("SMECHVISORD_FIRMWARE", "--firmware", "/usr/share/cloud-hypervisor/CLOUDHV.fd",
-            "what boots a disk image"),
-    Setting("SMECHVISORD_IMAGE_DIRS", "--image-dirs", "",
-            "colon-separated dirs a VM disk may come from (default $STATE_DIR/vms)"),
-    Setting("SMECHVISORD_MODPROBE", "--modprobe", "modprobe",
-            "command for vfio-pci load/unload"),
-    Setting("SMECHVISORD_REBOOT_CMD", "--reboot-cmd", "reboot",
-            "command that reboots the host"),
+    Setting(
+        "SMECHVISORD_BIND",
+        "--bind",
+        "0.0.0.0:8080",
+        "listen address HOST:PORT; port 0 picks a free port and logs it",
+    ),
+    Setting(
+        "SMECHVISORD_WEB_DIR",
+        "--web-dir",
+        "/usr/share/smechvisord/web",
+        "dashboard assets; the packaged copy when that path does not exist",
+    ),
+    Setting(
+        "SMECHVISORD_STATE_DIR",
+        "--state-dir",
+        "/var/lib/smechvisord",
+        "VM records and logs; images in vms/",
+    ),
+    Setting("SMECHVISORD_RUN_DIR", "--run-dir", "/run/smechvisord", "VMM API sockets"),
+    Setting(
+        "SMECHVISORD_TOKEN_FILE",
+        "--token-file",
+        "/etc/smechvisord/token",
+        "API token, created 0600 at first start",
+    ),
+    Setting(
+        "SMECHVISORD_SYSROOT",
+        "--sysroot",
+        "/",
+        "prefix for every /proc, /sys, /dev and efivars read about the host",
+    ),
+    Setting(
+        "SMECHVISORD_CH_BIN",
+        "--ch-bin",
+        "cloud-hypervisor",
+        "the VMM binary (a name on PATH or a path)",
+    ),
+    Setting(
+        "SMECHVISORD_FIRMWARE",
+        "--firmware",
+        "/usr/share/cloud-hypervisor/CLOUDHV.fd",
+        "what boots a disk image",
+    ),
+    Setting(
+        "SMECHVISORD_IMAGE_DIRS",
+        "--image-dirs",
+        "",
+        "colon-separated dirs a VM disk may come from (default $STATE_DIR/vms)",
+    ),
+    Setting("SMECHVISORD_MODPROBE", "--modprobe", "modprobe", "command for vfio-pci load/unload"),
+    Setting("SMECHVISORD_REBOOT_CMD", "--reboot-cmd", "reboot", "command that reboots the host"),
 )
 
 
@@ -110,8 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for s in SETTINGS:
         dest = s.env.removeprefix("SMECHVISORD_").lower()
-        parser.add_argument(s.flag, dest=dest, metavar="VALUE",
-                            help=f"{s.help} [env {s.env}, default {s.default or 'see text'}]")
+        parser.add_argument(
+            s.flag,
+            dest=dest,
+            metavar="VALUE",
+            help=f"{s.help} [env {s.env}, default {s.default or 'see text'}]",
+        )
     parser.add_argument("--version", action="version", version=f"smechvisord {VERSION}")
     return parser
 
@@ -128,9 +161,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     host, port = parse_bind(raw["SMECHVISORD_BIND"])
     state_dir = Path(raw["SMECHVISORD_STATE_DIR"]).absolute()
     image_dirs_raw = raw["SMECHVISORD_IMAGE_DIRS"]
-    image_dirs = tuple(
-        Path(p).absolute() for p in image_dirs_raw.split(":") if p
-    ) or (state_dir / "vms",)
+    image_dirs = tuple(Path(p).absolute() for p in image_dirs_raw.split(":") if p) or (
+        state_dir / "vms",
+    )
     return Settings(
         bind_host=host,
         bind_port=port,

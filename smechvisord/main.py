@@ -1,0 +1,93 @@
+"""Entry point: settings, token, re-adoption of running VMs, then serve until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+
+from smechvisord import settings as settings_mod
+from smechvisord import token as tokens
+from smechvisord.api import Api
+from smechvisord.host import Host
+from smechvisord.server import DaemonServer
+from smechvisord.vms import VmManager
+
+log = logging.getLogger("smechvisord")
+
+
+def web_root(configured: Path) -> Path:
+    """The configured dashboard dir, or the copy packaged with the daemon."""
+    if configured.is_dir():
+        return configured
+    return Path(str(resources.files("smechvisord") / "web"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s smechvisord %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = settings_mod.load(argv)
+    except settings_mod.SettingsError as e:
+        print(f"smechvisord: {e}", file=sys.stderr)
+        return 2
+    try:
+        token = tokens.load_or_create(cfg.token_file)
+        cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for d in cfg.image_dirs:
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        host = Host(cfg.sysroot)
+        vms = VmManager(cfg, host)
+        vms.check_paths()
+        vms.load()
+        server = DaemonServer(
+            (cfg.bind_host, cfg.bind_port),
+            Api(cfg, host, vms).router(),
+            token,
+            web_root(cfg.web_dir),
+            cfg.max_connections,
+            cfg.socket_timeout,
+        )
+    except (OSError, RuntimeError, tokens.TokenError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+
+    host_name, port = server.server_address[:2]
+    log.info("listening on http://%s:%d", host_name, port)
+    shown = "127.0.0.1" if cfg.bind_host in ("0.0.0.0", "::", "") else cfg.bind_host  # noqa: S104
+    url = f"http://{shown}:{port}/"
+    if sys.stderr.isatty():
+        # Interactive start (make run): hand the operator a ready link, as Jupyter does.
+        print(f"dashboard: {url}#token={token}", file=sys.stderr, flush=True)
+    else:
+        # Logs go to files others may read: never the token itself.
+        log.info("dashboard: %s (token in %s)", url, cfg.token_file)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping; VMs keep running", signum)
+        # shutdown() waits for serve_forever to return, so not from this thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    vms.start_monitor()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        vms.stop_monitor()
+        vms.persist_all()
+    log.info("stopped; %d VMs left running", vms.running_count())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,886 @@
+"""cloud-hypervisor VMs: launch, track, persist, re-adopt, and stop with escalation.
+
+One VMM process per VM, started in its own session so it outlives the daemon. Each VM has
+a directory under $STATE_DIR/machines/<id>/ (record.json, serial.log, vmm.log, vmm.stderr,
+events.jsonl) and an API socket at $RUN_DIR/<id>.sock. Liveness is the PID (checked with
+its start time, so a reused PID is not mistaken for the VM); state comes from `vm.info`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from smechvisord import atomic, procs
+from smechvisord import protocol as p
+from smechvisord.chapi import ChApi, ChApiError, ChUnreachableError
+from smechvisord.errors import ApiError
+from smechvisord.host import Host
+from smechvisord.settings import Settings
+from smechvisord.validate import VmSpec
+
+log = logging.getLogger(__name__)
+
+RECORD = "record.json"
+SERIAL_LOG = "serial.log"
+VMM_LOG = "vmm.log"
+VMM_STDERR = "vmm.stderr"
+EVENTS = "events.jsonl"
+LOG_TAIL_LINES = 20
+# AF_UNIX paths are limited to 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+KVM_FAILURE = "Failed to open hypervisor interface"
+
+# The escalation ladder after the graceful request (design/daemon.md): seconds per step.
+STEP_WAIT = {"vm.shutdown+vmm.shutdown": 5.0, "SIGTERM": 5.0, "SIGKILL": 5.0}
+
+VMM_STATES = {
+    "Running": p.STATE_RUNNING,
+    "Paused": p.STATE_PAUSED,
+    "BreakPoint": p.STATE_PAUSED,
+    # After vm.shutdown v42 keeps the process and reports Created.
+    "Created": p.STATE_STOPPED,
+    "Shutdown": p.STATE_STOPPED,
+}
+
+
+@dataclass
+class Vm:
+    """What the daemon persists about one VM (record.json)."""
+
+    id: str
+    uuid: str
+    cpus: int
+    memory_mb: int
+    disk: str
+    argv: list[str]
+    created_at: float
+    state: str = p.STATE_STOPPED
+    pid: int | None = None
+    pid_start: int | None = None
+    started_at: float | None = None
+    exit: dict[str, Any] | None = None
+    last_shutdown: dict[str, Any] | None = None
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Vm:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class _Runtime:
+    """What only this daemon instance knows: its children and per-VM action locks."""
+
+    child: subprocess.Popen[bytes] | None = None
+    action: threading.Lock = field(default_factory=threading.Lock)
+    action_name: str = ""
+    expect_exit: bool = False
+    info_at: float = 0.0
+
+
+class VmManager:
+    def __init__(self, settings: Settings, host: Host) -> None:
+        self.settings = settings
+        self.host = host
+        self._lock = threading.RLock()
+        self._vms: dict[str, Vm] = {}
+        self._rt: dict[str, _Runtime] = {}
+        self._cpu = procs.CpuSampler()
+        self._foreign_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # ---- paths ---------------------------------------------------------------------
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.settings.records_dir / vm_id
+
+    def socket_path(self, vm_id: str) -> Path:
+        return self.settings.run_dir / f"{vm_id}.sock"
+
+    def check_paths(self) -> None:
+        """Refuse to start with a run dir whose socket paths the kernel would reject."""
+        longest = self.socket_path("x" * 32)
+        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+            raise RuntimeError(
+                f"SMECHVISORD_RUN_DIR {self.settings.run_dir} is too long for VMM API sockets "
+                f"(AF_UNIX paths are limited to {MAX_SOCKET_PATH} bytes); choose a shorter path"
+            )
+        for d in (self.settings.state_dir, self.settings.run_dir):
+            if "," in str(d):
+                raise RuntimeError(f"{d}: the VMM's option syntax cannot take ',' in a path")
+
+    # ---- start-up: re-adoption -----------------------------------------------------
+
+    def load(self) -> None:
+        """Read every record and re-adopt the VMs whose VMM still runs."""
+        records = self.settings.records_dir
+        records.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for vm_dir in sorted(records.iterdir()):
+            for stale in vm_dir.glob(f".{RECORD}.*.tmp"):
+                stale.unlink(missing_ok=True)  # a write cut short by a crash
+            try:
+                data = json.loads((vm_dir / RECORD).read_text())
+                vm = Vm.from_record(data)
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("skipping unreadable VM record in %s: %s", vm_dir, e)
+                continue
+            with self._lock:
+                self._vms[vm.id] = vm
+                self._rt[vm.id] = _Runtime()
+            if vm.state in p.LIVE_STATES:
+                self._readopt(vm)
+        log.info("loaded %d VM records", len(self._vms))
+
+    def _readopt(self, vm: Vm) -> None:
+        sock = str(self.socket_path(vm.id))
+        if vm.pid is None:
+            # The daemon died between writing the record and recording the PID.
+            vm.pid = self._find_vmm_by_socket(sock)
+            st = procs.stat(vm.pid) if vm.pid else None
+            vm.pid_start = st.start_ticks if st else None
+        if vm.pid and self._is_our_vmm(vm.pid, vm.pid_start, sock):
+            log.info("re-adopted VM %s (pid %d)", vm.id, vm.pid)
+            self._refresh_state(vm)
+            self._persist(vm)
+            return
+        self._mark_exited(
+            vm, code=None, sig=None, reason="the VMM exited while smechvisord was not running"
+        )
+
+    def _find_vmm_by_socket(self, sock: str) -> int | None:
+        wanted = f"path={sock}"
+        for pid in procs.pids():
+            argv = procs.cmdline(pid)
+            if argv and wanted in argv:
+                return pid
+        return None
+
+    @staticmethod
+    def _is_our_vmm(pid: int, start: int | None, sock: str) -> bool:
+        if not procs.is_alive(pid, start):
+            return False
+        argv = procs.cmdline(pid) or []
+        return f"path={sock}" in argv
+
+    # ---- monitor ----------------------------------------------------------------------
+
+    def start_monitor(self, interval: float = 0.5) -> None:
+        self._monitor = threading.Thread(
+            target=self._monitor_loop, args=(interval,), name="vm-monitor", daemon=True
+        )
+        self._monitor.start()
+
+    def stop_monitor(self) -> None:
+        self._stop.set()
+        if self._monitor:
+            self._monitor.join(timeout=5)
+
+    def _monitor_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.poll_once()
+            except Exception:  # the monitor must outlive any one bad VM
+                log.exception("VM monitor pass failed")
+
+    def poll_once(self) -> None:
+        """Notice VMMs that exited, and refresh vm.info state every few seconds."""
+        with self._lock:
+            live = [vm for vm in self._vms.values() if vm.state in p.LIVE_STATES]
+        now = time.monotonic()
+        for vm in live:
+            rt = self._rt[vm.id]
+            if rt.action.locked():
+                continue  # the action in progress owns this VM's state
+            exited = self._exit_status(vm, rt)
+            if exited is not None:
+                code, sig = exited
+                self._mark_exited(vm, code, sig)
+            elif now - rt.info_at > 5.0:
+                self._refresh_state(vm)
+
+    def _exit_status(self, vm: Vm, rt: _Runtime) -> tuple[int | None, int | None] | None:
+        """None while the VMM runs; else (exit code, signal), either unknown (None) for a
+        VMM this daemon instance did not start (only its parent can collect the status)."""
+        if rt.child is not None:
+            code = rt.child.poll()
+            if code is None:
+                return None
+            return (code, None) if code >= 0 else (None, -code)
+        if vm.pid and procs.is_alive(vm.pid, vm.pid_start):
+            return None
+        return (None, None)
+
+    def _mark_exited(
+        self, vm: Vm, code: int | None, sig: int | None, reason: str | None = None
+    ) -> None:
+        rt = self._rt[vm.id]
+        clean = code == 0 or (code is None and sig is None and self._vmm_said_shutdown(vm))
+        state = p.STATE_STOPPED if rt.expect_exit or clean else p.STATE_FAILED
+        if reason is None:
+            if sig is not None:
+                reason = f"the VMM was killed by signal {sig}"
+            elif code is not None:
+                reason = f"the VMM exited with code {code}"
+            else:
+                reason = "the VMM exited"
+        with self._lock:
+            vm.state = state
+            vm.exit = {
+                "code": code,
+                "signal": sig,
+                "at": time.time(),
+                "reason": reason,
+                "log_tail": self.log_tail(vm.id),
+            }
+            vm.pid = None
+            vm.pid_start = None
+            rt.child = None
+        self.socket_path(vm.id).unlink(missing_ok=True)
+        self._persist(vm)
+        log.info("VM %s is %s: %s", vm.id, state, reason)
+
+    def _vmm_said_shutdown(self, vm: Vm) -> bool:
+        """For a VMM we could not wait for: did it log its own clean shutdown?"""
+        try:
+            with (self.vm_dir(vm.id) / EVENTS).open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return False
+        for line in reversed(lines):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("source") == "vmm":
+                return bool(event.get("event") == "shutdown")
+        return False
+
+    def _refresh_state(self, vm: Vm) -> None:
+        api = ChApi(str(self.socket_path(vm.id)), timeout=2.0)
+        try:
+            info = api.info()
+        except (ChApiError, ChUnreachableError) as e:
+            log.debug("vm.info for %s failed: %s", vm.id, e)
+            return
+        finally:
+            self._rt[vm.id].info_at = time.monotonic()
+        state = VMM_STATES.get(str(info.get("state")))
+        if state is not None and state != vm.state:
+            with self._lock:
+                vm.state = state
+            self._persist(vm)
+
+    # ---- persistence ------------------------------------------------------------------
+
+    def _persist(self, vm: Vm) -> None:
+        with self._lock:
+            data = asdict(vm)
+        vm_dir = self.vm_dir(vm.id)
+        if vm_dir.is_dir():
+            atomic.write_json(vm_dir / RECORD, data)
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def log_tail(self, vm_id: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The VMM's last words: its stderr, then its log file."""
+        out: list[str] = []
+        for name in (VMM_STDERR, VMM_LOG):
+            out += tail_lines(self.vm_dir(vm_id) / name, lines)
+        return out[-lines:]
+
+    def _public(self, vm: Vm) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": vm.id,
+            "name": vm.id,
+            "uuid": vm.uuid,
+            "managed": True,
+            "state": vm.state,
+            "pid": vm.pid,
+            "cpus": vm.cpus,
+            "memory_mb": vm.memory_mb,
+            "disk": vm.disk,
+            "cpu_percent": None,
+            "rss_mb": None,
+            "created_at": vm.created_at,
+            "started_at": vm.started_at,
+            "exit": vm.exit,
+            "last_shutdown": vm.last_shutdown,
+            "api_socket": str(self.socket_path(vm.id)),
+            "serial_log": str(self.vm_dir(vm.id) / SERIAL_LOG),
+        }
+        if vm.pid:
+            st = procs.stat(vm.pid)
+            if st is not None:
+                doc["cpu_percent"] = self._cpu.percent(st)
+                doc["rss_mb"] = round(st.rss_bytes / 2**20, 1)
+        return doc
+
+    def list_all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            vms = sorted(self._vms.values(), key=lambda v: v.created_at)
+        return [self._public(vm) for vm in vms] + self._foreign()
+
+    def running_count(self) -> int:
+        with self._lock:
+            return sum(1 for vm in self._vms.values() if vm.state in p.LIVE_STATES)
+
+    def get(self, vm_id: str) -> dict[str, Any]:
+        vm = self._find(vm_id)
+        rt = self._rt[vm.id]
+        if vm.state in p.LIVE_STATES and not rt.action.locked():
+            self._refresh_state(vm)
+        return self._public(vm)
+
+    def _find(self, vm_id: str) -> Vm:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            raise ApiError(404, p.ERR_NOT_FOUND, f"no VM named {vm_id!r}", {"id": vm_id})
+        return vm
+
+    def _foreign(self) -> list[dict[str, Any]]:
+        """VMM processes this daemon did not start (by hand, or by another tool)."""
+        now = time.monotonic()
+        cached_at, cached = self._foreign_cache
+        if now - cached_at < 2.0:
+            return cached
+        with self._lock:
+            ours = {vm.pid for vm in self._vms.values() if vm.pid}
+        names = {"cloud-hypervisor", Path(self.settings.ch_bin).name}
+        found: list[dict[str, Any]] = []
+        for pid in procs.pids():
+            if pid in ours or pid == os.getpid():
+                continue
+            argv = procs.cmdline(pid)
+            # An interpreter-run stand-in shows the script as argv[1].
+            if not argv or not any(Path(a).name in names for a in argv[:2]):
+                continue
+            st = procs.stat(pid)
+            if st is None or st.state in ("Z", "X"):
+                continue
+            found.append(foreign_doc(pid, argv, st, self._cpu.percent(st)))
+        self._foreign_cache = (now, found)
+        return found
+
+    def console(self, vm_id: str, offset: int | None, max_bytes: int) -> dict[str, Any]:
+        vm = self._find(vm_id)
+        path = self.vm_dir(vm.id) / SERIAL_LOG
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = max(0, size - max_bytes) if offset is None else min(offset, size)
+                f.seek(start)
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            size, start, data = 0, 0, b""
+        return {
+            "id": vm.id,
+            "offset": start,
+            "next_offset": start + len(data),
+            "size": size,
+            "data": data.decode("utf-8", "replace"),
+        }
+
+    # ---- create and start ----------------------------------------------------------
+
+    def preflight(self) -> str:
+        """The VMM binary's path, or a 503 that says what is missing and what to do."""
+        ch = self.settings.ch_bin
+        path = shutil.which(ch)
+        if path is None:
+            raise ApiError(
+                503,
+                p.ERR_VMM_UNAVAILABLE,
+                f"cloud-hypervisor not found ({ch!r}): install cloud-hypervisor v42 or set "
+                "SMECHVISORD_CH_BIN to its path",
+                {"ch_bin": ch},
+            )
+        kvm = self.settings.host_path("/dev/kvm")
+        if not self.host.kvm_available():
+            raise ApiError(
+                503,
+                p.ERR_KVM_UNAVAILABLE,
+                f"{kvm} does not exist: enable VT-x/AMD-V in firmware setup and load "
+                "kvm_intel or kvm_amd",
+                {"path": str(kvm)},
+            )
+        if not os.access(kvm, os.R_OK | os.W_OK):
+            raise ApiError(
+                503,
+                p.ERR_KVM_UNAVAILABLE,
+                f"{kvm} is not usable by the daemon's user: run smechvisord as root or add "
+                "it to the kvm group",
+                {"path": str(kvm)},
+            )
+        if not self.settings.firmware.is_file():
+            raise ApiError(
+                503,
+                p.ERR_FIRMWARE_MISSING,
+                f"firmware {self.settings.firmware} not found: install CLOUDHV.fd or set "
+                "SMECHVISORD_FIRMWARE",
+                {"firmware": str(self.settings.firmware)},
+            )
+        return path
+
+    def build_argv(self, ch_path: str, vm_id: str, vm_uuid: str, spec: VmSpec) -> list[str]:
+        d = self.vm_dir(vm_id)
+        return [
+            ch_path,
+            "--api-socket",
+            f"path={self.socket_path(vm_id)}",
+            "--event-monitor",
+            f"path={d / EVENTS}",
+            "--log-file",
+            str(d / VMM_LOG),
+            "-v",
+            # v42 takes key=value lists: `--cpus 4` is invalid, sizes need uppercase units.
+            "--cpus",
+            f"boot={spec.cpus}",
+            "--memory",
+            f"size={spec.memory_mb}M",
+            "--firmware",
+            str(self.settings.firmware),
+            "--disk",
+            f"path={spec.disk}",
+            "--serial",
+            f"file={d / SERIAL_LOG}",
+            # The default console is `tty`: guest output on the VMM's stdout.
+            "--console",
+            "off",
+            "--platform",
+            f"uuid={vm_uuid}",
+        ]
+
+    def create(self, spec: VmSpec) -> tuple[int, dict[str, Any]]:
+        vm_id = spec.name or self._new_id()
+        vm_uuid = str(uuid.uuid4())
+        if spec.dry_run:
+            problems: list[str] = []
+            try:
+                ch_path = self.preflight()
+            except ApiError as e:
+                problems.append(e.message)
+                ch_path = self.settings.ch_bin
+            argv = self.build_argv(ch_path, vm_id, vm_uuid, spec)
+            with self._lock:
+                if vm_id in self._vms:
+                    problems.append(f"a VM named {vm_id!r} already exists")
+            return 200, {"dry_run": True, "id": vm_id, "argv": argv, "problems": problems}
+        ch_path = self.preflight()
+        with self._lock:
+            if vm_id in self._vms:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"a VM named {vm_id!r} already exists",
+                    {"field": "name", "id": vm_id},
+                )
+            self._check_disk_free(str(spec.disk))
+            vm = Vm(
+                id=vm_id,
+                uuid=vm_uuid,
+                cpus=spec.cpus,
+                memory_mb=spec.memory_mb,
+                disk=str(spec.disk),
+                argv=self.build_argv(ch_path, vm_id, vm_uuid, spec),
+                created_at=time.time(),
+                state=p.STATE_STARTING,
+            )
+            self._vms[vm_id] = vm
+            self._rt[vm_id] = _Runtime()
+        rt = self._rt[vm_id]
+        with rt.action:
+            try:
+                self.vm_dir(vm_id).mkdir(mode=0o700, parents=True)
+                self._spawn(vm, rt)
+            except BaseException:
+                # Create is all or nothing: a VMM that failed to start leaves no record.
+                self._forget(vm_id)
+                raise
+        return 201, self._public(vm)
+
+    def _check_disk_free(self, disk: str) -> None:
+        for other in self._vms.values():
+            if other.disk == disk and other.state in p.LIVE_STATES:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"{disk} is in use by VM {other.id}",
+                    {"field": "disk", "id": other.id},
+                )
+
+    def _new_id(self) -> str:
+        with self._lock:
+            while True:
+                candidate = f"vm-{secrets.token_hex(3)}"
+                if candidate not in self._vms:
+                    return candidate
+
+    def _forget(self, vm_id: str) -> None:
+        with self._lock:
+            self._vms.pop(vm_id, None)
+            self._rt.pop(vm_id, None)
+        shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
+        self.socket_path(vm_id).unlink(missing_ok=True)
+
+    def _spawn(self, vm: Vm, rt: _Runtime) -> None:
+        """Start the VMM and wait for vmm.ping. Called with the VM's action lock held."""
+        sock = self.socket_path(vm.id)
+        sock.unlink(missing_ok=True)  # v42 refuses to bind over a stale socket
+        vm.state, vm.exit, vm.pid, vm.pid_start = p.STATE_STARTING, None, None, None
+        # Record first: if the daemon dies during the spawn, re-adoption finds the VMM
+        # by its socket path.
+        self._persist(vm)
+        d = self.vm_dir(vm.id)
+        for name in (SERIAL_LOG, VMM_STDERR):
+            (d / name).unlink(missing_ok=True)
+        with (d / VMM_STDERR).open("wb") as err:
+            child = subprocess.Popen(
+                vm.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                cwd=d,
+                start_new_session=True,
+                close_fds=True,
+            )
+        st = procs.stat(child.pid)
+        with self._lock:
+            rt.child, rt.expect_exit = child, False
+            vm.pid, vm.pid_start = child.pid, st.start_ticks if st else None
+            vm.started_at = time.time()
+        self._persist(vm)
+        self._wait_ready(vm, rt, child)
+
+    def _wait_ready(self, vm: Vm, rt: _Runtime, child: subprocess.Popen[bytes]) -> None:
+        api = ChApi(str(self.socket_path(vm.id)), timeout=2.0)
+        deadline = time.monotonic() + self.settings.vmm_ready_timeout
+        delay = 0.01
+        while True:
+            code = child.poll()
+            if code is not None:
+                self._startup_failed(vm, rt, code)
+            if self.socket_path(vm.id).exists():
+                try:
+                    api.ping()
+                    break
+                except (ChApiError, ChUnreachableError):
+                    pass
+            if time.monotonic() > deadline:
+                rt.expect_exit = True
+                _kill(child.pid)
+                child.wait(timeout=5)
+                self._startup_failed(vm, rt, None, timeout=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        self._refresh_state(vm)
+        if vm.state == p.STATE_STARTING:
+            with self._lock:
+                vm.state = p.STATE_RUNNING
+        self._persist(vm)
+
+    def _startup_failed(
+        self, vm: Vm, rt: _Runtime, code: int | None, timeout: bool = False
+    ) -> None:
+        tail = self.log_tail(vm.id)
+        self._mark_exited(vm, code, None, reason="the VMM failed to start")
+        details = {"id": vm.id, "exit_code": code, "stderr_tail": tail}
+        if any(KVM_FAILURE in line for line in tail):
+            raise ApiError(
+                503,
+                p.ERR_KVM_UNAVAILABLE,
+                "cloud-hypervisor cannot use KVM: check that /dev/kvm exists and is usable "
+                "(VT-x/AMD-V enabled in firmware, kvm_intel or kvm_amd loaded)",
+                details,
+            )
+        what = (
+            f"did not answer vmm.ping within {self.settings.vmm_ready_timeout:g} s"
+            if timeout
+            else f"exited with code {code} while starting"
+        )
+        raise ApiError(502, p.ERR_VMM_FAILED, f"cloud-hypervisor {what}; see stderr_tail", details)
+
+    # ---- actions --------------------------------------------------------------------
+
+    def action(self, vm_id: str, action: str, timeout: int) -> dict[str, Any]:
+        vm = self._find(vm_id)
+        rt = self._rt[vm.id]
+        if not rt.action.acquire(timeout=0.5):
+            raise ApiError(
+                409,
+                p.ERR_BUSY,
+                f"VM {vm.id} is busy ({rt.action_name})",
+                {"id": vm.id, "action": rt.action_name},
+            )
+        try:
+            rt.action_name = action
+            handler: Callable[[Vm, _Runtime, int], None] = getattr(self, f"_do_{action}")
+            handler(vm, rt, timeout)
+        finally:
+            rt.action_name = ""
+            rt.action.release()
+        return self._public(vm)
+
+    def _require(self, vm: Vm, *states: str) -> None:
+        if vm.state not in states:
+            raise ApiError(
+                409,
+                p.ERR_CONFLICT,
+                f"VM {vm.id} is {vm.state}; this needs it {' or '.join(states)}",
+                {"id": vm.id, "state": vm.state},
+            )
+
+    def _api(self, vm: Vm) -> ChApi:
+        return ChApi(str(self.socket_path(vm.id)), timeout=5.0)
+
+    def _put(self, vm: Vm, endpoint: str) -> None:
+        try:
+            self._api(vm).put(endpoint)
+        except ChApiError as e:
+            raise ApiError(
+                409,
+                p.ERR_CONFLICT,
+                f"cloud-hypervisor refused {endpoint}: {e.reason}",
+                {"id": vm.id, "vmm_status": e.status},
+            ) from e
+        except ChUnreachableError as e:
+            raise ApiError(
+                502,
+                p.ERR_VMM_FAILED,
+                f"cloud-hypervisor of VM {vm.id} does not answer: {e}",
+                {"id": vm.id},
+            ) from e
+
+    def _do_start(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        self._require(vm, p.STATE_STOPPED, p.STATE_FAILED)
+        ch_path = self.preflight()
+        with self._lock:
+            self._check_disk_free(vm.disk)
+            vm.argv[0] = ch_path
+        self._spawn(vm, rt)
+
+    def _do_pause(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        self._require(vm, p.STATE_RUNNING)
+        self._put(vm, "vm.pause")
+        self._refresh_state(vm)
+
+    def _do_resume(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        self._require(vm, p.STATE_PAUSED)
+        self._put(vm, "vm.resume")
+        self._refresh_state(vm)
+
+    def _do_reboot(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        # vm.reboot is a VMM-side reset: the guest is not asked.
+        self._require(vm, p.STATE_RUNNING, p.STATE_PAUSED)
+        self._put(vm, "vm.reboot")
+        self._refresh_state(vm)
+
+    def _do_shutdown(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        self._require(vm, *p.LIVE_STATES)
+        self._escalate(vm, rt, graceful_wait=float(timeout))
+
+    def _do_stop(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
+        self._require(vm, *p.LIVE_STATES)
+        self._escalate(vm, rt, graceful_wait=None)
+
+    def _escalate(self, vm: Vm, rt: _Runtime, graceful_wait: float | None) -> None:
+        """power-button (graceful only), then vm.shutdown + vmm.shutdown, SIGTERM, SIGKILL:
+        each step only if the one before did not end the process in time."""
+        rt.expect_exit = True
+        started = time.monotonic()
+        steps: list[dict[str, Any]] = []
+        api = self._api(vm)
+
+        def attempt(name: str, wait: float, do: Callable[[], None]) -> bool:
+            entry: dict[str, Any] = {"step": name, "at": time.time()}
+            try:
+                do()
+                entry["result"] = "sent"
+            except (ChApiError, ChUnreachableError, OSError) as e:
+                entry["result"] = f"failed: {e}"
+            exited = self._wait_exit(vm, rt, wait)
+            entry["exited"] = exited
+            steps.append(entry)
+            return exited
+
+        def both_shutdowns() -> None:
+            with contextlib.suppress(ChApiError):
+                api.put("vm.shutdown")
+            api.put("vmm.shutdown")
+
+        pid = vm.pid
+        ladder: list[tuple[str, float, Callable[[], None]]] = []
+        if graceful_wait is not None:
+            if vm.state == p.STATE_PAUSED:
+                steps.append(
+                    {
+                        "step": "vm.power-button",
+                        "at": time.time(),
+                        "result": "skipped: the VM is paused",
+                        "exited": False,
+                    }
+                )
+            else:
+                ladder.append(
+                    ("vm.power-button", graceful_wait, lambda: api.put("vm.power-button"))
+                )
+        ladder += [
+            ("vm.shutdown+vmm.shutdown", STEP_WAIT["vm.shutdown+vmm.shutdown"], both_shutdowns),
+            ("SIGTERM", STEP_WAIT["SIGTERM"], lambda: _signal(pid, signal.SIGTERM)),
+            ("SIGKILL", STEP_WAIT["SIGKILL"], lambda: _signal(pid, signal.SIGKILL)),
+        ]
+        for name, wait, do in ladder:
+            if attempt(name, wait, do):
+                break
+        with self._lock:
+            vm.last_shutdown = {
+                "graceful": graceful_wait is not None,
+                "steps": steps,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        exited = self._exit_status(vm, rt)
+        if exited is None:
+            self._persist(vm)
+            raise ApiError(
+                500, p.ERR_INTERNAL, f"VM {vm.id} survived SIGKILL", {"id": vm.id, "steps": steps}
+            )
+        self._mark_exited(vm, *exited)
+
+    def _wait_exit(self, vm: Vm, rt: _Runtime, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while True:
+            if self._exit_status(vm, rt) is not None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def delete(self, vm_id: str) -> dict[str, Any]:
+        vm = self._find(vm_id)
+        rt = self._rt[vm.id]
+        if not rt.action.acquire(timeout=0.5):
+            raise ApiError(409, p.ERR_BUSY, f"VM {vm.id} is busy ({rt.action_name})", {"id": vm.id})
+        try:
+            if vm.state in p.LIVE_STATES:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"VM {vm.id} is {vm.state}; shut it down or stop it first",
+                    {"id": vm.id, "state": vm.state},
+                )
+            self._forget(vm.id)
+        finally:
+            rt.action.release()
+        return {"deleted": vm.id}
+
+    def stop_all(self, timeout: int) -> list[dict[str, Any]]:
+        """Graceful shutdown of every live VM in parallel (before a host reboot)."""
+        with self._lock:
+            live = [vm.id for vm in self._vms.values() if vm.state in p.LIVE_STATES]
+        results: list[dict[str, Any]] = []
+        threads = [
+            threading.Thread(target=self._stop_one, args=(i, timeout, results)) for i in live
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    def _stop_one(self, vm_id: str, timeout: int, results: list[dict[str, Any]]) -> None:
+        try:
+            doc = self.action(vm_id, "shutdown", timeout)
+            results.append({"id": vm_id, "state": doc["state"]})
+        except ApiError as e:
+            results.append({"id": vm_id, "error": e.message})
+
+    def persist_all(self) -> None:
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            self._persist(vm)
+
+
+def _signal(pid: int | None, sig: signal.Signals) -> None:
+    if pid:
+        os.kill(pid, sig)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def tail_lines(path: Path, lines: int, max_bytes: int = 16384) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def _option_value(argv: list[str], flag: str, key: str) -> str | None:
+    """`--cpus boot=4,max=8` -> '4' for key 'boot' (also the `--flag=value` form)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+        if value is None:
+            continue
+        for part in value.split(","):
+            k, _, v = part.partition("=")
+            if k == key:
+                return v
+    return None
+
+
+def _size_mb(text: str | None) -> int | None:
+    if not text:
+        return None
+    units = {"K": 1 / 1024, "M": 1, "G": 1024}
+    try:
+        if text[-1] in units:
+            return int(int(text[:-1]) * units[text[-1]])
+        return int(text) // 2**20
+    except ValueError:
+        return None
+
+
+def foreign_doc(pid: int, argv: list[str], st: procs.ProcStat, cpu: float) -> dict[str, Any]:
+    cpus = _option_value(argv, "--cpus", "boot")
+    return {
+        "id": f"pid-{pid}",
+        "name": None,
+        "managed": False,
+        "state": p.STATE_RUNNING,
+        "pid": pid,
+        "cpus": int(cpus) if cpus and cpus.isdigit() else None,
+        "memory_mb": _size_mb(_option_value(argv, "--memory", "size")),
+        "disk": _option_value(argv, "--disk", "path"),
+        "cpu_percent": cpu,
+        "rss_mb": round(st.rss_bytes / 2**20, 1),
+        "api_socket": _option_value(argv, "--api-socket", "path"),
+    }

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
+
+
+@pytest.fixture
+def daemon_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonEnv]:
+    kind = getattr(request, "param", "intel-ready")
+    env = DaemonEnv(tmp_path, kind=kind)
+    yield env
+    kill_vmms(env.run_dir)
+    env.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_env: DaemonEnv) -> Iterator[Daemon]:
+    d = Daemon(daemon_env)
+    yield d
+    d.stop()
