@@ -224,6 +224,10 @@ class Api:
                 "the IOMMU is not ready: " + "; ".join(blockers),
                 {"blockers": blockers},
             )
+        if not enable and not self.host.vfio_loaded():
+            # `modprobe -r` fails on a module that is not loaded; disabling is idempotent.
+            return 200, {"enabled": False, "command": None, "output": "vfio-pci is not loaded",
+                         "loaded": False}
         try:
             result = vfio.set_vfio(enable, self.settings.modprobe)
         except vfio.VfioError as e:

@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def vmm_processes(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, DaemonEnv]]:
     env = DaemonEnv(tmp_path_factory.mktemp("refusals"))
+    env.extra_env.update(SMECHVISORD_MAX_CONNECTIONS="8", SMECHVISORD_SOCKET_TIMEOUT="1.5")
     outside = env.root / "outside"
     outside.mkdir()
     (outside / "secret.img").write_bytes(b"x" * 4096)
@@ -279,7 +281,7 @@ def test_connection_cap(rig: tuple[Daemon, DaemonEnv]) -> None:
     """Past the cap an extra client gets a 503 at once; the idle ones do not starve it for
     good: once they go away the daemon serves again."""
     d, _ = rig
-    idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(64)]
+    idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(8)]
     try:
         # Each idle connection holds a handler thread waiting for its request line.
         with socket.create_connection(("127.0.0.1", d.port), timeout=5) as extra:
@@ -291,3 +293,17 @@ def test_connection_cap(rig: tuple[Daemon, DaemonEnv]) -> None:
         for s in idle:
             s.close()
     assert wait_for(lambda: d.get("/api/health").status == 200, timeout=10)
+
+
+def test_silent_client_is_dropped_and_others_are_served(rig: tuple[Daemon, DaemonEnv]) -> None:
+    """A client that sends half a request and goes quiet loses its connection after the
+    socket timeout (1.5 s here) instead of holding a thread for ever."""
+    d, _ = rig
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as slow:
+        slow.sendall(b"POST /api/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n")
+        assert d.get("/api/health").status == 200  # served meanwhile
+        started = time.monotonic()
+        data = read_until_closed(slow)
+        waited = time.monotonic() - started
+    assert data == b"" or b" 408 " in data or b" 400 " in data
+    assert 0.5 < waited < 8

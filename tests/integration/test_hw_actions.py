@@ -27,7 +27,7 @@ def test_reboot_uefi_writes_os_indications_stops_vms_and_reboots_once(
     # 07 00 00 00, then 0x4 | 0x1 little-endian: the other bit preserved.
     assert var.read_bytes() == bytes.fromhex("070000000500000000000000")
     assert r.json["os_indications"] == {"previous": 4, "value": 5, "written": True}
-    assert env.recorded() == [["reboot"]]
+    assert [argv[1:] for argv in env.recorded()] == [["reboot"]]
     assert r.json["vms"] == [{"id": "guest", "state": "stopped"}]
     assert not pid_alive(vm["pid"])
     steps = daemon.get("/api/vms/guest").json["last_shutdown"]["steps"]
@@ -77,6 +77,23 @@ def test_vfio_runs_modprobe(daemon: Daemon, daemon_env: DaemonEnv) -> None:
     r = daemon.post("/api/vfio", {"enable": True})
     assert r.status == 200, r.json
     assert r.json["enabled"] is True
+    # Not loaded (per the sysroot): disabling is a no-op, not a failing `modprobe -r`.
     r = daemon.post("/api/vfio", {"enable": False})
-    assert r.status == 200
-    assert daemon_env.recorded() == [["vfio-pci"], ["-r", "vfio-pci"]]
+    assert r.status == 200 and r.json["command"] is None
+    (daemon_env.sysroot / "sys/module/vfio_pci").mkdir(parents=True)
+    r = daemon.post("/api/vfio", {"enable": False})
+    assert r.status == 200 and r.json["enabled"] is False
+    assert [argv[1:] for argv in daemon_env.recorded()] == [["vfio-pci"], ["-r", "vfio-pci"]]
+
+
+def test_vfio_modprobe_failure_is_reported(daemon_env: DaemonEnv) -> None:
+    daemon_env.extra_env["RECORD_EXIT"] = "1"
+    daemon_env.extra_env["RECORD_STDERR"] = "modprobe: FATAL: Module vfio-pci not found"
+    d = Daemon(daemon_env)
+    try:
+        r = d.post("/api/vfio", {"enable": True})
+        assert r.status == 500
+        assert r.error_code == "command_failed"
+        assert "not found" in r.json["error"]["message"]
+    finally:
+        d.stop()

@@ -23,7 +23,9 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 def daemon_modules() -> list[str]:
     root = Path(smechvisord.__file__).parent
     names = ["smechvisord"]
-    names += [f"smechvisord.{m.name}" for m in pkgutil.iter_modules([str(root)])]
+    # __main__ runs the daemon when imported; it only imports smechvisord.main.
+    names += [f"smechvisord.{m.name}" for m in pkgutil.iter_modules([str(root)])
+              if m.name != "__main__"]
     return names
 
 
