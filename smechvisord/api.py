@@ -14,9 +14,9 @@ from typing import Any
 from smechvisord import efi, iommu, pci, validate, vfio
 from smechvisord import protocol as p
 from smechvisord.errors import ApiError, invalid
-from smechvisord.host import Host
+from smechvisord.host import Host, HostError
 from smechvisord.hostcmd import HostCommandError, run_host_command
-from smechvisord.server import Request, Router
+from smechvisord.server import Handler, Request, Router
 from smechvisord.settings import Settings
 from smechvisord.vms import VmManager
 
@@ -66,7 +66,7 @@ class Api:
         self._reboot_lock = threading.Lock()
 
     def router(self) -> Router:
-        r = Router()
+        r = _GuardedRouter()
         r.add("GET", p.PATH_HEALTH, self.health, auth=False)
         r.add("GET", p.PATH_NODE, self.node)
         r.add("GET", p.PATH_VMS, self.list_vms)
@@ -270,6 +270,19 @@ class Api:
         finally:
             self._reboot_lock.release()
         return 202, {"rebooting": True, "os_indications": written, "vms": stopped}
+
+
+class _GuardedRouter(Router):
+    """Every route's unreadable host file becomes a JSON 500 that names the file."""
+
+    def add(self, method: str, template: str, handler: Handler, auth: bool = True) -> None:
+        def guarded(req: Request) -> tuple[int, Any]:
+            try:
+                return handler(req)
+            except HostError as e:
+                raise ApiError(500, p.ERR_INTERNAL, f"cannot read host facts: {e}") from e
+
+        super().add(method, template, guarded, auth)
 
 
 def _query_int(req: Request, key: str, low: int, high: int) -> int | None:

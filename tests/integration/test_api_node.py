@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
 from tests.support.sysroots import EXPECTED, KINDS
+from tests.support.vmhelpers import managed_vms
 
 DOCUMENTED_NODE_KEYS = {
     "cpu_model",
@@ -146,7 +147,7 @@ def test_pci_listing(node: tuple[str, Daemon]) -> None:
 
 def test_vms_starts_empty_and_images_are_listed(node: tuple[str, Daemon]) -> None:
     _, d = node
-    assert d.get("/api/vms").json == []
+    assert managed_vms(d) == []
     images = d.get("/api/images").json
     assert [i["name"] for i in images] == ["disk.img"]
     assert images[0]["size_bytes"] == 1 << 20
@@ -182,3 +183,18 @@ def test_token_file_is_private(node: tuple[str, Daemon]) -> None:
     mode = Path(d.env.token_file).stat().st_mode & 0o777
     assert mode == 0o600
     assert len(d.token) >= 32
+
+
+def test_unreadable_host_file_is_a_json_500_naming_it(tmp_path: Path) -> None:
+    env = DaemonEnv(tmp_path)
+    (env.sysroot / "proc" / "meminfo").unlink()
+    d = Daemon(env)
+    try:
+        r = d.get("/api/node")
+        assert r.status == 500
+        assert r.error_code == "internal_error"
+        assert "meminfo" in r.json["error"]["message"]
+        assert d.get("/api/health").status == 200
+    finally:
+        d.stop()
+        env.cleanup()

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms, wait_for
 from tests.support.prereq import need_root
+from tests.support.vmhelpers import managed_vms
 
 
 def tree_digest(*roots: Path) -> str:
@@ -128,7 +129,7 @@ def test_bad_create_bodies(
 
 def assert_nothing_changed(d: Daemon, env: DaemonEnv, before: str) -> None:
     assert vmm_processes(env.run_dir) == []
-    assert d.get("/api/vms").json == []
+    assert managed_vms(d) == []
     assert tree_digest(env.state_dir, env.images) == before
     assert d.get("/api/health").status == 200
     assert d.alive()

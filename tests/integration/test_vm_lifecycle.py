@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv, wait_for
 from tests.support.vmhelpers import create_vm as create
-from tests.support.vmhelpers import pid_alive
+from tests.support.vmhelpers import managed_vms, pid_alive
 
 
 def test_full_lifecycle(daemon: Daemon, daemon_env: DaemonEnv) -> None:
@@ -34,7 +34,7 @@ def test_full_lifecycle(daemon: Daemon, daemon_env: DaemonEnv) -> None:
     # VMs live in their own session, so signals to the daemon's group do not reach them.
     assert os.getsid(pid) == pid
 
-    listed = d.get("/api/vms").json
+    listed = managed_vms(d)
     assert [v["id"] for v in listed] == ["web-1"]
     assert listed[0]["pid"] == pid
     assert listed[0]["cpus"] == 2 and listed[0]["memory_mb"] == 512
@@ -82,7 +82,7 @@ def test_full_lifecycle(daemon: Daemon, daemon_env: DaemonEnv) -> None:
 
     r = d.request("DELETE", "/api/vms/web-1")
     assert r.status == 200 and r.json == {"deleted": "web-1"}
-    assert d.get("/api/vms").json == []
+    assert managed_vms(d) == []
     assert d.get("/api/vms/web-1").status == 404
     assert not (env.state_dir / "machines" / "web-1").exists()
 
@@ -116,7 +116,7 @@ def test_generated_id_dry_run_and_duplicates(daemon: Daemon, daemon_env: DaemonE
     assert argv[argv.index("--cpus") + 1] == "boot=1"
     assert argv[argv.index("--disk") + 1] == f"path={env.disk}"
     assert argv.count("--disk") == 1
-    assert d.get("/api/vms").json == []  # nothing spawned
+    assert managed_vms(d) == []  # nothing spawned
     vm = create(d, env)
     assert vm["id"].startswith("vm-")
     # The same disk cannot back two running VMs.
@@ -156,7 +156,7 @@ def test_missing_vmm_is_a_503_that_says_what_to_do(daemon_env: DaemonEnv) -> Non
         assert r.status == 503
         assert r.error_code == "vmm_unavailable"
         assert "SMECHVISORD_CH_BIN" in r.json["error"]["message"]
-        assert d.get("/api/vms").json == []
+        assert managed_vms(d) == []
         node = d.get("/api/node").json
         assert node["vmm"]["available"] is False
         assert node["capabilities"]["create_vm"] is False
@@ -170,7 +170,7 @@ def test_no_kvm_in_sysroot_is_a_503(daemon: Daemon, daemon_env: DaemonEnv) -> No
     assert r.status == 503
     assert r.error_code == "kvm_unavailable"
     assert "/dev/kvm" in r.json["error"]["message"]
-    assert daemon.get("/api/vms").json == []
+    assert managed_vms(daemon) == []
 
 
 def test_vmm_failing_on_kvm_includes_its_stderr(daemon_env: DaemonEnv, tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_vmm_failing_on_kvm_includes_its_stderr(daemon_env: DaemonEnv, tmp_path:
         tail = r.json["error"]["details"]["stderr_tail"]
         assert any("Failed to open hypervisor interface" in line for line in tail)
         assert r.json["error"]["details"]["exit_code"] == 1
-        assert d.get("/api/vms").json == []  # create is all or nothing
+        assert managed_vms(d) == []  # create is all or nothing
         assert list((daemon_env.state_dir / "machines").iterdir()) == []
     finally:
         d.stop()

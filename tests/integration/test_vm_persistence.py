@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.support.daemon import STANDIN, Daemon, DaemonEnv, wait_for
-from tests.support.vmhelpers import create_vm, pid_alive
+from tests.support.vmhelpers import create_vm, managed_vms, pid_alive
 
 
 def test_kill_9_and_restart_readopts_the_same_vms(daemon_env: DaemonEnv) -> None:
@@ -28,7 +28,7 @@ def test_kill_9_and_restart_readopts_the_same_vms(daemon_env: DaemonEnv) -> None
 
     d2 = Daemon(env)
     try:
-        vms = {v["id"]: v for v in d2.get("/api/vms").json}
+        vms = {v["id"]: v for v in managed_vms(d2)}
         assert set(vms) == {"alpha", "beta", "gamma"}
         assert vms["alpha"]["pid"] == a["pid"]
         assert vms["alpha"]["state"] == "running"
@@ -96,7 +96,7 @@ def test_corrupt_record_does_not_stop_the_daemon(daemon_env: DaemonEnv) -> None:
     (bad / "record.json").write_text("{not json")
     d = Daemon(env)
     try:
-        assert d.get("/api/vms").json == []
+        assert managed_vms(d) == []
         assert any("skipping unreadable VM record" in line for line in d.lines)
     finally:
         d.stop()
@@ -133,11 +133,11 @@ def test_foreign_vmm_is_listed_unmanaged(
         assert wait_for(sock.exists)
 
         def foreign() -> list[dict[str, object]]:
-            return [v for v in daemon.get("/api/vms").json if not v["managed"]]
+            listed = daemon.get("/api/vms").json
+            return [v for v in listed if not v["managed"] and v["pid"] == proc.pid]
 
         found = wait_for(foreign, timeout=5)
         assert len(found) == 1
-        assert found[0]["pid"] == proc.pid
         assert found[0]["cpus"] == 3
         assert found[0]["memory_mb"] == 2048
         assert found[0]["id"] == f"pid-{proc.pid}"

@@ -21,3 +21,8 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+def managed_vms(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's own VMs; VMMs of other tests on this machine show up as unmanaged."""
+    return [v for v in d.get("/api/vms").json if v["managed"]]
