@@ -46,7 +46,7 @@ integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
 bench: $(STAMP)
-	$(PY) bench/daemon.py
+	$(PY) -m bench.daemon
 
 clean:
 	rm -rf $(VENV) $(RUN_ROOT) .pytest_cache .mypy_cache .ruff_cache

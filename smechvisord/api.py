@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from smechvisord.settings import Settings
 from smechvisord.vms import VmManager
 
 MAX_IMAGES = 1000
+STEADY_TTL = 2.0
 
 
 @dataclass
@@ -57,6 +60,32 @@ def _ask_version(path: str) -> str | None:
     return text.split()[-1] if out.returncode == 0 and text else None
 
 
+class TtlCache:
+    """One value, recomputed when older than `ttl` seconds. Concurrent callers during a
+    recompute get the previous value rather than queueing behind it."""
+
+    def __init__(self, ttl: float, compute: Callable[[], dict[str, Any]]) -> None:
+        self.ttl = ttl
+        self.compute = compute
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, Any]:
+        value = self._value
+        if value is not None and time.monotonic() - self._at < self.ttl:
+            return value
+        if value is not None and not self._lock.acquire(blocking=False):
+            return value
+        if value is None:
+            self._lock.acquire()
+        try:
+            self._value, self._at = self.compute(), time.monotonic()
+            return self._value
+        finally:
+            self._lock.release()
+
+
 class Api:
     def __init__(self, settings: Settings, host: Host, vms: VmManager) -> None:
         self.settings = settings
@@ -64,6 +93,9 @@ class Api:
         self.vms = vms
         self._vmm_version = VmmVersion()
         self._reboot_lock = threading.Lock()
+        # Re-read at most every STEADY_TTL seconds: these facts cost ~0.5 ms of sysfs and
+        # file reads (more than the rest of the request) and change at human speed.
+        self._steady = TtlCache(STEADY_TTL, self._steady_node)
 
     def router(self) -> Router:
         r = _GuardedRouter()
@@ -101,15 +133,23 @@ class Api:
         }
 
     def node(self, req: Request) -> tuple[int, Any]:
-        doc = self.host.node_facts()
+        doc: dict[str, Any] = {
+            **self._steady.get(),
+            **self.host.live_facts(),
+            "vms_running": self.vms.running_count(),
+            "daemon_version": self.settings.version,
+        }
+        return 200, doc
+
+    def _steady_node(self) -> dict[str, Any]:
+        """The part of GET /api/node that costs file system walks and rarely changes."""
+        doc: dict[str, Any] = dict(self.host.steady_facts())
         vmm = self._vmm()
         readiness = iommu.readiness(self.host)
         uefi_ok, uefi_reason = efi.firmware_setup_support(self._efi_dir())
         doc.update(
             {
                 "vmm": vmm,
-                "vms_running": self.vms.running_count(),
-                "daemon_version": self.settings.version,
                 "iommu_ready": readiness["ready"],
                 "vfio_loaded": self.host.vfio_loaded(),
                 # What this node can do, so the CLI and dashboard hide what it cannot.
@@ -126,7 +166,7 @@ class Api:
                 },
             }
         )
-        return 200, doc
+        return doc
 
     def _efi_dir(self) -> Path:
         return self.settings.host_path("/sys/firmware/efi")
@@ -226,8 +266,12 @@ class Api:
             )
         if not enable and not self.host.vfio_loaded():
             # `modprobe -r` fails on a module that is not loaded; disabling is idempotent.
-            return 200, {"enabled": False, "command": None, "output": "vfio-pci is not loaded",
-                         "loaded": False}
+            return 200, {
+                "enabled": False,
+                "command": None,
+                "output": "vfio-pci is not loaded",
+                "loaded": False,
+            }
         try:
             result = vfio.set_vfio(enable, self.settings.modprobe)
         except vfio.VfioError as e:

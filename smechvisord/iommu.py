@@ -115,7 +115,7 @@ def readiness(host: Host) -> dict[str, object]:
     """GET /api/iommu. Raises HostError when /proc/cpuinfo or /proc/cmdline is unreadable."""
     cpu = host.cpu()
     virtualization = "vmx" if "vmx" in cpu.flags else "svm" if "svm" in cpu.flags else None
-    group_count = len(host.iommu_groups())
+    group_count = host.iommu_group_count()
     cmdline = host.cmdline()
     passthrough = passthrough_mode(cmdline)
     checks = [

@@ -29,11 +29,20 @@ class ProcStat:
     rss_bytes: int
 
 
-def stat(pid: int) -> ProcStat | None:
+def _read(pid: int, name: str) -> bytes | None:
+    # Plain strings, not pathlib: GET /api/vms does this for every VM on every call.
     try:
-        raw = (PROC / str(pid) / "stat").read_bytes()[:MAX_READ].decode("ascii", "replace")
+        with open(f"{PROC}/{pid}/{name}", "rb") as f:
+            return f.read(MAX_READ)
     except OSError:
         return None
+
+
+def stat(pid: int) -> ProcStat | None:
+    data = _read(pid, "stat")
+    if data is None:
+        return None
+    raw = data.decode("ascii", "replace")
     # comm (field 2) may hold spaces and parentheses: split at the last ')'.
     fields = raw[raw.rfind(")") + 2 :].split()
     try:
@@ -49,9 +58,8 @@ def stat(pid: int) -> ProcStat | None:
 
 
 def cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = (PROC / str(pid) / "cmdline").read_bytes()[:MAX_READ]
-    except OSError:
+    raw = _read(pid, "cmdline")
+    if raw is None:
         return None
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0")[:-1]]
 
@@ -78,11 +86,15 @@ def boot_uptime() -> float:
 
 
 class CpuSampler:
-    """CPU percent per process between two looks, like top; the first look averages over
-    the process lifetime so a fresh listing is never empty."""
+    """CPU percent per process, like top: the change in CPU time over at least
+    MIN_INTERVAL seconds of wall time. The first look averages over the process lifetime,
+    so a fresh listing is never empty; looks closer together reuse the last figure."""
+
+    MIN_INTERVAL = 1.0
 
     def __init__(self) -> None:
-        self._last: dict[tuple[int, int], tuple[int, float]] = {}
+        # (pid, start) -> (cpu ticks, monotonic time, percent at that time)
+        self._last: dict[tuple[int, int], tuple[int, float, float]] = {}
         self._lock = threading.Lock()
 
     def percent(self, st: ProcStat) -> float:
@@ -90,10 +102,19 @@ class CpuSampler:
         key = (st.pid, st.start_ticks)
         with self._lock:
             previous = self._last.get(key)
-            self._last[key] = (st.cpu_ticks, now)
-        if previous is not None and now - previous[1] > 0.2:
-            ticks, when = previous
-            return round(100.0 * (st.cpu_ticks - ticks) / CLK_TCK / (now - when), 1)
+        if previous is not None:
+            ticks, when, figure = previous
+            if now - when < self.MIN_INTERVAL:
+                return figure
+            figure = round(100.0 * (st.cpu_ticks - ticks) / CLK_TCK / (now - when), 1)
+        else:
+            figure = self._lifetime_percent(st)
+        with self._lock:
+            self._last[key] = (st.cpu_ticks, now, figure)
+        return figure
+
+    @staticmethod
+    def _lifetime_percent(st: ProcStat) -> float:
         try:
             lifetime = boot_uptime() - st.start_ticks / CLK_TCK
         except (OSError, ValueError, IndexError):

@@ -40,6 +40,8 @@ VMM_LOG = "vmm.log"
 VMM_STDERR = "vmm.stderr"
 EVENTS = "events.jsonl"
 LOG_TAIL_LINES = 20
+USAGE_TTL = 1.0
+EVENTS_TAIL_BYTES = 16384
 # AF_UNIX paths are limited to 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
 KVM_FAILURE = "Failed to open hypervisor interface"
@@ -89,7 +91,7 @@ class _Runtime:
     action: threading.Lock = field(default_factory=threading.Lock)
     action_name: str = ""
     expect_exit: bool = False
-    info_at: float = 0.0
+    events_size: int = -1
 
 
 class VmManager:
@@ -101,6 +103,10 @@ class VmManager:
         self._rt: dict[str, _Runtime] = {}
         self._cpu = procs.CpuSampler()
         self._foreign_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        # PIDs whose command line is known not to be a VMM: a scan reads only new ones.
+        self._not_vmm: set[int] = set()
+        self._path_cache: dict[str, tuple[str, str]] = {}
+        self._usage_cache: dict[int, tuple[float, float | None, float | None]] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -111,6 +117,14 @@ class VmManager:
 
     def socket_path(self, vm_id: str) -> Path:
         return self.settings.run_dir / f"{vm_id}.sock"
+
+    def _paths(self, vm_id: str) -> tuple[str, str]:
+        """(API socket, serial log) as strings, built once: listings need them per VM."""
+        paths = self._path_cache.get(vm_id)
+        if paths is None:
+            paths = (str(self.socket_path(vm_id)), str(self.vm_dir(vm_id) / SERIAL_LOG))
+            self._path_cache[vm_id] = paths
+        return paths
 
     def check_paths(self) -> None:
         """Refuse to start with a run dir whose socket paths the kernel would reject."""
@@ -199,10 +213,14 @@ class VmManager:
                 log.exception("VM monitor pass failed")
 
     def poll_once(self) -> None:
-        """Notice VMMs that exited, and refresh vm.info state every few seconds."""
+        """Notice VMMs that exited, and re-read vm.info for VMs whose event log grew.
+
+        The event monitor file is how cloud-hypervisor tells of pauses, resumes, reboots
+        and shutdowns made by anyone (ch-remote included). Watching its size costs one
+        stat per VM; polling vm.info for 50 VMs every few seconds cost request latency.
+        """
         with self._lock:
             live = [vm for vm in self._vms.values() if vm.state in p.LIVE_STATES]
-        now = time.monotonic()
         for vm in live:
             rt = self._rt[vm.id]
             if rt.action.locked():
@@ -211,7 +229,13 @@ class VmManager:
             if exited is not None:
                 code, sig = exited
                 self._mark_exited(vm, code, sig)
-            elif now - rt.info_at > 5.0:
+                continue
+            try:
+                size = os.stat(self.vm_dir(vm.id) / EVENTS).st_size
+            except OSError:
+                size = -1
+            if size != rt.events_size:
+                rt.events_size = size
                 self._refresh_state(vm)
 
     def _exit_status(self, vm: Vm, rt: _Runtime) -> tuple[int | None, int | None] | None:
@@ -248,6 +272,8 @@ class VmManager:
                 "reason": reason,
                 "log_tail": self.log_tail(vm.id),
             }
+            if vm.pid is not None:
+                self._usage_cache.pop(vm.pid, None)
             vm.pid = None
             vm.pid_start = None
             rt.child = None
@@ -256,22 +282,19 @@ class VmManager:
         log.info("VM %s is %s: %s", vm.id, state, reason)
 
     def _vmm_said_shutdown(self, vm: Vm) -> bool:
-        """For a VMM we could not wait for: did it log its own clean shutdown?"""
+        """For a VMM we could not wait for: was its last VMM event a clean shutdown?"""
         try:
             with (self.vm_dir(vm.id) / EVENTS).open("rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                lines = f.read().decode("utf-8", "replace").splitlines()
+                f.seek(max(0, f.tell() - EVENTS_TAIL_BYTES))
+                text = f.read().decode("utf-8", "replace")
         except OSError:
             return False
-        for line in reversed(lines):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+        last = None
+        for event in parse_events(text):
             if event.get("source") == "vmm":
-                return bool(event.get("event") == "shutdown")
-        return False
+                last = event.get("event")
+        return last == "shutdown"
 
     def _refresh_state(self, vm: Vm) -> None:
         api = ChApi(str(self.socket_path(vm.id)), timeout=2.0)
@@ -280,8 +303,6 @@ class VmManager:
         except (ChApiError, ChUnreachableError) as e:
             log.debug("vm.info for %s failed: %s", vm.id, e)
             return
-        finally:
-            self._rt[vm.id].info_at = time.monotonic()
         state = VMM_STATES.get(str(info.get("state")))
         if state is not None and state != vm.state:
             with self._lock:
@@ -323,15 +344,25 @@ class VmManager:
             "started_at": vm.started_at,
             "exit": vm.exit,
             "last_shutdown": vm.last_shutdown,
-            "api_socket": str(self.socket_path(vm.id)),
-            "serial_log": str(self.vm_dir(vm.id) / SERIAL_LOG),
         }
+        doc["api_socket"], doc["serial_log"] = self._paths(vm.id)
         if vm.pid:
-            st = procs.stat(vm.pid)
-            if st is not None:
-                doc["cpu_percent"] = self._cpu.percent(st)
-                doc["rss_mb"] = round(st.rss_bytes / 2**20, 1)
+            doc["cpu_percent"], doc["rss_mb"] = self._usage(vm.pid)
         return doc
+
+    def _usage(self, pid: int) -> tuple[float | None, float | None]:
+        """CPU percent and RSS of a VMM, sampled at most once a second (like top): a
+        listing of 50 VMs would otherwise read 50 /proc files on every request."""
+        now = time.monotonic()
+        cached = self._usage_cache.get(pid)
+        if cached is not None and now - cached[0] < USAGE_TTL:
+            return cached[1], cached[2]
+        st = procs.stat(pid)
+        usage = (
+            (None, None) if st is None else (self._cpu.percent(st), round(st.rss_bytes / 2**20, 1))
+        )
+        self._usage_cache[pid] = (now, *usage)
+        return usage
 
     def list_all(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -366,12 +397,16 @@ class VmManager:
             ours = {vm.pid for vm in self._vms.values() if vm.pid}
         names = {"cloud-hypervisor", Path(self.settings.ch_bin).name}
         found: list[dict[str, Any]] = []
-        for pid in procs.pids():
+        current = set(procs.pids())
+        self._not_vmm &= current  # forget exited PIDs, so a reused PID is looked at again
+        for pid in sorted(current - self._not_vmm):
             if pid in ours or pid == os.getpid():
                 continue
             argv = procs.cmdline(pid)
             # An interpreter-run stand-in shows the script as argv[1].
-            if not argv or not any(Path(a).name in names for a in argv[:2]):
+            if not argv or not any(os.path.basename(a) in names for a in argv[:2]):
+                if argv:  # kernel threads have none; new processes may not have one yet
+                    self._not_vmm.add(pid)
                 continue
             st = procs.stat(pid)
             if st is None or st.state in ("Z", "X"):
@@ -540,6 +575,7 @@ class VmManager:
             self._rt.pop(vm_id, None)
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
         self.socket_path(vm_id).unlink(missing_ok=True)
+        self._path_cache.pop(vm_id, None)
 
     def _spawn(self, vm: Vm, rt: _Runtime) -> None:
         """Start the VMM and wait for vmm.ping. Called with the VM's action lock held."""
@@ -817,6 +853,25 @@ class VmManager:
             vms = list(self._vms.values())
         for vm in vms:
             self._persist(vm)
+
+
+def parse_events(text: str) -> list[dict[str, Any]]:
+    """The event monitor's objects. v42 writes each one pretty-printed (several lines,
+    then a blank line), not one per line; a tail may start mid-object, so skip to the
+    next object start after anything that does not decode."""
+    decoder = json.JSONDecoder()
+    events: list[dict[str, Any]] = []
+    pos = text.find("{")
+    while 0 <= pos < len(text):
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        if isinstance(obj, dict):
+            events.append(obj)
+        pos = text.find("{", end)
+    return events
 
 
 def _signal(pid: int | None, sig: signal.Signals) -> None:

@@ -29,7 +29,7 @@ def test_a_crash_mid_write_keeps_the_old_file(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, fail_at, boom)
+    monkeypatch.setattr(os, fail_at, boom)
     with pytest.raises(OSError, match="No space"):
         atomic.write_json(target, {"generation": 2})
     monkeypatch.undo()
