@@ -24,8 +24,9 @@ def daemon_modules() -> list[str]:
     root = Path(smechvisord.__file__).parent
     names = ["smechvisord"]
     # __main__ runs the daemon when imported; it only imports smechvisord.main.
-    names += [f"smechvisord.{m.name}" for m in pkgutil.iter_modules([str(root)])
-              if m.name != "__main__"]
+    names += [
+        f"smechvisord.{m.name}" for m in pkgutil.iter_modules([str(root)]) if m.name != "__main__"
+    ]
     return names
 
 
