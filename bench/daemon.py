@@ -121,6 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--vms", type=int, default=50, help="stand-in VMs for /api/vms")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (median kept)")
     parser.add_argument(
         "--client",
         choices=("auto", "wrk", "python"),
@@ -159,12 +160,23 @@ def main() -> int:
             f"{'target':<16}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'vs bare':>9}{'errors':>8}"
         )
+        # First requests pay one-time costs (the VMM's --version, cold caches): warm up.
+        load(bare_port, "/", 1, 0.3, None)
+        for path in ("/api/health", "/api/node", "/api/vms"):
+            load(daemon.port, path, 1, 0.3, daemon.token)
+        targets = [("bare", bare_port, "/", None)] + [
+            (path, daemon.port, path, daemon.token)
+            for path in ("/api/health", "/api/node", "/api/vms")
+        ]
         for clients in CONCURRENCY:
-            rows[("bare", clients)] = measure(bare_port, "/", clients, args.seconds, None)
-            for path in ("/api/health", "/api/node", "/api/vms"):
-                rows[(path, clients)] = measure(
-                    daemon.port, path, clients, args.seconds, daemon.token
-                )
+            # Interleaved repeats, median by throughput: this machine is a VM whose speed
+            # drifts from second to second.
+            samples: dict[str, list[Result]] = {t[0]: [] for t in targets}
+            for _ in range(args.repeats):
+                for name, port, path, token in targets:
+                    samples[name].append(measure(port, path, clients, args.seconds, token))
+            for name, runs in samples.items():
+                rows[(name, clients)] = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
             base = rows[("bare", clients)].rps
             for target in ("bare", "/api/health", "/api/node", "/api/vms"):
                 res = rows[(target, clients)]

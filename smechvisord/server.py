@@ -13,6 +13,7 @@ import logging
 import mimetypes
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +26,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from smechvisord import protocol as p
 from smechvisord import token as tokens
+from smechvisord.accesslog import AccessLog
 from smechvisord.errors import ApiError
 from smechvisord.version import VERSION
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("smechvisord.access")
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
@@ -37,6 +38,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 BODY_METHODS = ("POST", "PUT", "PATCH")
+_PHRASES = {int(code) for code in HTTPStatus}
 
 
 @dataclass
@@ -47,6 +49,10 @@ class Request:
     query: dict[str, str]
     body: dict[str, Any]
     headers: Any = None
+
+
+class Encoded(bytes):
+    """A JSON document a route already encoded (e.g. from its own cache)."""
 
 
 Handler = Callable[[Request], tuple[int, Any]]
@@ -108,6 +114,7 @@ class DaemonServer(ThreadingHTTPServer):
         self.token = token
         self.web_dir = web_dir.resolve()
         self.socket_timeout = socket_timeout
+        self.access_log = AccessLog()
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, RequestHandler)
 
@@ -133,6 +140,14 @@ class DaemonServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up or times out is routine, not a traceback on stderr.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s: %s", client_address, exc)
+            return
+        log.exception("error while serving %s", client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -186,9 +201,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
         finally:
             elapsed = (time.monotonic() - started) * 1000
-            # The path only: query strings may carry things people paste, never headers.
-            access_log.info(
-                "%s %s %d %.1fms", self.command, self.path.split("?")[0], status, elapsed
+            self.server.access_log.write(
+                self.client_address[0], str(self.command), self.path.split("?")[0], status, elapsed
             )
 
     def _api(self, path: str, query: str) -> tuple[int, Any]:
@@ -254,22 +268,27 @@ class RequestHandler(BaseHTTPRequestHandler):
         return body
 
     def _send_json(self, status: int, doc: Any) -> None:
-        data = json.dumps(doc).encode()
+        data = doc if isinstance(doc, Encoded) else json.dumps(doc).encode()
         self._send(status, data, "application/json", {"Cache-Control": "no-store"})
 
     def _send(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in {**SECURITY_HEADERS, **headers}.items():
-            self.send_header(name, value)
+        # The whole answer in one write: one syscall, and no small trailing segment for
+        # Nagle or delayed ACKs to hold back (http.server writes headers and body apart).
+        phrase = HTTPStatus(status).phrase if status in _PHRASES else "Error"
+        lines = [
+            f"HTTP/1.1 {status} {phrase}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(data)}",
+        ]
+        lines += [f"{name}: {value}" for name, value in {**SECURITY_HEADERS, **headers}.items()]
         if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="smechvisord"')
+            lines.append('WWW-Authenticate: Bearer realm="smechvisord"')
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + data)
 
     def _static(self, path: str) -> int:
         if self.command not in ("GET", "HEAD"):
@@ -295,10 +314,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # http.server's own errors (bad request line, oversized headers) as JSON too.
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
-        # An unparsable request line leaves the version at HTTP/0.9, which would send the
-        # body with no status line; every client we serve speaks HTTP/1.x.
-        self.request_version = "HTTP/1.1"
-        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
+        phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
         err = ApiError(
             code, p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL, message or phrase
         )

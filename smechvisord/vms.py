@@ -107,6 +107,10 @@ class VmManager:
         self._not_vmm: set[int] = set()
         self._path_cache: dict[str, tuple[str, str]] = {}
         self._usage_cache: dict[int, tuple[float, float | None, float | None]] = {}
+        # Bumped on every change to any VM record; see list_all_encoded.
+        self.generation = 0
+        self._listing: tuple[int, float, bytes] = (-1, 0.0, b"")
+        self._render = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -312,6 +316,8 @@ class VmManager:
     # ---- persistence ------------------------------------------------------------------
 
     def _persist(self, vm: Vm) -> None:
+        # Every change of a VM is persisted, so this is where listings learn they are stale.
+        self.generation += 1
         with self._lock:
             data = asdict(vm)
         vm_dir = self.vm_dir(vm.id)
@@ -368,6 +374,32 @@ class VmManager:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda v: v.created_at)
         return [self._public(vm) for vm in vms] + self._foreign()
+
+    def list_all_encoded(self) -> bytes:
+        """list_all() as JSON, reused for up to USAGE_TTL seconds while no VM changed.
+        The figures in it are sampled once a second anyway; encoding 50 records was most
+        of what GET /api/vms cost."""
+        generation, at, data = self._listing
+        if generation == self.generation:
+            if time.monotonic() - at < USAGE_TTL:
+                return data
+            # Only the usage figures aged: one thread re-renders, the others keep serving
+            # the previous rendering meanwhile instead of all re-rendering at once.
+            if not self._render.acquire(blocking=False):
+                return data
+        else:
+            # A VM changed: everyone waits for a rendering that includes the change.
+            self._render.acquire()
+        try:
+            generation, at, data = self._listing
+            if generation == self.generation and time.monotonic() - at < USAGE_TTL:
+                return data  # rendered by the thread we waited for
+            generation = self.generation
+            data = json.dumps(self.list_all()).encode()
+            self._listing = (generation, time.monotonic(), data)
+            return data
+        finally:
+            self._render.release()
 
     def running_count(self) -> int:
         with self._lock:
@@ -576,6 +608,7 @@ class VmManager:
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
         self.socket_path(vm_id).unlink(missing_ok=True)
         self._path_cache.pop(vm_id, None)
+        self.generation += 1
 
     def _spawn(self, vm: Vm, rt: _Runtime) -> None:
         """Start the VMM and wait for vmm.ping. Called with the VM's action lock held."""

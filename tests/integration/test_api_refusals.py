@@ -308,3 +308,17 @@ def test_silent_client_is_dropped_and_others_are_served(rig: tuple[Daemon, Daemo
         waited = time.monotonic() - started
     assert data == b"" or b" 408 " in data or b" 400 " in data
     assert 0.5 < waited < 8
+
+
+def test_access_log_has_a_line_per_request_and_no_secrets(rig: tuple[Daemon, DaemonEnv]) -> None:
+    d, _ = rig
+    d.get("/api/node?secret=abc")
+    d.get("/api/vms", token="wrong-token-in-the-header")
+    assert wait_for(lambda: any(" GET /api/vms 403 " in line for line in d.lines))
+    node_lines = [line for line in d.lines if " GET /api/node 200 " in line]
+    assert node_lines and node_lines[-1].endswith("ms")
+    assert "127.0.0.1" in node_lines[-1]
+    text = "\n".join(d.lines)
+    assert d.token not in text
+    assert "wrong-token-in-the-header" not in text
+    assert "secret=abc" not in text

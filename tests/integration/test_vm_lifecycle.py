@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv, wait_for
+from tests.support.unixhttp import call
 from tests.support.vmhelpers import create_vm as create
 from tests.support.vmhelpers import managed_vms, pid_alive
 
@@ -204,3 +205,18 @@ def test_vmm_boot_failure_is_a_502_with_stderr(daemon_env: DaemonEnv) -> None:
         )
     finally:
         d.stop()
+
+
+def test_pause_by_another_tool_is_noticed(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    """Someone pauses the VM straight on its VMM socket (as ch-remote would): the daemon
+    learns it from the event monitor, without being asked for that VM."""
+    vm = create(daemon, daemon_env, name="elsewhere")
+    reply = call(vm["api_socket"], "PUT", "/api/v1/vm.pause")
+    assert reply.status == 204
+
+    def listed_state() -> str:
+        return str(next(v for v in managed_vms(daemon) if v["id"] == "elsewhere")["state"])
+
+    assert wait_for(lambda: listed_state() == "paused", timeout=5)
+    call(vm["api_socket"], "PUT", "/api/v1/vm.resume")
+    assert wait_for(lambda: listed_state() == "running", timeout=5)
