@@ -220,3 +220,41 @@ def test_pause_by_another_tool_is_noticed(daemon: Daemon, daemon_env: DaemonEnv)
     assert wait_for(lambda: listed_state() == "paused", timeout=5)
     call(vm["api_socket"], "PUT", "/api/v1/vm.resume")
     assert wait_for(lambda: listed_state() == "running", timeout=5)
+
+
+def test_vm_shutdown_by_another_tool_ends_the_vmm(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    """`ch-remote shutdown` stops the guest but v42 keeps the VMM process. A stopped VM
+    must not keep a VMM: a later start would spawn a second VMM on the same disk and
+    socket, and the first one would be left behind (never reaped: a zombie when it
+    exits), and DELETE would forget a VMM that still runs."""
+    vm = create(daemon, daemon_env, name="remote-off")
+    old_pid = vm["pid"]
+    reply = call(vm["api_socket"], "PUT", "/api/v1/vm.shutdown")
+    assert reply.status == 204
+
+    doc = wait_for(
+        lambda: (v := daemon.get("/api/vms/remote-off").json)["state"] == "stopped" and v,
+        timeout=10,
+    )
+    assert doc, daemon.get("/api/vms/remote-off").json
+    assert doc["pid"] is None
+    # Ended and reaped: no process, not even a zombie, is left under that PID.
+    assert wait_for(lambda: not os.path.exists(f"/proc/{old_pid}"), timeout=10)
+
+    r = daemon.post("/api/vms/remote-off/start")
+    assert r.status == 200, r.json
+    assert r.json["state"] == "running"
+    vmm_pids = [
+        int(n)
+        for n in os.listdir("/proc")
+        if n.isdigit() and pid_alive(int(n)) and _has_socket_arg(int(n), vm["api_socket"])
+    ]
+    assert vmm_pids == [r.json["pid"]]
+
+
+def _has_socket_arg(pid: int, sock: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"path={sock}".encode() in argv

@@ -1,0 +1,3 @@
+from spk_visor.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Typed client of the smechvisord API over a Transport.
+
+Every method returns the daemon's JSON document (so `--json` can print it as is) or raises
+a SpkVisorError: DaemonError for the daemon's error envelope, AuthError for a missing or
+wrong token (naming where the token was looked for), ProtocolError for an answer that is
+not smechvisord's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+from urllib.parse import quote
+
+from smechvisord import protocol as p
+from spk_visor.config import Target
+from spk_visor.errors import AuthError, DaemonError, ProtocolError
+from spk_visor.transport.base import Transport
+
+JsonDoc = dict[str, Any]
+
+
+class Client:
+    def __init__(self, transport: Transport, target: Target, token: str | None) -> None:
+        self.transport = transport
+        self.target = target
+        self.token = token
+
+    # ---- plumbing ------------------------------------------------------------------
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: JsonDoc | None = None,
+        timeout: float | None = None,
+        auth: bool = True,
+    ) -> Any:
+        headers: dict[str, str] = {"Accept": "application/json"}
+        if auth:
+            if not self.token:
+                # Say "not running" rather than "no token" when both are true: the first
+                # is what the operator has to fix first.
+                self.health()
+                raise self._auth_error("no API token found")
+            headers["Authorization"] = f"{p.AUTH_SCHEME} {self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        resp = self.transport.request(method, path, data, headers, timeout)
+        doc = self._decode(resp.status, resp.content_type, resp.body, path)
+        if resp.status >= 400:
+            err = doc.get("error") if isinstance(doc, dict) else None
+            if not isinstance(err, dict) or "code" not in err:
+                raise ProtocolError(
+                    f"{self.transport.address}{path}: HTTP {resp.status} "
+                    "without smechvisord's error document"
+                )
+            code = str(err["code"])
+            if code in (p.ERR_UNAUTHORIZED, p.ERR_FORBIDDEN):
+                raise self._auth_error(
+                    "the node refused the token"
+                    if code == p.ERR_FORBIDDEN
+                    else "the node asked for a token"
+                )
+            raise DaemonError(
+                resp.status,
+                code,
+                str(err.get("message", "")),
+                dict(err.get("details") or {}),
+                self.transport.address,
+            )
+        return doc
+
+    def _decode(self, status: int, ctype: str, body: bytes, path: str) -> Any:
+        if not ctype.startswith("application/json"):
+            raise ProtocolError(
+                f"{self.transport.address}{path} answered HTTP {status} with "
+                f"{ctype or 'no content type'}, not smechvisord's JSON",
+                "check the URL and port: is this a SmechVisor node?",
+            )
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise ProtocolError(f"{self.transport.address}{path}: invalid JSON: {e}") from e
+
+    def _auth_error(self, what: str) -> AuthError:
+        where = ", ".join(self.target.token_sources) or "--token, SPK_VISOR_TOKEN"
+        return AuthError(
+            f"{self.transport.address}: {what} (token looked for in: {where})",
+            "pass --token or set SPK_VISOR_TOKEN; on the node the token is "
+            "in /etc/smechvisord/token",
+        )
+
+    @staticmethod
+    def _vm_path(vm_id: str, suffix: str = "") -> str:
+        return f"{p.PATH_VMS}/{quote(vm_id, safe='')}{suffix}"
+
+    # ---- API -------------------------------------------------------------------------
+
+    def health(self) -> JsonDoc:
+        doc = cast(JsonDoc, self.call("GET", p.PATH_HEALTH, auth=False))
+        if not isinstance(doc, dict) or doc.get("status") != "ok":
+            raise ProtocolError(f"{self.transport.address}: unexpected health answer {doc!r}")
+        return doc
+
+    def node(self) -> JsonDoc:
+        doc = self.call("GET", p.PATH_NODE)
+        if not isinstance(doc, dict) or "cpu_model" not in doc:
+            raise ProtocolError(f"{self.transport.address}: /api/node is not a node document")
+        return doc
+
+    def vms(self) -> list[JsonDoc]:
+        doc = self.call("GET", p.PATH_VMS)
+        if not isinstance(doc, list):
+            raise ProtocolError(f"{self.transport.address}: /api/vms is not a list")
+        return cast(list[JsonDoc], doc)
+
+    def vm(self, vm_id: str) -> JsonDoc:
+        return cast(JsonDoc, self.call("GET", self._vm_path(vm_id)))
+
+    def create_vm(
+        self,
+        *,
+        cpus: int,
+        memory_mb: int,
+        disk: str,
+        name: str | None = None,
+        dry_run: bool = False,
+    ) -> JsonDoc:
+        body: JsonDoc = {p.KEY_CPUS: cpus, p.KEY_MEMORY_MB: memory_mb, p.KEY_DISK: disk}
+        if name:
+            body[p.KEY_NAME] = name
+        if dry_run:
+            body[p.KEY_DRY_RUN] = True
+        return cast(JsonDoc, self.call("POST", p.PATH_VMS, body))
+
+    def vm_action(
+        self, vm_id: str, action: str, timeout_seconds: int | None = None, wait: float | None = None
+    ) -> JsonDoc:
+        body: JsonDoc | None = None
+        if timeout_seconds is not None:
+            body = {p.KEY_TIMEOUT: timeout_seconds}
+        return cast(
+            JsonDoc, self.call("POST", self._vm_path(vm_id, f"/{action}"), body, timeout=wait)
+        )
+
+    def delete_vm(self, vm_id: str) -> JsonDoc:
+        return cast(JsonDoc, self.call("DELETE", self._vm_path(vm_id)))
+
+    def console(
+        self, vm_id: str, offset: int | None = None, max_bytes: int | None = None
+    ) -> JsonDoc:
+        query = []
+        if offset is not None:
+            query.append(f"offset={offset}")
+        if max_bytes is not None:
+            query.append(f"max_bytes={max_bytes}")
+        suffix = "/console" + ("?" + "&".join(query) if query else "")
+        return cast(JsonDoc, self.call("GET", self._vm_path(vm_id, suffix)))
+
+    def images(self) -> list[JsonDoc]:
+        return cast(list[JsonDoc], self.call("GET", p.PATH_IMAGES))
+
+    def iommu(self) -> JsonDoc:
+        return cast(JsonDoc, self.call("GET", p.PATH_IOMMU))
+
+    def pci(self) -> list[JsonDoc]:
+        return cast(list[JsonDoc], self.call("GET", p.PATH_PCI))
+
+    def vfio_status(self) -> JsonDoc:
+        return cast(JsonDoc, self.call("GET", p.PATH_VFIO))
+
+    def set_vfio(self, enable: bool) -> JsonDoc:
+        return cast(JsonDoc, self.call("POST", p.PATH_VFIO, {p.KEY_ENABLE: enable}))
+
+    def reboot_support(self) -> JsonDoc:
+        return cast(JsonDoc, self.call("GET", p.PATH_REBOOT_UEFI))
+
+    def reboot_uefi(self, timeout_seconds: int | None = None, wait: float | None = None) -> JsonDoc:
+        body: JsonDoc = {p.KEY_CONFIRM: True}
+        if timeout_seconds is not None:
+            body[p.KEY_TIMEOUT] = timeout_seconds
+        return cast(JsonDoc, self.call("POST", p.PATH_REBOOT_UEFI, body, timeout=wait))
+
+    def close(self) -> None:
+        self.transport.close()

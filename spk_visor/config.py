@@ -1,0 +1,327 @@
+"""Where spk-visor talks to, and with what: flag, then environment, then config file,
+then defaults.
+
+The config file (``~/.config/spk-visor/config.toml``, or ``$SPK_VISOR_CONFIG``)::
+
+    [defaults]
+    timeout = 10
+
+    [nodes.alpha]
+    url = "https://alpha.example:8080"
+    token_file = "~/.config/spk-visor/alpha.token"
+
+    [nodes.beta]
+    ssh = "admin@beta.example:22"      # token read from the node over SFTP
+
+    [groups]
+    rack1 = ["alpha", "beta"]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spk_visor.errors import ConfigError
+
+LOCAL_URL = "http://127.0.0.1:8080"
+NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
+DEFAULT_DAEMON_PORT = 8080
+DEFAULT_TIMEOUT = 10.0
+MAX_CONFIG_BYTES = 1 << 20
+NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file"}
+SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
+
+
+@dataclass(frozen=True)
+class SshSpec:
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{user}{self.host}{port}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One node and how to reach it."""
+
+    name: str
+    url: str | None = None  # HTTP(S) base URL of the daemon
+    ssh: SshSpec | None = None  # or: SSH to the node, then its loopback daemon
+    daemon_port: int = DEFAULT_DAEMON_PORT
+    token: str | None = None
+    # Where the token was looked for, in order: the error for a missing or wrong token
+    # names them.
+    token_sources: tuple[str, ...] = ()
+    token_file: str | None = None  # a local file
+    remote_token_file: str = NODE_TOKEN_FILE  # on the node, read over SFTP
+
+    @property
+    def address(self) -> str:
+        return f"ssh://{self.ssh}" if self.ssh else str(self.url)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the CLI's global options resolve to."""
+
+    targets: tuple[Target, ...]
+    fleet: str | None
+    timeout: float
+    json: bool
+    verbose: bool
+    accept_new: bool
+    config_path: Path | None
+
+
+def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
+    explicit = environ.get("SPK_VISOR_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "spk-visor" / "config.toml"
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """The parsed config file, {} when it does not exist; ConfigError names file and line."""
+    try:
+        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says "... (at line 3, column 7)": keep it, it is what the user needs.
+        raise ConfigError(
+            f"{path}: invalid TOML: {e}", "fix the line named above, or move the file away"
+        ) from e
+    _check_shape(path, raw.decode("utf-8"), data)
+    return data
+
+
+def _line_of(text: str, needle: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if needle in line:
+            return number
+    return None
+
+
+def _where(path: Path, text: str, needle: str) -> str:
+    line = _line_of(text, needle)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
+    for key in data:
+        if key not in ("defaults", "nodes", "groups"):
+            raise ConfigError(
+                f"{_where(path, text, key)}: unknown section {key!r}; "
+                "expected defaults, nodes, groups"
+            )
+    nodes = data.get("nodes", {})
+    if not isinstance(nodes, dict):
+        raise ConfigError(f"{_where(path, text, 'nodes')}: [nodes] must be a table")
+    for name, node in nodes.items():
+        where = _where(path, text, f"nodes.{name}")
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: nodes.{name} must be a table")
+        unknown = set(node) - NODE_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{where}: nodes.{name}: unknown key {sorted(unknown)[0]!r}; "
+                f"expected {', '.join(sorted(NODE_KEYS))}"
+            )
+        if ("url" in node) == ("ssh" in node):
+            raise ConfigError(f"{where}: nodes.{name} needs exactly one of url or ssh")
+        for key in ("url", "ssh", "token_file", "remote_token_file"):
+            if key in node and not isinstance(node[key], str):
+                raise ConfigError(f"{where}: nodes.{name}.{key} must be a string")
+        if "daemon_port" in node and (
+            isinstance(node["daemon_port"], bool) or not isinstance(node["daemon_port"], int)
+        ):
+            raise ConfigError(f"{where}: nodes.{name}.daemon_port must be an integer")
+    groups = data.get("groups", {})
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
+    for name, members in groups.items():
+        where = _where(path, text, name)
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{where}: groups.{name} must be a list of node names")
+        for member in members:
+            if member not in nodes:
+                raise ConfigError(
+                    f"{where}: groups.{name} names {member!r}, which is not under [nodes]"
+                )
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{_where(path, text, 'defaults')}: [defaults] must be a table")
+    for key, value in defaults.items():
+        if key != "timeout":
+            raise ConfigError(f"{_where(path, text, key)}: defaults.{key}: unknown key")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(
+                f"{_where(path, text, key)}: defaults.timeout must be a positive number"
+            )
+
+
+def parse_ssh(value: str) -> SshSpec:
+    m = SSH_RE.match(value.strip())
+    if not m:
+        raise ConfigError(f"--ssh {value!r}: expected [user@]host[:port]")
+    port = int(m.group("port")) if m.group("port") else None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--ssh {value!r}: port out of range")
+    return SshSpec(host=m.group("host").strip("[]"), user=m.group("user"), port=port)
+
+
+def _check_url(url: str, what: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"{what} {url!r}: expected http://HOST[:PORT] or https://...")
+    return url.rstrip("/")
+
+
+def _token_for(
+    flag_token: str | None, environ: dict[str, str] | os._Environ[str]
+) -> tuple[str | None, list[str]]:
+    if flag_token:
+        return flag_token, ["--token"]
+    if environ.get("SPK_VISOR_TOKEN"):
+        return environ["SPK_VISOR_TOKEN"], ["SPK_VISOR_TOKEN"]
+    return None, ["--token", "SPK_VISOR_TOKEN"]
+
+
+def _node_target(name: str, node: dict[str, Any], token: str | None, sources: list[str]) -> Target:
+    token_file = node.get("token_file")
+    if token is None and token_file:
+        sources = [*sources, str(Path(token_file).expanduser())]
+    if "ssh" in node:
+        remote = node.get("remote_token_file", NODE_TOKEN_FILE)
+        if token is None and not token_file:
+            sources = [*sources, f"{remote} on the node (SFTP)"]
+        return Target(
+            name=name,
+            ssh=parse_ssh(node["ssh"]),
+            daemon_port=node.get("daemon_port", DEFAULT_DAEMON_PORT),
+            token=token,
+            token_sources=tuple(sources),
+            token_file=token_file,
+            remote_token_file=remote,
+        )
+    return Target(
+        name=name,
+        url=_check_url(node["url"], f"nodes.{name}.url"),
+        token=token,
+        token_sources=tuple(sources),
+        token_file=token_file,
+    )
+
+
+def resolve(
+    *,
+    node: str | None,
+    ssh: str | None,
+    fleet: str | None,
+    token: str | None,
+    timeout: float | None,
+    json: bool,
+    verbose: bool,
+    accept_new: bool,
+    environ: dict[str, str] | os._Environ[str] | None = None,
+) -> Settings:
+    """Build the settings once, validating everything (EXAMPLES.md A.4)."""
+    env = os.environ if environ is None else environ
+    node = node or env.get("SPK_VISOR_NODE") or None
+    ssh = ssh or env.get("SPK_VISOR_SSH") or None
+    fleet = fleet or env.get("SPK_VISOR_FLEET") or None
+    path = config_path(env)
+    data = load_file(path)
+    nodes: dict[str, Any] = data.get("nodes", {})
+    groups: dict[str, list[str]] = data.get("groups", {})
+    if sum(x is not None for x in (node, ssh, fleet)) > 1:
+        raise ConfigError("give only one of --node, --ssh and --fleet")
+    flag_token, sources = _token_for(token, env)
+    targets: list[Target]
+    if fleet:
+        if fleet not in groups:
+            known = ", ".join(sorted(groups)) or "none"
+            raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
+        targets = [_node_target(n, nodes[n], flag_token, sources) for n in groups[fleet]]
+    elif ssh:
+        spec = parse_ssh(ssh)
+        extra = [] if flag_token else [f"{NODE_TOKEN_FILE} on the node (SFTP)"]
+        targets = [
+            Target(name=spec.host, ssh=spec, token=flag_token, token_sources=(*sources, *extra))
+        ]
+    elif node and "://" in node:
+        url = _check_url(node, "--node")
+        targets = [Target(name=url, url=url, token=flag_token, token_sources=tuple(sources))]
+    elif node:
+        if node not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            raise ConfigError(
+                f"no node {node!r} in {path} (nodes: {known})",
+                "give a URL (http://HOST:8080) or add the node to the file",
+            )
+        targets = [_node_target(node, nodes[node], flag_token, sources)]
+    else:
+        # On a node's own shell: the local daemon and its token file.
+        targets = [
+            Target(
+                name="local",
+                url=LOCAL_URL,
+                token=flag_token,
+                token_sources=(*sources, NODE_TOKEN_FILE),
+                token_file=None if flag_token else NODE_TOKEN_FILE,
+            )
+        ]
+    file_timeout = data.get("defaults", {}).get("timeout")
+    env_timeout = env.get("SPK_VISOR_TIMEOUT")
+    if timeout is None and env_timeout:
+        try:
+            timeout = float(env_timeout)
+        except ValueError:
+            raise ConfigError(f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number") from None
+    resolved_timeout = timeout or file_timeout or DEFAULT_TIMEOUT
+    if resolved_timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    return Settings(
+        targets=tuple(targets),
+        fleet=fleet,
+        timeout=float(resolved_timeout),
+        json=json,
+        verbose=verbose,
+        accept_new=accept_new,
+        config_path=path if data else None,
+    )
+
+
+def read_local_token(target: Target) -> str | None:
+    """The token from the target's local token file, None when there is no file to read."""
+    if target.token or not target.token_file:
+        return target.token
+    path = Path(target.token_file).expanduser()
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise ConfigError(
+            f"cannot read token file {path}: permission denied",
+            "run as root on the node, or pass --token / SPK_VISOR_TOKEN",
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read token file {path}: {e}") from e

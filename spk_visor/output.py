@@ -1,0 +1,69 @@
+"""How results reach people and scripts. Only the CLI prints, through one Console whose
+streams tests can swap (EXAMPLES.md B.10)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+
+@dataclass
+class Console:
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def print(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def json(self, doc: Any) -> None:
+        self.out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    def error(self, text: str) -> None:
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    @property
+    def err_is_tty(self) -> bool:
+        return bool(getattr(self.err, "isatty", lambda: False)())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain, aligned text table (no colours: it must survive pipes and logs)."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, value in enumerate(row):
+            widths[i] = max(widths[i], len(value))
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def mib(value: float | None) -> str:
+    """Memory in the unit people read: 262144 -> '256 GiB', 512 -> '512 MiB'."""
+    if value is None:
+        return "-"
+    if value >= 1024:
+        gib = value / 1024
+        return f"{gib:.0f} GiB" if gib == int(gib) or gib >= 100 else f"{gib:.1f} GiB"
+    return f"{value:.0f} MiB"
+
+
+def duration(seconds: float | None) -> str:
+    """'3 days 4 h', '5 h 12 min', '42 s'."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} day{'s' if days != 1 else ''} {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"

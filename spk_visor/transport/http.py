@@ -1,0 +1,99 @@
+"""HTTP(S) to a daemon with requests: one Session per node, timeouts on every call, a
+versioned User-Agent, and errors that say what to check."""
+
+from __future__ import annotations
+
+import socket
+
+import requests
+
+from smechvisord.version import VERSION
+from spk_visor.errors import TransportError
+from spk_visor.transport.base import MAX_RESPONSE_BYTES, Response, Transport
+
+USER_AGENT = f"spk-visor/{VERSION}"
+SERVICE_HINT = "is the service running? rc-service smechvisord status"
+
+
+def _is_dns_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, socket.gaierror) or "NameResolutionError" in type(cur).__name__:
+            return True
+        cur = (
+            cur.__cause__
+            or cur.__context__
+            or (cur.args[0] if cur.args and isinstance(cur.args[0], BaseException) else None)
+        )
+    return "Name or service not known" in str(exc) or "Temporary failure in name" in str(exc)
+
+
+class HttpTransport(Transport):
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.address = self.base_url
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        # Never send the token to a proxy from the environment: nodes are on the LAN.
+        self.session.trust_env = False
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        timeout: float | None,
+    ) -> Response:
+        url = self.base_url + path
+        wait = timeout or self.timeout
+        try:
+            resp = self.session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=wait,
+                stream=True,
+                allow_redirects=False,
+            )
+        except requests.exceptions.SSLError as e:
+            raise TransportError(
+                f"TLS failed with {self.base_url}: {e}", "check the node's certificate and the URL"
+            ) from e
+        except requests.exceptions.ConnectTimeout as e:
+            raise TransportError(
+                f"no answer from {self.base_url} within {wait:g} s",
+                "check the address and firewall; raise --timeout",
+            ) from e
+        except requests.exceptions.ConnectionError as e:
+            if _is_dns_failure(e):
+                host = self.base_url.split("://", 1)[-1].split("/")[0]
+                raise TransportError(
+                    f"cannot resolve {host}", "check the node's name or use its address"
+                ) from e
+            if "Connection refused" in str(e) or "ConnectionRefused" in repr(e):
+                raise TransportError(f"connection refused at {self.base_url}", SERVICE_HINT) from e
+            raise TransportError(f"cannot reach {self.base_url}: {e}", SERVICE_HINT) from e
+        except requests.exceptions.Timeout as e:
+            raise TransportError(
+                f"no answer from {self.base_url} within {wait:g} s",
+                "the node may be overloaded; raise --timeout",
+            ) from e
+        try:
+            data = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+        except (requests.exceptions.RequestException, OSError) as e:
+            raise TransportError(f"{self.base_url}: connection lost mid-answer: {e}") from e
+        finally:
+            resp.close()
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise TransportError(
+                f"{self.base_url}: answer larger than {MAX_RESPONSE_BYTES} bytes; not smechvisord?"
+            )
+        return Response(resp.status_code, resp.headers.get("Content-Type", ""), data)
+
+    def close(self) -> None:
+        self.session.close()
