@@ -92,6 +92,8 @@ class _Runtime:
     action_name: str = ""
     expect_exit: bool = False
     events_size: int = -1
+    # The VMM said its VM is shut down (Created/Shutdown) while its process lives on.
+    retire: bool = False
 
 
 class VmManager:
@@ -224,29 +226,58 @@ class VmManager:
         stat per VM; polling vm.info for 50 VMs every few seconds cost request latency.
         """
         with self._lock:
-            live = [vm for vm in self._vms.values() if vm.state in p.LIVE_STATES]
-        for vm in live:
-            rt = self._rt[vm.id]
-            if rt.action.locked():
-                continue  # the action in progress owns this VM's state
-            exited = self._exit_status(vm, rt)
-            if exited is not None:
-                code, sig = exited
-                self._mark_exited(vm, code, sig)
+            live = [(vm, self._rt.get(vm.id)) for vm in self._vms.values()]
+        for vm, rt in live:
+            if rt is None or vm.state not in p.LIVE_STATES:
                 continue
+            # Hold the action lock, not just peek at it: an action starting between a peek
+            # and _mark_exited would race this pass (both reaping rt.child, both writing
+            # the record, a start's new child cleared by this pass's old verdict).
+            if not rt.action.acquire(blocking=False):
+                continue  # the action in progress owns this VM's state
             try:
-                size = os.stat(self.vm_dir(vm.id) / EVENTS).st_size
-            except OSError:
-                size = -1
-            if size != rt.events_size:
-                rt.events_size = size
-                self._refresh_state(vm)
+                rt.action_name = "monitor"
+                self._poll_vm(vm, rt)
+            finally:
+                rt.action_name = ""
+                rt.action.release()
+
+    def _poll_vm(self, vm: Vm, rt: _Runtime) -> None:
+        if vm.state not in p.LIVE_STATES:
+            return  # an action finished between the snapshot and the lock
+        exited = self._exit_status(vm, rt)
+        if exited is not None:
+            code, sig = exited
+            self._mark_exited(vm, code, sig)
+            return
+        try:
+            size = os.stat(self.vm_dir(vm.id) / EVENTS).st_size
+        except OSError:
+            size = -1
+        if size != rt.events_size:
+            rt.events_size = size
+            self._refresh_state(vm)
+        if rt.retire:
+            # The guest was shut down through the VMM's API (ch-remote shutdown): v42
+            # keeps the process, but here a stopped VM has no VMM (a start spawns a new
+            # one on the same socket and disk). End it the way `stop` does.
+            log.info("VM %s was shut down through its VMM; ending the VMM", vm.id)
+            try:
+                self._escalate(
+                    vm,
+                    rt,
+                    graceful_wait=None,
+                    reason="the VM was shut down through the VMM API; smechvisord ended the VMM",
+                )
+            except ApiError as e:
+                log.warning("could not end the VMM of %s: %s", vm.id, e.message)
 
     def _exit_status(self, vm: Vm, rt: _Runtime) -> tuple[int | None, int | None] | None:
         """None while the VMM runs; else (exit code, signal), either unknown (None) for a
         VMM this daemon instance did not start (only its parent can collect the status)."""
-        if rt.child is not None:
-            code = rt.child.poll()
+        child = rt.child  # read once: a concurrent _mark_exited may clear it
+        if child is not None:
+            code = child.poll()
             if code is None:
                 return None
             return (code, None) if code >= 0 else (None, -code)
@@ -281,6 +312,7 @@ class VmManager:
             vm.pid = None
             vm.pid_start = None
             rt.child = None
+            rt.retire = False
         self.socket_path(vm.id).unlink(missing_ok=True)
         self._persist(vm)
         log.info("VM %s is %s: %s", vm.id, state, reason)
@@ -308,6 +340,12 @@ class VmManager:
             log.debug("vm.info for %s failed: %s", vm.id, e)
             return
         state = VMM_STATES.get(str(info.get("state")))
+        rt = self._rt.get(vm.id)
+        if state == p.STATE_STOPPED and rt is not None:
+            # The VM is over but v42 keeps its process: leave the state live (so start,
+            # delete and the disk check still see a VMM) until the monitor ends it.
+            rt.retire = True
+            return
         if state is not None and state != vm.state:
             with self._lock:
                 vm.state = state
@@ -770,7 +808,9 @@ class VmManager:
         self._require(vm, *p.LIVE_STATES)
         self._escalate(vm, rt, graceful_wait=None)
 
-    def _escalate(self, vm: Vm, rt: _Runtime, graceful_wait: float | None) -> None:
+    def _escalate(
+        self, vm: Vm, rt: _Runtime, graceful_wait: float | None, reason: str | None = None
+    ) -> None:
         """power-button (graceful only), then vm.shutdown + vmm.shutdown, SIGTERM, SIGKILL:
         each step only if the one before did not end the process in time."""
         rt.expect_exit = True
@@ -831,7 +871,7 @@ class VmManager:
             raise ApiError(
                 500, p.ERR_INTERNAL, f"VM {vm.id} survived SIGKILL", {"id": vm.id, "steps": steps}
             )
-        self._mark_exited(vm, *exited)
+        self._mark_exited(vm, *exited, reason=reason)
 
     def _wait_exit(self, vm: Vm, rt: _Runtime, wait: float) -> bool:
         deadline = time.monotonic() + wait

@@ -77,7 +77,7 @@ class AppState:
 def state(ctx: typer.Context) -> AppState:
     obj = ctx.find_root().obj
     if not isinstance(obj, AppState):  # only when a command is invoked outside the app
-        raise RuntimeError("spk-visor commands need the root app's context")
+        raise TypeError("spk-visor commands need the root app's context")
     return obj
 
 
@@ -106,13 +106,10 @@ def show_fleet(
     else:
         rows = []
         for r in results:
-            if r.ok:
+            if r.error is None:
                 rows.append([r.target.name, "ok", *row(r.value)])  # type: ignore[arg-type]
             else:
-                assert r.error is not None
-                rows.append(
-                    [r.target.name, f"error: {r.error.message}", *([""] * (len(headers) - 1))]
-                )
+                rows.append([r.target.name, f"error: {r.error.message}", *([""] * len(headers))])
         st.console.print(table(["node", "status", *headers], rows))
     for r in results:
         if r.error is not None:
