@@ -4,6 +4,7 @@ iommu.py and pci.py; VM work in vms.py. Routes validate, call one of those, and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from smechvisord.hostcmd import HostCommandError, run_host_command
 from smechvisord.server import Encoded, Handler, Request, Router
 from smechvisord.settings import Settings
 from smechvisord.vms import VmManager
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 1000
 STEADY_TTL = 2.0
@@ -317,11 +320,18 @@ class Api:
             try:
                 run_host_command(self.settings.reboot_cmd, timeout=60)
             except HostCommandError as e:
+                # No reboot is coming: withdraw the request, or whatever reboots the node
+                # next (an OTA update, a power cut) lands it in firmware setup.
+                try:
+                    withdrawn = efi.withdraw_firmware_setup(self.host.efivars_dir(), written)
+                except efi.EfiError as undo:
+                    withdrawn = False
+                    log.warning("could not withdraw the firmware-setup request: %s", undo)
                 raise ApiError(
                     500,
                     p.ERR_COMMAND_FAILED,
                     f"reboot command failed: {e}",
-                    {"os_indications": written, "vms": stopped},
+                    {"os_indications": written, "withdrawn": withdrawn, "vms": stopped},
                 ) from e
         finally:
             self._reboot_lock.release()

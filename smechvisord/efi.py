@@ -151,6 +151,23 @@ def request_firmware_setup(efivars_dir: Path) -> FirmwareSetupRequest:
     return {"previous": previous, "value": value, "written": True}
 
 
+def withdraw_firmware_setup(efivars_dir: Path, request: FirmwareSetupRequest) -> bool:
+    """Undo `request_firmware_setup` when the reboot it was for did not happen: left set,
+    the bit sends the node's next reboot, whenever and whyever it comes, into firmware
+    setup, where a headless node waits for someone at its console. Only a value this
+    daemon wrote is put back; True when it was."""
+    if not request["written"]:
+        return False
+    path = efivars_dir / OS_INDICATIONS
+    data = _read_var(path)
+    if data is None or len(data) != _ATTR_BYTES + _U64_BYTES:
+        return False
+    if int.from_bytes(data[_ATTR_BYTES:], "little") != request["value"]:
+        return False  # changed by someone else since: theirs to keep
+    _rewrite_var(path, struct.pack("<IQ", ATTRIBUTES, request["previous"]))
+    return True
+
+
 def _read_var(path: Path) -> bytes | None:
     """The whole efivarfs file (attributes + data), or None when the variable is absent."""
     for attempt in range(_READ_RETRIES):

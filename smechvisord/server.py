@@ -38,6 +38,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 BODY_METHODS = ("POST", "PUT", "PATCH")
+# RFC 9110: Content-Length = 1*DIGIT. int() also takes "+5", "1_0" and " 5 ": a proxy in
+# front that reads the length differently would see another request boundary.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _PHRASES = {int(code) for code in HTTPStatus}
 
 
@@ -179,6 +182,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         status = 500
         self._body_read = False
+        if self.command not in BODY_METHODS and (
+            self.headers.get("Content-Length", "0").strip() != "0"
+            or "Transfer-Encoding" in self.headers
+        ):
+            # No route reads a body on this method, and an unread body would be parsed as
+            # the next request on this kept-alive connection: answer, then close.
+            self.close_connection = True
         try:
             url = urlsplit(self.path)
             path = url.path
@@ -194,7 +204,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self._send_json(e.status, e.envelope())
         except Exception:
-            log.exception("internal error on %s %s", self.command, self.path)
+            # The path only, as in the access log: a query string may hold pasted secrets.
+            log.exception(
+                "internal error on %s %s", self.command, _printable(self.path.split("?")[0])
+            )
             status = 500
             self._send_json(
                 500, ApiError(500, p.ERR_INTERNAL, "internal error; see the daemon log").envelope()
@@ -202,7 +215,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         finally:
             elapsed = (time.monotonic() - started) * 1000
             self.server.access_log.write(
-                self.client_address[0], str(self.command), self.path.split("?")[0], status, elapsed
+                self.client_address[0],
+                str(self.command),
+                _printable(self.path.split("?")[0]),
+                status,
+                elapsed,
             )
 
     def _api(self, path: str, query: str) -> tuple[int, Any]:
@@ -236,11 +253,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if raw_length is None or raw_length.strip() in ("", "0"):
             self._body_read = True
             return {}
-        try:
-            length = int(raw_length)
-        except ValueError:
+        if not _CONTENT_LENGTH.fullmatch(raw_length):
             self.close_connection = True
-            raise ApiError(400, p.ERR_INVALID_JSON, "Content-Length is not a number") from None
+            raise ApiError(400, p.ERR_INVALID_JSON, "Content-Length is not a number")
+        length = int(raw_length)
         if length < 0 or length > p.MAX_BODY_BYTES:
             # The body stays unread, so this connection cannot be reused.
             self.close_connection = True
@@ -263,6 +279,9 @@ class RequestHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, p.ERR_INVALID_JSON, f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            # 64 KiB of '[' is valid-looking input, not a daemon fault: a 400, no traceback.
+            raise ApiError(400, p.ERR_INVALID_JSON, "body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, p.ERR_INVALID_JSON, "body must be a JSON object")
         return body
@@ -300,9 +319,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
         name = unquote(path).lstrip("/") or "index.html"
         root = self.server.web_dir
-        target = (root / name).resolve()
+        # A NUL (%00) makes the path calls raise ValueError: not a page, not a 500.
+        target = None if "\0" in name else (root / name).resolve()
         # Resolve first, then require the result inside the web root: no `..` or symlink exits.
-        if not target.is_relative_to(root) or not target.is_file():
+        if target is None or not target.is_relative_to(root) or not target.is_file():
             raise ApiError(404, p.ERR_NOT_FOUND, f"no such page {path}", {"path": path})
         data = target.read_bytes()
         ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
@@ -328,3 +348,11 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: a request path goes into the log verbatim,
+    and an escape sequence in it would act on the terminal of whoever reads the log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -48,6 +48,9 @@ KVM_FAILURE = "Failed to open hypervisor interface"
 
 # The escalation ladder after the graceful request (design/daemon.md): seconds per step.
 STEP_WAIT = {"vm.shutdown+vmm.shutdown": 5.0, "SIGTERM": 5.0, "SIGKILL": 5.0}
+# A step whose request failed (e.g. power-button to a VM already shut down inside its VMM)
+# will not end the process: only watch briefly for an exit already under way.
+FAILED_STEP_WAIT = 1.0
 
 VMM_STATES = {
     "Running": p.STATE_RUNNING,
@@ -618,6 +621,14 @@ class VmManager:
                 self._spawn(vm, rt)
             except BaseException:
                 # Create is all or nothing: a VMM that failed to start leaves no record.
+                # Nor a process: when the spawn failed after exec (the record could not be
+                # written: a full disk), forgetting the VM would leave its VMM running,
+                # unmanaged, on the disk, and never reaped.
+                child = rt.child
+                if child is not None and child.poll() is None:
+                    _kill(child.pid)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=5)
                 self._forget(vm_id)
                 raise
         return 201, self._public(vm)
@@ -671,7 +682,7 @@ class VmManager:
             )
         st = procs.stat(child.pid)
         with self._lock:
-            rt.child, rt.expect_exit = child, False
+            rt.child, rt.expect_exit, rt.retire = child, False, False
             vm.pid, vm.pid_start = child.pid, st.start_ticks if st else None
             vm.started_at = time.time()
         self._persist(vm)
@@ -782,7 +793,21 @@ class VmManager:
         with self._lock:
             self._check_disk_free(vm.disk)
             vm.argv[0] = ch_path
-        self._spawn(vm, rt)
+            # Claim the disk before the lock drops: two stopped VMs on one disk started at
+            # once would otherwise both pass the check and boot two VMMs on one image.
+            vm.state = p.STATE_STARTING
+        try:
+            self._spawn(vm, rt)
+        except ApiError:
+            raise  # _startup_failed recorded the exit
+        except BaseException:
+            # No VMM came of it (exec failed, state dir unwritable): release the claim.
+            if vm.state == p.STATE_STARTING and vm.pid is None:
+                with self._lock:
+                    vm.state = p.STATE_FAILED
+                with contextlib.suppress(OSError):
+                    self._persist(vm)
+            raise
 
     def _do_pause(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
         self._require(vm, p.STATE_RUNNING)
@@ -825,6 +850,7 @@ class VmManager:
                 entry["result"] = "sent"
             except (ChApiError, ChUnreachableError, OSError) as e:
                 entry["result"] = f"failed: {e}"
+                wait = min(wait, FAILED_STEP_WAIT)
             exited = self._wait_exit(vm, rt, wait)
             entry["exited"] = exited
             steps.append(entry)
@@ -835,7 +861,7 @@ class VmManager:
                 api.put("vm.shutdown")
             api.put("vmm.shutdown")
 
-        pid = vm.pid
+        pid, pid_start = vm.pid, vm.pid_start
         ladder: list[tuple[str, float, Callable[[], None]]] = []
         if graceful_wait is not None:
             if vm.state == p.STATE_PAUSED:
@@ -853,8 +879,8 @@ class VmManager:
                 )
         ladder += [
             ("vm.shutdown+vmm.shutdown", STEP_WAIT["vm.shutdown+vmm.shutdown"], both_shutdowns),
-            ("SIGTERM", STEP_WAIT["SIGTERM"], lambda: _signal(pid, signal.SIGTERM)),
-            ("SIGKILL", STEP_WAIT["SIGKILL"], lambda: _signal(pid, signal.SIGKILL)),
+            ("SIGTERM", STEP_WAIT["SIGTERM"], lambda: _signal(pid, pid_start, signal.SIGTERM)),
+            ("SIGKILL", STEP_WAIT["SIGKILL"], lambda: _signal(pid, pid_start, signal.SIGKILL)),
         ]
         for name, wait, do in ladder:
             if attempt(name, wait, do):
@@ -947,9 +973,29 @@ def parse_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
-def _signal(pid: int | None, sig: signal.Signals) -> None:
-    if pid:
+def _signal(pid: int | None, start: int | None, sig: signal.Signals) -> None:
+    """Signal the VMM, never whoever holds its PID now. A re-adopted VMM is not our child:
+    once it exits, init reaps it and the PID can be reused before the next step of the
+    ladder. A pidfd pins the process; its start time, read after the pidfd is open,
+    proves which one it is."""
+    if not pid:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError) as e:
+        if isinstance(e, ProcessLookupError):
+            raise
+        # No pidfd (old kernel): check, then kill, with the small window that leaves.
+        if not procs.is_alive(pid, start):
+            raise ProcessLookupError(f"process {pid} is no longer the VMM") from None
         os.kill(pid, sig)
+        return
+    try:
+        if not procs.is_alive(pid, start):
+            raise ProcessLookupError(f"process {pid} is no longer the VMM")
+        signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
 
 
 def _kill(pid: int) -> None:

@@ -59,6 +59,11 @@ def test_reboot_command_failure_is_reported(daemon_env: DaemonEnv) -> None:
         assert r.status == 500
         assert r.error_code == "command_failed"
         assert "must be superuser" in r.json["error"]["message"]
+        # No reboot happened: the firmware-setup request is withdrawn, so the next
+        # reboot (an OTA update, a power cut) does not strand the node in setup.
+        var = daemon_env.sysroot / OS_INDICATIONS
+        assert var.read_bytes() == struct.pack("<IQ", 7, 0x4)
+        assert r.json["error"]["details"]["withdrawn"] is True
     finally:
         d.stop()
 

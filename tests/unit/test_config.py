@@ -1,0 +1,134 @@
+"""Settings precedence and config-file checks of the CLI (spk_visor.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spk_visor import config
+from spk_visor.errors import ConfigError, ExitCode
+
+GOOD = """
+[defaults]
+timeout = 4
+
+[nodes.alpha]
+url = "http://alpha.example:8080"
+token_file = "{tokdir}/alpha.token"
+
+[nodes.beta]
+ssh = "admin@beta.example:2222"
+daemon_port = 9090
+
+[groups]
+rack = ["alpha", "beta"]
+"""
+
+
+def env_for(tmp_path: Path, text: str | None, **extra: str) -> dict[str, str]:
+    path = tmp_path / "config.toml"
+    if text is not None:
+        path.write_text(text.format(tokdir=tmp_path))
+    return {"SPK_VISOR_CONFIG": str(path), **extra}
+
+
+def resolve(env: dict[str, str], **kw: object) -> config.Settings:
+    args: dict[str, object] = {
+        "node": None,
+        "ssh": None,
+        "fleet": None,
+        "token": None,
+        "timeout": None,
+        "json": False,
+        "verbose": False,
+        "accept_new": False,
+    }
+    args.update(kw)
+    return config.resolve(environ=env, **args)  # type: ignore[arg-type]
+
+
+def test_no_node_means_the_local_daemon(tmp_path: Path) -> None:
+    s = resolve(env_for(tmp_path, None))
+    (t,) = s.targets
+    assert t.url == "http://127.0.0.1:8080"
+    assert t.token_file == "/etc/smechvisord/token"
+    assert t.token_sources == ("--token", "SPK_VISOR_TOKEN", "/etc/smechvisord/token")
+    assert s.timeout == config.DEFAULT_TIMEOUT
+    assert s.config_path is None
+
+
+def test_named_nodes_groups_and_timeout_from_file(tmp_path: Path) -> None:
+    env = env_for(tmp_path, GOOD)
+    alpha = resolve(env, node="alpha")
+    assert alpha.targets[0].url == "http://alpha.example:8080"
+    assert alpha.targets[0].token_file == f"{tmp_path}/alpha.token"
+    assert alpha.timeout == 4
+    beta = resolve(env, node="beta").targets[0]
+    assert beta.ssh == config.SshSpec(host="beta.example", user="admin", port=2222)
+    assert beta.daemon_port == 9090
+    assert beta.token_sources[-1] == "/etc/smechvisord/token on the node (SFTP)"
+    rack = resolve(env, fleet="rack")
+    assert [t.name for t in rack.targets] == ["alpha", "beta"]
+
+
+def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
+    env = env_for(tmp_path, GOOD, SPK_VISOR_TIMEOUT="7", SPK_VISOR_TOKEN="from-env")
+    s = resolve(env, node="alpha")
+    assert s.timeout == 7
+    assert s.targets[0].token == "from-env"
+    assert s.targets[0].token_sources == ("SPK_VISOR_TOKEN",)
+    s = resolve(env, node="alpha", timeout=2.5, token="from-flag")
+    assert s.timeout == 2.5
+    assert s.targets[0].token == "from-flag"
+
+
+def test_urls_and_ssh_specs(tmp_path: Path) -> None:
+    env = env_for(tmp_path, None)
+    assert resolve(env, node="https://n1:8443/").targets[0].url == "https://n1:8443"
+    assert resolve(env, ssh="n1").targets[0].ssh == config.SshSpec("n1")
+    assert resolve(env, ssh="root@[::1]:22").targets[0].ssh == config.SshSpec("::1", "root", 22)
+    for bad in ("ftp://x", "http://"):
+        with pytest.raises(ConfigError, match="expected http"):
+            resolve(env, node=bad)
+    with pytest.raises(ConfigError, match=r"\[user@\]host"):
+        resolve(env, ssh="a@b@c")
+    with pytest.raises(ConfigError, match="only one of"):
+        resolve(env, node="http://a:1", ssh="b")
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        ("[nodes.a]\nurl = \n", "invalid TOML", "line 2"),
+        ("[nodes.a]\nurl = 'http://a:1'\ncolour = 'red'\n", "unknown key 'colour'", ":1"),
+        ("[nodes.a]\nssh = 'a'\nurl = 'http://a:1'\n", "exactly one of url or ssh", ":1"),
+        ("[groups]\nrack = ['ghost']\n", "not under [nodes]", ":2"),
+        ("[defaults]\ntimeout = -1\n", "positive number", ":2"),
+        ("[extra]\nx = 1\n", "unknown section", ":1"),
+    ],
+)
+def test_bad_config_names_file_and_line(tmp_path: Path, text: str, message: str, line: str) -> None:
+    env = env_for(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        resolve(env)
+    assert message in str(info.value)
+    assert str(tmp_path / "config.toml") in str(info.value)
+    assert line in str(info.value)
+    assert info.value.exit_code == ExitCode.USAGE
+
+
+def test_unknown_node_and_group_list_what_exists(tmp_path: Path) -> None:
+    env = env_for(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"no node 'gamma' .*nodes: alpha, beta"):
+        resolve(env, node="gamma")
+    with pytest.raises(ConfigError, match=r"no group 'x' .*groups: rack"):
+        resolve(env, fleet="x")
+
+
+def test_local_token_file(tmp_path: Path) -> None:
+    env = env_for(tmp_path, GOOD)
+    target = resolve(env, node="alpha").targets[0]
+    assert config.read_local_token(target) is None  # no file yet
+    (tmp_path / "alpha.token").write_text("tok-123\n")
+    assert config.read_local_token(target) == "tok-123"
