@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN_ROOT := $(CURDIR)/.run
 BIND ?= 127.0.0.1:8080
 
-.PHONY: run test lint unit integration bench sysdeps venv format clean
+.PHONY: run test lint unit integration bench man sysdeps venv format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.daemon
+	$(PY) -m bench.cli
+
+# Regenerates the committed man pages from the code; tests/unit/test_man_pages.py fails
+# when they drift.
+man: $(STAMP)
+	$(PY) scripts/gen-man
 
 clean:
 	rm -rf $(VENV) $(RUN_ROOT) .pytest_cache .mypy_cache .ruff_cache

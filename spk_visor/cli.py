@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from smechvisord.version import VERSION
+from spk_visor import typer_fast
 from spk_visor.commands import (
     about,
     iommu,
@@ -82,6 +83,7 @@ def root(
         str | None,
         typer.Option(
             "--token",
+            metavar="TOKEN",
             envvar="SPK_VISOR_TOKEN",
             show_envvar=True,
             help="API token (default: the node's token file; over SSH, read from the node).",
@@ -121,6 +123,11 @@ def root(
     """Options that apply to every command."""
     global _verbose  # noqa: PLW0603 (main() needs it to decide on tracebacks)
     _verbose = verbose
+    source = ctx.get_parameter_source("token")
+    if source is not None and source.name == "ENVIRONMENT":
+        # Let config read SPK_VISOR_TOKEN itself, so that a refused token is reported as
+        # coming from there rather than from a --token that was never given.
+        token = None
     ctx.obj = AppState(
         Options(
             node=node,
@@ -150,7 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every failure becomes a message on stderr and its exit code."""
     console = Console()
     try:
-        result = app(
+        command = typer.main.get_command(app)
+        # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
+        typer_fast.install(command)
+        result = command.main(
             args=list(argv) if argv is not None else None,
             prog_name="spk-visor",
             standalone_mode=False,

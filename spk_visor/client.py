@@ -13,7 +13,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 from smechvisord import protocol as p
-from spk_visor.config import Target
+from spk_visor.config import NODE_TOKEN_FILE, Target
 from spk_visor.errors import AuthError, DaemonError, ProtocolError
 from spk_visor.transport.base import Transport
 
@@ -87,10 +87,10 @@ class Client:
 
     def _auth_error(self, what: str) -> AuthError:
         where = ", ".join(self.target.token_sources) or "--token, SPK_VISOR_TOKEN"
+        on_node = self.target.remote_token_file if self.target.ssh else NODE_TOKEN_FILE
         return AuthError(
             f"{self.transport.address}: {what} (token looked for in: {where})",
-            "pass --token or set SPK_VISOR_TOKEN; on the node the token is "
-            "in /etc/smechvisord/token",
+            f"pass --token or set SPK_VISOR_TOKEN; on the node the token is in {on_node}",
         )
 
     @staticmethod
@@ -128,13 +128,15 @@ class Client:
         disk: str,
         name: str | None = None,
         dry_run: bool = False,
+        wait: float | None = None,
     ) -> JsonDoc:
         body: JsonDoc = {p.KEY_CPUS: cpus, p.KEY_MEMORY_MB: memory_mb, p.KEY_DISK: disk}
         if name:
             body[p.KEY_NAME] = name
         if dry_run:
             body[p.KEY_DRY_RUN] = True
-        return cast(JsonDoc, self.call("POST", p.PATH_VMS, body))
+        # `wait`: a create answers only once the VMM is up, which can outlast --timeout.
+        return cast(JsonDoc, self.call("POST", p.PATH_VMS, body, timeout=wait))
 
     def vm_action(
         self, vm_id: str, action: str, timeout_seconds: int | None = None, wait: float | None = None

@@ -23,9 +23,7 @@ def connect(target: Target, settings: Settings) -> Client:
         token = read_local_token(target)
         if token is None and target.ssh is not None and not target.token_file:
             # Over SSH the login is the credential: read the node's own token file.
-            reader = getattr(transport, "read_remote_token", None)
-            if reader is not None:
-                token = reader(target.remote_token_file)
+            token = transport.read_remote_token(target.remote_token_file)
     except BaseException:
         transport.close()
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -14,12 +15,32 @@ from typing import Any, TextIO
 class Console:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
+    # Where confirmations are read from; only its TTY-ness is ours to ask (the prompt
+    # itself reads sys.stdin through typer).
+    inp: TextIO = field(default_factory=lambda: sys.stdin)
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")
 
+    def write(self, text: str) -> None:
+        """Raw text, flushed at once (a followed serial log must appear as it arrives)."""
+        self.out.write(text)
+        self.out.flush()
+
     def json(self, doc: Any) -> None:
         self.out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    def json_line(self, doc: Any) -> None:
+        """One document per line (JSON Lines) for streams such as `vm console --follow`."""
+        self.out.write(json.dumps(doc, sort_keys=True) + "\n")
+        self.out.flush()
+
+    def prompt(self, text: str) -> str:
+        """Ask on stderr, read one line from the input ('' at end of input). stdout is
+        left alone, so results and --json documents stay clean."""
+        self.err.write(text)
+        self.err.flush()
+        return self.inp.readline()
 
     def error(self, text: str) -> None:
         self.err.write(text + "\n")
@@ -27,7 +48,20 @@ class Console:
 
     @property
     def err_is_tty(self) -> bool:
-        return bool(getattr(self.err, "isatty", lambda: False)())
+        return _isatty(self.err)
+
+    @property
+    def in_is_tty(self) -> bool:
+        return _isatty(self.inp)
+
+
+def _isatty(stream: Any) -> bool:
+    # pytest and some wrappers replace the standard streams with objects that lack
+    # isatty() or raise from it; neither is a terminal.
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -67,3 +101,10 @@ def duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes} min {secs} s"
     return f"{secs} s"
+
+
+def timestamp(epoch: float | None) -> str:
+    """Local time, to the second: 1795815051.3 -> '2026-11-27 14:10:51'."""
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from spk_visor import config
 from spk_visor.client import Client
 from spk_visor.connection import NodeResult, connect, for_each
-from spk_visor.errors import ExitCode, UsageError
+from spk_visor.errors import ExitCode, RefusedError, UsageError
 from spk_visor.output import Console, table
 
 T = TypeVar("T")
@@ -38,6 +38,7 @@ class AppState:
         self.options = options
         self.console = console
         self._settings: config.Settings | None = None
+        self.json_requested = False
 
     @property
     def settings(self) -> config.Settings:
@@ -57,7 +58,7 @@ class AppState:
 
     @property
     def json(self) -> bool:
-        return self.options.json
+        return self.options.json or self.json_requested
 
     def one(self, work: Callable[[Client], T]) -> T:
         """Run against the single target; --fleet is refused for this command."""
@@ -74,10 +75,19 @@ class AppState:
         return for_each(self.settings, work)
 
 
-def state(ctx: typer.Context) -> AppState:
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Machine-readable output (same as the global --json).")
+]
+
+
+def state(ctx: typer.Context, as_json: bool = False) -> AppState:
+    """The app's state; `as_json` is the command's own --json, so that both
+    `spk-visor --json node` and `spk-visor node --json` work."""
     obj = ctx.find_root().obj
     if not isinstance(obj, AppState):  # only when a command is invoked outside the app
         raise TypeError("spk-visor commands need the root app's context")
+    if as_json:
+        obj.json_requested = True
     return obj
 
 
@@ -89,6 +99,19 @@ def show_fleet(
 ) -> int:
     """One row per node, an error row for a node that failed; the exit code is 0 only
     when every node answered (else the first failure's)."""
+    return show_fleet_rows(st, results, headers, lambda value: [row(value)])
+
+
+def show_fleet_rows(
+    st: AppState,
+    results: list[NodeResult[T]],
+    headers: Sequence[str],
+    rows: Callable[[T], Sequence[Sequence[Any]]],
+    empty: str = "ok",
+) -> int:
+    """Like show_fleet, for answers that make several rows per node (`vm list`): each row
+    is prefixed with its node; a node with no rows still gets one, with `empty` as its
+    status, so every node of the group shows up."""
     if st.json:
         st.console.json(
             {
@@ -104,14 +127,35 @@ def show_fleet(
             }
         )
     else:
-        rows = []
+        lines: list[list[Any]] = []
+        blank = [""] * len(headers)
         for r in results:
-            if r.error is None:
-                rows.append([r.target.name, "ok", *row(r.value)])  # type: ignore[arg-type]
-            else:
-                rows.append([r.target.name, f"error: {r.error.message}", *([""] * len(headers))])
-        st.console.print(table(["node", "status", *headers], rows))
+            if r.error is not None:
+                lines.append([r.target.name, f"error: {r.error.message}", *blank])
+                continue
+            node_rows = rows(r.value)  # type: ignore[arg-type]
+            if not node_rows:
+                lines.append([r.target.name, empty, *blank])
+            lines.extend([r.target.name, "ok", *row] for row in node_rows)
+        st.console.print(table(["node", "status", *headers], lines))
     for r in results:
         if r.error is not None:
             return int(r.error.exit_code)
     return ExitCode.OK
+
+
+def confirm(st: AppState, question: str, *, yes: bool, action: str) -> bool:
+    """The operator's answer to `question`; `--yes` answers for scripts. Without a
+    terminal to ask on, refuse rather than guess (a cron job must never reboot a node or
+    delete a VM because nobody was there to say no)."""
+    if yes:
+        return True
+    if not st.console.in_is_tty:
+        raise RefusedError(
+            f"refusing to {action} without confirmation: stdin is not a terminal",
+            "pass --yes to confirm from a script",
+        )
+    # Not typer.confirm: it writes part of its prompt to stdout, which --json keeps for
+    # the document alone. End of input counts as "no".
+    answer = st.console.prompt(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from spk_visor.client import Client
-from spk_visor.commands.common import show_fleet, state
+from spk_visor.commands.common import JsonOpt, show_fleet, state
 from spk_visor.output import duration, mib
 
 app = typer.Typer(
@@ -52,9 +52,12 @@ def fleet_row(doc: dict[str, Any]) -> list[Any]:
 
 
 @app.callback(invoke_without_command=True)
-def node(ctx: typer.Context) -> None:
+def node(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+) -> None:
     """Show the node's host facts (--json: the daemon's /api/node document)."""
-    st = state(ctx)
+    st = state(ctx, as_json)
     if st.settings.fleet:
         code = show_fleet(
             st, st.fleet(Client.node), ["cpu", "cores", "memory", "uptime", "vms"], fleet_row

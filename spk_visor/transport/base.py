@@ -51,5 +51,10 @@ class Transport(abc.ABC):
     ) -> Response:
         """Do the request; raise TransportError (or anything, wrapped by request())."""
 
+    def read_remote_token(self, path: str) -> str | None:
+        """The node's own API token, for transports that log in to the node (SSH); None
+        where the transport cannot read the node's files (HTTP)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""

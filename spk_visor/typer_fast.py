@@ -1,0 +1,100 @@
+"""Keep pydantic off the CLI's start-up path.
+
+Typer 0.29 coerces every parameter through a pydantic TypeAdapter, built on the first
+value it sees, even None (only a flag's True or False skips it). So every run of
+`spk-visor --node URL node` imported pydantic and built adapters for the global options:
+~0.2 s of the 0.3 s the issue allows (bench/cli.py shows it with `python -X importtime`).
+
+`install` gives each plain str, int, float or bool parameter a coercion that settles the
+values needing no validation (None, a str for a str, a plain decimal within the
+parameter's bounds, a bool for a bool) with the standard library, and hands any other
+value to Typer's own coercion, so a bad value still gets exactly Typer's error message.
+
+This reaches into Typer's private parts (`_runtime_param`, `typer._coercion`); pyproject
+pins typer to 0.29.x, and tests/unit/test_typer_fast.py fails if they move.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from typer import _click
+from typer._coercion import RuntimeParam, build_runtime_param
+from typer.core import TyperArgument, TyperGroup, TyperOption
+
+# Conservative on purpose: pydantic accepts more (exponents, "inf", underscores, blanks)
+# and anything outside these shapes goes to it, so the result never differs.
+_INT = re.compile(r"[+-]?(?:0|[1-9][0-9]{0,17})")
+_FLOAT = re.compile(r"[+-]?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,15})?")
+_UNHANDLED = object()
+
+
+@dataclass(frozen=True)
+class ScalarParam(RuntimeParam):
+    """A str, int or float parameter: fast for plain values, Typer's path for the rest."""
+
+    def _fast(self, value: Any) -> Any:
+        kind = self.annotation
+        info = self.parameter_info
+        if kind is str:
+            return value if type(value) is str else _UNHANDLED
+        if kind is bool:
+            return value if type(value) is bool else _UNHANDLED
+        if type(value) is str:
+            if not (_INT if kind is int else _FLOAT).fullmatch(value):
+                return _UNHANDLED
+            number: int | float = kind(value)
+        elif type(value) is int or (type(value) is float and kind is float):
+            number = kind(value)  # a default: 30 for a float option is 30.0, as pydantic says
+        else:
+            return _UNHANDLED
+        if (info.min is not None and number < info.min) or (
+            info.max is not None and number > info.max
+        ):
+            return _UNHANDLED  # Typer's message names the range (or clamps)
+        return number
+
+    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
+        result = self._fast(value)
+        if result is _UNHANDLED:
+            # Typer's own coercion (pydantic): only now is pydantic imported.
+            return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
+        return result
+
+
+def _eligible(param: TyperOption | TyperArgument) -> bool:
+    desc = param.type_descriptor
+    info = desc.parameter_info
+    return (
+        desc.annotation in (str, int, float, bool)
+        and desc.file_annotation is None
+        and info.parser is None
+        and not desc.is_choice
+        and not desc.is_path
+        and not param.multiple
+        and param.nargs == 1
+    )
+
+
+def install(command: _click.Command, parent: _click.Context | None = None) -> None:
+    """Give every eligible parameter of `command` and its subcommands the fast coercion."""
+    # A context built as parsing would build it (names, inherited help option names), not
+    # by parsing: -h/--help is created on demand from it and is a parameter like the others.
+    ctx = command.context_class(
+        command, parent=parent, info_name=command.name, **command.context_settings
+    )
+    for param in command.get_params(ctx):
+        if (
+            isinstance(param, (TyperOption, TyperArgument))
+            and param._runtime_param is None
+            and _eligible(param)
+        ):
+            desc = param.type_descriptor
+            param._runtime_param = ScalarParam(
+                parameter_info=desc.parameter_info, annotation=desc.annotation
+            )
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            install(sub, ctx)

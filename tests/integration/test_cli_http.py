@@ -1,0 +1,703 @@
+"""`spk-visor` over HTTP against the real smechvisord (a subprocess on port 0, with the
+cloud-hypervisor stand-in and fixture sysroots): every command, human and --json output,
+the --json schemas, and the errors people hit."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import Result, TtyInput, run
+from tests.support.daemon import STANDIN, Daemon, DaemonEnv, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NODE_KEYS = {
+    "cpu_model",
+    "cpu_cores",
+    "cpu_threads",
+    "kvm_available",
+    "hostname",
+    "kernel",
+    "boot_mode",
+    "vmm",
+    "iommu_ready",
+    "vfio_loaded",
+    "capabilities",
+    "capability_reasons",
+    "memory_total_mb",
+    "memory_used_mb",
+    "uptime_seconds",
+    "load_average",
+    "vms_running",
+    "daemon_version",
+}
+VMM_KEYS = {"bin", "path", "available", "version", "firmware", "firmware_present"}
+CAPABILITY_KEYS = {"create_vm", "vfio", "reboot_uefi"}
+VM_KEYS = {
+    "id",
+    "name",
+    "uuid",
+    "managed",
+    "state",
+    "pid",
+    "cpus",
+    "memory_mb",
+    "disk",
+    "cpu_percent",
+    "rss_mb",
+    "created_at",
+    "started_at",
+    "exit",
+    "last_shutdown",
+    "api_socket",
+    "serial_log",
+}
+UNMANAGED_VM_KEYS = {
+    "id",
+    "name",
+    "managed",
+    "state",
+    "pid",
+    "cpus",
+    "memory_mb",
+    "disk",
+    "cpu_percent",
+    "rss_mb",
+    "api_socket",
+}
+EXIT_KEYS = {"code", "signal", "at", "reason", "log_tail"}
+SHUTDOWN_KEYS = {"graceful", "steps", "seconds"}
+STEP_KEYS = {"step", "at", "result", "exited"}
+DRY_RUN_KEYS = {"dry_run", "id", "argv", "problems"}
+CONSOLE_KEYS = {"id", "offset", "next_offset", "size", "data"}
+IOMMU_KEYS = {
+    "ready",
+    "blockers",
+    "checks",
+    "cpu_virtualization",
+    "iommu_groups",
+    "cmdline_flags",
+    "iommu_passthrough",
+}
+CHECK_KEYS = {"id", "ok", "label", "detail", "fix"}
+PCI_KEYS = {
+    "address",
+    "vendor_id",
+    "device_id",
+    "class_id",
+    "class_name",
+    "driver",
+    "iommu_group",
+    "group_devices",
+    "host_critical",
+    "viable",
+    "reasons",
+}
+VFIO_STATUS_KEYS = {"loaded", "ready", "blockers"}
+VFIO_CHANGE_KEYS = {"enabled", "command", "output", "loaded"}
+REBOOT_KEYS = {"rebooting", "os_indications", "vms"}
+SERVICE_HINT = "is the service running? rc-service smechvisord status"
+
+
+def cli(d: Daemon, *argv: str, **kw: Any) -> Result:
+    return run("--node", d.url, "--token", d.token, *argv, **kw)
+
+
+def cli_json(d: Daemon, *argv: str) -> Any:
+    r = cli(d, "--json", *argv)
+    assert r.code == 0, r
+    return json.loads(r.out)
+
+
+def create(d: Daemon, env: DaemonEnv, name: str = "web-1", *extra: str) -> Result:
+    r = cli(d, "vm", "create", "--cpus", "2", "--memory", "512M", "--disk", str(env.disk),
+            "--name", name, *extra)  # fmt: skip
+    assert r.code == 0, r
+    return r
+
+
+def ours(vms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The daemon's own VMs: VMMs of other tests on this machine show up as unmanaged."""
+    return [vm for vm in vms if vm["managed"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- node ------------------------------------------------------------------------------
+
+
+def test_node(daemon: Daemon) -> None:
+    r = cli(daemon, "node")
+    assert r.code == 0 and r.err == ""
+    assert "smech-01 (smechvisord " in r.out
+    assert "8 cores / 16 threads" in r.out
+    assert "1 day 2 h" in r.out  # 93784 s, in units people read
+    doc = cli_json(daemon, "node")
+    assert set(doc) == NODE_KEYS
+    assert set(doc["vmm"]) == VMM_KEYS
+    assert set(doc["capabilities"]) == CAPABILITY_KEYS
+
+
+def test_entry_point_as_a_subprocess(daemon: Daemon) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
+    env["SPK_VISOR_CONFIG"] = "/nonexistent/config.toml"
+    env["SPK_VISOR_TOKEN"] = daemon.token
+    out = subprocess.run(
+        [sys.executable, "-m", "spk_visor", "--node", daemon.url, "--json", "node"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) == NODE_KEYS
+
+
+# ---- VMs -------------------------------------------------------------------------------
+
+
+def test_vm_lifecycle(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    d, env = daemon, daemon_env
+    r = cli(d, "vm", "list")
+    assert r.code == 0
+
+    # Dry run: the exact argv, nothing started.
+    r = cli(d, "vm", "create", "--cpus", "2", "--memory", "1G", "--disk", str(env.disk),
+            "--name", "web-1", "--dry-run")  # fmt: skip
+    assert r.code == 0, r
+    assert r.out.splitlines()[0] == "VM web-1 would run:"
+    assert "--cpus boot=2 --memory size=1024M" in r.out
+    assert f"--disk path={env.disk}" in r.out
+    doc = cli_json(d, "vm", "create", "--cpus", "2", "--memory", "1024", "--disk",
+                   str(env.disk), "--name", "web-1", "--dry-run")  # fmt: skip
+    assert set(doc) == DRY_RUN_KEYS and doc["problems"] == []
+    assert ours(cli_json(d, "vm", "list")) == []
+
+    r = create(d, env)
+    assert r.out.startswith("Created VM web-1: running, pid ")
+    assert "2 vCPUs, 512 MiB" in r.out
+    assert r.err == ""  # no progress bar: stderr is not a terminal
+
+    r = cli(d, "vm", "list")
+    header, *rows = r.out.splitlines()
+    assert header.split() == ["ID", "STATE", "PID", "CPUS", "MEMORY", "CPU%", "DISK"]
+    row = next(line for line in rows if line.startswith("web-1 "))
+    assert row.split()[1] == "running" and "512 MiB" in row and str(env.disk) in row
+    vms = ours(cli_json(d, "vm", "list"))
+    assert [vm["id"] for vm in vms] == ["web-1"]
+    assert set(vms[0]) == VM_KEYS
+
+    r = cli(d, "vm", "show", "web-1")
+    assert r.code == 0
+    fields = dict(line.split(None, 1) for line in r.out.splitlines() if " " in line.strip())
+    assert fields["State"].strip() == "running"
+    assert fields["Memory"].strip() == "512 MiB"
+    vm = cli_json(d, "vm", "show", "web-1")
+    assert set(vm) == VM_KEYS
+    pid = vm["pid"]
+
+    r = cli(d, "vm", "pause", "web-1")
+    assert (r.code, r.out) == (0, f"VM web-1: paused (pid {pid})\n")
+    r = cli(d, "vm", "resume", "web-1")
+    assert (r.code, r.out) == (0, f"VM web-1: running (pid {pid})\n")
+    assert cli_json(d, "vm", "reboot", "web-1")["pid"] == pid
+
+    r = cli(d, "vm", "console", "web-1")
+    assert r.code == 0 and "login:" in r.out and r.out.endswith("\n")
+    console = cli_json(d, "vm", "console", "web-1")
+    assert set(console) == CONSOLE_KEYS and console["next_offset"] == console["size"]
+
+    # Deleting a running VM is refused before anyone is asked.
+    r = cli(d, "vm", "delete", "web-1", "--yes")
+    assert r.code == 3
+    assert r.err_lines == [
+        "spk-visor: error: VM web-1 is running; it must be stopped before it is deleted",
+        "spk-visor vm shutdown web-1",
+    ]
+
+    r = cli(d, "vm", "shutdown", "web-1", "--timeout", "10")
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert lines[0].startswith("VM web-1: stopped (graceful shutdown, ")
+    assert lines[1] == "  1. ACPI power button: sent; the VMM exited"
+    assert lines[2] == "  exit: the VMM exited with code 0"
+    assert r.err == ""
+
+    vm = cli_json(d, "vm", "start", "web-1")
+    assert vm["state"] == "running" and vm["pid"] != pid
+    vm = cli_json(d, "vm", "stop", "web-1")
+    assert set(vm) == VM_KEYS
+    assert vm["state"] == "stopped"
+    assert set(vm["last_shutdown"]) == SHUTDOWN_KEYS
+    assert vm["last_shutdown"]["graceful"] is False
+    assert all(set(step) == STEP_KEYS for step in vm["last_shutdown"]["steps"])
+    assert set(vm["exit"]) == EXIT_KEYS
+    r = cli(d, "vm", "show", "web-1")
+    assert "Last shutdown  forced, " in r.out
+
+    # Delete asks; a script without --yes is refused, and "no" changes nothing.
+    r = cli(d, "vm", "delete", "web-1")
+    assert r.code == 3
+    assert r.err_lines == [
+        "spk-visor: error: refusing to delete VM web-1 without confirmation: "
+        "stdin is not a terminal",
+        "pass --yes to confirm from a script",
+    ]
+    r = cli(d, "vm", "delete", "web-1", stdin=TtyInput("n\n"))
+    assert r.code == 3
+    assert "Delete VM web-1 (stopped)?" in r.err
+    # The prompt has no newline after it: a terminal would echo the answer.
+    assert r.err.endswith("[y/N] spk-visor: error: VM web-1 was not deleted: not confirmed\n")
+    assert cli(d, "vm", "show", "web-1").code == 0
+    r = cli(d, "vm", "delete", "web-1", stdin=TtyInput("y\n"))
+    assert (r.code, r.out) == (0, "Deleted VM web-1.\n")
+
+    r = cli(d, "vm", "show", "web-1")
+    assert r.code == 2
+    assert r.err_lines == [f"spk-visor: error: {d.url}: no VM named 'web-1'"]
+
+
+def test_vm_delete_yes_and_json(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "db")
+    assert cli(daemon, "vm", "stop", "db").code == 0
+    assert cli_json(daemon, "vm", "delete", "db", "--yes") == {"deleted": "db"}
+    assert ours(cli_json(daemon, "vm", "list")) == []
+
+
+def test_vm_errors_from_the_daemon(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    d, env = daemon, daemon_env
+    outside = env.root / "elsewhere.img"
+    outside.write_bytes(b"\0" * 4096)
+    r = cli(d, "vm", "create", "--cpus", "1", "--memory", "512", "--disk", str(outside))
+    assert r.code == 2
+    assert r.err_lines[0].startswith(f"spk-visor: error: {d.url}: disk: {outside} is outside")
+    r = cli(d, "vm", "create", "--cpus", "1", "--memory", "512", "--disk", "disk.img")
+    assert r.code == 2
+    assert r.err_lines == [f"spk-visor: error: {d.url}: disk: must be an absolute path"]
+    r = cli(d, "vm", "pause", "nope")
+    assert r.code == 2 and r.err_lines == [f"spk-visor: error: {d.url}: no VM named 'nope'"]
+
+    create(d, env, "web-1")
+    # A dry run that would be refused says why, and exits 3.
+    r = cli(d, "vm", "create", "--cpus", "1", "--memory", "512", "--disk", str(env.disk),
+            "--name", "web-1", "--dry-run")  # fmt: skip
+    assert r.code == 3
+    assert r.out.splitlines()[-2:] == [
+        "It would be refused now:",
+        "  - a VM named 'web-1' already exists",
+    ]
+    r = cli(d, "vm", "resume", "web-1")
+    assert r.code == 3
+    assert r.err_lines[0].startswith(f"spk-visor: error: {d.url}: VM web-1 is running")
+
+
+def test_vm_list_marks_unmanaged_vmms(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    env = daemon_env
+    sock = env.run_dir / "byhand.sock"  # in run_dir: kill_vmms cleans it up
+    proc = subprocess.Popen(
+        [
+            str(STANDIN),
+            "--api-socket",
+            f"path={sock}",
+            "--cpus",
+            "boot=3",
+            "--memory",
+            "size=2G",
+            "--firmware",
+            str(env.firmware),
+            "--disk",
+            f"path={env.disk}",
+            "--console",
+            "off",
+            "--serial",
+            "null",
+        ],
+        env={**os.environ, "CH_STANDIN_SYSROOT": str(env.sysroot)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for(sock.exists)
+        row = f"pid-{proc.pid} (unmanaged)"
+
+        def listed() -> str | None:
+            out = cli(daemon, "vm", "list").out
+            return next((line for line in out.splitlines() if line.startswith(row)), None)
+
+        line = wait_for(listed, timeout=10)
+        assert line is not None
+        assert line[len(row) :].split()[:5] == ["running", str(proc.pid), "3", "2", "GiB"]
+        vms = cli_json(daemon, "vm", "list")
+        foreign = next(vm for vm in vms if vm["pid"] == proc.pid)
+        assert set(foreign) == UNMANAGED_VM_KEYS
+        r = cli(daemon, "vm", "show", f"pid-{proc.pid}")
+        assert r.code == 2  # not ours to act on or show by id
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("daemon_env", ["intel-ready"], indirect=True)
+def test_shutdown_shows_the_escalation(daemon_env: DaemonEnv) -> None:
+    daemon_env.extra_env["CH_STANDIN_IGNORE_POWER_BUTTON"] = "1"
+    d = Daemon(daemon_env)
+    try:
+        create(d, daemon_env, "stubborn")
+        # --timeout 1 lets the guest ignore the button for a second; the global --timeout
+        # (HTTP) stays short: the client must still wait for the whole ladder.
+        r = run("--node", d.url, "--token", d.token, "--timeout", "2",
+                "vm", "shutdown", "stubborn", "--timeout", "1")  # fmt: skip
+        assert r.code == 0, r
+        assert r.out.splitlines()[1:] == [
+            "  1. ACPI power button: sent; still running",
+            "  2. vm.shutdown, then vmm.shutdown: sent; the VMM exited",
+            "  exit: the VMM exited with code 0",
+        ]
+    finally:
+        d.stop()
+
+
+def follow_then_ctrl_c(d: Daemon, argv: list[str], seconds: float, before: Any = None) -> Result:
+    """Run the CLI as its own process, send it a real Ctrl-C (SIGINT, by its PID) after
+    `seconds`; `before` runs half-way."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", "--node", d.url, "--token", d.token, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(seconds / 2)
+        if before is not None:
+            before()
+        time.sleep(seconds / 2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    return Result(proc.returncode, out, err)
+
+
+def test_console_follow_until_ctrl_c(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "chatty")
+    # The guest reboots while we follow: its second boot must show up, without a restart
+    # of the command. The poll interval is bounded (2 s), so 6 s is plenty.
+    started = time.monotonic()
+    r = follow_then_ctrl_c(
+        daemon,
+        ["vm", "console", "chatty", "--follow"],
+        6,
+        lambda: daemon.post("/api/vms/chatty/reboot"),
+    )
+    # Ctrl-C is how following ends: exit 130 (DESIGN.md), no noise after the log.
+    assert r.code == 130, r
+    assert "Traceback" not in r.err
+    assert r.out.count("login:") == 2, r.out
+    assert time.monotonic() - started < 15
+
+
+def test_console_follow_json_lines(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "chatty")
+    r = follow_then_ctrl_c(daemon, ["--json", "vm", "console", "chatty", "--follow"], 4)
+    assert r.code == 130, r
+    lines = r.out.splitlines()
+    assert len(lines) == 1  # the tail only: a quiet guest adds no empty chunks
+    assert set(json.loads(lines[0])) == CONSOLE_KEYS
+
+
+# ---- IOMMU, PCI, VFIO ------------------------------------------------------------------
+
+
+def test_iommu_ready(daemon: Daemon) -> None:
+    r = cli(daemon, "iommu")
+    assert r.code == 0
+    assert r.out.splitlines() == [
+        "IOMMU: ready for passthrough",
+        "  [ok]   CPU virtualization: vmx (Intel VT-x) among the CPU flags",
+        "  [ok]   IOMMU groups: 6 IOMMU groups under /sys/kernel/iommu_groups",
+        "  [ok]   Kernel command line: intel_iommu=on on the kernel command line, with iommu=pt",
+    ]
+    doc = cli_json(daemon, "iommu")
+    assert set(doc) == IOMMU_KEYS
+    assert [set(check) for check in doc["checks"]] == [CHECK_KEYS] * 3
+
+
+@pytest.mark.parametrize("daemon_env", ["amd-no-iommu"], indirect=True)
+def test_iommu_not_ready(daemon: Daemon) -> None:
+    r = cli(daemon, "iommu")
+    assert r.code == 3
+    assert r.out.splitlines() == [
+        "IOMMU: not ready (1 of 3 checks failed)",
+        "  [ok]   CPU virtualization: svm (AMD-V) among the CPU flags",
+        "  [FAIL] IOMMU groups: no groups under /sys/kernel/iommu_groups",
+        "         fix: Enable VT-d / AMD-Vi in firmware setup",
+        "  [ok]   Kernel command line: intel_iommu=on and amd_iommu=on on the kernel "
+        "command line, with iommu=pt",
+    ]
+    r = cli(daemon, "--json", "iommu")
+    assert r.code == 3  # the same exit code for scripts
+    assert json.loads(r.out)["ready"] is False
+
+
+def test_pci(daemon: Daemon) -> None:
+    r = cli(daemon, "pci")
+    assert r.code == 0
+    header, *rows = r.out.splitlines()
+    assert header.split() == [
+        "ADDRESS", "CLASS", "VENDOR:DEVICE", "DRIVER", "GROUP", "HOST-CRITICAL", "VIABLE",
+    ]  # fmt: skip
+    nvme = next(line for line in rows if line.startswith("0000:3b:00.0"))
+    assert "144d:a80a" in nvme and "nvme" in nvme
+    cells = re.split(r"\s{2,}", nvme)
+    assert cells[-2:] == ["carries the root filesystem", "no: it carries the root filesystem"]
+    usb = next(line for line in rows if line.startswith("0000:00:14.0"))
+    assert usb.endswith("yes")
+    devices = cli_json(daemon, "pci")
+    assert len(devices) == len(rows)
+    assert all(set(dev) == PCI_KEYS for dev in devices)
+
+
+def test_vfio_on_a_ready_node(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    r = cli(daemon, "vfio", "status")
+    assert (r.code, r.out) == (0, "vfio-pci: not loaded\nIOMMU:    ready\n")
+    assert set(cli_json(daemon, "vfio", "status")) == VFIO_STATUS_KEYS
+
+    r = cli(daemon, "vfio", "enable")
+    assert r.code == 0, r
+    assert r.out.splitlines()[0].startswith("Enabled vfio-pci: ran ")
+    assert r.out.splitlines()[0].endswith("record-command vfio-pci")
+    assert daemon_env.recorded() == [[str(Path(daemon_env.env()["SMECHVISORD_MODPROBE"])),
+                                      "vfio-pci"]]  # fmt: skip
+    doc = cli_json(daemon, "vfio", "enable")
+    assert set(doc) == VFIO_CHANGE_KEYS and doc["enabled"] is True
+
+    # The fixture's module list does not change, so disabling finds nothing to unload.
+    r = cli(daemon, "vfio", "disable")
+    assert (r.code, r.out) == (0, "vfio-pci is not loaded; nothing changed.\n")
+
+
+@pytest.mark.parametrize("daemon_env", ["amd-no-iommu"], indirect=True)
+def test_vfio_enable_refused_while_the_iommu_is_not_ready(
+    daemon: Daemon, daemon_env: DaemonEnv
+) -> None:
+    r = cli(daemon, "vfio", "enable")
+    assert r.code == 3
+    assert r.out == ""
+    assert r.err_lines == [
+        f"spk-visor: error: {daemon.url}: vfio-pci was not loaded: the IOMMU is not ready:",
+        "  - IOMMU groups are empty: enable VT-d / AMD-Vi in firmware setup",
+        "`spk-visor iommu` shows each check and how to fix it",
+    ]
+    assert daemon_env.recorded() == []
+    r = cli(daemon, "vfio", "status")
+    assert r.out.splitlines() == [
+        "vfio-pci: not loaded",
+        "IOMMU:    not ready",
+        "  - IOMMU groups are empty: enable VT-d / AMD-Vi in firmware setup",
+    ]
+
+
+# ---- reboot into firmware setup --------------------------------------------------------
+
+
+def reboots(env: DaemonEnv) -> list[list[str]]:
+    return [argv for argv in env.recorded() if argv[-1] == "reboot"]
+
+
+def test_reboot_uefi_asks_first(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    r = cli(daemon, "reboot-uefi")
+    assert r.code == 3
+    assert r.err_lines == [
+        f"spk-visor: error: refusing to reboot {daemon.url} without confirmation: "
+        "stdin is not a terminal",
+        "pass --yes to confirm from a script",
+    ]
+    r = cli(daemon, "reboot-uefi", stdin=TtyInput("n\n"))
+    assert r.code == 3
+    assert f"Reboot {daemon.url} into firmware setup? no VM is running." in r.err
+    assert r.err.endswith(f"[y/N] spk-visor: error: {daemon.url} was not rebooted: not confirmed\n")
+    assert reboots(daemon_env) == []
+
+
+def test_reboot_uefi_yes(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "web-1")
+    r = cli(daemon, "reboot-uefi", "--yes", "--timeout", "10")
+    assert r.code == 0, r
+    assert r.out.splitlines() == [
+        f"{daemon.url} is rebooting into firmware setup.",
+        "  VM web-1: stopped",
+    ]
+    assert len(reboots(daemon_env)) == 1
+    vm = cli_json(daemon, "vm", "show", "web-1")
+    assert vm["state"] == "stopped" and vm["last_shutdown"]["graceful"] is True
+
+
+def test_reboot_uefi_confirmed_on_a_terminal(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    r = cli(daemon, "--json", "reboot-uefi", stdin=TtyInput("y\n"))
+    assert r.code == 0, r
+    assert set(json.loads(r.out)) == REBOOT_KEYS  # the prompt went to stderr
+    assert len(reboots(daemon_env)) == 1
+
+
+@pytest.mark.parametrize("daemon_env", ["bios-host"], indirect=True)
+def test_reboot_uefi_unsupported(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    r = cli(daemon, "reboot-uefi", "--yes")
+    assert r.code == 3
+    assert len(r.err_lines) == 1
+    assert r.err_lines[0].startswith(
+        f"spk-visor: error: {daemon.url}: cannot reboot into firmware setup: "
+        "the node booted in legacy BIOS mode"
+    )
+    assert reboots(daemon_env) == []
+
+
+# ---- errors people hit -----------------------------------------------------------------
+
+
+def test_daemon_not_running() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for argv in (["node"], ["vm", "list"], ["iommu"]):
+        r = run("--node", url, "--token", "t", *argv)
+        assert r.code == 7
+        assert r.err_lines == [f"spk-visor: error: connection refused at {url}", SERVICE_HINT]
+
+
+def test_daemon_not_running_and_no_token() -> None:
+    # Both are wrong; "not running" is what to fix first.
+    url = f"http://127.0.0.1:{free_port()}"
+    r = run("--node", url, "vm", "list")
+    assert r.code == 7
+    assert r.err_lines[0] == f"spk-visor: error: connection refused at {url}"
+
+
+def test_wrong_token(daemon: Daemon) -> None:
+    r = run("--node", daemon.url, "--token", "not-the-token", "vm", "list")
+    assert r.code == 2
+    assert r.err_lines[0] == (
+        f"spk-visor: error: {daemon.url}: the node refused the token (token looked for in: --token)"
+    )
+    r = run("--node", daemon.url, "pci", env={"SPK_VISOR_TOKEN": "nope"})
+    assert r.code == 2
+    assert r.err_lines[0] == (
+        f"spk-visor: error: {daemon.url}: the node refused the token "
+        "(token looked for in: SPK_VISOR_TOKEN)"
+    )
+
+
+def test_missing_token(daemon: Daemon) -> None:
+    r = run("--node", daemon.url, "iommu")
+    assert r.code == 2
+    assert r.err_lines == [
+        f"spk-visor: error: {daemon.url}: no API token found "
+        "(token looked for in: --token, SPK_VISOR_TOKEN)",
+        "pass --token or set SPK_VISOR_TOKEN; on the node the token is in /etc/smechvisord/token",
+    ]
+
+
+def test_token_file_from_the_config(daemon: Daemon, daemon_env: DaemonEnv, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[nodes.alpha]\nurl = "{daemon.url}"\ntoken_file = "{daemon_env.token_file}"\n'
+    )
+    r = run("--node", "alpha", "vfio", "status", env={"SPK_VISOR_CONFIG": str(config)})
+    assert r.code == 0, r
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("nope\n")
+    config.write_text(f'[nodes.alpha]\nurl = "{daemon.url}"\ntoken_file = "{wrong}"\n')
+    r = run("--node", "alpha", "vfio", "status", env={"SPK_VISOR_CONFIG": str(config)})
+    assert r.code == 2
+    assert r.err_lines[0].endswith(f"(token looked for in: --token, SPK_VISOR_TOKEN, {wrong})")
+
+
+class _HtmlHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def html_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HtmlHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_something_else_answers(html_server: str) -> None:
+    r = run("--node", html_server, "--token", "t", "vm", "list")
+    assert r.code == 2
+    assert r.err_lines == [
+        f"spk-visor: error: {html_server}/api/vms answered HTTP 200 with text/html, "
+        "not smechvisord's JSON",
+        "check the URL and port: is this a SmechVisor node?",
+    ]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(timeout=5)
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def test_timeout(silent_server: str) -> None:
+    r = run("--node", silent_server, "--token", "t", "--timeout", "1", "node")
+    assert r.code == 7
+    assert r.err_lines == [
+        f"spk-visor: error: no answer from {silent_server} within 1 s",
+        "the node may be overloaded; raise --timeout",
+    ]

@@ -1,0 +1,290 @@
+"""The CLI in-process, with the network switched off: exit codes and the exact error
+line for what people mistype, and the commands that need no node."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import NO_CONFIG, run
+
+GROUPS = ["node", "vm", "iommu", "vfio", "pci", "reboot-uefi"]
+VM_COMMANDS = [
+    "list",
+    "create",
+    "show",
+    "shutdown",
+    "stop",
+    "start",
+    "reboot",
+    "pause",
+    "resume",
+    "delete",
+    "console",
+]
+
+CONFIG = """\
+[defaults]
+timeout = 5
+
+[nodes.alpha]
+url = "http://alpha.invalid:8080"
+
+[nodes.beta]
+url = "http://beta.invalid:8080"
+
+[groups]
+rack = ["alpha", "beta"]
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing and configuration never touch the network (EXAMPLES.md G.28)."""
+
+    def refuse(*_args: Any, **_kw: Any) -> None:
+        raise AssertionError("a unit test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> dict[str, str]:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG)
+    return {"SPK_VISOR_CONFIG": str(path)}
+
+
+# ---- usage errors: exit 2 and typer's own message --------------------------------------
+
+
+def test_unknown_option() -> None:
+    r = run("vm", "list", "--bogus")
+    assert r.code == 2
+    assert r.out == ""
+    assert r.err_lines[-1] == "Error: No such option: --bogus"
+    assert r.err_lines[0] == "Usage: spk-visor vm list [OPTIONS]"
+
+
+def test_unknown_global_option() -> None:
+    r = run("--bogus", "node")
+    assert r.code == 2
+    assert r.err_lines[-1].startswith("Error: No such option: --bogus")
+
+
+def test_unknown_command() -> None:
+    r = run("vm", "explode")
+    assert r.code == 2
+    assert r.err_lines[-1] == "Error: No such command 'explode'."
+
+
+def test_group_without_command() -> None:
+    r = run("vm")
+    assert r.code == 2
+    assert r.err_lines[-1] == "Error: Missing command."
+
+
+def test_missing_vm_id() -> None:
+    r = run("vm", "show")
+    assert r.code == 2
+    assert r.err_lines[-1] == "Error: Missing argument 'ID'."
+
+
+@pytest.mark.parametrize(
+    ("memory", "why"),
+    [
+        ("4X", "'4X': expected MiB (512) or a size such as 512M or 4G"),
+        ("lots", "'lots': expected MiB (512) or a size such as 512M or 4G"),
+        ("1000K", "'1000K' is not a whole number of MiB"),
+        ("0", "'0' is less than 1 MiB"),
+    ],
+)
+def test_bad_memory(memory: str, why: str) -> None:
+    r = run("vm", "create", "--cpus", "2", "--memory", memory, "--disk", "/vms/a.img")
+    assert r.code == 2
+    assert r.err_lines[-1] == f"Error: Invalid value for '--memory' / '-m': {why}"
+
+
+def test_missing_disk() -> None:
+    r = run("vm", "create", "--cpus", "2", "--memory", "4G")
+    assert r.code == 2
+    assert r.err_lines[-1] == "Error: Missing option '--disk' / '-d'."
+
+
+def test_cpus_out_of_range() -> None:
+    r = run("vm", "create", "--cpus", "0", "--memory", "4G", "--disk", "/vms/a.img")
+    assert r.code == 2
+    assert r.err_lines[-1] == (
+        "Error: Invalid value for '--cpus' / '-c': Input should be greater than or equal to 1"
+    )
+
+
+def test_shutdown_timeout_out_of_range() -> None:
+    r = run("vm", "shutdown", "web-1", "--timeout", "3601")
+    assert r.code == 2
+    assert r.err_lines[-1] == (
+        "Error: Invalid value for '--timeout' / '-t': Input should be less than or equal to 3600"
+    )
+
+
+# ---- configuration errors: exit 2, one line that names the culprit --------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vm", "show", "web-1"],
+        ["vm", "create", "--cpus", "1", "--memory", "512", "--disk", "/vms/a.img"],
+        ["vm", "shutdown", "web-1"],
+        ["vm", "console", "web-1"],
+        ["vfio", "enable"],
+        ["vfio", "status"],
+        ["reboot-uefi", "--yes"],
+    ],
+)
+def test_fleet_on_single_node_command(config: dict[str, str], argv: list[str]) -> None:
+    r = run("--fleet", "rack", *argv, env=config)
+    assert r.code == 2
+    assert r.err_lines == ["spk-visor: error: --fleet is not supported by this command; use --node"]
+
+
+def test_unknown_node_name(config: dict[str, str]) -> None:
+    r = run("--node", "gamma", "vm", "list", env=config)
+    assert r.code == 2
+    assert r.err_lines == [
+        f"spk-visor: error: no node 'gamma' in {config['SPK_VISOR_CONFIG']} (nodes: alpha, beta)",
+        "give a URL (http://HOST:8080) or add the node to the file",
+    ]
+
+
+def test_unknown_group(config: dict[str, str]) -> None:
+    r = run("--fleet", "shelf", "node", env=config)
+    assert r.code == 2
+    assert r.err_lines == [
+        f"spk-visor: error: no group 'shelf' in {config['SPK_VISOR_CONFIG']} (groups: rack)"
+    ]
+
+
+def test_node_and_fleet_together(config: dict[str, str]) -> None:
+    r = run("--node", "alpha", "--fleet", "rack", "node", env=config)
+    assert r.code == 2
+    assert r.err_lines == ["spk-visor: error: give only one of --node, --ssh and --fleet"]
+
+
+def test_bad_config_toml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[nodes.alpha]\nurl = "http://alpha:8080\n')
+    r = run("vm", "list", env={"SPK_VISOR_CONFIG": str(path)})
+    assert r.code == 2
+    assert r.err_lines[0] == (
+        f"spk-visor: error: {path}: invalid TOML: Illegal character '\\n' (at line 2, column 25)"
+    )
+
+
+def test_bad_config_shape_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[nodes.alpha]\nurl = "http://alpha:8080"\n\n[groups]\nrack = ["alpha", "zeta"]\n'
+    )
+    r = run("iommu", env={"SPK_VISOR_CONFIG": str(path)})
+    assert r.code == 2
+    assert r.err_lines == [
+        f"spk-visor: error: {path}:5: groups.rack names 'zeta', which is not under [nodes]"
+    ]
+
+
+def test_bad_timeout_env() -> None:
+    r = run("pci", env={"SPK_VISOR_TIMEOUT": "soon"})
+    assert r.code == 2
+    assert r.err_lines[-1] == (
+        "Error: Invalid value for '--timeout' (env var: 'SPK_VISOR_TIMEOUT'): "
+        "Input should be a valid number, unable to parse string as a number"
+    )
+
+
+# ---- commands that need no node --------------------------------------------------------
+
+
+def test_version() -> None:
+    r = run("version")
+    assert (r.code, r.err) == (0, "")
+    assert r.out.startswith("spk-visor ") and r.out.count("\n") == 1
+    assert run("--version").out == r.out
+
+
+def test_about() -> None:
+    r = run("about")
+    assert r.code == 0
+    assert "sealed" in r.out and "spk-visor ota" in r.out
+
+
+def test_about_and_version_work_with_a_broken_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[[[")
+    assert run("version", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
+    assert run("about", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
+    assert run("vm", "--help", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
+
+
+@pytest.mark.parametrize("command", ["system-install", "userland-install"])
+def test_sealed_commands_refuse(command: str) -> None:
+    r = run(command, "--anything", "goes")
+    assert r.code == 3
+    assert r.err_lines == [
+        f"spk-visor: error: {command} is not available: SmechVisor is sealed",
+        "the system changes only through signed updates: use `spk-visor ota`",
+    ]
+
+
+# ---- help ------------------------------------------------------------------------------
+
+
+def test_root_help_lists_every_group() -> None:
+    r = run("--help")
+    assert r.code == 0
+    for group in GROUPS:
+        assert f"  {group} " in r.out
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_help(group: str) -> None:
+    r = run(group, "--help")
+    assert r.code == 0, r
+    assert r.out.startswith(f"Usage: spk-visor {group} ")
+    assert r.err == ""
+
+
+def test_vm_help_lists_every_command() -> None:
+    out = run("vm", "--help").out
+    for command in VM_COMMANDS:
+        assert f"  {command} " in out
+
+
+@pytest.mark.parametrize("command", VM_COMMANDS)
+def test_vm_command_help(command: str) -> None:
+    r = run("vm", command, "-h")
+    assert r.code == 0, r
+    assert r.out.startswith(f"Usage: spk-visor vm {command} ")
+
+
+@pytest.mark.parametrize("command", ["enable", "disable", "status"])
+def test_vfio_command_help(command: str) -> None:
+    assert run("vfio", command, "--help").code == 0
+
+
+def test_reboot_uefi_help_mentions_yes() -> None:
+    out = run("reboot-uefi", "--help").out
+    assert "--yes" in out and "--timeout" in out
+
+
+def test_helper_isolates_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own SPK_VISOR_* settings do not leak into these tests."""
+    monkeypatch.setenv("SPK_VISOR_FLEET", "mine")
+    monkeypatch.setenv("SPK_VISOR_CONFIG", "/somewhere/else.toml")
+    r = run("--fleet", "rack", "node")
+    assert r.err_lines == [f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"]
