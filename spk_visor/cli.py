@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from spk_visor.commands import (
     vm,
 )
 from spk_visor.commands.common import AppState, Options
-from spk_visor.errors import ExitCode, SpkVisorError
+from spk_visor.errors import ExitCode, SpkVisorError, redact
 from spk_visor.output import Console
 
 app = typer.Typer(
@@ -123,11 +124,24 @@ def root(
     """Options that apply to every command."""
     global _verbose  # noqa: PLW0603 (main() needs it to decide on tracebacks)
     _verbose = verbose
-    source = ctx.get_parameter_source("token")
-    if source is not None and source.name == "ENVIRONMENT":
-        # Let config read SPK_VISOR_TOKEN itself, so that a refused token is reported as
-        # coming from there rather than from a --token that was never given.
+
+    def from_env(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name == "ENVIRONMENT"
+
+    # Let config read the environment itself: a refused token is then reported as coming
+    # from SPK_VISOR_TOKEN rather than from a --token that was never given, and a --fleet
+    # on the command line wins over an exported SPK_VISOR_NODE (flag > env).
+    if from_env("token"):
         token = None
+    if from_env("node"):
+        node = None
+    if from_env("ssh"):
+        ssh = None
+    if from_env("fleet"):
+        fleet = None
+    if from_env("timeout"):
+        timeout = None
     ctx.obj = AppState(
         Options(
             node=node,
@@ -155,6 +169,8 @@ sealed.register(app)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every failure becomes a message on stderr and its exit code."""
+    global _verbose  # noqa: PLW0603 (reset: main() may run more than once in a process)
+    _verbose = False
     console = Console()
     try:
         command = typer.main.get_command(app)
@@ -180,15 +196,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.error(f"spk-visor: error: {e.format_message()}")
         return ExitCode.USAGE
     except SpkVisorError as e:
-        if _verbose:
-            traceback.print_exc()
-        console.error(f"spk-visor: error: {e.diagnostics()}")
+        _traceback(console, e)
+        console.error(redact(f"spk-visor: error: {e.diagnostics()}"))
         return int(e.exit_code)
     except KeyboardInterrupt:
         console.error("spk-visor: interrupted")
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
-        return ExitCode.OK  # `spk-visor vm list | head`: the reader has what it wanted
+        return _output_closed()
+    except SystemExit as e:
+        # Typer answers a write to a closed pipe with sys.exit(1), i.e. "internal error".
+        if isinstance(e.__context__, BrokenPipeError):
+            return _output_closed()
+        raise
+    except Exception as e:  # a bug: one line, the traceback only under --verbose
+        _traceback(console, e)
+        console.error(
+            redact(f"spk-visor: internal error: {type(e).__name__}: {e}")
+            + ("" if _verbose else "\nre-run with --verbose for the traceback")
+        )
+        return ExitCode.INTERNAL
+
+
+def _traceback(console: Console, e: BaseException) -> None:
+    if _verbose:
+        # Redacted: exceptions further down the chain may quote a request's headers.
+        console.error(redact("".join(traceback.format_exception(e))).rstrip("\n"))
+
+
+def _output_closed() -> int:
+    """`spk-visor vm list | head`: the reader has what it wanted. Point stdout at
+    /dev/null so the interpreter's last flush does not fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests)
+        pass
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

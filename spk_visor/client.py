@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from smechvisord import protocol as p
 from spk_visor.config import NODE_TOKEN_FILE, Target
-from spk_visor.errors import AuthError, DaemonError, ProtocolError
+from spk_visor.errors import AuthError, DaemonError, ProtocolError, register_secret
 from spk_visor.transport.base import Transport
 
 JsonDoc = dict[str, Any]
@@ -25,6 +25,7 @@ class Client:
         self.transport = transport
         self.target = target
         self.token = token
+        register_secret(token)
 
     # ---- plumbing ------------------------------------------------------------------
 

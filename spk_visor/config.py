@@ -19,6 +19,7 @@ The config file (``~/.config/spk-visor/config.toml``, or ``$SPK_VISOR_CONFIG``):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spk_visor.errors import ConfigError
+from spk_visor.errors import ConfigError, register_secret
 
 LOCAL_URL = "http://127.0.0.1:8080"
 NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
@@ -113,16 +114,48 @@ def load_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _line_of(text: str, needle: str) -> int | None:
+# Enough TOML to find where a key is written: a [table] or [[array]] header, or a
+# `key =` / `dotted.key =` line (tomllib gives no positions for valid files).
+_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_RE = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
+_PART_RE = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")
+
+
+def _key_path(text: str) -> tuple[str, ...]:
+    return tuple(part.strip("\"'") for part in _PART_RE.findall(text))
+
+
+def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
+    """The line that defines `keys` (a header or an assignment), else the first line of
+    something inside it; None when neither is written out (an inline table's key)."""
+    table: tuple[str, ...] = ()
+    inside: int | None = None
     for number, line in enumerate(text.splitlines(), 1):
-        if needle in line:
+        header = _HEADER_RE.match(line)
+        if header:
+            table = _key_path(header.group(1))
+            found = table
+        else:
+            key = _KEY_RE.match(line)
+            if not key:
+                continue
+            found = table + _key_path(key.group(1))
+        if found == keys:
             return number
-    return None
+        if inside is None and found[: len(keys)] == keys:
+            inside = number
+    return inside
 
 
-def _where(path: Path, text: str, needle: str) -> str:
-    line = _line_of(text, needle)
-    return f"{path}:{line}" if line else str(path)
+def _where(path: Path, text: str, *keys: str) -> str:
+    """`path:line` for the most precise of `keys`, `keys[:-1]`, ... that is written out."""
+    for size in range(len(keys), 0, -1):
+        line = _line_of(text, keys[:size])
+        if line:
+            return f"{path}:{line}"
+    return str(path)
 
 
 def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
@@ -136,29 +169,35 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(nodes, dict):
         raise ConfigError(f"{_where(path, text, 'nodes')}: [nodes] must be a table")
     for name, node in nodes.items():
-        where = _where(path, text, f"nodes.{name}")
+        where = _where(path, text, "nodes", name)
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: nodes.{name} must be a table")
         unknown = set(node) - NODE_KEYS
         if unknown:
+            bad = sorted(unknown)[0]
             raise ConfigError(
-                f"{where}: nodes.{name}: unknown key {sorted(unknown)[0]!r}; "
+                f"{_where(path, text, 'nodes', name, bad)}: nodes.{name}: unknown key {bad!r}; "
                 f"expected {', '.join(sorted(NODE_KEYS))}"
             )
         if ("url" in node) == ("ssh" in node):
             raise ConfigError(f"{where}: nodes.{name} needs exactly one of url or ssh")
         for key in ("url", "ssh", "token_file", "remote_token_file"):
             if key in node and not isinstance(node[key], str):
-                raise ConfigError(f"{where}: nodes.{name}.{key} must be a string")
+                raise ConfigError(
+                    f"{_where(path, text, 'nodes', name, key)}: nodes.{name}.{key} must be a string"
+                )
         if "daemon_port" in node and (
             isinstance(node["daemon_port"], bool) or not isinstance(node["daemon_port"], int)
         ):
-            raise ConfigError(f"{where}: nodes.{name}.daemon_port must be an integer")
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
+                f"nodes.{name}.daemon_port must be an integer"
+            )
     groups = data.get("groups", {})
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
     for name, members in groups.items():
-        where = _where(path, text, name)
+        where = _where(path, text, "groups", name)
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ConfigError(f"{where}: groups.{name} must be a list of node names")
         for member in members:
@@ -171,10 +210,10 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
         raise ConfigError(f"{_where(path, text, 'defaults')}: [defaults] must be a table")
     for key, value in defaults.items():
         if key != "timeout":
-            raise ConfigError(f"{_where(path, text, key)}: defaults.{key}: unknown key")
+            raise ConfigError(f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(
-                f"{_where(path, text, key)}: defaults.timeout must be a positive number"
+                f"{_where(path, text, 'defaults', key)}: defaults.timeout must be a positive number"
             )
 
 
@@ -194,13 +233,38 @@ def _check_url(url: str, what: str) -> str:
     return url.rstrip("/")
 
 
+# What an HTTP bearer token can hold: visible ASCII, no spaces (RFC 6750's b64token is
+# stricter still). The daemon writes hex.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+
+
+def check_token(token: str, source: str) -> str:
+    """`token` without surrounding blanks, remembered as a secret to hide in messages.
+
+    Raises:
+        ConfigError: it has spaces, control or non-ASCII characters inside; the message
+            names `source` and never repeats the token.
+    """
+    token = token.strip()
+    register_secret(token)
+    if token and not _TOKEN_RE.fullmatch(token):
+        raise ConfigError(
+            f"the API token from {source} is not a token: it holds spaces, control or "
+            "non-ASCII characters",
+            f"copy it again from {NODE_TOKEN_FILE} on the node",
+        )
+    return token
+
+
 def _token_for(
     flag_token: str | None, environ: dict[str, str] | os._Environ[str]
 ) -> tuple[str | None, list[str]]:
     if flag_token:
-        return flag_token, ["--token"]
+        return check_token(flag_token, "--token") or None, ["--token"]
     if environ.get("SPK_VISOR_TOKEN"):
-        return environ["SPK_VISOR_TOKEN"], ["SPK_VISOR_TOKEN"]
+        return check_token(environ["SPK_VISOR_TOKEN"], "SPK_VISOR_TOKEN") or None, [
+            "SPK_VISOR_TOKEN"
+        ]
     return None, ["--token", "SPK_VISOR_TOKEN"]
 
 
@@ -244,15 +308,23 @@ def resolve(
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
     env = os.environ if environ is None else environ
-    node = node or env.get("SPK_VISOR_NODE") or None
-    ssh = ssh or env.get("SPK_VISOR_SSH") or None
-    fleet = fleet or env.get("SPK_VISOR_FLEET") or None
+    node, ssh, fleet = node or None, ssh or None, fleet or None
+    if sum(x is not None for x in (node, ssh, fleet)) > 1:
+        raise ConfigError("give only one of --node, --ssh and --fleet")
+    if node is None and ssh is None and fleet is None:
+        # Only when no flag names the target: a flag wins over every variable (flag > env).
+        node = env.get("SPK_VISOR_NODE") or None
+        ssh = env.get("SPK_VISOR_SSH") or None
+        fleet = env.get("SPK_VISOR_FLEET") or None
+        if sum(x is not None for x in (node, ssh, fleet)) > 1:
+            raise ConfigError(
+                "set only one of SPK_VISOR_NODE, SPK_VISOR_SSH and SPK_VISOR_FLEET",
+                "or name the target with --node, --ssh or --fleet",
+            )
     path = config_path(env)
     data = load_file(path)
     nodes: dict[str, Any] = data.get("nodes", {})
     groups: dict[str, list[str]] = data.get("groups", {})
-    if sum(x is not None for x in (node, ssh, fleet)) > 1:
-        raise ConfigError("give only one of --node, --ssh and --fleet")
     flag_token, sources = _token_for(token, env)
     targets: list[Target]
     if fleet:
@@ -290,14 +362,17 @@ def resolve(
         ]
     file_timeout = data.get("defaults", {}).get("timeout")
     env_timeout = env.get("SPK_VISOR_TIMEOUT")
+    timeout_source = "--timeout"
     if timeout is None and env_timeout:
+        timeout_source = "SPK_VISOR_TIMEOUT"
         try:
             timeout = float(env_timeout)
         except ValueError:
             raise ConfigError(f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number") from None
-    resolved_timeout = timeout or file_timeout or DEFAULT_TIMEOUT
-    if resolved_timeout <= 0:
-        raise ConfigError("--timeout must be positive")
+    if timeout is not None and not 0 < timeout < math.inf:
+        # Not `timeout or ...`: --timeout 0 must not quietly become the default.
+        raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")
+    resolved_timeout = timeout if timeout is not None else file_timeout or DEFAULT_TIMEOUT
     return Settings(
         targets=tuple(targets),
         fleet=fleet,
@@ -315,7 +390,7 @@ def read_local_token(target: Target) -> str | None:
         return target.token
     path = Path(target.token_file).expanduser()
     try:
-        return path.read_text(encoding="ascii").strip() or None
+        return check_token(path.read_text(encoding="ascii"), f"token file {path}") or None
     except FileNotFoundError:
         return None
     except PermissionError:

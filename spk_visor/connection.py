@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from spk_visor.client import Client
 from spk_visor.config import Settings, Target, read_local_token
@@ -13,6 +14,7 @@ from spk_visor.errors import SpkVisorError
 from spk_visor.transport import open_transport
 
 T = TypeVar("T")
+R = TypeVar("R")
 # Enough to hide latency across a rack, few enough not to hammer a jump host.
 MAX_PARALLEL = 16
 
@@ -60,5 +62,47 @@ def for_each(settings: Settings, work: Callable[[Client], T]) -> list[NodeResult
     targets = settings.targets
     if len(targets) == 1:
         return [one(targets[0])]
-    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(targets))) as pool:
-        return list(pool.map(one, targets))
+    return _bounded_map(one, targets, MAX_PARALLEL)
+
+
+def _bounded_map(fn: Callable[[Target], R], items: Sequence[Target], limit: int) -> list[R]:
+    """`[fn(x) for x in items]` on at most `limit` threads, in the items' order.
+
+    Not a ThreadPoolExecutor: on Ctrl-C its shutdown, and the interpreter's exit, wait for
+    every queued node to time out in turn. These workers are daemon threads that take no
+    new node once the caller is interrupted, so spk-visor exits (130) at once.
+    """
+    results: list[R | None] = [None] * len(items)
+    pending = queue.SimpleQueue[int]()
+    for index in range(len(items)):
+        pending.put(index)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[index] = fn(items[index])
+            except BaseException as e:  # re-raised in the caller's thread
+                failure.append(e)
+                stop.set()
+                return
+
+    threads = [
+        threading.Thread(target=worker, name=f"fleet-{n}", daemon=True)
+        for n in range(min(limit, len(items)))
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()  # interruptible: Ctrl-C lands here
+    finally:
+        stop.set()
+    if failure:
+        raise failure[0]
+    return cast(list[R], results)

@@ -6,6 +6,7 @@ STATUS section, which is generated from ExitCode).
 
 from __future__ import annotations
 
+import threading
 from enum import IntEnum
 from typing import Any
 
@@ -39,6 +40,35 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OPERATOR_NEEDED: "an operator is needed",
     ExitCode.INTERRUPTED: "interrupted",
 }
+
+
+# Secrets (API tokens) this process holds: every text the CLI shows about a failure goes
+# through `redact`, so an exception that quotes a request header (requests' InvalidHeader,
+# http.client's "Invalid header value") or a traceback under --verbose never shows one.
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+REDACTED = "<redacted>"
+# Shorter values are not tokens, and replacing them would garble ordinary text.
+_MIN_SECRET_CHARS = 6
+
+
+def register_secret(value: str | None) -> None:
+    """Remember `value` as a secret that `redact` must hide."""
+    if value and len(value) >= _MIN_SECRET_CHARS:
+        with _SECRETS_LOCK:
+            _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret (and its repr-escaped form) replaced."""
+    with _SECRETS_LOCK:
+        secrets = sorted(_SECRETS, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+        escaped = repr(secret)[1:-1]  # how a secret looks inside another value's repr
+        if escaped != secret:
+            text = text.replace(escaped, REDACTED)
+    return text
 
 
 class SpkVisorError(Exception):
@@ -81,6 +111,12 @@ class TransportError(SpkVisorError):
 
 class HostKeyError(TransportError):
     """The SSH host key is unknown or changed: refused, never accepted silently."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class CertificateError(TransportError):
+    """An https node's TLS certificate failed verification: refused, not retried."""
 
     exit_code = ExitCode.REFUSED
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from spk_visor.errors import SpkVisorError, TransportError
+from spk_visor.errors import REDACTED, SpkVisorError, TransportError, redact
 
 # No answer of the daemon is this large; a bigger one is not smechvisord talking.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -33,12 +33,16 @@ class Transport(abc.ABC):
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> Response:
+        headers = headers or {}
         try:
-            return self._request(method, path, body, headers or {}, timeout)
+            return self._request(method, path, body, headers, timeout)
         except SpkVisorError:
             raise
         except Exception as e:  # the contract: callers see only SpkVisorError
-            raise TransportError(f"{self.address}: {type(e).__name__}: {e}") from e
+            # A library that refuses a header quotes it (requests' InvalidHeader,
+            # http.client's "Invalid header value"): never repeat a token.
+            text = _without_headers(f"{type(e).__name__}: {e}", headers)
+            raise TransportError(f"{self.address}: {text}") from e
 
     @abc.abstractmethod
     def _request(
@@ -58,3 +62,15 @@ class Transport(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
+
+
+def _without_headers(text: str, headers: dict[str, str]) -> str:
+    """`text` with the values of credential headers, and each part of them, redacted."""
+    for name, value in headers.items():
+        if name.lower() not in ("authorization", "proxy-authorization", "cookie"):
+            continue
+        parts = sorted({value, *value.split(None, 1)[1:]}, key=len, reverse=True)
+        for part in parts:
+            if part:
+                text = text.replace(part, REDACTED).replace(repr(part)[1:-1], REDACTED)
+    return redact(text)

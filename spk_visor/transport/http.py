@@ -4,11 +4,12 @@ versioned User-Agent, and errors that say what to check."""
 from __future__ import annotations
 
 import socket
+import ssl
 
 import requests
 
 from smechvisord.version import VERSION
-from spk_visor.errors import TransportError
+from spk_visor.errors import CertificateError, TransportError
 from spk_visor.transport.base import MAX_RESPONSE_BYTES, Response, Transport
 
 USER_AGENT = f"spk-visor/{VERSION}"
@@ -28,6 +29,25 @@ def _is_dns_failure(exc: BaseException) -> bool:
             or (cur.args[0] if cur.args and isinstance(cur.args[0], BaseException) else None)
         )
     return "Name or service not known" in str(exc) or "Temporary failure in name" in str(exc)
+
+
+def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind `exc`, if that is what it is."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        todo += [x for x in (cur.__cause__, cur.__context__) if x is not None]
+        todo += [a for a in cur.args if isinstance(a, BaseException)]
+        reason = getattr(cur, "reason", None)  # urllib3's MaxRetryError
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+    return None
 
 
 class HttpTransport(Transport):
@@ -61,6 +81,17 @@ class HttpTransport(Transport):
                 allow_redirects=False,
             )
         except requests.exceptions.SSLError as e:
+            bad_cert = _cert_failure(e)
+            if bad_cert is not None:
+                # Verification said no: retrying will not help (exit 3, not 7), and the
+                # certificate is never accepted anyway.
+                raise CertificateError(
+                    f"{self.base_url}: the node's TLS certificate failed verification: "
+                    f"{bad_cert.verify_message or bad_cert.reason or bad_cert}",
+                    "the URL's host name must be one the certificate names, issued by a CA "
+                    "in spk-visor's trust store (certifi's bundle); or reach the node with "
+                    "--ssh, which checks its SSH host key instead",
+                ) from e
             raise TransportError(
                 f"TLS failed with {self.base_url}: {e}", "check the node's certificate and the URL"
             ) from e

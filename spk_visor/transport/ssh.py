@@ -41,7 +41,7 @@ import paramiko
 from paramiko.auth_strategy import AuthFailure, AuthSource, AuthStrategy, SourceResult
 
 from smechvisord.version import VERSION
-from spk_visor.config import SshSpec, Target
+from spk_visor.config import SshSpec, Target, check_token
 from spk_visor.errors import (
     AuthError,
     ConfigError,
@@ -800,9 +800,10 @@ class SshTransport(Transport):
                 f"{self.address}: {path} is larger than {MAX_TOKEN_BYTES} bytes; not a token"
             )
         try:
-            return data.decode("ascii").strip() or None
+            text = data.decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError(f"{self.address}: {path} is not a token (not ASCII)") from None
+        return check_token(text, f"{path} on {self.endpoint.host}") or None
 
     def close(self) -> None:
         with self._lock:

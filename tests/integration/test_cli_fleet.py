@@ -4,7 +4,14 @@ failed node named in its own error row, a non-zero exit, and --json keyed by nod
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +22,7 @@ from tests.support.cli import Result, run
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
 from tests.support.vmhelpers import create_vm
 
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("alpha", "beta", "gamma")
 KINDS = {"alpha": "intel-ready", "beta": "amd-no-iommu", "gamma": "intel-ready"}
 
@@ -172,3 +180,67 @@ def test_fleet_refused_for_single_node_commands(fleet: Fleet) -> None:
     r = fleet.run("--fleet", "rack", "vm", "show", "web-1")
     assert r.code == 2
     assert r.err_lines == ["spk-visor: error: --fleet is not supported by this command; use --node"]
+
+
+@pytest.fixture
+def hung_nodes(tmp_path: Path) -> Iterator[Path]:
+    """A config whose group of 24 nodes all accept a connection and never answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    names = [f"n{i:02d}" for i in range(24)]
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "".join(f'[nodes.{n}]\nurl = "{url}"\n\n' for n in names)
+        + f"[groups]\nhung = {json.dumps(names)}\n"
+    )
+    try:
+        yield config
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_ctrl_c_stops_a_fleet_query_at_once(hung_nodes: Path) -> None:
+    """24 nodes, 16 at a time, 8 s each: finishing the run would take 16 s. Ctrl-C must
+    end it now, with 130, not after every queued node has timed out in turn."""
+    argv = ["--fleet", "hung", "--token", "t" * 16, "--timeout", "8", "node"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SPK_VISOR_CONFIG": str(hung_nodes)},
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err
+    assert took < 3, took

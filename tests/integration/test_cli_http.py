@@ -666,6 +666,98 @@ def test_something_else_answers(html_server: str) -> None:
     ]
 
 
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 that no CA signed."""
+    import datetime  # noqa: PLC0415
+    import ipaddress  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smechvisor-node")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "node.crt", tmp_path / "node.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture
+def https_node(tmp_path: Path) -> Iterator[str]:
+    """An https node with a self-signed certificate: the handshake is all it serves."""
+    import ssl  # noqa: PLC0415
+
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(5)
+                # The handshake is all a verifying client gets to: it must hang up here.
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_https_verifies_the_certificate_by_default(https_node: str) -> None:
+    # The token must not reach a node whose certificate does not verify, and a refused
+    # certificate is a verification failure (exit 3), not a network hiccup to retry (7).
+    r = run("--node", https_node, "--token", "0123456789abcdef", "node")
+    assert r.code == 3, r
+    assert r.out == ""
+    assert r.err_lines == [
+        f"spk-visor: error: {https_node}: the node's TLS certificate failed verification: "
+        "self-signed certificate",
+        "the URL's host name must be one the certificate names, issued by a CA in "
+        "spk-visor's trust store (certifi's bundle); or reach the node with --ssh, which "
+        "checks its SSH host key instead",
+    ]
+
+
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """Accepts connections and never answers."""

@@ -101,7 +101,14 @@ def test_urls_and_ssh_specs(tmp_path: Path) -> None:
     ("text", "message", "line"),
     [
         ("[nodes.a]\nurl = \n", "invalid TOML", "line 2"),
-        ("[nodes.a]\nurl = 'http://a:1'\ncolour = 'red'\n", "unknown key 'colour'", ":1"),
+        # The line of the bad key itself, not its table's header.
+        ("[nodes.a]\nurl = 'http://a:1'\ncolour = 'red'\n", "unknown key 'colour'", ":3"),
+        ("[nodes.a]\nurl = 'http://a:1'\ndaemon_port = '1'\n", "must be an integer", ":3"),
+        ("[nodes]\na = {{ url = 'http://a:1', colour = 'red' }}\n", "unknown key", ":2"),
+        # Not the first line that merely contains the word (a comment, a URL).
+        ("# rack\n[nodes.a]\nurl = 'http://rack:1'\n[groups]\nrack = ['x']\n", "not under", ":5"),
+        ("# my node list\n[node.a]\nurl = 'http://a:1'\n", "unknown section 'node'", ":2"),
+        ("[defaults]\n# timeout in s\ntimeout = 0\n", "positive number", ":3"),
         ("[nodes.a]\nssh = 'a'\nurl = 'http://a:1'\n", "exactly one of url or ssh", ":1"),
         ("[groups]\nrack = ['ghost']\n", "not under [nodes]", ":2"),
         ("[defaults]\ntimeout = -1\n", "positive number", ":2"),
