@@ -21,95 +21,29 @@ from typing import Any
 import pytest
 
 from tests.support.cli import Result, TtyInput, run
-from tests.support.daemon import STANDIN, Daemon, DaemonEnv, wait_for
+from tests.support.daemon import Daemon, DaemonEnv, wait_for
+from tests.support.schemas import (
+    CAPABILITY_KEYS,
+    CHECK_KEYS,
+    CONSOLE_KEYS,
+    DRY_RUN_KEYS,
+    EXIT_KEYS,
+    IOMMU_KEYS,
+    NODE_KEYS,
+    PCI_KEYS,
+    REBOOT_KEYS,
+    SHUTDOWN_KEYS,
+    STEP_KEYS,
+    UNMANAGED_VM_KEYS,
+    VFIO_CHANGE_KEYS,
+    VFIO_STATUS_KEYS,
+    VM_KEYS,
+    VMM_KEYS,
+)
+from tests.support.vmhelpers import foreign_vmm
 
 ROOT = Path(__file__).resolve().parents[2]
 
-NODE_KEYS = {
-    "cpu_model",
-    "cpu_cores",
-    "cpu_threads",
-    "kvm_available",
-    "hostname",
-    "kernel",
-    "boot_mode",
-    "vmm",
-    "iommu_ready",
-    "vfio_loaded",
-    "capabilities",
-    "capability_reasons",
-    "memory_total_mb",
-    "memory_used_mb",
-    "uptime_seconds",
-    "load_average",
-    "vms_running",
-    "daemon_version",
-}
-VMM_KEYS = {"bin", "path", "available", "version", "firmware", "firmware_present"}
-CAPABILITY_KEYS = {"create_vm", "vfio", "reboot_uefi"}
-VM_KEYS = {
-    "id",
-    "name",
-    "uuid",
-    "managed",
-    "state",
-    "pid",
-    "cpus",
-    "memory_mb",
-    "disk",
-    "cpu_percent",
-    "rss_mb",
-    "created_at",
-    "started_at",
-    "exit",
-    "last_shutdown",
-    "api_socket",
-    "serial_log",
-}
-UNMANAGED_VM_KEYS = {
-    "id",
-    "name",
-    "managed",
-    "state",
-    "pid",
-    "cpus",
-    "memory_mb",
-    "disk",
-    "cpu_percent",
-    "rss_mb",
-    "api_socket",
-}
-EXIT_KEYS = {"code", "signal", "at", "reason", "log_tail"}
-SHUTDOWN_KEYS = {"graceful", "steps", "seconds"}
-STEP_KEYS = {"step", "at", "result", "exited"}
-DRY_RUN_KEYS = {"dry_run", "id", "argv", "problems"}
-CONSOLE_KEYS = {"id", "offset", "next_offset", "size", "data"}
-IOMMU_KEYS = {
-    "ready",
-    "blockers",
-    "checks",
-    "cpu_virtualization",
-    "iommu_groups",
-    "cmdline_flags",
-    "iommu_passthrough",
-}
-CHECK_KEYS = {"id", "ok", "label", "detail", "fix"}
-PCI_KEYS = {
-    "address",
-    "vendor_id",
-    "device_id",
-    "class_id",
-    "class_name",
-    "driver",
-    "iommu_group",
-    "group_devices",
-    "host_critical",
-    "viable",
-    "reasons",
-}
-VFIO_STATUS_KEYS = {"loaded", "ready", "blockers"}
-VFIO_CHANGE_KEYS = {"enabled", "command", "output", "loaded"}
-REBOOT_KEYS = {"rebooting", "os_indications", "vms"}
 SERVICE_HINT = "is the service running? rc-service smechvisord status"
 
 
@@ -312,32 +246,7 @@ def test_vm_errors_from_the_daemon(daemon: Daemon, daemon_env: DaemonEnv) -> Non
 
 
 def test_vm_list_marks_unmanaged_vmms(daemon: Daemon, daemon_env: DaemonEnv) -> None:
-    env = daemon_env
-    sock = env.run_dir / "byhand.sock"  # in run_dir: kill_vmms cleans it up
-    proc = subprocess.Popen(
-        [
-            str(STANDIN),
-            "--api-socket",
-            f"path={sock}",
-            "--cpus",
-            "boot=3",
-            "--memory",
-            "size=2G",
-            "--firmware",
-            str(env.firmware),
-            "--disk",
-            f"path={env.disk}",
-            "--console",
-            "off",
-            "--serial",
-            "null",
-        ],
-        env={**os.environ, "CH_STANDIN_SYSROOT": str(env.sysroot)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_for(sock.exists)
+    with foreign_vmm(daemon_env) as proc:
         row = f"pid-{proc.pid} (unmanaged)"
 
         def listed() -> str | None:
@@ -352,9 +261,6 @@ def test_vm_list_marks_unmanaged_vmms(daemon: Daemon, daemon_env: DaemonEnv) -> 
         assert set(foreign) == UNMANAGED_VM_KEYS
         r = cli(daemon, "vm", "show", f"pid-{proc.pid}")
         assert r.code == 2  # not ours to act on or show by id
-    finally:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 @pytest.mark.parametrize("daemon_env", ["intel-ready"], indirect=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
-from tests.support.daemon import STANDIN, Daemon, DaemonEnv, wait_for
-from tests.support.vmhelpers import create_vm, managed_vms, pid_alive
+from tests.support.daemon import Daemon, DaemonEnv, wait_for
+from tests.support.vmhelpers import create_vm, foreign_vmm, managed_vms, pid_alive
 
 
 def test_kill_9_and_restart_readopts_the_same_vms(daemon_env: DaemonEnv) -> None:
@@ -105,32 +104,7 @@ def test_corrupt_record_does_not_stop_the_daemon(daemon_env: DaemonEnv) -> None:
 def test_foreign_vmm_is_listed_unmanaged(
     daemon: Daemon, daemon_env: DaemonEnv, tmp_path: Path
 ) -> None:
-    env = daemon_env
-    sock = env.run_dir / "byhand.sock"
-    proc = subprocess.Popen(
-        [
-            str(STANDIN),
-            "--api-socket",
-            f"path={sock}",
-            "--cpus",
-            "boot=3",
-            "--memory",
-            "size=2G",
-            "--firmware",
-            str(env.firmware),
-            "--disk",
-            f"path={env.disk}",
-            "--console",
-            "off",
-            "--serial",
-            "null",
-        ],
-        env={**os.environ, "CH_STANDIN_SYSROOT": str(env.sysroot)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_for(sock.exists)
+    with foreign_vmm(daemon_env) as proc:
 
         def foreign() -> list[dict[str, object]]:
             listed = daemon.get("/api/vms").json
@@ -141,6 +115,3 @@ def test_foreign_vmm_is_listed_unmanaged(
         assert found[0]["cpus"] == 3
         assert found[0]["memory_mb"] == 2048
         assert found[0]["id"] == f"pid-{proc.pid}"
-    finally:
-        proc.kill()
-        proc.wait(timeout=5)

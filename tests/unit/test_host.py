@@ -20,21 +20,8 @@ from smechvisord.host import (
     parse_meminfo,
 )
 from tests.support import sysroots
+from tests.support.schemas import HOST_KEYS
 from tests.support.sysroots import EXPECTED, KINDS
-
-NODE_KEYS = {
-    "cpu_model",
-    "cpu_cores",
-    "cpu_threads",
-    "memory_total_mb",
-    "memory_used_mb",
-    "uptime_seconds",
-    "kvm_available",
-    "hostname",
-    "kernel",
-    "load_average",
-    "boot_mode",
-}
 
 
 @pytest.fixture(params=KINDS)
@@ -86,8 +73,8 @@ def test_cmdline_is_the_token_list(host: Host, kind: str) -> None:
 
 def test_node_facts_has_exactly_the_documented_keys(host: Host, kind: str) -> None:
     facts = host.node_facts()
-    assert set(facts) == NODE_KEYS
-    assert facts == {key: EXPECTED[kind][key] for key in NODE_KEYS}
+    assert set(facts) == HOST_KEYS
+    assert facts == {key: EXPECTED[kind][key] for key in HOST_KEYS}
     assert all(isinstance(v, float) for v in facts["load_average"])  # type: ignore[attr-defined]
 
 

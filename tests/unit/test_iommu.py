@@ -15,18 +15,8 @@ from smechvisord.iommu import (
     readiness,
 )
 from tests.support import sysroots
+from tests.support.schemas import CHECK_KEYS, IOMMU_KEYS
 from tests.support.sysroots import EXPECTED, KINDS
-
-READINESS_KEYS = {
-    "ready",
-    "blockers",
-    "checks",
-    "cpu_virtualization",
-    "iommu_groups",
-    "cmdline_flags",
-    "iommu_passthrough",
-}
-CHECK_KEYS = {"id", "ok", "label", "detail", "fix"}
 
 
 @pytest.fixture(params=KINDS)
@@ -41,7 +31,7 @@ def _root(kind: str, tmp_path: Path) -> Path:
 def test_readiness_matches_expected(kind: str, tmp_path: Path) -> None:
     result = readiness(Host(_root(kind, tmp_path)))
     exp = EXPECTED[kind]
-    assert set(result) == READINESS_KEYS
+    assert set(result) == IOMMU_KEYS
     assert result["ready"] is exp["iommu_ready"]
     assert result["cpu_virtualization"] == exp["cpu_virtualization"]
     assert result["iommu_groups"] == exp["iommu_groups"]

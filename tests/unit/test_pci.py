@@ -10,21 +10,8 @@ import pytest
 from smechvisord.host import Host, HostError
 from smechvisord.pci import class_name, host_critical, list_devices, pci_device
 from tests.support import sysroots
+from tests.support.schemas import PCI_KEYS
 from tests.support.sysroots import EXPECTED, KINDS
-
-DEVICE_KEYS = {
-    "address",
-    "vendor_id",
-    "device_id",
-    "class_id",
-    "class_name",
-    "driver",
-    "iommu_group",
-    "group_devices",
-    "host_critical",
-    "viable",
-    "reasons",
-}
 
 
 @pytest.fixture(params=KINDS)
@@ -49,7 +36,7 @@ def test_every_device_sorted_with_exact_keys(kind: str, tmp_path: Path) -> None:
     assert isinstance(expected, dict)
     assert [d["address"] for d in devices] == sorted(expected)
     for device in devices:
-        assert set(device) == DEVICE_KEYS
+        assert set(device) == PCI_KEYS
 
 
 def test_device_facts_match_expected(kind: str, tmp_path: Path) -> None:
