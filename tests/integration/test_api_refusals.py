@@ -312,10 +312,16 @@ def test_silent_client_is_dropped_and_others_are_served(rig: tuple[Daemon, Daemo
 
 def test_access_log_has_a_line_per_request_and_no_secrets(rig: tuple[Daemon, DaemonEnv]) -> None:
     d, _ = rig
-    d.get("/api/node?secret=abc")
-    d.get("/api/vms", token="wrong-token-in-the-header")
-    assert wait_for(lambda: any(" GET /api/vms 403 " in line for line in d.lines))
-    node_lines = [line for line in d.lines if " GET /api/node 200 " in line]
+    assert d.get("/api/node?secret=abc").status == 200
+    assert d.get("/api/vms", token="wrong-token-in-the-header").status == 403
+
+    def logged(fragment: str) -> list[str]:
+        return [line for line in d.lines if fragment in line]
+
+    # The line is written after the answer is sent, from the request's own thread: wait
+    # for each (lines of two connections need not arrive in request order).
+    assert wait_for(lambda: logged(" GET /api/vms 403 "))
+    node_lines = wait_for(lambda: logged(" GET /api/node 200 "))
     assert node_lines and node_lines[-1].endswith("ms")
     assert "127.0.0.1" in node_lines[-1]
     text = "\n".join(d.lines)

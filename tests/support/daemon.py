@@ -116,7 +116,8 @@ class Daemon:
         self.lines: list[str] = []
         self._port: int | None = None
         self._seen = threading.Condition()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
         with self._seen:
             self._seen.wait_for(
                 lambda: self._port is not None or self.proc.poll() is not None, timeout=20
@@ -185,10 +186,14 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(timeout=5)
+            code = self.proc.wait(timeout=5)
+        # The process is gone, but its last lines may still sit in the pipe: let the
+        # reader take them, so tests can read the daemon's final words.
+        self._reader.join(timeout=5)
+        return code
 
 
 def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:
