@@ -60,6 +60,13 @@ class AppState:
     def json(self) -> bool:
         return self.options.json or self.json_requested
 
+    def show(self, doc: Any, render: Callable[[Any], str]) -> None:
+        """The daemon's document as JSON under --json, else its human rendering."""
+        if self.json:
+            self.console.json(doc)
+        else:
+            self.console.print(render(doc))
+
     def one(self, work: Callable[[Client], T]) -> T:
         """Run against the single target; --fleet is refused for this command."""
         settings = self.settings

@@ -45,10 +45,7 @@ def status(
     """Show whether vfio-pci is loaded and whether the IOMMU allows it."""
     st = state(ctx, as_json)
     doc = st.one(Client.vfio_status)
-    if st.json:
-        st.console.json(doc)
-    else:
-        st.console.print(status_text(doc))
+    st.show(doc, status_text)
 
 
 @app.command()
@@ -56,10 +53,7 @@ def enable(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Load vfio-pci (modprobe vfio-pci); refused while the IOMMU is not ready."""
     st = state(ctx, as_json)
     doc = st.one(lambda c: hostops.set_vfio(c, True))
-    if st.json:
-        st.console.json(doc)
-    else:
-        st.console.print(change_text(doc))
+    st.show(doc, change_text)
 
 
 @app.command()
@@ -67,7 +61,4 @@ def disable(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Unload vfio-pci (modprobe -r vfio-pci)."""
     st = state(ctx, as_json)
     doc = st.one(lambda c: hostops.set_vfio(c, False))
-    if st.json:
-        st.console.json(doc)
-    else:
-        st.console.print(change_text(doc))
+    st.show(doc, change_text)

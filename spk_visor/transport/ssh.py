@@ -284,9 +284,10 @@ class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
     """Called by paramiko only for a host absent from every known_hosts file.
 
     Without --accept-new it refuses, showing the fingerprint to check; with it, it records
-    the key, like OpenSSH's ``StrictHostKeyChecking=accept-new``. Never AutoAddPolicy: that
-    trusts silently and keeps the key only in memory. A *changed* key never reaches here
-    (paramiko raises BadHostKeyException first), so --accept-new cannot replace one.
+    the key, like OpenSSH's ``StrictHostKeyChecking=accept-new``. Never paramiko's
+    auto-add policy: that trusts silently and keeps the key only in memory. A *changed* key
+    never reaches here (paramiko raises BadHostKeyException first), so --accept-new cannot
+    replace one.
     """
 
     def __init__(self, endpoint: Endpoint, accept_new: bool) -> None:
