@@ -19,7 +19,7 @@ from smechvisord import efi, iommu, pci, validate, vfio
 from smechvisord import protocol as p
 from smechvisord.errors import ApiError, invalid
 from smechvisord.host import Host, HostError
-from smechvisord.hostcmd import HostCommandError, run_host_command
+from smechvisord.hostcmd import HostCommandError, run_reboot
 from smechvisord.server import Encoded, Handler, Request, Router
 from smechvisord.settings import Settings
 from smechvisord.vms import VmManager
@@ -318,7 +318,7 @@ class Api:
                 raise ApiError(500, p.ERR_COMMAND_FAILED, str(e)) from e
             stopped = self.vms.stop_all(timeout)
             try:
-                run_host_command(self.settings.reboot_cmd, timeout=60)
+                run_reboot(self.settings.reboot_cmd, timeout=60)
             except HostCommandError as e:
                 # No reboot is coming: withdraw the request, or whatever reboots the node
                 # next (an OTA update, a power cut) lands it in firmware setup.

@@ -123,8 +123,9 @@ class CpuSampler:
             return 0.0
         return round(100.0 * st.cpu_ticks / CLK_TCK / lifetime, 1)
 
-    def forget(self, live: set[tuple[int, int]]) -> None:
+    def retain(self, pids: set[int]) -> None:
+        """Drop the samples of processes no longer in `pids` (the daemon runs for months
+        while VMs come and go)."""
         with self._lock:
-            for key in list(self._last):
-                if key not in live:
-                    del self._last[key]
+            for key in [k for k in self._last if k[0] not in pids]:
+                del self._last[key]

@@ -472,6 +472,10 @@ class VmManager:
         found: list[dict[str, Any]] = []
         current = set(procs.pids())
         self._not_vmm &= current  # forget exited PIDs, so a reused PID is looked at again
+        # The same scan bounds the per-PID sample caches to processes that still exist.
+        self._cpu.retain(current)
+        for gone in [pid for pid in self._usage_cache if pid not in current]:
+            self._usage_cache.pop(gone, None)
         for pid in sorted(current - self._not_vmm):
             if pid in ours or pid == os.getpid():
                 continue

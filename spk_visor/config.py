@@ -77,8 +77,6 @@ class Settings:
     targets: tuple[Target, ...]
     fleet: str | None
     timeout: float
-    json: bool
-    verbose: bool
     accept_new: bool
     config_path: Path | None
 
@@ -301,8 +299,6 @@ def resolve(
     fleet: str | None,
     token: str | None,
     timeout: float | None,
-    json: bool,
-    verbose: bool,
     accept_new: bool,
     environ: dict[str, str] | os._Environ[str] | None = None,
 ) -> Settings:
@@ -377,8 +373,6 @@ def resolve(
         targets=tuple(targets),
         fleet=fleet,
         timeout=float(resolved_timeout),
-        json=json,
-        verbose=verbose,
         accept_new=accept_new,
         config_path=path if data else None,
     )

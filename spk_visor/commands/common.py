@@ -50,8 +50,6 @@ class AppState:
                 fleet=o.fleet,
                 token=o.token,
                 timeout=o.timeout,
-                json=o.json,
-                verbose=o.verbose,
                 accept_new=o.accept_new,
             )
         return self._settings

@@ -160,8 +160,6 @@ def _no_flags() -> dict[str, Any]:
         "fleet": None,
         "token": None,
         "timeout": None,
-        "json": False,
-        "verbose": False,
         "accept_new": False,
     }
 

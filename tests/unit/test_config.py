@@ -40,8 +40,6 @@ def resolve(env: dict[str, str], **kw: object) -> config.Settings:
         "fleet": None,
         "token": None,
         "timeout": None,
-        "json": False,
-        "verbose": False,
         "accept_new": False,
     }
     args.update(kw)

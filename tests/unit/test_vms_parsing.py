@@ -74,3 +74,11 @@ def test_foreign_doc_shape() -> None:
     )
     assert doc["managed"] is False and doc["id"] == "pid-42"
     assert doc["cpus"] == 2 and doc["memory_mb"] == 1024 and doc["rss_mb"] == 3.0
+
+
+def test_cpu_sampler_forgets_processes_that_are_gone() -> None:
+    sampler = procs.CpuSampler()
+    for pid in (10, 11):
+        sampler.percent(procs.ProcStat(pid=pid, state="S", start_ticks=5, cpu_ticks=0, rss_bytes=0))
+    sampler.retain({11})
+    assert sorted(sampler._last) == [(11, 5)]
