@@ -48,6 +48,7 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.daemon
 	$(PY) -m bench.cli
+	$(PY) -m bench.ota
 
 # Regenerates the committed man pages from the code; tests/unit/test_man_pages.py fails
 # when they drift.

@@ -125,7 +125,8 @@ class Api:
     # ---- node ----------------------------------------------------------------------
 
     def health(self, req: Request) -> tuple[int, Any]:
-        return 200, {"status": "ok", "version": self.settings.version}
+        # The PID lets an OTA probation see a daemon that keeps restarting.
+        return 200, {"status": "ok", "version": self.settings.version, "pid": os.getpid()}
 
     def _vmm(self) -> dict[str, Any]:
         path = shutil.which(self.settings.ch_bin)

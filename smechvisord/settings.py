@@ -171,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{s.help} [env {s.env}, default {s.default or 'see text'}]",
         )
     parser.add_argument("--version", action="version", version=f"smechvisord {VERSION}")
+    # The OTA preflight runs this from a staged release before the swap: nothing is bound,
+    # created or written, so it is safe while the live daemon runs.
+    parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="load the settings, import every daemon module, check that the dashboard and "
+        "state directories are usable, print one line and exit (0 ok, 1 failed, 2 bad settings)",
+    )
     return parser
 
 

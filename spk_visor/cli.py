@@ -16,6 +16,7 @@ from spk_visor.commands import (
     about,
     iommu,
     node,
+    ota,
     pci,
     reboot_uefi,
     sealed,
@@ -163,6 +164,8 @@ app.add_typer(iommu.app, name="iommu")
 app.add_typer(vfio.app, name="vfio")
 app.add_typer(pci.app, name="pci")
 app.add_typer(reboot_uefi.app, name="reboot-uefi")
+app.add_typer(ota.app, name="ota")
+ota.register_aliases(app)
 about.register(app)
 sealed.register(app)
 

@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     TRANSIENT = 7  # node unreachable, network trouble, timeout: retrying may help
     NOT_ELIGIBLE = 8  # nothing to do now (no update, window closed)
     OPERATOR_NEEDED = 9  # a person has to look
+    UNCHANGED = 77  # nothing to do, only with --unchanged-exit-77 (rpm-ostree convention)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -38,6 +39,7 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.TRANSIENT: "transient: node unreachable, network error or timeout",
     ExitCode.NOT_ELIGIBLE: "not eligible now",
     ExitCode.OPERATOR_NEEDED: "an operator is needed",
+    ExitCode.UNCHANGED: "unchanged: nothing to do (only with --unchanged-exit-77)",
     ExitCode.INTERRUPTED: "interrupted",
 }
 
@@ -101,6 +103,28 @@ class RefusedError(SpkVisorError):
     """A precondition or policy refuses the operation (sealed system, no confirmation)."""
 
     exit_code = ExitCode.REFUSED
+
+
+class VerificationError(RefusedError):
+    """An update failed verification (signature, hash, expiry, floor, compatibility)."""
+
+
+class BusyError(SpkVisorError):
+    """Another operation holds the lock, or an uncommitted update is pending."""
+
+    exit_code = ExitCode.BUSY
+
+
+class NotEligibleError(SpkVisorError):
+    """Nothing may be done now: rollout bucket, inhibit file, waiting for a base reboot."""
+
+    exit_code = ExitCode.NOT_ELIGIBLE
+
+
+class OperatorNeededError(SpkVisorError):
+    """Automatic recovery gave up; a person has to look."""
+
+    exit_code = ExitCode.OPERATOR_NEEDED
 
 
 class TransportError(SpkVisorError):

@@ -1,0 +1,223 @@
+"""Base staging (spk_visor.ota.slots.stage) of a realistic image to a loop-device A/B slot,
+against `dd` writing the same raw bytes to the same partition, measured in the same run.
+
+    sudo .venv/bin/python -m bench.ota_slots            # 1 GiB image
+    SPK_BENCH_SLOT_MIB=256 sudo .venv/bin/python -m bench.ota_slots
+
+The image is a real ext4 filesystem (mkfs.ext4 -d) holding copies of files from /usr
+(binaries, libraries, text: what a root filesystem compresses like), a share of random
+files (already-compressed content: firmware, archives, media) and free space (zeros). It
+is encoded with zstd level 3 as `spk-visor ota build` does; the encode speed is reported.
+
+What each side does, per round (rounds alternate; median reported):
+  stage    journal, invalidate, read + sha256 the blob, zstd-decode, sha256 the raw
+           stream, write the slot (O_DIRECT), per window fdatasync + read back + compare,
+           head last, fsync, BLKFLSBUF, read the head back, set the grubenv one-shot
+  dd       `dd if=RAW of=SLOT bs=4M conv=fsync` (page cache, then one fsync: the same
+           durability as stage) and `dd ... oflag=direct conv=fsync` (reported too, and
+           used for the strict ratio)
+Source files are evicted from the page cache (posix_fadvise DONTNEED) before every run,
+so neither side reads its input from memory the other had to read from disk.
+
+The goal is stage >= 0.7x dd's throughput (ratio = dd time / stage time). Staging must
+sha256 every raw byte once (and every blob byte once), dd hashes nothing: so the
+in-run sha256 speed of this CPU is reported as well, raw_size / sha256_mbps being a floor
+on stage's time that no buffering can lower. Stage's CPU seconds (all threads) are
+reported too: on a machine shared with other work, wall time follows what it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from spk_visor.ota import slots
+from tests.support import ota_slots_worker as node
+from tests.support.abdisk import ab_disk
+
+MIB = 1 << 20
+SIZE_ENV = "SPK_BENCH_SLOT_MIB"
+ROUNDS_ENV = "SPK_BENCH_ROUNDS"
+GOAL_RATIO = 0.7
+# Shares of the image: random (incompressible) files, copies of /usr files; the rest of
+# the filesystem stays free (zeros).
+RANDOM_SHARE = 0.25
+USR_SHARE = 0.40
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _fill_tree(root: Path, size: int) -> None:
+    rng = random.Random(20260901)
+    rand_dir = root / "var" / "lib" / "firmware"
+    rand_dir.mkdir(parents=True)
+    left = int(size * RANDOM_SHARE)
+    i = 0
+    while left > 0:
+        n = min(left, rng.randint(1, 16) * MIB)
+        (rand_dir / f"blob{i:04d}.bin").write_bytes(os.urandom(n))
+        left -= n
+        i += 1
+    left = int(size * USR_SHARE)
+    usr = root / "usr"
+    for top in ("/usr/lib", "/usr/bin", "/usr/share", "/usr/sbin"):
+        for dirpath, _dirs, files in os.walk(top):
+            for name in sorted(files):
+                src = Path(dirpath) / name
+                if left <= 0:
+                    return
+                try:
+                    if not src.is_file() or src.is_symlink():
+                        continue
+                    n = src.stat().st_size
+                    if n == 0 or n > left:
+                        continue
+                    dst = usr / src.relative_to("/usr")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dst)
+                except OSError:
+                    continue
+                left -= n
+
+
+def build_image(work: Path, size_mib: int) -> Path:
+    tree = work / "tree"
+    tree.mkdir()
+    _fill_tree(tree, size_mib * MIB)
+    image = work / "raw.img"
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), f"{size_mib}M"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    shutil.rmtree(tree)
+    return image
+
+
+def encode(raw: Path, out: Path, threads: int) -> float:
+    """zstd level 3 (what the build side uses); returns raw MB/s."""
+    _evict(raw)
+    t0 = time.perf_counter()
+    node.encode(raw, out, level=3, threads=threads)
+    return raw.stat().st_size / (time.perf_counter() - t0) / 1e6
+
+
+def dd(raw: Path, device: str, flags: list[str]) -> float:
+    _evict(raw)
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["dd", f"if={raw}", f"of={device}", "bs=4M", *flags, "status=none"],
+        check=True,
+        timeout=600,
+    )
+    return time.perf_counter() - t0
+
+
+def sha256_mbps() -> float:
+    data = os.urandom(256 * MIB)
+    t0 = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / (time.perf_counter() - t0) / 1e6
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run() -> dict[str, object]:
+    size_mib = int(os.environ.get(SIZE_ENV, "1024"))
+    rounds = int(os.environ.get(ROUNDS_ENV, "3"))
+    with tempfile.TemporaryDirectory(prefix="spk-bench-slots-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        raw = build_image(work, size_mib)
+        build_s = time.perf_counter() - t0
+        raw_size = raw.stat().st_size
+        blob = work / "raw.img.zst"
+        enc_mt = encode(raw, blob, threads=-1)
+        enc_st = encode(raw, work / "st.zst", threads=0)
+        (work / "st.zst").unlink()
+        with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1) as disk:
+            ctx = node.node(work / "root", disk.root_a, disk.root_b)
+            pub = node.publish(ctx, raw, encoded=blob)
+            store_blob = ctx.store.path(pub.blob_id)
+            marks: dict[str, float] = {}
+            ctx.emit = lambda ev, f: (
+                marks.__setitem__(str(f["phase"]), time.perf_counter()) if ev == "phase" else None
+            )
+            times: dict[str, list[float]] = {"stage": [], "dd_fsync": [], "dd_direct_fsync": []}
+            write_phase: list[float] = []
+            cpu: list[float] = []
+            verify_phase: list[float] = []
+            for _ in range(rounds):
+                times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
+                times["dd_direct_fsync"].append(
+                    dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"])
+                )
+                _evict(store_blob)
+                t0, c0 = time.perf_counter(), _cpu_s()
+                code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
+                times["stage"].append(time.perf_counter() - t0)
+                cpu.append(_cpu_s() - c0)
+                assert code == 4, code
+                write_phase.append(marks["verifying"] - marks["writing"])
+                verify_phase.append(marks["staged"] - marks["verifying"])
+            assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
+            hash_mbps = sha256_mbps()
+            load = os.getloadavg()[0]
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
+        return {
+            "image_mib": size_mib,
+            "image_build_s": round(build_s, 1),
+            "blob_mib": round(blob.stat().st_size / MIB, 1),
+            "compression_ratio": round(raw_size / blob.stat().st_size, 2),
+            "zstd_encode_mbps_threads_all": round(enc_mt, 1),
+            "zstd_encode_mbps_single_thread": round(enc_st, 1),
+            "rounds": rounds,
+            "stage_s": [round(t, 2) for t in times["stage"]],
+            "stage_cpu_s": [round(t, 2) for t in cpu],
+            "stage_write_phase_s": [round(t, 2) for t in write_phase],
+            "stage_verify_phase_s": [round(t, 2) for t in verify_phase],
+            "dd_fsync_s": [round(t, 2) for t in times["dd_fsync"]],
+            "dd_direct_fsync_s": [round(t, 2) for t in times["dd_direct_fsync"]],
+            "stage_mbps": round(mbps["stage"], 1),
+            "dd_fsync_mbps": round(mbps["dd_fsync"], 1),
+            "dd_direct_fsync_mbps": round(mbps["dd_direct_fsync"], 1),
+            "ratio_vs_dd_fsync": round(med["dd_fsync"] / med["stage"], 2),
+            "ratio_vs_dd_direct_fsync": round(med["dd_direct_fsync"] / med["stage"], 2),
+            "goal_ratio": GOAL_RATIO,
+            "sha256_mbps": round(hash_mbps, 1),
+            "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
+            "load_average_1min_at_end": round(load, 2),
+        }
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench.ota_slots needs root (loop devices)", file=sys.stderr)
+        return 2
+    print(json.dumps(run(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,805 @@
+"""`spk-visor ota ...`: signed updates (design/ota.md).
+
+Build side (workstation): keygen, root, build, inspect, verify, publish, bundle, push.
+Node side (on the node, as root): check, apply, pull, status, commit, rollback, discard,
+history, verify-installed, recover, boot-check. The work is in spk_visor.ota.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import typer
+
+from spk_visor.commands.common import JsonOpt, state
+from spk_visor.errors import ExitCode, UsageError
+from spk_visor.output import table
+
+app = typer.Typer(
+    help="Signed updates: build and publish releases; check, apply, pull and roll back on a node.",
+    no_args_is_help=True,
+)
+root_app = typer.Typer(help="The root document: which keys sign what, with thresholds.")
+bundle_app = typer.Typer(help="Convert between a .spkb bundle and a pull repository.")
+app.add_typer(root_app, name="root")
+app.add_typer(bundle_app, name="bundle")
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (cron).")]
+Unchanged77 = Annotated[
+    bool,
+    typer.Option("--unchanged-exit-77", help="Exit 77 instead of 0 when there was nothing to do."),
+]
+KeyOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--key", "-k", metavar="PRIVATE_KEY", help="Signing key (repeat for a threshold)."
+    ),
+]
+PassFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--passphrase-file",
+        metavar="FILE",
+        help="Read the key passphrase from FILE (or set SPK_VISOR_OTA_PASSPHRASE).",
+    ),
+]
+
+_DURATION = re.compile(r"^(\d+)([hdwy])$")
+_UNITS = {"h": 1 / 24, "d": 1, "w": 7, "y": 365}
+
+
+def duration(text: str) -> dt.timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise UsageError(f"bad duration {text!r}", "use a number and h, d, w or y: 12h, 7d, 3y")
+    return dt.timedelta(days=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _passphrase(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:
+    from spk_visor.ota import keys  # noqa: PLC0415 (cryptography only when signing)
+
+    secret = _passphrase(passphrase_file)
+    return [keys.load_signing_key(p, secret) for p in paths]
+
+
+def _print(ctx: typer.Context, as_json: bool, doc: Any, text: str) -> None:
+    st = state(ctx, as_json)
+    if st.json:
+        st.console.json(doc)
+    else:
+        st.console.print(text)
+
+
+# ---- build side --------------------------------------------------------------------
+
+
+@app.command()
+def keygen(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(metavar="PRIVATE_KEY", help="Where to write the key.")],
+    ask_passphrase: Annotated[
+        bool, typer.Option("--ask-passphrase", help="Encrypt the key; ask for a passphrase.")
+    ] = False,
+    passphrase_file: PassFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an ed25519 signing key: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub."""
+    from spk_visor.ota import keys  # noqa: PLC0415
+
+    secret = _passphrase(passphrase_file)
+    if ask_passphrase:
+        first = getpass.getpass("passphrase: ")
+        if first != getpass.getpass("again: "):
+            raise UsageError("the passphrases differ")
+        secret = first.encode() or None
+    key = keys.generate()
+    pub = keys.write_keypair(key, out, secret)
+    doc = {"private": str(out), "public": str(pub), "keyid": key.keyid}
+    _print(ctx, as_json, doc, f"wrote {out} and {pub}\nkeyid {key.keyid}")
+
+
+def _role_args(keys_by_role: dict[str, tuple[int, list[Path]]]) -> dict[str, Any]:
+    from spk_visor.ota import keys  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for role, (threshold, paths) in keys_by_role.items():
+        if not paths:
+            raise UsageError(f"no {role} key given", f"give --{role}-key PUBLIC_KEY")
+        if not 1 <= threshold <= len(paths):
+            raise UsageError(f"--{role}-threshold {threshold} is not within 1..{len(paths)}")
+        out[role] = (threshold, [keys.load_public_key(p) for p in paths])
+    return out
+
+
+RootKeys = Annotated[list[Path], typer.Option("--root-key", help="Root role public key (repeat).")]
+ReleaseKeys = Annotated[
+    list[Path], typer.Option("--release-key", help="Release role public key (repeat).")
+]
+ChannelKeys = Annotated[
+    list[Path], typer.Option("--channel-key", help="Channel role public key (repeat).")
+]
+RootT = Annotated[int, typer.Option("--root-threshold", help="Root signatures required.")]
+ReleaseT = Annotated[int, typer.Option("--release-threshold", help="Release signatures required.")]
+ChannelT = Annotated[int, typer.Option("--channel-threshold", help="Channel signatures required.")]
+ExpiresOpt = Annotated[str, typer.Option("--expires", help="Validity: 3y, 52w, 90d, 12h.")]
+
+
+def _write_root(out: Path, version: int, expires: str, dev: bool, roles: dict[str, Any]) -> Any:
+    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+
+    payload = roots.payload(
+        version,
+        dt.datetime.now(dt.UTC).replace(microsecond=0) + duration(expires),
+        roles,
+        dev=dev,
+    )
+    env = dsse.new(dsse.ROOT_TYPE, payload)
+    out.write_bytes(env.to_bytes())
+    return payload
+
+
+@root_app.command("init")
+def root_init(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Root document to write.")],
+    root_key: RootKeys,
+    release_key: ReleaseKeys,
+    channel_key: ChannelKeys,
+    root_threshold: RootT = 1,
+    release_threshold: ReleaseT = 1,
+    channel_threshold: ChannelT = 1,
+    expires: ExpiresOpt = "3y",
+    dev: Annotated[
+        bool, typer.Option("--dev", help="A development root (dev releases only).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write root version 1 (unsigned): then `ota root sign` it with the root keys."""
+    if out.exists():
+        raise UsageError(f"{out} exists", "a root document is never overwritten; use rotate")
+    roles = _role_args(
+        {
+            "root": (root_threshold, root_key),
+            "release": (release_threshold, release_key),
+            "channel": (channel_threshold, channel_key),
+        }
+    )
+    payload = _write_root(out, 1, expires, dev, roles)
+    _print(
+        ctx,
+        as_json,
+        payload,
+        f"wrote {out}: root v1, expires {payload['expires']}\n"
+        f"next: spk-visor ota root sign {out} --key ROOT_KEY (x{root_threshold})",
+    )
+
+
+@root_app.command("rotate")
+def root_rotate(
+    ctx: typer.Context,
+    old: Annotated[Path, typer.Argument(help="The current root document.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new root document.")],
+    root_key: RootKeys,
+    release_key: ReleaseKeys,
+    channel_key: ChannelKeys,
+    root_threshold: RootT = 1,
+    release_threshold: ReleaseT = 1,
+    channel_threshold: ChannelT = 1,
+    expires: ExpiresOpt = "3y",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write root version N+1 with the given keys; it needs signatures from the threshold
+    of the old root AND of the new one (sign it with both sets)."""
+    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+
+    current = roots.parse_unverified(dsse.from_bytes(old.read_bytes(), dsse.ROOT_TYPE))
+    roles = _role_args(
+        {
+            "root": (root_threshold, root_key),
+            "release": (release_threshold, release_key),
+            "channel": (channel_threshold, channel_key),
+        }
+    )
+    payload = _write_root(out, current.version + 1, expires, current.dev, roles)
+    _print(
+        ctx,
+        as_json,
+        payload,
+        f"wrote {out}: root v{payload['version']}\n"
+        "sign it with the old root keys and with the new ones: spk-visor ota root sign",
+    )
+
+
+@root_app.command("sign")
+def root_sign(
+    ctx: typer.Context,
+    document: Annotated[Path, typer.Argument(help="Root document to add signatures to.")],
+    key: KeyOpt,
+    passphrase_file: PassFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add signatures to a root document, in place (offline, one key holder at a time)."""
+    from spk_visor.ota import dsse, durable  # noqa: PLC0415
+
+    env = dsse.from_bytes(document.read_bytes(), dsse.ROOT_TYPE)
+    for k in _signing_keys(key, passphrase_file):
+        env.sign(k)
+    durable.write_bytes(document, env.to_bytes(), 0o644)
+    ids = [k for k, _ in env.signatures]
+    _print(ctx, as_json, {"signatures": ids}, f"{document}: {len(ids)} signature(s)")
+
+
+@app.command()
+def build(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Option("--version", help="Release version, e.g. 2.5.0.")],
+    counter: Annotated[int, typer.Option("--counter", min=1, help="Anti-rollback counter.")],
+    key: KeyOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write (.spkb).")],
+    daemon_tree: Annotated[
+        Path | None, typer.Option("--daemon-tree", help="smechvisord release tree (a directory).")
+    ] = None,
+    base_image: Annotated[
+        Path | None, typer.Option("--base-image", help="Base system: a raw ext4 image.")
+    ] = None,
+    set_floor: Annotated[
+        int, typer.Option("--set-floor", min=0, help="Raise nodes' floor to this at commit.")
+    ] = 0,
+    requires_base_counter: Annotated[
+        int, typer.Option("--requires-base-counter", min=0, help="Daemon needs this base.")
+    ] = 0,
+    root_doc: Annotated[
+        list[Path], typer.Option("--root", help="Root documents to carry (offline rotation).")
+    ] = [],  # noqa: B006 (typer reads the default; it is never mutated)
+    probation: Annotated[float, typer.Option("--probation", help="Probation seconds.")] = 30,
+    dev: Annotated[bool, typer.Option("--dev", help="A development release.")] = False,
+    passphrase_file: PassFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a signed .spkb bundle from a daemon tree and/or a base image."""
+    from spk_visor.ota import build as build_mod  # noqa: PLC0415
+    from spk_visor.ota import dsse  # noqa: PLC0415
+
+    root_envs = [dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE) for p in root_doc]
+    result = build_mod.build(
+        out=out,
+        version=version,
+        counter=counter,
+        keys=_signing_keys(key, passphrase_file),
+        daemon_tree=daemon_tree,
+        base_image=base_image,
+        set_floor=set_floor,
+        roots=root_envs,
+        dev=dev,
+        base_counter_min=requires_base_counter,
+        probation_s=probation,
+    )
+    doc = {
+        "bundle": str(result.bundle),
+        "manifest": str(result.manifest_path),
+        "manifest_sha256": result.manifest_sha256,
+        "size": result.bundle.stat().st_size,
+        "blobs": [{"id": b.id, "size": b.size} for b in result.blobs],
+    }
+    _print(
+        ctx,
+        as_json,
+        doc,
+        f"wrote {result.bundle} ({doc['size']} bytes)\nmanifest {result.manifest_sha256}",
+    )
+
+
+def _open_bundle(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return Path(path).open("rb")
+    except OSError as e:
+        raise UsageError(f"cannot open bundle {path}: {e.strerror}") from e
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a bundle's manifest WITHOUT verifying it (use `verify` for that)."""
+    from spk_visor.ota import bundle  # noqa: PLC0415
+
+    with _open_bundle(str(bundle_path)) as f:
+        header = bundle.read_header(f)
+    payload = header.manifest.payload_json()
+    doc = {
+        "verified": False,
+        "manifest_sha256": header.manifest.payload_sha256,
+        "signatures": [k for k, _ in header.manifest.signatures],
+        "roots": len(header.roots),
+        "manifest": payload,
+    }
+    _print(
+        ctx,
+        as_json,
+        doc,
+        "NOT VERIFIED (spk-visor ota verify checks it)\n" + json.dumps(doc, indent=1),
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    ctx: typer.Context,
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    root_doc: Annotated[Path, typer.Option("--root", help="Trusted root document.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a bundle offline against a root: signatures, schema, every blob, the end."""
+    from spk_visor.ota import bundle, roots, verify  # noqa: PLC0415
+    from spk_visor.ota.engine import hash_blobs  # noqa: PLC0415
+
+    trusted = roots.load_anchor(root_doc.read_bytes(), f"root {root_doc}")
+    with _open_bundle(str(bundle_path)) as f:
+        header = bundle.read_header(f)
+        root, _added = roots.chain_from_list(trusted, header.roots)
+        v = verify.verify_manifest(header.manifest, root, start=dt.datetime.now(dt.UTC))
+        hash_blobs(f, v.manifest)
+    doc = {
+        "verified": True,
+        "manifest_sha256": v.sha256,
+        "version": v.manifest.release.version,
+        "counter": v.manifest.release.counter,
+        "root_version": root.version,
+        "keyids": sorted(v.signers),
+    }
+    _print(
+        ctx,
+        as_json,
+        doc,
+        f"OK: {bundle_path} is release {doc['version']} "
+        f"(counter {doc['counter']}), signed by {len(v.signers)} release key(s)",
+    )
+
+
+@app.command()
+def publish(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option("--repo", help="Repository directory (created).")],
+    key: KeyOpt,
+    channel: Annotated[str, typer.Option("--channel", help="Channel name.")] = "stable",
+    bundle_path: Annotated[
+        Path | None, typer.Option("--bundle", help="Bundle to publish; without it, re-sign.")
+    ] = None,
+    revert_to: Annotated[
+        str | None,
+        typer.Option(
+            "--revert-to",
+            metavar="MANIFEST_SHA256",
+            help="Point the channel at an older published release.",
+        ),
+    ] = None,
+    root_doc: Annotated[list[Path], typer.Option("--root", help="Root documents to publish.")] = [],  # noqa: B006
+    expires: Annotated[str, typer.Option("--expires", help="Channel validity.")] = "7d",
+    rollout: Annotated[
+        float | None, typer.Option("--rollout", min=0, max=100, help="Percent of nodes.")
+    ] = None,
+    salt: Annotated[str | None, typer.Option("--salt", help="Rollout bucket salt.")] = None,
+    passphrase_file: PassFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish into a static repository: blobs, manifest, roots, then the signed channel.
+
+    Run it daily even without a new release: the channel expires (--expires)."""
+    from spk_visor.ota import dsse  # noqa: PLC0415
+    from spk_visor.ota.repo import Repo  # noqa: PLC0415
+
+    if bundle_path is not None and revert_to is not None:
+        raise UsageError("give --bundle or --revert-to, not both")
+    r = Repo(repo)
+    sha = revert_to
+    if bundle_path is not None:
+        sha, _m = r.add_bundle(bundle_path)
+    for p in root_doc:
+        r.add_root(dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE))
+    payload = r.sign_channel(
+        channel,
+        _signing_keys(key, passphrase_file),
+        manifest_sha=sha,
+        expires_in=duration(expires),
+        percent=rollout,
+        salt=salt,
+    )
+    _print(
+        ctx,
+        as_json,
+        payload,
+        f"{repo}: channel {channel} serial {payload['serial']} -> "
+        f"{payload['manifest']['version']} ({payload['rollout']['percent']}%), "
+        f"expires {payload['expires']}",
+    )
+
+
+@bundle_app.command("explode")
+def bundle_explode(
+    ctx: typer.Context,
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    repo: Annotated[Path, typer.Option("--repo", help="Repository directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Unpack a bundle into a repository's layout (no channel change)."""
+    from spk_visor.ota.repo import Repo  # noqa: PLC0415
+
+    sha, _m = Repo(repo).add_bundle(bundle_path)
+    _print(ctx, as_json, {"manifest_sha256": sha}, f"manifest {sha}")
+
+
+@bundle_app.command("pack")
+def bundle_pack(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option("--repo", help="Repository directory.")],
+    manifest_sha: Annotated[str, typer.Option("--manifest", metavar="SHA256")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a bundle from a repository's manifest (for USB or air-gapped nodes)."""
+    from spk_visor.ota.repo import Repo, pack  # noqa: PLC0415
+
+    pack(Repo(repo), manifest_sha, out)
+    _print(ctx, as_json, {"bundle": str(out)}, f"wrote {out}")
+
+
+# ---- node side ---------------------------------------------------------------------
+
+
+@contextmanager
+def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[Any]:
+    from spk_visor.ota.context import load_context  # noqa: PLC0415
+    from spk_visor.ota.report import Reporter  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+    reporter = Reporter(as_json=st.json, quiet=quiet)
+    try:
+        yield load_context(reporter), reporter
+    finally:
+        reporter.close()
+
+
+def _finish(reporter: Any, code: ExitCode, unchanged_77: bool = False, **fields: Any) -> None:
+    if code == ExitCode.OK and unchanged_77 and not fields.get("changed", True):
+        code = ExitCode.UNCHANGED
+    reporter.result(int(code), **fields)
+    if code != ExitCode.OK:
+        raise typer.Exit(int(code))
+
+
+BundleArg = Annotated[
+    str, typer.Option("--bundle", "-b", metavar="FILE|-", help="Bundle; - reads stdin.")
+]
+DowngradeOpt = Annotated[
+    bool, typer.Option("--allow-downgrade", help="Install a release older than the installed one.")
+]
+AssumeTimeOpt = Annotated[
+    bool, typer.Option("--assume-time", help="Trust this clock even if behind the clock floor.")
+]
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    bundle_path: BundleArg,
+    allow_downgrade: DowngradeOpt = False,
+    assume_time: AssumeTimeOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: every check and the plan, with zero writes."""
+    from spk_visor.ota import engine  # noqa: PLC0415
+
+    with _node(ctx, as_json) as (octx, reporter), _open_bundle(bundle_path) as f:
+        plan = engine.check(octx, f, allow_downgrade=allow_downgrade, assume_time=assume_time)
+        doc = plan.to_doc()
+        if reporter.as_json:
+            reporter.result(0, **doc)
+        else:
+            rows = [[k, json.dumps(v) if isinstance(v, list) else v] for k, v in doc.items()]
+            state(ctx).console.print("all checks passed\n" + table(["", ""], rows))
+
+
+@app.command()
+def apply(
+    ctx: typer.Context,
+    bundle_path: BundleArg,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once the worker started.")
+    ] = False,
+    allow_downgrade: DowngradeOpt = False,
+    assume_time: AssumeTimeOpt = False,
+    manual_commit: Annotated[
+        bool,
+        typer.Option(
+            "--manual-commit", help="Hold the new daemon in probation until `ota commit`."
+        ),
+    ] = False,
+    unchanged_77: Unchanged77 = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a bundle into the node's store, then apply it (exit 4: reboot for the base;
+    5: rolled back; 3: refused, nothing changed)."""
+    from spk_visor.ota import engine  # noqa: PLC0415
+
+    opts = engine.ApplyOptions(
+        mode="push",
+        allow_downgrade=allow_downgrade,
+        assume_time=assume_time,
+        manual_commit=manual_commit,
+        detach=detach,
+    )
+    with _node(ctx, as_json, quiet) as (octx, reporter), _open_bundle(bundle_path) as f:
+        code, plan = engine.apply_stream(octx, f, opts)
+        _finish(
+            reporter, code, unchanged_77, changed=plan.changes, detached=detach, **plan.to_doc()
+        )
+
+
+@app.command()
+def pull(
+    ctx: typer.Context,
+    channel: Annotated[str | None, typer.Option("--channel", help="Channel [ota.conf].")] = None,
+    jitter: Annotated[
+        float,
+        typer.Option("--jitter", min=0, help="Sleep up to this many seconds first (not on a TTY)."),
+    ] = 0,
+    apply_daemon: Annotated[
+        bool | None,
+        typer.Option("--apply-daemon/--no-apply-daemon", help="Swap the daemon live [ota.conf]."),
+    ] = None,
+    stage_base: Annotated[
+        bool | None,
+        typer.Option("--stage-base/--no-stage-base", help="Stage the base image [ota.conf]."),
+    ] = None,
+    unchanged_77: Unchanged77 = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch and apply the channel's release from the configured repository (cron)."""
+    from spk_visor.ota import pull as pull_mod  # noqa: PLC0415
+
+    with _node(ctx, as_json, quiet) as (octx, reporter):
+        opts = pull_mod.PullOptions(
+            channel=channel,
+            jitter=jitter,
+            apply_daemon=apply_daemon,
+            stage_base=stage_base,
+            interactive=sys.stdin.isatty(),
+        )
+        code, doc = pull_mod.run(octx, opts)
+        _finish(reporter, code, unchanged_77, **doc)
+
+
+def _status_text(doc: dict[str, Any]) -> str:
+    rows = []
+    for comp in ("daemon", "base", "op"):
+        entry = doc.get(comp) or {}
+        extra = ", ".join(
+            f"{k}={entry[k]}"
+            for k in ("version", "target", "slot", "downtime_ms", "reason", "error", "exit_code")
+            if k in entry
+        )
+        rows.append([comp, entry.get("phase", "idle"), entry.get("updated", ""), extra])
+    installed = doc.get("installed") or {}
+    lines = [table(["component", "phase", "since", "detail"], rows)]
+    lines.append(
+        f"installed: {installed.get('version', 'none')} (counter {installed.get('counter', 0)}),"
+        f" floor {doc.get('counter_floor')}"
+    )
+    lines.append(f"current: {doc.get('current')}  previous: {doc.get('previous')}")
+    if doc.get("booted_slot"):
+        lines.append(f"booted slot: {doc['booted_slot']}")
+    if (doc.get("base") or {}).get("phase") == "staged":
+        lines.append("a base image is staged: reboot to try it (spk-visor ota discard cancels)")
+    if doc.get("lock"):
+        lines.append(f"running: {doc['lock']}")
+    return "\n".join(lines)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Follow a running update to its end.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for a running update; print only the end state.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Journal, installed release, floor, staged base; exit code of the last update with --wait."""
+    from spk_visor.ota import engine  # noqa: PLC0415
+    from spk_visor.ota.context import load_context  # noqa: PLC0415
+    from spk_visor.ota.report import Reporter  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+    # --wait shows only the end state; --follow shows each phase as it happens.
+    reporter = Reporter(as_json=st.json, quiet=not follow)
+    octx = load_context(reporter if follow else None)
+    code = ExitCode.OK
+    try:
+        if follow or wait:
+            code = engine.follow(octx)
+    finally:
+        reporter.close()
+    doc = engine.status(octx)
+    if st.json:
+        st.console.json(doc)
+    else:
+        st.console.print(_status_text(doc))
+    if code != ExitCode.OK:
+        raise typer.Exit(int(code))
+
+
+def _locked_action(ctx: typer.Context, as_json: bool, name: str) -> None:
+    from spk_visor.ota import engine  # noqa: PLC0415
+
+    with _node(ctx, as_json) as (octx, reporter):
+        code = engine.manual(octx, name)
+        _finish(reporter, code, action=name)
+        if not reporter.as_json:
+            state(ctx).console.print(f"{name}: done")
+
+
+@app.command()
+def commit(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Commit a daemon release held in probation (--manual-commit)."""
+    _locked_action(ctx, as_json, "commit")
+
+
+@app.command()
+def rollback(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Go back to the previous daemon release (never below the floor)."""
+    _locked_action(ctx, as_json, "rollback")
+
+
+@app.command()
+def discard(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Cancel a staged base image (the next boot stays on the current slot)."""
+    _locked_action(ctx, as_json, "discard")
+
+
+@app.command()
+def recover(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Finish or undo what a crash interrupted (run at boot; safe to run any time)."""
+    from spk_visor.ota import engine, journal  # noqa: PLC0415
+
+    with _node(ctx, as_json) as (octx, _reporter):
+        with journal.locked(octx.paths, "recover"):
+            actions = engine.recover_all(octx)
+        _print(ctx, as_json, {"actions": actions}, "\n".join(actions) or "nothing to recover")
+
+
+@app.command("boot-check")
+def boot_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """At boot: commit a trial base slot that is healthy, or record the failed trial (exit 5)."""
+    _locked_action(ctx, as_json, "boot-check")
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Last N events.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every OTA decision on this node, oldest first."""
+    from spk_visor.ota.context import load_context  # noqa: PLC0415
+
+    events = load_context().history.read(limit)
+    rows = [
+        [
+            e.get("time", ""),
+            e.get("event", ""),
+            str(e.get("manifest", ""))[:12],
+            e.get("version", ""),
+            e.get("exit_code", ""),
+            e.get("downtime_ms", ""),
+        ]
+        for e in events
+    ]
+    _print(
+        ctx,
+        as_json,
+        events,
+        table(["time", "event", "manifest", "version", "exit", "downtime ms"], rows),
+    )
+
+
+@app.command("verify-installed")
+def verify_installed(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Re-hash the running release tree and the active slot against their manifests."""
+    from spk_visor.ota import engine  # noqa: PLC0415
+
+    with _node(ctx, as_json) as (octx, _reporter):
+        problems = engine.verify_installed(octx)
+    _print(
+        ctx,
+        as_json,
+        {"ok": not problems, "problems": problems},
+        "\n".join(problems) or "installed release verifies",
+    )
+    if problems:
+        raise typer.Exit(int(ExitCode.REFUSED))
+
+
+@app.command()
+def push(
+    ctx: typer.Context,
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Nodes at once.")] = 4,
+    canary: Annotated[
+        bool, typer.Option("--canary/--no-canary", help="First node alone first.")
+    ] = True,
+    stop_on_failure: Annotated[
+        bool, typer.Option("--stop-on-failure", help="Start no more nodes after a failure.")
+    ] = False,
+    allow_downgrade: DowngradeOpt = False,
+    assume_time: AssumeTimeOpt = False,
+    remote_command: Annotated[
+        str, typer.Option("--remote-command", help="spk-visor on the nodes.")
+    ] = "spk-visor",
+    as_json: JsonOpt = False,
+) -> None:
+    """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
+    import shlex  # noqa: PLC0415
+
+    from spk_visor.ota import push as push_mod  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+    settings = st.settings
+    targets = push_mod.targets_from_settings(settings)
+    extra = [
+        a
+        for a, on in (("--allow-downgrade", allow_downgrade), ("--assume-time", assume_time))
+        if on
+    ]
+    results = push_mod.push(
+        bundle_path,
+        targets,
+        parallel=parallel,
+        canary=canary,
+        stop_on_failure=stop_on_failure,
+        remote_command=shlex.split(remote_command),
+        apply_args=extra,
+        timeout=settings.timeout,
+        accept_new=settings.accept_new,
+        show_progress=not st.json and st.console.err_is_tty,
+    )
+    docs = [r.to_doc() for r in results]
+    if st.json:
+        st.console.json(docs)
+    else:
+        st.console.print(push_mod.summary_table(results))
+    worst = push_mod.overall_exit(results)
+    if worst != ExitCode.OK:
+        raise typer.Exit(int(worst))
+
+
+def register_aliases(root: typer.Typer) -> None:
+    """`entire-system-upgrade`: the original tool's name for an update, now `ota pull`."""
+    root.command(
+        "entire-system-upgrade",
+        help="Alias of `ota pull`: fetch and apply the channel's release from the repository "
+        "in /etc/spk-visor/ota.conf.",
+    )(pull)

@@ -1,0 +1,100 @@
+"""The `.spkb` bundle framing: one file carrying a manifest envelope, roots and blobs.
+
+    magic "SPKOTA\\0\\1" (8 bytes) | u32be envelope_len (<= 1 MiB) |
+    envelope JSON {"manifest": <DSSE>, "roots": [<DSSE>, ...]} |
+    blob bytes concatenated in the manifest's blob order | EOF
+
+Only the two bounded lengths are read before verification; blob sizes come from the
+signed manifest, never from the bundle itself. Trailing bytes after the last blob are
+refused. No tar, no headers per blob, nothing unsigned that steers the install.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from spk_visor.errors import VerificationError
+from spk_visor.ota import dsse
+
+MAGIC = b"SPKOTA\x00\x01"
+MAX_ENVELOPE = 1 << 20
+COPY_CHUNK = 4 << 20
+
+
+@dataclass
+class BundleHeader:
+    manifest: dsse.Envelope
+    roots: list[dsse.Envelope]
+    manifest_raw: bytes  # the manifest envelope as JSON bytes (stored on the node)
+    blobs_offset: int
+
+
+def _read_exact(stream: BinaryIO, n: int, what: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            raise VerificationError(f"bundle truncated in the {what}", "copy the bundle again")
+        data += chunk
+    return data
+
+
+def read_header(stream: BinaryIO) -> BundleHeader:
+    magic = _read_exact(stream, len(MAGIC), "magic")
+    if magic != MAGIC:
+        if magic[:6] == MAGIC[:6]:
+            raise VerificationError(
+                f"bundle format {magic[6]}.{magic[7]} is not supported (this agent reads 0.1)",
+                "update spk-visor first",
+            )
+        raise VerificationError("not a spk-visor OTA bundle (bad magic)")
+    (length,) = struct.unpack(">I", _read_exact(stream, 4, "envelope length"))
+    if not 2 <= length <= MAX_ENVELOPE:
+        raise VerificationError(f"bundle envelope length {length} is out of bounds")
+    raw = _read_exact(stream, length, "envelope")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise VerificationError(f"bundle envelope is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or "manifest" not in doc:
+        raise VerificationError("bundle envelope has no manifest")
+    roots_doc = doc.get("roots", [])
+    if not isinstance(roots_doc, list):
+        raise VerificationError("bundle envelope: roots is not a list")
+    manifest = dsse.from_doc(doc["manifest"], dsse.MANIFEST_TYPE)
+    roots = [dsse.from_doc(r, dsse.ROOT_TYPE) for r in roots_doc[:32]]
+    return BundleHeader(manifest, roots, manifest.to_bytes(), len(MAGIC) + 4 + length)
+
+
+def write(
+    out: BinaryIO,
+    manifest: dsse.Envelope,
+    roots: Iterable[dsse.Envelope],
+    blob_files: Iterable[Path],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    envelope = json.dumps(
+        {"manifest": manifest.to_doc(), "roots": [r.to_doc() for r in roots]},
+        separators=(",", ":"),
+    ).encode()
+    if len(envelope) > MAX_ENVELOPE:
+        raise VerificationError("the manifest is too large for a bundle (over 1 MiB)")
+    out.write(MAGIC + struct.pack(">I", len(envelope)) + envelope)
+    for path in blob_files:
+        with path.open("rb") as f:
+            while chunk := f.read(COPY_CHUNK):
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
+
+
+def expect_eof(stream: BinaryIO) -> None:
+    if stream.read(1):
+        raise VerificationError(
+            "bundle has bytes after its last blob", "the bundle is corrupt or tampered with"
+        )

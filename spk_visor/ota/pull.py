@@ -1,0 +1,260 @@
+"""The cron path: `spk-visor ota pull` against a static repository (ota.md, "Pull mode").
+
+One conditional GET of the channel per run; everything else is immutable and named by
+hash. The channel is verified (threshold, serial, expiry) before it is believed, the node's
+rollout bucket decides eligibility with no server logic, blobs download resumably from
+mirrors in order, and the apply runs through the same engine as a pushed bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from spk_visor.errors import (
+    ConfigError,
+    ExitCode,
+    NotEligibleError,
+    SpkVisorError,
+    TransportError,
+)
+from spk_visor.ota import dsse, durable, engine, journal, repo, verify
+from spk_visor.ota.bundle import BundleHeader
+from spk_visor.ota.context import OtaContext
+from spk_visor.ota.fetch import Fetcher
+from spk_visor.ota.nodeconf import node_id
+
+CHANNEL_CAP = 16 * 1024
+MANIFEST_CAP = 1 << 20
+# Backoff after transient failures: 5 min doubling to 6 h, persisted across runs.
+BACKOFF_FIRST = 300.0
+BACKOFF_MAX = 6 * 3600.0
+
+
+@dataclass
+class PullOptions:
+    channel: str | None = None
+    jitter: float = 0.0
+    apply_daemon: bool | None = None
+    stage_base: bool | None = None
+    interactive: bool = False
+
+
+def bucket(node: str, salt: str) -> int:
+    """The node's rollout bucket, 0..9999: stable per node and salt, spread evenly."""
+    return int(hashlib.sha256(f"{node}{salt}".encode()).hexdigest()[:8], 16) % 10000
+
+
+def eligible(node: str, salt: str, percent: float) -> bool:
+    return bucket(node, salt) < percent * 100
+
+
+class _PullState:
+    """pull.json: ETag of the channel and the backoff schedule."""
+
+    def __init__(self, ctx: OtaContext) -> None:
+        self.path = ctx.paths.state_dir / "pull.json"
+        try:
+            self.doc: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.doc = {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.write_json(self.path, self.doc)
+
+    def failed(self) -> float:
+        failures = int(self.doc.get("failures", 0)) + 1
+        wait = float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
+        self.doc.update(failures=failures, next_attempt=time.time() + wait)
+        self.save()
+        return wait
+
+    def succeeded(self) -> None:
+        if self.doc.get("failures"):
+            self.doc.update(failures=0, next_attempt=0)
+            self.save()
+
+
+def inhibited(ctx: OtaContext) -> str | None:
+    for path in (
+        ctx.paths.sysroot / "etc/spk-visor/inhibit",
+        ctx.paths.sysroot / "run/spk-visor-ota.inhibit",
+    ):
+        if path.exists():
+            return str(path)
+    return None
+
+
+def run(ctx: OtaContext, opts: PullOptions) -> tuple[ExitCode, dict[str, Any]]:
+    config = ctx.config
+    if not config.base_urls:
+        raise ConfigError(
+            f"no repository configured (base_urls in {ctx.paths.conf})",
+            'add base_urls = ["https://..."] to ota.conf',
+        )
+    channel_name = opts.channel or config.channel
+    with journal.locked(ctx.paths, "pull") as lock_fd:
+        engine.recover_all(ctx)
+        state = _PullState(ctx)
+        if not opts.interactive:
+            if time.time() < float(state.doc.get("next_attempt", 0)):
+                raise TransportError(
+                    "backing off after earlier failures",
+                    f"next attempt after {time.ctime(float(state.doc['next_attempt']))}; "
+                    "run it on a terminal to try now",
+                )
+            if opts.jitter > 0:
+                # Spread a fleet's cron runs so the repository never sees them all at once.
+                time.sleep(random.uniform(0, opts.jitter))  # noqa: S311 (not security)
+        why = inhibited(ctx)
+        if why:
+            raise NotEligibleError(f"updates are inhibited by {why}", "remove it to allow updates")
+        engine.check_preconditions(ctx)
+        fetcher = Fetcher(
+            base_urls=config.base_urls,
+            attempts=config.fetch_attempts,
+            backoff=config.fetch_backoff_s,
+            timeout=config.fetch_timeout_s,
+        )
+        try:
+            result = _pull(ctx, fetcher, state, channel_name, opts, lock_fd)
+        except TransportError:
+            state.failed()
+            raise
+        except SpkVisorError:
+            raise
+        state.succeeded()
+        if isinstance(result, tuple):
+            return result
+        proc, plan_doc, manifest_hex = result
+    code = engine.follow(ctx, proc=proc, manifest_hex=manifest_hex)
+    return code, {"changed": True, **plan_doc}
+
+
+def _pull(
+    ctx: OtaContext,
+    fetcher: Fetcher,
+    state: _PullState,
+    channel_name: str,
+    opts: PullOptions,
+    lock_fd: int,
+) -> Any:
+    config = ctx.config
+    start = engine.utcnow()
+    floor = ctx.floor.read()
+    verify.check_clock(start, str(floor.get("clock_floor", "")), assume_time=False)
+
+    # 1. The root chain: walk root/N+1... until 404; each new root is saved as verified.
+    def next_root(version: int) -> bytes | None:
+        res = fetcher.get_small(repo.rel_root(version), 512 * 1024)
+        return res.body if res.status == 200 else None
+
+    root, _added = engine.trust_store(ctx).update(next_root)
+    # 2. The channel, conditionally.
+    etags = state.doc.setdefault("etags", {})
+    stored = (floor.get("channels") or {}).get(channel_name)
+    res = fetcher.get_small(
+        repo.rel_channel(channel_name), CHANNEL_CAP, etags.get(channel_name) if stored else None
+    )
+    if res.status == 304:
+        ctx.log(f"channel {channel_name}: not modified")
+        return ExitCode.OK, {"changed": False, "reason": "channel not modified"}
+    if res.status == 404:
+        raise TransportError(f"channel {channel_name} not found at {res.url}")
+    env = dsse.from_bytes(res.body, dsse.CHANNEL_TYPE)
+    channel, unchanged = verify.verify_channel(
+        env, root, name=channel_name, start=start, stored=stored
+    )
+    floor.setdefault("channels", {})[channel_name] = {
+        "serial": channel.serial,
+        "issued": channel.issued,
+        "keyids": sorted(root.keyids("channel")),
+        "payload_sha256": env.payload_sha256,
+    }
+    if channel.issued and channel.issued > str(floor.get("clock_floor", "")):
+        floor["clock_floor"] = channel.issued
+    ctx.floor.write(floor)
+    if res.etag:
+        etags[channel_name] = res.etag
+        state.save()
+    # 3. Eligibility.
+    me = node_id(ctx.paths, config)
+    if not eligible(me, channel.salt, channel.percent):
+        raise NotEligibleError(
+            f"this node is outside the rollout ({channel.percent:g}% of nodes, "
+            f"bucket {bucket(me, channel.salt)})",
+            "it becomes eligible when the channel widens the rollout",
+        )
+    if channel.manifest_sha256 in floor.get("bad_manifests", []):
+        raise NotEligibleError(
+            f"release {channel.version} was rolled back on this node before",
+            "it is skipped until the channel points to another release",
+        )
+    # 4. The manifest, pinned by the channel.
+    mres = fetcher.get_small(repo.rel_manifest(channel.manifest_sha256), MANIFEST_CAP)
+    if mres.status != 200:
+        raise TransportError(f"manifest {channel.manifest_sha256[:12]} missing at {mres.url}")
+    header = BundleHeader(dsse.from_bytes(mres.body, dsse.MANIFEST_TYPE), [], mres.body, 0)
+    v = engine.verify_header(
+        ctx,
+        header,
+        mode="pull",
+        allow_downgrade=False,
+        assume_time=False,
+        channel=channel,
+        root=root,
+        new_roots=[],
+    )
+    if v.verified.downgrade:
+        ctx.log(f"WARNING: the signed channel reverts this node: {'; '.join(v.verified.notes)}")
+    plan = v.plan
+    m = v.verified.manifest
+    if unchanged and not plan.changes:
+        return ExitCode.OK, {"changed": False, "reason": "already installed", **plan.to_doc()}
+    # 5. Blobs, resumable, from the mirrors in order.
+    wanted = engine.needed_blobs(m, plan.daemon, plan.base)
+    total = sum(wanted.values())
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        ctx.emit("progress", {"phase": "download", "bytes": done, "total": total})
+
+    for blob_id, size in wanted.items():
+        fetcher.fetch_blob(blob_id, size, ctx.store, progress)
+    engine.persist_verified(ctx, v)
+    ctx.history.append(
+        "verified",
+        manifest=v.verified.sha256,
+        version=m.release.version,
+        counter=m.release.counter,
+        channel=channel_name,
+        serial=channel.serial,
+        keyids=sorted(v.verified.signers),
+        plan=plan.to_doc(),
+    )
+    # 6. Policy: what this node applies unattended.
+    do_daemon = config.apply_daemon if opts.apply_daemon is None else opts.apply_daemon
+    do_base = config.stage_base if opts.stage_base is None else opts.stage_base
+    daemon_now = plan.daemon == "swap" and do_daemon
+    base_now = plan.base == "stage" and do_base
+    if not (daemon_now or base_now):
+        if plan.daemon == "deferred":
+            raise NotEligibleError(
+                "the daemon release waits for a base reboot", "; ".join(plan.notes)
+            )
+        return ExitCode.OK, {
+            "changed": False,
+            "downloaded": total,
+            "reason": "download only (policy)",
+            **plan.to_doc(),
+        }
+    opts_apply = engine.ApplyOptions(mode="pull", apply_daemon=daemon_now, stage_base=base_now)
+    proc = engine.start_worker(ctx, plan, opts_apply, lock_fd)
+    return proc, plan.to_doc(), plan.manifest_sha256

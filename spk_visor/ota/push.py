@@ -1,0 +1,480 @@
+"""Push a bundle to nodes over SSH: canary first, then a bounded fan-out (design/ota.md,
+"Push mode").
+
+Per node, two commands run on the node through `spk_visor.transport.ssh_stream`:
+
+1. ``<remote> ota apply --bundle - --detach --json <apply_args>`` with the bundle streamed
+   into its stdin. The node verifies while it copies into its private store, prints NDJSON
+   events (``{"event":"progress",...}``, last ``{"event":"result","exit_code":N,...}``)
+   and, when all is well, leaves a detached worker applying it and exits 0.
+2. ``<remote> ota status --json --wait``: prints the status JSON once the journal is
+   terminal; its exit code is the outcome's (0 committed, 4 base staged, 5 rolled back...).
+
+The node never trusts the workstation: it runs the same checks as a pull. All this module
+decides is the order: the canary alone, and only if it ends with 0 or 4 the rest with
+`parallel` workers; with `stop_on_failure` the first failure stops nodes not yet started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from spk_visor.config import Settings, SshSpec
+from spk_visor.errors import ExitCode, SpkVisorError, UsageError
+from spk_visor.output import table
+from spk_visor.transport import ssh, ssh_stream
+
+# Outcomes after which the fan-out continues: committed, or base staged awaiting a reboot.
+SUCCESS = frozenset({ExitCode.OK, ExitCode.REBOOT_REQUIRED})
+# PushResult.phase for nodes this run did not start, and for failures before the node
+# reported a journal phase.
+SKIPPED = "skipped"
+STEP_APPLY = "apply"
+STEP_FOLLOW = "follow"
+_T = TypeVar("_T")
+# The status JSON is small; anything larger is not the node's status.
+MAX_STATUS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    name: str
+    ssh: SshSpec
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """One node's outcome. `exit_code` uses the CLI's codes (errors.ExitCode): the node's
+    own, or 7 when it could not be reached, 3 for a refused host key, 8 when skipped.
+    `phase` is the node's last journal phase when it reported one, else where the push
+    stopped ("skipped", "apply", "follow")."""
+
+    node: str
+    exit_code: int
+    phase: str
+    version: str | None
+    downtime_ms: int | None
+    message: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code in SUCCESS
+
+    def to_doc(self) -> dict[str, object]:
+        """The --json form: every field, under the names above."""
+        return dataclasses.asdict(self)
+
+
+class NodeProgress(Protocol):
+    """What a progress display gets for one node, from that node's worker thread."""
+
+    def sent(self, done: int) -> None:
+        """`done` bytes of the bundle have been streamed."""
+
+    def event(self, doc: Mapping[str, Any]) -> None:
+        """The node printed this NDJSON event (progress, result, ...)."""
+
+    def finish(self, result: PushResult) -> None:
+        """The node is done (also called for skipped nodes)."""
+
+
+# Called once per node with the target and the bundle size, before anything is sent.
+ProgressFactory = Callable[[PushTarget, int], NodeProgress]
+
+
+class _Silent:
+    def sent(self, done: int) -> None:
+        pass
+
+    def event(self, doc: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, result: PushResult) -> None:
+        pass
+
+
+def no_progress(target: PushTarget, size: int) -> NodeProgress:
+    return _Silent()
+
+
+class _Bars:
+    """A ProgressFactory drawing one tqdm bar per node on stderr, stacked in start order.
+    For a terminal only; the CLI decides (--json and pipes get none)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.next_position = 0
+
+    def __call__(self, target: PushTarget, size: int) -> NodeProgress:
+        with self.lock:
+            position = self.next_position
+            self.next_position += 1
+        return _Bar(target.name, size, position)
+
+
+class _Bar:
+    def __init__(self, name: str, size: int, position: int) -> None:
+        # Imported here so that pushes without bars, and every other command, do not pay
+        # for tqdm at start-up.
+        from tqdm import tqdm  # noqa: PLC0415
+
+        self.size = size
+        self.done = 0
+        self.bar = tqdm(
+            total=size,
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            position=position,
+            leave=True,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def sent(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+        if done >= self.size:
+            self.bar.set_postfix_str("applying on the node")
+
+    def event(self, doc: Mapping[str, Any]) -> None:
+        phase = doc.get("phase")
+        if doc.get("event") == "progress" and isinstance(phase, str):
+            self.bar.set_postfix_str(phase, refresh=False)
+
+    def finish(self, result: PushResult) -> None:
+        self.bar.set_postfix_str(f"exit {result.exit_code}: {result.phase}")
+        self.bar.close()
+
+
+def targets_from_settings(settings: Settings) -> list[PushTarget]:
+    """The nodes of --node/--ssh/--fleet as push targets; each must be reached over SSH."""
+    targets = []
+    for target in settings.targets:
+        if target.ssh is None:
+            raise UsageError(
+                f"ota push goes over SSH, and node {target.name} is reached by URL ({target.url})",
+                "give the node an `ssh` in the config file, or use --ssh USER@HOST",
+            )
+        targets.append(PushTarget(target.name, target.ssh))
+    if not targets:
+        raise UsageError("ota push needs nodes", "use --ssh, --node or --fleet")
+    return targets
+
+
+def overall_exit(results: Sequence[PushResult]) -> ExitCode:
+    """The CLI's exit code: the first real failure's (skipped nodes only follow one), else
+    4 when any node staged a base image that waits for a reboot, else 0."""
+    for result in results:
+        if not result.ok and result.phase != SKIPPED:
+            return _as_exit_code(result.exit_code)
+    if any(result.phase == SKIPPED for result in results):
+        return ExitCode.NOT_ELIGIBLE
+    if any(result.exit_code == ExitCode.REBOOT_REQUIRED for result in results):
+        return ExitCode.REBOOT_REQUIRED
+    return ExitCode.OK
+
+
+def summary_table(results: Sequence[PushResult]) -> str:
+    return table(
+        ["node", "exit", "phase", "version", "downtime", "time", "message"],
+        [
+            [
+                r.node,
+                r.exit_code,
+                r.phase,
+                r.version,
+                None if r.downtime_ms is None else f"{r.downtime_ms} ms",
+                f"{r.seconds:.1f} s",
+                r.message,
+            ]
+            for r in results
+        ],
+    )
+
+
+def push(
+    bundle: Path,
+    targets: Sequence[PushTarget],
+    *,
+    parallel: int = 4,
+    canary: bool = True,
+    stop_on_failure: bool = False,
+    remote_command: Sequence[str] = ("spk-visor",),
+    apply_args: Sequence[str] = (),
+    progress_factory: ProgressFactory | None = None,
+    show_progress: bool = False,
+    timeout: float,
+    accept_new: bool,
+    follow_timeout: float = 600,
+) -> list[PushResult]:
+    """Push `bundle` to `targets`; one PushResult per target, in the targets' order.
+
+    `timeout` bounds connecting and any stall of the stream; `follow_timeout` the wait for
+    `ota apply` to exit after the bundle's end was sent, and then the wait for the node's
+    outcome (`ota status --wait`). Raises UsageError for an unreadable
+    bundle or a bad `parallel`; per-node failures are results, never exceptions.
+    Progress goes to `progress_factory`, or with `show_progress` to a bar per node on
+    stderr, or nowhere.
+    """
+    if progress_factory is None:
+        progress_factory = _Bars() if show_progress else no_progress
+    if parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, not {parallel}")
+    try:
+        size = bundle.stat().st_size
+        with bundle.open("rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot read the bundle {bundle}: {e.strerror or e}") from e
+    node = _NodePush(
+        bundle, size, remote_command, apply_args, progress_factory, timeout, accept_new,
+        follow_timeout,
+    )  # fmt: skip
+    results: dict[int, PushResult] = {}
+    pending = list(enumerate(targets))
+    if canary and pending:
+        first_index, first = pending.pop(0)
+        results[first_index] = first_result = node.run(first)
+        if not first_result.ok:
+            why = f"the canary {first.name} failed (exit {first_result.exit_code})"
+            for index, target in pending:
+                results[index] = node.skip(target, why)
+            return [results[i] for i in range(len(targets))]
+    stop = threading.Event()
+    failed_at: list[str] = []
+
+    def work(target: PushTarget) -> PushResult:
+        if stop.is_set():
+            return node.skip(target, f"stopped after {failed_at[0]} failed (--stop-on-failure)")
+        result = node.run(target)
+        if stop_on_failure and not result.ok and not stop.is_set():
+            failed_at.append(target.name)
+            stop.set()
+        return result
+
+    if pending:
+        pool = ThreadPoolExecutor(
+            max_workers=min(parallel, len(pending)), thread_name_prefix="push"
+        )
+        futures: list[tuple[int, Future[PushResult]]] = [
+            (index, pool.submit(work, target)) for index, target in pending
+        ]
+        try:
+            for index, future in futures:
+                results[index] = future.result()
+        except BaseException:  # Ctrl-C: start nothing more, break the running streams
+            stop.set()
+            failed_at.append("an interruption")
+            pool.shutdown(wait=False, cancel_futures=True)
+            ssh.close_all()
+            raise
+        pool.shutdown()
+    return [results[i] for i in range(len(targets))]
+
+
+@dataclass
+class _NodePush:
+    """The per-node steps, shared by the workers."""
+
+    bundle: Path
+    size: int
+    remote_command: Sequence[str]
+    apply_args: Sequence[str]
+    progress_factory: ProgressFactory
+    timeout: float
+    accept_new: bool
+    follow_timeout: float
+
+    def skip(self, target: PushTarget, why: str) -> PushResult:
+        result = PushResult(
+            target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None, f"not started: {why}", 0.0
+        )
+        self.progress_factory(target, self.size).finish(result)
+        return result
+
+    def run(self, target: PushTarget) -> PushResult:
+        started = time.monotonic()
+        display = self.progress_factory(target, self.size)
+        outcome = _Outcome(step=STEP_APPLY)
+        try:
+            self._apply(target, display, outcome)
+            # Nothing started on the node (already installed): there is nothing to follow,
+            # and `status --wait` would report the previous update's outcome.
+            if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
+                outcome.step = STEP_FOLLOW
+                self._follow(target, outcome)
+        except SpkVisorError as e:
+            outcome.exit_code = int(e.exit_code)
+            outcome.message = e.message
+        result = outcome.result(target.name, time.monotonic() - started)
+        display.finish(result)
+        return result
+
+    def _apply(self, target: PushTarget, display: NodeProgress, outcome: _Outcome) -> None:
+        argv = [
+            *self.remote_command, "ota", "apply", "--bundle", "-", "--detach", "--json",
+            *self.apply_args,
+        ]  # fmt: skip
+
+        def on_line(line: str) -> None:
+            doc = _json_object(line)
+            if doc is None:
+                return
+            display.event(doc)
+            if doc.get("event") == "result":
+                outcome.absorb(doc)
+                outcome.result_code = _int(doc.get("exit_code"))
+                changed = doc.get("changed")
+                outcome.changed = changed if isinstance(changed, bool) else None
+
+        with self.bundle.open("rb") as source:
+            done = ssh_stream.exec_stream(
+                target.ssh,
+                argv,
+                source,
+                size=self.size,
+                progress=display.sent,
+                timeout=self.timeout,
+                accept_new=self.accept_new,
+                on_stdout_line=on_line,
+                # After EOF the node finishes verifying and syncs the bundle into its
+                # store before it detaches: seconds per GiB on a slow disk.
+                wait_timeout=max(self.timeout, self.follow_timeout),
+            )
+        outcome.exit_code = _node_code(done.exit_status)
+        if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
+            # The process said 0 but its own result event did not: never fan out on that.
+            outcome.exit_code = outcome.result_code or ExitCode.INTERNAL
+        outcome.note_failure(done, "ota apply")
+
+    def _follow(self, target: PushTarget, outcome: _Outcome) -> None:
+        done = ssh_stream.run(
+            target.ssh,
+            [*self.remote_command, "ota", "status", "--json", "--wait"],
+            timeout=self.timeout,
+            wait_timeout=self.follow_timeout,
+            accept_new=self.accept_new,
+        )
+        outcome.exit_code = _node_code(done.exit_status)
+        status = _status_document(done.stdout)
+        if status is not None:
+            outcome.absorb(status)
+        outcome.note_failure(done, "ota status")
+
+
+@dataclass
+class _Outcome:
+    """What is known so far about one node's push."""
+
+    step: str
+    exit_code: int = ExitCode.INTERNAL
+    result_code: int | None = None
+    changed: bool | None = None
+    phase: str | None = None
+    version: str | None = None
+    downtime_ms: int | None = None
+    message: str = ""
+
+    def absorb(self, doc: Mapping[str, Any]) -> None:
+        """Take phase, version, downtime and message from a node's JSON (a result event,
+        then the final status, which overrides it): in each document the top-level keys
+        first, then its "daemon" and "base" entries."""
+        phase = _first(doc, "phase", str)
+        version = _first(doc, "version", str) or _first(doc, "target_version", str)
+        downtime = _first(doc, "downtime_ms", int)
+        message = _first(doc, "message", str) or _first(doc, "error", str)
+        self.phase = phase or self.phase
+        self.version = version or self.version
+        self.downtime_ms = downtime if downtime is not None else self.downtime_ms
+        self.message = message or self.message
+
+    def note_failure(self, done: ssh_stream.ExecResult, what: str) -> None:
+        if done.exit_status == ssh_stream.NO_STATUS:
+            self.message = f"{what} ended without an exit status (killed by a signal?)"
+        elif self.exit_code != ExitCode.OK and not self.message:
+            last = _last_line(done.stderr) or _last_line(done.stdout)
+            self.message = last or f"{what} exited with {done.exit_status}"
+
+    def result(self, node: str, seconds: float) -> PushResult:
+        message = self.message or _describe(self.exit_code)
+        return PushResult(
+            node,
+            int(self.exit_code),
+            self.phase or self.step,
+            self.version,
+            self.downtime_ms,
+            message,
+            round(seconds, 3),
+        )
+
+
+def _first(doc: Mapping[str, Any], key: str, kind: type[_T]) -> _T | None:
+    for scope in (doc, doc.get("daemon"), doc.get("base")):
+        if isinstance(scope, Mapping):
+            value = scope.get(key)
+            if isinstance(value, kind) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _node_code(status: int) -> int:
+    # A command killed by a signal has no exit code; it is not a clean outcome either.
+    return ExitCode.INTERNAL if status == ssh_stream.NO_STATUS else status
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _status_document(stdout: bytes) -> dict[str, Any] | None:
+    """The status JSON: the whole output (pretty-printed or not), else its last line."""
+    if len(stdout) > MAX_STATUS_BYTES:
+        return None
+    text = stdout.decode("utf-8", errors="replace").strip()
+    doc = _json_object(text)
+    if doc is None and text:
+        doc = _json_object(text.splitlines()[-1])
+    return doc
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode("utf-8", errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def _as_exit_code(code: int) -> ExitCode:
+    try:
+        return ExitCode(code)
+    except ValueError:  # a node's code outside ours (a crash, a shell's 127)
+        return ExitCode.INTERNAL
+
+
+def _describe(code: int) -> str:
+    try:
+        return {
+            ExitCode.OK: "done",
+            ExitCode.REBOOT_REQUIRED: "base staged; reboot the node to use it",
+            ExitCode.ROLLED_BACK: "failed its health checks and was rolled back",
+        }.get(ExitCode(code), f"exit {code}")
+    except ValueError:
+        return f"exit {code}"

@@ -1,0 +1,203 @@
+"""The build side through the CLI, as an admin runs it: keygen, root init/sign/rotate,
+build, inspect, verify, publish, bundle explode/pack."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from spk_visor.ota import keys
+from tests.support import cli
+from tests.support.ota_pki import tiny_tree
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def ok(*argv: str) -> dict[str, object]:
+    res = cli.run(*argv, "--json")
+    assert res.code == 0, (argv, res.err)
+    doc = json.loads(res.out)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_keygen_files_and_keyid(tmp_path: Path) -> None:
+    doc = ok("ota", "keygen", str(tmp_path / "k"))
+    mode = stat.S_IMODE((tmp_path / "k").stat().st_mode)
+    assert mode == 0o600
+    pub = json.loads((tmp_path / "k.pub").read_text())
+    assert pub["keyid"] == doc["keyid"] == keys.keyid_of(bytes.fromhex(pub["public"]))
+    # Never overwritten.
+    res = cli.run("ota", "keygen", str(tmp_path / "k"))
+    assert res.code == 2 and "exists" in res.err
+    # A key others can read is refused, as OpenSSH does.
+    (tmp_path / "k").chmod(0o644)
+    with pytest.raises(Exception, match="readable by other users"):
+        keys.load_signing_key(tmp_path / "k")
+
+
+def test_passphrase_protected_key(tmp_path: Path) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("correct horse\n")
+    ok("ota", "keygen", str(tmp_path / "k"), "--passphrase-file", str(secret))
+    assert b"ENCRYPTED" in (tmp_path / "k").read_bytes()
+    assert keys.load_signing_key(tmp_path / "k", b"correct horse").keyid
+    with pytest.raises(Exception, match="passphrase"):
+        keys.load_signing_key(tmp_path / "k")
+
+
+def test_admin_flow_end_to_end(tmp_path: Path) -> None:
+    for name in ("root1", "root2", "rel", "chan"):
+        ok("ota", "keygen", str(tmp_path / name))
+    root = tmp_path / "root.json"
+    ok(
+        "ota",
+        "root",
+        "init",
+        "--out",
+        str(root),
+        "--root-key",
+        str(tmp_path / "root1.pub"),
+        "--root-key",
+        str(tmp_path / "root2.pub"),
+        "--root-threshold",
+        "2",
+        "--release-key",
+        str(tmp_path / "rel.pub"),
+        "--channel-key",
+        str(tmp_path / "chan.pub"),
+    )
+    ok("ota", "root", "sign", str(root), "--key", str(tmp_path / "root1"))
+    tree = tiny_tree(tmp_path / "tree", "0.9.0")
+    bundle = tmp_path / "out" / "spk-0.9.0.spkb"
+    ok(
+        "ota",
+        "build",
+        "--daemon-tree",
+        str(tree),
+        "--version",
+        "0.9.0",
+        "--counter",
+        "9",
+        "--key",
+        str(tmp_path / "rel"),
+        "--out",
+        str(bundle),
+    )
+    # One root signature of a 2-of-2 root: the root itself does not verify.
+    res = cli.run("ota", "verify", str(bundle), "--root", str(root))
+    assert res.code == 3 and "1 valid root signature(s), 2 required" in res.err, res.err
+    ok("ota", "root", "sign", str(root), "--key", str(tmp_path / "root2"))
+    doc = ok("ota", "verify", str(bundle), "--root", str(root))
+    assert doc["verified"] is True and doc["version"] == "0.9.0" and doc["counter"] == 9
+    shown = ok("ota", "inspect", str(bundle))
+    assert shown["verified"] is False and shown["manifest_sha256"] == doc["manifest_sha256"]
+    # Publish, re-sign (serial moves on), explode/pack round trip.
+    repo = tmp_path / "repo"
+    ch = ok(
+        "ota",
+        "publish",
+        "--repo",
+        str(repo),
+        "--bundle",
+        str(bundle),
+        "--key",
+        str(tmp_path / "chan"),
+        "--rollout",
+        "25",
+        "--expires",
+        "7d",
+    )
+    assert ch["serial"] == 1 and ch["rollout"] == {"percent": 25.0, "salt": ch["rollout"]["salt"]}  # type: ignore[index]
+    ch2 = ok("ota", "publish", "--repo", str(repo), "--key", str(tmp_path / "chan"))
+    assert ch2["serial"] == 2 and ch2["manifest"] == ch["manifest"]
+    sha = str(doc["manifest_sha256"])
+    assert (repo / "v1" / "manifests" / f"{sha}.json").is_file()
+    packed = tmp_path / "packed.spkb"
+    ok("ota", "bundle", "pack", "--repo", str(repo), "--manifest", sha, "--out", str(packed))
+    assert ok("ota", "verify", str(packed), "--root", str(root))["manifest_sha256"] == sha
+    # A rotated root: v2 needs the old threshold and the new one.
+    ok("ota", "keygen", str(tmp_path / "root3"))
+    root2 = tmp_path / "root2.json"
+    ok(
+        "ota",
+        "root",
+        "rotate",
+        str(root),
+        "--out",
+        str(root2),
+        "--root-key",
+        str(tmp_path / "root3.pub"),
+        "--release-key",
+        str(tmp_path / "rel.pub"),
+        "--channel-key",
+        str(tmp_path / "chan.pub"),
+    )
+    ok(
+        "ota",
+        "root",
+        "sign",
+        str(root2),
+        "--key",
+        str(tmp_path / "root3"),
+        "--key",
+        str(tmp_path / "root1"),
+        "--key",
+        str(tmp_path / "root2"),
+    )
+    carried = tmp_path / "carried.spkb"
+    ok(
+        "ota",
+        "build",
+        "--daemon-tree",
+        str(tree),
+        "--version",
+        "0.9.1",
+        "--counter",
+        "10",
+        "--key",
+        str(tmp_path / "rel"),
+        "--out",
+        str(carried),
+        "--root",
+        str(root2),
+    )
+    assert ok("ota", "verify", str(carried), "--root", str(root))["root_version"] == 2
+
+
+def test_build_refuses_bad_trees(tmp_path: Path) -> None:
+    ok("ota", "keygen", str(tmp_path / "rel"))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    (tree / "bad name!").write_text("x")
+    res = cli.run(
+        "ota",
+        "build",
+        "--daemon-tree",
+        str(tree),
+        "--version",
+        "1",
+        "--counter",
+        "1",
+        "--key",
+        str(tmp_path / "rel"),
+        "--out",
+        str(tmp_path / "b.spkb"),
+    )
+    assert res.code == 2 and "name not allowed" in res.err
+    assert not (tmp_path / "b.spkb").exists()
+    res = cli.run(
+        "ota",
+        "build",
+        "--version",
+        "1",
+        "--counter",
+        "1",
+        "--key",
+        str(tmp_path / "rel"),
+        "--out",
+        str(tmp_path / "b.spkb"),
+    )
+    assert res.code == 2 and "nothing to build" in res.err

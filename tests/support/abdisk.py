@@ -1,0 +1,110 @@
+"""A loop device holding a real GPT disk with A/B root slots, for the base-class tests.
+
+    with ab_disk(tmp_path) as disk:
+        disk.root_a, disk.root_b      # "/dev/loop3p2", "/dev/loop3p3"
+
+The partition table is written by sfdisk into a sparse file, which is attached with
+`losetup --partscan`. Some kernels are built without GPT partition parsing (this
+workplace's is: CONFIG_EFI_PARTITION unset), so the partitions would never appear; then
+`partx --add` reads the table in user space and tells the kernel about each partition
+(BLKPG), which gives the same /dev/loopNpM nodes. Everything is undone on exit, and a
+failure half-way through setup still detaches the loop device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1 << 20
+# How long to wait for the kernel (and devtmpfs) to show the partition devices.
+APPEAR_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class AbDisk:
+    image: Path
+    loop: str  # /dev/loopN
+    parts: dict[str, str]  # partition name -> /dev/loopNpM
+
+    @property
+    def root_a(self) -> str:
+        return self.parts["root-a"]
+
+    @property
+    def root_b(self) -> str:
+        return self.parts["root-b"]
+
+
+def _run(argv: list[str], stdin: bytes | None = None) -> str:
+    done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr.decode()}")
+    return done.stdout.decode()
+
+
+def _sysfs_parts(loop: str, count: int) -> bool:
+    name = os.path.basename(loop)
+    return all(Path(f"/sys/block/{name}/{name}p{i}").is_dir() for i in range(1, count + 1))
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
+def _ensure_node(loop: str, index: int, made: list[str]) -> str:
+    """The partition's device node; made by hand (and noted in `made`) if devtmpfs did not."""
+    name = os.path.basename(loop)
+    node = f"{loop}p{index}"
+    if _wait(lambda: os.path.exists(node), 1.0):
+        return node
+    major, minor = Path(f"/sys/block/{name}/{name}p{index}/dev").read_text().split(":")
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(int(major), int(minor)))
+    made.append(node)
+    return node
+
+
+@contextlib.contextmanager
+def ab_disk(
+    directory: Path, slot_mib: int = 24, esp_mib: int = 2, data_mib: int = 0
+) -> Iterator[AbDisk]:
+    """A GPT disk image with [esp,] root-a, root-b [, data] on a partition-scanned loop."""
+    layout = [("esp", esp_mib), ("root-a", slot_mib), ("root-b", slot_mib), ("data", data_mib)]
+    layout = [(name, size) for name, size in layout if size > 0]
+    image = directory / "abdisk.img"
+    # 1 MiB alignment gap in front and 1 MiB for the backup GPT at the end.
+    total = (sum(size for _n, size in layout) + 2) * MIB
+    with image.open("wb") as f:
+        f.truncate(total)
+    script = "label: gpt\n" + "".join(f"size={size}MiB, name={name}\n" for name, size in layout)
+    _run(["sfdisk", "--quiet", str(image)], stdin=script.encode())
+    loop = _run(["losetup", "--find", "--show", "--partscan", str(image)]).strip()
+    made: list[str] = []
+    try:
+        if not _wait(lambda: _sysfs_parts(loop, len(layout)), 1.0):
+            _run(["partx", "--add", loop])
+            if not _wait(lambda: _sysfs_parts(loop, len(layout)), APPEAR_TIMEOUT_S):
+                raise RuntimeError(f"partitions of {loop} did not appear")
+        parts = {name: _ensure_node(loop, i, made) for i, (name, _s) in enumerate(layout, start=1)}
+        yield AbDisk(image, loop, parts)
+    finally:
+        # partx-added partitions go with the loop device, but say so explicitly: a
+        # partition left behind would keep the loop device busy.
+        subprocess.run(["partx", "--delete", loop], capture_output=True, timeout=30, check=False)
+        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30, check=False)
+        for node in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(node)
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
