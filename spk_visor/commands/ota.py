@@ -115,7 +115,8 @@ def keygen(
     _print(ctx, as_json, doc, f"wrote {out} and {pub}\nkeyid {key.keyid}")
 
 
-def _role_args(keys_by_role: dict[str, tuple[int, list[Path]]]) -> dict[str, Any]:
+def _role_args(**keys_by_role: tuple[int, list[Path]]) -> dict[str, Any]:
+    """{role: (threshold, [public keys])} from the --ROLE-key/--ROLE-threshold options."""
     from spk_visor.ota import keys  # noqa: PLC0415
 
     out: dict[str, Any] = {}
@@ -175,11 +176,9 @@ def root_init(
     if out.exists():
         raise UsageError(f"{out} exists", "a root document is never overwritten; use rotate")
     roles = _role_args(
-        {
-            "root": (root_threshold, root_key),
-            "release": (release_threshold, release_key),
-            "channel": (channel_threshold, channel_key),
-        }
+        root=(root_threshold, root_key),
+        release=(release_threshold, release_key),
+        channel=(channel_threshold, channel_key),
     )
     payload = _write_root(out, 1, expires, dev, roles)
     _print(
@@ -209,13 +208,13 @@ def root_rotate(
     of the old root AND of the new one (sign it with both sets)."""
     from spk_visor.ota import dsse, roots  # noqa: PLC0415
 
+    if out.exists():
+        raise UsageError(f"{out} exists", "a root document is never overwritten")
     current = roots.parse_unverified(dsse.from_bytes(old.read_bytes(), dsse.ROOT_TYPE))
     roles = _role_args(
-        {
-            "root": (root_threshold, root_key),
-            "release": (release_threshold, release_key),
-            "channel": (channel_threshold, channel_key),
-        }
+        root=(root_threshold, root_key),
+        release=(release_threshold, release_key),
+        channel=(channel_threshold, channel_key),
     )
     payload = _write_root(out, current.version + 1, expires, current.dev, roles)
     _print(
