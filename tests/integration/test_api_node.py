@@ -30,7 +30,8 @@ def test_health_needs_no_token(node: tuple[str, Daemon]) -> None:
     _, d = node
     r = d.get("/api/health", token=None)
     assert r.status == 200
-    assert r.json == {"status": "ok", "version": "0.1.0"}
+    # The PID lets the OTA probation notice a daemon that keeps restarting.
+    assert r.json == {"status": "ok", "version": "0.1.0", "pid": d.proc.pid}
 
 
 def test_node_document(node: tuple[str, Daemon]) -> None:
