@@ -183,7 +183,7 @@ def main() -> int:
     )
     print(
         f"  of the stop, the daemon itself takes {r['daemon_shutdown_ms']:.0f} ms from SIGTERM "
-        "to exit (median over all stops; serve_forever polls every 0.5 s)"
+        "to exit (median over all stops; serve_forever polls every 0.1 s)"
     )
     print(
         f"anchor: plain rc-service stop+start to healthy {restart:.0f} ms "
