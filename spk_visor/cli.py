@@ -14,6 +14,7 @@ from smechvisord.version import VERSION
 from spk_visor import typer_fast
 from spk_visor.commands import (
     about,
+    deploy,
     iommu,
     node,
     ota,
@@ -166,6 +167,8 @@ app.add_typer(pci.app, name="pci")
 app.add_typer(reboot_uefi.app, name="reboot-uefi")
 app.add_typer(ota.app, name="ota")
 ota.register_aliases(app)
+app.add_typer(deploy.app, name="deploy")
+deploy.register_aliases(app)
 about.register(app)
 sealed.register(app)
 

@@ -1,0 +1,372 @@
+"""`spk-visor deploy ...`: install a blank machine over the LAN (design/deploy.md).
+
+    receive    on the target (the Deploy Shim runs it): show a code, wait for a donor
+    send       on a donor: stream a signed release to the targets showing CODE...
+    shim-iso   build the Deploy Shim ISO
+
+The original tool's names stay as aliases: `receive-deploy` and `deploy-system-img-copy`.
+The work is in spk_visor.deploy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spk_visor.commands.common import JsonOpt, state
+from spk_visor.errors import ExitCode, UsageError
+from spk_visor.output import Console, table
+
+app = typer.Typer(
+    help="Install blank machines over the LAN: a short code, a PAKE, a signed release.",
+    no_args_is_help=True,
+)
+
+PortOpt = Annotated[
+    int | None,
+    typer.Option("--port", metavar="N", help="TCP port of the receiver [default: 47475]."),
+]
+
+
+def _default_trust_root() -> Path:
+    from spk_visor.ota.nodeconf import NodePaths  # noqa: PLC0415
+
+    sysroot = os.environ.get("SPK_VISOR_OTA_SYSROOT", "/")
+    return NodePaths(Path(sysroot)).factory_root
+
+
+def _load_root(path: Path | None) -> Any:
+    from spk_visor.ota import roots  # noqa: PLC0415 (cryptography only when needed)
+
+    path = path or _default_trust_root()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(
+            f"cannot read the trust root {path}: {e.strerror or e}",
+            "the shim bakes it in at build time; elsewhere pass --trust-root FILE",
+        ) from e
+    return roots.load_anchor(raw, f"trust root {path}")
+
+
+class _Screen:
+    """What the receiver shows: human lines on stderr, or JSON Lines on stdout."""
+
+    def __init__(self, console: Console, as_json: bool) -> None:
+        self.console = console
+        self.as_json = as_json
+        self.lock = threading.Lock()
+
+    def __call__(self, event: str, doc: dict[str, Any]) -> None:
+        with self.lock:
+            if self.as_json:
+                self.console.json_line({"event": event, "time": round(time.time(), 3), **doc})
+                return
+            line = self.render(event, doc)
+            if line:
+                self.console.error(line)
+
+    @staticmethod
+    def render(event: str, doc: dict[str, Any]) -> str | None:
+        if event == "code":
+            disks = ", ".join(
+                f"{d['serial']} ({d['size'] // (1 << 30)} GiB {d.get('model') or ''})".rstrip()
+                for d in doc.get("disks", [])
+            )
+            return (
+                f"\n    deploy code:  {doc['code']}    (port {doc['port']}, epoch {doc['epoch']})\n"
+                f"    eligible disks: {disks or 'none'}\n"
+                f"    on the donor: spk-visor deploy send {doc['code']}\n"
+            )
+        if event in ("wrong_code",):
+            return str(doc["message"])
+        if event == "connected":
+            return f"donor {doc['from']} connected; verifier {doc['verifier']}"
+        if event == "failed":
+            tail = " (resumable: reconnect with the same plan)" if doc.get("resumable") else ""
+            return f"deploy failed: {doc['reason']}{tail}"
+        if event == "plan_refused":
+            return f"plan refused: {doc['reason']} {doc.get('message', '')}".rstrip()
+        if event in ("phase", "state"):
+            return f"{event}: {doc.get(event)}"
+        if event == "report":
+            return f"deploy {'succeeded' if doc.get('ok') else 'FAILED'}"
+        if event in ("busy_refused", "handshake_failed", "error", "reboot", "code_rotated"):
+            return f"{event.replace('_', ' ')}: {doc}"
+        return None
+
+
+@app.command("receive")
+def receive(
+    ctx: typer.Context,
+    port: PortOpt = None,
+    allow_loop: Annotated[
+        bool, typer.Option("--allow-loop", help="Treat loop devices as disks (tests only).")
+    ] = False,
+    disk_policy: Annotated[
+        list[str],
+        typer.Option(
+            "--disk-policy",
+            metavar="SERIAL",
+            help="Unattended: a disk serial this machine may wipe without a typed "
+            "confirmation (repeat for several).",
+        ),
+    ] = [],  # noqa: B006 (typer reads the default, never mutates it)
+    reboot_cmd: Annotated[
+        str,
+        typer.Option(
+            "--reboot-cmd",
+            metavar="ARGV",
+            help="Command run after a successful deploy when the donor asks for a reboot "
+            "(split on blanks) [default: reboot].",
+        ),
+    ] = "reboot",
+    trust_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-root",
+            metavar="FILE",
+            help="Root document the release must verify under [default: the factory root].",
+        ),
+    ] = None,
+    mountpoint: Annotated[
+        Path, typer.Option("--mountpoint", metavar="DIR", help="Where the target is mounted.")
+    ] = Path("/mnt/target"),
+    nameplate: Annotated[
+        str | None, typer.Option("--nameplate", metavar="NN", help="Fixed nameplate.")
+    ] = None,
+    bind: Annotated[
+        str, typer.Option("--bind", metavar="ADDR", help="Address to listen on.")
+    ] = "0.0.0.0",  # noqa: S104 (the shim serves whatever LAN it booted on)
+    discovery_port: Annotated[
+        int | None,
+        typer.Option("--discovery-port", metavar="N", help="UDP announcement port."),
+    ] = None,
+    no_announce: Annotated[
+        bool, typer.Option("--no-announce", help="Do not broadcast (use --target on the donor).")
+    ] = False,
+    once: Annotated[bool, typer.Option("--once", help="Exit after one successful deploy.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Target side: show a code and the eligible disks, install what a donor with the code
+    sends (one donor at a time), reboot when it asks."""
+    from spk_visor.deploy import channel, receiver  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+    if os.geteuid() != 0:
+        raise UsageError("deploy receive partitions disks and must run as root")
+    argv = reboot_cmd.split()
+    if not argv:
+        raise UsageError("--reboot-cmd is empty")
+    options = receiver.Options(
+        trust_root=_load_root(trust_root),
+        mountpoint=mountpoint,
+        port=channel.PORT if port is None else port,
+        bind=bind,
+        discovery_port=channel.DISCOVERY_PORT if discovery_port is None else discovery_port,
+        announce=not no_announce,
+        nameplate=nameplate,
+        allow_loop=allow_loop,
+        disk_policy=frozenset(disk_policy),
+        reboot_cmd=tuple(argv),
+        once=once,
+    )
+    r = receiver.Receiver(options, _Screen(st.console, st.json))
+    try:
+        r.serve()
+    except KeyboardInterrupt:
+        r.stop()
+        raise
+
+
+@app.command("send")
+def send(
+    ctx: typer.Context,
+    codes: Annotated[
+        list[str], typer.Argument(metavar="CODE...", help="The code on each target's screen.")
+    ],
+    bundle: Annotated[
+        Path | None,
+        typer.Option("--bundle", metavar="FILE", help="The signed release (.spkb) to install."),
+    ] = None,
+    target: Annotated[
+        list[str],
+        typer.Option(
+            "--target",
+            metavar="IP[:PORT]",
+            help="Skip discovery: the target's address (one per CODE, in order).",
+        ),
+    ] = [],  # noqa: B006 (typer reads the default, never mutates it)
+    disk: Annotated[
+        list[str],
+        typer.Option(
+            "--disk",
+            metavar="SERIAL",
+            help="Install to the disk with this serial (one per CODE, in order, for "
+            "several targets) [default: the target's only eligible disk].",
+        ),
+    ] = [],  # noqa: B006
+    confirm_wipe: Annotated[
+        list[str],
+        typer.Option(
+            "--confirm-wipe",
+            metavar="SERIAL",
+            help="Allow wiping this disk although it holds a partition table or filesystem.",
+        ),
+    ] = [],  # noqa: B006
+    hostname: Annotated[
+        str, typer.Option("--hostname", metavar="NAME", help="Hostname of the installed node.")
+    ] = "smechvisor",
+    epoch: Annotated[
+        int | None,
+        typer.Option("--epoch", metavar="N", help="Code epoch (default: the target's)."),
+    ] = None,
+    no_reboot: Annotated[
+        bool, typer.Option("--no-reboot", help="Leave the target running after success.")
+    ] = False,
+    discovery_timeout: Annotated[
+        float,
+        typer.Option(
+            "--discovery-timeout",
+            metavar="SECONDS",
+            min=0.5,
+            help="How long to listen for the targets' announcements.",
+        ),
+    ] = 30.0,
+    discovery_port: Annotated[
+        int | None,
+        typer.Option("--discovery-port", metavar="N", help="UDP announcement port."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Donor side: stream a signed release to each target showing one of CODE...
+    (in parallel), then print one line per target. Exit 0 only if all succeeded."""
+    from spk_visor.deploy import channel, donor  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+    if bundle is None:
+        # A running node keeps its installed release unpacked, not as a bundle, and its
+        # blob store may have pruned the image: rebuilding a signed bundle from it is not
+        # possible without the release keys.
+        raise UsageError(
+            "deploy send needs --bundle FILE",
+            "a running node cannot rebuild its signed release; pass the .spkb it was "
+            "installed from (spk-visor ota bundle / ota build make one)",
+        )
+    payload = donor.open_bundle(bundle)
+    try:
+        targets = donor.locate(
+            codes,
+            target,
+            epoch=epoch,
+            discovery_port=channel.DISCOVERY_PORT if discovery_port is None else discovery_port,
+            discovery_timeout=discovery_timeout,
+        )
+    except donor.DeployFailed as e:
+        results = [
+            donor.Result(c.split("-")[0], False, int(e.exit_code), e.phase, e.message)
+            for c in codes
+        ]
+    else:
+        settings = donor.Settings(
+            disks=tuple(disk),
+            confirm_wipe=tuple(confirm_wipe),
+            hostname=hostname,
+            reboot=not no_reboot,
+        )
+        bars = not st.json and st.console.err_is_tty
+        results = donor.send(
+            payload, targets, settings, donor.tqdm_progress if bars else donor.no_progress
+        )
+    if st.json:
+        st.console.json([r.to_doc() for r in results])
+    else:
+        st.console.print(
+            table(
+                ["target", "exit", "phase", "verifier", "sent", "time", "message"],
+                [
+                    [
+                        r.target,
+                        r.exit_code,
+                        r.phase,
+                        r.verifier or "-",
+                        r.sent,
+                        f"{r.seconds:.1f} s",
+                        r.message,
+                    ]
+                    for r in results
+                ],
+            )
+        )
+    worst = donor.overall_exit(results)
+    if worst != ExitCode.OK:
+        raise typer.Exit(int(worst))
+
+
+@app.command("shim-iso")
+def shim_iso(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The ISO to write.")],
+    kernel: Annotated[
+        Path | None,
+        typer.Option("--kernel", metavar="PATH", help="Kernel image or linux-image .deb."),
+    ] = None,
+    trust_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-root",
+            metavar="FILE",
+            help="Root document to bake in [default: this node's factory root].",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the Deploy Shim ISO (BIOS + UEFI, hybrid for USB sticks)."""
+    from spk_visor.deploy import shim_iso as shim  # noqa: PLC0415
+
+    st = state(ctx, as_json)
+
+    def progress(message: str) -> None:
+        if not st.json:
+            st.console.error(message)
+
+    # No trust root given: build_iso takes this node's factory root, or says it has none.
+    result = shim.build_iso(out, kernel=kernel, trust_root=trust_root, progress=progress)
+    if st.json:
+        st.console.json({k: _jsonable(v) for k, v in dataclasses.asdict(result).items()})
+    else:
+        st.console.print(
+            f"wrote {result.path} ({_mb(result.size)}, kernel {result.kernel_version}, "
+            f"initramfs {_mb(result.initrd_size)} {result.compression}, {result.seconds:.0f} s)"
+        )
+        for warning in result.warnings:
+            st.console.error(f"warning: {warning}")
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def register_aliases(root: typer.Typer) -> None:
+    """The original tool's names: `receive-deploy` and `deploy-system-img-copy`."""
+    root.command("receive-deploy", help="Alias of `deploy receive`: wait for a donor and install.")(
+        receive
+    )
+    root.command(
+        "deploy-system-img-copy",
+        help="Alias of `deploy send`: stream the release to the target showing CODE.",
+    )(send)

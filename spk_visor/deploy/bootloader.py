@@ -1,0 +1,255 @@
+"""GRUB for an installed disk: the menu, the BIOS path, the EFI fallback path, and undoing them.
+
+Where GRUB lives. Both root slots are raw images that OTA rewrites whole, so nothing of
+GRUB's may live inside them: the GRUB boot directory (modules, grub.cfg, grubenv) is
+`boot/grub` on the data partition, which survives base updates, and the installed system
+bind-mounts it at /boot (see install.py's fstab), where the OTA base class expects
+/boot/grub/grubenv.
+
+How each entry finds its slot. The data filesystem is found by its UUID (`search
+--fs-uuid`); the slot is then the partition with the slot's number on that same disk. The
+slots cannot be found by filesystem UUID: slot B receives a copy of the same image one day,
+so A and B may carry the same filesystem UUID. The kernel gets `root=PARTUUID=`, the GPT
+partition GUID written at install time, unique per slot and untouched by image writes.
+Never a /dev name: loop names leak into generated configs otherwise (elbe#431).
+
+The EFI side does not mount the ESP (this workplace's kernel cannot mount vfat, and an
+installer should not need to): BOOTX64.EFI is built with grub-mkimage, with an early
+config that searches the data filesystem by UUID, and copied in with mtools.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
+IOMMU_ARGS = "intel_iommu=on amd_iommu=on iommu=pt"
+CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"
+ENTRY_IDS = {"a": "smechvisor-a", "b": "smechvisor-b"}
+# GPT partition numbers of the `ab` layout (install.py writes them in this order).
+SLOT_PARTITION = {"a": 3, "b": 4}
+EFI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
+# What BOOTX64.EFI carries itself, so it can find and read grub.cfg with no module loading;
+# the rest loads from boot/grub/x86_64-efi on the data partition.
+EFI_MODULES = (
+    *("part_gpt", "part_msdos", "fat", "ext2", "search", "search_fs_uuid", "normal"),
+    *("configfile", "linux", "echo", "test", "regexp", "loadenv", "serial", "terminal"),
+    *("efi_gop", "efi_uga", "all_video", "gzio", "zstd", "xzio", "halt", "reboot", "sleep"),
+    "minicmd",
+)
+BIOS_MODULES = ("part_gpt", "ext2", "search_fs_uuid")
+_TIMEOUT_S = 300
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+
+
+class BootloaderError(Exception):
+    """A bootloader step failed; `step` says which ("bios", "efi", "config")."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(frozen=True)
+class BootIds:
+    data_fs_uuid: str  # the filesystem holding boot/grub
+    slot_partuuid: dict[str, str]  # "a"/"b" -> GPT partition GUID
+
+
+def _run(argv: list[str], step: str, env: dict[str, str] | None = None) -> str:
+    full_env = {**os.environ, **(env or {})}
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False, env=full_env
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BootloaderError(step, f"{argv[0]}: {e}") from e
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip()[-600:]
+        raise BootloaderError(step, f"{argv[0]} failed ({done.returncode}): {tail}")
+    return done.stdout
+
+
+def kernel_args(slot: str, ids: BootIds) -> str:
+    return (
+        f"root=PARTUUID={ids.slot_partuuid[slot]} ro smechvisor.slot={slot} "
+        f"{IOMMU_ARGS} {CONSOLE_ARGS}"
+    )
+
+
+def grub_cfg(ids: BootIds, *, timeout_s: int = 3) -> str:
+    """The installed grub.cfg: serial + console, grubenv one-shot/default, one entry per slot."""
+    entries = []
+    for slot in ("a", "b"):
+        entries.append(
+            f"menuentry 'SmechVisor (slot {slot.upper()})' --id {ENTRY_IDS[slot]} {{\n"
+            f"    search --no-floppy --fs-uuid --set=spk_data {ids.data_fs_uuid}\n"
+            # "hd0,gpt5" -> "hd0": the slot is a sibling partition of the data partition.
+            '    regexp --set=1:spk_disk "^([^,]+)," "$spk_data"\n'
+            f"    set root=($spk_disk,gpt{SLOT_PARTITION[slot]})\n"
+            f"    linux /boot/vmlinuz {kernel_args(slot, ids)}\n"
+            "    initrd /boot/initrd.img\n"
+            "}\n"
+        )
+    return (
+        "# Written by spk-visor deploy. Slots are found via the data filesystem's UUID.\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        f"set timeout={timeout_s}\n"
+        "set default=smechvisor-a\n"
+        "if [ -s $prefix/grubenv ]; then\n"
+        "    load_env\n"
+        "fi\n"
+        # The OTA base class: next_entry is a one-shot trial, saved_entry the default.
+        'if [ "${next_entry}" ]; then\n'
+        '    set default="${next_entry}"\n'
+        "    set next_entry=\n"
+        "    save_env next_entry\n"
+        'elif [ "${saved_entry}" ]; then\n'
+        '    set default="${saved_entry}"\n'
+        "fi\n" + "".join(entries)
+    )
+
+
+def write_config(boot_dir: Path, ids: BootIds, *, timeout_s: int = 3) -> Path:
+    """boot_dir/grub/grub.cfg and a grubenv naming slot A as the default."""
+    grub_dir = boot_dir / "grub"
+    grub_dir.mkdir(parents=True, exist_ok=True)
+    cfg = grub_dir / "grub.cfg"
+    tmp = grub_dir / "grub.cfg.tmp"
+    tmp.write_text(grub_cfg(ids, timeout_s=timeout_s))
+    os.replace(tmp, cfg)
+    env = grub_dir / "grubenv"
+    editenv = shutil.which("grub-editenv")
+    if editenv is None:
+        raise BootloaderError("config", "grub-editenv not found (install grub-common)")
+    env.unlink(missing_ok=True)
+    _run([editenv, str(env), "create"], "config")
+    _run([editenv, str(env), "set", f"saved_entry={ENTRY_IDS['a']}"], "config")
+    return cfg
+
+
+def install_bios(disk: str, boot_dir: Path) -> None:
+    """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir."""
+    tool = shutil.which("grub-install")
+    if tool is None:
+        raise BootloaderError("bios", "grub-install not found (install grub2-common, grub-pc-bin)")
+    _run(
+        [
+            tool,
+            "--target=i386-pc",
+            f"--boot-directory={boot_dir}",
+            f"--modules={' '.join(BIOS_MODULES)}",
+            "--no-floppy",
+            disk,
+        ],
+        "bios",
+    )
+
+
+def build_efi_image(out: Path, data_fs_uuid: str) -> None:
+    """A standalone BOOTX64.EFI whose early config finds boot/grub on the data filesystem."""
+    tool = shutil.which("grub-mkimage")
+    if tool is None:
+        raise BootloaderError("efi", "grub-mkimage not found (install grub-common)")
+    with tempfile.TemporaryDirectory(prefix="spk-efi-") as tmp:
+        early = Path(tmp, "early.cfg")
+        early.write_text(
+            f"search --no-floppy --fs-uuid --set=root {data_fs_uuid}\n"
+            "set prefix=($root)/boot/grub\n"
+        )
+        _run(
+            [
+                tool,
+                "-O",
+                "x86_64-efi",
+                "-o",
+                str(out),
+                "-p",
+                "/boot/grub",
+                "-c",
+                str(early),
+                *EFI_MODULES,
+            ],
+            "efi",
+        )
+
+
+def install_efi(esp: str, boot_dir: Path, data_fs_uuid: str) -> int:
+    """The removable-media fallback path EFI/BOOT/BOOTX64.EFI on the ESP; returns its size."""
+    modules = Path("/usr/lib/grub/x86_64-efi")
+    if not modules.is_dir():
+        raise BootloaderError("efi", f"{modules} missing (install grub-efi-amd64-bin)")
+    # Modules next to grub.cfg, for anything the image does not embed (`insmod` in the menu).
+    target = boot_dir / "grub" / "x86_64-efi"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in modules.iterdir():
+        if item.suffix in (".mod", ".lst"):
+            shutil.copyfile(item, target / item.name)
+    with tempfile.TemporaryDirectory(prefix="spk-efi-") as tmp:
+        image = Path(tmp, "BOOTX64.EFI")
+        build_efi_image(image, data_fs_uuid)
+        for directory in ("::/EFI", "::/EFI/BOOT"):
+            if not _mexists(esp, directory):
+                _run(["mmd", "-i", esp, directory], "efi", MTOOLS_ENV)
+        _run(["mcopy", "-o", "-i", esp, str(image), EFI_PATH], "efi", MTOOLS_ENV)
+        # Read it back through mtools: what the firmware will read is what we built.
+        back = Path(tmp, "back.efi")
+        _run(["mcopy", "-n", "-i", esp, EFI_PATH, str(back)], "efi", MTOOLS_ENV)
+        if back.read_bytes() != image.read_bytes():
+            raise BootloaderError("efi", "BOOTX64.EFI read back from the ESP differs")
+        return image.stat().st_size
+
+
+def _mexists(esp: str, path: str) -> bool:
+    done = subprocess.run(
+        ["mdir", "-b", "-i", esp, path],
+        capture_output=True,
+        timeout=_TIMEOUT_S,
+        check=False,
+        env={**os.environ, **MTOOLS_ENV},
+    )
+    return done.returncode == 0
+
+
+def remove_boot_code(disk: str, bios_part: str | None, esp: str | None) -> list[str]:
+    """Undo whatever of the boot path exists; best effort, returns what could not be done."""
+    problems: list[str] = []
+    try:
+        fd = os.open(disk, os.O_WRONLY)
+        try:
+            # MBR boot code only (0..440): the protective MBR's partition entry stays valid.
+            os.pwrite(fd, bytes(440), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        problems.append(f"MBR boot code: {e}")
+    if bios_part:
+        try:
+            fd = os.open(bios_part, os.O_WRONLY)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                os.pwrite(fd, bytes(size), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            problems.append(f"BIOS boot partition: {e}")
+    if esp and os.path.exists(esp):
+        subprocess.run(
+            ["mdel", "-i", esp, EFI_PATH],
+            capture_output=True,
+            timeout=_TIMEOUT_S,
+            check=False,
+            env={**os.environ, **MTOOLS_ENV},
+        )
+        if _mexists(esp, EFI_PATH):
+            problems.append("BOOTX64.EFI could not be removed")
+    return problems

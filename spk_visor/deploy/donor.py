@@ -1,0 +1,549 @@
+"""The donor side of a deploy (design/deploy.md): one session per code, several at once.
+
+    find the target (discovery by nameplate, or --target) -> donor_handshake -> HELLO
+    -> PLAN (manifest, disk by serial + size, layout, hostname, wipe confirmation)
+    -> PLAN_OK {resume, verified} -> FILE_BEGIN/DATA.../FILE_END per missing blob
+    -> END -> REPORT -> REBOOT (only when the REPORT says ok)
+
+The payload is a signed OTA bundle (.spkb); the donor parses its manifest only to know
+the blob order and sizes. It verifies nothing on the target's behalf: the target checks
+the signatures against its own trust root and every blob against the manifest.
+
+While the donor streams, a reader thread takes the target's records (PROGRESS, PHASE,
+FILE_OK/FILE_BAD, REPORT, ERROR), so the target's durable-bytes progress reaches the
+screen without the sender waiting for it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from spk_visor.deploy import channel, code, discovery, messages
+from spk_visor.errors import ExitCode, UsageError, VerificationError
+from spk_visor.ota import bundle as ota_bundle
+from spk_visor.ota import manifest as ota_manifest
+
+RECORD = 64 << 10
+CONNECT_TIMEOUT = 10.0
+# A target writes, verifies and installs the bootloader before REPORT; this bounds silence.
+REPLY_TIMEOUT = 600.0
+
+
+class DeployFailed(Exception):
+    def __init__(self, exit_code: ExitCode, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.phase = phase
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A bundle opened for sending: the manifest envelope and where each blob lies."""
+
+    path: Path
+    manifest_doc: dict[str, Any]
+    manifest_sha256: str
+    blobs: dict[str, int]  # in bundle order
+    offsets: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.blobs.values())
+
+
+def open_bundle(path: Path) -> Payload:
+    """Read `path`'s header and manifest (unverified: the target verifies) for sending."""
+    try:
+        with path.open("rb") as f:
+            header = ota_bundle.read_header(f)
+            size = path.stat().st_size
+    except OSError as e:
+        raise UsageError(f"cannot read the bundle {path}: {e.strerror or e}") from e
+    parsed = ota_manifest.parse(header.manifest.payload_json())
+    offsets: dict[str, int] = {}
+    at = header.blobs_offset
+    for blob_id, blob_size in parsed.blobs.items():
+        offsets[blob_id] = at
+        at += blob_size
+    if at != size:
+        raise VerificationError(
+            f"bundle {path} is {size} bytes, its manifest says {at}", "copy the bundle again"
+        )
+    return Payload(
+        path, header.manifest.to_doc(), header.manifest.payload_sha256, dict(parsed.blobs), offsets
+    )
+
+
+@dataclass
+class Target:
+    """Where one code's target is: from --target, or from its announcement."""
+
+    code_text: str
+    nameplate: str
+    address: str
+    port: int
+    epoch: int | None
+    instance_id: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.nameplate}@{self.address}"
+
+
+@dataclass
+class Result:
+    target: str
+    ok: bool
+    exit_code: int
+    phase: str
+    message: str
+    seconds: float = 0.0
+    sent: int = 0
+    verifier: str = ""
+    report: dict[str, Any] | None = None
+    resumed: bool = False
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "phase": self.phase,
+            "message": self.message,
+            "seconds": round(self.seconds, 3),
+            "sent": self.sent,
+            "verifier": self.verifier,
+            "resumed": self.resumed,
+            "report": self.report,
+        }
+
+
+class Progress(Protocol):
+    def phase(self, name: str) -> None: ...
+    def sent(self, done: int) -> None: ...
+    def target(self, doc: dict[str, Any]) -> None: ...
+    def done(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Silent:
+    def phase(self, name: str) -> None:
+        pass
+
+    def sent(self, done: int) -> None:
+        pass
+
+    def target(self, doc: dict[str, Any]) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+ProgressFactory = Callable[[str, int, int], Progress]  # (name, total bytes, position)
+
+
+def no_progress(name: str, total: int, position: int) -> Progress:
+    return _Silent()
+
+
+class _Bar:
+    """One tqdm line per target: the target's durable bytes, rate and phase."""
+
+    def __init__(self, name: str, total: int, position: int) -> None:
+        from tqdm import tqdm  # noqa: PLC0415 (only when drawing)
+
+        self.bar = tqdm(
+            total=total,
+            desc=name,
+            position=position,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            leave=True,
+            dynamic_ncols=True,
+        )
+        self.lock = threading.Lock()
+
+    def phase(self, name: str) -> None:
+        with self.lock:
+            self.bar.set_postfix_str(name)
+
+    def sent(self, done: int) -> None:
+        pass  # the bar shows what the target made durable, not what left this machine
+
+    def target(self, doc: dict[str, Any]) -> None:
+        written = doc.get("written")
+        if isinstance(written, int):
+            with self.lock:
+                # Never 100 % before the REPORT: hold the last byte back until then.
+                total = int(self.bar.total or 0)
+                self.bar.n = min(written, max(total - 1, 0))
+                self.bar.refresh()
+
+    def done(self) -> None:
+        with self.lock:
+            self.bar.n = int(self.bar.total or 0)
+            self.bar.set_postfix_str("done")
+
+    def close(self) -> None:
+        with self.lock:
+            self.bar.close()
+
+
+def tqdm_progress(name: str, total: int, position: int) -> Progress:
+    return _Bar(name, total, position)
+
+
+@dataclass
+class Settings:
+    disks: Sequence[str] = ()
+    confirm_wipe: Sequence[str] = ()
+    hostname: str = "smechvisor"
+    layout: str = "ab"
+    reboot: bool = True
+    handshake_timeout: float = 10.0
+    reply_timeout: float = REPLY_TIMEOUT
+    # Test hook: stop after sending this many DATA bytes of the stream (a "killed" donor).
+    stop_after: int | None = None
+    send_end: bool = True
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, channel.PORT
+    try:
+        return host, int(port)
+    except ValueError as e:
+        raise UsageError(f"bad --target {text!r}", "use IP or IP:PORT") from e
+
+
+def locate(
+    codes: Sequence[str],
+    targets: Sequence[str],
+    *,
+    epoch: int | None = None,
+    discovery_port: int = channel.DISCOVERY_PORT,
+    discovery_timeout: float = 30.0,
+) -> list[Target]:
+    """Each code's target: the --target given in the same position, else discovery."""
+    if targets and len(targets) != len(codes):
+        raise UsageError(
+            f"{len(codes)} codes but {len(targets)} --target",
+            "give one --target per code, in order",
+        )
+    out: list[Target] = []
+    for i, text in enumerate(codes):
+        try:
+            nameplate, _ = code.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        if targets:
+            host, port = parse_target(targets[i])
+            out.append(Target(text, nameplate, host, port, epoch))
+            continue
+        found = discovery.discover(nameplate, port=discovery_port, timeout=discovery_timeout)
+        if not found:
+            raise DeployFailed(
+                ExitCode.TRANSIENT,
+                "discovery",
+                f"no target announces nameplate {nameplate} (waited {discovery_timeout:.0f} s); "
+                "pass --target IP[:PORT] where broadcasts do not reach",
+            )
+        if len(found) > 1:
+            listed = ", ".join(f"{a.address} (mac {a.mac})" for a in found)
+            # Never sweep every match: each try burns one of that target's attempts.
+            raise UsageError(
+                f"{len(found)} targets announce nameplate {nameplate}: {listed}",
+                "pick one with --target IP[:PORT]",
+            )
+        ann = found[0]
+        out.append(
+            Target(
+                text,
+                nameplate,
+                ann.address,
+                ann.port,
+                ann.epoch if epoch is None else epoch,
+                bytes.fromhex(ann.instance_id),
+            )
+        )
+    return out
+
+
+class _Session:
+    def __init__(
+        self, target: Target, payload: Payload, settings: Settings, progress: Progress
+    ) -> None:
+        self.target = target
+        self.payload = payload
+        self.settings = settings
+        self.progress = progress
+        self.phase = "connecting"
+        self.sent = 0
+        self.inbox: queue.Queue[tuple[int, dict[str, Any]] | BaseException] = queue.Queue()
+        self.verifier = ""
+        self.resumed = False
+
+    def fail(self, exit_code: ExitCode, message: str) -> DeployFailed:
+        return DeployFailed(exit_code, self.phase, message)
+
+    def run(self) -> dict[str, Any]:
+        t = self.target
+        try:
+            sock = socket.create_connection((t.address, t.port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            raise self.fail(
+                ExitCode.TRANSIENT, f"cannot connect to {t.address}:{t.port}: {e}"
+            ) from e
+        try:
+            return self._run(sock)
+        finally:
+            sock.close()
+
+    def _handshake(self, sock: socket.socket) -> channel.SecureChannel:
+        self.phase = "handshake"
+        instance_id = self.target.instance_id
+        try:
+            return channel.donor_handshake(
+                sock,
+                self.target.code_text,
+                self.target.epoch,
+                instance_id,
+                timeout=self.settings.handshake_timeout,
+            )
+        except channel.TargetBusy as e:
+            raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)") from e
+        except channel.WrongCode as e:
+            raise self.fail(
+                ExitCode.REFUSED,
+                "the target did not accept the code (wrong code, or it rotated: "
+                "read the code on its screen again)",
+            ) from e
+        except (channel.ChannelError, OSError) as e:
+            raise self.fail(ExitCode.TRANSIENT, f"handshake failed: {e}") from e
+
+    def _run(self, sock: socket.socket) -> dict[str, Any]:
+        chan = self._handshake(sock)
+        self.verifier = chan.verifier
+        chan.settimeout(self.settings.reply_timeout)
+        try:
+            return self._authenticated(chan)
+        except DeployFailed as e:
+            # Tell the target why we stop, so it does not report a truncated stream.
+            if e.exit_code != ExitCode.TRANSIENT:
+                chan.send_error(e.message)
+            raise
+        except (channel.ChannelError, OSError) as e:
+            raise self.fail(ExitCode.TRANSIENT, f"connection lost: {e}") from e
+        finally:
+            chan.close()
+
+    def _authenticated(self, chan: channel.SecureChannel) -> dict[str, Any]:
+        self.phase = "hello"
+        mtype, hello = chan.recv_json()
+        if mtype != messages.HELLO:
+            raise self.fail(ExitCode.INTERNAL, f"expected HELLO, got message {mtype}")
+        plan = self.plan(hello)
+        self.phase = "plan"
+        chan.send_json(messages.PLAN, plan)
+        mtype, answer = chan.recv_json()
+        if mtype == messages.PLAN_REFUSED:
+            reason = str(answer.get("reason", "unknown"))
+            detail = str(answer.get("message", ""))
+            raise self.fail(
+                ExitCode.REFUSED, f"PLAN_REFUSED {reason}" + (f": {detail}" if detail else "")
+            )
+        if mtype != messages.PLAN_OK:
+            raise self.fail(ExitCode.INTERNAL, f"expected PLAN_OK, got message {mtype}")
+        self.resumed = bool(answer.get("resume"))
+        verified = {str(b) for b in answer.get("verified") or []}
+        reader = threading.Thread(target=self._reader, args=(chan,), daemon=True)
+        reader.start()
+        self.phase = "sending"
+        with self.payload.path.open("rb") as f:
+            for blob_id, size in self.payload.blobs.items():
+                if blob_id in verified:
+                    continue
+                for attempt in (1, 2):
+                    self._send_blob(chan, f, blob_id, size)
+                    mtype, doc = self._next(messages.FILE_OK, messages.FILE_BAD)
+                    if mtype == messages.FILE_OK:
+                        break
+                    if attempt == 2:
+                        raise self.fail(
+                            ExitCode.REFUSED,
+                            f"the target rejected blob {blob_id} twice: {doc.get('reason')}",
+                        )
+        if not self.settings.send_end:
+            raise self.fail(ExitCode.TRANSIENT, "stopped before END (test hook)")
+        chan.send(messages.END)
+        self.phase = "finishing"
+        _, report = self._next(messages.REPORT)
+        if not report.get("ok"):
+            raise self.fail(ExitCode.OPERATOR_NEEDED, f"the target reports failure: {report}")
+        if self.settings.reboot:
+            chan.send(messages.REBOOT)
+        self.phase = "done"
+        return report
+
+    def plan(self, hello: dict[str, Any]) -> dict[str, Any]:
+        disks = [d for d in hello.get("disks") or [] if isinstance(d, dict)]
+        wanted = set(self.settings.disks)
+        if wanted:
+            chosen = [d for d in disks if d.get("serial") in wanted]
+        else:
+            chosen = [d for d in disks if d.get("eligible")]
+        if len(chosen) != 1:
+            listed = ", ".join(_describe_disk(d) for d in disks)
+            if chosen:
+                why = f"{len(chosen)} disks match --disk"
+            else:
+                why = "no disk matches --disk" if wanted else "not exactly one eligible disk"
+            raise self.fail(
+                ExitCode.REFUSED,
+                f"{why}; the target has: {listed or 'no disks'}; name one with --disk SERIAL",
+            )
+        disk = chosen[0]
+        serial = str(disk.get("serial"))
+        return {
+            "manifest": self.payload.manifest_doc,
+            "disk": {"serial": serial, "size": disk.get("size")},
+            "layout": self.settings.layout,
+            "hostname": self.settings.hostname,
+            "confirm_wipe_serial": serial if serial in self.settings.confirm_wipe else None,
+        }
+
+    def _send_blob(self, chan: channel.SecureChannel, f: BinaryIO, blob_id: str, size: int) -> None:
+        chan.send_json(messages.FILE_BEGIN, {"blob_id": blob_id, "size": size})
+        f.seek(self.payload.offsets[blob_id])
+
+        def sent(n: int) -> None:
+            self.sent += n
+            self.progress.sent(self.sent)
+            stop = self.settings.stop_after
+            if stop is not None and self.sent >= stop:
+                raise self.fail(ExitCode.TRANSIENT, "stopped mid-file (test hook)")
+
+        try:
+            chan.send_stream(messages.DATA, f, size, progress=sent)
+        except ValueError as e:
+            raise self.fail(ExitCode.REFUSED, f"the bundle ends inside blob {blob_id}") from e
+        chan.send(messages.FILE_END)
+
+    def _reader(self, chan: channel.SecureChannel) -> None:
+        try:
+            while True:
+                mtype, payload = chan.recv()
+                doc = json.loads(payload) if payload else {}
+                if mtype == messages.PROGRESS:
+                    self.progress.target(doc)
+                elif mtype == messages.PHASE:
+                    self.progress.phase(str(doc.get("phase")))
+                else:
+                    self.inbox.put((mtype, doc))
+                    if mtype in (messages.REPORT, messages.ERROR):
+                        return
+        except BaseException as e:
+            self.inbox.put(e)
+
+    def _next(self, *wanted: int) -> tuple[int, dict[str, Any]]:
+        try:
+            item = self.inbox.get(timeout=self.settings.reply_timeout)
+        except queue.Empty as e:
+            raise self.fail(ExitCode.TRANSIENT, "the target went silent") from e
+        if isinstance(item, BaseException):
+            if isinstance(item, (channel.ChannelError, OSError)):
+                raise self.fail(ExitCode.TRANSIENT, f"connection lost: {item}") from item
+            raise item
+        mtype, doc = item
+        if mtype == messages.ERROR:
+            raise self.fail(ExitCode.REFUSED, f"the target failed: {doc.get('reason')}")
+        if mtype not in wanted:
+            raise self.fail(ExitCode.INTERNAL, f"unexpected message {mtype} from the target")
+        return mtype, doc
+
+
+def _describe_disk(d: dict[str, Any]) -> str:
+    why = "" if d.get("eligible") else ", ineligible: " + ",".join(d.get("reasons") or [])
+    return f"{d.get('serial') or '?'} ({d.get('size')} B, {d.get('model') or '-'}{why})"
+
+
+def deploy_one(target: Target, payload: Payload, settings: Settings, progress: Progress) -> Result:
+    start = time.monotonic()
+    session = _Session(target, payload, settings, progress)
+    try:
+        report = session.run()
+        progress.done()
+    except DeployFailed as e:
+        return Result(
+            target.name,
+            False,
+            int(e.exit_code),
+            e.phase,
+            e.message,
+            time.monotonic() - start,
+            session.sent,
+            session.verifier,
+            resumed=session.resumed,
+        )
+    finally:
+        progress.close()
+    return Result(
+        target.name,
+        True,
+        int(ExitCode.OK),
+        "done",
+        "installed",
+        time.monotonic() - start,
+        session.sent,
+        session.verifier,
+        report,
+        session.resumed,
+    )
+
+
+def send(
+    payload: Payload,
+    targets: Sequence[Target],
+    settings: Settings,
+    progress_factory: ProgressFactory = no_progress,
+) -> list[Result]:
+    """Deploy to every target at once, one thread each; one Result per target, in order.
+
+    With as many `settings.disks` as targets, each target gets the serial in its position;
+    otherwise each target picks the one disk of its HELLO whose serial is in the list."""
+    if not targets:
+        return []
+    total = payload.total
+    per_target = [settings] * len(targets)
+    if len(targets) > 1 and len(settings.disks) == len(targets):
+        # One --disk per CODE, in order (like --target).
+        per_target = [replace(settings, disks=(disk,)) for disk in settings.disks]
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        futures = [
+            pool.submit(deploy_one, t, payload, s, progress_factory(t.name, total, i))
+            for i, (t, s) in enumerate(zip(targets, per_target, strict=True))
+        ]
+        return [f.result() for f in futures]
+
+
+def overall_exit(results: Sequence[Result]) -> ExitCode:
+    for r in results:
+        if not r.ok:
+            return ExitCode(r.exit_code)
+    return ExitCode.OK

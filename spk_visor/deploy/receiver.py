@@ -1,0 +1,591 @@
+"""The target side of a deploy (design/deploy.md): show a code, serve one donor at a time.
+
+    listen -> hello/SPAKE2/confirm (target_handshake) -> HELLO inventory -> PLAN
+    -> PLAN_OK | PLAN_REFUSED -> Installer.prepare -> FILE_BEGIN/DATA/FILE_END ... -> END
+    -> Installer.finalize -> REPORT -> REBOOT
+
+A second connection while a donor is being served gets BUSY and is closed. A wrong code
+costs an attempt and at least `fail_delay` seconds; after `max_attempts` the code rotates
+(new secret, epoch + 1, new instance id), so a guesser gets three tries per displayed code.
+
+Resume: the journal (plan digest, manifest hash, disk serial, verified blobs, the prepared
+Installer) lives in RAM for the life of this process. A connection that drops after the
+disk was prepared leaves the state `resumable`; a donor that sends the *same* PLAN skips
+partitioning and every blob already verified. Any other failure aborts the install (the
+Installer leaves the disk unbootable) and goes back to `waiting`. The bootloader is only
+written by `finalize`, after every blob verified, so no failure before it boots anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spk_visor.deploy import channel, code, discovery, install, inventory, messages
+from spk_visor.ota.roots import Root
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+DATA_RECORD = 64 << 10
+PROGRESS_EVERY = 1.0
+# The donor has this long between records once authenticated; the handshake has its own.
+IDLE_TIMEOUT = 120.0
+
+
+class SessionFailed(Exception):
+    """The deploy failed for `reason`; `resumable` when the prepared disk may be reused."""
+
+    def __init__(self, reason: str, *, resumable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.resumable = resumable
+
+
+@dataclass
+class Options:
+    trust_root: Root
+    mountpoint: Path
+    port: int = channel.PORT
+    bind: str = "0.0.0.0"  # noqa: S104 (a shim serves whatever LAN it booted on)
+    discovery_port: int = channel.DISCOVERY_PORT
+    announce: bool = True
+    nameplate: str | None = None
+    allow_loop: bool = False
+    disk_policy: frozenset[str] = frozenset()
+    reboot_cmd: Sequence[str] = ("reboot",)
+    once: bool = False
+    max_attempts: int = 3
+    fail_delay: float = 2.0
+    handshake_timeout: float = 10.0
+
+
+@dataclass
+class Journal:
+    """What survives a dropped connection, in RAM only."""
+
+    plan_digest: str
+    manifest_sha256: str
+    disk_serial: str
+    blobs: dict[str, int]
+    installer: install.Installer
+    verified: set[str] = field(default_factory=set)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "manifest_sha256": self.manifest_sha256,
+            "disk_serial": self.disk_serial,
+            "verified": sorted(self.verified),
+        }
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    """A PLAN's identity: the same bytes were already validated, so a resume may skip that."""
+    canonical = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class Receiver:
+    def __init__(self, options: Options, emit: Emit) -> None:
+        self.options = options
+        self.emit = emit
+        self.code = code.new_code(options.nameplate)
+        self.instance_id = secrets.token_bytes(16)
+        self.attempts = 0
+        self.state = "waiting"
+        self.journal: Journal | None = None
+        self.deploys = 0
+        self._busy = threading.Lock()
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._announcer: discovery.Announcer | None = None
+        self.session: _Session | None = None
+
+    # -- the screen -------------------------------------------------------------------
+
+    def show_code(self) -> None:
+        disks = inventory.inventory(allow_loop=self.options.allow_loop)
+        self.emit(
+            "code",
+            {
+                "code": str(self.code),
+                "nameplate": self.code.nameplate,
+                "epoch": self.code.epoch,
+                "port": self.port,
+                "state": self.state,
+                "disks": [
+                    {"name": d.name, "serial": d.serial, "size": d.size, "model": d.model}
+                    for d in disks
+                    if d.eligible
+                ],
+            },
+        )
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if self._announcer is not None:
+            self._announcer.update(state=state)
+        self.emit("state", {"state": state})
+
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            return self.options.port
+        return int(self._listener.getsockname()[1])
+
+    # -- the accept loop --------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Serve donors until `stop()` (or, with `once`, one successful deploy)."""
+        listener = socket.create_server((self.options.bind, self.options.port), reuse_port=False)
+        listener.settimeout(0.5)
+        self._listener = listener
+        try:
+            if self.options.announce:
+                self._announcer = discovery.Announcer(
+                    nameplate=self.code.nameplate,
+                    epoch=self.code.epoch,
+                    instance_id=self.instance_id,
+                    port=self.port,
+                    boot_mode=_boot_mode(),
+                    mac=_first_mac(),
+                    discovery_port=self.options.discovery_port,
+                )
+            self.show_code()
+            workers: list[threading.Thread] = []
+            while not self._stop.is_set():
+                try:
+                    conn, addr = listener.accept()
+                except TimeoutError:
+                    continue
+                if not self._busy.acquire(blocking=False):
+                    self._refuse_busy(conn, addr[0])
+                    continue
+                worker = threading.Thread(
+                    target=self._session_thread, args=(conn, addr[0]), daemon=True
+                )
+                workers.append(worker)
+                worker.start()
+            for worker in workers:
+                worker.join(timeout=30)
+        finally:
+            listener.close()
+            if self._announcer is not None:
+                self._announcer.stop()
+            if self.journal is not None:
+                self._abort("the receiver stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _refuse_busy(self, conn: socket.socket, address: str) -> None:
+        self.emit("busy_refused", {"from": address})
+        channel.refuse_busy(conn)  # closes it
+
+    def _session_thread(self, conn: socket.socket, address: str) -> None:
+        try:
+            done = self._session(conn, address)
+        except Exception as e:  # a bug must not kill the receiver: show it, keep serving
+            self.emit("error", {"from": address, "reason": f"internal: {type(e).__name__}: {e}"})
+            done = False
+        finally:
+            conn.close()
+            self._busy.release()
+        if done and self.options.once:
+            self._stop.set()
+
+    # -- one donor --------------------------------------------------------------------
+
+    def _handshake(self, conn: socket.socket, address: str) -> channel.SecureChannel | None:
+        try:
+            return channel.target_handshake(
+                conn, self.code, self.instance_id, timeout=self.options.handshake_timeout
+            )
+        except channel.WrongCode:
+            self.attempts += 1
+            self.emit(
+                "wrong_code",
+                {
+                    "from": address,
+                    "attempt": self.attempts,
+                    "max": self.options.max_attempts,
+                    "message": f"wrong code attempt from {address} "
+                    f"({self.attempts}/{self.options.max_attempts})",
+                },
+            )
+            # Still holding the busy lock: nobody gets another try during the delay.
+            time.sleep(self.options.fail_delay)
+            if self.attempts >= self.options.max_attempts:
+                self._rotate()
+            return None
+        except (channel.ChannelError, OSError) as e:
+            self.emit("handshake_failed", {"from": address, "reason": str(e)})
+            return None
+
+    def _rotate(self) -> None:
+        self.code = code.new_code(self.code.nameplate, epoch=self.code.epoch + 1)
+        self.instance_id = secrets.token_bytes(16)
+        self.attempts = 0
+        if self._announcer is not None:
+            self._announcer.update(epoch=self.code.epoch, instance_id=self.instance_id)
+        self.emit("code_rotated", {"epoch": self.code.epoch})
+        self.show_code()
+
+    def _session(self, conn: socket.socket, address: str) -> bool:
+        """Serve one connection; True when it ended with a successful REPORT."""
+        chan = self._handshake(conn, address)
+        if chan is None:
+            return False
+        self.attempts = 0
+        self.emit("connected", {"from": address, "verifier": chan.verifier})
+        chan.settimeout(IDLE_TIMEOUT)
+        session = _Session(self, chan, address)
+        self.session = session
+        try:
+            return session.run()
+        except SessionFailed as e:
+            self._fail(e, address)
+            chan.send_error(e.reason)
+            return False
+        except (channel.ChannelError, OSError) as e:
+            # The connection broke (or was tampered with: tag failures end up here too).
+            # Only verified blobs are kept, so a resume is as safe as a fresh start.
+            self._fail(SessionFailed(f"connection: {e}", resumable=True), address)
+            return False
+        except Exception as e:
+            # A bug or a tool failure (finalize): never leave a half-install mounted.
+            self._fail(SessionFailed(f"internal: {type(e).__name__}: {e}"), address)
+            chan.send_error(f"internal error on the target: {type(e).__name__}")
+            return False
+        finally:
+            self.session = None
+            chan.close()
+
+    def _fail(self, failure: SessionFailed, address: str) -> None:
+        if failure.resumable and self.journal is not None:
+            self.set_state("resumable")
+            self.emit(
+                "failed",
+                {
+                    "from": address,
+                    "reason": failure.reason,
+                    "resumable": True,
+                    "verified": len(self.journal.verified),
+                },
+            )
+            return
+        if self.journal is not None:
+            self._abort(failure.reason)
+        self.emit("failed", {"from": address, "reason": failure.reason, "resumable": False})
+        self.set_state("waiting")
+
+    def _abort(self, reason: str) -> None:
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            try:
+                journal.installer.abort(reason)
+            except Exception as e:
+                self.emit("error", {"reason": f"abort failed: {type(e).__name__}: {e}"})
+
+    def installer_event(self, event: str, doc: dict[str, Any]) -> None:
+        """The Installer's events: on screen, and phases to whichever donor is connected
+        now (the Installer outlives the connection that created it when a donor resumes)."""
+        self.emit(event, doc)
+        phase = doc.get("phase")
+        session = self.session
+        if session is not None and event == "phase" and isinstance(phase, str):
+            session.send(messages.PHASE, {"phase": phase})
+
+    def reboot(self) -> None:
+        self.emit("reboot", {"argv": list(self.options.reboot_cmd)})
+        subprocess.run(list(self.options.reboot_cmd), check=False, timeout=60)
+
+
+class _Session:
+    """The authenticated part of one connection."""
+
+    def __init__(self, receiver: Receiver, chan: channel.SecureChannel, address: str) -> None:
+        self.r = receiver
+        self.chan = chan
+        self.address = address
+        self.machine = messages.StateMachine("target")
+        self.written = 0
+        self.verified_bytes = 0
+        self.current = ""
+        self.started = time.monotonic()
+        self.last_progress = 0.0
+
+    def send(self, mtype: int, doc: dict[str, Any]) -> None:
+        self.machine.check("send", mtype)
+        self.chan.send_json(mtype, doc)
+
+    def recv(self) -> tuple[int, bytes]:
+        mtype, payload = self.chan.recv()
+        try:
+            self.machine.check("recv", mtype)
+        except channel.ChannelError as e:
+            raise SessionFailed(str(e)) from e
+        if mtype == messages.ERROR:
+            reason = _json(payload).get("reason") if payload else None
+            # The donor gave up on its side: what is verified so far stays usable.
+            raise SessionFailed(f"the donor stopped: {reason}", resumable=True)
+        return mtype, payload
+
+    def recv_doc(self) -> tuple[int, dict[str, Any]]:
+        mtype, payload = self.recv()
+        try:
+            doc = json.loads(payload) if payload else {}
+        except ValueError as e:
+            raise SessionFailed(f"message {mtype} is not JSON") from e
+        if not isinstance(doc, dict):
+            raise SessionFailed(f"message {mtype} is not a JSON object")
+        return mtype, doc
+
+    def hello(self) -> None:
+        disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
+        journal = self.r.journal
+        self.send(
+            messages.HELLO,
+            {
+                "disks": [d.to_doc() for d in disks],
+                "boot_mode": _boot_mode(),
+                "ram": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                "cpus": os.cpu_count(),
+                "resume_state": journal.state() if journal is not None else None,
+            },
+        )
+
+    def run(self) -> bool:
+        self.hello()
+        mtype, plan = self.recv_doc()
+        if mtype != messages.PLAN:
+            raise SessionFailed(f"expected PLAN, got message {mtype}")
+        journal = self.accept_plan(plan)
+        if journal is None:
+            return False
+        self.receive_files(journal)
+        self.r.set_state("busy")
+        self.phase("finalizing")
+        report = journal.installer.finalize()
+        ok = bool(report.get("ok", True))
+        self.r.journal = None  # finalize either finished the disk or reported why not
+        self.send(messages.REPORT, {**report, "ok": ok})
+        self.r.emit("report", {"from": self.address, "ok": ok, "report": report})
+        self.r.set_state("done" if ok else "failed")
+        if not ok:
+            self.r.set_state("waiting")
+            return False
+        self.r.deploys += 1
+        try:
+            mtype, _ = self.recv()
+        except (channel.ChannelError, OSError):
+            return True  # the donor did not ask for a reboot
+        if mtype == messages.REBOOT:
+            self.r.reboot()
+        return True
+
+    def phase(self, name: str) -> None:
+        self.r.emit("phase", {"phase": name})
+        self.send(messages.PHASE, {"phase": name})
+
+    def accept_plan(self, plan: dict[str, Any]) -> Journal | None:
+        digest = plan_digest(plan)
+        journal = self.r.journal
+        if journal is not None and journal.plan_digest == digest:
+            # The same PLAN bytes were validated before and the disk is already prepared.
+            self.send(messages.PLAN_OK, {"resume": True, "verified": sorted(journal.verified)})
+            self.r.emit("resume", {"from": self.address, "verified": len(journal.verified)})
+            self.r.set_state("busy")
+            return journal
+        checked = dict(plan)
+        disk = plan.get("disk")
+        serial = disk.get("serial") if isinstance(disk, dict) else None
+        # Unattended: the local policy stands in for the operator typing the serial.
+        if serial in self.r.options.disk_policy and not plan.get("confirm_wipe_serial"):
+            checked["confirm_wipe_serial"] = serial
+        try:
+            disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
+            resolved = install.validate_plan(checked, disks, self.r.options.trust_root)
+        except install.PlanRefused as e:
+            self.send(messages.PLAN_REFUSED, {"reason": e.reason, "message": str(e)})
+            self.r.emit(
+                "plan_refused", {"from": self.address, "reason": e.reason, "message": str(e)}
+            )
+            return None
+        if journal is not None:
+            # A different plan replaces the half-done one: that install is abandoned.
+            self.r._abort("a different plan arrived")
+        blobs = _plan_blobs(resolved)
+        installer = install.Installer(resolved, self.r.options.mountpoint, self.r.installer_event)
+        self.send(messages.PLAN_OK, {"resume": False, "verified": []})
+        self.r.set_state("busy")
+        self.r.emit("plan_ok", {"from": self.address, "disk": serial, "blobs": len(blobs)})
+        try:
+            installer.prepare()
+        except Exception as e:
+            try:
+                installer.abort(f"prepare failed: {e}")
+            finally:
+                raise SessionFailed(f"preparing the disk failed: {e}") from e
+        journal = Journal(
+            plan_digest=digest,
+            manifest_sha256=_manifest_sha(resolved),
+            disk_serial=str(serial),
+            blobs=blobs,
+            installer=installer,
+        )
+        self.r.journal = journal
+        return journal
+
+    def progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_progress < PROGRESS_EVERY:
+            return
+        self.last_progress = now
+        elapsed = max(now - self.started, 1e-6)
+        doc = {
+            # Durable bytes (fsynced on the target), not bytes received: what survives.
+            "written": self.durable(),
+            "received": self.written,
+            "verified": self.verified_bytes,
+            "file": self.current,
+            "rate": int(self.written / elapsed),
+        }
+        self.send(messages.PROGRESS, doc)
+        self.r.emit("progress", doc)
+
+    def durable(self) -> int:
+        journal = self.r.journal
+        if journal is None:
+            return 0
+        return int(getattr(journal.installer, "durable_bytes", 0))
+
+    def receive_files(self, journal: Journal) -> None:
+        self.phase("receiving")
+        retried: set[str] = set()
+        while True:
+            mtype, payload = self.recv()
+            if mtype == messages.END:
+                break
+            if mtype != messages.FILE_BEGIN:
+                raise SessionFailed(f"expected FILE_BEGIN or END, got message {mtype}")
+            doc = _json(payload)
+            blob_id, size = doc.get("blob_id"), doc.get("size")
+            if not isinstance(blob_id, str) or journal.blobs.get(blob_id) != size:
+                raise SessionFailed(f"FILE_BEGIN for a blob the manifest does not list: {blob_id}")
+            if blob_id in journal.verified:
+                raise SessionFailed(f"blob {blob_id} was already verified")
+            if not isinstance(size, int):
+                raise SessionFailed("FILE_BEGIN without a size")
+            if self.receive_one(journal, blob_id, size):
+                continue
+            if blob_id in retried:
+                raise SessionFailed(f"blob {blob_id} failed verification twice")
+            retried.add(blob_id)
+        missing = [b for b in journal.blobs if b not in journal.verified]
+        if missing:
+            raise SessionFailed(f"END before every blob arrived: {len(missing)} missing")
+        self.phase("verifying")
+        self.progress(force=True)
+
+    def receive_one(self, journal: Journal, blob_id: str, size: int) -> bool:
+        self.current = blob_id
+        sink = journal.installer.receive(blob_id, size)
+        try:
+            return self._receive_into(journal, sink, blob_id, size)
+        except BaseException:
+            # A partial blob restarts from zero on resume; release what the sink holds.
+            _close_sink(sink)
+            raise
+
+    def _receive_into(
+        self, journal: Journal, sink: install.BlobSink, blob_id: str, size: int
+    ) -> bool:
+        got = 0
+        failure: str | None = None
+        while True:
+            mtype, payload = self.recv()
+            if mtype == messages.FILE_END:
+                break
+            if mtype != messages.DATA:
+                raise SessionFailed(f"expected DATA or FILE_END, got message {mtype}")
+            got += len(payload)
+            if got > size:
+                raise SessionFailed(f"blob {blob_id}: more bytes than the manifest declares")
+            if failure is None:
+                try:
+                    sink.write(payload)
+                except Exception as e:
+                    failure = f"write failed: {e}"
+            self.written += len(payload)
+            self.progress()
+        if failure is None and got != size:
+            failure = f"{got} bytes, the manifest declares {size}"
+        if failure is None:
+            try:
+                sink.finish()
+            except Exception as e:
+                failure = str(e) or type(e).__name__
+        if failure is not None:
+            _close_sink(sink)
+            self.send(messages.FILE_BAD, {"blob_id": blob_id, "reason": failure})
+            self.r.emit("file_bad", {"blob_id": blob_id, "reason": failure})
+            return False
+        journal.verified.add(blob_id)
+        self.verified_bytes += size
+        self.send(messages.FILE_OK, {"blob_id": blob_id})
+        self.r.emit("file_ok", {"blob_id": blob_id, "size": size})
+        self.progress(force=True)
+        return True
+
+
+def _close_sink(sink: install.BlobSink) -> None:
+    try:
+        sink.close()
+    except Exception:  # noqa: S110 (best effort; the failure being handled matters more)
+        pass
+
+
+def _boot_mode() -> str:
+    return "uefi" if Path("/sys/firmware/efi").exists() else "bios"
+
+
+def _first_mac() -> str:
+    """The first non-loopback MAC: an operator hint to tell machines apart."""
+    try:
+        names = sorted(p.name for p in Path("/sys/class/net").iterdir() if p.name != "lo")
+        for name in names:
+            mac = (Path("/sys/class/net") / name / "address").read_text().strip()
+            if mac and mac != "00:00:00:00:00:00":
+                return mac
+    except OSError:
+        pass
+    return ""
+
+
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(payload)
+    except ValueError as e:
+        raise SessionFailed("a message payload is not JSON") from e
+    if not isinstance(doc, dict):
+        raise SessionFailed("a message payload is not a JSON object")
+    return doc
+
+
+def _plan_blobs(resolved: install.ResolvedPlan) -> dict[str, int]:
+    return dict(resolved.manifest.blobs)
+
+
+def _manifest_sha(resolved: install.ResolvedPlan) -> str:
+    return str(resolved.manifest_sha256)

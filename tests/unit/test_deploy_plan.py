@@ -1,0 +1,275 @@
+"""PLAN validation, inventory judgement, layout and grub.cfg: no root, nothing touched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spk_visor.deploy import bootloader
+from spk_visor.deploy.install import (
+    BIOS_BOOT_TYPE,
+    MIB,
+    PlanRefused,
+    plan_layout,
+    validate_plan,
+)
+from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
+from spk_visor.ota import build, keys, roots
+from spk_visor.ota.roots import Root
+from tests.support.ota_pki import Pki, signed_manifest
+
+GIB = 1 << 30
+SERIAL = "S3EVNX0K123456"
+IMAGE_RAW = 24 * MIB
+
+
+def _hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _payload(
+    *, files: list[dict[str, Any]] | None = None, links: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    files = (
+        files
+        if files is not None
+        else [{"p": "bin/smechvisord", "m": 0o755, "s": 10, "h": _hex("f")}]
+    )
+    pack = build.Blob(f"sha256:{_hex('pack')}", sum(f["s"] for f in files), Path("pack"))
+    image = build.Blob(f"sha256:{_hex('image')}", 5 * MIB, Path("image"))
+    tree = {"pack": pack.id, "encoding": "identity", "files": files, "symlinks": links or []}
+    spec = {"blob": image.id, "encoding": "zstd", "raw_size": IMAGE_RAW, "raw_sha256": _hex("raw")}
+    return build.make_manifest(
+        version="1.0.0", counter=1, set_floor=0, tree=tree, image=spec, blobs=[pack, image]
+    )
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki()
+
+
+@pytest.fixture(scope="module")
+def root(pki: Pki) -> Root:
+    return roots.load_anchor(pki.root_env().to_bytes(), "test root")
+
+
+def _disk(**kw: Any) -> Disk:
+    base: dict[str, Any] = {
+        "name": "sda",
+        "path": "/dev/sda",
+        "size": 256 * GIB,
+        "logical_sector": 512,
+        "physical_sector": 4096,
+        "model": "TEST",
+        "serial": SERIAL,
+        "wwn": "",
+        "transport": "sata",
+        "rotational": False,
+        "removable": False,
+        "read_only": False,
+        "has_signatures": False,
+        "mounted": False,
+        "boot_medium": False,
+    }
+    base.update(kw)
+    return judge(Disk(**base), None, allow_loop=False)
+
+
+def _plan(pki: Pki, disk: Disk, **kw: Any) -> dict[str, Any]:
+    plan: dict[str, Any] = {
+        "manifest": signed_manifest(_payload(), pki.release).to_doc(),
+        "disk": {"serial": disk.serial, "size": disk.size},
+        "layout": "ab",
+        "hostname": "node-1",
+        "confirm_wipe_serial": None,
+    }
+    plan.update(kw)
+    return plan
+
+
+def _refused(plan: dict[str, Any], disks: list[Disk], root: Root) -> str:
+    with pytest.raises(PlanRefused) as caught:
+        validate_plan(plan, disks, root)
+    return caught.value.reason
+
+
+def test_good_plan_resolves(pki: Pki, root: Root) -> None:
+    disk = _disk()
+    other = _disk(name="sdb", path="/dev/sdb", serial="OTHER")
+    resolved = validate_plan(_plan(pki, disk), [other, disk], root)
+    assert resolved.disk is disk
+    assert resolved.hostname == "node-1"
+    assert resolved.manifest.image is not None and resolved.manifest.image.raw_size == IMAGE_RAW
+    assert resolved.layout.slot_mib == 16 * 1024  # the default on a 256 GiB disk
+    assert not resolved.wipe_confirmed
+
+
+def test_wrong_serial_or_size(pki: Pki, root: Root) -> None:
+    disk = _disk()
+    plan = _plan(pki, disk)
+    plan["disk"] = {"serial": "NOPE", "size": disk.size}
+    assert _refused(plan, [disk], root) == "disk_not_found"
+    plan["disk"] = {"serial": SERIAL, "size": disk.size + 512}
+    assert _refused(plan, [disk], root) == "disk_not_found"
+
+
+def test_two_disks_same_serial_is_ambiguous(pki: Pki, root: Root) -> None:
+    a, b = _disk(), _disk(name="sdb", path="/dev/sdb")
+    assert _refused(_plan(pki, a), [a, b], root) == "disk_ambiguous"
+
+
+def test_too_small(pki: Pki, root: Root) -> None:
+    disk = _disk(size=700 * MIB)
+    assert _refused(_plan(pki, disk), [disk], root) == "disk_too_small"
+
+
+def test_mounted_and_boot_medium_and_read_only(pki: Pki, root: Root) -> None:
+    for kw, reason in (
+        ({"mounted": True}, "disk_mounted"),
+        ({"boot_medium": True}, "boot_medium"),
+        ({"read_only": True}, "disk_read_only"),
+        ({"removable": True}, "disk_not_eligible"),
+    ):
+        disk = _disk(**kw)
+        assert not disk.eligible
+        assert _refused(_plan(pki, disk), [disk], root) == reason, kw
+
+
+def test_loop_only_with_allow_loop() -> None:
+    loop = Disk(
+        "loop3",
+        "/dev/loop3",
+        GIB,
+        512,
+        512,
+        "",
+        "loop:t.img",
+        "",
+        "",
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+    )
+    assert not judge(loop, None, allow_loop=False).eligible
+    assert "loop" in loop.reasons
+    loop.reasons = []
+    assert judge(loop, None, allow_loop=True).eligible
+
+
+def test_wipe_needs_confirmation_when_disk_has_signatures(pki: Pki, root: Root) -> None:
+    disk = _disk(has_signatures=True)
+    assert _refused(_plan(pki, disk), [disk], root) == "wipe_not_confirmed"
+    wrong = _plan(pki, disk, confirm_wipe_serial="SOMEONE-ELSE")
+    assert _refused(wrong, [disk], root) == "wipe_not_confirmed"
+    resolved = validate_plan(_plan(pki, disk, confirm_wipe_serial=SERIAL), [disk], root)
+    assert resolved.wipe_confirmed
+
+
+@pytest.mark.parametrize(
+    "files,links",
+    [
+        ([{"p": "../etc/passwd", "m": 0o644, "s": 1, "h": _hex("x")}], None),
+        ([{"p": "/etc/passwd", "m": 0o644, "s": 1, "h": _hex("x")}], None),
+        ([{"p": "bin/a\nb", "m": 0o644, "s": 1, "h": _hex("x")}], None),
+        ([{"p": "a" * 300, "m": 0o644, "s": 1, "h": _hex("x")}], None),
+        ([{"p": "bin/x", "m": 0o644, "s": 1, "h": _hex("x")}], [{"p": "lib", "t": "../../etc"}]),
+    ],
+)
+def test_manifest_with_unsafe_names_is_refused(
+    pki: Pki, root: Root, files: list[dict[str, Any]], links: list[dict[str, str]] | None
+) -> None:
+    disk = _disk()
+    env = signed_manifest(_payload(files=files, links=links), pki.release)
+    assert _refused(_plan(pki, disk, manifest=env.to_doc()), [disk], root) == "bad_manifest"
+
+
+def test_bad_signature(pki: Pki, root: Root) -> None:
+    disk = _disk()
+    stranger = signed_manifest(_payload(), [keys.generate()])
+    assert _refused(_plan(pki, disk, manifest=stranger.to_doc()), [disk], root) == "bad_signature"
+    # A payload changed after signing: the signature no longer covers it.
+    doc = signed_manifest(_payload(), pki.release).to_doc()
+    other = signed_manifest(
+        _payload(files=[{"p": "bin/evil", "m": 0o755, "s": 10, "h": _hex("e")}]), pki.release
+    ).to_doc()
+    doc["payload"] = other["payload"]
+    assert _refused(_plan(pki, disk, manifest=doc), [disk], root) == "bad_signature"
+
+
+def test_unknown_keys_and_bad_values(pki: Pki, root: Root) -> None:
+    disk = _disk()
+    assert _refused(_plan(pki, disk, extra=1), [disk], root) == "bad_plan"
+    assert _refused(_plan(pki, disk, layout="simple"), [disk], root) == "unsupported_layout"
+    assert _refused(_plan(pki, disk, hostname="bad host"), [disk], root) == "bad_hostname"
+    plan = _plan(pki, disk)
+    plan["disk"] = {"serial": SERIAL, "size": disk.size, "path": "/dev/sda"}
+    assert _refused(plan, [disk], root) == "bad_plan"
+
+
+def test_layout_sizes() -> None:
+    small = plan_layout(2 * GIB, IMAGE_RAW, 1 * MIB)
+    assert IMAGE_RAW // MIB <= small.slot_mib < 512
+    assert small.fixed_mib + small.data_min_mib <= 2 * GIB // MIB
+    big = plan_layout(1 << 40, IMAGE_RAW, MIB)
+    assert big.slot_mib == 16 * 1024
+    with pytest.raises(PlanRefused):
+        plan_layout(800 * MIB, IMAGE_RAW, MIB)
+    script = small.sfdisk_script(
+        {n: f"uuid-{n}" for n in ("bios_grub", "esp", "root-a", "root-b", "data")}
+    )
+    lines = script.splitlines()
+    assert lines[0] == "label: gpt"
+    assert lines[1].startswith(f'size=1MiB, type={BIOS_BOOT_TYPE}, name="bios_grub"')
+    assert lines[2].startswith('size=512MiB, type=U, name="esp"')
+    assert 'type=L, name="data"' in lines[5] and "size=" not in lines[5]
+
+
+def test_inventory_marks_boot_medium_mounted_and_signatures() -> None:
+    dev = {
+        "name": "sdb",
+        "path": "/dev/sdb",
+        "size": 16 * GIB,
+        "serial": "USB1",
+        "type": "disk",
+        "rm": True,
+        "children": [
+            {
+                "name": "sdb1",
+                "type": "part",
+                "fstype": "iso9660",
+                "label": "SPK_SHIM",
+                "mountpoints": ["/run/shim"],
+            },
+        ],
+    }
+    disk = judge(disk_from_lsblk(dev, signatures=False, boot_names=set()), dev, allow_loop=False)
+    assert disk.boot_medium and disk.mounted and disk.has_signatures and disk.removable
+    assert {"boot_medium", "mounted", "removable"} <= set(disk.reasons)
+    lvm = {
+        "name": "sdc",
+        "size": GIB,
+        "serial": "X",
+        "type": "disk",
+        "children": [{"name": "vg-lv", "type": "lvm"}],
+    }
+    judged = judge(disk_from_lsblk(lvm, signatures=False, boot_names=set()), lvm, allow_loop=False)
+    assert "in_use_by_volume_manager" in judged.reasons
+
+
+def test_grub_cfg_finds_slots_without_device_names() -> None:
+    ids = bootloader.BootIds("1111-data", {"a": "aaaa-part", "b": "bbbb-part"})
+    cfg = bootloader.grub_cfg(ids)
+    assert "/dev/" not in cfg and "hd0" not in cfg
+    assert cfg.count("search --no-floppy --fs-uuid --set=spk_data 1111-data") == 2
+    assert "--id smechvisor-a" in cfg and "--id smechvisor-b" in cfg
+    assert "set root=($spk_disk,gpt3)" in cfg and "set root=($spk_disk,gpt4)" in cfg
+    line_b = next(x for x in cfg.splitlines() if "smechvisor.slot=b" in x)
+    assert "root=PARTUUID=bbbb-part" in line_b
+    assert "intel_iommu=on amd_iommu=on iommu=pt" in line_b
