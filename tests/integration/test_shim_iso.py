@@ -239,17 +239,22 @@ def test_tools_and_python_run_from_the_initramfs(built: Built, unpacked: Path) -
         assert needed in proc.stdout, proc.stdout
 
 
+# The receiver's screen: the code (nameplate-secret) the operator types on the donor.
+RECEIVER = re.compile(r"deploy code:\s+\d{2,4}-[0-9A-HJKMNP-TV-Z]{5}\s")
+
+
 def test_boots_with_seabios(built: Built) -> None:
-    boot = boot_iso(built.iso, built.work / "bios", uefi=False)
-    assert boot.matched, f"no ready line within the timeout; serial tail:\n{boot.log[-3000:]}"
+    boot = boot_iso(built.iso, built.work / "bios", uefi=False, until=RECEIVER, timeout=240)
+    assert boot.matched, f"no receiver code line in time; serial tail:\n{boot.log[-3000:]}"
+    assert READY.search(boot.log)
     assert "SPK-SHIM boot: BIOS" in boot.log
     # The e1000 driver came from the initramfs by coldplug and udhcpc got a lease.
     assert re.search(r"SPK-SHIM net: eth0 10\.0\.2\.\d+/", boot.log), boot.log[-3000:]
 
 
 def test_boots_with_ovmf(built: Built) -> None:
-    boot = boot_iso(built.iso, built.work / "uefi", uefi=True)
-    assert boot.matched, f"no ready line within the timeout; serial tail:\n{boot.log[-3000:]}"
+    boot = boot_iso(built.iso, built.work / "uefi", uefi=True, until=RECEIVER, timeout=240)
+    assert boot.matched, f"no receiver code line in time; serial tail:\n{boot.log[-3000:]}"
     assert "SPK-SHIM boot: UEFI" in boot.log
     assert READY.search(boot.log)
 
