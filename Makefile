@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) -m bench.daemon
 	$(PY) -m bench.cli
 	$(PY) -m bench.ota
+	$(PY) -m bench.deploy
 
 # Regenerates the committed man pages from the code; tests/unit/test_man_pages.py fails
 # when they drift.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 
 from spk_visor.ota import build
 from tests.support import netns
+from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
 from tests.support.prereq import need_command, need_root
 
@@ -156,33 +156,12 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"bundle": result.bundle, "root": root, "blobs": blobs}
 
 
-class LoopDisk:
-    def __init__(self, tmp: Path, size: str) -> None:
-        need_command("losetup", "mount")
-        self.file = tmp / f"spkdisk-{secrets.token_hex(4)}.img"
-        subprocess.run(["truncate", "-s", size, str(self.file)], check=True, timeout=10)
-        self.dev = subprocess.run(
-            ["losetup", "-f", "--show", "-P", str(self.file)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-        self.serial = f"loop:{self.file.name}"
-
-    def head(self, n: int = 440) -> bytes:
-        with open(self.dev, "rb") as f:
-            return f.read(n)
-
-    def detach(self) -> None:
-        subprocess.run(["losetup", "-d", self.dev], capture_output=True, timeout=30, check=False)
-
-
 @pytest.fixture
 def disks(tmp_path: Path) -> Iterator[Callable[[str], LoopDisk]]:
     made: list[LoopDisk] = []
 
     def make(size: str = "4G") -> LoopDisk:
+        need_command("losetup", "mount")
         disk = LoopDisk(tmp_path, size)
         made.append(disk)
         return disk

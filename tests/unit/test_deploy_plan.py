@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
-from spk_visor.deploy import bootloader
+from spk_visor.deploy import bootloader, install
 from spk_visor.deploy.install import (
     BIOS_BOOT_TYPE,
     MIB,
@@ -18,6 +20,7 @@ from spk_visor.deploy.install import (
 )
 from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.ota import build, keys, roots
+from spk_visor.ota.manifest import ImageComponent
 from spk_visor.ota.roots import Root
 from tests.support.ota_pki import Pki, signed_manifest
 
@@ -273,3 +276,36 @@ def test_grub_cfg_finds_slots_without_device_names() -> None:
     line_b = next(x for x in cfg.splitlines() if "smechvisor.slot=b" in x)
     assert "root=PARTUUID=bbbb-part" in line_b
     assert "intel_iommu=on amd_iommu=on iommu=pt" in line_b
+
+
+def test_image_sink_bounds_memory_and_stops_a_decompression_bomb(tmp_path: Path) -> None:
+    """64 MiB of zeros compress to a few KiB; declared as 1 MiB, the sink refuses them
+    without ever holding the decoded 64 MiB in memory."""
+    raw = bytes(64 << 20)
+    blob = zstandard.ZstdCompressor(level=3).compress(raw)
+    slot = tmp_path / "slot"
+    slot.write_bytes(b"")
+
+    class Inst:
+        def __init__(self) -> None:
+            self.parts = {"root-a": str(slot)}
+            self.durable_bytes = 0
+
+        def emit_progress(self) -> None:
+            pass
+
+    image = ImageComponent(
+        "base", "1", "sha256:" + hashlib.sha256(blob).hexdigest(), "zstd", 1 << 20,
+        hashlib.sha256(raw[: 1 << 20]).hexdigest(),
+    )  # fmt: skip
+    sink = install._ImageSink(Inst(), image, len(blob))  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        with pytest.raises(install.InstallError) as info:
+            sink.write(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        sink.close()
+    assert info.value.reason == "image_too_large"
+    assert peak < 24 << 20, f"decoding held {peak >> 20} MiB at once"
