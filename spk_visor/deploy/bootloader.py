@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from spk_visor.ota import durable
+
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
 IOMMU_ARGS = "intel_iommu=on amd_iommu=on iommu=pt"
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"
@@ -122,9 +124,7 @@ def write_config(boot_dir: Path, ids: BootIds, *, timeout_s: int = 3) -> Path:
     grub_dir = boot_dir / "grub"
     grub_dir.mkdir(parents=True, exist_ok=True)
     cfg = grub_dir / "grub.cfg"
-    tmp = grub_dir / "grub.cfg.tmp"
-    tmp.write_text(grub_cfg(ids, timeout_s=timeout_s))
-    os.replace(tmp, cfg)
+    durable.write_bytes(cfg, grub_cfg(ids, timeout_s=timeout_s).encode(), mode=0o644)
     env = grub_dir / "grubenv"
     editenv = shutil.which("grub-editenv")
     if editenv is None:

@@ -16,7 +16,6 @@ screen without the sender waiting for it.
 
 from __future__ import annotations
 
-import json
 import queue
 import socket
 import threading
@@ -448,8 +447,9 @@ class _Session:
     def _reader(self, chan: channel.SecureChannel) -> None:
         try:
             while True:
-                mtype, payload = chan.recv()
-                doc = json.loads(payload) if payload else {}
+                # recv_json: a payload that is not a JSON object is a ChannelError (exit 7),
+                # not a ValueError/AttributeError escaping the worker thread.
+                mtype, doc = chan.recv_json()
                 if mtype == messages.PROGRESS:
                     self.progress.target(doc)
                 elif mtype == messages.PHASE:

@@ -794,12 +794,12 @@ class Installer:
         try:
             bootloader.install_bios(self.disk.path, boot_dir)
             boot["bios"] = "ok"
-        except bootloader.BootloaderError as e:
+        except (bootloader.BootloaderError, OSError) as e:
             boot["bios"] = f"failed: {e}"
         try:
             size = bootloader.install_efi(self.parts["esp"], boot_dir, self.data_uuid)
             boot["efi_fallback"] = f"ok ({size} bytes)"
-        except bootloader.BootloaderError as e:
+        except (bootloader.BootloaderError, OSError) as e:
             boot["efi_fallback"] = f"failed: {e}"
         # An NVRAM entry only makes sense when this boot is UEFI with efivarfs; the
         # removable path above is what firmware finds after an NVRAM reset anyway.
@@ -838,8 +838,9 @@ class Installer:
         etc = self.mountpoint / "etc"
         etc.mkdir(mode=0o755, exist_ok=True)
         (self.mountpoint / "var" / "lib").mkdir(mode=0o755, parents=True, exist_ok=True)
-        durable.write_bytes(etc / "fstab", self.fstab().encode())
-        durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode())
+        # World-readable, as every system reads them.
+        durable.write_bytes(etc / "fstab", self.fstab().encode(), 0o644)
+        durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode(), 0o644)
         manifest = self.plan.manifest
         record = {
             "manifest_sha256": self.plan.manifest_sha256,

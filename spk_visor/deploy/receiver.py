@@ -257,9 +257,11 @@ class Receiver:
             self._fail(e, address)
             chan.send_error(e.reason)
             return False
-        except (channel.ChannelError, OSError) as e:
+        except channel.ChannelError as e:
             # The connection broke (or was tampered with: tag failures end up here too).
-            # Only verified blobs are kept, so a resume is as safe as a fresh start.
+            # Only verified blobs are kept, so a resume is as safe as a fresh start. A
+            # local OSError (disk full, I/O error) is not this: the channel turns its own
+            # socket errors into ChannelError, so those fall to the abort below.
             self._fail(SessionFailed(f"connection: {e}", resumable=True), address)
             return False
         except Exception as e:
@@ -308,7 +310,12 @@ class Receiver:
 
     def reboot(self) -> None:
         self.emit("reboot", {"argv": list(self.options.reboot_cmd)})
-        subprocess.run(list(self.options.reboot_cmd), check=False, timeout=60)
+        try:
+            subprocess.run(list(self.options.reboot_cmd), check=False, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            # The deploy already succeeded: say the reboot failed, do not turn it into a
+            # failed deploy (the caller would report "failed" and go back to waiting).
+            self.emit("error", {"reason": f"reboot failed: {e}"})
 
 
 class _Session:
@@ -411,7 +418,12 @@ class _Session:
         disk = plan.get("disk")
         serial = disk.get("serial") if isinstance(disk, dict) else None
         # Unattended: the local policy stands in for the operator typing the serial.
-        if serial in self.r.options.disk_policy and not plan.get("confirm_wipe_serial"):
+        # (isinstance first: a list or dict here is unhashable, and validate_plan refuses it.)
+        if (
+            isinstance(serial, str)
+            and serial in self.r.options.disk_policy
+            and not plan.get("confirm_wipe_serial")
+        ):
             checked["confirm_wipe_serial"] = serial
         try:
             disks = inventory.inventory(allow_loop=self.r.options.allow_loop)

@@ -30,7 +30,6 @@ COPY_CHUNK = 4 << 20
 class BundleHeader:
     manifest: dsse.Envelope
     roots: list[dsse.Envelope]
-    manifest_raw: bytes  # the manifest envelope as JSON bytes (stored on the node)
     blobs_offset: int
 
 
@@ -68,7 +67,7 @@ def read_header(stream: BinaryIO) -> BundleHeader:
         raise VerificationError("bundle envelope: roots is not a list")
     manifest = dsse.from_doc(doc["manifest"], dsse.MANIFEST_TYPE)
     roots = [dsse.from_doc(r, dsse.ROOT_TYPE) for r in roots_doc[:32]]
-    return BundleHeader(manifest, roots, manifest.to_bytes(), len(MAGIC) + 4 + length)
+    return BundleHeader(manifest, roots, len(MAGIC) + 4 + length)
 
 
 def write(

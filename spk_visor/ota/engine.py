@@ -539,13 +539,6 @@ def status(ctx: OtaContext) -> dict[str, Any]:
     }
 
 
-def exit_of_status(doc: dict[str, Any]) -> ExitCode:
-    op = doc.get("op") or {}
-    if op.get("phase") == "done":
-        return ExitCode(int(op.get("exit_code", 0)))
-    return ExitCode.OK
-
-
 def hash_blobs(stream: BinaryIO, m: Manifest) -> None:
     """Check every blob of a bundle against the manifest, and the end of the file."""
     for blob_id, size in m.blobs.items():
@@ -556,8 +549,7 @@ def hash_blobs(stream: BinaryIO, m: Manifest) -> None:
 def manual(ctx: OtaContext, action: str) -> ExitCode:
     """commit, rollback, discard and boot-check: under the lock, after recovery."""
     with journal.locked(ctx.paths, action):
-        if action != "boot-check":
-            recover_all(ctx)
+        recover_all(ctx)
         if action == "commit":
             return swap.commit(ctx)
         if action == "rollback":
@@ -565,7 +557,6 @@ def manual(ctx: OtaContext, action: str) -> ExitCode:
         if action == "discard":
             return slots.discard(ctx)
         if action == "boot-check":
-            recover_all(ctx)
             return slots.boot_check(ctx)
     raise ValueError(action)
 

@@ -193,7 +193,12 @@ class Fetcher:
                 "no update repository configured (base_urls is empty)",
                 "set base_urls in /etc/spk-visor/ota.conf",
             )
-        return cls(base_urls=tuple(config.base_urls))
+        return cls(
+            base_urls=tuple(config.base_urls),
+            attempts=config.fetch_attempts,
+            backoff=config.fetch_backoff_s,
+            timeout=config.fetch_timeout_s,
+        )
 
     # -- URLs and requests ---------------------------------------------------------------
 

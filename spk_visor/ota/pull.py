@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spk_visor.errors import (
     ConfigError,
     ExitCode,
     NotEligibleError,
-    SpkVisorError,
     TransportError,
 )
 from spk_visor.ota import dsse, durable, engine, journal, repo, verify
@@ -80,6 +81,15 @@ class _PullState:
             self.save()
 
 
+def _read_capped(path: Path, cap: int) -> bytes | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read(cap + 1)
+    except OSError:
+        return None
+    return data if len(data) <= cap else None
+
+
 def inhibited(ctx: OtaContext) -> str | None:
     for path in (
         ctx.paths.sysroot / "etc/spk-visor/inhibit",
@@ -88,6 +98,15 @@ def inhibited(ctx: OtaContext) -> str | None:
         if path.exists():
             return str(path)
     return None
+
+
+@dataclass
+class _Started:
+    """The worker runs the update; the caller follows it once the lock is released."""
+
+    proc: subprocess.Popen[bytes]
+    plan_doc: dict[str, Any]
+    manifest_hex: str
 
 
 def run(ctx: OtaContext, opts: PullOptions) -> tuple[ExitCode, dict[str, Any]]:
@@ -115,25 +134,18 @@ def run(ctx: OtaContext, opts: PullOptions) -> tuple[ExitCode, dict[str, Any]]:
         if why:
             raise NotEligibleError(f"updates are inhibited by {why}", "remove it to allow updates")
         engine.check_preconditions(ctx)
-        fetcher = Fetcher(
-            base_urls=config.base_urls,
-            attempts=config.fetch_attempts,
-            backoff=config.fetch_backoff_s,
-            timeout=config.fetch_timeout_s,
-        )
+        fetcher = Fetcher.from_config(config)
         try:
             result = _pull(ctx, fetcher, state, channel_name, opts, lock_fd)
         except TransportError:
             state.failed()
             raise
-        except SpkVisorError:
-            raise
         state.succeeded()
-        if isinstance(result, tuple):
+        if not isinstance(result, _Started):
             return result
-        proc, plan_doc, manifest_hex = result
-    code = engine.follow(ctx, proc=proc, manifest_hex=manifest_hex)
-    return code, {"changed": True, **plan_doc}
+    # Our copy of the lock is closed; the worker holds it until it exits.
+    code = engine.follow(ctx, proc=result.proc, manifest_hex=result.manifest_hex)
+    return code, {"changed": True, **result.plan_doc}
 
 
 def _pull(
@@ -143,7 +155,7 @@ def _pull(
     channel_name: str,
     opts: PullOptions,
     lock_fd: int,
-) -> Any:
+) -> tuple[ExitCode, dict[str, Any]] | _Started:
     config = ctx.config
     start = engine.utcnow()
     floor = ctx.floor.read()
@@ -155,31 +167,40 @@ def _pull(
         return res.body if res.status == 200 else None
 
     root, _added = engine.trust_store(ctx).update(next_root)
-    # 2. The channel, conditionally.
+    # 2. The channel, conditionally. A 304 does not end the run: the document seen last
+    # time is verified again (expiry included) and the plan recomputed, so a daemon swap
+    # that waited for a base reboot, or a download-only run, is picked up by the next pull
+    # without the channel having to change.
     etags = state.doc.setdefault("etags", {})
     stored = (floor.get("channels") or {}).get(channel_name)
+    seen_path = ctx.paths.state_dir / "channels" / f"{channel_name}.json"
+    seen = _read_capped(seen_path, CHANNEL_CAP) if stored else None
     res = fetcher.get_small(
-        repo.rel_channel(channel_name), CHANNEL_CAP, etags.get(channel_name) if stored else None
+        repo.rel_channel(channel_name), CHANNEL_CAP, etags.get(channel_name) if seen else None
     )
-    if res.status == 304:
-        ctx.log(f"channel {channel_name}: not modified")
-        return ExitCode.OK, {"changed": False, "reason": "channel not modified"}
     if res.status == 404:
         raise TransportError(f"channel {channel_name} not found at {res.url}")
-    env = dsse.from_bytes(res.body, dsse.CHANNEL_TYPE)
+    not_modified = res.status == 304 and seen is not None
+    if not_modified:
+        ctx.log(f"channel {channel_name}: not modified")
+    body = seen if not_modified and seen is not None else res.body
+    env = dsse.from_bytes(body, dsse.CHANNEL_TYPE)
     channel, unchanged = verify.verify_channel(
         env, root, name=channel_name, start=start, stored=stored
     )
-    floor.setdefault("channels", {})[channel_name] = {
-        "serial": channel.serial,
-        "issued": channel.issued,
-        "keyids": sorted(root.keyids("channel")),
-        "payload_sha256": env.payload_sha256,
-    }
-    if channel.issued and channel.issued > str(floor.get("clock_floor", "")):
-        floor["clock_floor"] = channel.issued
-    ctx.floor.write(floor)
-    if res.etag:
+    if not unchanged:
+        floor.setdefault("channels", {})[channel_name] = {
+            "serial": channel.serial,
+            "issued": channel.issued,
+            "keyids": sorted(root.keyids("channel")),
+            "payload_sha256": env.payload_sha256,
+        }
+        if channel.issued and channel.issued > str(floor.get("clock_floor", "")):
+            floor["clock_floor"] = channel.issued
+        ctx.floor.write(floor)
+        seen_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.write_bytes(seen_path, body)
+    if res.etag and not not_modified:
         etags[channel_name] = res.etag
         state.save()
     # 3. Eligibility.
@@ -196,10 +217,17 @@ def _pull(
             "it is skipped until the channel points to another release",
         )
     # 4. The manifest, pinned by the channel.
-    mres = fetcher.get_small(repo.rel_manifest(channel.manifest_sha256), MANIFEST_CAP)
-    if mres.status != 200:
-        raise TransportError(f"manifest {channel.manifest_sha256[:12]} missing at {mres.url}")
-    header = BundleHeader(dsse.from_bytes(mres.body, dsse.MANIFEST_TYPE), [], mres.body, 0)
+    # Verified before and kept in the store: no request (a cron run on an up-to-date node
+    # costs one conditional GET).
+    manifest_raw = _read_capped(
+        ctx.store.manifests_dir / f"{channel.manifest_sha256}.json", MANIFEST_CAP
+    )
+    if manifest_raw is None:
+        mres = fetcher.get_small(repo.rel_manifest(channel.manifest_sha256), MANIFEST_CAP)
+        if mres.status != 200:
+            raise TransportError(f"manifest {channel.manifest_sha256[:12]} missing at {mres.url}")
+        manifest_raw = mres.body
+    header = BundleHeader(dsse.from_bytes(manifest_raw, dsse.MANIFEST_TYPE), [], 0)
     v = engine.verify_header(
         ctx,
         header,
@@ -229,16 +257,17 @@ def _pull(
     for blob_id, size in wanted.items():
         fetcher.fetch_blob(blob_id, size, ctx.store, progress)
     engine.persist_verified(ctx, v)
-    ctx.history.append(
-        "verified",
-        manifest=v.verified.sha256,
-        version=m.release.version,
-        counter=m.release.counter,
-        channel=channel_name,
-        serial=channel.serial,
-        keyids=sorted(v.verified.signers),
-        plan=plan.to_doc(),
-    )
+    if not unchanged:  # a cron run that finds the same channel again is not news
+        ctx.history.append(
+            "verified",
+            manifest=v.verified.sha256,
+            version=m.release.version,
+            counter=m.release.counter,
+            channel=channel_name,
+            serial=channel.serial,
+            keyids=sorted(v.verified.signers),
+            plan=plan.to_doc(),
+        )
     # 6. Policy: what this node applies unattended.
     do_daemon = config.apply_daemon if opts.apply_daemon is None else opts.apply_daemon
     do_base = config.stage_base if opts.stage_base is None else opts.stage_base
@@ -257,4 +286,4 @@ def _pull(
         }
     opts_apply = engine.ApplyOptions(mode="pull", apply_daemon=daemon_now, stage_base=base_now)
     proc = engine.start_worker(ctx, plan, opts_apply, lock_fd)
-    return proc, plan.to_doc(), plan.manifest_sha256
+    return _Started(proc, plan.to_doc(), plan.manifest_sha256)

@@ -144,7 +144,8 @@ class TrustStore:
         best: Root | None = None
         for path in (self.newest_path, self.factory):
             try:
-                raw = path.read_bytes()[: MAX_ROOT_BYTES + 1]
+                with path.open("rb") as f:
+                    raw = f.read(MAX_ROOT_BYTES + 1)
             except FileNotFoundError:
                 continue
             except OSError as e:

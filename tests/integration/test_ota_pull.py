@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from spk_visor.ota import pull
+from spk_visor.errors import ExitCode
+from spk_visor.ota import engine, journal, pull
+from spk_visor.ota.context import OtaContext, load_context
 from spk_visor.ota.repo import Repo, rel_channel
 from spk_visor.ota.store import BlobStore
 from tests.support import cli
@@ -228,3 +230,91 @@ def test_parallel_pulls_exactly_one_proceeds(tmp_path: Path, pki: Pki, node: Nod
             p.wait(timeout=max(1, deadline - time.monotonic()))
             codes.append(p.returncode)
         assert sorted(codes) == [0, 6, 6, 6], codes
+
+
+def test_pull_that_starts_the_worker_follows_it(
+    tmp_path: Path, pki: Pki, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull whose policy applies the daemon hands off to the worker and follows it.
+
+    The worker itself (the OpenRC swap) has its own root-only tests; here it is replaced,
+    so what is checked is the hand-off: run() used to return the worker's 3-tuple, which
+    the CLI could not unpack (exit 1 while the worker went on in the background).
+    """
+    repo_dir = tmp_path / "repo"
+    sha = _publish(tmp_path, pki, repo_dir, size=64 << 10)
+    started: list[tuple[str, bool, bool]] = []
+    followed: list[str | None] = []
+
+    def fake_start(
+        ctx: OtaContext, plan: engine.Plan, opts: engine.ApplyOptions, lock_fd: int
+    ) -> subprocess.Popen[bytes]:
+        # The lock is still held while the worker starts, and passed on to it.
+        assert journal.lock_holder(ctx.paths) is not None
+        started.append((plan.manifest_sha256, opts.apply_daemon, opts.stage_base))
+        return subprocess.Popen([sys.executable, "-c", ""])
+
+    def fake_follow(
+        ctx: OtaContext,
+        proc: subprocess.Popen[bytes] | None = None,
+        manifest_hex: str | None = None,
+    ) -> ExitCode:
+        assert proc is not None
+        proc.wait(timeout=30)
+        # The foreground follows with the lock released (the worker holds its own copy).
+        assert journal.lock_holder(ctx.paths) is None
+        followed.append(manifest_hex)
+        return ExitCode.ROLLED_BACK
+
+    monkeypatch.setattr(engine, "start_worker", fake_start)
+    monkeypatch.setattr(engine, "follow", fake_follow)
+    for key, value in node.env.items():
+        monkeypatch.setenv(key, value)
+    with FlakyRepo(repo_dir) as server:
+        _conf(node, [server.url], apply_daemon=True)
+        code, doc = pull.run(load_context(), pull.PullOptions(interactive=True))
+    assert started == [(sha, True, False)]
+    assert followed == [sha]
+    assert code == ExitCode.ROLLED_BACK
+    assert doc["changed"] is True and doc["manifest"] == sha and doc["daemon"] == "swap"
+
+
+def test_not_modified_channel_still_applies_what_waits(
+    tmp_path: Path, pki: Pki, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Download only first; then a run allowed to apply, with the channel answering 304,
+    must still start the worker (a 304 re-checks the stored channel, it does not end the
+    run), and without fetching the manifest or blobs again."""
+    repo_dir = tmp_path / "repo"
+    sha = _publish(tmp_path, pki, repo_dir, size=64 << 10)
+    started: list[str] = []
+
+    def fake_start(
+        ctx: OtaContext, plan: engine.Plan, opts: engine.ApplyOptions, lock_fd: int
+    ) -> subprocess.Popen[bytes]:
+        started.append(plan.manifest_sha256)
+        return subprocess.Popen([sys.executable, "-c", ""])
+
+    def fake_follow(
+        ctx: OtaContext,
+        proc: subprocess.Popen[bytes] | None = None,
+        manifest_hex: str | None = None,
+    ) -> ExitCode:
+        assert proc is not None
+        proc.wait(timeout=30)
+        return ExitCode.OK
+
+    monkeypatch.setattr(engine, "start_worker", fake_start)
+    monkeypatch.setattr(engine, "follow", fake_follow)
+    for key, value in node.env.items():
+        monkeypatch.setenv(key, value)
+    with FlakyRepo(repo_dir) as server:
+        _conf(node, [server.url])
+        code, doc = pull.run(load_context(), pull.PullOptions(interactive=True))
+        assert code == ExitCode.OK and doc["changed"] is False and started == []
+        before = len(server.requests)
+        code, doc = pull.run(load_context(), pull.PullOptions(interactive=True, apply_daemon=True))
+        assert started == [sha] and code == ExitCode.OK and doc["changed"] is True
+        later = server.requests[before:]
+        assert [s.status for s in later if s.rel == rel_channel("stable")] == [304]
+        assert not [s for s in later if s.rel.startswith(("manifests/", "blobs/"))]

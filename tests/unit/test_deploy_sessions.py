@@ -1,0 +1,97 @@
+"""Receiver and donor session logic over a socketpair channel: no root, no disk touched."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spk_visor.deploy import donor, inventory, messages, receiver
+from spk_visor.deploy.channel import SecureChannel
+from spk_visor.errors import ExitCode
+from spk_visor.ota import roots
+from tests.support.ota_pki import Pki
+
+K1, K2 = b"\x01" * 32, b"\x02" * 32
+T = 5.0
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
+    a, b = socket.socketpair()
+    donor_side = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
+    target_side = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
+    yield donor_side, target_side
+    donor_side.close()
+    target_side.close()
+
+
+def _receiver(
+    tmp_path: Path, **kw: Any
+) -> tuple[receiver.Receiver, list[tuple[str, dict[str, Any]]]]:
+    pki = Pki()
+    root = roots.load_anchor(pki.root_env().to_bytes(), "test root")
+    events: list[tuple[str, dict[str, Any]]] = []
+    options = receiver.Options(trust_root=root, mountpoint=tmp_path / "mnt", announce=False, **kw)
+    return receiver.Receiver(options, lambda e, d: events.append((e, d))), events
+
+
+def test_unhashable_disk_serial_is_a_plan_refusal_not_an_internal_error(
+    tmp_path: Path,
+    pair: tuple[SecureChannel, SecureChannel],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a --disk-policy, a PLAN whose disk.serial is a list used to raise TypeError
+    (unhashable) in the policy lookup: an internal error that also abandoned a resumable
+    install. It must be an ordinary PLAN_REFUSED."""
+    monkeypatch.setattr(inventory, "inventory", lambda **kw: [])
+    r, _ = _receiver(tmp_path, disk_policy=frozenset({"S1"}))
+    donor_chan, target_chan = pair
+    session = receiver._Session(r, target_chan, "127.0.0.1")
+    session.machine.check("send", messages.HELLO)
+    session.machine.check("recv", messages.PLAN)
+    plan = {"manifest": {}, "disk": {"serial": ["S1"], "size": 1}, "layout": "ab",
+            "hostname": "node-1"}  # fmt: skip
+    assert session.accept_plan(plan) is None
+    mtype, doc = donor_chan.recv_json()
+    assert mtype == messages.PLAN_REFUSED
+    assert doc["reason"] == "bad_plan"
+
+
+def test_a_failing_reboot_command_does_not_raise(tmp_path: Path) -> None:
+    """The deploy already succeeded when the donor asks for a reboot: a missing reboot
+    command is reported, not turned into a failed session."""
+    r, events = _receiver(tmp_path, reboot_cmd=(str(tmp_path / "no-such-reboot"),))
+    r.reboot()
+    assert events[0][0] == "reboot"
+    assert events[-1][0] == "error" and "reboot failed" in events[-1][1]["reason"]
+    # And a command that runs is run (its exit status is not our business).
+    r2, events2 = _receiver(tmp_path, reboot_cmd=(sys.executable, "-c", "pass"))
+    r2.reboot()
+    assert [e for e, _ in events2] == ["reboot"]
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"[1, 2]", b""])
+def test_donor_reader_turns_a_malformed_target_message_into_a_transient_failure(
+    pair: tuple[SecureChannel, SecureChannel], payload: bytes
+) -> None:
+    """A target record that is not a JSON object used to escape the reader thread as a
+    ValueError/AttributeError (a traceback, exit 1); it is a broken channel (exit 7)."""
+    donor_chan, target_chan = pair
+    target = donor.Target("42-K7QX9", "42", "127.0.0.1", 1, None)
+    session = donor._Session(
+        target,
+        None,  # type: ignore[arg-type]  # the reader never touches the payload
+        donor.Settings(reply_timeout=T),
+        donor._Silent(),
+    )
+    target_chan.send(messages.PROGRESS, payload)
+    session._reader(donor_chan)
+    with pytest.raises(donor.DeployFailed) as caught:
+        session._next(messages.FILE_OK)
+    assert caught.value.exit_code == ExitCode.TRANSIENT
+    assert "JSON" in caught.value.message
