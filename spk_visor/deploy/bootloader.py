@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from spk_visor.deploy import tools
 from spk_visor.ota import durable
 
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
@@ -64,17 +65,9 @@ class BootIds:
 
 
 def _run(argv: list[str], step: str, env: dict[str, str] | None = None) -> str:
-    full_env = {**os.environ, **(env or {})}
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False, env=full_env
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BootloaderError(step, f"{argv[0]}: {e}") from e
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip()[-600:]
-        raise BootloaderError(step, f"{argv[0]} failed ({done.returncode}): {tail}")
-    return done.stdout
+    return tools.run_checked(
+        argv, lambda detail: BootloaderError(step, detail), timeout=_TIMEOUT_S, env=env
+    )
 
 
 def kernel_args(slot: str, ids: BootIds) -> str:

@@ -46,7 +46,7 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
-from spk_visor.deploy import bootloader
+from spk_visor.deploy import bootloader, tools
 from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import VerificationError
 from spk_visor.ota import dsse, durable, swap
@@ -270,16 +270,9 @@ def validate_plan(
 
 
 def _run(argv: list[str], reason: str, stdin: str | None = None) -> str:
-    try:
-        done = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise InstallError(reason, f"{argv[0]}: {e}") from e
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip()[-600:]
-        raise InstallError(reason, f"{' '.join(argv[:3])} failed ({done.returncode}): {tail}")
-    return done.stdout
+    return tools.run_checked(
+        argv, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S, stdin=stdin
+    )
 
 
 def _try(argv: list[str]) -> bool:

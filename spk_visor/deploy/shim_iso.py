@@ -29,6 +29,7 @@ from pathlib import Path
 import zstandard
 
 from smechvisord.version import VERSION
+from spk_visor.deploy import tools
 from spk_visor.errors import ConfigError, SpkVisorError, VerificationError
 from spk_visor.ota import roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
@@ -177,17 +178,19 @@ class IsoResult:
     warnings: tuple[str, ...] = ()
 
 
+# The longest one build step may take.
+BUILD_STEP_TIMEOUT_S = 1800
+
+
 def _say(progress: Progress | None, text: str) -> None:
     if progress is not None:
         progress(text)
 
 
 def _run(argv: list[str], *, cwd: Path | None = None) -> str:
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise ShimBuildError(f"{argv[0]} failed (exit {proc.returncode}): {tail}")
-    return proc.stdout
+    # Generous: grub-mkrescue and a cold `apt-get download` can take minutes, but a hung
+    # tool must not hang the build forever.
+    return tools.run_checked(argv, ShimBuildError, timeout=BUILD_STEP_TIMEOUT_S, cwd=cwd)
 
 
 def cache_dir() -> Path:
