@@ -243,4 +243,4 @@ def test_ctrl_c_stops_a_fleet_query_at_once(hung_nodes: Path) -> None:
             proc.wait(timeout=5)
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert "Traceback" not in err
-    assert took < 3, took
+    assert took < 6, took  # well under the 8 s --timeout the hung nodes would need
