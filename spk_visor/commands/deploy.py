@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from spk_visor import output
 from spk_visor.commands.common import JsonOpt, state
 from spk_visor.errors import ExitCode, UsageError
 from spk_visor.output import Console, table
@@ -75,10 +76,7 @@ class _Screen:
     @staticmethod
     def render(event: str, doc: dict[str, Any]) -> str | None:
         if event == "code":
-            disks = ", ".join(
-                f"{d['serial']} ({d['size'] // (1 << 30)} GiB {d.get('model') or ''})".rstrip()
-                for d in doc.get("disks", [])
-            )
+            disks = ", ".join(_disk_label(d) for d in doc.get("disks", []))
             return (
                 f"\n    deploy code:  {doc['code']}    (port {doc['port']}, epoch {doc['epoch']})\n"
                 f"    eligible disks: {disks or 'none'}\n"
@@ -92,14 +90,38 @@ class _Screen:
             tail = " (resumable: reconnect with the same plan)" if doc.get("resumable") else ""
             return f"deploy failed: {doc['reason']}{tail}"
         if event == "plan_refused":
-            return f"plan refused: {doc['reason']} {doc.get('message', '')}".rstrip()
+            from spk_visor.deploy.messages import refusal  # noqa: PLC0415 (crypto imports)
+
+            return f"plan refused: {refusal(str(doc['reason']), str(doc.get('message', '')))}"
         if event in ("phase", "state"):
             return f"{event}: {doc.get(event)}"
         if event == "report":
             return f"deploy {'succeeded' if doc.get('ok') else 'FAILED'}"
-        if event in ("busy_refused", "handshake_failed", "error", "reboot", "code_rotated"):
-            return f"{event.replace('_', ' ')}: {doc}"
+        if event == "busy_refused":
+            wait = doc.get("retry_after")
+            if isinstance(wait, (int, float)):
+                return (
+                    f"refused a donor from {doc.get('from')}: in the wrong-code wait "
+                    f"({wait:.1f} s left)"
+                )
+            return f"refused a donor from {doc.get('from')}: busy with another donor"
+        if event == "handshake_failed":
+            return f"handshake with {doc.get('from')} failed: {doc.get('reason')}"
+        if event == "error":
+            return f"error: {doc.get('reason')}"
+        if event == "reboot":
+            return f"rebooting: {' '.join(str(a) for a in doc.get('argv') or [])}"
+        if event == "code_rotated":
+            return f"too many wrong codes: new code (epoch {doc.get('epoch')})"
         return None
+
+
+def _disk_label(disk: dict[str, Any]) -> str:
+    """`SERIAL (512 MiB, MODEL)`; the model left out when the disk reports none."""
+    parts = [output.size(disk["size"])] if isinstance(disk.get("size"), int) else []
+    if disk.get("model"):
+        parts.append(str(disk["model"]))
+    return f"{disk['serial']} ({', '.join(parts)})" if parts else str(disk["serial"])
 
 
 @app.command("receive")

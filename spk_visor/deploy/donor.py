@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from spk_visor.deploy import channel, code, discovery, messages
+from spk_visor import output
 from spk_visor.errors import ExitCode, UsageError, VerificationError
 from spk_visor.ota import bundle as ota_bundle
 from spk_visor.ota import manifest as ota_manifest
@@ -365,7 +366,7 @@ class _Session:
             reason = str(answer.get("reason", "unknown"))
             detail = str(answer.get("message", ""))
             raise self.fail(
-                ExitCode.REFUSED, f"PLAN_REFUSED {reason}" + (f": {detail}" if detail else "")
+                ExitCode.REFUSED, f"PLAN_REFUSED {messages.refusal(reason, detail)}"
             )
         if mtype != messages.PLAN_OK:
             raise self.fail(ExitCode.INTERNAL, f"expected PLAN_OK, got message {mtype}")
@@ -480,7 +481,9 @@ class _Session:
 
 def _describe_disk(d: dict[str, Any]) -> str:
     why = "" if d.get("eligible") else ", ineligible: " + ",".join(d.get("reasons") or [])
-    return f"{d.get('serial') or '?'} ({d.get('size')} B, {d.get('model') or '-'}{why})"
+    size = d.get("size")
+    shown = output.size(size) if isinstance(size, int) else "size unknown"
+    return f"{d.get('serial') or '?'} ({shown}, {d.get('model') or 'no model'}{why})"
 
 
 def deploy_one(target: Target, payload: Payload, settings: Settings, progress: Progress) -> Result:

@@ -429,9 +429,10 @@ class _Session:
             disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
             resolved = install.validate_plan(checked, disks, self.r.options.trust_root)
         except install.PlanRefused as e:
-            self.send(messages.PLAN_REFUSED, {"reason": e.reason, "message": str(e)})
+            # The reason and the detail travel apart; whoever shows them joins them once.
+            self.send(messages.PLAN_REFUSED, {"reason": e.reason, "message": e.detail})
             self.r.emit(
-                "plan_refused", {"from": self.address, "reason": e.reason, "message": str(e)}
+                "plan_refused", {"from": self.address, "reason": e.reason, "message": e.detail}
             )
             return None
         if journal is not None:

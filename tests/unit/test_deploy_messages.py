@@ -1,0 +1,152 @@
+"""What the deploy screens and messages say (issue 10, #14): no root, no network, no disk.
+
+The plan refusals run through the real receiver session and the real donor session over a
+socketpair channel, so the sentence tested is the one an operator reads.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spk_visor.commands.deploy import _Screen
+from spk_visor.deploy import donor, inventory, receiver
+from spk_visor.deploy.channel import SecureChannel
+from spk_visor.deploy.inventory import Disk, judge
+from spk_visor.errors import ExitCode
+from spk_visor.ota import roots
+from tests.support.ota_pki import Pki
+
+K1, K2 = b"\x01" * 32, b"\x02" * 32
+T = 10.0
+GIB = 1 << 30
+SERIAL = "S3EVNX0K123456"
+
+
+def _disk(**kw: Any) -> Disk:
+    base: dict[str, Any] = {
+        "name": "sda",
+        "path": "/dev/sda",
+        "size": 256 * GIB,
+        "logical_sector": 512,
+        "physical_sector": 4096,
+        "model": "TEST",
+        "serial": SERIAL,
+        "wwn": "",
+        "transport": "sata",
+        "rotational": False,
+        "removable": False,
+        "read_only": False,
+        "has_signatures": False,
+        "mounted": False,
+        "boot_medium": False,
+    }
+    base.update(kw)
+    return judge(Disk(**base), None, allow_loop=False)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
+    a, b = socket.socketpair()
+    donor_side = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
+    target_side = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
+    yield donor_side, target_side
+    donor_side.close()
+    target_side.close()
+
+
+def _refusal(
+    tmp_path: Path,
+    pair: tuple[SecureChannel, SecureChannel],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: donor.Settings,
+) -> tuple[donor.DeployFailed, list[tuple[str, dict[str, Any]]]]:
+    """One donor session against one receiver session; the donor's failure and the
+    receiver's events."""
+    monkeypatch.setattr(inventory, "inventory", lambda **kw: [_disk()])
+    pki = Pki()
+    root = roots.load_anchor(pki.root_env().to_bytes(), "test root")
+    events: list[tuple[str, dict[str, Any]]] = []
+    options = receiver.Options(trust_root=root, mountpoint=tmp_path / "mnt", announce=False)
+    r = receiver.Receiver(options, lambda e, d: events.append((e, d)))
+    donor_chan, target_chan = pair
+    target = threading.Thread(
+        target=lambda: receiver._Session(r, target_chan, "127.0.0.1").run(), daemon=True
+    )
+    target.start()
+    payload = donor.Payload(tmp_path / "none.spkb", {"payloadType": "x"}, "0" * 64, {}, {})
+    session = donor._Session(
+        donor.Target("42-K7QX9", "42", "127.0.0.1", 1, None), payload, settings, donor._Silent()
+    )
+    with pytest.raises(donor.DeployFailed) as caught:
+        session._authenticated(donor_chan)
+    target.join(timeout=T)
+    return caught.value, events
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason", "detail"),
+    [
+        (donor.Settings(hostname="Bad_Host"), "bad_hostname", "Bad_Host"),
+        (donor.Settings(layout="simple"), "unsupported_layout", "simple"),
+    ],
+)
+def test_a_plan_refusal_names_its_reason_once(
+    tmp_path: Path,
+    pair: tuple[SecureChannel, SecureChannel],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: donor.Settings,
+    reason: str,
+    detail: str,
+) -> None:
+    """`PLAN_REFUSED bad_hostname: bad_hostname: 'Bad_Host'` said the reason twice: the
+    target sent str(PlanRefused) (reason + detail) as the message, and each side put the
+    reason in front of it again."""
+    failure, events = _refusal(tmp_path, pair, monkeypatch, settings)
+    assert failure.exit_code == ExitCode.REFUSED
+    assert failure.message.count(reason) == 1, failure.message
+    assert detail in failure.message
+    [(_, doc)] = [(e, d) for e, d in events if e == "plan_refused"]
+    line = _Screen.render("plan_refused", doc)
+    assert line is not None
+    assert line.count(reason) == 1 and detail in line, line
+
+
+def test_a_bad_hostname_says_what_a_hostname_may_be(
+    tmp_path: Path, pair: tuple[SecureChannel, SecureChannel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failure, _ = _refusal(tmp_path, pair, monkeypatch, donor.Settings(hostname="Bad_Host"))
+    assert "lowercase" in failure.message, failure.message
+
+
+def test_the_code_screen_shows_small_disks_and_disks_without_a_model() -> None:
+    """A 512 MiB disk showed as '0 GiB', and a disk without a model as '(8 GiB )'."""
+    doc = {
+        "code": "42-K7QX9",
+        "port": 47475,
+        "epoch": 0,
+        "disks": [
+            {"serial": "SMALL", "size": 512 << 20, "model": "USB STICK"},
+            {"serial": "NOMODEL", "size": 8 * GIB, "model": ""},
+            {"serial": "NONE", "size": 3 * GIB // 2, "model": None},
+        ],
+    }
+    screen = _Screen.render("code", doc)
+    assert screen is not None
+    assert "SMALL (512 MiB, USB STICK)" in screen
+    assert "NOMODEL (8 GiB)" in screen
+    assert "NONE (1.5 GiB)" in screen
+    assert "0 GiB" not in screen and " )" not in screen
+
+
+def test_the_donor_lists_target_disks_in_binary_units() -> None:
+    """The donor's "the target has: ..." list gave raw byte counts."""
+    small = _disk(serial="SMALL", size=512 << 20, model="").to_doc()
+    big = _disk(size=256 * GIB).to_doc()
+    assert donor._describe_disk(small) == "SMALL (512 MiB, no model)"
+    assert donor._describe_disk(big) == f"{SERIAL} (256 GiB, TEST)"
