@@ -643,9 +643,7 @@ def test_custom_path_placeholder_is_the_daemons_image_dir(
     expect(page.locator("#f-disk-hint")).to_contain_text(str(node.env.images))
 
 
-def test_one_unit_system_binary_everywhere(
-    page: Page, make_node: Callable[[str], Node]
-) -> None:
+def test_one_unit_system_binary_everywhere(page: Page, make_node: Callable[[str], Node]) -> None:
     """MB, MiB and GiB were mixed for the same numbers (the daemon's *_mb are MiB)."""
     node = make_node("intel-ready")
     login(page, node, "provision")
