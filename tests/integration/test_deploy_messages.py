@@ -190,7 +190,7 @@ def test_receive_started_with_sigint_ignored_still_stops_on_ctrl_c(
 ) -> None:
     """A script's background job (`spk-visor deploy receive &` in sh without job control)
     inherits SIGINT as ignored; Python then installs no KeyboardInterrupt handler and
-    Ctrl-C (or kill -INT) did nothing. sh itself sets the disposition here."""
+    Ctrl-C (or kill -INT) did nothing. The shell's `trap '' INT` sets it here."""
     need_root()
     root = tmp_path / "root.json"
     root.write_bytes(pki.root_env().to_bytes())

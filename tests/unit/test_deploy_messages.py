@@ -6,7 +6,6 @@ socketpair channel, so the sentence tested is the one an operator reads.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,47 +16,19 @@ import pytest
 from spk_visor.commands.deploy import _Screen
 from spk_visor.deploy import donor, inventory, receiver
 from spk_visor.deploy.channel import SecureChannel
-from spk_visor.deploy.inventory import Disk, judge
 from spk_visor.errors import ExitCode
 from spk_visor.ota import roots
+from tests.support.deploy_units import SERIAL, channel_pair, fake_disk
 from tests.support.ota_pki import Pki
 
-K1, K2 = b"\x01" * 32, b"\x02" * 32
 T = 10.0
 GIB = 1 << 30
-SERIAL = "S3EVNX0K123456"
-
-
-def _disk(**kw: Any) -> Disk:
-    base: dict[str, Any] = {
-        "name": "sda",
-        "path": "/dev/sda",
-        "size": 256 * GIB,
-        "logical_sector": 512,
-        "physical_sector": 4096,
-        "model": "TEST",
-        "serial": SERIAL,
-        "wwn": "",
-        "transport": "sata",
-        "rotational": False,
-        "removable": False,
-        "read_only": False,
-        "has_signatures": False,
-        "mounted": False,
-        "boot_medium": False,
-    }
-    base.update(kw)
-    return judge(Disk(**base), None, allow_loop=False)
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
-    a, b = socket.socketpair()
-    donor_side = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
-    target_side = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
-    yield donor_side, target_side
-    donor_side.close()
-    target_side.close()
+    with channel_pair(T) as ends:
+        yield ends
 
 
 def _refusal(
@@ -68,7 +39,7 @@ def _refusal(
 ) -> tuple[donor.DeployFailed, list[tuple[str, dict[str, Any]]]]:
     """One donor session against one receiver session; the donor's failure and the
     receiver's events."""
-    monkeypatch.setattr(inventory, "inventory", lambda **kw: [_disk()])
+    monkeypatch.setattr(inventory, "inventory", lambda **kw: [fake_disk()])
     pki = Pki()
     root = roots.load_anchor(pki.root_env().to_bytes(), "test root")
     events: list[tuple[str, dict[str, Any]]] = []
@@ -146,7 +117,7 @@ def test_the_code_screen_shows_small_disks_and_disks_without_a_model() -> None:
 
 def test_the_donor_lists_target_disks_in_binary_units() -> None:
     """The donor's "the target has: ..." list gave raw byte counts."""
-    small = _disk(serial="SMALL", size=512 << 20, model="").to_doc()
-    big = _disk(size=256 * GIB).to_doc()
+    small = fake_disk(serial="SMALL", size=512 << 20, model="").to_doc()
+    big = fake_disk(size=256 * GIB).to_doc()
     assert donor._describe_disk(small) == "SMALL (512 MiB, no model)"
     assert donor._describe_disk(big) == f"{SERIAL} (256 GiB, TEST)"
