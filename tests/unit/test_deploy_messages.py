@@ -6,6 +6,7 @@ socketpair channel, so the sentence tested is the one an operator reads.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from spk_visor.commands.deploy import _Screen
-from spk_visor.deploy import donor, inventory, receiver
+from spk_visor.deploy import channel, donor, inventory, receiver
 from spk_visor.deploy.channel import SecureChannel
 from spk_visor.errors import ExitCode
 from spk_visor.ota import roots
@@ -121,3 +122,30 @@ def test_the_donor_lists_target_disks_in_binary_units() -> None:
     big = fake_disk(size=256 * GIB).to_doc()
     assert donor._describe_disk(small) == "SMALL (512 MiB, no model)"
     assert donor._describe_disk(big) == f"{SERIAL} (256 GiB, TEST)"
+
+
+@pytest.mark.parametrize(
+    ("after_hello", "wait"),
+    [
+        (b'{"reason": "wrong_code_wait", "retry_after": 1.5}', 1.5),
+        (b'{"reason": "wrong_code_wait", "retry_after": 1e9}', 3600.0),
+        (b'{"reason": "wrong_code_wait", "retry_after": NaN}', None),
+        (b'{"reason": "wrong_code_wait", "retry_after": true}', None),
+        (b'{"reason": "other", "retry_after": 2}', None),
+        (b"[1, 2]", None),
+        (b"not json", None),
+        (None, None),  # a target serving another donor: the hello, then it closes
+    ],
+)
+def test_the_busy_answer_is_read_defensively(after_hello: bytes | None, wait: float | None) -> None:
+    """What follows a busy hello is unauthenticated: it is only shown, clamped, and
+    anything odd is the plain "busy"."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(channel.hello_bytes(channel.FLAG_BUSY))
+        if after_hello is not None:
+            b.sendall(len(after_hello).to_bytes(2, "big") + after_hello)
+        b.shutdown(socket.SHUT_WR)
+        with pytest.raises(channel.Busy) as caught:
+            channel.donor_handshake(a, "42-K7QX9", None, None, timeout=T)
+    assert caught.value.retry_after == wait
