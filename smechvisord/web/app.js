@@ -135,6 +135,8 @@
     try {
       resp = await fetch(path, opts);
     } catch (e) {
+      // Say so at once (stale data, actions off) rather than at the next poll.
+      if (state.healthOk !== false) checkHealth();
       throw new ApiFailure(0, "unreachable", "the node's API does not answer", {});
     }
     let doc = null;
@@ -281,6 +283,7 @@
     $("nav").hidden = true;
     $("logout").hidden = true;
     $("notice").hidden = true;
+    $("stale").hidden = true;
     setText("node-name", "");
     closeConsole();
     showOnly("view-login");
