@@ -180,6 +180,8 @@ class Api:
                     "reboot_uefi": uefi_reason,
                     "vfio": "; ".join(_blockers(readiness)),
                 },
+                # Where a VM disk may come from (the dashboard's picker and path hint).
+                "image_dirs": [str(d) for d in self.settings.image_dirs],
             }
         )
         return doc
@@ -225,8 +227,19 @@ class Api:
         max_bytes = _query_int(req, "max_bytes", 1, p.MAX_CONSOLE_BYTES) or 16384
         return 200, self.vms.console(req.params["id"], offset, max_bytes)
 
+    def _disks_in_use(self) -> dict[Path, list[str]]:
+        """Resolved disk path -> the live VMs (ours or found running) that have it open."""
+        used: dict[Path, list[str]] = {}
+        for vm in self.vms.list_all():
+            disk = vm.get("disk")
+            if vm.get("state") in p.LIVE_STATES and isinstance(disk, str) and disk:
+                used.setdefault(Path(disk).resolve(), []).append(str(vm.get("id")))
+        return used
+
     def images(self, req: Request) -> tuple[int, Any]:
         found: list[dict[str, Any]] = []
+        # One disk serves one live VM: say which images are taken, so a picker skips them.
+        in_use = self._disks_in_use()
         for root in self.settings.image_dirs:
             try:
                 entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -247,6 +260,8 @@ class Api:
                         "name": entry.name,
                         "dir": str(root),
                         "size_bytes": real.stat().st_size,
+                        "in_use": real in in_use,
+                        "used_by": in_use.get(real, []),
                     }
                 )
         return 200, found

@@ -86,6 +86,19 @@ def mib(value: float | None) -> str:
     return f"{value:.0f} MiB"
 
 
+def size(value: float | None) -> str:
+    """Bytes in binary units: 536870912 -> '512 MiB', 1610612736 -> '1.5 GiB'."""
+    if value is None:
+        return "-"
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while abs(value) >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    whole = value == int(value) or abs(value) >= 100
+    return f"{value:.0f} {units[i]}" if whole else f"{value:.1f} {units[i]}"
+
+
 def duration(seconds: float | None) -> str:
     """'3 days 4 h', '5 h 12 min', '42 s'."""
     if seconds is None:

@@ -25,6 +25,10 @@
     consoleVm: null,
     consoleOffset: 0,
     busy: new Set(), // VM ids with an action in flight
+    lastUpdate: null, // when data last arrived from the API (Date)
+    offlineSince: null, // when the API stopped answering (Date), null while it answers
+    vfioBusy: false,
+    rebootRequested: false,
   };
 
   // ---- small DOM helpers (text only) -----------------------------------------------
@@ -68,8 +72,17 @@
     return (d ? d + "d " : "") + String(h).padStart(d ? 2 : 1, "0") + "h " + String(m).padStart(2, "0") + "m";
   }
 
-  function fmtGiB(mb) {
-    return (mb / 1024).toFixed(1) + " GiB";
+  /** One unit system, binary: the daemon's *_mb figures are MiB. 512 -> "512 MiB",
+   *  2048 -> "2 GiB", 128768 -> "125.8 GiB". */
+  function fmtMiB(mib) {
+    if (typeof mib !== "number") return "\u2014";
+    if (mib < 1024) return mib + " MiB";
+    const gib = mib / 1024;
+    return (Number.isInteger(gib) ? String(gib) : gib.toFixed(1)) + " GiB";
+  }
+
+  function fmtTime(date) {
+    return date ? date.toLocaleTimeString([], { hour12: false }) : "\u2014";
   }
 
   function fmtBytes(n) {
@@ -122,6 +135,8 @@
     try {
       resp = await fetch(path, opts);
     } catch (e) {
+      // Say so at once (stale data, actions off) rather than at the next poll.
+      if (state.healthOk !== false) checkHealth();
       throw new ApiFailure(0, "unreachable", "the node's API does not answer", {});
     }
     let doc = null;
@@ -168,7 +183,55 @@
     $("status-text").textContent = ok ? "API online" : "API offline";
     $("status").title = (ok ? "API answers" : "API does not answer") + " \u00b7 checked " +
       new Date().toLocaleTimeString() + (version ? " \u00b7 smechvisord " + version : "");
+    setOffline(!ok);
     return { ok, recovered: ok && wasOk === false };
+  }
+
+  // ---- offline: stale data, no actions ---------------------------------------------
+
+  /** Buttons that act on the node; one that only changes this page (closing a panel)
+   *  carries data-local and stays usable. Typing into a form is never blocked. */
+  const ACTIONS = ".view:not(#view-login) button:not([data-local])";
+
+  function dataArrived() {
+    state.lastUpdate = new Date();
+  }
+
+  function setOffline(offline) {
+    if (offline && !state.offlineSince) state.offlineSince = new Date();
+    if (!offline) state.offlineSince = null;
+    $("main").dataset.stale = offline ? "true" : "false";
+    const banner = $("stale");
+    banner.hidden = !offline || !state.token;
+    if (offline) {
+      $("stale-text").textContent = "The node's API does not answer (since " + fmtTime(state.offlineSince) +
+        "). Showing data from the last update " + fmtTime(state.lastUpdate) +
+        "; actions are off until the API is back.";
+    }
+    applyOffline();
+  }
+
+  /** Disable every action while offline (remembering which were on), restore them after.
+   *  Called after each render too, so rows drawn while offline come out disabled. */
+  function applyOffline() {
+    const offline = state.offlineSince !== null;
+    for (const node of document.querySelectorAll(ACTIONS)) {
+      if (offline && !node.disabled) {
+        node.disabled = true;
+        node.dataset.offline = "1";
+      } else if (!offline && node.dataset.offline) {
+        node.disabled = false;
+        delete node.dataset.offline;
+      }
+    }
+    const link = $("ov-new-vm");
+    if (offline) {
+      link.setAttribute("aria-disabled", "true");
+      link.tabIndex = -1;
+    } else {
+      link.removeAttribute("aria-disabled");
+      link.removeAttribute("tabindex");
+    }
   }
 
   async function tick() {
@@ -177,8 +240,14 @@
     const { ok, recovered } = await checkHealth();
     if (ok && state.token) {
       try {
+        // The open view refreshes on every poll, whichever it is.
         if (state.view === "overview") await refreshOverview();
-        else if (recovered) await renderView();
+        else if (state.view === "hw") await renderHw();
+        else if (state.view === "provision") {
+          if (recovered) await renderProvision();
+          // Not while the picker is open: replacing its options would close it.
+          else if (document.activeElement !== $("f-disk")) await loadImages();
+        }
         if (state.consoleVm && $("console-follow").checked) await pullConsole(false);
       } catch (e) {
         /* the dot already tells; a refused token went to login */
@@ -214,6 +283,7 @@
     $("nav").hidden = true;
     $("logout").hidden = true;
     $("notice").hidden = true;
+    $("stale").hidden = true;
     setText("node-name", "");
     closeConsole();
     showOnly("view-login");
@@ -302,6 +372,7 @@
   async function loadNode() {
     const node = await api("GET", "/api/node");
     state.node = node;
+    dataArrived();
     setText("node-name", node.hostname);
     document.title = (node.hostname ? node.hostname + " \u00b7 " : "") + "SmechVisor";
     return node;
@@ -320,16 +391,15 @@
     setText("ov-load", Array.isArray(n.load_average) ? n.load_average.map((x) => fmtNum(x, 2)).join(" ") : "");
     const total = n.memory_total_mb;
     const used = n.memory_used_mb;
-    setText("ov-mem-used", used);
-    setText("ov-mem-total", total);
+    setText("ov-mem-used", fmtMiB(used));
+    setText("ov-mem-total", fmtMiB(total));
     const bar = $("ov-mem-bar");
     if (typeof total === "number" && total > 0 && typeof used === "number") {
       const frac = Math.min(1, Math.max(0, used / total));
       bar.value = frac;
       bar.dataset.level = frac > 0.9 ? "crit" : frac > 0.75 ? "warn" : "ok";
       bar.setAttribute("aria-valuetext", Math.round(frac * 100) + "% used");
-      setText("ov-mem-sub", Math.round(frac * 100) + "% used \u00b7 " + fmtGiB(used) + " of " + fmtGiB(total) +
-        " \u00b7 " + (total - used) + " MB available");
+      setText("ov-mem-sub", Math.round(frac * 100) + "% used \u00b7 " + fmtMiB(total - used) + " available");
     }
     setText("ov-uptime", fmtUptime(n.uptime_seconds));
     setText("ov-boot", "boot " + (n.boot_mode || "?").toUpperCase());
@@ -375,7 +445,7 @@
         el("td", {}, el("span", { class: "state state-" + vm.state }, vm.state)),
         el("td", { class: "num mono vm-pid" }, orDash(vm.pid)),
         el("td", { class: "num mono" }, orDash(vm.cpus)),
-        el("td", { class: "num mono" }, orDash(vm.memory_mb, " MB")),
+        el("td", { class: "num mono" }, fmtMiB(vm.memory_mb)),
         el("td", { class: "num mono" }, fmtNum(vm.cpu_percent, 1)),
         el("td", {}, actions),
       );
@@ -392,7 +462,7 @@
         el("td", {}, el("span", { class: "state state-" + vm.state }, vm.state)),
         el("td", { class: "exit-reason" }, exit.reason || "\u2014"),
         el("td", { class: "num mono" }, orDash(vm.cpus)),
-        el("td", { class: "num mono" }, orDash(vm.memory_mb, " MB")),
+        el("td", { class: "num mono" }, fmtMiB(vm.memory_mb)),
         el("td", {}, el("div", { class: "btn-row actions" },
           actionButton(vm, "start", "Start"),
           actionButton(vm, "console", "Console"),
@@ -403,6 +473,7 @@
     labelCells($("stopped-rows"));
     $("stopped-count").textContent = String(dead.length);
     $("stopped-panel").hidden = dead.length === 0;
+    applyOffline();
   }
 
   const CONFIRM = {
@@ -514,7 +585,7 @@
     $("f-cpus").max = String(maxCpus);
     $("f-memory").max = String(maxMem);
     $("f-cpus-hint").textContent = "1 to " + maxCpus + " (the node's logical CPUs).";
-    $("f-memory-hint").textContent = "128 to " + maxMem + " MB (the node's memory).";
+    $("f-memory-hint").textContent = "128 to " + maxMem + " MiB (" + fmtMiB(maxMem) + ", the node's memory).";
     const caps = node.capabilities || {};
     const cap = $("create-cap");
     if (caps.create_vm === false) {
@@ -529,27 +600,60 @@
     await loadImages();
   }
 
+  function usedBy(img) {
+    return img.in_use ? "in use by " + ((img.used_by || []).join(", ") || "a running VM") : "";
+  }
+
   async function loadImages() {
     const select = $("f-disk");
     const previous = select.value;
-    let images = [];
+    let images;
     try {
       images = await api("GET", "/api/images");
     } catch (e) {
-      if (e.code === "auth") return;
-      notify("Cannot list images: " + e.message);
+      if (e.code !== "auth") notify("Cannot list images: " + e.message);
+      return;
     }
-    const options = images.map((img) =>
-      el("option", { value: img.path, title: img.path }, img.name + " \u2014 " + fmtBytes(img.size_bytes)));
-    const dirs = Array.from(new Set(images.map((img) => img.dir)));
-    $("f-disk-hint").textContent = dirs.length ? "Images found in " + dirs.join(", ") + "." : "No images found in the node's image dirs.";
-    if (!options.length) options.push(el("option", { value: "", disabled: true }, "No images in the image dirs"));
+    images = Array.isArray(images) ? images : [];
+    dataArrived();
+    // The node says where images live; the picker's hint and the path example follow it.
+    const dirs = (state.node && state.node.image_dirs) || Array.from(new Set(images.map((img) => img.dir)));
+    $("f-disk-hint").textContent = dirs.length ? "Images found in " + dirs.join(", ") + "." : "No image dirs on this node.";
+    $("image-dirs").textContent = dirs.join(", ");
+    if (dirs.length) $("f-disk-path").placeholder = dirs[0].replace(/\/+$/, "") + "/disk.img";
+
+    const options = images.map((img) => {
+      const label = img.name + " \u2014 " + fmtBytes(img.size_bytes) + (img.in_use ? " \u2014 " + usedBy(img) : "");
+      return el("option", { value: img.path, title: img.path, dataset: { inUse: img.in_use ? "yes" : "no" } }, label);
+    });
+    const free = images.filter((img) => !img.in_use);
+    if (!images.length) options.push(el("option", { value: "", disabled: true }, "No images in the image dirs"));
+    else if (!free.length) options.push(el("option", { value: "", disabled: true }, "Every image is in use"));
     options.push(el("option", { value: CUSTOM }, "Other path\u2026"));
     select.replaceChildren(...options);
-    const values = Array.from(select.options).map((o) => o.value);
-    if (previous && values.includes(previous)) select.value = previous;
-    else select.selectedIndex = images.length ? 0 : options.length - 1;
+    // Keep what the operator picked unless a VM took it meanwhile; never pre-select a
+    // disk a running VM has (the daemon would refuse it).
+    const keep = previous === CUSTOM || free.some((img) => img.path === previous);
+    if (keep) select.value = previous;
+    else if (free.length) select.value = free[0].path;
+    else select.value = images.length ? "" : CUSTOM;
     syncDiskPath();
+    renderImages(images);
+    applyOffline();
+  }
+
+  function renderImages(images) {
+    const rows = images.map((img) =>
+      el("tr", { dataset: { image: img.name, inUse: img.in_use ? "yes" : "no" } },
+        el("td", { class: "mono image-name", title: img.path }, img.name),
+        el("td", { class: "num mono" }, fmtBytes(img.size_bytes)),
+        el("td", {}, img.in_use
+          ? el("span", { class: "state state-running" }, usedBy(img))
+          : el("span", { class: "state state-stopped" }, "free"))));
+    $("image-rows").replaceChildren(...rows);
+    labelCells($("image-rows"));
+    $("image-count").textContent = String(images.length);
+    $("image-empty").hidden = images.length > 0;
   }
 
   function syncDiskPath() {
@@ -600,7 +704,7 @@
     const cpus = readInt("f-cpus");
     if (!(cpus >= 1 && cpus <= maxCpus)) errors.push(["cpus", "vCPUs must be a whole number from 1 to " + maxCpus + "."]);
     const mem = readInt("f-memory");
-    if (!(mem >= 128 && mem <= maxMem)) errors.push(["memory_mb", "Memory must be a whole number of MB from 128 to " + maxMem + "."]);
+    if (!(mem >= 128 && mem <= maxMem)) errors.push(["memory_mb", "Memory must be a whole number of MiB from 128 to " + maxMem + "."]);
     const disk = $("f-disk").value === CUSTOM ? $("f-disk-path").value.trim() : $("f-disk").value;
     if (!disk) errors.push(["disk", "Pick a disk image."]);
     else if (!disk.startsWith("/")) errors.push(["disk", "The image path must be absolute."]);
@@ -619,6 +723,7 @@
       return;
     }
     const submit = $("vm-submit");
+    if (state.offlineSince) return;
     submit.disabled = true;
     submit.textContent = "Starting\u2026";
     try {
@@ -643,10 +748,12 @@
     const [node, iommu, vfio, pci, reboot] = await Promise.all([
       loadNode(), api("GET", "/api/iommu"), api("GET", "/api/vfio"), api("GET", "/api/pci"), api("GET", "/api/reboot-uefi"),
     ]);
+    dataArrived();
     renderIommu(iommu);
     renderVfio(vfio);
     renderPci(Array.isArray(pci) ? pci : []);
     renderReboot(reboot, node);
+    applyOffline();
   }
 
   function renderIommu(r) {
@@ -671,7 +778,7 @@
     st.dataset.ok = v.loaded ? "yes" : "idle";
     // Loading needs a ready IOMMU; unloading is always allowed.
     const blocked = !v.loaded && !v.ready;
-    toggle.disabled = blocked;
+    toggle.disabled = blocked || state.vfioBusy;
     const reason = $("vfio-reason");
     if (blocked) {
       reason.textContent = "Blocked: " + ((v.blockers || []).join("; ") || "the IOMMU is not ready");
@@ -687,6 +794,7 @@
     const toggle = $("vfio-toggle");
     const enable = toggle.getAttribute("aria-checked") !== "true";
     toggle.disabled = true;
+    state.vfioBusy = true;
     $("vfio-result").textContent = (enable ? "Loading" : "Unloading") + " vfio-pci\u2026";
     try {
       const res = await api("POST", "/api/vfio", { enable });
@@ -696,6 +804,7 @@
       if (e.code === "auth") return;
       $("vfio-result").textContent = "Failed: " + e.message;
     }
+    state.vfioBusy = false;
     try {
       renderVfio(await api("GET", "/api/vfio"));
     } catch (e) {
@@ -725,7 +834,8 @@
 
   function renderReboot(r, node) {
     const btn = $("reboot-btn");
-    btn.disabled = !r.supported;
+    // Once a reboot is requested the button stays off: the node is going down.
+    btn.disabled = !r.supported || state.rebootRequested;
     const reason = $("reboot-reason");
     if (r.supported) {
       reason.textContent = "Supported by this node's firmware.";
@@ -753,6 +863,7 @@
     $("reboot-result").textContent = "Requesting firmware setup and rebooting\u2026";
     try {
       await api("POST", "/api/reboot-uefi", { confirm: true });
+      state.rebootRequested = true;
       $("reboot-result").textContent = "Reboot requested: OsIndications set; the node is going down.";
     } catch (e) {
       if (e.code === "auth") return;

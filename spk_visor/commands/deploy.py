@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from spk_visor import output
 from spk_visor.commands.common import JsonOpt, state
 from spk_visor.errors import ExitCode, UsageError
 from spk_visor.output import Console, table
@@ -75,10 +77,7 @@ class _Screen:
     @staticmethod
     def render(event: str, doc: dict[str, Any]) -> str | None:
         if event == "code":
-            disks = ", ".join(
-                f"{d['serial']} ({d['size'] // (1 << 30)} GiB {d.get('model') or ''})".rstrip()
-                for d in doc.get("disks", [])
-            )
+            disks = ", ".join(_disk_label(d) for d in doc.get("disks", []))
             return (
                 f"\n    deploy code:  {doc['code']}    (port {doc['port']}, epoch {doc['epoch']})\n"
                 f"    eligible disks: {disks or 'none'}\n"
@@ -92,14 +91,52 @@ class _Screen:
             tail = " (resumable: reconnect with the same plan)" if doc.get("resumable") else ""
             return f"deploy failed: {doc['reason']}{tail}"
         if event == "plan_refused":
-            return f"plan refused: {doc['reason']} {doc.get('message', '')}".rstrip()
+            from spk_visor.deploy.messages import refusal  # noqa: PLC0415 (crypto imports)
+
+            return f"plan refused: {refusal(str(doc['reason']), str(doc.get('message', '')))}"
         if event in ("phase", "state"):
             return f"{event}: {doc.get(event)}"
         if event == "report":
             return f"deploy {'succeeded' if doc.get('ok') else 'FAILED'}"
-        if event in ("busy_refused", "handshake_failed", "error", "reboot", "code_rotated"):
-            return f"{event.replace('_', ' ')}: {doc}"
+        if event == "busy_refused":
+            wait = doc.get("retry_after")
+            if isinstance(wait, (int, float)):
+                return (
+                    f"refused a donor from {doc.get('from')}: in the wrong-code wait "
+                    f"({wait:.1f} s left)"
+                )
+            return f"refused a donor from {doc.get('from')}: busy with another donor"
+        if event == "stopped":
+            return f"deploy receive stopped: {doc.get('reason')}"
+        if event == "handshake_failed":
+            return f"handshake with {doc.get('from')} failed: {doc.get('reason')}"
+        if event == "error":
+            return f"error: {doc.get('reason')}"
+        if event == "reboot":
+            return f"rebooting: {' '.join(str(a) for a in doc.get('argv') or [])}"
+        if event == "code_rotated":
+            return f"too many wrong codes: new code (epoch {doc.get('epoch')})"
         return None
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the receiver through its cleanup (a half-done install is
+    aborted and unmounted). Installed explicitly: started as a script's background job,
+    the process inherits SIGINT as ignored and Python then installs no handler of its own."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _disk_label(disk: dict[str, Any]) -> str:
+    """`SERIAL (512 MiB, MODEL)`; the model left out when the disk reports none."""
+    parts = [output.size(disk["size"])] if isinstance(disk.get("size"), int) else []
+    if disk.get("model"):
+        parts.append(str(disk["model"]))
+    return f"{disk['serial']} ({', '.join(parts)})" if parts else str(disk["serial"])
 
 
 @app.command("receive")
@@ -124,7 +161,7 @@ def receive(
             "--reboot-cmd",
             metavar="ARGV",
             help="Command run after a successful deploy when the donor asks for a reboot "
-            "(split on blanks) [default: reboot].",
+            "(split on blanks).",
         ),
     ] = "reboot",
     trust_root: Annotated[
@@ -177,11 +214,14 @@ def receive(
         reboot_cmd=tuple(argv),
         once=once,
     )
-    r = receiver.Receiver(options, _Screen(st.console, st.json))
+    screen = _Screen(st.console, st.json)
+    r = receiver.Receiver(options, screen)
+    _interrupt_on_signals()
     try:
         r.serve()
     except KeyboardInterrupt:
         r.stop()
+        screen("stopped", {"reason": "interrupted"})
         raise
 
 
@@ -247,9 +287,19 @@ def send(
 ) -> None:
     """Donor side: stream a signed release to each target showing one of CODE...
     (in parallel), then print one line per target. Exit 0 only if all succeeded."""
-    from spk_visor.deploy import channel, donor  # noqa: PLC0415
+    from spk_visor.deploy import code  # noqa: PLC0415
+    from spk_visor.deploy.hostname import problem as hostname_problem  # noqa: PLC0415
 
     st = state(ctx, as_json)
+    # Everything the operator typed is checked before any file is read or anyone contacted.
+    for text in codes:
+        try:
+            code.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    why = hostname_problem(hostname)
+    if why is not None:
+        raise UsageError(f"--hostname: {why}")
     if bundle is None:
         # A running node keeps its installed release unpacked, not as a bundle, and its
         # blob store may have pruned the image: rebuilding a signed bundle from it is not
@@ -259,6 +309,8 @@ def send(
             "a running node cannot rebuild its signed release; pass the .spkb it was "
             "installed from (spk-visor ota bundle / ota build make one)",
         )
+    from spk_visor.deploy import channel, donor  # noqa: PLC0415
+
     payload = donor.open_bundle(bundle)
     try:
         targets = donor.locate(

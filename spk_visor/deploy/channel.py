@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import socket
 import struct
 import time
@@ -79,7 +80,12 @@ class ChannelClosed(ChannelError):
 
 
 class Busy(ChannelError):
-    """The target is serving another donor (busy flag in its hello)."""
+    """The target cannot serve us now (busy flag in its hello): it serves another donor, or
+    (`retry_after` set) it is in the wait that follows a wrong code."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 TargetBusy = Busy
@@ -104,14 +110,22 @@ def hello_bytes(flags: int = 0) -> bytes:
     return _HELLO.pack(MAGIC, VERSION, flags)
 
 
-def send_busy(sock: socket.socket, linger: float = 1.0) -> None:
+def send_busy(sock: socket.socket, linger: float = 1.0, retry_after: float | None = None) -> None:
     """Tell a second donor the target is busy (before any crypto), then close.
 
-    Closing a TCP socket with unread data sends RST, which can destroy our busy hello in
-    flight; so half-close and read the donor's hello (until it hangs up, <= `linger` s)."""
+    With `retry_after`, the target is not serving anyone but waiting out a wrong code: a
+    blob after the hello says so and for how many seconds, so the operator who typed the
+    right code next is not sent looking for another donor. It is unauthenticated and only
+    ever shown, never acted on. Closing a TCP socket with unread data sends RST, which can
+    destroy our busy hello in flight; so half-close and read the donor's hello (until it
+    hangs up, <= `linger` s)."""
     try:
         sock.settimeout(linger)
         sock.sendall(hello_bytes(FLAG_BUSY))
+        if retry_after is not None:
+            why = {"reason": "wrong_code_wait", "retry_after": round(retry_after, 1)}
+            blob = json.dumps(why).encode()
+            sock.sendall(len(blob).to_bytes(2, "big") + blob)
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + linger
         while time.monotonic() < deadline and sock.recv(4096):
@@ -158,7 +172,7 @@ def donor_handshake(
             raise
         flags = _check_hello(hello_t)
         if flags & FLAG_BUSY:
-            raise Busy("the target is busy with another donor")
+            raise Busy("the target is busy with another donor", _busy_wait(wire))
         if send_error is not None:
             raise send_error
         params = wire.recv_blob()
@@ -201,11 +215,13 @@ def target_handshake(
     code: Code,
     instance_id: bytes,
     timeout: float = HANDSHAKE_TIMEOUT,
+    on_wrong_code: Callable[[], None] | None = None,
 ) -> SecureChannel:
     """Run the target (SPAKE2 side B) handshake on an accepted socket.
 
     The target checks the donor's confirmation first and sends its own only if it matched;
-    otherwise it sends an empty blob, closes and raises WrongCode (the caller counts the
+    otherwise it calls `on_wrong_code` (before the donor can learn the verdict and try
+    again), sends an empty blob, closes and raises WrongCode (the caller counts the
     attempt, waits and maybe rotates). The socket is closed on any failure."""
     if len(instance_id) != INSTANCE_ID_LEN:
         raise ValueError(f"instance_id must be {INSTANCE_ID_LEN} bytes")
@@ -226,6 +242,8 @@ def target_handshake(
         keys = _Keys(key, instance_id, transcript)
         theirs = wire.recv_blob()
         if not hmac.compare_digest(theirs, keys.confirmation(b"donor")):
+            if on_wrong_code is not None:
+                on_wrong_code()
             try:
                 wire.send_blob(b"")
             except ChannelError:
@@ -537,6 +555,22 @@ def _close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def _busy_wait(wire: _Wire) -> float | None:
+    """The seconds of wrong-code wait a busy target announced after its hello, if any
+    (a target serving another donor sends nothing more and closes)."""
+    try:
+        doc = json.loads(wire.recv_blob())
+    except (ChannelError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("reason") != "wrong_code_wait":
+        return None
+    wait = doc.get("retry_after")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
+        return None
+    # Shown to a person: an absurd figure from a stranger on the LAN is clamped.
+    return min(max(float(wait), 0.0), 3600.0)
 
 
 class _Wire:

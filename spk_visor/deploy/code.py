@@ -14,6 +14,9 @@ CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 SECRET_LEN = 5
 NAMEPLATE_DIGITS = (2, 3, 4)
 
+# What every malformed code's message ends with: the form the operator should type.
+EXPECTED_FORM = "type it as shown on the target's screen, in the form NN-XXXXX (e.g. 42-K7QX9)"
+
 # Crockford's reading aids: what a person may type for a symbol that looks alike.
 # U is excluded from the alphabet (accidental obscenity) and is not mapped to anything.
 _ALIASES = {"O": "0", "I": "1", "L": "1"}
@@ -59,8 +62,11 @@ def parse(text: str) -> tuple[str, str]:
     cleaned = text.strip()
     nameplate, sep, secret = cleaned.partition("-")
     if not sep:
-        raise ValueError(f"code {text!r} has no '-': expected NN-SSSSS, e.g. 42-K7QX9")
-    return _check_nameplate(nameplate.strip()), normalise_secret(secret.strip())
+        raise ValueError(f"code {cleaned!r} has no '-'; {EXPECTED_FORM}")
+    try:
+        return _check_nameplate(nameplate.strip()), normalise_secret(secret.strip())
+    except ValueError as e:
+        raise ValueError(f"code {cleaned!r}: {e}; {EXPECTED_FORM}") from None
 
 
 def normalise_secret(secret: str) -> str:

@@ -16,6 +16,7 @@ screen without the sender waiting for it.
 
 from __future__ import annotations
 
+import math
 import queue
 import socket
 import threading
@@ -26,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from spk_visor import output
 from spk_visor.deploy import channel, code, discovery, messages
 from spk_visor.errors import ExitCode, UsageError, VerificationError
 from spk_visor.ota import bundle as ota_bundle
@@ -326,6 +328,13 @@ class _Session:
                 timeout=self.settings.handshake_timeout,
             )
         except channel.TargetBusy as e:
+            if e.retry_after is not None:
+                wait = math.ceil(e.retry_after)
+                raise self.fail(
+                    ExitCode.BUSY,
+                    f"the target is in its wrong-code wait ({e.retry_after:.1f} s left) after "
+                    f"a wrong code attempt: run the command again in {wait} s",
+                ) from e
             raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)") from e
         except channel.WrongCode as e:
             raise self.fail(
@@ -364,9 +373,7 @@ class _Session:
         if mtype == messages.PLAN_REFUSED:
             reason = str(answer.get("reason", "unknown"))
             detail = str(answer.get("message", ""))
-            raise self.fail(
-                ExitCode.REFUSED, f"PLAN_REFUSED {reason}" + (f": {detail}" if detail else "")
-            )
+            raise self.fail(ExitCode.REFUSED, f"PLAN_REFUSED {messages.refusal(reason, detail)}")
         if mtype != messages.PLAN_OK:
             raise self.fail(ExitCode.INTERNAL, f"expected PLAN_OK, got message {mtype}")
         self.resumed = bool(answer.get("resume"))
@@ -480,7 +487,9 @@ class _Session:
 
 def _describe_disk(d: dict[str, Any]) -> str:
     why = "" if d.get("eligible") else ", ineligible: " + ",".join(d.get("reasons") or [])
-    return f"{d.get('serial') or '?'} ({d.get('size')} B, {d.get('model') or '-'}{why})"
+    size = d.get("size")
+    shown = output.size(size) if isinstance(size, int) else "size unknown"
+    return f"{d.get('serial') or '?'} ({shown}, {d.get('model') or 'no model'}{why})"
 
 
 def deploy_one(target: Target, payload: Payload, settings: Settings, progress: Progress) -> Result:

@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -47,6 +46,7 @@ from typing import IO, Any, Protocol, cast
 import zstandard
 
 from spk_visor.deploy import bootloader, tools
+from spk_visor.deploy.hostname import problem as hostname_problem
 from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import VerificationError
 from spk_visor.ota import dsse, durable, swap
@@ -79,9 +79,6 @@ MAX_WINDOW = 1 << 27  # zstd's default decoder window limit, stated explicitly
 BLKFLSBUF = 0x1261
 PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial"}
 DISK_KEYS = {"serial", "size"}
-HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-)
 MAX_PATH = 1024
 MAX_COMPONENT = 255
 _TIMEOUT_S = 600
@@ -235,8 +232,9 @@ def validate_plan(
     if plan["layout"] != "ab":
         raise PlanRefused("unsupported_layout", f"layout {plan['layout']!r} (only 'ab')")
     hostname = plan["hostname"]
-    if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
-        raise PlanRefused("bad_hostname", repr(hostname)[:80])
+    why = hostname_problem(hostname)
+    if why is not None:
+        raise PlanRefused("bad_hostname", why)
     disk = _resolve_disk(plan["disk"], disks)
     confirm = plan.get("confirm_wipe_serial")
     if confirm is not None and confirm != disk.serial:

@@ -72,6 +72,20 @@ def name(mtype: int) -> str:
     return NAMES.get(mtype, f"type {mtype}")
 
 
+def refusal(reason: str, detail: str) -> str:
+    """A PLAN_REFUSED for people: `reason: detail`, the reason said once.
+
+    The machine-readable reason and the human detail travel apart; a detail that already
+    starts with the reason (older targets sent `reason: detail` as the detail) is not
+    prefixed again."""
+    detail = detail.strip()
+    if detail.startswith(f"{reason}: "):
+        detail = detail[len(reason) + 2 :]
+    elif detail == reason:
+        detail = ""
+    return f"{reason}: {detail}" if detail else reason
+
+
 class StateMachine:
     """One side's view of the conversation. `check(direction, mtype)` before every send and
     after every receive; it raises ChannelError("unexpected X in state Y")."""

@@ -105,6 +105,7 @@ class Receiver:
         self.journal: Journal | None = None
         self.deploys = 0
         self._busy = threading.Lock()
+        self._wrong_code_until = 0.0  # monotonic end of the wait after a wrong code
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._announcer: discovery.Announcer | None = None
@@ -189,6 +190,12 @@ class Receiver:
         self._stop.set()
 
     def _refuse_busy(self, conn: socket.socket, address: str) -> None:
+        # In the wrong-code wait nobody is being served: say so, and for how long.
+        left = self._wrong_code_until - time.monotonic()
+        if left > 0:
+            self.emit("busy_refused", {"from": address, "retry_after": round(left, 1)})
+            channel.refuse_busy(conn, retry_after=left)  # closes it
+            return
         self.emit("busy_refused", {"from": address})
         channel.refuse_busy(conn)  # closes it
 
@@ -209,7 +216,11 @@ class Receiver:
     def _handshake(self, conn: socket.socket, address: str) -> channel.SecureChannel | None:
         try:
             return channel.target_handshake(
-                conn, self.code, self.instance_id, timeout=self.options.handshake_timeout
+                conn,
+                self.code,
+                self.instance_id,
+                timeout=self.options.handshake_timeout,
+                on_wrong_code=self._start_wrong_code_wait,
             )
         except channel.WrongCode:
             self.attempts += 1
@@ -224,6 +235,7 @@ class Receiver:
                 },
             )
             # Still holding the busy lock: nobody gets another try during the delay.
+            self._start_wrong_code_wait()
             time.sleep(self.options.fail_delay)
             if self.attempts >= self.options.max_attempts:
                 self._rotate()
@@ -231,6 +243,10 @@ class Receiver:
         except (channel.ChannelError, OSError) as e:
             self.emit("handshake_failed", {"from": address, "reason": str(e)})
             return None
+
+    def _start_wrong_code_wait(self) -> None:
+        """From now until the delay ends, a donor that connects is told it is this wait."""
+        self._wrong_code_until = time.monotonic() + self.options.fail_delay
 
     def _rotate(self) -> None:
         self.code = code.new_code(self.code.nameplate, epoch=self.code.epoch + 1)
@@ -429,9 +445,10 @@ class _Session:
             disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
             resolved = install.validate_plan(checked, disks, self.r.options.trust_root)
         except install.PlanRefused as e:
-            self.send(messages.PLAN_REFUSED, {"reason": e.reason, "message": str(e)})
+            # The reason and the detail travel apart; whoever shows them joins them once.
+            self.send(messages.PLAN_REFUSED, {"reason": e.reason, "message": e.detail})
             self.r.emit(
-                "plan_refused", {"from": self.address, "reason": e.reason, "message": str(e)}
+                "plan_refused", {"from": self.address, "reason": e.reason, "message": e.detail}
             )
             return None
         if journal is not None:

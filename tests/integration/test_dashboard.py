@@ -181,7 +181,7 @@ def test_wrong_token_is_refused_and_right_token_shows_the_node(
     expect(page.locator("#view-overview")).to_be_visible()
     expect(page.locator("#ov-cpu-model")).to_have_text(INTEL_CPU)
     expect(page.locator("#ov-cpu-cores")).to_have_text("8")
-    expect(page.locator("#ov-mem-total")).to_have_text("128768")
+    expect(page.locator("#ov-mem-total")).to_have_text("125.8 GiB")
     expect(page.locator("#node-name")).to_have_text("smech-01")
     expect(page.locator("#ov-kvm")).to_have_text("Available")
     # Kept for the tab's session: a reload stays signed in.
@@ -214,7 +214,7 @@ def test_provision_appears_with_pid_then_shutdown_removes_it(
     login(page, node, "provision")
     expect(page.locator("#f-disk option", has_text="disk.img")).to_have_count(1)
     expect(page.locator("#f-cpus-hint")).to_contain_text("1 to 16")
-    expect(page.locator("#f-memory-hint")).to_contain_text("128 to 128768")
+    expect(page.locator("#f-memory-hint")).to_contain_text("128 to 128768 MiB")
     shoot(page, artifacts, "provision")
 
     provision(page, "web1")
@@ -563,5 +563,125 @@ def test_keyboard_reaches_the_views_with_visible_focus(
     assert outline not in ("none", ""), "focused nav link shows no outline"
     page.keyboard.press("Enter")
     expect(page.locator("#view-provision")).to_be_visible()
-    for label in ("vCPUs", "Memory (MB)", "Disk image"):
+    for label in ("vCPUs", "Memory (MiB)", "Disk image"):
         expect(page.get_by_label(label, exact=True)).to_be_visible()
+
+
+# ---- issue 10, #15 ----------------------------------------------------------------------
+
+
+def test_offline_marks_the_data_stale_and_disables_actions_until_the_api_returns(
+    page: Page, make_node: Callable[[str], Node], artifacts: Path
+) -> None:
+    """When the API went away only the dot changed: the numbers stayed as if live and
+    every button stayed clickable."""
+    node = make_node("intel-ready")
+    login(page, node, "provision")
+    provision(page, "web1")
+    row = page.locator("#vm-rows tr[data-vm='web1']")
+    expect(row.get_by_role("button", name="Pause web1")).to_be_enabled()
+    stale = page.locator("#stale")
+    expect(stale).to_be_hidden()
+
+    node.daemon.stop()
+    expect(page.locator("#status-dot")).to_have_attribute("data-state", "down", timeout=12_000)
+    expect(stale).to_be_visible()
+    # The time of the last good update, as the page shows times (HH:MM:SS).
+    expect(stale).to_contain_text(re.compile(r"last update \d{1,2}:\d{2}:\d{2}"))
+    expect(page.locator("main")).to_have_attribute("data-stale", "true")
+    for name in ("Shut down web1", "Stop web1", "Pause web1", "Console web1"):
+        expect(row.get_by_role("button", name=name)).to_be_disabled()
+    expect(page.locator("#ov-new-vm")).to_have_attribute("aria-disabled", "true")
+    shoot(page, artifacts, "offline-overview")
+    page.click("#nav-provision")
+    expect(page.locator("#vm-submit")).to_be_disabled()
+    page.click("#nav-hw")
+    expect(page.locator("#reboot-btn")).to_be_disabled()
+    expect(page.locator("#vfio-toggle")).to_be_disabled()
+
+    node.restart_on_same_port()
+    expect(page.locator("#status-dot")).to_have_attribute("data-state", "ok", timeout=12_000)
+    expect(stale).to_be_hidden()
+    expect(page.locator("#reboot-btn")).to_be_enabled()
+    expect(page.locator("#vfio-toggle")).to_be_enabled()
+    page.click("#nav-overview")
+    expect(row.get_by_role("button", name="Pause web1")).to_be_enabled()
+    expect(page.locator("#ov-new-vm")).not_to_have_attribute("aria-disabled", "true")
+
+
+def test_provision_marks_images_in_use_and_does_not_preselect_them(
+    page: Page, make_node: Callable[[str], Node], artifacts: Path
+) -> None:
+    node = make_node("intel-ready")
+    spare = node.env.make_image("spare.img")
+    login(page, node, "provision")
+    page.select_option("#f-disk", str(node.env.disk))
+    page.fill("#f-name", "web1")
+    page.fill("#f-memory", "512")
+    page.click("#vm-submit")
+    expect(page.locator("#vm-rows tr[data-vm='web1']")).to_be_visible()
+
+    page.click("#nav-provision")
+    used = page.locator(f"#f-disk option[value='{node.env.disk}']")
+    expect(used).to_contain_text("in use by web1")
+    expect(page.locator("#f-disk")).to_have_value(str(spare))
+    # The image list beside the form says the same.
+    expect(page.locator("#image-rows tr[data-image='disk.img']")).to_contain_text("web1")
+    expect(page.locator("#image-rows tr[data-image='spare.img']")).to_contain_text("free")
+    shoot(page, artifacts, "provision-in-use")
+
+
+def test_custom_path_placeholder_is_the_daemons_image_dir(
+    page: Page, make_node: Callable[[str], Node]
+) -> None:
+    node = make_node("intel-ready")
+    login(page, node, "provision")
+    page.select_option("#f-disk", "__custom__")
+    path = page.locator("#f-disk-path")
+    expect(path).to_be_visible()
+    expect(path).to_have_attribute("placeholder", f"{node.env.images}/disk.img")
+    expect(page.locator("#f-disk-hint")).to_contain_text(str(node.env.images))
+
+
+def test_one_unit_system_binary_everywhere(page: Page, make_node: Callable[[str], Node]) -> None:
+    """MB, MiB and GiB were mixed for the same numbers (the daemon's *_mb are MiB)."""
+    node = make_node("intel-ready")
+    login(page, node, "provision")
+    expect(page.get_by_label("Memory (MiB)", exact=True)).to_be_visible()
+    expect(page.locator("#f-memory-hint")).to_contain_text("128 to 128768 MiB")
+    provision(page, "web1", memory="2048")
+    row = page.locator("#vm-rows tr[data-vm='web1']")
+    expect(row.locator("td").nth(4)).to_have_text("2 GiB")
+    expect(page.locator("#ov-mem-total")).to_have_text("125.8 GiB")
+    for view in ("overview", "provision", "hw"):
+        page.click(f"#nav-{view}")
+        text = page.locator(f"#view-{view}").inner_text()
+        assert not re.search(r"\d\s*(MB|GB|TB)\b", text), (view, text)
+
+
+def test_hw_settings_refresh_while_open(page: Page, make_node: Callable[[str], Node]) -> None:
+    node = make_node("intel-ready")
+    login(page, node, "hw")
+    expect(page.locator("#vfio-state")).to_have_text("NOT LOADED")
+    # The module appears behind the dashboard's back (someone ran modprobe on the node).
+    module = node.env.sysroot / "sys/module/vfio_pci"
+    module.mkdir(parents=True)
+    expect(page.locator("#vfio-state")).to_have_text("LOADED", timeout=15_000)
+    expect(page.locator("#vfio-toggle")).to_have_attribute("aria-checked", "true")
+
+
+def test_provision_uses_the_width_of_a_desktop(
+    page: Page, make_node: Callable[[str], Node]
+) -> None:
+    node = make_node("intel-ready")
+    login(page, node, "provision")
+    view = page.locator("#view-provision").bounding_box()
+    form = page.locator("#vm-form").bounding_box()
+    side = page.locator("#images-panel").bounding_box()
+    assert view and form and side
+    # Form and image list side by side, together filling the row.
+    assert abs(form["y"] - side["y"]) < 2, (form, side)
+    assert side["x"] > form["x"] + form["width"] - 1
+    used = side["x"] + side["width"] - form["x"]
+    assert used >= 0.95 * view["width"], (used, view)
+    assert form["width"] >= 0.5 * view["width"], (form, view)

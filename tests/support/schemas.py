@@ -39,6 +39,7 @@ NODE_KEYS = {
     "load_average",
     "vms_running",
     "daemon_version",
+    "image_dirs",
 }
 VMM_KEYS = {"bin", "path", "available", "version", "firmware", "firmware_present"}
 CAPABILITY_KEYS = {"create_vm", "vfio", "reboot_uefi"}

@@ -68,8 +68,11 @@ def test_parse_normalises(typed: str, expected: tuple[str, str]) -> None:
     ],
 )
 def test_parse_rejects_with_clear_message(typed: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         parse(typed)
+    # Whatever is wrong, the message shows the form to type (issue 10, #14).
+    assert "NN-XXXXX" in str(caught.value)
+    assert typed.strip() in str(caught.value)
 
 
 def test_password_uses_normalised_code_and_epoch() -> None:

@@ -22,6 +22,7 @@ from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.ota import build, keys, roots
 from spk_visor.ota.manifest import ImageComponent
 from spk_visor.ota.roots import Root
+from tests.support.deploy_units import fake_disk
 from tests.support.ota_pki import Pki, signed_manifest
 
 GIB = 1 << 30
@@ -61,25 +62,7 @@ def root(pki: Pki) -> Root:
 
 
 def _disk(**kw: Any) -> Disk:
-    base: dict[str, Any] = {
-        "name": "sda",
-        "path": "/dev/sda",
-        "size": 256 * GIB,
-        "logical_sector": 512,
-        "physical_sector": 4096,
-        "model": "TEST",
-        "serial": SERIAL,
-        "wwn": "",
-        "transport": "sata",
-        "rotational": False,
-        "removable": False,
-        "read_only": False,
-        "has_signatures": False,
-        "mounted": False,
-        "boot_medium": False,
-    }
-    base.update(kw)
-    return judge(Disk(**base), None, allow_loop=False)
+    return fake_disk(**kw)
 
 
 def _plan(pki: Pki, disk: Disk, **kw: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,20 +13,16 @@ from spk_visor.deploy import donor, inventory, messages, receiver
 from spk_visor.deploy.channel import SecureChannel
 from spk_visor.errors import ExitCode
 from spk_visor.ota import roots
+from tests.support.deploy_units import channel_pair
 from tests.support.ota_pki import Pki
 
-K1, K2 = b"\x01" * 32, b"\x02" * 32
 T = 5.0
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
-    a, b = socket.socketpair()
-    donor_side = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
-    target_side = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
-    yield donor_side, target_side
-    donor_side.close()
-    target_side.close()
+    with channel_pair(T) as ends:
+        yield ends
 
 
 def _receiver(

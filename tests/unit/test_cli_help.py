@@ -1,0 +1,40 @@
+"""Every option's help, as `--help` prints it, says its default once (issue 10, #14:
+`deploy receive --help` printed `[default: reboot]` twice, once written into the help text
+and once added by Typer)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import typer.main
+from typer import _click
+from typer.core import TyperGroup
+
+from spk_visor import cli
+
+
+def _commands(
+    command: _click.Command, ctx: _click.Context
+) -> Iterator[tuple[_click.Command, _click.Context]]:
+    yield command, ctx
+    if isinstance(command, TyperGroup):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None:
+                yield from _commands(sub, _click.Context(sub, info_name=name, parent=ctx))
+
+
+def test_no_option_states_its_default_twice() -> None:
+    root = typer.main.get_command(cli.app)
+    twice = []
+    seen = 0
+    for command, ctx in _commands(root, _click.Context(root, info_name="spk-visor")):
+        for param in command.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            seen += 1
+            if record[1].count("default:") + record[1].count("default ") > 1:
+                twice.append(f"{ctx.command_path} {record[0]}: {record[1]}")
+    assert seen > 50, "the walk found too few options to mean anything"
+    assert not twice, "\n".join(twice)
