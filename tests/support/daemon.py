@@ -57,6 +57,8 @@ class DaemonEnv:
         # AF_UNIX socket paths are limited to 108 bytes; pytest's tmp paths are long.
         self.run_dir = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
         self.token_file = self.root / "etc" / "token"
+        self.tls_cert = self.root / "etc" / "tls.crt"
+        self.tls_key = self.root / "etc" / "tls.key"
         self.firmware = self.root / "CLOUDHV.fd"
         self.firmware.write_bytes(b"\0" * 4096)
         self.record_file = self.root / "commands.jsonl"
@@ -76,6 +78,8 @@ class DaemonEnv:
                 "SMECHVISORD_STATE_DIR": str(self.state_dir),
                 "SMECHVISORD_RUN_DIR": str(self.run_dir),
                 "SMECHVISORD_TOKEN_FILE": str(self.token_file),
+                "SMECHVISORD_TLS_CERT": str(self.tls_cert),
+                "SMECHVISORD_TLS_KEY": str(self.tls_key),
                 "SMECHVISORD_SYSROOT": str(self.sysroot),
                 "SMECHVISORD_CH_BIN": str(STANDIN),
                 "SMECHVISORD_FIRMWARE": str(self.firmware),
