@@ -24,6 +24,7 @@ SUPPORT = Path(__file__).resolve().parent
 STANDIN = SUPPORT / "bin" / "cloud-hypervisor"
 RECORDER = SUPPORT / "bin" / "record-command"
 LISTEN_RE = re.compile(r"listening on http://([^:]+):(\d+)")
+FINGERPRINT_RE = re.compile(r"SHA-256 fingerprint ([0-9A-F:]{95})")
 
 
 @dataclass
@@ -107,10 +108,13 @@ class DaemonEnv:
 class Daemon:
     """One smechvisord process."""
 
-    def __init__(self, env: DaemonEnv, args: list[str] | None = None) -> None:
+    def __init__(
+        self, env: DaemonEnv, args: list[str] | None = None, prefix: list[str] | None = None
+    ) -> None:
+        """`prefix` runs the daemon under another command (e.g. `ip netns exec NS`)."""
         self.env = env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smechvisord", *(args or [])],
+            [*(prefix or []), sys.executable, "-m", "smechvisord", *(args or [])],
             env=env.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -149,6 +153,19 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def fingerprint(self) -> str:
+        """The certificate fingerprint the daemon logged at start."""
+        for line in self.lines:
+            m = FINGERPRINT_RE.search(line)
+            if m:
+                return m.group(1)
+        raise AssertionError("no fingerprint line in the daemon's log:\n" + "\n".join(self.lines))
 
     def request(
         self,
