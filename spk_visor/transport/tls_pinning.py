@@ -228,7 +228,9 @@ def pin(url: str, timeout: float, accept_new: bool, path: Path | None = None) ->
     try:
         record(path, where.key, fp)
     except OSError as e:
-        raise CertificateError(f"cannot record the certificate of {where.key} in {path}: {e}")
+        raise CertificateError(
+            f"cannot record the certificate of {where.key} in {path}: {e}"
+        ) from e
     log.warning("Permanently added %s (SHA256 %s) to %s", where.key, fp, path)
     return fp
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from smechvisord import tls
 from tests.support import cli, netns
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms, wait_for
 
@@ -68,7 +69,8 @@ def make_ca(root: Path, name: str) -> tuple[Path, Path]:
     subprocess.run(
         [OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-days", "2", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"],
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     return cert, key
@@ -125,9 +127,7 @@ def test_first_start_makes_a_0600_key_and_shows_the_fingerprint_everywhere(
         ).stdout  # fmt: skip
         assert by_openssl.strip().split("=", 1)[1] == logged
         pem = ssl.get_server_certificate(("127.0.0.1", daemon.port), timeout=30)
-        from smechvisord.tls import fingerprint
-
-        assert fingerprint(ssl.PEM_cert_to_DER_cert(pem)) == logged
+        assert tls.fingerprint(ssl.PEM_cert_to_DER_cert(pem)) == logged
         # TLS and plain HTTP on the one port, for a loopback client.
         status, body = tls_get(daemon.port, "/api/node", daemon.token)
         assert status == 200 and "cpu_model" in json.loads(body)
@@ -243,7 +243,9 @@ def test_ca_file_verifies_chain_and_name_instead_of_pinning(
         by_ip = f"https://127.0.0.1:{daemon.port}"
         wrong_name = spk(daemon, known_certs, "--node", by_ip, "--ca-file", str(ca[0]), "node")
         assert wrong_name.code == 3, wrong_name
-        missing = spk(daemon, known_certs, "--node", good, "--ca-file", str(tmp_path / "no"), "node")
+        missing = spk(
+            daemon, known_certs, "--node", good, "--ca-file", str(tmp_path / "no"), "node"
+        )
         assert missing.code == 2, missing
     finally:
         daemon.stop()
@@ -258,9 +260,7 @@ def test_plain_http_to_a_remote_node_is_refused_before_connecting(known_certs: P
     assert time.monotonic() - started < 5
     fleet_cfg = known_certs.parent / "config.toml"
     fleet_cfg.parent.mkdir(parents=True, exist_ok=True)
-    fleet_cfg.write_text(
-        '[nodes.a]\nurl = "http://node-a.example:8080"\n[groups]\nrack = ["a"]\n'
-    )
+    fleet_cfg.write_text('[nodes.a]\nurl = "http://node-a.example:8080"\n[groups]\nrack = ["a"]\n')
     fleet = cli.run("--fleet", "rack", "--token", "t" * 20, "node", env={
         "SPK_VISOR_CONFIG": str(fleet_cfg)})  # fmt: skip
     assert fleet.code == 2, fleet
