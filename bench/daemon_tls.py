@@ -7,7 +7,8 @@
    (bench/bare_tls_server.py) and, for the cost of TLS itself, both over plain HTTP.
 2. The first handshake in a fresh `spk-visor --json node` process: https (certificate
    pinned in known_certs) against http to the same daemon, and curl -k against curl as the
-   anchor for what one handshake costs without Python.
+   anchor for what one handshake costs without Python; then the same first request
+   in-process (a fresh transport each time), free of the interpreter's start-up noise.
 
 The figures to read are the ratios; absolute numbers depend on this shared machine.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
 import shutil
 import ssl
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from bench.cli import Job, bench_env, cli_argv, measure
 from bench.daemon import Result
+from spk_visor.transport.http import HttpTransport
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
 
 CONCURRENCY = (1, 10, 50)
@@ -189,6 +192,28 @@ def first_handshake(args: argparse.Namespace, daemon: Daemon, root: Path) -> Non
         print(f"the same in curl (anchor): +{anchor * 1000:.1f} ms")
 
 
+def first_request_in_process(daemon: Daemon, root: Path, runs: int) -> None:
+    """The same first request without the interpreter's start-up around it: a fresh
+    transport (new session, new connection) per sample, http and https in turns."""
+    os.environ["SPK_VISOR_KNOWN_CERTS"] = str(root / "known_certs")  # pinned above
+    headers = {"Authorization": f"Bearer {daemon.token}"}
+    samples: dict[str, list[float]] = {"http": [], "https": []}
+    for _ in range(runs):
+        for name, url in (("http", daemon.url), ("https", daemon.https_url)):
+            t0 = time.perf_counter()
+            transport = HttpTransport(url, timeout=10)
+            reply = transport.request("GET", "/api/node", headers=headers)
+            transport.close()
+            samples[name].append(time.perf_counter() - t0)
+            if reply.status != 200:
+                raise SystemExit(f"{url}: {reply.status}")
+    http_ms, https_ms = (statistics.median(samples[k]) * 1000 for k in ("http", "https"))
+    print(
+        f"\nin-process first request on a fresh connection, median of {runs}: "
+        f"http {http_ms:.1f} ms, https {https_ms:.1f} ms (+{https_ms - http_ms:.1f} ms)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per throughput cell")
@@ -202,6 +227,7 @@ def main() -> int:
     try:
         throughput(args, daemon, env)
         first_handshake(args, daemon, root)
+        first_request_in_process(daemon, root, max(args.runs, 30))
     finally:
         daemon.stop()
         kill_vmms(env.run_dir)
