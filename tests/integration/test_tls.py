@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import ssl
 import stat
@@ -299,6 +300,37 @@ def test_stalled_handshakes_neither_block_others_nor_stay_open(tls_env: DaemonEn
     finally:
         for s in stalled:
             s.close()
+        daemon.stop()
+
+
+def test_a_dripped_client_hello_is_cut_off_at_the_deadline(tls_env: DaemonEnv) -> None:
+    # One byte every 0.5 s never trips a per-read timeout of 3 s; the deadline is total.
+    tls_env.extra_env["SMECHVISORD_SOCKET_TIMEOUT"] = "3"
+    daemon = Daemon(tls_env)
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
+            started = time.monotonic()
+            s.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes: waits
+            closed_after = None
+            while time.monotonic() - started < 30:
+                readable, _, _ = select.select([s], [], [], 0.5)
+                if readable:
+                    try:
+                        if s.recv(1) == b"":
+                            closed_after = time.monotonic() - started
+                            break
+                    except ConnectionResetError:
+                        closed_after = time.monotonic() - started
+                        break
+                try:
+                    s.sendall(b"\x00")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_after = time.monotonic() - started
+                    break
+            assert closed_after is not None, "a dripping handshake was served for 30 s"
+            assert closed_after < 12, closed_after
+        assert tls_get(daemon.port, "/api/health")[0] == 200
+    finally:
         daemon.stop()
 
 
