@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import select
 import shutil
 import socket
 import ssl
@@ -291,28 +290,20 @@ class Gate:
             raise Refused(f"{peer[0]}: no certificate")
         tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         try:
-            # Non-blocking steps against one deadline: a per-read timeout would let a client
-            # that drips its ClientHello a byte at a time hold the thread indefinitely.
-            tls.setblocking(False)
-            poller = select.poll()  # not select.select: no FD_SETSIZE limit
-            poller.register(tls, select.POLLIN)
-            while True:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    raise Refused(f"{peer[0]}: TLS handshake not done within {self.deadline:g} s")
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    poller.modify(tls, select.POLLIN)
-                except ssl.SSLWantWriteError:
-                    poller.modify(tls, select.POLLOUT)
-                poller.poll(remaining * 1000)
-            tls.setblocking(True)
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise Refused(f"{peer[0]}: TLS handshake not done within {self.deadline:g} s")
+            # CPython bounds the whole handshake by the timeout (one deadline across its
+            # reads), so a ClientHello dripped a byte at a time is cut off all the same.
+            tls.settimeout(remaining)
+            tls.do_handshake()
             return tls
         except Refused:
             tls.close()
             raise
+        except TimeoutError as e:
+            tls.close()
+            raise Refused(f"{peer[0]}: TLS handshake not done within {self.deadline:g} s") from e
         except (ssl.SSLError, OSError) as e:
             tls.close()
             # e.g. a browser that does not (yet) trust the certificate: "alert bad certificate".
