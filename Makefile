@@ -21,7 +21,8 @@ run: $(STAMP)
 	mkdir -p $(RUN_ROOT)
 	$(VENV)/bin/smechvisord --bind $(BIND) \
 		--state-dir $(RUN_ROOT)/state --run-dir $(RUN_ROOT)/run \
-		--token-file $(RUN_ROOT)/token
+		--token-file $(RUN_ROOT)/token \
+		--tls-cert $(RUN_ROOT)/tls.crt --tls-key $(RUN_ROOT)/tls.key
 
 # Debian packages the integration tests use (as root); a no-op with a note otherwise.
 sysdeps:

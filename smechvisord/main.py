@@ -7,6 +7,7 @@ import logging
 import os
 import pkgutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from smechvisord import settings as settings_mod
+from smechvisord import tls
 from smechvisord import token as tokens
 from smechvisord.api import Api
 from smechvisord.host import Host
@@ -75,8 +77,47 @@ def self_check(cfg: settings_mod.Settings) -> tuple[str | None, int]:
     return None, len(names)
 
 
+def print_fingerprint(cfg: settings_mod.Settings) -> int:
+    """`--print-fingerprint`: what an operator compares with the one `spk-visor` shows
+    before `--accept-new`. Reads only; the certificate is made by the daemon's first start."""
+    try:
+        fp = tls.fingerprint(tls.leaf_der(cfg.tls_cert))
+    except FileNotFoundError:
+        print(
+            f"smechvisord: no TLS certificate at {cfg.tls_cert} yet: the daemon makes one "
+            "at its first start (or install your own there)",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, tls.CertificateUnavailable) as e:
+        print(f"smechvisord: {e}", file=sys.stderr)
+        return 1
+    print(f"SHA256 Fingerprint={fp}  {cfg.tls_cert}")
+    return 0
+
+
+def open_gate(cfg: settings_mod.Settings, host: Host) -> tls.Gate:
+    sans = tls.subject_names(
+        socket.gethostname(), cfg.bind_host, tls.local_addresses(host.path("/proc/net"))
+    )
+    return tls.open_gate(
+        cfg.tls_cert,
+        cfg.tls_key,
+        sans,
+        deadline=min(tls.HANDSHAKE_DEADLINE, cfg.socket_timeout),
+        openssl=cfg.openssl,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    if settings_mod.build_parser().parse_args(argv).self_check:
+    args = settings_mod.build_parser().parse_args(argv)
+    if args.print_fingerprint:
+        try:
+            return print_fingerprint(settings_mod.load(argv))
+        except settings_mod.SettingsError as e:
+            print(f"smechvisord: {e}", file=sys.stderr)
+            return 2
+    if args.self_check:
         try:
             cfg = settings_mod.load(argv)
         except settings_mod.SettingsError as e:
@@ -107,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vms = VmManager(cfg, host)
         vms.check_paths()
         vms.load()
+        gate = open_gate(cfg, host)
         server = DaemonServer(
             (cfg.bind_host, cfg.bind_port),
             Api(cfg, host, vms).router(),
@@ -114,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             web_root(cfg.web_dir),
             cfg.max_connections,
             cfg.socket_timeout,
+            gate=gate,
         )
     except (OSError, RuntimeError, tokens.TokenError) as e:
         log.error("cannot start: %s", e)
@@ -121,8 +164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     host_name, port = server.server_address[:2]
     log.info("listening on http://%s:%d", host_name, port)
+    if gate.context is not None:
+        log.info(
+            "serving https://%s:%d to every client; plain http to loopback clients only",
+            host_name,
+            port,
+        )
     shown = "127.0.0.1" if cfg.bind_host in ("0.0.0.0", "::", "") else cfg.bind_host  # noqa: S104
-    url = f"http://{shown}:{port}/"
+    # Plain HTTP is served to loopback clients only: any other address gets the https URL.
+    scheme = "http" if tls.is_loopback(shown) else "https"
+    if ":" in shown:
+        shown = f"[{shown}]"
+    url = f"{scheme}://{shown}:{port}/"
     if sys.stderr.isatty():
         # Interactive start (make run): hand the operator a ready link, as Jupyter does.
         print(f"dashboard: {url}#token={token}", file=sys.stderr, flush=True)

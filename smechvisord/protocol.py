@@ -76,5 +76,7 @@ ERR_VMM_FAILED: Final = "vmm_failed"  # 502: the VMM ran and failed; details.std
 ERR_BUSY: Final = "busy"  # 503: connection cap reached, or the VM is mid-action
 ERR_COMMAND_FAILED: Final = "command_failed"  # 500: modprobe/reboot command failed
 ERR_INTERNAL: Final = "internal_error"  # 500
+# 400: plain HTTP from a non-loopback address; the message names the https:// URL.
+ERR_TLS_REQUIRED: Final = "tls_required"
 
 AUTH_SCHEME: Final = "Bearer"

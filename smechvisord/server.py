@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from smechvisord import protocol as p
+from smechvisord import tls
 from smechvisord import token as tokens
 from smechvisord.accesslog import AccessLog
 from smechvisord.errors import ApiError
@@ -110,6 +111,7 @@ class DaemonServer(ThreadingHTTPServer):
         web_dir: Path,
         max_connections: int,
         socket_timeout: float,
+        gate: tls.Gate | None = None,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -117,6 +119,8 @@ class DaemonServer(ThreadingHTTPServer):
         self.token = token
         self.web_dir = web_dir.resolve()
         self.socket_timeout = socket_timeout
+        # Without a certificate: plain HTTP for loopback clients, every other one refused.
+        self.gate = gate or tls.Gate(None, min(tls.HANDSHAKE_DEADLINE, socket_timeout))
         self.access_log = AccessLog()
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, RequestHandler)
@@ -168,9 +172,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         return f"smechvisord/{VERSION}"
 
     def setup(self) -> None:
+        # TLS or plain, decided here in the connection's own thread (never the accept
+        # thread), the handshake bounded by the gate's deadline. Refused raises.
+        self.request = self.server.gate.accept(self.request, self.client_address)
         super().setup()
         # Socket timeout against slow or idle clients (also bounds keep-alive idling).
         self.connection.settimeout(self.server.socket_timeout)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.gate.release(self.request)
 
     # Every method goes through one dispatcher so unknown methods get a JSON 405 too.
     def do_GET(self) -> None:

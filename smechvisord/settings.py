@@ -54,6 +54,24 @@ SETTINGS: tuple[Setting, ...] = (
         "API token, created 0600 at first start",
     ),
     Setting(
+        "SMECHVISORD_TLS_CERT",
+        "--tls-cert",
+        "/etc/smechvisord/tls.crt",
+        "TLS certificate (PEM, leaf first); a self-signed one is made at first start",
+    ),
+    Setting(
+        "SMECHVISORD_TLS_KEY",
+        "--tls-key",
+        "/etc/smechvisord/tls.key",
+        "TLS private key (PEM), made 0600 with the certificate at first start",
+    ),
+    Setting(
+        "SMECHVISORD_OPENSSL",
+        "--openssl",
+        "openssl",
+        "the openssl command that makes the first certificate",
+    ),
+    Setting(
         "SMECHVISORD_SYSROOT",
         "--sysroot",
         "/",
@@ -103,6 +121,9 @@ class Settings:
     state_dir: Path
     run_dir: Path
     token_file: Path
+    tls_cert: Path
+    tls_key: Path
+    openssl: str
     sysroot: Path
     ch_bin: str
     firmware: Path
@@ -179,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the settings, import every daemon module, check that the dashboard and "
         "state directories are usable, print one line and exit (0 ok, 1 failed, 2 bad settings)",
     )
+    parser.add_argument(
+        "--print-fingerprint",
+        action="store_true",
+        help="print the SHA-256 fingerprint of the TLS certificate (what `spk-visor "
+        "--accept-new` records) and exit; 1 when there is no certificate yet",
+    )
     return parser
 
 
@@ -204,6 +231,9 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         state_dir=state_dir,
         run_dir=Path(raw["SMECHVISORD_RUN_DIR"]).absolute(),
         token_file=Path(raw["SMECHVISORD_TOKEN_FILE"]).absolute(),
+        tls_cert=Path(raw["SMECHVISORD_TLS_CERT"]).absolute(),
+        tls_key=Path(raw["SMECHVISORD_TLS_KEY"]).absolute(),
+        openssl=raw["SMECHVISORD_OPENSSL"],
         sysroot=Path(raw["SMECHVISORD_SYSROOT"]).absolute(),
         ch_bin=raw["SMECHVISORD_CH_BIN"],
         firmware=Path(raw["SMECHVISORD_FIRMWARE"]),

@@ -106,8 +106,26 @@ def root(
         bool,
         typer.Option(
             "--accept-new",
-            help="Trust and record an SSH host key seen for the first time "
-            "(a changed key is always refused).",
+            help="Trust and record an SSH host key or a node's TLS certificate seen for the "
+            "first time (a changed one is always refused).",
+        ),
+    ] = False,
+    ca_file: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-file",
+            metavar="PEM",
+            envvar="SPK_VISOR_CA_FILE",
+            help="Verify https nodes against this CA (and their host names) instead of "
+            "pinning each node's certificate.",
+        ),
+    ] = None,
+    insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-http",
+            help="Allow an http:// URL to a remote node: the token crosses the network "
+            "in the clear.",
         ),
     ] = False,
     verbose: Annotated[
@@ -154,6 +172,8 @@ def root(
             timeout=timeout,
             accept_new=accept_new,
             verbose=verbose,
+            ca_file=ca_file,
+            insecure_http=insecure_http,
         ),
         Console(),
     )

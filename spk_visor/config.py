@@ -79,6 +79,10 @@ class Settings:
     timeout: float
     accept_new: bool
     config_path: Path | None
+    # https nodes: verify against this CA instead of pinning each node's certificate.
+    ca_file: str | None = None
+    # http:// to a non-loopback node: sent anyway (the token crosses the network in clear).
+    insecure_http: bool = False
 
 
 def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -301,6 +305,8 @@ def resolve(
     timeout: float | None,
     accept_new: bool,
     environ: dict[str, str] | os._Environ[str] | None = None,
+    ca_file: str | None = None,
+    insecure_http: bool = False,
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
     env = os.environ if environ is None else environ
@@ -375,6 +381,8 @@ def resolve(
         timeout=float(resolved_timeout),
         accept_new=accept_new,
         config_path=path if data else None,
+        ca_file=ca_file or None,
+        insecure_http=insecure_http,
     )
 
 

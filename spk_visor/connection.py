@@ -20,7 +20,9 @@ MAX_PARALLEL = 16
 
 
 def connect(target: Target, settings: Settings) -> Client:
-    transport = open_transport(target, settings.timeout, settings.accept_new)
+    transport = open_transport(
+        target, settings.timeout, settings.accept_new, settings.ca_file, settings.insecure_http
+    )
     try:
         token = read_local_token(target)
         if token is None and target.ssh is not None and not target.token_file:

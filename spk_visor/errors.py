@@ -166,6 +166,7 @@ _DAEMON_EXIT = {
     "payload_too_large": ExitCode.USAGE,
     "unsupported_media_type": ExitCode.USAGE,
     "length_required": ExitCode.USAGE,
+    "tls_required": ExitCode.USAGE,
     "unauthorized": ExitCode.USAGE,
     "forbidden": ExitCode.USAGE,
     "conflict": ExitCode.REFUSED,

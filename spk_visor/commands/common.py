@@ -28,6 +28,8 @@ class Options:
     timeout: float | None
     accept_new: bool
     verbose: bool
+    ca_file: str | None = None
+    insecure_http: bool = False
 
 
 class AppState:
@@ -51,6 +53,8 @@ class AppState:
                 token=o.token,
                 timeout=o.timeout,
                 accept_new=o.accept_new,
+                ca_file=o.ca_file,
+                insecure_http=o.insecure_http,
             )
         return self._settings
 

@@ -12,11 +12,23 @@ from spk_visor.transport.base import Response, Transport
 __all__ = ["Response", "Transport", "open_transport"]
 
 
-def open_transport(target: Target, timeout: float, accept_new: bool = False) -> Transport:
+def open_transport(
+    target: Target,
+    timeout: float,
+    accept_new: bool = False,
+    ca_file: str | None = None,
+    insecure_http: bool = False,
+) -> Transport:
     if target.ssh is not None:
         from spk_visor.transport.ssh import SshTransport  # noqa: PLC0415 (see module doc)
 
         return SshTransport(target, timeout=timeout, accept_new=accept_new)
     from spk_visor.transport.http import HttpTransport  # noqa: PLC0415
 
-    return HttpTransport(target.url or "", timeout=timeout)
+    return HttpTransport(
+        target.url or "",
+        timeout=timeout,
+        accept_new=accept_new,
+        ca_file=ca_file,
+        insecure_http=insecure_http,
+    )

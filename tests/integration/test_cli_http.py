@@ -649,19 +649,30 @@ def https_node(tmp_path: Path) -> Iterator[str]:
     listener.close()
 
 
-def test_https_verifies_the_certificate_by_default(https_node: str) -> None:
-    # The token must not reach a node whose certificate does not verify, and a refused
-    # certificate is a verification failure (exit 3), not a network hiccup to retry (7).
+def test_https_refuses_an_unknown_certificate_by_default(https_node: str) -> None:
+    # The token must not reach a node whose certificate is neither pinned nor verified,
+    # and a refused certificate is a verification failure (exit 3), not a network hiccup
+    # to retry (7). Pinning itself: tests/integration/test_tls.py.
     r = run("--node", https_node, "--token", "0123456789abcdef", "node")
     assert r.code == 3, r
     assert r.out == ""
-    assert r.err_lines == [
+    where = https_node.removeprefix("https://")
+    assert r.err_lines[0].startswith(
+        f"spk-visor: error: {https_node}: unknown TLS certificate for {where}: SHA256 "
+    )
+    assert "--accept-new" in r.err_lines[1]
+
+
+def test_https_with_ca_file_verifies_the_certificate(https_node: str, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    other_ca, _ = _self_signed(tmp_path / "other")
+    r = run("--node", https_node, "--token", "0123456789abcdef", "--ca-file", str(other_ca), "node")
+    assert r.code == 3, r
+    assert r.out == ""
+    assert r.err_lines[0] == (
         f"spk-visor: error: {https_node}: the node's TLS certificate failed verification: "
-        "self-signed certificate",
-        "the URL's host name must be one the certificate names, issued by a CA in "
-        "spk-visor's trust store (certifi's bundle); or reach the node with --ssh, which "
-        "checks its SSH host key instead",
-    ]
+        "self-signed certificate"
+    )
 
 
 @pytest.fixture

@@ -224,6 +224,8 @@ def daemon_settings(tmp_path: Path) -> dict[str, str]:
         "SMECHVISORD_STATE_DIR": str(tmp_path / "state"),
         "SMECHVISORD_RUN_DIR": str(run_dir),
         "SMECHVISORD_TOKEN_FILE": str(tmp_path / "etc" / "token"),
+        "SMECHVISORD_TLS_CERT": str(tmp_path / "etc" / "tls.crt"),
+        "SMECHVISORD_TLS_KEY": str(tmp_path / "etc" / "tls.key"),
         "SMECHVISORD_SYSROOT": str(sysroots.build("intel-ready", tmp_path / "sysroot")),
     }
 

@@ -20,6 +20,8 @@ from spk_visor.cli import main
 
 # No config file unless a test names one.
 NO_CONFIG = "/nonexistent/spk-visor/config.toml"
+# Nor pinned TLS certificates: a test that pins names its own file.
+NO_KNOWN_CERTS = "/nonexistent/spk-visor/known_certs"
 
 
 class Result(NamedTuple):
@@ -46,6 +48,7 @@ def _environment(env: Mapping[str, str] | None) -> Iterator[None]:
         for key in [k for k in os.environ if k.startswith("SPK_VISOR_")]:
             del os.environ[key]
         os.environ["SPK_VISOR_CONFIG"] = NO_CONFIG
+        os.environ["SPK_VISOR_KNOWN_CERTS"] = NO_KNOWN_CERTS
         os.environ.update(env or {})
         yield
     finally:

@@ -24,6 +24,7 @@ SUPPORT = Path(__file__).resolve().parent
 STANDIN = SUPPORT / "bin" / "cloud-hypervisor"
 RECORDER = SUPPORT / "bin" / "record-command"
 LISTEN_RE = re.compile(r"listening on http://([^:]+):(\d+)")
+FINGERPRINT_RE = re.compile(r"SHA-256 fingerprint ([0-9A-F:]{95})")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class DaemonEnv:
         # AF_UNIX socket paths are limited to 108 bytes; pytest's tmp paths are long.
         self.run_dir = Path(tempfile.mkdtemp(prefix="sv", dir="/tmp"))
         self.token_file = self.root / "etc" / "token"
+        self.tls_cert = self.root / "etc" / "tls.crt"
+        self.tls_key = self.root / "etc" / "tls.key"
         self.firmware = self.root / "CLOUDHV.fd"
         self.firmware.write_bytes(b"\0" * 4096)
         self.record_file = self.root / "commands.jsonl"
@@ -76,6 +79,8 @@ class DaemonEnv:
                 "SMECHVISORD_STATE_DIR": str(self.state_dir),
                 "SMECHVISORD_RUN_DIR": str(self.run_dir),
                 "SMECHVISORD_TOKEN_FILE": str(self.token_file),
+                "SMECHVISORD_TLS_CERT": str(self.tls_cert),
+                "SMECHVISORD_TLS_KEY": str(self.tls_key),
                 "SMECHVISORD_SYSROOT": str(self.sysroot),
                 "SMECHVISORD_CH_BIN": str(STANDIN),
                 "SMECHVISORD_FIRMWARE": str(self.firmware),
@@ -103,10 +108,13 @@ class DaemonEnv:
 class Daemon:
     """One smechvisord process."""
 
-    def __init__(self, env: DaemonEnv, args: list[str] | None = None) -> None:
+    def __init__(
+        self, env: DaemonEnv, args: list[str] | None = None, prefix: list[str] | None = None
+    ) -> None:
+        """`prefix` runs the daemon under another command (e.g. `ip netns exec NS`)."""
         self.env = env
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smechvisord", *(args or [])],
+            [*(prefix or []), sys.executable, "-m", "smechvisord", *(args or [])],
             env=env.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -145,6 +153,19 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def fingerprint(self) -> str:
+        """The certificate fingerprint the daemon logged at start."""
+        for line in self.lines:
+            m = FINGERPRINT_RE.search(line)
+            if m:
+                return m.group(1)
+        raise AssertionError("no fingerprint line in the daemon's log:\n" + "\n".join(self.lines))
 
     def request(
         self,

@@ -265,6 +265,8 @@ class OtaNode:
             "SMECHVISORD_STATE_DIR": str(self.root / "state"),
             "SMECHVISORD_RUN_DIR": str(self.run_dir),
             "SMECHVISORD_TOKEN_FILE": str(self.root / "etc" / "token"),
+            "SMECHVISORD_TLS_CERT": str(self.root / "etc" / "tls.crt"),
+            "SMECHVISORD_TLS_KEY": str(self.root / "etc" / "tls.key"),
             "SMECHVISORD_SYSROOT": str(sysroots.build("intel-ready", self.root / "hostroot")),
             **self.conf_extra,
         }
