@@ -82,6 +82,18 @@ def root(
             help="Every node of a group from the config file, queried in parallel.",
         ),
     ] = None,
+    inventory: Annotated[
+        str | None,
+        typer.Option(
+            "--inventory",
+            "-i",
+            metavar="FILE",
+            envvar="SPK_VISOR_INVENTORY",
+            help="An Ansible inventory (INI or YAML) as the source of --fleet groups and "
+            "--node names; its hosts are reached over SSH (ansible_host, ansible_port, "
+            "ansible_user).",
+        ),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -144,6 +156,8 @@ def root(
         fleet = None
     if from_env("timeout"):
         timeout = None
+    if from_env("inventory"):
+        inventory = None
     ctx.obj = AppState(
         Options(
             node=node,
@@ -154,6 +168,7 @@ def root(
             timeout=timeout,
             accept_new=accept_new,
             verbose=verbose,
+            inventory=inventory,
         ),
         Console(),
     )

@@ -15,6 +15,12 @@ The config file (``~/.config/spk-visor/config.toml``, or ``$SPK_VISOR_CONFIG``):
 
     [groups]
     rack1 = ["alpha", "beta"]
+
+An Ansible inventory can stand in for [nodes] and [groups] (`--inventory FILE`,
+`$SPK_VISOR_INVENTORY`, or `inventory = "..."` under [defaults]): its hosts are reached
+over SSH (ansible_host, ansible_port, ansible_user). A --inventory named on the command
+line or in the environment is the only source of groups; one set under [defaults] is
+looked in after the file's own [groups].
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spk_visor.errors import ConfigError, register_secret
+
+if TYPE_CHECKING:
+    from spk_visor.ansible_inventory import Inventory, InventoryHost
 
 LOCAL_URL = "http://127.0.0.1:8080"
 NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
@@ -79,6 +88,7 @@ class Settings:
     timeout: float
     accept_new: bool
     config_path: Path | None
+    inventory_path: Path | None = None
 
 
 def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -207,8 +217,17 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(defaults, dict):
         raise ConfigError(f"{_where(path, text, 'defaults')}: [defaults] must be a table")
     for key, value in defaults.items():
+        if key == "inventory":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f"{_where(path, text, 'defaults', key)}: defaults.inventory must be a path"
+                )
+            continue
         if key != "timeout":
-            raise ConfigError(f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key")
+            raise ConfigError(
+                f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key; "
+                "expected timeout, inventory"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(
                 f"{_where(path, text, 'defaults', key)}: defaults.timeout must be a positive number"
@@ -292,6 +311,35 @@ def _node_target(name: str, node: dict[str, Any], token: str | None, sources: li
     )
 
 
+def _inventory_target(host: InventoryHost, token: str | None, sources: list[str]) -> Target:
+    remote = host.token_file or NODE_TOKEN_FILE
+    extra = [] if token else [f"{remote} on the node (SFTP)"]
+    return Target(
+        name=host.name,
+        ssh=SshSpec(host=host.address, user=host.user, port=host.port),
+        daemon_port=host.daemon_port or DEFAULT_DAEMON_PORT,
+        token=token,
+        token_sources=(*sources, *extra),
+        remote_token_file=remote,
+    )
+
+
+def _inventory_path(
+    flag: str | None, env: dict[str, str] | os._Environ[str], data: dict[str, Any], config: Path
+) -> tuple[Path | None, bool]:
+    """The inventory to read and whether it is the only source of groups (named by flag or
+    environment) rather than a fallback after config.toml (named under [defaults])."""
+    named = flag or env.get("SPK_VISOR_INVENTORY")
+    if named:
+        return Path(named).expanduser(), True
+    default = data.get("defaults", {}).get("inventory")
+    if default:
+        path = Path(default).expanduser()
+        # Relative to the config file, as a user reading that file would expect.
+        return (path if path.is_absolute() else config.parent / path), False
+    return None, False
+
+
 def resolve(
     *,
     node: str | None,
@@ -301,6 +349,7 @@ def resolve(
     timeout: float | None,
     accept_new: bool,
     environ: dict[str, str] | os._Environ[str] | None = None,
+    inventory: str | None = None,
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
     env = os.environ if environ is None else environ
@@ -322,8 +371,22 @@ def resolve(
     nodes: dict[str, Any] = data.get("nodes", {})
     groups: dict[str, list[str]] = data.get("groups", {})
     flag_token, sources = _token_for(token, env)
+    inventory_path, inventory_only = _inventory_path(inventory, env, data, path)
+    inv: Inventory | None = None
+    if inventory_path is not None and (fleet or (node and "://" not in node)):
+        from spk_visor.ansible_inventory import load as load_inventory  # noqa: PLC0415 (lazy)
+
+        inv = load_inventory(inventory_path)
+    if inventory_only:
+        nodes, groups = {}, {}
     targets: list[Target]
-    if fleet:
+    if fleet and inv is not None and fleet not in groups:
+        targets = [_inventory_target(h, flag_token, sources) for h in inv.hosts(fleet)]
+        if not targets:
+            raise ConfigError(f"group {fleet!r} in {inventory_path} has no hosts")
+    elif node and inv is not None and "://" not in node and node not in nodes:
+        targets = [_inventory_target(inv.host(node), flag_token, sources)]
+    elif fleet:
         if fleet not in groups:
             known = ", ".join(sorted(groups)) or "none"
             raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
@@ -375,6 +438,7 @@ def resolve(
         timeout=float(resolved_timeout),
         accept_new=accept_new,
         config_path=path if data else None,
+        inventory_path=inventory_path,
     )
 
 

@@ -28,6 +28,7 @@ class Options:
     timeout: float | None
     accept_new: bool
     verbose: bool
+    inventory: str | None = None
 
 
 class AppState:
@@ -51,6 +52,7 @@ class AppState:
                 token=o.token,
                 timeout=o.timeout,
                 accept_new=o.accept_new,
+                inventory=o.inventory,
             )
         return self._settings
 
