@@ -158,5 +158,5 @@ def test_inventory_in_defaults_is_a_fallback_after_groups(tmp_path: Path) -> Non
     (target,) = resolve(env, fleet="rack1", inventory=str(tmp_path / "hosts.ini")).targets
     assert (target.name, target.ssh) == ("n1", config.SshSpec("10.1.0.1", "ops", 2222))
     assert target.remote_token_file == config.NODE_TOKEN_FILE
-    with pytest.raises(ConfigError, match="inventory file .* does not exist"):
+    with pytest.raises(ConfigError, match=r"inventory file .* does not exist"):
         resolve({**env, "SPK_VISOR_INVENTORY": str(tmp_path / "nope")}, fleet="rack1")
