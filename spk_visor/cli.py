@@ -94,6 +94,17 @@ def root(
             "ansible_user).",
         ),
     ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            "-P",
+            metavar="N",
+            envvar="SPK_VISOR_PARALLEL",
+            help="With --fleet: nodes queried at once [default: 64]; a node silent for half a "
+            "second stops counting, so hung nodes cost their own timeout once.",
+        ),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -158,6 +169,8 @@ def root(
         timeout = None
     if from_env("inventory"):
         inventory = None
+    if from_env("parallel"):
+        parallel = None
     ctx.obj = AppState(
         Options(
             node=node,
@@ -169,6 +182,7 @@ def root(
             accept_new=accept_new,
             verbose=verbose,
             inventory=inventory,
+            parallel=parallel,
         ),
         Console(),
     )

@@ -42,6 +42,11 @@ LOCAL_URL = "http://127.0.0.1:8080"
 NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
 DEFAULT_DAEMON_PORT = 8080
 DEFAULT_TIMEOUT = 10.0
+# Nodes queried at once by --fleet: enough to hide latency across racks, few enough not to
+# hammer a jump host or run out of file descriptors. A node that hangs stops counting
+# against it after half a second (connection.SLOW_AFTER).
+DEFAULT_PARALLEL = 64
+MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20
 NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file"}
 SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
@@ -89,6 +94,7 @@ class Settings:
     accept_new: bool
     config_path: Path | None
     inventory_path: Path | None = None
+    parallel: int = DEFAULT_PARALLEL
 
 
 def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -177,9 +183,10 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(nodes, dict):
         raise ConfigError(f"{_where(path, text, 'nodes')}: [nodes] must be a table")
     for name, node in nodes.items():
-        where = _where(path, text, "nodes", name)
+        # Where a key is written is only worked out for an error: finding it scans the whole
+        # file, and doing that for every node of a thousand-node fleet took seconds.
         if not isinstance(node, dict):
-            raise ConfigError(f"{where}: nodes.{name} must be a table")
+            raise ConfigError(f"{_where(path, text, 'nodes', name)}: nodes.{name} must be a table")
         unknown = set(node) - NODE_KEYS
         if unknown:
             bad = sorted(unknown)[0]
@@ -188,7 +195,9 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"expected {', '.join(sorted(NODE_KEYS))}"
             )
         if ("url" in node) == ("ssh" in node):
-            raise ConfigError(f"{where}: nodes.{name} needs exactly one of url or ssh")
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name)}: nodes.{name} needs exactly one of url or ssh"
+            )
         for key in ("url", "ssh", "token_file", "remote_token_file"):
             if key in node and not isinstance(node[key], str):
                 raise ConfigError(
@@ -205,18 +214,27 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
     for name, members in groups.items():
-        where = _where(path, text, "groups", name)
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ConfigError(f"{where}: groups.{name} must be a list of node names")
+            raise ConfigError(
+                f"{_where(path, text, 'groups', name)}: groups.{name} must be a list of node names"
+            )
         for member in members:
             if member not in nodes:
                 raise ConfigError(
-                    f"{where}: groups.{name} names {member!r}, which is not under [nodes]"
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, "
+                    "which is not under [nodes]"
                 )
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{_where(path, text, 'defaults')}: [defaults] must be a table")
     for key, value in defaults.items():
+        if key == "parallel":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{_where(path, text, 'defaults', key)}: defaults.parallel must be a "
+                    "positive whole number"
+                )
+            continue
         if key == "inventory":
             if not isinstance(value, str) or not value:
                 raise ConfigError(
@@ -226,7 +244,7 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
         if key != "timeout":
             raise ConfigError(
                 f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key; "
-                "expected timeout, inventory"
+                "expected timeout, parallel, inventory"
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(
@@ -350,6 +368,7 @@ def resolve(
     accept_new: bool,
     environ: dict[str, str] | os._Environ[str] | None = None,
     inventory: str | None = None,
+    parallel: int | None = None,
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
     env = os.environ if environ is None else environ
@@ -432,6 +451,7 @@ def resolve(
         # Not `timeout or ...`: --timeout 0 must not quietly become the default.
         raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")
     resolved_timeout = timeout if timeout is not None else file_timeout or DEFAULT_TIMEOUT
+    resolved_parallel = _parallel(parallel, env, data.get("defaults", {}).get("parallel"))
     return Settings(
         targets=tuple(targets),
         fleet=fleet,
@@ -439,7 +459,27 @@ def resolve(
         accept_new=accept_new,
         config_path=path if data else None,
         inventory_path=inventory_path,
+        parallel=resolved_parallel,
     )
+
+
+def _parallel(flag: int | None, env: dict[str, str] | os._Environ[str], file_value: Any) -> int:
+    source, value = "--parallel", flag
+    if value is None and env.get("SPK_VISOR_PARALLEL"):
+        source = "SPK_VISOR_PARALLEL"
+        try:
+            value = int(env["SPK_VISOR_PARALLEL"])
+        except ValueError:
+            raise ConfigError(
+                f"SPK_VISOR_PARALLEL={env['SPK_VISOR_PARALLEL']!r} is not a whole number"
+            ) from None
+    if value is None:
+        source, value = "defaults.parallel", file_value
+    if value is None:
+        return DEFAULT_PARALLEL
+    if not 1 <= value <= MAX_PARALLEL:
+        raise ConfigError(f"{source} {value}: must be between 1 and {MAX_PARALLEL}")
+    return int(value)
 
 
 def read_local_token(target: Target) -> str | None:
