@@ -120,7 +120,7 @@ def test_failure_summary_groups_causes_without_addresses() -> None:
         "5 of 6 nodes failed: 3 no answer within 3 s, 2 connection refused"
     )
     assert failure_summary(results[:1]) == ""
-    one = [NodeResult(items[0], error=UsageError("bad token"))]
+    one: list[NodeResult[str]] = [NodeResult(items[0], error=UsageError("bad token"))]
     assert failure_summary(one) == "1 of 1 nodes failed: 1 bad token"
 
 
