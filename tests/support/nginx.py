@@ -54,8 +54,7 @@ def server_block(repo: Path, port: int, *, extra: str = "", blob_rate: str | Non
         )
     text = re.sub(r"^\s*listen .*;$", f"    listen 127.0.0.1:{port};", text, count=1, flags=re.M)
     text = re.sub(r"^\s*server_name .*;$", "    server_name localhost;", text, count=1, flags=re.M)
-    text = re.sub(r"^\s*root .*;$", f"    root {repo};\n{extra}", text, count=1, flags=re.M)
-    return text
+    return re.sub(r"^\s*root .*;$", f"    root {repo};\n{extra}", text, count=1, flags=re.M)
 
 
 class Nginx:
