@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_BLOCK = ROOT / "docs" / "nginx-ota-origin.conf"
 LOG_RE = re.compile(
-    r'^(?P<method>\S+) (?P<path>\S+) (?P<status>\d+) (?P<sent>\d+) "(?P<range>[^"]*)"$'
+    r'^(?P<msec>[\d.]+) (?P<method>\S+) (?P<path>\S+) (?P<status>\d+) (?P<sent>\d+) "(?P<range>[^"]*)"$'
 )
 
 
@@ -32,6 +32,7 @@ class Hit:
     status: int
     sent: int  # bytes on the wire: headers and body
     range: str  # the request's Range header, "-" when none
+    at: float = 0.0  # when the request ended (epoch seconds, ms resolution)
 
 
 def nginx_binary() -> str:
@@ -92,7 +93,7 @@ error_log {w}/error.log warn;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
-    log_format spk '$request_method $request_uri $status $bytes_sent "$http_range"';
+    log_format spk '$msec $request_method $request_uri $status $bytes_sent "$http_range"';
     access_log {self.log} spk;
     client_body_temp_path {w}/body;
     proxy_temp_path {w}/proxy;
@@ -137,7 +138,14 @@ http {{
             m = LOG_RE.match(line)
             if m:
                 out.append(
-                    Hit(m["method"], m["path"], int(m["status"]), int(m["sent"]), m["range"])
+                    Hit(
+                        m["method"],
+                        m["path"],
+                        int(m["status"]),
+                        int(m["sent"]),
+                        m["range"],
+                        float(m["msec"]),
+                    )
                 )
         return out
 
