@@ -21,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_BLOCK = ROOT / "docs" / "nginx-ota-origin.conf"
 LOG_RE = re.compile(
-    r'^(?P<msec>[\d.]+) (?P<method>\S+) (?P<path>\S+) (?P<status>\d+) (?P<sent>\d+) "(?P<range>[^"]*)"$'
+    r"^(?P<msec>[\d.]+) (?P<method>\S+) (?P<path>\S+) (?P<status>\d+) (?P<sent>\d+)"
+    r' "(?P<range>[^"]*)"$'
 )
 
 
