@@ -82,6 +82,29 @@ def root(
             help="Every node of a group from the config file, queried in parallel.",
         ),
     ] = None,
+    inventory: Annotated[
+        str | None,
+        typer.Option(
+            "--inventory",
+            "-i",
+            metavar="FILE",
+            envvar="SPK_VISOR_INVENTORY",
+            help="An Ansible inventory (INI or YAML) as the source of --fleet groups and "
+            "--node names; its hosts are reached over SSH (ansible_host, ansible_port, "
+            "ansible_user).",
+        ),
+    ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            "-P",
+            metavar="N",
+            envvar="SPK_VISOR_PARALLEL",
+            help="With --fleet: nodes queried at once [default: 64]; a node silent for half a "
+            "second stops counting, so hung nodes cost their own timeout once.",
+        ),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -162,6 +185,10 @@ def root(
         fleet = None
     if from_env("timeout"):
         timeout = None
+    if from_env("inventory"):
+        inventory = None
+    if from_env("parallel"):
+        parallel = None
     ctx.obj = AppState(
         Options(
             node=node,
@@ -174,6 +201,8 @@ def root(
             verbose=verbose,
             ca_file=ca_file,
             insecure_http=insecure_http,
+            inventory=inventory,
+            parallel=parallel,
         ),
         Console(),
     )

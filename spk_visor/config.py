@@ -15,6 +15,12 @@ The config file (``~/.config/spk-visor/config.toml``, or ``$SPK_VISOR_CONFIG``):
 
     [groups]
     rack1 = ["alpha", "beta"]
+
+An Ansible inventory can stand in for [nodes] and [groups] (`--inventory FILE`,
+`$SPK_VISOR_INVENTORY`, or `inventory = "..."` under [defaults]): its hosts are reached
+over SSH (ansible_host, ansible_port, ansible_user). A --inventory named on the command
+line or in the environment is the only source of groups; one set under [defaults] is
+looked in after the file's own [groups].
 """
 
 from __future__ import annotations
@@ -25,14 +31,22 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spk_visor.errors import ConfigError, register_secret
+
+if TYPE_CHECKING:
+    from spk_visor.ansible_inventory import Inventory, InventoryHost
 
 LOCAL_URL = "http://127.0.0.1:8080"
 NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
 DEFAULT_DAEMON_PORT = 8080
 DEFAULT_TIMEOUT = 10.0
+# Nodes queried at once by --fleet: enough to hide latency across racks, few enough not to
+# hammer a jump host or run out of file descriptors. A node that hangs stops counting
+# against it after half a second (connection.SLOW_AFTER).
+DEFAULT_PARALLEL = 64
+MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20
 NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file"}
 SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
@@ -83,6 +97,8 @@ class Settings:
     ca_file: str | None = None
     # http:// to a non-loopback node: sent anyway (the token crosses the network in clear).
     insecure_http: bool = False
+    inventory_path: Path | None = None
+    parallel: int = DEFAULT_PARALLEL
 
 
 def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -171,9 +187,10 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(nodes, dict):
         raise ConfigError(f"{_where(path, text, 'nodes')}: [nodes] must be a table")
     for name, node in nodes.items():
-        where = _where(path, text, "nodes", name)
+        # Where a key is written is only worked out for an error: finding it scans the whole
+        # file, and doing that for every node of a thousand-node fleet took seconds.
         if not isinstance(node, dict):
-            raise ConfigError(f"{where}: nodes.{name} must be a table")
+            raise ConfigError(f"{_where(path, text, 'nodes', name)}: nodes.{name} must be a table")
         unknown = set(node) - NODE_KEYS
         if unknown:
             bad = sorted(unknown)[0]
@@ -182,7 +199,9 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"expected {', '.join(sorted(NODE_KEYS))}"
             )
         if ("url" in node) == ("ssh" in node):
-            raise ConfigError(f"{where}: nodes.{name} needs exactly one of url or ssh")
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name)}: nodes.{name} needs exactly one of url or ssh"
+            )
         for key in ("url", "ssh", "token_file", "remote_token_file"):
             if key in node and not isinstance(node[key], str):
                 raise ConfigError(
@@ -199,20 +218,38 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
     for name, members in groups.items():
-        where = _where(path, text, "groups", name)
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ConfigError(f"{where}: groups.{name} must be a list of node names")
+            raise ConfigError(
+                f"{_where(path, text, 'groups', name)}: groups.{name} must be a list of node names"
+            )
         for member in members:
             if member not in nodes:
                 raise ConfigError(
-                    f"{where}: groups.{name} names {member!r}, which is not under [nodes]"
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, "
+                    "which is not under [nodes]"
                 )
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{_where(path, text, 'defaults')}: [defaults] must be a table")
     for key, value in defaults.items():
+        if key == "parallel":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{_where(path, text, 'defaults', key)}: defaults.parallel must be a "
+                    "positive whole number"
+                )
+            continue
+        if key == "inventory":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f"{_where(path, text, 'defaults', key)}: defaults.inventory must be a path"
+                )
+            continue
         if key != "timeout":
-            raise ConfigError(f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key")
+            raise ConfigError(
+                f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key; "
+                "expected timeout, parallel, inventory"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(
                 f"{_where(path, text, 'defaults', key)}: defaults.timeout must be a positive number"
@@ -296,6 +333,35 @@ def _node_target(name: str, node: dict[str, Any], token: str | None, sources: li
     )
 
 
+def _inventory_target(host: InventoryHost, token: str | None, sources: list[str]) -> Target:
+    remote = host.token_file or NODE_TOKEN_FILE
+    extra = [] if token else [f"{remote} on the node (SFTP)"]
+    return Target(
+        name=host.name,
+        ssh=SshSpec(host=host.address, user=host.user, port=host.port),
+        daemon_port=host.daemon_port or DEFAULT_DAEMON_PORT,
+        token=token,
+        token_sources=(*sources, *extra),
+        remote_token_file=remote,
+    )
+
+
+def _inventory_path(
+    flag: str | None, env: dict[str, str] | os._Environ[str], data: dict[str, Any], config: Path
+) -> tuple[Path | None, bool]:
+    """The inventory to read and whether it is the only source of groups (named by flag or
+    environment) rather than a fallback after config.toml (named under [defaults])."""
+    named = flag or env.get("SPK_VISOR_INVENTORY")
+    if named:
+        return Path(named).expanduser(), True
+    default = data.get("defaults", {}).get("inventory")
+    if default:
+        path = Path(default).expanduser()
+        # Relative to the config file, as a user reading that file would expect.
+        return (path if path.is_absolute() else config.parent / path), False
+    return None, False
+
+
 def resolve(
     *,
     node: str | None,
@@ -307,6 +373,8 @@ def resolve(
     environ: dict[str, str] | os._Environ[str] | None = None,
     ca_file: str | None = None,
     insecure_http: bool = False,
+    inventory: str | None = None,
+    parallel: int | None = None,
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
     env = os.environ if environ is None else environ
@@ -328,8 +396,22 @@ def resolve(
     nodes: dict[str, Any] = data.get("nodes", {})
     groups: dict[str, list[str]] = data.get("groups", {})
     flag_token, sources = _token_for(token, env)
+    inventory_path, inventory_only = _inventory_path(inventory, env, data, path)
+    inv: Inventory | None = None
+    if inventory_path is not None and (fleet or (node and "://" not in node)):
+        from spk_visor.ansible_inventory import load as load_inventory  # noqa: PLC0415 (lazy)
+
+        inv = load_inventory(inventory_path)
+    if inventory_only:
+        nodes, groups = {}, {}
     targets: list[Target]
-    if fleet:
+    if fleet and inv is not None and fleet not in groups:
+        targets = [_inventory_target(h, flag_token, sources) for h in inv.hosts(fleet)]
+        if not targets:
+            raise ConfigError(f"group {fleet!r} in {inventory_path} has no hosts")
+    elif node and inv is not None and "://" not in node and node not in nodes:
+        targets = [_inventory_target(inv.host(node), flag_token, sources)]
+    elif fleet:
         if fleet not in groups:
             known = ", ".join(sorted(groups)) or "none"
             raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
@@ -375,6 +457,7 @@ def resolve(
         # Not `timeout or ...`: --timeout 0 must not quietly become the default.
         raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")
     resolved_timeout = timeout if timeout is not None else file_timeout or DEFAULT_TIMEOUT
+    resolved_parallel = _parallel(parallel, env, data.get("defaults", {}).get("parallel"))
     return Settings(
         targets=tuple(targets),
         fleet=fleet,
@@ -383,7 +466,28 @@ def resolve(
         config_path=path if data else None,
         ca_file=ca_file or None,
         insecure_http=insecure_http,
+        inventory_path=inventory_path,
+        parallel=resolved_parallel,
     )
+
+
+def _parallel(flag: int | None, env: dict[str, str] | os._Environ[str], file_value: Any) -> int:
+    source, value = "--parallel", flag
+    if value is None and env.get("SPK_VISOR_PARALLEL"):
+        source = "SPK_VISOR_PARALLEL"
+        try:
+            value = int(env["SPK_VISOR_PARALLEL"])
+        except ValueError:
+            raise ConfigError(
+                f"SPK_VISOR_PARALLEL={env['SPK_VISOR_PARALLEL']!r} is not a whole number"
+            ) from None
+    if value is None:
+        source, value = "defaults.parallel", file_value
+    if value is None:
+        return DEFAULT_PARALLEL
+    if not 1 <= value <= MAX_PARALLEL:
+        raise ConfigError(f"{source} {value}: must be between 1 and {MAX_PARALLEL}")
+    return int(value)
 
 
 def read_local_token(target: Target) -> str | None:

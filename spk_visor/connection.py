@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
@@ -15,8 +16,6 @@ from spk_visor.transport import open_transport
 
 T = TypeVar("T")
 R = TypeVar("R")
-# Enough to hide latency across a rack, few enough not to hammer a jump host.
-MAX_PARALLEL = 16
 
 
 def connect(target: Target, settings: Settings) -> Client:
@@ -45,30 +44,58 @@ class NodeResult(Generic[T]):
         return self.error is None
 
 
-def for_each(settings: Settings, work: Callable[[Client], T]) -> list[NodeResult[T]]:
+def for_each(
+    settings: Settings,
+    work: Callable[[Client], T],
+    on_done: Callable[[NodeResult[T]], None] | None = None,
+) -> list[NodeResult[T]]:
     """Run `work` against every target, in parallel, in the targets' order. A node that
-    fails gets its error in its own result; the others still answer."""
+    fails gets its error in its own result; the others still answer. `on_done` sees each
+    result as it lands (a progress bar)."""
 
     def one(target: Target) -> NodeResult[T]:
+        result: NodeResult[T]
         try:
             client = connect(target, settings)
         except SpkVisorError as e:
-            return NodeResult(target, error=e)
-        try:
-            return NodeResult(target, value=work(client))
-        except SpkVisorError as e:
-            return NodeResult(target, error=e)
-        finally:
-            client.close()
+            result = NodeResult(target, error=e)
+        else:
+            try:
+                result = NodeResult(target, value=work(client))
+            except SpkVisorError as e:
+                result = NodeResult(target, error=e)
+            finally:
+                client.close()
+        if on_done is not None:
+            on_done(result)
+        return result
 
     targets = settings.targets
     if len(targets) == 1:
         return [one(targets[0])]
-    return _bounded_map(one, targets, MAX_PARALLEL)
+    return bounded_map(one, targets, settings.parallel, slow_after=SLOW_AFTER)
 
 
-def _bounded_map(fn: Callable[[Target], R], items: Sequence[Target], limit: int) -> list[R]:
-    """`[fn(x) for x in items]` on at most `limit` threads, in the items' order.
+# A node that has not answered after this long is probably down and will use its whole
+# deadline: its worker stops counting against --parallel, so that a few dead nodes cannot
+# hold every slot while the live ones wait in the queue.
+SLOW_AFTER = 0.5
+# However many nodes hang, no more threads than this wait on them at once.
+MAX_THREADS = 1024
+
+
+def bounded_map(
+    fn: Callable[[Target], R],
+    items: Sequence[Target],
+    limit: int,
+    *,
+    slow_after: float | None = None,
+) -> list[R]:
+    """`[fn(x) for x in items]` with at most `limit` items in progress, in the items' order.
+
+    An item that has been running for `slow_after` seconds no longer counts against
+    `limit` (its thread finishes it, then exits, and a fresh worker takes its place), so
+    dead nodes each cost their own deadline once, in parallel, not one after another.
 
     Not a ThreadPoolExecutor: on Ctrl-C its shutdown, and the interpreter's exit, wait for
     every queued node to time out in turn. These workers are daemon threads that take no
@@ -79,30 +106,58 @@ def _bounded_map(fn: Callable[[Target], R], items: Sequence[Target], limit: int)
     for index in range(len(items)):
         pending.put(index)
     stop = threading.Event()
+    changed = threading.Condition()
     failure: list[BaseException] = []
+    # Per worker: when its current item started (None while idle), and whether it has
+    # been set aside as slow.
+    started: dict[int, float | None] = {}
+    parked: set[int] = set()
+    threads: dict[int, threading.Thread] = {}
 
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results[index] = fn(items[index])
-            except BaseException as e:  # re-raised in the caller's thread
-                failure.append(e)
-                stop.set()
-                return
+    def worker(wid: int) -> None:
+        try:
+            while not stop.is_set() and wid not in parked:
+                try:
+                    index = pending.get_nowait()
+                except queue.Empty:
+                    return
+                started[wid] = time.monotonic()
+                try:
+                    results[index] = fn(items[index])
+                except BaseException as e:  # re-raised in the caller's thread
+                    failure.append(e)
+                    stop.set()
+                    return
+                finally:
+                    started[wid] = None
+        finally:
+            with changed:
+                started.pop(wid, None)
+                changed.notify_all()
 
-    threads = [
-        threading.Thread(target=worker, name=f"fleet-{n}", daemon=True)
-        for n in range(min(limit, len(items)))
-    ]
+    def spawn() -> None:
+        wid = len(threads)
+        started[wid] = None
+        thread = threading.Thread(target=worker, args=(wid,), name=f"fleet-{wid}", daemon=True)
+        threads[wid] = thread
+        thread.start()
+
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()  # interruptible: Ctrl-C lands here
+        with changed:
+            for _ in range(min(max(1, limit), len(items))):
+                spawn()
+            while started and not stop.is_set():
+                # Interruptible: Ctrl-C lands here.
+                changed.wait(timeout=min(0.1, slow_after) if slow_after else 0.1)
+                if slow_after is None or pending.empty():
+                    continue
+                now = time.monotonic()
+                for wid, since in list(started.items()):
+                    if since is not None and wid not in parked and now - since >= slow_after:
+                        if len(started) >= MAX_THREADS:
+                            break
+                        parked.add(wid)
+                        spawn()
     finally:
         stop.set()
     if failure:

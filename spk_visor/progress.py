@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
 from spk_visor.output import Console
 
 # How often the bar is redrawn: smooth enough to look alive, cheap enough to ignore.
 TICK_SECONDS = 0.2
 FALLBACK_COLUMNS = 80
+# Below this a fleet answers before a bar is worth drawing.
+FLEET_BAR_MIN = 5
 
 
 @contextmanager
@@ -58,6 +60,37 @@ def waiting(console: Console, desc: str, at_most: float) -> Iterator[None]:
     finally:
         stop.set()
         ticker.join()
+        bar.close()
+
+
+@contextmanager
+def fleet_progress(console: Console, total: int) -> Iterator[Callable[[Any], None]]:
+    """A bar counting the nodes that have answered, for fleets of more than a few nodes;
+    yields the callback to call once per node (from any thread)."""
+    if total < FLEET_BAR_MIN or not console.err_is_tty:
+        yield lambda _result: None
+        return
+    from tqdm import tqdm  # noqa: PLC0415 (only a terminal pays for it)
+
+    width = _columns(console.err)
+    bar = tqdm(
+        total=total,
+        desc="nodes",
+        unit="node",
+        file=console.err,
+        leave=False,
+        dynamic_ncols=width > 0,
+        ncols=None if width > 0 else FALLBACK_COLUMNS,
+    )
+    lock = threading.Lock()
+
+    def tick(_result: Any) -> None:
+        with lock:  # tqdm's own lock is per class; keep the count exact across workers
+            bar.update(1)
+
+    try:
+        yield tick
+    finally:
         bar.close()
 
 

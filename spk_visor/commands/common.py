@@ -3,6 +3,7 @@ library call against one node or a fleet."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -14,6 +15,7 @@ from spk_visor.client import Client
 from spk_visor.connection import NodeResult, connect, for_each
 from spk_visor.errors import ExitCode, RefusedError, UsageError
 from spk_visor.output import Console, table
+from spk_visor.progress import fleet_progress
 
 T = TypeVar("T")
 
@@ -30,6 +32,8 @@ class Options:
     verbose: bool
     ca_file: str | None = None
     insecure_http: bool = False
+    inventory: str | None = None
+    parallel: int | None = None
 
 
 class AppState:
@@ -55,6 +59,8 @@ class AppState:
                 accept_new=o.accept_new,
                 ca_file=o.ca_file,
                 insecure_http=o.insecure_http,
+                inventory=o.inventory,
+                parallel=o.parallel,
             )
         return self._settings
 
@@ -81,7 +87,16 @@ class AppState:
             client.close()
 
     def fleet(self, work: Callable[[Client], T]) -> list[NodeResult[T]]:
-        return for_each(self.settings, work)
+        """`work` on every target; a bar on a terminal's stderr while a fleet answers, and
+        a summary of the failures by cause on stderr after it."""
+        settings = self.settings
+        with fleet_progress(self.console, len(settings.targets)) as tick:
+            results = for_each(settings, work, on_done=tick)
+        if len(results) > 1:
+            summary = failure_summary(results)
+            if summary:
+                self.console.error(summary)
+        return results
 
 
 JsonOpt = Annotated[
@@ -151,6 +166,26 @@ def show_fleet_rows(
         if r.error is not None:
             return int(r.error.exit_code)
     return ExitCode.OK
+
+
+def failure_summary(results: Sequence[NodeResult[Any]]) -> str:
+    """`3 of 1000 nodes failed: 2 connection refused, 1 no answer within 10 s`: the
+    causes grouped by their message with the node's own address taken out, most common
+    first, so that a rack's worth of one failure reads as one line."""
+    causes: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            cause = r.error.message
+            for own in {r.target.address, r.target.name}:
+                # "no answer from http://10.0.0.5:8080 within 10 s" -> "no answer within 10 s"
+                cause = re.sub(rf"\s*\b(?:from|at|to|with)?\s*{re.escape(own)}:?", "", cause)
+            cause = " ".join(cause.split()).strip(" :") or "failed"
+            causes[cause] = causes.get(cause, 0) + 1
+    if not causes:
+        return ""
+    failed = sum(causes.values())
+    parts = ", ".join(f"{n} {cause}" for cause, n in sorted(causes.items(), key=lambda c: -c[1]))
+    return f"{failed} of {len(results)} nodes failed: {parts}"
 
 
 def confirm(st: AppState, question: str, *, yes: bool, action: str) -> bool:

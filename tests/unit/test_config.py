@@ -137,3 +137,26 @@ def test_local_token_file(tmp_path: Path) -> None:
     assert config.read_local_token(target) is None  # no file yet
     (tmp_path / "alpha.token").write_text("tok-123\n")
     assert config.read_local_token(target) == "tok-123"
+
+
+def test_inventory_in_defaults_is_a_fallback_after_groups(tmp_path: Path) -> None:
+    (tmp_path / "hosts.ini").write_text(
+        "[rack1]\nn1 ansible_host=10.1.0.1 ansible_user=ops ansible_port=2222\n"
+        "[rack2]\nn2 ansible_host=10.1.0.2\n"
+    )
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[defaults]\ninventory = "hosts.ini"\n'
+        '[nodes.a]\nurl = "https://a:8080"\n[groups]\nrack1 = ["a"]\n'
+    )
+    env = {"SPK_VISOR_CONFIG": str(cfg)}
+    # The file's own group wins; the inventory (relative to the file) fills in the rest.
+    assert [t.name for t in resolve(env, fleet="rack1").targets] == ["a"]
+    (target,) = resolve(env, fleet="rack2").targets
+    assert target.ssh == config.SshSpec("10.1.0.2")
+    # Named on the command line, the inventory is the only source of groups.
+    (target,) = resolve(env, fleet="rack1", inventory=str(tmp_path / "hosts.ini")).targets
+    assert (target.name, target.ssh) == ("n1", config.SshSpec("10.1.0.1", "ops", 2222))
+    assert target.remote_token_file == config.NODE_TOKEN_FILE
+    with pytest.raises(ConfigError, match=r"inventory file .* does not exist"):
+        resolve({**env, "SPK_VISOR_INVENTORY": str(tmp_path / "nope")}, fleet="rack1")
