@@ -1,0 +1,171 @@
+"""A user's mistake with a file or folder never reaches "internal error" in `ota` and
+`deploy`: it exits 2 and says what is wrong with which path, and what to do.
+
+Each case is a mistake an admin makes on the first day: a key folder that does not exist
+yet, a path that names a folder, a file that is missing or unreadable. A failure that is
+not about a path the user named must still be reported as internal (exit 1).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spk_visor.errors import ExitCode, user_path_error
+from tests.support import cli
+from tests.support.prereq import need_root
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def one_error(res: cli.Result) -> str:
+    assert "internal error" not in res.err, res.err
+    assert res.code == ExitCode.USAGE, res
+    return res.err
+
+
+def test_keygen_creates_missing_key_folders_0700(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's first OTA command, in a fresh folder."""
+    monkeypatch.chdir(tmp_path)
+    res = cli.run("ota", "keygen", "keys/root1")
+    assert res.code == 0, res.err
+    assert (tmp_path / "keys" / "root1").is_file() and (tmp_path / "keys" / "root1.pub").is_file()
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+    res = cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k"))
+    assert res.code == 0, res.err
+    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # A folder that exists already keeps its mode.
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    assert cli.run("ota", "keygen", str(tmp_path / "open" / "k")).code == 0
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o755
+
+
+def test_keygen_under_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    err = one_error(cli.run("ota", "keygen", str(tmp_path / "afile" / "k")))
+    assert str(tmp_path / "afile") in err and "not a folder" in err
+
+
+def _keys(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("root", "rel", "chan"):
+        assert cli.run("ota", "keygen", str(tmp_path / "k" / name)).code == 0
+        out[name] = tmp_path / "k" / name
+    return out
+
+
+def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
+    k = _keys(tmp_path)
+    missing = tmp_path / "missing.json"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = [
+        ["ota", "root", "sign", str(missing), "--key", str(k["root"])],
+        ["ota", "root", "sign", str(folder), "--key", str(k["root"])],
+        ["ota", "verify", str(missing), "--root", str(missing)],
+        ["ota", "bundle", "explode", str(missing), "--repo", str(tmp_path / "repo")],
+        ["ota", "bundle", "pack", "--repo", str(tmp_path / "norepo"), "--manifest", "ab" * 32,
+         "--out", str(tmp_path / "x.spkb")],  # fmt: skip
+        ["ota", "publish", "--repo", str(tmp_path / "repo"), "--key", str(k["chan"]),
+         "--bundle", str(missing)],  # fmt: skip
+        ["ota", "root", "rotate", str(missing), "--out", str(tmp_path / "r2.json"),
+         "--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
+         "--channel-key", f"{k['chan']}.pub"],  # fmt: skip
+    ]
+    for argv in cases:
+        err = one_error(cli.run(*argv))
+        assert "missing.json" in err or "norepo" in err or "folder" in err, (argv, err)
+        assert "\n" in err.strip() or "give" in err or "check" in err, (argv, err)
+
+
+def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
+    k = _keys(tmp_path)
+    keys = ["--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
+            "--channel-key", f"{k['chan']}.pub"]  # fmt: skip
+    err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "no" / "r.json"), *keys))
+    assert str(tmp_path / "no") in err
+    (tmp_path / "dir.json").mkdir()
+    err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "dir.json"), *keys))
+    assert "dir.json" in err
+
+
+def test_unreadable_files_without_dac_override(tmp_path: Path) -> None:
+    """Permission denied, as a non-root admin meets it: run the CLI as root without the
+    capabilities that let root read any file."""
+    need_root()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    k = _keys(tmp_path)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    (tmp_path / "locked").chmod(0o500)
+    base = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    env = {**os.environ, "SPK_VISOR_CONFIG": "/nonexistent"}
+    for argv, path in (
+        (["ota", "keygen", str(tmp_path / "locked" / "k")], "locked"),
+        (["ota", "root", "init", "--out", str(tmp_path / "locked" / "r.json"),
+          "--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
+          "--channel-key", f"{k['chan']}.pub"], "locked"),  # fmt: skip
+    ):
+        proc = subprocess.run(
+            [*base, sys.executable, "-m", "spk_visor", *argv],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and path in proc.stderr, proc.stderr
+        assert "ermission" in proc.stderr, proc.stderr
+
+
+def test_only_paths_the_user_named_are_their_mistake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mapping is for paths on the command line (and what is beside or under them);
+    an OSError about any other path stays an internal error."""
+    named = ["ota", "keygen", "keys/root1", "--out=out/x.spkb", "--repo", str(tmp_path / "r")]
+    monkeypatch.chdir(tmp_path)
+
+    def err(path: str, code: int = errno.ENOENT) -> OSError:
+        return OSError(code, os.strerror(code), path)
+
+    for path in ("keys/root1", "keys", str(tmp_path / "keys" / "root1.pub"),
+                 "keys/.root1.tmp", "out", "out/x.manifest.json", f"{tmp_path}/r/v1/blobs/x"):  # fmt: skip
+        mapped = user_path_error(err(path), named)
+        assert mapped is not None and mapped.exit_code == ExitCode.USAGE, path
+    for path in ("/var/lib/spk-visor/ota/state.json", "/etc/passwd", str(tmp_path / "other")):
+        assert user_path_error(err(path), named) is None, path
+    assert user_path_error(OSError(errno.EIO, "I/O error"), named) is None  # no path at all
+    eisdir = user_path_error(err("keys/root1", errno.EISDIR), named)
+    assert eisdir is not None and "folder" in eisdir.diagnostics()
+
+
+def test_a_bug_about_another_path_is_still_internal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spk_visor.ota import keys
+
+    def broken(*_a: object, **_k: object) -> object:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/lib")
+
+    monkeypatch.setattr(keys, "generate", broken)
+    res = cli.run("ota", "keygen", str(tmp_path / "k"))
+    assert res.code == ExitCode.INTERNAL and "internal error" in res.err
+
+
+def test_deploy_send_with_a_folder_for_bundle(tmp_path: Path) -> None:
+    err = one_error(
+        cli.run("deploy", "send", "12-ABCDE", "--bundle", str(tmp_path), "--target", "127.0.0.1:9")
+    )
+    assert str(tmp_path) in err
+    json.dumps(err)
