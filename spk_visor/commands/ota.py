@@ -251,9 +251,22 @@ def build(
     version: Annotated[str, typer.Option("--version", help="Release version, e.g. 2.5.0.")],
     counter: Annotated[int, typer.Option("--counter", min=1, help="Anti-rollback counter.")],
     key: KeyOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write (.spkb).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Bundle to write (X.spkb); its signed manifest is written beside it as "
+            "X.manifest.json.",
+        ),
+    ],
     daemon_tree: Annotated[
-        Path | None, typer.Option("--daemon-tree", help="smechvisord release tree (a directory).")
+        Path | None,
+        typer.Option(
+            "--daemon-tree",
+            help="smechvisord release tree (a folder with an executable bin/smechvisord and "
+            "lib/smechvisord/version.py saying --version).",
+        ),
     ] = None,
     base_image: Annotated[
         Path | None, typer.Option("--base-image", help="Base system: a raw ext4 image.")
@@ -272,7 +285,8 @@ def build(
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build a signed .spkb bundle from a daemon tree and/or a base image."""
+    """Build a signed .spkb bundle from a daemon tree and/or a base image; also write
+    its manifest as X.manifest.json beside X.spkb (for review and archives)."""
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
     from spk_visor.ota import dsse  # noqa: PLC0415
 

@@ -153,7 +153,7 @@ def test_admin_flow_end_to_end(tmp_path: Path) -> None:
         "ota",
         "build",
         "--daemon-tree",
-        str(tree),
+        str(tiny_tree(tmp_path / "tree-0.9.1", "0.9.1")),
         "--version",
         "0.9.1",
         "--counter",
@@ -201,3 +201,58 @@ def test_build_refuses_bad_trees(tmp_path: Path) -> None:
         str(tmp_path / "b.spkb"),
     )
     assert res.code == 2 and "nothing to build" in res.err
+
+
+def _build(tmp_path: Path, tree: Path, version: str) -> cli.Result:
+    if not (tmp_path / "rel").exists():
+        ok("ota", "keygen", str(tmp_path / "rel"))
+    out = tmp_path / "out" / f"{tree.name}.spkb"
+    res = cli.run(
+        "ota", "build", "--daemon-tree", str(tree), "--version", version, "--counter", "1",
+        "--key", str(tmp_path / "rel"), "--out", str(out),
+    )  # fmt: skip
+    if res.code != 0:
+        assert not out.exists() and not out.with_name(f"{tree.name}.manifest.json").exists()
+    return res
+
+
+def test_build_refuses_a_tree_nodes_would_roll_back(tmp_path: Path) -> None:
+    """No launcher, a launcher that cannot run, no version, another version: each is
+    refused with exit 2 and what to do, and nothing is written."""
+    no_launcher = tiny_tree(tmp_path / "no-launcher", "1.0.0")
+    (no_launcher / "bin" / "smechvisord").unlink()
+    res = _build(tmp_path, no_launcher, "1.0.0")
+    assert res.code == 2 and "bin/smechvisord" in res.err and "make dist" in res.err, res.err
+
+    not_exec = tiny_tree(tmp_path / "not-exec", "1.0.0")
+    (not_exec / "bin" / "smechvisord").chmod(0o644)
+    res = _build(tmp_path, not_exec, "1.0.0")
+    assert res.code == 2 and "not an executable file" in res.err, res.err
+
+    a_folder = tiny_tree(tmp_path / "a-folder", "1.0.0")
+    (a_folder / "bin" / "smechvisord").unlink()
+    (a_folder / "bin" / "smechvisord").mkdir()
+    (a_folder / "bin" / "smechvisord" / "x").write_text("x")
+    res = _build(tmp_path, a_folder, "1.0.0")
+    assert res.code == 2 and "not an executable file" in res.err, res.err
+
+    no_version = tiny_tree(tmp_path / "no-version", "1.0.0")
+    (no_version / "lib" / "smechvisord" / "version.py").unlink()
+    res = _build(tmp_path, no_version, "1.0.0")
+    assert res.code == 2 and "lib/smechvisord/version.py" in res.err, res.err
+
+    other = tiny_tree(tmp_path / "other", "1.0.0")
+    res = _build(tmp_path, other, "1.0.1")
+    assert res.code == 2 and "1.0.0" in res.err and "--version 1.0.0" in res.err, res.err
+
+    assert _build(tmp_path, other, "1.0.0").code == 0
+
+
+def test_build_help_names_the_manifest_file_beside_the_bundle(tmp_path: Path) -> None:
+    res = cli.run("ota", "build", "--help")
+    assert res.code == 0
+    flat = " ".join(res.out.split())
+    assert "X.manifest.json" in flat, flat
+    tree = tiny_tree(tmp_path / "t", "2.0.0")
+    assert _build(tmp_path, tree, "2.0.0").code == 0
+    assert (tmp_path / "out" / "t.manifest.json").is_file()
