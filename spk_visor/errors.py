@@ -219,11 +219,12 @@ _PATH_ERRNO: dict[int, tuple[str, str]] = {
 def _candidates(argv: Sequence[str]) -> list[str]:
     """Words of the command line that may be paths: arguments and option values."""
     out = []
-    for word in argv:
-        if word.startswith("-"):
-            if "=" not in word:
+    for arg in argv:
+        word = arg
+        if arg.startswith("-"):
+            if "=" not in arg:
                 continue
-            word = word.split("=", 1)[1]
+            word = arg.split("=", 1)[1]
         if word and word != "-" and "\0" not in word:
             out.append(os.path.abspath(os.path.expanduser(word)))
     return out

@@ -222,7 +222,8 @@ def root_rotate(
         as_json,
         payload,
         f"wrote {out}: root v{payload['version']}\n"
-        "sign it with the old root keys and with the new ones: spk-visor ota root sign",
+        f"sign it with the new root keys and the old ones: spk-visor ota root sign {out} "
+        f"--previous {old} --key ROOT_KEY ...",
     )
 
 
@@ -231,14 +232,49 @@ def root_sign(
     ctx: typer.Context,
     document: Annotated[Path, typer.Argument(help="Root document to add signatures to.")],
     key: KeyOpt,
+    previous: Annotated[
+        Path | None,
+        typer.Option(
+            "--previous",
+            metavar="ROOT",
+            help="The root this one replaces (version N-1): its root keys may sign too.",
+        ),
+    ] = None,
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add signatures to a root document, in place (offline, one key holder at a time)."""
-    from spk_visor.ota import dsse, durable  # noqa: PLC0415
+    """Add signatures to a root document, in place (offline, one key holder at a time).
+
+    Only its own root keys count, and for a rotated root (version N+1) the root keys of
+    version N, given with --previous: any other key is refused, nothing is written."""
+    from spk_visor.ota import dsse, durable, roots  # noqa: PLC0415
 
     env = dsse.from_bytes(document.read_bytes(), dsse.ROOT_TYPE)
-    for k in _signing_keys(key, passphrase_file):
+    this = roots.parse_unverified(env)
+    acceptable = {f"root v{this.version}": this.keyids("root")}
+    if previous is not None:
+        before = roots.parse_unverified(dsse.from_bytes(previous.read_bytes(), dsse.ROOT_TYPE))
+        if before.version != this.version - 1:
+            raise UsageError(
+                f"{previous} is root version {before.version}, not {this.version - 1}",
+                f"give the root that {document} (version {this.version}) replaces",
+            )
+        acceptable[f"root v{before.version}"] = before.keyids("root")
+    signing = _signing_keys(key, passphrase_file)
+    allowed = set().union(*acceptable.values())
+    for k, path in zip(signing, key, strict=True):
+        if k.keyid not in allowed:
+            listed = "; ".join(
+                f"{name}: {', '.join(sorted(ids))}" for name, ids in acceptable.items()
+            )
+            hint = f"acceptable key ids ({listed})"
+            if previous is None and this.version > 1:
+                hint += (
+                    f"; a key of root v{this.version - 1} signs too when that root is given "
+                    "with --previous"
+                )
+            raise UsageError(f"{path} (key id {k.keyid}) is not a root key of {document}", hint)
+    for k in signing:
         env.sign(k)
     durable.write_bytes(document, env.to_bytes(), 0o644)
     ids = [k for k, _ in env.signatures]

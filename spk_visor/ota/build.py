@@ -107,7 +107,9 @@ def check_release_tree(root: Path, version: str) -> None:
         st = launcher.stat()
         inside = launcher.resolve().is_relative_to(root.resolve())
     except OSError:
-        raise UsageError(f"{root} has no {LAUNCHER}: nodes would have nothing to run", hint)
+        raise UsageError(
+            f"{root} has no {LAUNCHER}: nodes would have nothing to run", hint
+        ) from None
     if not inside:
         raise UsageError(f"{launcher} points outside the tree", hint)
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IXUSR:
@@ -118,7 +120,7 @@ def check_release_tree(root: Path, version: str) -> None:
     found = tree_version(root)
     if found is None:
         raise UsageError(
-            f"{root} does not say its version: {VERSION_FILE} with VERSION = \"{version}\" "
+            f'{root} does not say its version: {VERSION_FILE} with VERSION = "{version}" '
             "is missing",
             hint,
         )

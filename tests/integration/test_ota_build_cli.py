@@ -141,6 +141,8 @@ def test_admin_flow_end_to_end(tmp_path: Path) -> None:
         "root",
         "sign",
         str(root2),
+        "--previous",
+        str(root),
         "--key",
         str(tmp_path / "root3"),
         "--key",
@@ -256,3 +258,66 @@ def test_build_help_names_the_manifest_file_beside_the_bundle(tmp_path: Path) ->
     tree = tiny_tree(tmp_path / "t", "2.0.0")
     assert _build(tmp_path, tree, "2.0.0").code == 0
     assert (tmp_path / "out" / "t.manifest.json").is_file()
+
+
+def _root_pki(tmp_path: Path) -> dict[str, Path]:
+    for name in ("root1", "root2", "rel", "chan"):
+        ok("ota", "keygen", str(tmp_path / name))
+    root = tmp_path / "root.json"
+    ok(
+        "ota", "root", "init", "--out", str(root), "--root-key", str(tmp_path / "root1.pub"),
+        "--release-key", str(tmp_path / "rel.pub"), "--channel-key", str(tmp_path / "chan.pub"),
+    )  # fmt: skip
+    return {"root": root, **{n: tmp_path / n for n in ("root1", "root2", "rel", "chan")}}
+
+
+def test_root_sign_refuses_a_key_that_is_not_a_root_key(tmp_path: Path) -> None:
+    """`ota root sign --key <channel key>` used to add a useless signature and exit 0; the
+    mistake showed only at verify. Now it is refused, naming the acceptable key ids, and
+    the document is left as it was."""
+    k = _root_pki(tmp_path)
+    before = k["root"].read_bytes()
+    root1_id = keys.load_signing_key(k["root1"]).keyid
+    for wrong in ("chan", "rel", "root2"):
+        res = cli.run("ota", "root", "sign", str(k["root"]), "--key", str(k[wrong]))
+        assert res.code == 2, (wrong, res)
+        assert keys.load_signing_key(k[wrong]).keyid[:16] in res.err, res.err
+        assert root1_id in res.err, res.err  # what would be accepted
+        assert k["root"].read_bytes() == before
+    doc = ok("ota", "root", "sign", str(k["root"]), "--key", str(k["root1"]))
+    assert doc["signatures"] == [root1_id]
+
+
+def test_root_sign_of_a_rotation_takes_the_previous_root_keys(tmp_path: Path) -> None:
+    """Root v2 needs the old root keys too: they are accepted when the previous root is
+    given (--previous), and a key of neither is refused."""
+    k = _root_pki(tmp_path)
+    ok("ota", "root", "sign", str(k["root"]), "--key", str(k["root1"]))
+    v2 = tmp_path / "root-v2.json"
+    ok(
+        "ota", "root", "rotate", str(k["root"]), "--out", str(v2),
+        "--root-key", str(tmp_path / "root2.pub"), "--release-key", str(tmp_path / "rel.pub"),
+        "--channel-key", str(tmp_path / "chan.pub"),
+    )  # fmt: skip
+    res = cli.run("ota", "root", "sign", str(v2), "--key", str(k["root1"]))
+    assert res.code == 2 and "--previous" in res.err, res.err
+    res = cli.run(
+        "ota", "root", "sign", str(v2), "--key", str(k["chan"]), "--previous", str(k["root"])
+    )
+    assert res.code == 2 and "not a root key" in res.err, res.err
+    doc = ok(
+        "ota", "root", "sign", str(v2), "--previous", str(k["root"]),
+        "--key", str(k["root1"]), "--key", str(k["root2"]),
+    )  # fmt: skip
+    assert len(doc["signatures"]) == 2  # type: ignore[arg-type]
+    # A previous root that is not version N-1 is not the previous root.
+    res = cli.run("ota", "root", "sign", str(v2), "--key", str(k["root1"]), "--previous", str(v2))
+    assert res.code == 2 and "version" in res.err, res.err
+    # And the rotated root verifies from v1.
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    bundle = tmp_path / "b.spkb"
+    ok(
+        "ota", "build", "--daemon-tree", str(tree), "--version", "1.0.0", "--counter", "1",
+        "--key", str(k["rel"]), "--out", str(bundle), "--root", str(v2),
+    )  # fmt: skip
+    assert ok("ota", "verify", str(bundle), "--root", str(k["root"]))["root_version"] == 2

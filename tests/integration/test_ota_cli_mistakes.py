@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from spk_visor.errors import ExitCode, user_path_error
+from spk_visor.ota import keys
 from tests.support import cli
 from tests.support.prereq import need_root
 
@@ -76,13 +77,41 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
         ["ota", "root", "sign", str(folder), "--key", str(k["root"])],
         ["ota", "verify", str(missing), "--root", str(missing)],
         ["ota", "bundle", "explode", str(missing), "--repo", str(tmp_path / "repo")],
-        ["ota", "bundle", "pack", "--repo", str(tmp_path / "norepo"), "--manifest", "ab" * 32,
-         "--out", str(tmp_path / "x.spkb")],  # fmt: skip
-        ["ota", "publish", "--repo", str(tmp_path / "repo"), "--key", str(k["chan"]),
-         "--bundle", str(missing)],  # fmt: skip
-        ["ota", "root", "rotate", str(missing), "--out", str(tmp_path / "r2.json"),
-         "--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
-         "--channel-key", f"{k['chan']}.pub"],  # fmt: skip
+        [
+            "ota",
+            "bundle",
+            "pack",
+            "--repo",
+            str(tmp_path / "norepo"),
+            "--manifest",
+            "ab" * 32,
+            "--out",
+            str(tmp_path / "x.spkb"),
+        ],
+        [
+            "ota",
+            "publish",
+            "--repo",
+            str(tmp_path / "repo"),
+            "--key",
+            str(k["chan"]),
+            "--bundle",
+            str(missing),
+        ],
+        [
+            "ota",
+            "root",
+            "rotate",
+            str(missing),
+            "--out",
+            str(tmp_path / "r2.json"),
+            "--root-key",
+            f"{k['root']}.pub",
+            "--release-key",
+            f"{k['rel']}.pub",
+            "--channel-key",
+            f"{k['chan']}.pub",
+        ],
     ]
     for argv in cases:
         err = one_error(cli.run(*argv))
@@ -92,8 +121,14 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
 
 def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
     k = _keys(tmp_path)
-    keys = ["--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
-            "--channel-key", f"{k['chan']}.pub"]  # fmt: skip
+    keys = [
+        "--root-key",
+        f"{k['root']}.pub",
+        "--release-key",
+        f"{k['rel']}.pub",
+        "--channel-key",
+        f"{k['chan']}.pub",
+    ]
     err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "no" / "r.json"), *keys))
     assert str(tmp_path / "no") in err
     (tmp_path / "dir.json").mkdir()
@@ -115,14 +150,31 @@ def test_unreadable_files_without_dac_override(tmp_path: Path) -> None:
     env = {**os.environ, "SPK_VISOR_CONFIG": "/nonexistent"}
     for argv, path in (
         (["ota", "keygen", str(tmp_path / "locked" / "k")], "locked"),
-        (["ota", "root", "init", "--out", str(tmp_path / "locked" / "r.json"),
-          "--root-key", f"{k['root']}.pub", "--release-key", f"{k['rel']}.pub",
-          "--channel-key", f"{k['chan']}.pub"], "locked"),  # fmt: skip
+        (
+            [
+                "ota",
+                "root",
+                "init",
+                "--out",
+                str(tmp_path / "locked" / "r.json"),
+                "--root-key",
+                f"{k['root']}.pub",
+                "--release-key",
+                f"{k['rel']}.pub",
+                "--channel-key",
+                f"{k['chan']}.pub",
+            ],
+            "locked",
+        ),
     ):
         proc = subprocess.run(
             [*base, sys.executable, "-m", "spk_visor", *argv],
-            capture_output=True, text=True, env=env, timeout=120, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
         assert "internal error" not in proc.stderr and path in proc.stderr, proc.stderr
         assert "ermission" in proc.stderr, proc.stderr
@@ -139,8 +191,9 @@ def test_only_paths_the_user_named_are_their_mistake(
     def err(path: str, code: int = errno.ENOENT) -> OSError:
         return OSError(code, os.strerror(code), path)
 
-    for path in ("keys/root1", "keys", str(tmp_path / "keys" / "root1.pub"),
-                 "keys/.root1.tmp", "out", "out/x.manifest.json", f"{tmp_path}/r/v1/blobs/x"):  # fmt: skip
+    related = ["keys/root1", "keys", str(tmp_path / "keys" / "root1.pub"), "keys/.root1.tmp"]
+    related += ["out", "out/x.manifest.json", f"{tmp_path}/r/v1/blobs/x"]
+    for path in related:
         mapped = user_path_error(err(path), named)
         assert mapped is not None and mapped.exit_code == ExitCode.USAGE, path
     for path in ("/var/lib/spk-visor/ota/state.json", "/etc/passwd", str(tmp_path / "other")):
@@ -153,8 +206,6 @@ def test_only_paths_the_user_named_are_their_mistake(
 def test_a_bug_about_another_path_is_still_internal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spk_visor.ota import keys
-
     def broken(*_a: object, **_k: object) -> object:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/lib")
 
