@@ -608,18 +608,31 @@ def apply(
 @app.command()
 def pull(
     ctx: typer.Context,
-    channel: Annotated[str | None, typer.Option("--channel", help="Channel [ota.conf].")] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option(
+            "--channel", help="Channel to follow.", show_default="ota.conf's channel, else stable"
+        ),
+    ] = None,
     jitter: Annotated[
         float,
         typer.Option("--jitter", min=0, help="Sleep up to this many seconds first (not on a TTY)."),
     ] = 0,
     apply_daemon: Annotated[
         bool | None,
-        typer.Option("--apply-daemon/--no-apply-daemon", help="Swap the daemon live [ota.conf]."),
+        typer.Option(
+            "--apply-daemon/--no-apply-daemon",
+            help="Swap the daemon live.",
+            show_default="ota.conf's apply_daemon, else true",
+        ),
     ] = None,
     stage_base: Annotated[
         bool | None,
-        typer.Option("--stage-base/--no-stage-base", help="Stage the base image [ota.conf]."),
+        typer.Option(
+            "--stage-base/--no-stage-base",
+            help="Stage the base image in the other slot.",
+            show_default="ota.conf's stage_base, else false",
+        ),
     ] = None,
     unchanged_77: Unchanged77 = False,
     quiet: QuietOpt = False,
