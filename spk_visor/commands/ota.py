@@ -20,7 +20,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from spk_visor.commands.common import JsonOpt, state
-from spk_visor.errors import ExitCode, UsageError
+from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact
 from spk_visor.output import table
 
 app = typer.Typer(
@@ -32,7 +32,15 @@ bundle_app = typer.Typer(help="Convert between a .spkb bundle and a pull reposit
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (cron).")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="For cron: print nothing on success, when there is nothing to do, or when "
+        "nothing may be done now (exit 0, 77, 8); otherwise one line on stderr naming the cause.",
+    ),
+]
 Unchanged77 = Annotated[
     bool,
     typer.Option("--unchanged-exit-77", help="Exit 77 instead of 0 when there was nothing to do."),
@@ -524,8 +532,48 @@ def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[An
     reporter = Reporter(as_json=st.json, quiet=quiet)
     try:
         yield load_context(reporter), reporter
+    except SpkVisorError as e:
+        if not quiet or st.json:
+            raise
+        # -q is the cron form, and cron mails stderr: one line naming the cause, and none
+        # when nothing may be done now (outside the rollout, inhibited: every run says so).
+        if e.exit_code != ExitCode.NOT_ELIGIBLE:
+            from spk_visor.ota.report import one_line  # noqa: PLC0415
+
+            st.console.error(redact("spk-visor: error: " + one_line(e.message, e.hint)))
+        raise typer.Exit(int(e.exit_code)) from e
     finally:
         reporter.close()
+
+
+def _outcome(
+    ctx: typer.Context,
+    octx: Any,
+    reporter: Any,
+    code: ExitCode,
+    doc: dict[str, Any],
+    *,
+    quiet: bool,
+    unchanged_77: bool,
+) -> None:
+    """End an apply or pull: the result event under --json; else the outcome in words,
+    on stdout for success and on stderr otherwise. Under -q only a refusal, failure,
+    rollback or a staged base says anything: one line on stderr."""
+    from spk_visor.ota import engine, report  # noqa: PLC0415
+
+    if code == ExitCode.OK and unchanged_77 and not doc.get("changed", True):
+        code = ExitCode.UNCHANGED
+    reporter.result(int(code), **doc)
+    if not reporter.as_json:
+        console = state(ctx).console
+        text = report.outcome(int(code), doc, engine.status(octx))
+        success = code in (ExitCode.OK, ExitCode.UNCHANGED)
+        if not quiet:
+            (console.print if success else console.error)(text)
+        elif not success and code != ExitCode.NOT_ELIGIBLE:
+            console.error(redact(f"spk-visor: {text}"))
+    if code != ExitCode.OK:
+        raise typer.Exit(int(code))
 
 
 def _finish(reporter: Any, code: ExitCode, unchanged_77: bool = False, **fields: Any) -> None:
@@ -600,9 +648,8 @@ def apply(
     )
     with _node(ctx, as_json, quiet) as (octx, reporter), _open_bundle(bundle_path) as f:
         code, plan = engine.apply_stream(octx, f, opts)
-        _finish(
-            reporter, code, unchanged_77, changed=plan.changes, detached=detach, **plan.to_doc()
-        )
+        doc = {"changed": plan.changes, "detached": detach, **plan.to_doc()}
+        _outcome(ctx, octx, reporter, code, doc, quiet=quiet, unchanged_77=unchanged_77)
 
 
 @app.command()
@@ -650,7 +697,7 @@ def pull(
             interactive=sys.stdin.isatty(),
         )
         code, doc = pull_mod.run(octx, opts)
-        _finish(reporter, code, unchanged_77, **doc)
+        _outcome(ctx, octx, reporter, code, doc, quiet=quiet, unchanged_77=unchanged_77)
 
 
 def _status_text(doc: dict[str, Any]) -> str:
