@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -391,12 +390,9 @@ def inspect(
         "roots": len(header.roots),
         "manifest": payload,
     }
-    _print(
-        ctx,
-        as_json,
-        doc,
-        "NOT VERIFIED (spk-visor ota verify checks it)\n" + json.dumps(doc, indent=1),
-    )
+    from spk_visor.ota.report import inspect_text  # noqa: PLC0415
+
+    _print(ctx, as_json, doc, inspect_text(doc))
 
 
 @app.command("verify")
@@ -612,8 +608,9 @@ def check(
         if reporter.as_json:
             reporter.result(0, **doc)
         else:
-            rows = [[k, json.dumps(v) if isinstance(v, list) else v] for k, v in doc.items()]
-            state(ctx).console.print("all checks passed\n" + table(["", ""], rows))
+            from spk_visor.ota.report import check_text  # noqa: PLC0415
+
+            state(ctx).console.print(check_text(doc))
 
 
 @app.command()
@@ -700,32 +697,6 @@ def pull(
         _outcome(ctx, octx, reporter, code, doc, quiet=quiet, unchanged_77=unchanged_77)
 
 
-def _status_text(doc: dict[str, Any]) -> str:
-    rows = []
-    for comp in ("daemon", "base", "op"):
-        entry = doc.get(comp) or {}
-        extra = ", ".join(
-            f"{k}={entry[k]}"
-            for k in ("version", "target", "slot", "downtime_ms", "reason", "error", "exit_code")
-            if k in entry
-        )
-        rows.append([comp, entry.get("phase", "idle"), entry.get("updated", ""), extra])
-    installed = doc.get("installed") or {}
-    lines = [table(["component", "phase", "since", "detail"], rows)]
-    lines.append(
-        f"installed: {installed.get('version', 'none')} (counter {installed.get('counter', 0)}),"
-        f" floor {doc.get('counter_floor')}"
-    )
-    lines.append(f"current: {doc.get('current')}  previous: {doc.get('previous')}")
-    if doc.get("booted_slot"):
-        lines.append(f"booted slot: {doc['booted_slot']}")
-    if (doc.get("base") or {}).get("phase") == "staged":
-        lines.append("a base image is staged: reboot to try it (spk-visor ota discard cancels)")
-    if doc.get("lock"):
-        lines.append(f"running: {doc['lock']}")
-    return "\n".join(lines)
-
-
 @app.command()
 def status(
     ctx: typer.Context,
@@ -756,7 +727,9 @@ def status(
     if st.json:
         st.console.json(doc)
     else:
-        st.console.print(_status_text(doc))
+        from spk_visor.ota.report import status_text  # noqa: PLC0415
+
+        st.console.print(status_text(doc))
     if code != ExitCode.OK:
         raise typer.Exit(int(code))
 
