@@ -839,8 +839,16 @@ def push(
     allow_downgrade: DowngradeOpt = False,
     assume_time: AssumeTimeOpt = False,
     remote_command: Annotated[
-        str, typer.Option("--remote-command", help="spk-visor on the nodes.")
-    ] = "spk-visor",
+        str | None,
+        typer.Option(
+            "--remote-command",
+            metavar="COMMAND",
+            help="spk-visor on the nodes, e.g. /opt/spk-visor/bin/spk-visor.",
+            show_default="the node's remote_command in config.toml, else found on the node: "
+            "its PATH, /usr/bin, /usr/local/bin, /usr/sbin, /usr/local/sbin, "
+            "/opt/spk-visor/bin, ~/.local/bin",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
@@ -862,7 +870,7 @@ def push(
         parallel=parallel,
         canary=canary,
         stop_on_failure=stop_on_failure,
-        remote_command=shlex.split(remote_command),
+        remote_command=shlex.split(remote_command) if remote_command else None,
         apply_args=extra,
         timeout=settings.timeout,
         accept_new=settings.accept_new,
