@@ -250,7 +250,9 @@ def user_path_error(e: OSError, argv: Sequence[str]) -> UsageError | None:
     names = [n for n in (e.filename, e.filename2) if isinstance(n, str | bytes | os.PathLike)]
     paths = [os.path.abspath(os.fsdecode(n)) for n in names]
     named = _candidates(argv)
-    for path, shown in zip(paths, names, strict=True):
+    # A rename names two paths; the one the user typed is the one to talk about.
+    order = sorted(zip(paths, names, strict=True), key=lambda pn: pn[0] not in named)
+    for path, shown in order:
         if any(_related(path, n) for n in named):
             what, hint = _PATH_ERRNO.get(
                 e.errno or 0, ("{path}: " + (e.strerror or str(e)), "check the path")

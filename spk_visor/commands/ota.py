@@ -86,6 +86,23 @@ def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:
     return [keys.load_signing_key(p, secret) for p in paths]
 
 
+def _root_file(path: Path) -> Any:
+    """The root document (a DSSE envelope) in a file the user named; anything else is
+    their mistake (exit 2), said with the file's name."""
+    from spk_visor.errors import VerificationError  # noqa: PLC0415
+    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+
+    try:
+        env = dsse.from_bytes(path.read_bytes(), dsse.ROOT_TYPE)
+        roots.parse_unverified(env)
+    except VerificationError as e:
+        raise UsageError(
+            f"{path} is not a root document ({e.message})",
+            "give a root.json written by `spk-visor ota root init` or `ota root rotate`",
+        ) from e
+    return env
+
+
 def _print(ctx: typer.Context, as_json: bool, doc: Any, text: str) -> None:
     st = state(ctx, as_json)
     if st.json:
@@ -213,11 +230,11 @@ def root_rotate(
 ) -> None:
     """Write root version N+1 with the given keys; it needs signatures from the threshold
     of the old root AND of the new one (sign it with both sets)."""
-    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+    from spk_visor.ota import roots  # noqa: PLC0415
 
     if out.exists():
         raise UsageError(f"{out} exists", "a root document is never overwritten")
-    current = roots.parse_unverified(dsse.from_bytes(old.read_bytes(), dsse.ROOT_TYPE))
+    current = roots.parse_unverified(_root_file(old))
     roles = _role_args(
         root=(root_threshold, root_key),
         release=(release_threshold, release_key),
@@ -254,13 +271,13 @@ def root_sign(
 
     Only its own root keys count, and for a rotated root (version N+1) the root keys of
     version N, given with --previous: any other key is refused, nothing is written."""
-    from spk_visor.ota import dsse, durable, roots  # noqa: PLC0415
+    from spk_visor.ota import durable, roots  # noqa: PLC0415
 
-    env = dsse.from_bytes(document.read_bytes(), dsse.ROOT_TYPE)
+    env = _root_file(document)
     this = roots.parse_unverified(env)
     acceptable = {f"root v{this.version}": this.keyids("root")}
     if previous is not None:
-        before = roots.parse_unverified(dsse.from_bytes(previous.read_bytes(), dsse.ROOT_TYPE))
+        before = roots.parse_unverified(_root_file(previous))
         if before.version != this.version - 1:
             raise UsageError(
                 f"{previous} is root version {before.version}, not {this.version - 1}",
@@ -331,9 +348,8 @@ def build(
     """Build a signed .spkb bundle from a daemon tree and/or a base image; also write
     its manifest as X.manifest.json beside X.spkb (for review and archives)."""
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
-    from spk_visor.ota import dsse  # noqa: PLC0415
 
-    root_envs = [dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE) for p in root_doc]
+    root_envs = [_root_file(p) for p in root_doc]
     result = build_mod.build(
         out=out,
         version=version,
@@ -406,6 +422,7 @@ def verify_cmd(
     from spk_visor.ota import bundle, roots, verify  # noqa: PLC0415
     from spk_visor.ota.engine import hash_blobs  # noqa: PLC0415
 
+    _root_file(root_doc)  # the wrong kind of file is the user's mistake, said so
     trusted = roots.load_anchor(root_doc.read_bytes(), f"root {root_doc}")
     with _open_bundle(str(bundle_path)) as f:
         header = bundle.read_header(f)
@@ -458,7 +475,6 @@ def publish(
     """Publish into a static repository: blobs, manifest, roots, then the signed channel.
 
     Run it daily even without a new release: the channel expires (--expires)."""
-    from spk_visor.ota import dsse  # noqa: PLC0415
     from spk_visor.ota.repo import Repo  # noqa: PLC0415
 
     if bundle_path is not None and revert_to is not None:
@@ -468,7 +484,7 @@ def publish(
     if bundle_path is not None:
         sha, _m = r.add_bundle(bundle_path)
     for p in root_doc:
-        r.add_root(dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE))
+        r.add_root(_root_file(p))
     payload = r.sign_channel(
         channel,
         _signing_keys(key, passphrase_file),

@@ -293,6 +293,11 @@ def build(
         raise UsageError("nothing to build", "give --daemon-tree and/or --base-image")
     if not keys:
         raise UsageError("no release key", "give --key (repeat it for a threshold above 1)")
+    if out.is_dir():
+        raise UsageError(
+            f"{out} is a folder; the bundle is one file",
+            f"give the bundle's file name, e.g. --out {out / f'spk-{version}.spkb'}",
+        )
     if daemon_tree is not None and check_tree:
         scan_tree(daemon_tree)  # names and file types first: the clearest error
         check_release_tree(daemon_tree, version)
@@ -321,9 +326,13 @@ def build(
         )
         env = sign_manifest(payload, keys)
         tmp = out.with_name(f".{out.name}.tmp")
-        with tmp.open("wb") as f:
-            bundle.write(f, env, roots, [b.path for b in blobs])
-        os.replace(tmp, out)
+        try:
+            with tmp.open("wb") as f:
+                bundle.write(f, env, roots, [b.path for b in blobs])
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         manifest_path = out.with_name(out.name.removesuffix(".spkb") + ".manifest.json")
         manifest_path.write_bytes(env.to_bytes())
         return BuildResult(out, manifest_path, env.payload_sha256, payload, blobs)

@@ -220,3 +220,78 @@ def test_deploy_send_with_a_folder_for_bundle(tmp_path: Path) -> None:
     )
     assert str(tmp_path) in err
     json.dumps(err)
+
+
+def test_a_file_that_is_not_a_root_document(tmp_path: Path) -> None:
+    """Any file given where a root document belongs: exit 2 naming the file and what it
+    should be (it was exit 3, "signature envelope is not valid JSON", with no file name)."""
+    k = _keys(tmp_path)
+    junk = tmp_path / "junk.json"
+    junk.write_text("{")
+    pub = f"{k['root']}.pub"
+    bundle = tmp_path / "b.spkb"
+    bundle.write_bytes(b"SPKOTA\0\1")
+    cases = [
+        ["ota", "verify", str(bundle), "--root", str(junk)],
+        ["ota", "verify", str(bundle), "--root", pub],
+        ["ota", "root", "sign", str(junk), "--key", str(k["root"])],
+        [
+            "ota",
+            "root",
+            "rotate",
+            pub,
+            "--out",
+            str(tmp_path / "r2.json"),
+            "--root-key",
+            pub,
+            "--release-key",
+            f"{k['rel']}.pub",
+            "--channel-key",
+            f"{k['chan']}.pub",
+        ],
+        [
+            "ota",
+            "publish",
+            "--repo",
+            str(tmp_path / "repo"),
+            "--key",
+            str(k["chan"]),
+            "--root",
+            str(junk),
+        ],
+    ]
+    for argv in cases:
+        err = one_error(cli.run(*argv))
+        assert "not a root document" in err and ("junk.json" in err or "root.pub" in err), err
+        assert not (tmp_path / "r2.json").exists()
+
+
+def test_build_onto_a_folder_names_it_and_leaves_nothing(tmp_path: Path) -> None:
+    _keys(tmp_path)
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "smechvisord").write_text("#!/bin/sh\n")
+    (tree / "bin" / "smechvisord").chmod(0o755)
+    (tree / "lib" / "smechvisord").mkdir(parents=True)
+    (tree / "lib" / "smechvisord" / "version.py").write_text('VERSION = "1.0"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = one_error(
+        cli.run(
+            "ota",
+            "build",
+            "--version",
+            "1.0",
+            "--counter",
+            "1",
+            "--key",
+            str(tmp_path / "k" / "rel"),
+            "--daemon-tree",
+            str(tree),
+            "-o",
+            str(out),
+        )
+    )
+    assert f"{out} is a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
