@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -536,6 +537,21 @@ def bundle_pack(
 
 
 @contextmanager
+def _as_root() -> Iterator[None]:
+    """A user who may not touch the node's OTA state (the lock, /var/lib/spk-visor,
+    /opt/smechvisord) made a mistake, not the program: exit 2, run it as root."""
+    try:
+        yield
+    except PermissionError as e:
+        if os.geteuid() == 0:
+            raise
+        raise UsageError(
+            f"{e.filename or 'the node OTA state'}: permission denied",
+            "OTA commands that change a node run as root: sudo spk-visor ota ...",
+        ) from e
+
+
+@contextmanager
 def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[Any]:
     from spk_visor.ota.context import load_context  # noqa: PLC0415
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
@@ -543,7 +559,8 @@ def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[An
     st = state(ctx, as_json)
     reporter = Reporter(as_json=st.json, quiet=quiet)
     try:
-        yield load_context(reporter), reporter
+        with _as_root():
+            yield load_context(reporter), reporter
     except SpkVisorError as e:
         if not quiet or st.json:
             raise

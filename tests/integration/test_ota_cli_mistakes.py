@@ -15,6 +15,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,77 @@ def test_build_onto_a_folder_names_it_and_leaves_nothing(tmp_path: Path) -> None
     )
     assert f"{out} is a folder" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _as_nobody() -> list[str]:
+    """argv prefix running this checkout's CLI as user nobody, or a skip."""
+    need_root()
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("runuser (util-linux) is not installed")
+    # The venv's interpreter may live under root's home; the system's reads the same code.
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    paths = [str(Path(__file__).resolve().parents[2]), *sys.path[1:]]
+    prefix = [
+        runuser,
+        "-u",
+        "nobody",
+        "--",
+        "env",
+        "HOME=/tmp",
+        f"PYTHONPATH={':'.join(p for p in paths if p)}",
+        python,
+    ]
+    probe = subprocess.run(
+        [*prefix, "-c", "import spk_visor.cli"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this checkout: {probe.stderr.strip()[-200:]}")
+    return prefix
+
+
+def test_node_commands_as_a_non_root_user(pki_sysroot: Path) -> None:
+    """On a node, `ota pull` by a user who may not take the OTA lock: exit 2, saying to
+    run it as root (it was an internal error); reading status works."""
+    prefix = _as_nobody()
+    env = {"SPK_VISOR_OTA_SYSROOT": str(pki_sysroot), "SPK_VISOR_CONFIG": "/nonexistent"}
+    envs = [f"{k}={v}" for k, v in env.items()]
+    run = [prefix[0], *prefix[1:5], *envs, *prefix[5:]]
+    for argv in (["ota", "pull"], ["ota", "recover"], ["ota", "commit"]):
+        proc = subprocess.run(
+            [*run, "-m", "spk_visor", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and "as root" in proc.stderr, proc.stderr
+    status = subprocess.run(
+        [*run, "-m", "spk_visor", "ota", "status"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+
+
+@pytest.fixture
+def pki_sysroot() -> Iterator[Path]:
+    """A node sysroot others may read (pytest's tmp_path is root's alone), removed after."""
+    root = Path(tempfile.mkdtemp(prefix="spk-nonroot-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        conf = root / "etc" / "spk-visor" / "ota.conf"
+        conf.parent.mkdir(parents=True)
+        conf.write_text('base_urls = ["http://127.0.0.1:9"]\n')
+        for folder in (root, *root.rglob("*")):
+            folder.chmod(0o755 if folder.is_dir() else 0o644)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
