@@ -69,6 +69,12 @@ def _keys(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
+def role_keys(k: dict[str, Path]) -> list[str]:
+    """--root-key, --release-key and --channel-key options for the keys of _keys."""
+    pub = {role: f"{path}.pub" for role, path in k.items()}
+    return ["--root-key", pub["root"], "--release-key", pub["rel"], "--channel-key", pub["chan"]]
+
+
 def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
     k = _keys(tmp_path)
     missing = tmp_path / "missing.json"
@@ -79,41 +85,9 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
         ["ota", "root", "sign", str(folder), "--key", str(k["root"])],
         ["ota", "verify", str(missing), "--root", str(missing)],
         ["ota", "bundle", "explode", str(missing), "--repo", str(tmp_path / "repo")],
-        [
-            "ota",
-            "bundle",
-            "pack",
-            "--repo",
-            str(tmp_path / "norepo"),
-            "--manifest",
-            "ab" * 32,
-            "--out",
-            str(tmp_path / "x.spkb"),
-        ],
-        [
-            "ota",
-            "publish",
-            "--repo",
-            str(tmp_path / "repo"),
-            "--key",
-            str(k["chan"]),
-            "--bundle",
-            str(missing),
-        ],
-        [
-            "ota",
-            "root",
-            "rotate",
-            str(missing),
-            "--out",
-            str(tmp_path / "r2.json"),
-            "--root-key",
-            f"{k['root']}.pub",
-            "--release-key",
-            f"{k['rel']}.pub",
-            "--channel-key",
-            f"{k['chan']}.pub",
-        ],
+        f"ota bundle pack --repo {tmp_path}/norepo --manifest {'ab' * 32} -o {tmp_path}/x".split(),
+        f"ota publish --repo {tmp_path}/repo --key {k['chan']} --bundle {missing}".split(),
+        ["ota", "root", "rotate", str(missing), "--out", f"{tmp_path}/r2.json", *role_keys(k)],
     ]
     for argv in cases:
         err = one_error(cli.run(*argv))
@@ -123,14 +97,7 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
 
 def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
     k = _keys(tmp_path)
-    keys = [
-        "--root-key",
-        f"{k['root']}.pub",
-        "--release-key",
-        f"{k['rel']}.pub",
-        "--channel-key",
-        f"{k['chan']}.pub",
-    ]
+    keys = role_keys(k)
     err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "no" / "r.json"), *keys))
     assert str(tmp_path / "no") in err
     (tmp_path / "dir.json").mkdir()
@@ -152,22 +119,7 @@ def test_unreadable_files_without_dac_override(tmp_path: Path) -> None:
     env = {**os.environ, "SPK_VISOR_CONFIG": "/nonexistent"}
     for argv, path in (
         (["ota", "keygen", str(tmp_path / "locked" / "k")], "locked"),
-        (
-            [
-                "ota",
-                "root",
-                "init",
-                "--out",
-                str(tmp_path / "locked" / "r.json"),
-                "--root-key",
-                f"{k['root']}.pub",
-                "--release-key",
-                f"{k['rel']}.pub",
-                "--channel-key",
-                f"{k['chan']}.pub",
-            ],
-            "locked",
-        ),
+        (["ota", "root", "init", "--out", f"{tmp_path}/locked/r.json", *role_keys(k)], "locked"),
     ):
         proc = subprocess.run(
             [*base, sys.executable, "-m", "spk_visor", *argv],
@@ -237,30 +189,8 @@ def test_a_file_that_is_not_a_root_document(tmp_path: Path) -> None:
         ["ota", "verify", str(bundle), "--root", str(junk)],
         ["ota", "verify", str(bundle), "--root", pub],
         ["ota", "root", "sign", str(junk), "--key", str(k["root"])],
-        [
-            "ota",
-            "root",
-            "rotate",
-            pub,
-            "--out",
-            str(tmp_path / "r2.json"),
-            "--root-key",
-            pub,
-            "--release-key",
-            f"{k['rel']}.pub",
-            "--channel-key",
-            f"{k['chan']}.pub",
-        ],
-        [
-            "ota",
-            "publish",
-            "--repo",
-            str(tmp_path / "repo"),
-            "--key",
-            str(k["chan"]),
-            "--root",
-            str(junk),
-        ],
+        ["ota", "root", "rotate", pub, "--out", f"{tmp_path}/r2.json", *role_keys(k)],
+        f"ota publish --repo {tmp_path}/repo --key {k['chan']} --root {junk}".split(),
     ]
     for argv in cases:
         err = one_error(cli.run(*argv))

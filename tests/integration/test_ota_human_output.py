@@ -13,20 +13,10 @@ import pytest
 
 from spk_visor.ota import bundle
 from tests.support import cli
-from tests.support.ota_pki import Node, Pki, make_bundle, make_node, signed_manifest, tiny_tree
+from tests.support.ota_pki import Node, Pki, make_bundle, signed_manifest, tiny_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 PYTHON_WORDS = re.compile(r"\b(None|True|False)\b|\[\]|\{\}")
-
-
-@pytest.fixture
-def pki() -> Pki:
-    return Pki()
-
-
-@pytest.fixture
-def node(tmp_path: Path, pki: Pki) -> Node:
-    return make_node(tmp_path, pki)
 
 
 def human(node: Node | None, *argv: str, columns: int = 60) -> str:
@@ -40,38 +30,41 @@ def human(node: Node | None, *argv: str, columns: int = 60) -> str:
     return text
 
 
-def test_status_of_a_fresh_node_in_words(node: Node) -> None:
-    text = human(node, "ota", "status")
+def test_status_of_a_fresh_node_in_words(ota_node: Node) -> None:
+    text = human(ota_node, "ota", "status")
     assert "current" in text and "none" in text.lower(), text
     assert "floor" in text
 
 
-def test_status_of_an_updated_node(node: Node) -> None:
-    node.ctx().installed.record(
+def test_status_of_an_updated_node(ota_node: Node) -> None:
+    ota_node.ctx().installed.record(
         "daemon", {"release": "0.2.0-abcdef12", "version": "0.2.0"}, "ab" * 32, 2, "0.2.0"
     )
-    node.paths.releases.mkdir(parents=True)
-    (node.paths.releases / "0.2.0-abcdef12").mkdir()
-    node.paths.current.symlink_to("releases/0.2.0-abcdef12")
-    text = human(node, "ota", "status", columns=48)
+    ota_node.paths.releases.mkdir(parents=True)
+    (ota_node.paths.releases / "0.2.0-abcdef12").mkdir()
+    ota_node.paths.current.symlink_to("releases/0.2.0-abcdef12")
+    text = human(ota_node, "ota", "status", columns=48)
     assert "0.2.0" in text and "counter 2" in text, text
     assert "0.2.0-abcdef12" in text
 
 
-def test_check_in_words(tmp_path: Path, pki: Pki, node: Node) -> None:
-    built = make_bundle(tmp_path, pki)
-    text = human(node, "ota", "check", "--bundle", str(built.bundle), columns=50)
+def test_check_in_words(tmp_path: Path, ota_pki: Pki, ota_node: Node) -> None:
+    built = make_bundle(tmp_path, ota_pki)
+    text = human(ota_node, "ota", "check", "--bundle", str(built.bundle), columns=50)
     assert "all checks passed" in text
     assert re.search(r"downgrade:?\s+no\b", text), text
     assert re.search(r"notes:?\s+none\b", text), text
     assert "0.2.0" in text
-    doc = json.loads(cli.run("--json", "ota", "check", "--bundle", str(built.bundle),
-                             env=node.env).out.splitlines()[-1])  # fmt: skip
+    doc = json.loads(
+        cli.run(
+            "--json", "ota", "check", "--bundle", str(built.bundle), env=ota_node.env
+        ).out.splitlines()[-1]
+    )
     assert doc["downgrade"] is False and doc["notes"] == []
 
 
-def test_inspect_is_a_summary_not_json(tmp_path: Path, pki: Pki) -> None:
-    built = make_bundle(tmp_path, pki)
+def test_inspect_is_a_summary_not_json(tmp_path: Path, ota_pki: Pki) -> None:
+    built = make_bundle(tmp_path, ota_pki)
     text = human(None, "ota", "inspect", str(built.bundle), columns=60)
     assert "NOT VERIFIED" in text
     assert not any(line.lstrip().startswith(("{", '"')) for line in text.splitlines()), text
@@ -80,16 +73,16 @@ def test_inspect_is_a_summary_not_json(tmp_path: Path, pki: Pki) -> None:
     assert shown["verified"] is False and shown["manifest"]["release"]["version"] == "0.2.0"
 
 
-def test_inspect_keeps_hostile_text_on_its_line(tmp_path: Path, pki: Pki) -> None:
+def test_inspect_keeps_hostile_text_on_its_line(tmp_path: Path, ota_pki: Pki) -> None:
     """The manifest is NOT verified: its strings may hold terminal escapes, newlines and
     whole paragraphs; they are shown escaped, cut to the width."""
     tree = tiny_tree(tmp_path / "tree", "0.2.0")
-    good = make_bundle(tmp_path, pki, tree=tree).payload
+    good = make_bundle(tmp_path, ota_pki, tree=tree).payload
     payload = json.loads(json.dumps(good))
     payload["release"]["version"] = "0.2.0\x1b[2J\nFAKE: verified " + "x" * 300
     payload["product"] = 12  # wrong types do not crash the summary
     payload["components"]["smechvisord"]["tree"]["files"] = "nonsense"
-    env = signed_manifest(payload, pki.release)
+    env = signed_manifest(payload, ota_pki.release)
     out = tmp_path / "hostile.spkb"
     with out.open("wb") as f:
         bundle.write(f, env, [], [])

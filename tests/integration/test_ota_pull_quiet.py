@@ -23,19 +23,19 @@ from spk_visor.ota.context import OtaContext
 from spk_visor.ota.repo import Repo
 from tests.support import cli
 from tests.support.flaky_repo import FlakyRepo, closed_port_url
-from tests.support.ota_pki import Node, Pki, make_node
+from tests.support.ota_pki import Node, Pki
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 @pytest.fixture
-def pki() -> Pki:
-    return Pki()
+def pki(ota_pki: Pki) -> Pki:
+    return ota_pki
 
 
 @pytest.fixture
-def node(tmp_path: Path, pki: Pki) -> Node:
-    return make_node(tmp_path, pki)
+def node(ota_node: Node) -> Node:
+    return ota_node
 
 
 def conf(node: Node, urls: list[str], **extra: object) -> None:

@@ -14,13 +14,14 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from spk_visor.config import SshSpec
 from spk_visor.errors import ExitCode
 from spk_visor.ota import push as push_mod
-from spk_visor.ota.push import PushTarget, push
+from spk_visor.ota.push import PushResult, PushTarget, push
 from spk_visor.transport import ssh
 from tests.support import cli
 from tests.support.sshd import Sshd, start_sshd
@@ -82,13 +83,19 @@ def commands_run(root: Path, server: Sshd) -> list[str]:
     return [json.loads(line)["cmd"] for line in log.read_text().splitlines()]
 
 
-def test_not_found_anywhere_names_the_setting(node: Path, tmp_path: Path) -> None:
+def push_node0(tmp_path: Path, **kw: Any) -> PushResult:
     [result] = push(
         tmp_path / "spk.spkb",
         [PushTarget("node0", SshSpec("node0"))],
         timeout=TIMEOUT,
         accept_new=False,
+        **kw,
     )
+    return result
+
+
+def test_not_found_anywhere_names_the_setting(node: Path, tmp_path: Path) -> None:
+    result = push_node0(tmp_path)
     assert result.exit_code == ExitCode.USAGE, result
     assert "spk-visor" in result.message and "not found" in result.message, result.message
     assert "remote_command" in result.message and "--remote-command" in result.message
@@ -98,12 +105,7 @@ def test_not_found_anywhere_names_the_setting(node: Path, tmp_path: Path) -> Non
 def test_found_at_a_well_known_place(node: Path, tmp_path: Path, server: Sshd) -> None:
     """Not on the PATH, but where an install puts it: found and used for every step."""
     install_at(tmp_path / "opt" / "bin" / "spk-visor", node)
-    [result] = push(
-        tmp_path / "spk.spkb",
-        [PushTarget("node0", SshSpec("node0"))],
-        timeout=TIMEOUT,
-        accept_new=False,
-    )
+    result = push_node0(tmp_path)
     assert result.exit_code == ExitCode.OK, result
     assert commands_run(node, server) == ["apply", "apply", "status", "status"]
 
@@ -111,13 +113,7 @@ def test_found_at_a_well_known_place(node: Path, tmp_path: Path, server: Sshd) -
 def test_an_explicit_command_that_is_missing(node: Path, tmp_path: Path) -> None:
     """Told where it is, and it is not there: the same exit 2, naming the flag."""
     install_at(tmp_path / "opt" / "bin" / "spk-visor", node)  # never looked for
-    [result] = push(
-        tmp_path / "spk.spkb",
-        [PushTarget("node0", SshSpec("node0"))],
-        remote_command=[str(tmp_path / "elsewhere" / "spk-visor")],
-        timeout=TIMEOUT,
-        accept_new=False,
-    )
+    result = push_node0(tmp_path, remote_command=[str(tmp_path / "elsewhere" / "spk-visor")])
     assert result.exit_code == ExitCode.USAGE, result
     assert "--remote-command" in result.message and "elsewhere" in result.message
 
