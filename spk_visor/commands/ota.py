@@ -104,6 +104,25 @@ def _root_file(path: Path) -> Any:
     return env
 
 
+def _check_role_keys(
+    signing: list[Any],
+    paths: list[Path],
+    what: str,
+    acceptable: dict[str, set[str]],
+    extra: str | None = None,
+) -> None:
+    """Refuse (exit 2) a signing key that is not among `acceptable` ({where: key ids}):
+    its signature would count for nothing, and the mistake would show only on the nodes."""
+    allowed = set().union(*acceptable.values())
+    for k, path in zip(signing, paths, strict=True):
+        if k.keyid not in allowed:
+            listed = "; ".join(
+                f"{name}: {', '.join(sorted(ids))}" for name, ids in acceptable.items()
+            )
+            hint = f"acceptable key ids ({listed})" + (f"; {extra}" if extra else "")
+            raise UsageError(f"{path} (key id {k.keyid}) is not {what}", hint)
+
+
 def _print(ctx: typer.Context, as_json: bool, doc: Any, text: str) -> None:
     st = state(ctx, as_json)
     if st.json:
@@ -286,19 +305,12 @@ def root_sign(
             )
         acceptable[f"root v{before.version}"] = before.keyids("root")
     signing = _signing_keys(key, passphrase_file)
-    allowed = set().union(*acceptable.values())
-    for k, path in zip(signing, key, strict=True):
-        if k.keyid not in allowed:
-            listed = "; ".join(
-                f"{name}: {', '.join(sorted(ids))}" for name, ids in acceptable.items()
-            )
-            hint = f"acceptable key ids ({listed})"
-            if previous is None and this.version > 1:
-                hint += (
-                    f"; a key of root v{this.version - 1} signs too when that root is given "
-                    "with --previous"
-                )
-            raise UsageError(f"{path} (key id {k.keyid}) is not a root key of {document}", hint)
+    extra = None
+    if previous is None and this.version > 1:
+        extra = (
+            f"a key of root v{this.version - 1} signs too when that root is given with --previous"
+        )
+    _check_role_keys(signing, key, f"a root key of {document}", acceptable, extra)
     for k in signing:
         env.sign(k)
     durable.write_bytes(document, env.to_bytes(), 0o644)
@@ -481,14 +493,20 @@ def publish(
     if bundle_path is not None and revert_to is not None:
         raise UsageError("give --bundle or --revert-to, not both")
     r = Repo(repo)
+    root_envs = [_root_file(p) for p in root_doc]
+    signing = _signing_keys(key, passphrase_file)
+    newest = _newest_root(r, root_envs)
+    if newest is not None:  # without a root anywhere, only the nodes can tell
+        where = {f"channel role of root v{newest.version}": newest.keyids("channel")}
+        _check_role_keys(signing, key, "a channel key", where)
     sha = revert_to
     if bundle_path is not None:
         sha, _m = r.add_bundle(bundle_path)
-    for p in root_doc:
-        r.add_root(_root_file(p))
+    for env in root_envs:
+        r.add_root(env)
     payload = r.sign_channel(
         channel,
-        _signing_keys(key, passphrase_file),
+        signing,
         manifest_sha=sha,
         expires_in=duration(expires),
         percent=rollout,
@@ -502,6 +520,18 @@ def publish(
         f"{payload['manifest']['version']} ({payload['rollout']['percent']}%), "
         f"expires {payload['expires']}",
     )
+
+
+def _newest_root(repo: Any, given: list[Any]) -> Any:
+    """The newest root among those given and those the repository holds (unverified: this
+    only catches a wrong key early; the nodes verify)."""
+    from spk_visor.ota import roots  # noqa: PLC0415
+
+    found = [roots.parse_unverified(env) for env in given]
+    folder = repo.path("root")
+    if folder.is_dir():
+        found += [roots.parse_unverified(_root_file(p)) for p in folder.glob("*.root.json")]
+    return max(found, key=lambda r: r.version, default=None)
 
 
 @bundle_app.command("explode")

@@ -321,3 +321,35 @@ def test_root_sign_of_a_rotation_takes_the_previous_root_keys(tmp_path: Path) ->
         "--key", str(k["rel"]), "--out", str(bundle), "--root", str(v2),
     )  # fmt: skip
     assert ok("ota", "verify", str(bundle), "--root", str(k["root"]))["root_version"] == 2
+
+
+def test_publish_refuses_a_key_that_is_not_a_channel_key(tmp_path: Path) -> None:
+    """The same mistake as a wrong root key, for the channel: when the repository holds the
+    root, a key it does not name for the channel is refused before anything is signed."""
+    k = _root_pki(tmp_path)
+    ok("ota", "root", "sign", str(k["root"]), "--key", str(k["root1"]))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    bundle = tmp_path / "b.spkb"
+    ok(
+        "ota", "build", "--daemon-tree", str(tree), "--version", "1.0.0", "--counter", "1",
+        "--key", str(k["rel"]), "--out", str(bundle),
+    )  # fmt: skip
+    repo = tmp_path / "repo"
+    argv = [
+        "ota",
+        "publish",
+        "--repo",
+        str(repo),
+        "--bundle",
+        str(bundle),
+        "--root",
+        str(k["root"]),
+    ]
+    res = cli.run(*argv, "--key", str(k["rel"]))
+    chan_id = keys.load_signing_key(k["chan"]).keyid
+    assert res.code == 2 and "not a channel key" in res.err and chan_id in res.err, res.err
+    assert not (repo / "v1" / "channels" / "stable.json").exists()
+    ok(*argv, "--key", str(k["chan"]))
+    # Re-signing later: the root is in the repository now.
+    res = cli.run("ota", "publish", "--repo", str(repo), "--key", str(k["root1"]))
+    assert res.code == 2 and "not a channel key" in res.err, res.err
