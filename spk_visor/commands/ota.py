@@ -361,13 +361,19 @@ def build(
     """Build a signed .spkb bundle from a daemon tree and/or a base image; also write
     its manifest as X.manifest.json beside X.spkb (for review and archives)."""
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
+    from spk_visor.ota import roots  # noqa: PLC0415
 
     root_envs = [_root_file(p) for p in root_doc]
+    signing = _signing_keys(key, passphrase_file)
+    if root_envs:  # the newest carried root names the release keys; else only nodes can tell
+        newest = max((roots.parse_unverified(e) for e in root_envs), key=lambda r: r.version)
+        where = {f"release role of root v{newest.version}": newest.keyids("release")}
+        _check_role_keys(signing, key, "a release key", where)
     result = build_mod.build(
         out=out,
         version=version,
         counter=counter,
-        keys=_signing_keys(key, passphrase_file),
+        keys=signing,
         daemon_tree=daemon_tree,
         base_image=base_image,
         set_floor=set_floor,

@@ -353,3 +353,15 @@ def test_publish_refuses_a_key_that_is_not_a_channel_key(tmp_path: Path) -> None
     # Re-signing later: the root is in the repository now.
     res = cli.run("ota", "publish", "--repo", str(repo), "--key", str(k["root1"]))
     assert res.code == 2 and "not a channel key" in res.err, res.err
+
+
+def test_build_with_a_root_refuses_a_key_that_is_not_a_release_key(tmp_path: Path) -> None:
+    k = _root_pki(tmp_path)
+    ok("ota", "root", "sign", str(k["root"]), "--key", str(k["root1"]))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    argv = ["ota", "build", "--daemon-tree", str(tree), "--version", "1.0.0", "--counter", "1",
+            "--out", str(tmp_path / "b.spkb"), "--root", str(k["root"])]  # fmt: skip
+    res = cli.run(*argv, "--key", str(k["chan"]))
+    assert res.code == 2 and "not a release key" in res.err, res.err
+    assert not (tmp_path / "b.spkb").exists()
+    ok(*argv, "--key", str(k["rel"]))
