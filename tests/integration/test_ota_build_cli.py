@@ -335,16 +335,7 @@ def test_publish_refuses_a_key_that_is_not_a_channel_key(tmp_path: Path) -> None
         "--key", str(k["rel"]), "--out", str(bundle),
     )  # fmt: skip
     repo = tmp_path / "repo"
-    argv = [
-        "ota",
-        "publish",
-        "--repo",
-        str(repo),
-        "--bundle",
-        str(bundle),
-        "--root",
-        str(k["root"]),
-    ]
+    argv = f"ota publish --repo {repo} --bundle {bundle} --root {k['root']}".split()
     res = cli.run(*argv, "--key", str(k["rel"]))
     chan_id = keys.load_signing_key(k["chan"]).keyid
     assert res.code == 2 and "not a channel key" in res.err and chan_id in res.err, res.err
