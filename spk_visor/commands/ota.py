@@ -921,7 +921,6 @@ def push(
     as_json: JsonOpt = False,
 ) -> None:
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
-    import shlex  # noqa: PLC0415
 
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
 
@@ -939,7 +938,7 @@ def push(
         parallel=parallel,
         canary=canary,
         stop_on_failure=stop_on_failure,
-        remote_command=shlex.split(remote_command) if remote_command else None,
+        remote_command=_split_command(remote_command),
         apply_args=extra,
         timeout=settings.timeout,
         accept_new=settings.accept_new,
@@ -953,6 +952,17 @@ def push(
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
+
+
+def _split_command(text: str | None) -> list[str] | None:
+    import shlex  # noqa: PLC0415
+
+    if not text:
+        return None
+    try:
+        return shlex.split(text) or None
+    except ValueError as e:
+        raise UsageError(f"--remote-command {text!r}: {e}", "fix its quoting") from e
 
 
 def register_aliases(root: typer.Typer) -> None:

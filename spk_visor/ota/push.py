@@ -193,9 +193,14 @@ def targets_from_settings(settings: Settings) -> list[PushTarget]:
                 "give the node an `ssh` in the config file, or use --ssh USER@HOST",
             )
         command = getattr(target, "remote_command", None)
-        targets.append(
-            PushTarget(target.name, target.ssh, tuple(shlex.split(command)) if command else None)
-        )
+        try:
+            argv = tuple(shlex.split(command)) if command else None
+        except ValueError as e:
+            raise UsageError(
+                f"remote_command of node {target.name} ({command!r}): {e}",
+                "fix its quoting in the config file",
+            ) from e
+        targets.append(PushTarget(target.name, target.ssh, argv or None))
     if not targets:
         raise UsageError("ota push needs nodes", "use --ssh, --node or --fleet")
     return targets

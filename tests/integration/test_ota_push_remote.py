@@ -130,3 +130,19 @@ def test_cli_flag_and_config_file_setting(node: Path, tmp_path: Path, server: Ss
     res = cli.run("--node", "n1", "ota", "push", bundle, env={"SPK_VISOR_CONFIG": str(config)})
     assert res.code == 0, res
     assert commands_run(node, server).count("apply") == 4
+
+
+def test_a_command_with_broken_quoting_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[nodes.n1]\nssh = "node0"\nremote_command = "\'/opt/x"\n')
+    res = cli.run(
+        "--node",
+        "n1",
+        "ota",
+        "push",
+        str(tmp_path / "b.spkb"),
+        env={"SPK_VISOR_CONFIG": str(config)},
+    )
+    assert res.code == ExitCode.USAGE and "remote_command" in res.err, res
+    res = cli.run("--ssh", "node0", "ota", "push", str(tmp_path), "--remote-command", "'x")
+    assert res.code == ExitCode.USAGE and "--remote-command" in res.err, res
