@@ -25,7 +25,7 @@ from spk_visor.commands import (
     vm,
 )
 from spk_visor.commands.common import AppState, Options
-from spk_visor.errors import ExitCode, SpkVisorError, redact
+from spk_visor.errors import ExitCode, SpkVisorError, redact, user_path_error
 from spk_visor.output import Console
 
 app = typer.Typer(
@@ -264,13 +264,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e.__context__, BrokenPipeError):
             return _output_closed()
         raise
-    except Exception as e:  # a bug: one line, the traceback only under --verbose
+    except OSError as e:
+        # A file or folder named on the command line is missing, a folder, unreadable...:
+        # the user's to fix (exit 2). Any other path is ours: an internal error.
+        mapped = user_path_error(e, sys.argv[1:] if argv is None else argv)
+        if mapped is None:
+            return _internal(console, e)
         _traceback(console, e)
-        console.error(
-            redact(f"spk-visor: internal error: {type(e).__name__}: {e}")
-            + ("" if _verbose else "\nre-run with --verbose for the traceback")
-        )
-        return ExitCode.INTERNAL
+        console.error(redact(f"spk-visor: error: {mapped.diagnostics()}"))
+        return int(mapped.exit_code)
+    except Exception as e:  # a bug: one line, the traceback only under --verbose
+        return _internal(console, e)
+
+
+def _internal(console: Console, e: Exception) -> int:
+    _traceback(console, e)
+    console.error(
+        redact(f"spk-visor: internal error: {type(e).__name__}: {e}")
+        + ("" if _verbose else "\nre-run with --verbose for the traceback")
+    )
+    return ExitCode.INTERNAL
 
 
 def _traceback(console: Console, e: BaseException) -> None:

@@ -48,7 +48,7 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_PARALLEL = 64
 MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20
-NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file"}
+NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file", "remote_command"}
 SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
 
 
@@ -78,6 +78,7 @@ class Target:
     token_sources: tuple[str, ...] = ()
     token_file: str | None = None  # a local file
     remote_token_file: str = NODE_TOKEN_FILE  # on the node, read over SFTP
+    remote_command: str | None = None  # spk-visor on the node, for `ota push` over SSH
 
     @property
     def address(self) -> str:
@@ -202,7 +203,7 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{_where(path, text, 'nodes', name)}: nodes.{name} needs exactly one of url or ssh"
             )
-        for key in ("url", "ssh", "token_file", "remote_token_file"):
+        for key in ("url", "ssh", "token_file", "remote_token_file", "remote_command"):
             if key in node and not isinstance(node[key], str):
                 raise ConfigError(
                     f"{_where(path, text, 'nodes', name, key)}: nodes.{name}.{key} must be a string"
@@ -323,6 +324,7 @@ def _node_target(name: str, node: dict[str, Any], token: str | None, sources: li
             token_sources=tuple(sources),
             token_file=token_file,
             remote_token_file=remote,
+            remote_command=node.get("remote_command"),
         )
     return Target(
         name=name,

@@ -6,7 +6,10 @@ STATUS section, which is generated from ExitCode).
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -191,3 +194,69 @@ class DaemonError(SpkVisorError):
         self.details = details
         self.node = node
         self.exit_code = _DAEMON_EXIT.get(code, ExitCode.INTERNAL)
+
+
+# ---- OSErrors about paths the user named ------------------------------------------------
+
+# What to say for an OSError, by errno: (what is wrong, what to do). {path} is the path.
+_PATH_ERRNO: dict[int, tuple[str, str]] = {
+    errno.ENOENT: ("{path}: no such file or folder", "check the path"),
+    errno.EISDIR: ("{path} is a folder, not a file", "name a file"),
+    errno.ENOTDIR: ("{path}: a part of this path is not a folder", "check the path"),
+    errno.EACCES: (
+        "{path}: permission denied",
+        "check its permissions (and its folder's), or run as a user who may use it",
+    ),
+    errno.EPERM: ("{path}: operation not permitted", "run as a user who may change it"),
+    errno.EEXIST: ("{path} exists", "choose another name, or move it away first"),
+    errno.EROFS: ("{path}: read-only file system", "choose a writable place"),
+    errno.ENOSPC: ("{path}: no space left on the device", "free some space and run again"),
+    errno.EDQUOT: ("{path}: disk quota exceeded", "free some space and run again"),
+    errno.ENAMETOOLONG: ("{path}: name too long", "choose a shorter path"),
+    errno.ELOOP: ("{path}: too many symbolic links", "check the path"),
+}
+
+
+def _candidates(argv: Sequence[str]) -> list[str]:
+    """Words of the command line that may be paths: arguments and option values."""
+    out = []
+    for arg in argv:
+        word = arg
+        if arg.startswith("-"):
+            if "=" not in arg:
+                continue
+            word = arg.split("=", 1)[1]
+        if word and word != "-" and "\0" not in word:
+            out.append(os.path.abspath(os.path.expanduser(word)))
+    return out
+
+
+def _related(path: str, named: str) -> bool:
+    """`path` is `named`, a folder above it, something under it, or a file beside it that
+    is named after it (KEY.pub, X.manifest.json beside X.spkb, a .X.tmp)."""
+    if path == named or path.startswith(named + "/"):
+        return True
+    if path != "/" and named.startswith(path + "/"):  # a folder on the way to it
+        return True
+    if os.path.dirname(path) != os.path.dirname(named):
+        return False
+    stem = os.path.splitext(os.path.basename(named))[0]
+    return bool(stem) and os.path.basename(path).lstrip(".").startswith(stem)
+
+
+def user_path_error(e: OSError, argv: Sequence[str]) -> UsageError | None:
+    """The UsageError (exit 2) to report for `e` when it is about a path named on the
+    command line `argv` (or one derived from it), else None: an OSError about any other
+    path is not the user's doing and stays an internal error."""
+    names = [n for n in (e.filename, e.filename2) if isinstance(n, str | bytes | os.PathLike)]
+    paths = [os.path.abspath(os.fsdecode(n)) for n in names]
+    named = _candidates(argv)
+    # A rename names two paths; the one the user typed is the one to talk about.
+    order = sorted(zip(paths, names, strict=True), key=lambda pn: pn[0] not in named)
+    for path, shown in order:
+        if any(_related(path, n) for n in named):
+            what, hint = _PATH_ERRNO.get(
+                e.errno or 0, ("{path}: " + (e.strerror or str(e)), "check the path")
+            )
+            return UsageError(what.format(path=os.fsdecode(shown)), hint)
+    return None

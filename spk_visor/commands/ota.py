@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from spk_visor.commands.common import JsonOpt, state
-from spk_visor.errors import ExitCode, UsageError
+from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact
 from spk_visor.output import table
 
 app = typer.Typer(
@@ -32,7 +32,15 @@ bundle_app = typer.Typer(help="Convert between a .spkb bundle and a pull reposit
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (cron).")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="For cron: print nothing on success, when there is nothing to do, or when "
+        "nothing may be done now (exit 0, 77, 8); otherwise one line on stderr naming the cause.",
+    ),
+]
 Unchanged77 = Annotated[
     bool,
     typer.Option("--unchanged-exit-77", help="Exit 77 instead of 0 when there was nothing to do."),
@@ -77,6 +85,42 @@ def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:
 
     secret = _passphrase(passphrase_file)
     return [keys.load_signing_key(p, secret) for p in paths]
+
+
+def _root_file(path: Path) -> Any:
+    """The root document (a DSSE envelope) in a file the user named; anything else is
+    their mistake (exit 2), said with the file's name."""
+    from spk_visor.errors import VerificationError  # noqa: PLC0415
+    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+
+    try:
+        env = dsse.from_bytes(path.read_bytes(), dsse.ROOT_TYPE)
+        roots.parse_unverified(env)
+    except VerificationError as e:
+        raise UsageError(
+            f"{path} is not a root document ({e.message})",
+            "give a root.json written by `spk-visor ota root init` or `ota root rotate`",
+        ) from e
+    return env
+
+
+def _check_role_keys(
+    signing: list[Any],
+    paths: list[Path],
+    what: str,
+    acceptable: dict[str, set[str]],
+    extra: str | None = None,
+) -> None:
+    """Refuse (exit 2) a signing key that is not among `acceptable` ({where: key ids}):
+    its signature would count for nothing, and the mistake would show only on the nodes."""
+    allowed = set().union(*acceptable.values())
+    for k, path in zip(signing, paths, strict=True):
+        if k.keyid not in allowed:
+            listed = "; ".join(
+                f"{name}: {', '.join(sorted(ids))}" for name, ids in acceptable.items()
+            )
+            hint = f"acceptable key ids ({listed})" + (f"; {extra}" if extra else "")
+            raise UsageError(f"{path} (key id {k.keyid}) is not {what}", hint)
 
 
 def _print(ctx: typer.Context, as_json: bool, doc: Any, text: str) -> None:
@@ -206,11 +250,11 @@ def root_rotate(
 ) -> None:
     """Write root version N+1 with the given keys; it needs signatures from the threshold
     of the old root AND of the new one (sign it with both sets)."""
-    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+    from spk_visor.ota import roots  # noqa: PLC0415
 
     if out.exists():
         raise UsageError(f"{out} exists", "a root document is never overwritten")
-    current = roots.parse_unverified(dsse.from_bytes(old.read_bytes(), dsse.ROOT_TYPE))
+    current = roots.parse_unverified(_root_file(old))
     roles = _role_args(
         root=(root_threshold, root_key),
         release=(release_threshold, release_key),
@@ -222,7 +266,8 @@ def root_rotate(
         as_json,
         payload,
         f"wrote {out}: root v{payload['version']}\n"
-        "sign it with the old root keys and with the new ones: spk-visor ota root sign",
+        f"sign it with the new root keys and the old ones: spk-visor ota root sign {out} "
+        f"--previous {old} --key ROOT_KEY ...",
     )
 
 
@@ -231,14 +276,42 @@ def root_sign(
     ctx: typer.Context,
     document: Annotated[Path, typer.Argument(help="Root document to add signatures to.")],
     key: KeyOpt,
+    previous: Annotated[
+        Path | None,
+        typer.Option(
+            "--previous",
+            metavar="ROOT",
+            help="The root this one replaces (version N-1): its root keys may sign too.",
+        ),
+    ] = None,
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add signatures to a root document, in place (offline, one key holder at a time)."""
-    from spk_visor.ota import dsse, durable  # noqa: PLC0415
+    """Add signatures to a root document, in place (offline, one key holder at a time).
 
-    env = dsse.from_bytes(document.read_bytes(), dsse.ROOT_TYPE)
-    for k in _signing_keys(key, passphrase_file):
+    Only its own root keys count, and for a rotated root (version N+1) the root keys of
+    version N, given with --previous: any other key is refused, nothing is written."""
+    from spk_visor.ota import durable, roots  # noqa: PLC0415
+
+    env = _root_file(document)
+    this = roots.parse_unverified(env)
+    acceptable = {f"root v{this.version}": this.keyids("root")}
+    if previous is not None:
+        before = roots.parse_unverified(_root_file(previous))
+        if before.version != this.version - 1:
+            raise UsageError(
+                f"{previous} is root version {before.version}, not {this.version - 1}",
+                f"give the root that {document} (version {this.version}) replaces",
+            )
+        acceptable[f"root v{before.version}"] = before.keyids("root")
+    signing = _signing_keys(key, passphrase_file)
+    extra = None
+    if previous is None and this.version > 1:
+        extra = (
+            f"a key of root v{this.version - 1} signs too when that root is given with --previous"
+        )
+    _check_role_keys(signing, key, f"a root key of {document}", acceptable, extra)
+    for k in signing:
         env.sign(k)
     durable.write_bytes(document, env.to_bytes(), 0o644)
     ids = [k for k, _ in env.signatures]
@@ -251,9 +324,22 @@ def build(
     version: Annotated[str, typer.Option("--version", help="Release version, e.g. 2.5.0.")],
     counter: Annotated[int, typer.Option("--counter", min=1, help="Anti-rollback counter.")],
     key: KeyOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write (.spkb).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Bundle to write (X.spkb); its signed manifest is written beside it as "
+            "X.manifest.json.",
+        ),
+    ],
     daemon_tree: Annotated[
-        Path | None, typer.Option("--daemon-tree", help="smechvisord release tree (a directory).")
+        Path | None,
+        typer.Option(
+            "--daemon-tree",
+            help="smechvisord release tree (a folder with an executable bin/smechvisord and "
+            "lib/smechvisord/version.py saying --version).",
+        ),
     ] = None,
     base_image: Annotated[
         Path | None, typer.Option("--base-image", help="Base system: a raw ext4 image.")
@@ -272,16 +358,22 @@ def build(
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build a signed .spkb bundle from a daemon tree and/or a base image."""
+    """Build a signed .spkb bundle from a daemon tree and/or a base image; also write
+    its manifest as X.manifest.json beside X.spkb (for review and archives)."""
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
-    from spk_visor.ota import dsse  # noqa: PLC0415
+    from spk_visor.ota import roots  # noqa: PLC0415
 
-    root_envs = [dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE) for p in root_doc]
+    root_envs = [_root_file(p) for p in root_doc]
+    signing = _signing_keys(key, passphrase_file)
+    if root_envs:  # the newest carried root names the release keys; else only nodes can tell
+        newest = max((roots.parse_unverified(e) for e in root_envs), key=lambda r: r.version)
+        where = {f"release role of root v{newest.version}": newest.keyids("release")}
+        _check_role_keys(signing, key, "a release key", where)
     result = build_mod.build(
         out=out,
         version=version,
         counter=counter,
-        keys=_signing_keys(key, passphrase_file),
+        keys=signing,
         daemon_tree=daemon_tree,
         base_image=base_image,
         set_floor=set_floor,
@@ -333,12 +425,9 @@ def inspect(
         "roots": len(header.roots),
         "manifest": payload,
     }
-    _print(
-        ctx,
-        as_json,
-        doc,
-        "NOT VERIFIED (spk-visor ota verify checks it)\n" + json.dumps(doc, indent=1),
-    )
+    from spk_visor.ota.report import inspect_text  # noqa: PLC0415
+
+    _print(ctx, as_json, doc, inspect_text(doc))
 
 
 @app.command("verify")
@@ -352,6 +441,7 @@ def verify_cmd(
     from spk_visor.ota import bundle, roots, verify  # noqa: PLC0415
     from spk_visor.ota.engine import hash_blobs  # noqa: PLC0415
 
+    _root_file(root_doc)  # the wrong kind of file is the user's mistake, said so
     trusted = roots.load_anchor(root_doc.read_bytes(), f"root {root_doc}")
     with _open_bundle(str(bundle_path)) as f:
         header = bundle.read_header(f)
@@ -404,20 +494,25 @@ def publish(
     """Publish into a static repository: blobs, manifest, roots, then the signed channel.
 
     Run it daily even without a new release: the channel expires (--expires)."""
-    from spk_visor.ota import dsse  # noqa: PLC0415
     from spk_visor.ota.repo import Repo  # noqa: PLC0415
 
     if bundle_path is not None and revert_to is not None:
         raise UsageError("give --bundle or --revert-to, not both")
     r = Repo(repo)
+    root_envs = [_root_file(p) for p in root_doc]
+    signing = _signing_keys(key, passphrase_file)
+    newest = _newest_root(r, root_envs)
+    if newest is not None:  # without a root anywhere, only the nodes can tell
+        where = {f"channel role of root v{newest.version}": newest.keyids("channel")}
+        _check_role_keys(signing, key, "a channel key", where)
     sha = revert_to
     if bundle_path is not None:
         sha, _m = r.add_bundle(bundle_path)
-    for p in root_doc:
-        r.add_root(dsse.from_bytes(p.read_bytes(), dsse.ROOT_TYPE))
+    for env in root_envs:
+        r.add_root(env)
     payload = r.sign_channel(
         channel,
-        _signing_keys(key, passphrase_file),
+        signing,
         manifest_sha=sha,
         expires_in=duration(expires),
         percent=rollout,
@@ -431,6 +526,18 @@ def publish(
         f"{payload['manifest']['version']} ({payload['rollout']['percent']}%), "
         f"expires {payload['expires']}",
     )
+
+
+def _newest_root(repo: Any, given: list[Any]) -> Any:
+    """The newest root among those given and those the repository holds (unverified: this
+    only catches a wrong key early; the nodes verify)."""
+    from spk_visor.ota import roots  # noqa: PLC0415
+
+    found = [roots.parse_unverified(env) for env in given]
+    folder = repo.path("root")
+    if folder.is_dir():
+        found += [roots.parse_unverified(_root_file(p)) for p in folder.glob("*.root.json")]
+    return max(found, key=lambda r: r.version, default=None)
 
 
 @bundle_app.command("explode")
@@ -466,6 +573,21 @@ def bundle_pack(
 
 
 @contextmanager
+def _as_root() -> Iterator[None]:
+    """A user who may not touch the node's OTA state (the lock, /var/lib/spk-visor,
+    /opt/smechvisord) made a mistake, not the program: exit 2, run it as root."""
+    try:
+        yield
+    except PermissionError as e:
+        if os.geteuid() == 0:
+            raise
+        raise UsageError(
+            f"{e.filename or 'the node OTA state'}: permission denied",
+            "OTA commands that change a node run as root: sudo spk-visor ota ...",
+        ) from e
+
+
+@contextmanager
 def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[Any]:
     from spk_visor.ota.context import load_context  # noqa: PLC0415
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
@@ -473,9 +595,50 @@ def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[An
     st = state(ctx, as_json)
     reporter = Reporter(as_json=st.json, quiet=quiet)
     try:
-        yield load_context(reporter), reporter
+        with _as_root():
+            yield load_context(reporter), reporter
+    except SpkVisorError as e:
+        if not quiet or st.json:
+            raise
+        # -q is the cron form, and cron mails stderr: one line naming the cause, and none
+        # when nothing may be done now (outside the rollout, inhibited: every run says so).
+        if e.exit_code != ExitCode.NOT_ELIGIBLE:
+            from spk_visor.ota.report import one_line  # noqa: PLC0415
+
+            st.console.error(redact("spk-visor: error: " + one_line(e.message, e.hint)))
+        raise typer.Exit(int(e.exit_code)) from e
     finally:
         reporter.close()
+
+
+def _outcome(
+    ctx: typer.Context,
+    octx: Any,
+    reporter: Any,
+    code: ExitCode,
+    doc: dict[str, Any],
+    *,
+    quiet: bool,
+    unchanged_77: bool,
+) -> None:
+    """End an apply or pull: the result event under --json; else the outcome in words,
+    on stdout for success and on stderr otherwise. Under -q only a refusal, failure,
+    rollback or a staged base says anything: one line on stderr."""
+    from spk_visor.ota import engine, report  # noqa: PLC0415
+
+    if code == ExitCode.OK and unchanged_77 and not doc.get("changed", True):
+        code = ExitCode.UNCHANGED
+    reporter.result(int(code), **doc)
+    if not reporter.as_json:
+        console = state(ctx).console
+        text = report.outcome(int(code), doc, engine.status(octx))
+        success = code in (ExitCode.OK, ExitCode.UNCHANGED)
+        if not quiet:
+            (console.print if success else console.error)(text)
+        elif not success and code != ExitCode.NOT_ELIGIBLE:
+            console.error(redact(f"spk-visor: {text}"))
+    if code != ExitCode.OK:
+        raise typer.Exit(int(code))
 
 
 def _finish(reporter: Any, code: ExitCode, unchanged_77: bool = False, **fields: Any) -> None:
@@ -514,8 +677,9 @@ def check(
         if reporter.as_json:
             reporter.result(0, **doc)
         else:
-            rows = [[k, json.dumps(v) if isinstance(v, list) else v] for k, v in doc.items()]
-            state(ctx).console.print("all checks passed\n" + table(["", ""], rows))
+            from spk_visor.ota.report import check_text  # noqa: PLC0415
+
+            state(ctx).console.print(check_text(doc))
 
 
 @app.command()
@@ -550,26 +714,38 @@ def apply(
     )
     with _node(ctx, as_json, quiet) as (octx, reporter), _open_bundle(bundle_path) as f:
         code, plan = engine.apply_stream(octx, f, opts)
-        _finish(
-            reporter, code, unchanged_77, changed=plan.changes, detached=detach, **plan.to_doc()
-        )
+        doc = {"changed": plan.changes, "detached": detach, **plan.to_doc()}
+        _outcome(ctx, octx, reporter, code, doc, quiet=quiet, unchanged_77=unchanged_77)
 
 
 @app.command()
 def pull(
     ctx: typer.Context,
-    channel: Annotated[str | None, typer.Option("--channel", help="Channel [ota.conf].")] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option(
+            "--channel", help="Channel to follow.", show_default="ota.conf's channel, else stable"
+        ),
+    ] = None,
     jitter: Annotated[
         float,
         typer.Option("--jitter", min=0, help="Sleep up to this many seconds first (not on a TTY)."),
     ] = 0,
     apply_daemon: Annotated[
         bool | None,
-        typer.Option("--apply-daemon/--no-apply-daemon", help="Swap the daemon live [ota.conf]."),
+        typer.Option(
+            "--apply-daemon/--no-apply-daemon",
+            help="Swap the daemon live.",
+            show_default="ota.conf's apply_daemon, else true",
+        ),
     ] = None,
     stage_base: Annotated[
         bool | None,
-        typer.Option("--stage-base/--no-stage-base", help="Stage the base image [ota.conf]."),
+        typer.Option(
+            "--stage-base/--no-stage-base",
+            help="Stage the base image in the other slot.",
+            show_default="ota.conf's stage_base, else false",
+        ),
     ] = None,
     unchanged_77: Unchanged77 = False,
     quiet: QuietOpt = False,
@@ -587,33 +763,7 @@ def pull(
             interactive=sys.stdin.isatty(),
         )
         code, doc = pull_mod.run(octx, opts)
-        _finish(reporter, code, unchanged_77, **doc)
-
-
-def _status_text(doc: dict[str, Any]) -> str:
-    rows = []
-    for comp in ("daemon", "base", "op"):
-        entry = doc.get(comp) or {}
-        extra = ", ".join(
-            f"{k}={entry[k]}"
-            for k in ("version", "target", "slot", "downtime_ms", "reason", "error", "exit_code")
-            if k in entry
-        )
-        rows.append([comp, entry.get("phase", "idle"), entry.get("updated", ""), extra])
-    installed = doc.get("installed") or {}
-    lines = [table(["component", "phase", "since", "detail"], rows)]
-    lines.append(
-        f"installed: {installed.get('version', 'none')} (counter {installed.get('counter', 0)}),"
-        f" floor {doc.get('counter_floor')}"
-    )
-    lines.append(f"current: {doc.get('current')}  previous: {doc.get('previous')}")
-    if doc.get("booted_slot"):
-        lines.append(f"booted slot: {doc['booted_slot']}")
-    if (doc.get("base") or {}).get("phase") == "staged":
-        lines.append("a base image is staged: reboot to try it (spk-visor ota discard cancels)")
-    if doc.get("lock"):
-        lines.append(f"running: {doc['lock']}")
-    return "\n".join(lines)
+        _outcome(ctx, octx, reporter, code, doc, quiet=quiet, unchanged_77=unchanged_77)
 
 
 @app.command()
@@ -646,7 +796,9 @@ def status(
     if st.json:
         st.console.json(doc)
     else:
-        st.console.print(_status_text(doc))
+        from spk_visor.ota.report import status_text  # noqa: PLC0415
+
+        st.console.print(status_text(doc))
     if code != ExitCode.OK:
         raise typer.Exit(int(code))
 
@@ -756,12 +908,19 @@ def push(
     allow_downgrade: DowngradeOpt = False,
     assume_time: AssumeTimeOpt = False,
     remote_command: Annotated[
-        str, typer.Option("--remote-command", help="spk-visor on the nodes.")
-    ] = "spk-visor",
+        str | None,
+        typer.Option(
+            "--remote-command",
+            metavar="COMMAND",
+            help="spk-visor on the nodes, e.g. /opt/spk-visor/bin/spk-visor.",
+            show_default="the node's remote_command in config.toml, else found on the node: "
+            "its PATH, /usr/bin, /usr/local/bin, /usr/sbin, /usr/local/sbin, "
+            "/opt/spk-visor/bin, ~/.local/bin",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
-    import shlex  # noqa: PLC0415
 
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
 
@@ -779,7 +938,7 @@ def push(
         parallel=parallel,
         canary=canary,
         stop_on_failure=stop_on_failure,
-        remote_command=shlex.split(remote_command),
+        remote_command=_split_command(remote_command),
         apply_args=extra,
         timeout=settings.timeout,
         accept_new=settings.accept_new,
@@ -793,6 +952,17 @@ def push(
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
+
+
+def _split_command(text: str | None) -> list[str] | None:
+    import shlex  # noqa: PLC0415
+
+    if not text:
+        return None
+    try:
+        return shlex.split(text) or None
+    except ValueError as e:
+        raise UsageError(f"--remote-command {text!r}: {e}", "fix its quoting") from e
 
 
 def register_aliases(root: typer.Typer) -> None:

@@ -7,6 +7,7 @@ The image becomes a zstd blob; the manifest pins both the blob and the raw image
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime as dt
 import hashlib
@@ -27,6 +28,13 @@ from spk_visor.ota.roots import format_time
 
 CHUNK = 4 << 20
 ZSTD_LEVEL = 3
+# What a node runs from a release tree (the OpenRC script starts current/bin/smechvisord;
+# the swap's preflight runs it with --self-check), and where the tree says which version it
+# is: the daemon's own version.py, which /api/health reports and probation compares with
+# the manifest's version.
+LAUNCHER = "bin/smechvisord"
+VERSION_FILE = "lib/smechvisord/version.py"
+_MAX_VERSION_FILE = 64 * 1024
 Progress = Callable[[int], None]
 
 
@@ -69,6 +77,59 @@ def scan_tree(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     files.sort(key=lambda f: f["p"])
     links.sort(key=lambda s: s["p"])
     return files, links
+
+
+def tree_version(root: Path) -> str | None:
+    """The VERSION string that the tree's version.py assigns (read, never run), or None."""
+    try:
+        with (root / VERSION_FILE).open("rb") as f:
+            source = f.read(_MAX_VERSION_FILE)
+        module = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in module.body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "VERSION" for t in node.targets)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            return node.value.value
+    return None
+
+
+def check_release_tree(root: Path, version: str) -> None:
+    """Refuse (exit 2) a daemon tree that every node would roll back in preflight or
+    probation: no executable launcher, or a version other than the release's."""
+    launcher = root / LAUNCHER
+    hint = "build the release tree from the checkout with `make dist`"
+    try:
+        st = launcher.stat()
+        inside = launcher.resolve().is_relative_to(root.resolve())
+    except OSError:
+        raise UsageError(
+            f"{root} has no {LAUNCHER}: nodes would have nothing to run", hint
+        ) from None
+    if not inside:
+        raise UsageError(f"{launcher} points outside the tree", hint)
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IXUSR:
+        raise UsageError(
+            f"{launcher} is not an executable file: nodes could not start it",
+            f"chmod 755 {launcher}, or {hint}",
+        )
+    found = tree_version(root)
+    if found is None:
+        raise UsageError(
+            f'{root} does not say its version: {VERSION_FILE} with VERSION = "{version}" '
+            "is missing",
+            hint,
+        )
+    if found != version:
+        raise UsageError(
+            f"the tree is smechvisord {found} ({VERSION_FILE}), but --version is {version}: "
+            "nodes would roll it back when its health check reports the wrong version",
+            f"give --version {found}, or build the tree for {version}",
+        )
 
 
 def pack_tree(root: Path, out_dir: Path) -> tuple[dict[str, Any], Blob]:
@@ -222,12 +283,24 @@ def build(
     base_counter_min: int = 0,
     probation_s: float = 30,
     progress: Progress | None = None,
+    check_tree: bool = True,
 ) -> BuildResult:
-    """Build `out` (a .spkb file) and `out` with .manifest.json beside it."""
+    """Build `out` (a .spkb file) and `out` with .manifest.json beside it.
+
+    `check_tree=False` skips check_release_tree: for tests that need a release nodes
+    must roll back."""
     if daemon_tree is None and base_image is None:
         raise UsageError("nothing to build", "give --daemon-tree and/or --base-image")
     if not keys:
         raise UsageError("no release key", "give --key (repeat it for a threshold above 1)")
+    if out.is_dir():
+        raise UsageError(
+            f"{out} is a folder; the bundle is one file",
+            f"give the bundle's file name, e.g. --out {out / f'spk-{version}.spkb'}",
+        )
+    if daemon_tree is not None and check_tree:
+        scan_tree(daemon_tree)  # names and file types first: the clearest error
+        check_release_tree(daemon_tree, version)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".spk-build-"))
     try:
@@ -253,9 +326,13 @@ def build(
         )
         env = sign_manifest(payload, keys)
         tmp = out.with_name(f".{out.name}.tmp")
-        with tmp.open("wb") as f:
-            bundle.write(f, env, roots, [b.path for b in blobs])
-        os.replace(tmp, out)
+        try:
+            with tmp.open("wb") as f:
+                bundle.write(f, env, roots, [b.path for b in blobs])
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         manifest_path = out.with_name(out.name.removesuffix(".spkb") + ".manifest.json")
         manifest_path.write_bytes(env.to_bytes())
         return BuildResult(out, manifest_path, env.payload_sha256, payload, blobs)

@@ -97,6 +97,7 @@ def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None)
     for path in (private_path, public_path):
         if path.exists():
             raise UsageError(f"{path} exists", "choose another name; keys are never overwritten")
+    make_private_folders(private_path.parent)
     # O_EXCL + mode at creation: the private key is never readable by others, not even
     # for the instant a chmod after the write would leave open.
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -104,6 +105,18 @@ def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None)
         f.write(pem)
     public_path.write_text(json.dumps(public_doc(key.public), indent=1) + "\n")
     return public_path
+
+
+def make_private_folders(folder: Path) -> None:
+    """Create `folder` and its missing parents, each 0700: a key folder is nobody
+    else's business. Folders that exist keep their mode."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+        path.chmod(0o700)  # whatever the umask
 
 
 def _read_capped(path: Path) -> bytes:

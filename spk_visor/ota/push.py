@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import threading
 import time
@@ -45,10 +46,34 @@ _T = TypeVar("_T")
 MAX_STATUS_BYTES = 1 << 20
 
 
+# Where `spk-visor` is looked for on a node when no command is configured: the login's
+# non-login PATH first (what sshd gives a command), then the places an install puts it.
+# Our image installs it in its own venv under /opt/spk-visor and links /usr/bin/spk-visor
+# to it; pip and pipx put it in /usr/local/bin or ~/.local/bin.
+REMOTE_NAME = "spk-visor"
+REMOTE_PLACES = (
+    "/usr/bin/spk-visor",
+    "/usr/local/bin/spk-visor",
+    "/usr/sbin/spk-visor",
+    "/usr/local/sbin/spk-visor",
+    "/opt/spk-visor/bin/spk-visor",
+    "$HOME/.local/bin/spk-visor",
+)
+# What a shell exits with for a command it cannot find.
+NOT_FOUND = 127
+STEP_FIND = "find"
+SETTING_HINT = (
+    "set remote_command for the node in config.toml ([nodes.NAME] remote_command = "
+    '"/path/to/spk-visor"), or pass --remote-command PATH'
+)
+
+
 @dataclass(frozen=True)
 class PushTarget:
     name: str
     ssh: SshSpec
+    # The node's spk-visor command (config.toml's remote_command), or None: look for it.
+    remote_command: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +192,15 @@ def targets_from_settings(settings: Settings) -> list[PushTarget]:
                 f"ota push goes over SSH, and node {target.name} is reached by URL ({target.url})",
                 "give the node an `ssh` in the config file, or use --ssh USER@HOST",
             )
-        targets.append(PushTarget(target.name, target.ssh))
+        command = getattr(target, "remote_command", None)
+        try:
+            argv = tuple(shlex.split(command)) if command else None
+        except ValueError as e:
+            raise UsageError(
+                f"remote_command of node {target.name} ({command!r}): {e}",
+                "fix its quoting in the config file",
+            ) from e
+        targets.append(PushTarget(target.name, target.ssh, argv or None))
     if not targets:
         raise UsageError("ota push needs nodes", "use --ssh, --node or --fleet")
     return targets
@@ -211,7 +244,7 @@ def push(
     parallel: int = 4,
     canary: bool = True,
     stop_on_failure: bool = False,
-    remote_command: Sequence[str] = ("spk-visor",),
+    remote_command: Sequence[str] | None = None,
     apply_args: Sequence[str] = (),
     progress_factory: ProgressFactory | None = None,
     show_progress: bool = False,
@@ -223,7 +256,9 @@ def push(
 
     `timeout` bounds connecting and any stall of the stream; `follow_timeout` the wait for
     `ota apply` to exit after the bundle's end was sent, and then the wait for the node's
-    outcome (`ota status --wait`). Raises UsageError for an unreadable
+    outcome (`ota status --wait`). `remote_command` runs spk-visor on every node; None:
+    each target's own (config.toml), else the first found on the node (its PATH, then
+    REMOTE_PLACES); none found is the node's failure (exit 2). Raises UsageError for an unreadable
     bundle or a bad `parallel`; per-node failures are results, never exceptions.
     Progress goes to `progress_factory`, or with `show_progress` to a bar per node on
     stderr, or nowhere.
@@ -290,7 +325,7 @@ class _NodePush:
 
     bundle: Path
     size: int
-    remote_command: Sequence[str]
+    remote_command: Sequence[str] | None
     apply_args: Sequence[str]
     progress_factory: ProgressFactory
     timeout: float
@@ -307,14 +342,17 @@ class _NodePush:
     def run(self, target: PushTarget) -> PushResult:
         started = time.monotonic()
         display = self.progress_factory(target, self.size)
-        outcome = _Outcome(step=STEP_APPLY)
+        outcome = _Outcome(step=STEP_FIND)
         try:
-            self._apply(target, display, outcome)
-            # Nothing started on the node (already installed): there is nothing to follow,
-            # and `status --wait` would report the previous update's outcome.
-            if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
-                outcome.step = STEP_FOLLOW
-                self._follow(target, outcome)
+            command = self._command(target, outcome)
+            if command is not None:
+                outcome.step = STEP_APPLY
+                self._apply(target, command, display, outcome)
+                # Nothing started on the node (already installed): there is nothing to
+                # follow, and `status --wait` would report the previous update's outcome.
+                if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
+                    outcome.step = STEP_FOLLOW
+                    self._follow(target, command, outcome)
         except SpkVisorError as e:
             outcome.exit_code = int(e.exit_code)
             outcome.message = e.message
@@ -322,10 +360,40 @@ class _NodePush:
         display.finish(result)
         return result
 
-    def _apply(self, target: PushTarget, display: NodeProgress, outcome: _Outcome) -> None:
+    def _command(self, target: PushTarget, outcome: _Outcome) -> list[str] | None:
+        """The node's spk-visor command: given, configured, or found on the node (one
+        exec of sh); None (and the outcome says why) when there is none."""
+        if self.remote_command is not None:
+            return list(self.remote_command)
+        if target.remote_command is not None:
+            return list(target.remote_command)
+        places = " ".join(f'"{p}"' for p in REMOTE_PLACES)
+        script = (
+            f'p=$(command -v {REMOTE_NAME}) && [ "${{p#/}}" != "$p" ] && {{ echo "$p"; exit 0; }}; '
+            f'for c in {places}; do [ -f "$c" ] && [ -x "$c" ] && {{ echo "$c"; exit 0; }}; done; '
+            f"exit {NOT_FOUND}"
+        )
+        done = ssh_stream.run(
+            target.ssh, ["sh", "-c", script], timeout=self.timeout, accept_new=self.accept_new
+        )
+        found = _last_line(done.stdout)
+        if done.exit_status == 0 and found.startswith("/"):
+            return [found]
+        tried = ", ".join([f"{REMOTE_NAME} on the login's PATH", *REMOTE_PLACES])
+        outcome.exit_code = ExitCode.USAGE
+        outcome.message = f"spk-visor not found on {target.name} (tried {tried}); {SETTING_HINT}"
+        if done.exit_status not in (0, NOT_FOUND):
+            outcome.message = (
+                f"cannot look for spk-visor on {target.name}: sh exited {done.exit_status}"
+                f" ({_last_line(done.stderr)}); {SETTING_HINT}"
+            )
+        return None
+
+    def _apply(
+        self, target: PushTarget, command: list[str], display: NodeProgress, outcome: _Outcome
+    ) -> None:
         argv = [
-            *self.remote_command, "ota", "apply", "--bundle", "-", "--detach", "--json",
-            *self.apply_args,
+            *command, "ota", "apply", "--bundle", "-", "--detach", "--json", *self.apply_args,
         ]  # fmt: skip
 
         def on_line(line: str) -> None:
@@ -357,12 +425,19 @@ class _NodePush:
         if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
             # The process said 0 but its own result event did not: never fan out on that.
             outcome.exit_code = outcome.result_code or ExitCode.INTERNAL
+        if done.exit_status == NOT_FOUND and outcome.result_code is None:
+            # The node's shell could not run the command we were told to use.
+            outcome.exit_code = ExitCode.USAGE
+            outcome.message = (
+                f"{shlex.join(command)} not found on {target.name} (exit {NOT_FOUND}); "
+                "check --remote-command, or remote_command for the node in config.toml"
+            )
         outcome.note_failure(done, "ota apply")
 
-    def _follow(self, target: PushTarget, outcome: _Outcome) -> None:
+    def _follow(self, target: PushTarget, command: list[str], outcome: _Outcome) -> None:
         done = ssh_stream.run(
             target.ssh,
-            [*self.remote_command, "ota", "status", "--json", "--wait"],
+            [*command, "ota", "status", "--json", "--wait"],
             timeout=self.timeout,
             wait_timeout=self.follow_timeout,
             accept_new=self.accept_new,

@@ -65,6 +65,7 @@ from spk_visor.errors import (
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.manifest import DaemonComponent, Manifest
+from spk_visor.ota.nodeconf import NodePaths
 
 COMPONENT = "daemon"
 # Phases in which `current` may point at a release that never passed probation.
@@ -88,8 +89,9 @@ MAX_CONSECUTIVE_FAILURES = 3
 ROLLBACK_HEALTH_TIMEOUT_S = 30.0
 BAD_MANIFESTS_KEEP = 64
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-# OpenRC's conf.d: the preflight runs with the settings the service itself gets.
-CONF_D = Path("/etc/conf.d")
+# OpenRC's conf.d, under the OTA sysroot like every node path: the preflight and health
+# commands run with the settings the service itself gets.
+CONF_D = "etc/conf.d"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._+-]")
 _RELEASE_VERSION = re.compile(r"^(.+)-[0-9a-f]{8}$")
 _PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -317,12 +319,12 @@ def _why(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit {result.returncode}" + (f": {text[-1]}" if text else "")
 
 
-def _service_env(service: str) -> dict[str, str]:
+def _service_env(paths: NodePaths, service: str) -> dict[str, str]:
     """The environment the service's daemon gets: literal SMECHVISORD_* assignments of
-    /etc/conf.d/<service> (a value needing a shell to expand is left out)."""
+    <sysroot>/etc/conf.d/<service> (a value needing a shell to expand is left out)."""
     env = {"PATH": _PATH_ENV, "LANG": "C.UTF-8"}
     try:
-        text = (CONF_D / service).read_text(errors="replace")
+        text = (paths.sysroot / CONF_D / service).read_text(errors="replace")
     except OSError:
         return env
     for line in text.splitlines():
@@ -340,14 +342,14 @@ def _service_env(service: str) -> dict[str, str]:
 
 
 def _run_tree_command(
-    release: Path, argv: tuple[str, ...] | list[str], timeout: float, service: str
+    release: Path, argv: tuple[str, ...] | list[str], timeout: float, env: dict[str, str]
 ) -> str | None:
     """Run `argv` (argv[0] relative to the release) from the release; None when it exits 0."""
     try:
         result = subprocess.run(
             [str(release / argv[0]), *argv[1:]],
             cwd=release,
-            env=_service_env(service),
+            env=env,
             check=False,
             capture_output=True,
             text=True,
@@ -527,7 +529,8 @@ def run(
     _phase(ctx, "preflight", manual_commit=manual_commit)
     if component.preflight is not None:
         pre = component.preflight
-        failure = _run_tree_command(release, pre.argv, pre.timeout_s, ctx.config.service)
+        env = _service_env(ctx.paths, ctx.config.service)
+        failure = _run_tree_command(release, pre.argv, pre.timeout_s, env)
         if failure:
             reason = f"preflight failed: {failure}"
             _remember_bad(ctx, manifest_hex)
@@ -621,7 +624,8 @@ def _probation(
         if not svc.running():
             return f"rc-service status: {svc.name} is not started"
         if result.ok and health["argv"]:
-            failure = _run_tree_command(release, health["argv"], timeout, svc.name)
+            env = _service_env(ctx.paths, svc.name)
+            failure = _run_tree_command(release, health["argv"], timeout, env)
             if failure:
                 result = Probe(False, f"health check {failure}")
         if not result.ok:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
+from tests.support.ota_pki import Node, Pki, make_node
 
 
 @pytest.fixture
@@ -22,3 +23,15 @@ def daemon(daemon_env: DaemonEnv) -> Iterator[Daemon]:
     d = Daemon(daemon_env)
     yield d
     d.stop()
+
+
+@pytest.fixture
+def ota_pki() -> Pki:
+    """Fresh root, release and channel keys."""
+    return Pki()
+
+
+@pytest.fixture
+def ota_node(tmp_path: Path, ota_pki: Pki) -> Node:
+    """An OTA node sysroot under tmp_path that trusts ota_pki's root."""
+    return make_node(tmp_path, ota_pki)

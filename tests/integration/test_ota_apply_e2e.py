@@ -47,8 +47,9 @@ def node(tmp_path: Path, reaper: None, pki: Pki) -> Iterator[OtaNode]:  # noqa: 
 def bundle(node: OtaNode, pki: Pki, version: str, counter: int, **tree: Any) -> Path:
     src = make_daemon_tree(node.root / "trees" / f"{version}-{counter}", version, **tree)
     out = node.root / f"spk-{version}.spkb"
+    # An unhealthy tree may say another version on purpose: the node must roll it back.
     build.build(out=out, version=version, counter=counter, keys=pki.release, daemon_tree=src,
-                probation_s=2)  # fmt: skip
+                probation_s=2, check_tree=tree.get("healthy", True))  # fmt: skip
     return out
 
 

@@ -251,10 +251,10 @@ def test_self_check_of_a_staged_release(shared: Shared) -> None:
     assert sorted(p.name for p in node.paths.releases.iterdir()) == sorted(
         [shared.v1.release_id, v1.release_id]
     )
-    env = swap._service_env(node.name)
+    env = swap._service_env(node.paths, node.name)
     assert env["SMECHVISORD_BIND"] == node.settings["SMECHVISORD_BIND"]
     assert "SMECHVISORD_BIN" not in env
-    out = swap._run_tree_command(release, ("bin/smechvisord", "--self-check"), 20, node.name)
+    out = swap._run_tree_command(release, ("bin/smechvisord", "--self-check"), 20, dict(env))
     assert out is None
     # The self-check creates nothing (it runs beside the live daemon) ...
     state = node.root / "not-created" / "state"

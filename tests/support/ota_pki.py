@@ -117,8 +117,10 @@ def tiny_tree(path: Path, version: str) -> Path:
     launcher = path / "bin" / "smechvisord"
     launcher.write_text(f"#!/bin/sh\necho smechvisord {version}\n")
     launcher.chmod(0o755)
-    (path / "lib").mkdir()
+    (path / "lib" / "smechvisord").mkdir(parents=True)
     (path / "lib" / "VERSION").write_text(version + "\n")
+    # Where a release tree declares its version (spk_visor.ota.build.VERSION_FILE).
+    (path / "lib" / "smechvisord" / "version.py").write_text(f"VERSION = {version!r}\n")
     return path
 
 
@@ -146,6 +148,8 @@ def make_bundle(
         base_image=image,
         set_floor=set_floor,
         roots=roots_carried or [],
+        # The trees given here are payloads for node-side checks, not runnable releases.
+        check_tree=False,
     )
 
 

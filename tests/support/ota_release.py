@@ -270,6 +270,11 @@ class OtaNode:
             "SMECHVISORD_SYSROOT": str(sysroots.build("intel-ready", self.root / "hostroot")),
             **self.conf_extra,
         }
+        # The swap's preflight reads the service's settings under the OTA sysroot, as on a
+        # node; the host's OpenRC reads its own copy, written by install().
+        sysroot_conf = self.sysroot / "etc" / "conf.d" / self.name
+        sysroot_conf.parent.mkdir(parents=True)
+        sysroot_conf.write_text("".join(f"{k}='{v}'\n" for k, v in self.settings.items()))
 
     # -- the service ---------------------------------------------------------------------
 

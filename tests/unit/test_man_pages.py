@@ -25,6 +25,7 @@ from typer import _click
 from smechvisord.settings import SETTINGS
 from spk_visor import cli
 from spk_visor.errors import ExitCode
+from spk_visor.ota.nodeconf import NodeConfig
 from tests.support.prereq import need_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,3 +276,77 @@ def test_exit_status_lists_every_exit_code(generated: dict[str, str]) -> None:
 def test_daemon_exit_status_lists_0_1_2(generated: dict[str, str]) -> None:
     exit_status = section(generated["smechvisord.8"], "EXIT STATUS")
     assert re.findall(r"^\\fB(\d+)\\fR$", exit_status, re.M) == ["0", "1", "2"]
+
+
+# ---- (e) defaults ------------------------------------------------------------------------
+
+
+def plain(roff_text: str) -> str:
+    """Roff markup off: what a reader sees, on one line."""
+    text = re.sub(r"\\f[BIRP]|\\%|\\&", "", roff_text).replace("\\-", "-").replace("\\e", "\\")
+    return " ".join(text.split())
+
+
+def option_items(page: str, path: tuple[str, ...]) -> dict[str, str]:
+    """{option name: its paragraph} in the section of `spk-visor PATH`."""
+    heading = f'.SS "{roff(" ".join(path))}"'
+    body = page.split(heading + "\n", 1)[1].split("\n.SS ", 1)[0].split("\n.SH ", 1)[0]
+    items: dict[str, str] = {}
+    for tag, text in re.findall(r"^\.TP\n(.*)\n((?:(?!\.TP|\.SS|\.SH|\.PP).*\n?)*)", body, re.M):
+        for opt in re.findall(r"\\fB(\\-[^\\]*(?:\\-[^\\]*)*)\\fR", tag):
+            items[plain(opt)] = plain(text)
+    return items
+
+
+def stated_default(text: str) -> str | None:
+    m = re.search(r"Default: (.+?)\.(?: Environment:| Optional\.|$)", text)
+    return m.group(1) if m else None
+
+
+def test_every_stated_default_is_the_real_one(generated: dict[str, str]) -> None:
+    """The page's "Default:" of every option is what the code does when the option is not
+    given: the parameter's own default, or for an option whose default is decided at run
+    time (None) either nothing or the text the option gives for it (show_default)."""
+    page = generated["spk-visor.1"]
+    checked = 0
+    for path, cmd in commands():
+        items = option_items(page, path)
+        ctx = _click.Context(cmd, info_name=cmd.name, **cmd.context_settings)
+        for p in cmd.get_params(ctx):
+            if p.param_type_name != "option" or getattr(p, "hidden", False) or p.name == "help":
+                continue
+            text = items.get(p.opts[0])
+            assert text is not None, (path, p.opts)
+            said = stated_default(text)
+            value = p.get_default(ctx, call=False)
+            where = f"spk-visor {' '.join(path)} {p.opts[0]}"
+            if isinstance(getattr(p, "show_default", None), str):
+                assert said == p.show_default, (where, said, p.show_default)  # type: ignore[attr-defined]
+            elif value is None:
+                assert said is None, f"{where}: decided at run time, but the page says {said}"
+            elif getattr(p, "is_flag", False) and p.secondary_opts:
+                side = p.opts[0] if value else p.secondary_opts[0]
+                assert said == side, (where, said, side)
+            checked += 1
+    assert checked > 100
+
+
+def test_ota_conf_defaults_are_ota_confs(generated: dict[str, str]) -> None:
+    """`ota pull --apply-daemon`'s default is ota.conf's apply_daemon (true): the page said
+    --no-apply-daemon. Every option that says an ota.conf key decides must name that key's
+    real default."""
+    page = generated["spk-visor.1"]
+    defaults = NodeConfig()
+    seen = set()
+    for path in (("ota", "pull"), ("entire-system-upgrade",)):
+        for opt, text in option_items(page, path).items():
+            said = stated_default(text)
+            if "[ota.conf]" in text or (said and "ota.conf" in said):
+                assert said is not None, f"{' '.join(path)} {opt}: no default stated: {text}"
+                m = re.fullmatch(r"ota\.conf's (\w+), else (\S+)", said)
+                assert m, f"{' '.join(path)} {opt}: {said}"
+                value = getattr(defaults, m.group(1))
+                shown = str(value).lower() if isinstance(value, bool) else str(value)
+                assert m.group(2) == shown, (opt, said, value)
+                seen.add(m.group(1))
+    assert {"apply_daemon", "stage_base", "channel"} <= seen

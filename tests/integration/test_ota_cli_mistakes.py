@@ -1,0 +1,303 @@
+"""A user's mistake with a file or folder never reaches "internal error" in `ota` and
+`deploy`: it exits 2 and says what is wrong with which path, and what to do.
+
+Each case is a mistake an admin makes on the first day: a key folder that does not exist
+yet, a path that names a folder, a file that is missing or unreadable. A failure that is
+not about a path the user named must still be reported as internal (exit 1).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spk_visor.errors import ExitCode, user_path_error
+from spk_visor.ota import keys
+from tests.support import cli
+from tests.support.prereq import need_root
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def one_error(res: cli.Result) -> str:
+    assert "internal error" not in res.err, res.err
+    assert res.code == ExitCode.USAGE, res
+    return res.err
+
+
+def test_keygen_creates_missing_key_folders_0700(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's first OTA command, in a fresh folder."""
+    monkeypatch.chdir(tmp_path)
+    res = cli.run("ota", "keygen", "keys/root1")
+    assert res.code == 0, res.err
+    assert (tmp_path / "keys" / "root1").is_file() and (tmp_path / "keys" / "root1.pub").is_file()
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+    res = cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k"))
+    assert res.code == 0, res.err
+    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # A folder that exists already keeps its mode.
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    assert cli.run("ota", "keygen", str(tmp_path / "open" / "k")).code == 0
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o755
+
+
+def test_keygen_under_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    err = one_error(cli.run("ota", "keygen", str(tmp_path / "afile" / "k")))
+    assert str(tmp_path / "afile") in err and "not a folder" in err
+
+
+def _keys(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("root", "rel", "chan"):
+        assert cli.run("ota", "keygen", str(tmp_path / "k" / name)).code == 0
+        out[name] = tmp_path / "k" / name
+    return out
+
+
+def role_keys(k: dict[str, Path]) -> list[str]:
+    """--root-key, --release-key and --channel-key options for the keys of _keys."""
+    pub = {role: f"{path}.pub" for role, path in k.items()}
+    return ["--root-key", pub["root"], "--release-key", pub["rel"], "--channel-key", pub["chan"]]
+
+
+def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
+    k = _keys(tmp_path)
+    missing = tmp_path / "missing.json"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = [
+        ["ota", "root", "sign", str(missing), "--key", str(k["root"])],
+        ["ota", "root", "sign", str(folder), "--key", str(k["root"])],
+        ["ota", "verify", str(missing), "--root", str(missing)],
+        ["ota", "bundle", "explode", str(missing), "--repo", str(tmp_path / "repo")],
+        f"ota bundle pack --repo {tmp_path}/norepo --manifest {'ab' * 32} -o {tmp_path}/x".split(),
+        f"ota publish --repo {tmp_path}/repo --key {k['chan']} --bundle {missing}".split(),
+        ["ota", "root", "rotate", str(missing), "--out", f"{tmp_path}/r2.json", *role_keys(k)],
+    ]
+    for argv in cases:
+        err = one_error(cli.run(*argv))
+        assert "missing.json" in err or "norepo" in err or "folder" in err, (argv, err)
+        assert "\n" in err.strip() or "give" in err or "check" in err, (argv, err)
+
+
+def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
+    k = _keys(tmp_path)
+    keys = role_keys(k)
+    err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "no" / "r.json"), *keys))
+    assert str(tmp_path / "no") in err
+    (tmp_path / "dir.json").mkdir()
+    err = one_error(cli.run("ota", "root", "init", "--out", str(tmp_path / "dir.json"), *keys))
+    assert "dir.json" in err
+
+
+def test_unreadable_files_without_dac_override(tmp_path: Path) -> None:
+    """Permission denied, as a non-root admin meets it: run the CLI as root without the
+    capabilities that let root read any file."""
+    need_root()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    k = _keys(tmp_path)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    (tmp_path / "locked").chmod(0o500)
+    base = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    env = {**os.environ, "SPK_VISOR_CONFIG": "/nonexistent"}
+    for argv, path in (
+        (["ota", "keygen", str(tmp_path / "locked" / "k")], "locked"),
+        (["ota", "root", "init", "--out", f"{tmp_path}/locked/r.json", *role_keys(k)], "locked"),
+    ):
+        proc = subprocess.run(
+            [*base, sys.executable, "-m", "spk_visor", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and path in proc.stderr, proc.stderr
+        assert "ermission" in proc.stderr, proc.stderr
+
+
+def test_only_paths_the_user_named_are_their_mistake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mapping is for paths on the command line (and what is beside or under them);
+    an OSError about any other path stays an internal error."""
+    named = ["ota", "keygen", "keys/root1", "--out=out/x.spkb", "--repo", str(tmp_path / "r")]
+    monkeypatch.chdir(tmp_path)
+
+    def err(path: str, code: int = errno.ENOENT) -> OSError:
+        return OSError(code, os.strerror(code), path)
+
+    related = ["keys/root1", "keys", str(tmp_path / "keys" / "root1.pub"), "keys/.root1.tmp"]
+    related += ["out", "out/x.manifest.json", f"{tmp_path}/r/v1/blobs/x"]
+    for path in related:
+        mapped = user_path_error(err(path), named)
+        assert mapped is not None and mapped.exit_code == ExitCode.USAGE, path
+    for path in ("/var/lib/spk-visor/ota/state.json", "/etc/passwd", str(tmp_path / "other")):
+        assert user_path_error(err(path), named) is None, path
+    assert user_path_error(OSError(errno.EIO, "I/O error"), named) is None  # no path at all
+    eisdir = user_path_error(err("keys/root1", errno.EISDIR), named)
+    assert eisdir is not None and "folder" in eisdir.diagnostics()
+
+
+def test_a_bug_about_another_path_is_still_internal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_a: object, **_k: object) -> object:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/lib")
+
+    monkeypatch.setattr(keys, "generate", broken)
+    res = cli.run("ota", "keygen", str(tmp_path / "k"))
+    assert res.code == ExitCode.INTERNAL and "internal error" in res.err
+
+
+def test_deploy_send_with_a_folder_for_bundle(tmp_path: Path) -> None:
+    err = one_error(
+        cli.run("deploy", "send", "12-ABCDE", "--bundle", str(tmp_path), "--target", "127.0.0.1:9")
+    )
+    assert str(tmp_path) in err
+    json.dumps(err)
+
+
+def test_a_file_that_is_not_a_root_document(tmp_path: Path) -> None:
+    """Any file given where a root document belongs: exit 2 naming the file and what it
+    should be (it was exit 3, "signature envelope is not valid JSON", with no file name)."""
+    k = _keys(tmp_path)
+    junk = tmp_path / "junk.json"
+    junk.write_text("{")
+    pub = f"{k['root']}.pub"
+    bundle = tmp_path / "b.spkb"
+    bundle.write_bytes(b"SPKOTA\0\1")
+    cases = [
+        ["ota", "verify", str(bundle), "--root", str(junk)],
+        ["ota", "verify", str(bundle), "--root", pub],
+        ["ota", "root", "sign", str(junk), "--key", str(k["root"])],
+        ["ota", "root", "rotate", pub, "--out", f"{tmp_path}/r2.json", *role_keys(k)],
+        f"ota publish --repo {tmp_path}/repo --key {k['chan']} --root {junk}".split(),
+    ]
+    for argv in cases:
+        err = one_error(cli.run(*argv))
+        assert "not a root document" in err and ("junk.json" in err or "root.pub" in err), err
+        assert not (tmp_path / "r2.json").exists()
+
+
+def test_build_onto_a_folder_names_it_and_leaves_nothing(tmp_path: Path) -> None:
+    _keys(tmp_path)
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "smechvisord").write_text("#!/bin/sh\n")
+    (tree / "bin" / "smechvisord").chmod(0o755)
+    (tree / "lib" / "smechvisord").mkdir(parents=True)
+    (tree / "lib" / "smechvisord" / "version.py").write_text('VERSION = "1.0"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = one_error(
+        cli.run(
+            "ota",
+            "build",
+            "--version",
+            "1.0",
+            "--counter",
+            "1",
+            "--key",
+            str(tmp_path / "k" / "rel"),
+            "--daemon-tree",
+            str(tree),
+            "-o",
+            str(out),
+        )
+    )
+    assert f"{out} is a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _as_nobody() -> list[str]:
+    """argv prefix running this checkout's CLI as user nobody, or a skip."""
+    need_root()
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("runuser (util-linux) is not installed")
+    # The venv's interpreter may live under root's home; the system's reads the same code.
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    paths = [str(Path(__file__).resolve().parents[2]), *sys.path[1:]]
+    prefix = [
+        runuser,
+        "-u",
+        "nobody",
+        "--",
+        "env",
+        "HOME=/tmp",
+        f"PYTHONPATH={':'.join(p for p in paths if p)}",
+        python,
+    ]
+    probe = subprocess.run(
+        [*prefix, "-c", "import spk_visor.cli"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this checkout: {probe.stderr.strip()[-200:]}")
+    return prefix
+
+
+def test_node_commands_as_a_non_root_user(pki_sysroot: Path) -> None:
+    """On a node, `ota pull` by a user who may not take the OTA lock: exit 2, saying to
+    run it as root (it was an internal error); reading status works."""
+    prefix = _as_nobody()
+    env = {"SPK_VISOR_OTA_SYSROOT": str(pki_sysroot), "SPK_VISOR_CONFIG": "/nonexistent"}
+    envs = [f"{k}={v}" for k, v in env.items()]
+    run = [prefix[0], *prefix[1:5], *envs, *prefix[5:]]
+    for argv in (["ota", "pull"], ["ota", "recover"], ["ota", "commit"]):
+        proc = subprocess.run(
+            [*run, "-m", "spk_visor", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and "as root" in proc.stderr, proc.stderr
+    status = subprocess.run(
+        [*run, "-m", "spk_visor", "ota", "status"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+
+
+@pytest.fixture
+def pki_sysroot() -> Iterator[Path]:
+    """A node sysroot others may read (pytest's tmp_path is root's alone), removed after."""
+    root = Path(tempfile.mkdtemp(prefix="spk-nonroot-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        conf = root / "etc" / "spk-visor" / "ota.conf"
+        conf.parent.mkdir(parents=True)
+        conf.write_text('base_urls = ["http://127.0.0.1:9"]\n')
+        for folder in (root, *root.rglob("*")):
+            folder.chmod(0o755 if folder.is_dir() else 0o644)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
