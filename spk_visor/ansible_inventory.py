@@ -11,8 +11,9 @@ config.toml. What is honoured, as Ansible's own documentation describes it:
 - variables on host lines, in `[group:vars]` / `vars:`, with Ansible's precedence: `all`,
   then groups from the shallowest to the deepest (siblings by name), then the host;
 - of those variables: `ansible_host`, `ansible_port`, `ansible_user` (and the older
-  `ansible_ssh_*` names), and our own `spk_visor_daemon_port` and `spk_visor_token_file`
-  (where the daemon's token is on the node, when not in the default place).
+  `ansible_ssh_*` names), and our own `spk_visor_daemon_port`, `spk_visor_token_file`
+  (where the daemon's token is on the node, when not in the default place) and
+  `spk_visor_remote_command` (spk-visor on the node, for `ota push`).
 
 Everything else (plugins, `host_vars/` folders, vault, patterns such as `a:&b`) is not
 read; a group name is all `--fleet` takes.
@@ -76,6 +77,11 @@ class InventoryHost:
     @property
     def token_file(self) -> str | None:
         value = self.vars.get("spk_visor_token_file")
+        return str(value) if value else None
+
+    @property
+    def remote_command(self) -> str | None:
+        value = self.vars.get("spk_visor_remote_command")
         return str(value) if value else None
 
 

@@ -345,6 +345,7 @@ def _inventory_target(host: InventoryHost, token: str | None, sources: list[str]
         token=token,
         token_sources=(*sources, *extra),
         remote_token_file=remote,
+        remote_command=host.remote_command,
     )
 
 

@@ -172,9 +172,17 @@ def test_yaml_detected_without_suffix(tmp_path: Path) -> None:
     assert len(inv.hosts("all")) == 9
 
 
-def test_daemon_port_variable(tmp_path: Path) -> None:
-    inv = ai.load(_write(tmp_path, "h", "[rack1]\nn1 spk_visor_daemon_port=9000\nn2\n"))
+def test_our_own_variables(tmp_path: Path) -> None:
+    inv = ai.load(
+        _write(
+            tmp_path,
+            "h",
+            "[rack1]\nn1 spk_visor_daemon_port=9000"
+            " spk_visor_remote_command=/opt/sv/bin/spk-visor\nn2\n",
+        )
+    )
     assert [h.daemon_port for h in inv.hosts("rack1")] == [9000, None]
+    assert [h.remote_command for h in inv.hosts("rack1")] == ["/opt/sv/bin/spk-visor", None]
 
 
 @pytest.mark.parametrize(
