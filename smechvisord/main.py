@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             web_root(cfg.web_dir),
             cfg.max_connections,
             cfg.socket_timeout,
+            per_source=cfg.max_connections_per_source,
+            head_timeout=cfg.request_timeout,
         )
     except (OSError, RuntimeError, tokens.TokenError) as e:
         log.error("cannot start: %s", e)

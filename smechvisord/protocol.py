@@ -35,6 +35,9 @@ STATE_STOPPED: Final = "stopped"
 STATE_FAILED: Final = "failed"
 VM_STATES: Final = (STATE_STARTING, STATE_RUNNING, STATE_PAUSED, STATE_STOPPED, STATE_FAILED)
 LIVE_STATES: Final = (STATE_STARTING, STATE_RUNNING, STATE_PAUSED)
+# Not a VM state: a record.json the daemon cannot read is listed with this state (and a
+# `broken` reason) until someone fixes or removes it; it is never started or deleted.
+STATE_BROKEN: Final = "broken"
 
 # A VM name becomes its id, a file name and part of a socket path: keep it tame.
 VM_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -76,5 +79,9 @@ ERR_VMM_FAILED: Final = "vmm_failed"  # 502: the VMM ran and failed; details.std
 ERR_BUSY: Final = "busy"  # 503: connection cap reached, or the VM is mid-action
 ERR_COMMAND_FAILED: Final = "command_failed"  # 500: modprobe/reboot command failed
 ERR_INTERNAL: Final = "internal_error"  # 500
+ERR_NOT_IMPLEMENTED: Final = "not_implemented"  # 501: e.g. a Transfer-Encoding
+# 507: the state dir is full. details.vm (when present) is what really happened to the VM;
+# its record is saved once space returns.
+ERR_INSUFFICIENT_STORAGE: Final = "insufficient_storage"
 
 AUTH_SCHEME: Final = "Bearer"
