@@ -126,9 +126,7 @@ class Deadlines:
                 if self._heap[0][2] is w:
                     self._lock.notify()
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="deadlines", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
 
     def disarm(self, w: Watch) -> bool:
@@ -199,9 +197,7 @@ class Overflow:
                 self._held += 1
                 full = False
                 if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="overflow", daemon=True
-                    )
+                    self._thread = threading.Thread(target=self._run, name="overflow", daemon=True)
                     self._thread.start()
         if full:
             _close(sock)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from smechvisord import settings as settings_mod
+from smechvisord import statelock
 from smechvisord import token as tokens
 from smechvisord.api import Api
 from smechvisord.host import Host
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = tokens.load_or_create(cfg.token_file)
         cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock_fd = statelock.acquire(cfg.state_dir)  # held (open) until the process exits
         for d in cfg.image_dirs:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         host = Host(cfg.sysroot)
@@ -117,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             per_source=cfg.max_connections_per_source,
             head_timeout=cfg.request_timeout,
         )
+    except statelock.StateDirBusyError as e:
+        log.error("cannot start: %s", e)
+        return 2
     except (OSError, RuntimeError, tokens.TokenError) as e:
         log.error("cannot start: %s", e)
         return 1
@@ -149,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vms.stop_monitor()
         vms.persist_all()
     log.info("stopped; %d VMs left running", vms.running_count())
+    os.close(lock_fd)
     return 0
 
 
