@@ -79,7 +79,7 @@ ERR_VMM_FAILED: Final = "vmm_failed"  # 502: the VMM ran and failed; details.std
 ERR_BUSY: Final = "busy"  # 503: connection cap reached, or the VM is mid-action
 ERR_COMMAND_FAILED: Final = "command_failed"  # 500: modprobe/reboot command failed
 ERR_INTERNAL: Final = "internal_error"  # 500
-ERR_NOT_IMPLEMENTED: Final = "not_implemented"  # 501: e.g. a Transfer-Encoding
+ERR_NOT_IMPLEMENTED: Final = "not_implemented"  # 501/505: a Transfer-Encoding, HTTP/2
 # 507: the state dir is full. details.vm (when present) is what really happened to the VM;
 # its record is saved once space returns.
 ERR_INSUFFICIENT_STORAGE: Final = "insufficient_storage"

@@ -9,7 +9,6 @@ for the delayed ACK, ~44 ms), and a listen backlog of 128 (socketserver's 5 over
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import mimetypes
@@ -52,6 +51,7 @@ _PHRASES = {int(code) for code in HTTPStatus}
 # line (leading space) or a control character is read differently by different parsers.
 _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 MAX_HEADER_LINE = 8190
+_VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
 MAX_HEADERS = 100
 
 
@@ -63,6 +63,34 @@ class Request:
     query: dict[str, str]
     body: dict[str, Any]
     headers: Any = None
+
+
+class Headers:
+    """Request header fields: names case-insensitive, every value of a repeated name
+    kept (so duplicates can be refused). The lines were checked before they got here."""
+
+    __slots__ = ("_count", "_fields")
+
+    def __init__(self) -> None:
+        self._fields: dict[str, list[str]] = {}
+        self._count = 0
+
+    def add(self, name: str, value: str) -> None:
+        self._fields.setdefault(name.lower(), []).append(value)
+        self._count += 1
+
+    def get(self, name: str, default: str | None = None) -> Any:
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._fields.get(name.lower(), ()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+    def __len__(self) -> int:
+        return self._count
 
 
 class Encoded(bytes):
@@ -281,10 +309,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             return False
         if not raw.strip():
             return False  # end of stream (or a stray blank line): nothing to answer
-        if len(raw.split()) != 3:
+        self.requestline = raw.decode("latin-1").rstrip("\r\n")
+        # Exactly three parts split by single spaces (RFC 9112); str.split() would also
+        # split on the latin-1 no-break space.
+        if len(self.requestline.split(" ")) != 3 or "" in self.requestline.split(" "):
             self.send_error(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
             return False
-        lines: list[bytes] = []
+        headers = Headers()
         while True:
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
@@ -294,7 +325,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return False  # the head was cut short: the client left or ran out of time
             if line in (b"\r\n", b"\n"):
                 break
-            if len(lines) >= MAX_HEADERS:
+            if len(headers) >= MAX_HEADERS:
                 self.send_error(431, f"more than {MAX_HEADERS} header lines")
                 return False
             if not _FIELD_LINE.fullmatch(line):
@@ -304,14 +335,32 @@ class RequestHandler(BaseHTTPRequestHandler):
                     "no control characters)",
                 )
                 return False
-            lines.append(line)
-        # http.server parses the request line and the (now checked) header block.
-        stream, self.rfile = self.rfile, io.BytesIO(b"".join(lines) + b"\r\n")
-        try:
-            if not self.parse_request():
-                return False
-        finally:
-            self.rfile = stream
+            name, _, value = line.decode("latin-1").partition(":")
+            headers.add(name, value.strip())
+        self.headers = headers  # type: ignore[assignment]
+        # The request line, parsed here rather than by http.server, whose header parser
+        # (the email package) cost more than the rest of a GET /api/node.
+        method, target, version = self.requestline.split(" ")
+        self.command, self.path, self.request_version = method, target, version
+        m = _VERSION.fullmatch(version)
+        if m is None:
+            self.send_error(400, f"bad HTTP version {_printable(version)!r}")
+            return False
+        if m.group(1) != "1":
+            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            return False
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")  # never an open redirect's //host
+        connection = headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (
+            version == "HTTP/1.0" and connection != "keep-alive"
+        )
+        if (
+            headers.get("Expect", "").lower() == "100-continue"
+            and version != "HTTP/1.0"
+            and not self.handle_expect_100()
+        ):
+            return False
         for name in ("Content-Length", "Host"):
             if len(self.headers.get_all(name) or ()) > 1:
                 self.close_connection = True
@@ -481,7 +530,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
         kind = p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL
-        err = ApiError(code, p.ERR_NOT_IMPLEMENTED if code == 501 else kind, message or phrase)
+        # 501 and 505 are the client asking for what this server does not do, not a fault.
+        err = ApiError(
+            code, p.ERR_NOT_IMPLEMENTED if code in (501, 505) else kind, message or phrase
+        )
         try:
             self._send_json(code, err.envelope())
         except OSError:

@@ -73,10 +73,10 @@ def test_ambiguous_framing_is_refused(
         "chunked on a GET": b"GET /api/health HTTP/1.1\r\nHost: x\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         # Python's parser used to end the headers here: Content-Length became body.
-        "header line without a colon": post(
-            d.token, body, f"X-Junk\r\nContent-Length: {n}\r\n"
+        "header line without a colon": post(d.token, body, f"X-Junk\r\nContent-Length: {n}\r\n"),
+        "folded header line": post(
+            d.token, body, f"X-A: 1\r\n continued\r\nContent-Length: {n}\r\n"
         ),
-        "folded header line": post(d.token, body, f"X-A: 1\r\n continued\r\nContent-Length: {n}\r\n"),
         "control character in a value": post(
             d.token, body, f"X-A: 1\x01\r\nContent-Length: {n}\r\n"
         ),
