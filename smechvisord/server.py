@@ -117,6 +117,10 @@ class Router:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
         self.routes.append(Route(method, re.compile(f"^{regex}$"), handler, auth))
 
+    def is_open(self, path: str) -> bool:
+        """Whether a route that needs no token serves this path (by any method)."""
+        return any(not r.auth and r.pattern.match(path) for r in self.routes)
+
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed: list[str] = []
         for route in self.routes:
@@ -424,7 +428,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
 
     def _api(self, path: str, query: str) -> tuple[int, Any]:
-        route, params = self.server.router.match(self.command, path)
+        try:
+            route, params = self.server.router.match(self.command, path)
+        except ApiError:
+            # 404 and 405 would map the API for anyone: without the token, only the open
+            # routes (GET /api/health) say anything (docs/security.md).
+            if not self.server.router.is_open(path):
+                self._check_auth()
+            raise
         if route.auth:
             self._check_auth()
         body = self._read_body() if self.command in BODY_METHODS else {}

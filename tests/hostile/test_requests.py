@@ -137,3 +137,18 @@ def test_console_numbers_are_ascii_digits(rig: tuple[Daemon, DaemonEnv]) -> None
     finally:
         assert d.post(f"/api/vms/{vm['id']}/stop").status == 200
         assert d.request("DELETE", f"/api/vms/{vm['id']}").status == 200
+
+
+def test_routes_are_not_listed_without_the_token(rig: tuple[Daemon, DaemonEnv]) -> None:
+    """404 and 405 used to come before the token check, so anyone could map the API.
+    Only the open route (/api/health) says anything without the token."""
+    d, _ = rig
+    before = baseline(d)
+    for method, path in [("GET", "/api/nope"), ("GET", "/api/vms/nope/explode"),
+                         ("PUT", "/api/vms"), ("DELETE", "/api/node"),
+                         ("GET", "/api/vms/x/shutdown")]:  # fmt: skip
+        assert d.request(method, path, token=None).status == 401, (method, path)
+        assert d.request(method, path, token="wrong").status == 403, (method, path)
+    assert d.request("POST", "/api/health", token=None).status == 405
+    assert d.get("/api/nope").status == 404  # with the token, the answer is as before
+    prove(d, before)
