@@ -232,7 +232,7 @@ def load_clients(
     out.put(([x for per in lat for x in per], sum(errs)))
 
 
-def bench_load(d: Daemon, seconds: float, clients: int) -> dict[str, Any]:
+def bench_load(d: Daemon | Bare, seconds: float, clients: int) -> dict[str, Any]:
     sources = [f"127.0.0.{i}" for i in range(1, 5)]
     per = clients // len(sources)
     # Warm-up: the same clients for a short run, so threads and caches exist first.
@@ -267,6 +267,32 @@ def bench_load(d: Daemon, seconds: float, clients: int) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
+class Bare:
+    """The anchor: bench/bare_server.py (answers every GET with a fixed JSON document)."""
+
+    token = ""  # the anchor checks none
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_server"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 # ---- throughput ----------------------------------------------------------------------
 
 
@@ -282,15 +308,9 @@ def wrk(url: str, seconds: float, header: str | None = None) -> float:
 
 
 def bench_throughput(d: Daemon, seconds: float, rounds: int) -> dict[str, Any]:
-    bare = subprocess.Popen(
-        [sys.executable, "-m", "bench.bare_server"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    bare = Bare()
     try:
-        assert bare.stdout is not None
-        bare_port = int(bare.stdout.readline())
+        bare_port = bare.port
         anchor: list[float] = []
         daemon: list[float] = []
         for _ in range(rounds):  # alternated, so a neighbour's burst hits both sides
@@ -303,8 +323,7 @@ def bench_throughput(d: Daemon, seconds: float, rounds: int) -> dict[str, Any]:
                 )
             )
     finally:
-        bare.terminate()
-        bare.wait(timeout=10)
+        bare.stop()
     ratios = sorted(n / a for n, a in zip(daemon, anchor, strict=True))
     return {
         "anchor_rps": sorted(anchor)[len(anchor) // 2],
@@ -346,6 +365,11 @@ def main() -> int:
                 f" {'ok' if ok else 'MISSED'}"
             )
         if args.only in (None, "load"):
+            bare = Bare()
+            try:
+                a = bench_load(bare, args.load_seconds, args.clients)
+            finally:
+                bare.stop()
             r = bench_load(d, args.load_seconds, args.clients)
             ok = r["errors"] == 0 and r["p99_ms"] < 250 and r["rss_growth_mb"] < 5
             failed |= not ok
@@ -355,6 +379,12 @@ def main() -> int:
                 f" {r['errors']} errors, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms,"
                 f" RSS {r['rss_mb']:.1f} MB (growth {r['rss_growth_mb']:+.2f} MB)"
                 f" [goal: 0 errors, p99 < 250 ms, growth < 5 MB] {'ok' if ok else 'MISSED'}"
+            )
+            print(
+                f"  anchor, same clients on bare http.server: {a['rps']:.0f}/s,"
+                f" {a['errors']} errors, p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms;"
+                f" daemon/anchor: rps {r['rps'] / a['rps']:.2f}x,"
+                f" p99 {r['p99_ms'] / a['p99_ms']:.2f}x"
             )
         if args.only in (None, "throughput"):
             r = bench_throughput(d, args.wrk_seconds, args.wrk_rounds)

@@ -510,7 +510,6 @@ class RequestHandler(BaseHTTPRequestHandler):
                 {"Content-Type": ctype, **headers},
                 close=self.close_connection,
                 head_only=self.command == "HEAD",
-                date=self.date_time_string(),
             )
         )
 
@@ -564,6 +563,21 @@ def _encode(doc: Any) -> bytes:
     return doc if isinstance(doc, Encoded) else json.dumps(doc).encode()
 
 
+_DATE: dict[int, str] = {}
+
+
+def http_date() -> str:
+    """The Date header, formatted once a second (formatdate costs as much as the access
+    log line)."""
+    now = int(time.time())
+    text = _DATE.get(now)
+    if text is None:
+        text = formatdate(now, usegmt=True)
+        _DATE.clear()  # one entry: the current second
+        _DATE[now] = text
+    return text
+
+
 def response_bytes(
     status: int,
     data: bytes,
@@ -579,7 +593,7 @@ def response_bytes(
     lines = [
         f"HTTP/1.1 {status} {phrase}",
         f"Server: smechvisord/{VERSION}",
-        f"Date: {date or formatdate(usegmt=True)}",
+        f"Date: {date or http_date()}",
         f"Content-Length: {len(data)}",
     ]
     lines += [f"{name}: {value}" for name, value in {**SECURITY_HEADERS, **headers}.items()]

@@ -19,12 +19,11 @@ else:
     # number of examples in every run; `make fuzz` selects the long profile with
     # HYPOTHESIS_PROFILE=fuzz. No deadline: the machine is shared and timing is not
     # what these tests check.
-    _common = {
-        "deadline": None,
-        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-    }
-    settings.register_profile("ci", max_examples=40, **_common)
-    settings.register_profile("fuzz", max_examples=3000, **_common)
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_quiet)
+    settings.register_profile(
+        "fuzz", max_examples=3000, deadline=None, suppress_health_check=_quiet
+    )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

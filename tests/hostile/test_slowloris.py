@@ -4,6 +4,7 @@ lock no one else out, and /api/health always answers."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 
@@ -20,7 +21,7 @@ from tests.support.hostile import (
 )
 
 
-def drip(held: list, stop: threading.Event, every: float) -> None:
+def drip(held: list[socket.socket], stop: threading.Event, every: float) -> None:
     """One header line per socket every `every` seconds: each recv of the daemon returns
     well within any per-call timeout, but the request never ends."""
     for s in held:
