@@ -41,6 +41,13 @@ ATTACKER = "127.0.0.9"
 LISTEN_RE = re.compile(r"listening on http://[^:]+:(\d+)")
 
 
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -74,10 +81,7 @@ class Daemon:
         self.token = env.token_file.read_text().strip()
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return rss_kb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -283,10 +287,7 @@ class Bare:
         self.port = int(self.proc.stdout.readline())
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return rss_kb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()

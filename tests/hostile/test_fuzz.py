@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from smechvisord import settings as settings_mod
 from smechvisord.host import Host
 from smechvisord.vms import VmManager
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms
-from tests.support.hostile import baseline, prove
+from tests.support.hostile import baseline, exchange, prove
 
 pytestmark = pytest.mark.fuzz
 
@@ -46,23 +45,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daem
     d.stop()
     kill_vmms(env.run_dir)
     env.cleanup()
-
-
-def send(d: Daemon, raw: bytes) -> bytes:
-    """The whole exchange: send, half-close, read until the daemon closes."""
-    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
-        try:
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the daemon refused early and closed: its answer is still readable
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-    return data
 
 
 def check(d: Daemon, answer: bytes) -> None:
@@ -114,7 +96,7 @@ def heads(draw: st.DrawFn) -> bytes:
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_fuzz_request_heads(rig: tuple[Daemon, DaemonEnv], raw: bytes) -> None:
     d, _ = rig
-    check(d, send(d, raw.replace(b"{token}", d.token.encode())))
+    check(d, exchange(d, raw.replace(b"{token}", d.token.encode()), wait=10, half_close=True))
 
 
 # ---- JSON bodies -----------------------------------------------------------------------

@@ -84,16 +84,19 @@ def read_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
     return data
 
 
-def exchange(d: Daemon, raw: bytes, source: str = CLIENT, wait: float = 5.0) -> bytes:
-    """Send raw bytes on a fresh connection; all the daemon answers until it closes or
-    goes quiet for `wait` seconds."""
+def exchange(
+    d: Daemon, raw: bytes, source: str = CLIENT, wait: float = 5.0, half_close: bool = False
+) -> bytes:
+    """Send raw bytes on a fresh connection (then half-close it, if asked); all the daemon
+    answers until it closes or goes quiet for `wait` seconds."""
     with contextlib.closing(connect_from(source, d.port, timeout=wait)) as s:
-        s.sendall(raw)
-        data = b""
-        with contextlib.suppress(OSError):
-            while chunk := s.recv(65536):
-                data += chunk
-    return data
+        try:
+            s.sendall(raw)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the daemon refused early and closed: its answer is still readable
+        return read_until_closed(s, wait)
 
 
 def status_of(answer: bytes) -> int:
