@@ -52,6 +52,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.daemon
+	$(PY) -m bench.daemon_hostile
 	$(PY) -m bench.cli
 	$(PY) -m bench.ota
 	$(PY) -m bench.deploy

@@ -174,7 +174,10 @@ class DaemonServer(ThreadingHTTPServer):
         # accept thread never waits on a client.
         source = source_of(str(client_address[0]))
         if not self.admission.enter(source):
-            self.overflow.add(request)
+            if self.plain_overflow:
+                self.overflow.add(request)
+            else:
+                self.shutdown_request(request)  # a TLS port: no plain-text answer
             return
         try:
             threading.Thread(
@@ -196,8 +199,13 @@ class DaemonServer(ThreadingHTTPServer):
             self.admission.leave(source)
             self.shutdown_request(request)
 
+    # The overflow lane answers in plain HTTP. A server whose wrap_connection speaks TLS
+    # sets this False: its over-cap connections are closed instead.
+    plain_overflow = True
+
     def wrap_connection(self, sock: socket.socket) -> socket.socket:
-        """The per-connection hook for a transport wrap (TLS). It runs on the worker
+        """The per-connection hook for a transport wrap (TLS: wrap_socket with
+        do_handshake_on_connect=False, then do_handshake() here). It runs on the worker
         thread, under the request deadline, so a handshake that trickles in is ended
         like a request head that does."""
         return sock
