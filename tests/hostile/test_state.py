@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import cli
 from tests.support.daemon import Daemon, DaemonEnv, kill_vmms, wait_for
 from tests.support.hostile import baseline, prove
 from tests.support.vmhelpers import create_vm, pid_alive
@@ -343,6 +344,11 @@ def check_full_disk(env: DaemonEnv, small_state: Path) -> None:
                                 "disk": str(env.make_image("gamma.img"))})  # fmt: skip
         assert r.status == 507, r.raw
         assert "nothing was started" in r.json["error"]["message"]
+        # The CLI says so too, with "operator needed" (9), not "internal error" (1).
+        res = cli.run("--node", d.url, "--token", d.token, "vm", "create", "--cpus", "1",
+                      "--memory", "256", "--disk", str(env.images / "gamma.img"))  # fmt: skip
+        assert res.code == 9, res
+        assert "no space left" in res.err
         assert d.get("/api/vms/gamma").status == 404
         assert not (records(env) / "gamma").exists()
         assert not (env.run_dir / "gamma.sock").exists()
