@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import pkgutil
+import resource
 import signal
 import sys
 import threading
@@ -76,6 +77,19 @@ def self_check(cfg: settings_mod.Settings) -> tuple[str | None, int]:
     return None, len(names)
 
 
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Raise the soft limit on open files toward the hard one. A slowloris attack holds
+    a descriptor per socket (the overflow lane answers up to 4096 of them); at the common
+    default of 1024, accept() would fail and no one, /api/health included, would get in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if settings_mod.build_parser().parse_args(argv).self_check:
         try:
@@ -99,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"smechvisord: {e}", file=sys.stderr)
         return 2
+    raise_fd_limit()
     try:
         token = tokens.load_or_create(cfg.token_file)
         cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

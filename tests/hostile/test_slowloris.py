@@ -4,9 +4,13 @@ lock no one else out, and /api/health always answers."""
 from __future__ import annotations
 
 import contextlib
+import resource
+import select
 import socket
 import threading
 import time
+
+import pytest
 
 from tests.support.daemon import Daemon, DaemonEnv
 from tests.support.hostile import (
@@ -136,6 +140,50 @@ def test_health_answers_when_every_worker_is_taken(daemon_env: DaemonEnv) -> Non
             assert status_of(answer) == 503, answer
             assert b"Retry-After: 1" in answer
             assert time.monotonic() - started < 4
+        prove(d, before)
+    finally:
+        d.stop()
+
+
+def test_a_low_open_file_limit_does_not_let_a_flood_starve_accept(
+    daemon_env: DaemonEnv,
+) -> None:
+    """Started with the common soft limit of 1024 open files (256 here), 400 held
+    sockets made accept() fail: no one, /api/health included, got in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        d = Daemon(daemon_env)  # inherits the low soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        before = baseline(d)
+        stop = threading.Event()
+        with sockets() as held:
+            held += [connect_from(ATTACKER, d.port) for _ in range(400)]
+
+            def reconnect() -> None:
+                # What the daemon drops comes straight back: the flood never lets up.
+                while not stop.is_set():
+                    ready, _, _ = select.select(held, [], [], 0.2)
+                    for s in ready:
+                        held.remove(s)
+                        s.close()
+                        with contextlib.suppress(OSError):
+                            held.append(connect_from(ATTACKER, d.port, timeout=1))
+
+            flood = threading.Thread(target=reconnect, daemon=True)
+            flood.start()
+            try:
+                time.sleep(3.0)  # past the overflow lane's first round of drops
+                for _ in range(5):
+                    assert d.get("/api/health", timeout=5).status == 200
+                    assert d.get("/api/node", timeout=5).status == 200
+            finally:
+                stop.set()
+                flood.join(timeout=10)
         prove(d, before)
     finally:
         d.stop()
