@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN_ROOT := $(CURDIR)/.run
 BIND ?= 127.0.0.1:8080
 
-.PHONY: run test lint unit integration bench man sysdeps venv format clean
+.PHONY: run test lint unit integration bench man sysdeps venv format clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,14 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
+# Every property test (marked `fuzz`), with the long hypothesis profile; `make test` runs
+# the same tests with a bounded number of examples.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m fuzz -q
+
 bench: $(STAMP)
 	$(PY) -m bench.daemon
+	$(PY) -m bench.daemon_hostile
 	$(PY) -m bench.cli
 	$(PY) -m bench.ota
 	$(PY) -m bench.deploy

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from smechvisord.vms import VmManager
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 1000
+_DIGITS = re.compile(r"[0-9]{1,19}")
 STEADY_TTL = 2.0
 LIVE_TTL = 1.0
 
@@ -371,7 +373,8 @@ def _query_int(req: Request, key: str, low: int, high: int) -> int | None:
     raw = req.query.get(key)
     if raw is None:
         return None
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() is also true of '²', which int() then rejects.
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
         raise invalid(key, f"must be an integer between {low} and {high}")
     return int(raw)
 

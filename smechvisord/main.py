@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import pkgutil
+import resource
 import signal
 import socket
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from smechvisord import settings as settings_mod
-from smechvisord import tls
+from smechvisord import statelock, tls
 from smechvisord import token as tokens
 from smechvisord.api import Api
 from smechvisord.host import Host
@@ -109,6 +110,19 @@ def open_gate(cfg: settings_mod.Settings, host: Host) -> tls.Gate:
     )
 
 
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Raise the soft limit on open files toward the hard one. A slowloris attack holds
+    a descriptor per socket (the overflow lane answers up to 4096 of them); at the common
+    default of 1024, accept() would fail and no one, /api/health included, would get in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = settings_mod.build_parser().parse_args(argv)
     if args.print_fingerprint:
@@ -139,9 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"smechvisord: {e}", file=sys.stderr)
         return 2
+    raise_fd_limit()
     try:
         token = tokens.load_or_create(cfg.token_file)
         cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock_fd = statelock.acquire(cfg.state_dir)  # held (open) until the process exits
         for d in cfg.image_dirs:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         host = Host(cfg.sysroot)
@@ -157,7 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.max_connections,
             cfg.socket_timeout,
             gate=gate,
+            per_source=cfg.max_connections_per_source,
+            head_timeout=cfg.request_timeout,
         )
+    except statelock.StateDirBusyError as e:
+        log.error("cannot start: %s", e)
+        return 2
     except (OSError, RuntimeError, tokens.TokenError) as e:
         log.error("cannot start: %s", e)
         return 1
@@ -200,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vms.stop_monitor()
         vms.persist_all()
     log.info("stopped; %d VMs left running", vms.running_count())
+    os.close(lock_fd)
     return 0
 
 

@@ -35,6 +35,9 @@ STATE_STOPPED: Final = "stopped"
 STATE_FAILED: Final = "failed"
 VM_STATES: Final = (STATE_STARTING, STATE_RUNNING, STATE_PAUSED, STATE_STOPPED, STATE_FAILED)
 LIVE_STATES: Final = (STATE_STARTING, STATE_RUNNING, STATE_PAUSED)
+# Not a VM state: a record.json the daemon cannot read is listed with this state (and a
+# `broken` reason) until someone fixes or removes it; it is never started or deleted.
+STATE_BROKEN: Final = "broken"
 
 # A VM name becomes its id, a file name and part of a socket path: keep it tame.
 VM_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -78,5 +81,9 @@ ERR_COMMAND_FAILED: Final = "command_failed"  # 500: modprobe/reboot command fai
 ERR_INTERNAL: Final = "internal_error"  # 500
 # 400: plain HTTP from a non-loopback address; the message names the https:// URL.
 ERR_TLS_REQUIRED: Final = "tls_required"
+ERR_NOT_IMPLEMENTED: Final = "not_implemented"  # 501/505: a Transfer-Encoding, HTTP/2
+# 507: the state dir is full. details.vm (when present) is what really happened to the VM;
+# its record is saved once space returns.
+ERR_INSUFFICIENT_STORAGE: Final = "insufficient_storage"
 
 AUTH_SCHEME: Final = "Bearer"

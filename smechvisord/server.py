@@ -1,5 +1,6 @@
 """HTTP mechanics: routing table, bearer auth, body and connection limits, JSON errors,
-static files. What each route does lives in api.py.
+static files. What each route does lives in api.py; who gets a worker thread (caps per
+source, request deadlines, the overflow lane) in conns.py.
 
 Tuned per design/daemon.md's measurements: HTTP/1.1 keep-alive with a Content-Length on
 every answer, TCP_NODELAY (headers and body leave as two writes; Nagle would hold the body
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,9 +27,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from smechvisord import protocol as p
-from smechvisord import tls
+from smechvisord import strict_json, tls
 from smechvisord import token as tokens
 from smechvisord.accesslog import AccessLog
+from smechvisord.conns import Admission, Deadlines, Overflow, Watch, source_of
 from smechvisord.errors import ApiError
 from smechvisord.version import VERSION
 
@@ -43,6 +46,13 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 # front that reads the length differently would see another request boundary.
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _PHRASES = {int(code) for code in HTTPStatus}
+# RFC 9112 field-line: a token, a colon, then visible characters, spaces and tabs. A line
+# without a colon used to end the headers silently (the rest became the body); a folded
+# line (leading space) or a control character is read differently by different parsers.
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+MAX_HEADER_LINE = 8190
+_VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
+MAX_HEADERS = 100
 
 
 @dataclass
@@ -53,6 +63,34 @@ class Request:
     query: dict[str, str]
     body: dict[str, Any]
     headers: Any = None
+
+
+class Headers:
+    """Request header fields: names case-insensitive, every value of a repeated name
+    kept (so duplicates can be refused). The lines were checked before they got here."""
+
+    __slots__ = ("_count", "_fields")
+
+    def __init__(self) -> None:
+        self._fields: dict[str, list[str]] = {}
+        self._count = 0
+
+    def add(self, name: str, value: str) -> None:
+        self._fields.setdefault(name.lower(), []).append(value)
+        self._count += 1
+
+    def get(self, name: str, default: str | None = None) -> Any:
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._fields.get(name.lower(), ()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+    def __len__(self) -> int:
+        return self._count
 
 
 class Encoded(bytes):
@@ -78,6 +116,10 @@ class Router:
         # `{name}` matches one path segment.
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
         self.routes.append(Route(method, re.compile(f"^{regex}$"), handler, auth))
+
+    def is_open(self, path: str) -> bool:
+        """Whether a route that needs no token serves this path (by any method)."""
+        return any(not r.auth and r.pattern.match(path) for r in self.routes)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed: list[str] = []
@@ -112,6 +154,8 @@ class DaemonServer(ThreadingHTTPServer):
         max_connections: int,
         socket_timeout: float,
         gate: tls.Gate | None = None,
+        per_source: int | None = None,
+        head_timeout: float = 10.0,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -121,32 +165,86 @@ class DaemonServer(ThreadingHTTPServer):
         self.socket_timeout = socket_timeout
         # Without a certificate: plain HTTP for loopback clients, every other one refused.
         self.gate = gate or tls.Gate(None, min(tls.HANDSHAKE_DEADLINE, socket_timeout))
+        self.head_timeout = head_timeout
         self.access_log = AccessLog()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.admission = Admission(max_connections, per_source or max_connections)
+        self.deadlines = Deadlines()
+        self.overflow = Overflow(self.overflow_answer)
         super().__init__(address, RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        # A cap on concurrent connections: past it, answer 503 at once from this thread
-        # instead of queueing a thread per client.
-        if not self._slots.acquire(blocking=False):
-            body = json.dumps(ApiError(503, p.ERR_BUSY, "too many connections; retry").envelope())
-            raw = (
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
-                f"{body}"
-            ).encode()
-            try:
-                request.settimeout(1.0)
-                request.sendall(raw)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+        # Past the caps, the overflow lane answers (health, or 503) without a worker: the
+        # accept thread never waits on a client.
+        source = source_of(str(client_address[0]))
+        if not self.admission.enter(source):
+            if self.plain_overflow and tls.is_loopback(str(client_address[0])):
+                self.overflow.add(request)
+            else:
+                self.shutdown_request(request)  # a TLS port: no plain-text answer
             return
         try:
-            super().process_request(request, client_address)
+            threading.Thread(
+                target=self._serve_connection,
+                args=(request, client_address, source),
+                daemon=True,
+            ).start()
         except BaseException:
-            self._slots.release()
+            self.admission.leave(source)
+            self.shutdown_request(request)
             raise
+
+    def _serve_connection(self, request: Any, client_address: Any, source: str) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.admission.leave(source)
+            self.shutdown_request(request)
+
+    # The overflow lane answers in plain HTTP, so it takes only loopback clients (the
+    # node's own health probes, which must get through even under attack); over-cap
+    # connections from elsewhere would be speaking TLS, and are closed instead.
+    plain_overflow = True
+
+    def wrap_connection(self, sock: socket.socket, peer: tuple[str, int]) -> socket.socket:
+        """The per-connection transport: TLS, or plain for a loopback client (the gate
+        decides by the first byte, and refuses plain text from elsewhere). It runs on the
+        worker thread, under the request deadline, so a handshake that trickles in is
+        ended like a request head that does."""
+        return self.gate.accept(sock, peer)
+
+    def overflow_answer(self, head: bytes) -> bytes:
+        """What the overflow lane sends: the routes that need no token (GET /api/health),
+        else 503. Always closes the connection."""
+        words = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+        method = words[0].decode("latin-1") if words else ""
+        target = words[1].decode("latin-1") if len(words) == 3 else ""
+        path = urlsplit(target).path if target.startswith("/") else ""
+        if method in ("GET", "HEAD"):
+            try:
+                route, params = self.router.match("GET", path)
+            except ApiError:
+                route = None
+            if route is not None and not route.auth:
+                try:
+                    status, doc = route.handler(Request("GET", path, params, {}, {}))
+                    return response_bytes(status, _encode(doc), JSON_HEADERS, close=True,
+                                          head_only=method == "HEAD")  # fmt: skip
+                except Exception:
+                    log.exception("overflow answer for %s failed", _printable(path))
+        err = ApiError(
+            503,
+            p.ERR_BUSY,
+            "too many connections from this address or in all; retry",
+        )
+        return response_bytes(
+            503,
+            _encode(err.envelope()),
+            {**JSON_HEADERS, "Retry-After": "1"},
+            close=True,
+            head_only=method == "HEAD",
+        )
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up or times out is routine, not a traceback on stderr.
@@ -156,11 +254,9 @@ class DaemonServer(ThreadingHTTPServer):
             return
         log.exception("error while serving %s", client_address)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def server_close(self) -> None:
+        self.deadlines.stop()
+        super().server_close()
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -172,18 +268,133 @@ class RequestHandler(BaseHTTPRequestHandler):
         return f"smechvisord/{VERSION}"
 
     def setup(self) -> None:
-        # TLS or plain, decided here in the connection's own thread (never the accept
-        # thread), the handshake bounded by the gate's deadline. Refused raises.
-        self.request = self.server.gate.accept(self.request, self.client_address)
+        # The request deadline starts at accept: a TLS handshake (wrap_connection) and
+        # the first request head must both be in within head_timeout.
+        self._watch: Watch = self.server.deadlines.watch(self.request)
+        self._first = True
+        self.server.deadlines.arm(self._watch, self.server.head_timeout)
+        try:
+            self.request = self.server.wrap_connection(self.request, self.client_address)
+        except BaseException:
+            # A refused or failed handshake never reaches finish(): let go of the watch here.
+            self.server.deadlines.release(self._watch)
+            raise
         super().setup()
-        # Socket timeout against slow or idle clients (also bounds keep-alive idling).
+        # Per-call socket timeout for bodies and writes, against clients that stall.
         self.connection.settimeout(self.server.socket_timeout)
 
     def finish(self) -> None:
         try:
             super().finish()
         finally:
+            self.server.deadlines.release(self._watch)
             self.server.gate.release(self.request)
+
+    def handle_one_request(self) -> None:
+        """One request on this connection. Unlike http.server's, the idle wait and the
+        request head are bounded by one total deadline, and the head is read strictly."""
+        deadlines = self.server.deadlines
+        if not self._first:
+            deadlines.arm(self._watch, self.server.head_timeout)
+        self._first = False
+        try:
+            ok = self._read_head()
+        except OSError:  # timeouts included: the client stalled or went away
+            ok = False
+            self.close_connection = True
+        finally:
+            if deadlines.disarm(self._watch):
+                ok = False
+                self.close_connection = True
+        if not ok:
+            return
+        try:
+            getattr(self, "do_" + self.command, self._unsupported)()
+            self.wfile.flush()
+        except TimeoutError:
+            self.close_connection = True
+
+    def _unsupported(self) -> None:
+        self.send_error(501, f"method {self.command} is not supported")
+
+    def _read_head(self) -> bool:
+        """Request line and header lines, refused (and the connection closed) at the first
+        framing a proxy in front could read differently: a header line without a colon,
+        a folded or control-character line, two Content-Length or Host headers, any
+        Transfer-Encoding."""
+        self.command, self.requestline, self.request_version = "", "", "HTTP/0.9"
+        self.close_connection = True
+        raw = self.rfile.readline(65537)
+        self.raw_requestline = raw
+        if len(raw) > 65536:
+            self.send_error(414, "request line too long")
+            return False
+        if not raw.strip():
+            return False  # end of stream (or a stray blank line): nothing to answer
+        self.requestline = raw.decode("latin-1").rstrip("\r\n")
+        # Exactly three parts split by single spaces (RFC 9112); str.split() would also
+        # split on the latin-1 no-break space.
+        if len(self.requestline.split(" ")) != 3 or "" in self.requestline.split(" "):
+            self.send_error(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
+            return False
+        headers = Headers()
+        while True:
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, f"a header line is longer than {MAX_HEADER_LINE} bytes")
+                return False
+            if not line.endswith(b"\n"):
+                return False  # the head was cut short: the client left or ran out of time
+            if line in (b"\r\n", b"\n"):
+                break
+            if len(headers) >= MAX_HEADERS:
+                self.send_error(431, f"more than {MAX_HEADERS} header lines")
+                return False
+            if not _FIELD_LINE.fullmatch(line):
+                self.send_error(
+                    400,
+                    "malformed header line: each must be 'Name: value' (no folding, "
+                    "no control characters)",
+                )
+                return False
+            name, _, value = line.decode("latin-1").partition(":")
+            headers.add(name, value.strip())
+        self.headers = headers  # type: ignore[assignment]
+        # The request line, parsed here rather than by http.server, whose header parser
+        # (the email package) cost more than the rest of a GET /api/node.
+        method, target, version = self.requestline.split(" ")
+        self.command, self.path, self.request_version = method, target, version
+        m = _VERSION.fullmatch(version)
+        if m is None:
+            self.send_error(400, f"bad HTTP version {_printable(version)!r}")
+            return False
+        if m.group(1) != "1":
+            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            return False
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")  # never an open redirect's //host
+        connection = headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (
+            version == "HTTP/1.0" and connection != "keep-alive"
+        )
+        if (
+            headers.get("Expect", "").lower() == "100-continue"
+            and version != "HTTP/1.0"
+            and not self.handle_expect_100()
+        ):
+            return False
+        for name in ("Content-Length", "Host"):
+            if len(self.headers.get_all(name) or ()) > 1:
+                self.close_connection = True
+                self.send_error(400, f"more than one {name} header")
+                return False
+        if self.headers.get_all("Transfer-Encoding"):
+            self.close_connection = True
+            self.send_error(
+                501, "Transfer-Encoding is not supported; send the body with Content-Length"
+            )
+            return False
+        return True
 
     # Every method goes through one dispatcher so unknown methods get a JSON 405 too.
     def do_GET(self) -> None:
@@ -197,7 +408,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._body_read = False
         if self.command not in BODY_METHODS and (
             self.headers.get("Content-Length", "0").strip() != "0"
-            or "Transfer-Encoding" in self.headers
         ):
             # No route reads a body on this method, and an unread body would be parsed as
             # the next request on this kept-alive connection: answer, then close.
@@ -236,7 +446,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
 
     def _api(self, path: str, query: str) -> tuple[int, Any]:
-        route, params = self.server.router.match(self.command, path)
+        try:
+            route, params = self.server.router.match(self.command, path)
+        except ApiError:
+            # 404 and 405 would map the API for anyone: without the token, only the open
+            # routes (GET /api/health) say anything (docs/security.md).
+            if not self.server.router.is_open(path):
+                self._check_auth()
+            raise
         if route.auth:
             self._check_auth()
         body = self._read_body() if self.command in BODY_METHODS else {}
@@ -257,11 +474,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ApiError(403, p.ERR_FORBIDDEN, "wrong token")
 
     def _read_body(self) -> dict[str, Any]:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(
-                411, p.ERR_LENGTH_REQUIRED, "chunked bodies are not accepted; send Content-Length"
-            )
         raw_length = self.headers.get("Content-Length")
         if raw_length is None or raw_length.strip() in ("", "0"):
             self._body_read = True
@@ -279,7 +491,16 @@ class RequestHandler(BaseHTTPRequestHandler):
                 f"body of {length} bytes exceeds {p.MAX_BODY_BYTES}",
                 {"limit": p.MAX_BODY_BYTES},
             )
-        raw = self.rfile.read(length)
+        # The body shares the request deadline: 64 KiB at a byte per call would
+        # otherwise hold this worker for days.
+        self.server.deadlines.arm(self._watch, self.server.head_timeout)
+        try:
+            raw = self.rfile.read(length)
+        finally:
+            cut = self.server.deadlines.disarm(self._watch)
+        if cut or len(raw) < length:
+            self.close_connection = True
+            raise ApiError(400, p.ERR_INVALID_JSON, "the body ended before Content-Length")
         self._body_read = True
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -289,38 +510,26 @@ class RequestHandler(BaseHTTPRequestHandler):
                 f"Content-Type must be application/json, got {ctype or 'none'}",
             )
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = strict_json.loads(raw)
+        except strict_json.StrictJsonError as e:
             raise ApiError(400, p.ERR_INVALID_JSON, f"body is not valid JSON: {e}") from None
-        except RecursionError:
-            # 64 KiB of '[' is valid-looking input, not a daemon fault: a 400, no traceback.
-            raise ApiError(400, p.ERR_INVALID_JSON, "body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, p.ERR_INVALID_JSON, "body must be a JSON object")
         return body
 
     def _send_json(self, status: int, doc: Any) -> None:
-        data = doc if isinstance(doc, Encoded) else json.dumps(doc).encode()
-        self._send(status, data, "application/json", {"Cache-Control": "no-store"})
+        self._send(status, _encode(doc), "application/json", {"Cache-Control": "no-store"})
 
     def _send(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
-        # The whole answer in one write: one syscall, and no small trailing segment for
-        # Nagle or delayed ACKs to hold back (http.server writes headers and body apart).
-        phrase = HTTPStatus(status).phrase if status in _PHRASES else "Error"
-        lines = [
-            f"HTTP/1.1 {status} {phrase}",
-            f"Server: {self.version_string()}",
-            f"Date: {self.date_time_string()}",
-            f"Content-Type: {ctype}",
-            f"Content-Length: {len(data)}",
-        ]
-        lines += [f"{name}: {value}" for name, value in {**SECURITY_HEADERS, **headers}.items()]
-        if status == 401:
-            lines.append('WWW-Authenticate: Bearer realm="smechvisord"')
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + data)
+        self.wfile.write(
+            response_bytes(
+                status,
+                data,
+                {"Content-Type": ctype, **headers},
+                close=self.close_connection,
+                head_only=self.command == "HEAD",
+            )
+        )
 
     def _static(self, path: str) -> int:
         if self.command not in ("GET", "HEAD"):
@@ -348,8 +557,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
         phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
+        kind = p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL
+        # 501 and 505 are the client asking for what this server does not do, not a fault.
         err = ApiError(
-            code, p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL, message or phrase
+            code, p.ERR_NOT_IMPLEMENTED if code in (501, 505) else kind, message or phrase
         )
         try:
             self._send_json(code, err.envelope())
@@ -361,6 +572,55 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
+
+
+JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+
+
+def _encode(doc: Any) -> bytes:
+    return doc if isinstance(doc, Encoded) else json.dumps(doc).encode()
+
+
+_DATE: dict[int, str] = {}
+
+
+def http_date() -> str:
+    """The Date header, formatted once a second (formatdate costs as much as the access
+    log line)."""
+    now = int(time.time())
+    text = _DATE.get(now)
+    if text is None:
+        text = formatdate(now, usegmt=True)
+        _DATE.clear()  # one entry: the current second
+        _DATE[now] = text
+    return text
+
+
+def response_bytes(
+    status: int,
+    data: bytes,
+    headers: dict[str, str],
+    *,
+    close: bool,
+    head_only: bool = False,
+    date: str | None = None,
+) -> bytes:
+    """A whole answer as one buffer: one write, and no small trailing segment for Nagle
+    or delayed ACKs to hold back (http.server writes headers and body apart)."""
+    phrase = HTTPStatus(status).phrase if status in _PHRASES else "Error"
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Server: smechvisord/{VERSION}",
+        f"Date: {date or http_date()}",
+        f"Content-Length: {len(data)}",
+    ]
+    lines += [f"{name}: {value}" for name, value in {**SECURITY_HEADERS, **headers}.items()]
+    if status == 401:
+        lines.append('WWW-Authenticate: Bearer realm="smechvisord"')
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + data
 
 
 def _printable(text: str) -> str:

@@ -101,14 +101,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SMECHVISORD_MAX_CONNECTIONS",
         "--max-connections",
+        "512",
+        "concurrent client connections served; past it only GET /api/health is answered "
+        "(others get an immediate 503)",
+    ),
+    Setting(
+        "SMECHVISORD_MAX_CONNECTIONS_PER_SOURCE",
+        "--max-connections-per-source",
         "64",
-        "concurrent client connections; past it a client gets an immediate 503",
+        "of those, how many one source address (an IPv6 /64) may hold",
     ),
     Setting(
         "SMECHVISORD_SOCKET_TIMEOUT",
         "--socket-timeout",
         "15",
-        "seconds a client may stay silent mid-request or idle on keep-alive",
+        "seconds a client may stay silent in one read or write",
+    ),
+    Setting(
+        "SMECHVISORD_REQUEST_TIMEOUT",
+        "--request-timeout",
+        "10",
+        "seconds for a whole request head (and body) to arrive, keep-alive idling "
+        "included, however slowly it trickles",
     ),
 )
 
@@ -130,8 +144,10 @@ class Settings:
     image_dirs: tuple[Path, ...]
     modprobe: tuple[str, ...]
     reboot_cmd: tuple[str, ...]
-    max_connections: int = 64
+    max_connections: int = 512
     socket_timeout: float = 15.0
+    max_connections_per_source: int = 64
+    request_timeout: float = 10.0
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION
@@ -242,4 +258,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         reboot_cmd=_split_command("SMECHVISORD_REBOOT_CMD", raw["SMECHVISORD_REBOOT_CMD"]),
         max_connections=_number("SMECHVISORD_MAX_CONNECTIONS", raw, int, 1, 10_000),
         socket_timeout=_number("SMECHVISORD_SOCKET_TIMEOUT", raw, float, 0.1, 3600.0),
+        max_connections_per_source=_number(
+            "SMECHVISORD_MAX_CONNECTIONS_PER_SOURCE", raw, int, 1, 10_000
+        ),
+        request_timeout=_number("SMECHVISORD_REQUEST_TIMEOUT", raw, float, 0.1, 3600.0),
     )

@@ -9,9 +9,12 @@ its start time, so a reused PID is not mistaken for the VM); state comes from `v
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -24,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smechvisord import atomic, procs
+from smechvisord import atomic, procs, strict_json
 from smechvisord import protocol as p
 from smechvisord.chapi import ChApi, ChApiError, ChUnreachableError
 from smechvisord.errors import ApiError
@@ -45,6 +48,9 @@ EVENTS_TAIL_BYTES = 16384
 # AF_UNIX paths are limited to 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
 KVM_FAILURE = "Failed to open hypervisor interface"
+MAX_RECORD_BYTES = 1 << 20
+# A write that fails for these is the state dir being full, not a daemon fault.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 # The escalation ladder after the graceful request (design/daemon.md): seconds per step.
 STEP_WAIT = {"vm.shutdown+vmm.shutdown": 5.0, "SIGTERM": 5.0, "SIGKILL": 5.0}
@@ -79,11 +85,89 @@ class Vm:
     started_at: float | None = None
     exit: dict[str, Any] | None = None
     last_shutdown: dict[str, Any] | None = None
+    # (st_dev, st_ino) of the disk when the VM was created: a hard link, a bind mount or
+    # a renamed path still names the same disk.
+    disk_id: list[int] | None = None
 
     @classmethod
-    def from_record(cls, data: dict[str, Any]) -> Vm:
+    def from_record(cls, data: Any, dir_name: str) -> Vm:
+        """The VM a record.json describes, or RecordError naming what is wrong with it.
+        The file is state anyone with write access to the state dir could have edited:
+        every field is checked, and the id must be the directory's name."""
+        if not isinstance(data, dict):
+            raise RecordError(f"not a JSON object but {type(data).__name__}")
+        vm_id = data.get("id")
+        if not isinstance(vm_id, str) or not p.VM_ID_RE.fullmatch(vm_id):
+            raise RecordError(f"id {vm_id!r} is not a VM id")
+        if vm_id != dir_name:
+            raise RecordError(f"id {vm_id!r} does not match its directory {dir_name!r}")
         known = {f.name for f in fields(cls)}
+        for name, kinds in _RECORD_FIELDS.items():
+            if name not in data:
+                if name in _REQUIRED:
+                    raise RecordError(f"{name} is missing")
+                continue
+            value = data[name]
+            if value is None and name not in _REQUIRED:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise RecordError(f"{name} is {type(value).__name__}, not {_kind_names(kinds)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecordError(f"{name} is not a finite number")
+        if data.get("state", p.STATE_STOPPED) not in p.VM_STATES:
+            raise RecordError(f"state {data['state']!r} is not one of {', '.join(p.VM_STATES)}")
+        if not data["argv"] or not all(isinstance(a, str) for a in data["argv"]):
+            raise RecordError("argv is not a list of strings")
+        disk_id = data.get("disk_id")
+        if disk_id is not None and (len(disk_id) != 2 or not all(type(n) is int for n in disk_id)):
+            raise RecordError("disk_id is not [device, inode]")
+        for name in ("pid", "pid_start", "cpus", "memory_mb"):
+            if isinstance(data.get(name), int) and data[name] < 0:
+                raise RecordError(f"{name} is negative")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class RecordError(ValueError):
+    pass
+
+
+_NUMBER = (int, float)
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "uuid": str,
+    "cpus": int,
+    "memory_mb": int,
+    "disk": str,
+    "argv": list,
+    "created_at": _NUMBER,
+    "state": str,
+    "pid": int,
+    "pid_start": int,
+    "started_at": _NUMBER,
+    "exit": dict,
+    "last_shutdown": dict,
+    "disk_id": list,
+}
+_REQUIRED = {"uuid", "cpus", "memory_mb", "disk", "argv", "created_at"}
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+
+
+def disk_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+class StorageFullError(ApiError):
+    """507: the state dir has no room for a record. `vm` is what really happened."""
+
+    def __init__(self, message: str, vm: dict[str, Any] | None = None) -> None:
+        details = {"vm": vm, "saved": False} if vm is not None else {}
+        super().__init__(507, p.ERR_INSUFFICIENT_STORAGE, message, details)
 
 
 @dataclass
@@ -110,6 +194,14 @@ class VmManager:
         self._foreign_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
         # PIDs whose command line is known not to be a VMM: a scan reads only new ones.
         self._not_vmm: set[int] = set()
+        # Foreign VMMs whose command line could not be read, logged once each.
+        self._odd_foreign: set[int] = set()
+        # Record directories that could not be read: name -> why (listed as broken).
+        self._broken: dict[str, str] = {}
+        # Names whose directory is being removed: a create of the same name waits its turn.
+        self._removing: set[str] = set()
+        # VMs whose latest state is not on disk yet (the state dir was full).
+        self._unsaved: set[str] = set()
         self._path_cache: dict[str, tuple[str, str]] = {}
         self._usage_cache: dict[int, tuple[float, float | None, float | None]] = {}
         # Bumped on every change to any VM record; see list_all_encoded.
@@ -155,13 +247,13 @@ class VmManager:
         records.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for vm_dir in sorted(records.iterdir()):
-            for stale in vm_dir.glob(f".{RECORD}.*.tmp"):
-                stale.unlink(missing_ok=True)  # a write cut short by a crash
             try:
-                data = json.loads((vm_dir / RECORD).read_text())
-                vm = Vm.from_record(data)
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("skipping unreadable VM record in %s: %s", vm_dir, e)
+                vm = self._read_record(vm_dir)
+            except (OSError, ValueError) as e:
+                # One bad record must not keep the daemon (and every other VM) down: it is
+                # left as it is, listed as broken, and never started or removed.
+                log.warning("skipping unreadable VM record in %s: %s", _printable(vm_dir), e)
+                self._broken[vm_dir.name] = str(e)
                 continue
             with self._lock:
                 self._vms[vm.id] = vm
@@ -169,6 +261,17 @@ class VmManager:
             if vm.state in p.LIVE_STATES:
                 self._readopt(vm)
         log.info("loaded %d VM records", len(self._vms))
+
+    def _read_record(self, vm_dir: Path) -> Vm:
+        if vm_dir.is_symlink() or not vm_dir.is_dir():
+            raise RecordError("not a directory")
+        for stale in vm_dir.glob(f".{RECORD}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a write cut short by a crash
+        with (vm_dir / RECORD).open("rb") as f:
+            raw = f.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise RecordError(f"larger than {MAX_RECORD_BYTES} bytes")
+        return Vm.from_record(strict_json.loads(raw), vm_dir.name)
 
     def _readopt(self, vm: Vm) -> None:
         sock = str(self.socket_path(vm.id))
@@ -228,6 +331,8 @@ class VmManager:
         and shutdowns made by anyone (ch-remote included). Watching its size costs one
         stat per VM; polling vm.info for 50 VMs every few seconds cost request latency.
         """
+        if self._unsaved:
+            self._save_unsaved()
         with self._lock:
             live = [(vm, self._rt.get(vm.id)) for vm in self._vms.values()]
         for vm, rt in live:
@@ -357,13 +462,48 @@ class VmManager:
     # ---- persistence ------------------------------------------------------------------
 
     def _persist(self, vm: Vm) -> None:
+        """Write the record. A full state dir does not raise: the VM stays as it really
+        is in memory, is marked unsaved (the caller answers 507), and the monitor writes
+        the record once there is room again."""
         # Every change of a VM is persisted, so this is where listings learn they are stale.
         self.generation += 1
         with self._lock:
             data = asdict(vm)
         vm_dir = self.vm_dir(vm.id)
-        if vm_dir.is_dir():
+        if not vm_dir.is_dir():
+            return
+        try:
             atomic.write_json(vm_dir / RECORD, data)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            if vm.id not in self._unsaved:
+                log.warning("cannot save the record of VM %s: %s; will retry", vm.id, e)
+            self._unsaved.add(vm.id)
+            return
+        if vm.id in self._unsaved:
+            self._unsaved.discard(vm.id)
+            log.info("the record of VM %s is saved again", vm.id)
+
+    def _save_unsaved(self) -> None:
+        for vm_id in sorted(self._unsaved):
+            with self._lock:
+                vm = self._vms.get(vm_id)
+            if vm is None:
+                self._unsaved.discard(vm_id)
+                continue
+            self._persist(vm)
+
+    def _check_saved(self, vm: Vm, what: str) -> None:
+        """After an action: 507 when its outcome could not be recorded. The answer says
+        what really happened; the record catches up when space returns."""
+        if vm.id in self._unsaved:
+            raise StorageFullError(
+                f"{what}, but its record could not be saved: no space left in "
+                f"{self.settings.state_dir}. The daemon reports the VM as it really is and "
+                "saves the record once space is freed",
+                self._public(vm),
+            )
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -414,7 +554,28 @@ class VmManager:
     def list_all(self) -> list[dict[str, Any]]:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda v: v.created_at)
-        return [self._public(vm) for vm in vms] + self._foreign()
+            broken = sorted(self._broken.items())
+        return (
+            [self._public(vm) for vm in vms]
+            + [self._broken_doc(name, why) for name, why in broken]
+            + self._foreign()
+        )
+
+    def _broken_doc(self, name: str, why: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "name": name,
+            "managed": True,
+            "state": p.STATE_BROKEN,
+            "broken": f"{self.vm_dir(name) / RECORD}: {why}; fix or remove the file by hand "
+            "and restart smechvisord",
+            "pid": None,
+            "cpus": None,
+            "memory_mb": None,
+            "disk": None,
+            "cpu_percent": None,
+            "rss_mb": None,
+        }
 
     def list_all_encoded(self) -> bytes:
         """list_all() as JSON, reused for up to USAGE_TTL seconds while no VM changed.
@@ -454,8 +615,19 @@ class VmManager:
         return self._public(vm)
 
     def _find(self, vm_id: str) -> Vm:
-        with self._lock:
-            vm = self._vms.get(vm_id)
+        # Ids come from URLs: anything but a VM id (`..`, '/', NUL) is no VM, before any
+        # lookup or path is built from it.
+        vm = None
+        if p.VM_ID_RE.fullmatch(vm_id):
+            with self._lock:
+                vm = self._vms.get(vm_id)
+            if vm is None and vm_id in self._broken:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"the record of VM {vm_id!r} cannot be read: {self._broken[vm_id]}",
+                    {"id": vm_id, "state": p.STATE_BROKEN},
+                )
         if vm is None:
             raise ApiError(404, p.ERR_NOT_FOUND, f"no VM named {vm_id!r}", {"id": vm_id})
         return vm
@@ -472,6 +644,7 @@ class VmManager:
         found: list[dict[str, Any]] = []
         current = set(procs.pids())
         self._not_vmm &= current  # forget exited PIDs, so a reused PID is looked at again
+        self._odd_foreign &= current
         # The same scan bounds the per-PID sample caches to processes that still exist.
         self._cpu.retain(current)
         for gone in [pid for pid in self._usage_cache if pid not in current]:
@@ -488,7 +661,15 @@ class VmManager:
             st = procs.stat(pid)
             if st is None or st.state in ("Z", "X"):
                 continue
-            found.append(foreign_doc(pid, argv, st, self._cpu.percent(st)))
+            try:
+                doc = foreign_doc(pid, argv, st, self._cpu.percent(st))
+            except Exception as e:  # any local user can run a `cloud-hypervisor`
+                if pid not in self._odd_foreign:
+                    self._odd_foreign.add(pid)
+                    log.warning("cannot read the command line of VMM pid %d: %r", pid, e)
+                doc = {"id": f"pid-{pid}", "name": None, "managed": False, "pid": pid}
+                doc["state"] = "unknown"
+            found.append(doc)
         self._foreign_cache = (now, found)
         return found
 
@@ -598,11 +779,18 @@ class VmManager:
             return 200, {"dry_run": True, "id": vm_id, "argv": argv, "problems": problems}
         ch_path = self.preflight()
         with self._lock:
-            if vm_id in self._vms:
+            if vm_id in self._vms or vm_id in self._broken:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
                     f"a VM named {vm_id!r} already exists",
+                    {"field": "name", "id": vm_id},
+                )
+            if vm_id in self._removing:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"VM {vm_id!r} is being deleted; retry when the delete has finished",
                     {"field": "name", "id": vm_id},
                 )
             self._check_disk_free(str(spec.disk))
@@ -615,13 +803,37 @@ class VmManager:
                 argv=self.build_argv(ch_path, vm_id, vm_uuid, spec),
                 created_at=time.time(),
                 state=p.STATE_STARTING,
+                disk_id=list(disk_identity(str(spec.disk)) or ()) or None,
             )
             self._vms[vm_id] = vm
             self._rt[vm_id] = _Runtime()
         rt = self._rt[vm_id]
         with rt.action:
             try:
-                self.vm_dir(vm_id).mkdir(mode=0o700, parents=True)
+                self.vm_dir(vm_id).mkdir(mode=0o700)
+            except FileExistsError:
+                # A directory nobody loaded (a leftover, or made by hand): not ours to use
+                # or to remove.
+                with self._lock:
+                    self._vms.pop(vm_id, None)
+                    self._rt.pop(vm_id, None)
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"{self.vm_dir(vm_id)} already exists; remove it or choose another name",
+                    {"field": "name", "id": vm_id},
+                ) from None
+            except OSError as e:
+                with self._lock:
+                    self._vms.pop(vm_id, None)
+                    self._rt.pop(vm_id, None)
+                if e.errno in NO_SPACE:
+                    raise StorageFullError(
+                        f"no space left in {self.settings.state_dir} for VM {vm_id}; "
+                        "nothing was started"
+                    ) from None
+                raise
+            try:
                 self._spawn(vm, rt)
             except BaseException:
                 # Create is all or nothing: a VMM that failed to start leaves no record.
@@ -638,12 +850,21 @@ class VmManager:
         return 201, self._public(vm)
 
     def _check_disk_free(self, disk: str) -> None:
+        """409 when a live VM uses this disk by any name: the same path, or the same file
+        (device and inode) through a hard link, a symlink or a bind mount."""
+        wanted = disk_identity(disk)
         for other in self._vms.values():
-            if other.disk == disk and other.state in p.LIVE_STATES:
+            if other.state not in p.LIVE_STATES:
+                continue
+            same = other.disk == disk
+            if not same and wanted is not None:
+                recorded = tuple(other.disk_id) if other.disk_id else None
+                same = wanted in (recorded, disk_identity(other.disk))
+            if same:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
-                    f"{disk} is in use by VM {other.id}",
+                    f"{disk} is in use by VM {other.id} (as {other.disk})",
                     {"field": "disk", "id": other.id},
                 )
 
@@ -658,19 +879,52 @@ class VmManager:
         with self._lock:
             self._vms.pop(vm_id, None)
             self._rt.pop(vm_id, None)
-        shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
-        self.socket_path(vm_id).unlink(missing_ok=True)
-        self._path_cache.pop(vm_id, None)
-        self.generation += 1
+            self._unsaved.discard(vm_id)
+            # Until the directory is gone, a create of this name is refused (409), not
+            # raced: it would mkdir into a half-removed folder and then remove it too.
+            self._removing.add(vm_id)
+        try:
+            target = self._removable_dir(vm_id)
+            if target is not None:
+                shutil.rmtree(target, ignore_errors=True)
+            self.socket_path(vm_id).unlink(missing_ok=True)
+        finally:
+            with self._lock:
+                self._removing.discard(vm_id)
+            self._path_cache.pop(vm_id, None)
+            self.generation += 1
+
+    def _removable_dir(self, vm_id: str) -> Path | None:
+        """The VM's directory when it is really one directly inside the records dir: a
+        removal never follows a symlink or an id out of the state dir."""
+        if not p.VM_ID_RE.fullmatch(vm_id):
+            log.error("refusing to remove a VM directory for the id %r", vm_id)
+            return None
+        path = self.vm_dir(vm_id)
+        if path.is_symlink() or not path.is_dir():
+            return None
+        if path.resolve().parent != self.settings.records_dir.resolve():
+            log.error("refusing to remove %s: not inside %s", path, self.settings.records_dir)
+            return None
+        return path
 
     def _spawn(self, vm: Vm, rt: _Runtime) -> None:
         """Start the VMM and wait for vmm.ping. Called with the VM's action lock held."""
         sock = self.socket_path(vm.id)
         sock.unlink(missing_ok=True)  # v42 refuses to bind over a stale socket
+        before = (vm.state, vm.exit, vm.pid, vm.pid_start)
         vm.state, vm.exit, vm.pid, vm.pid_start = p.STATE_STARTING, None, None, None
         # Record first: if the daemon dies during the spawn, re-adoption finds the VMM
-        # by its socket path.
+        # by its socket path. No record, no VMM.
         self._persist(vm)
+        if vm.id in self._unsaved:
+            with self._lock:
+                vm.state, vm.exit, vm.pid, vm.pid_start = before
+            self._unsaved.discard(vm.id)
+            raise StorageFullError(
+                f"no space left in {self.settings.state_dir} for the record of VM {vm.id}; "
+                "nothing was started"
+            )
         d = self.vm_dir(vm.id)
         for name in (SERIAL_LOG, VMM_STDERR):
             (d / name).unlink(missing_ok=True)
@@ -759,6 +1013,7 @@ class VmManager:
         finally:
             rt.action_name = ""
             rt.action.release()
+        self._check_saved(vm, f"VM {vm.id} is {vm.state} ({action} done)")
         return self._public(vm)
 
     def _require(self, vm: Vm, *states: str) -> None:
@@ -799,9 +1054,13 @@ class VmManager:
             vm.argv[0] = ch_path
             # Claim the disk before the lock drops: two stopped VMs on one disk started at
             # once would otherwise both pass the check and boot two VMMs on one image.
-            vm.state = p.STATE_STARTING
+            previous, vm.state = vm.state, p.STATE_STARTING
         try:
             self._spawn(vm, rt)
+        except StorageFullError:
+            with self._lock:
+                vm.state = previous  # no VMM was started
+            raise
         except ApiError:
             raise  # _startup_failed recorded the exit
         except BaseException:
@@ -948,6 +1207,8 @@ class VmManager:
         try:
             doc = self.action(vm_id, "shutdown", timeout)
             results.append({"id": vm_id, "state": doc["state"]})
+        except StorageFullError as e:
+            results.append({"id": vm_id, "state": e.details["vm"]["state"], "saved": False})
         except ApiError as e:
             results.append({"id": vm_id, "error": e.message})
 
@@ -956,6 +1217,13 @@ class VmManager:
             vms = list(self._vms.values())
         for vm in vms:
             self._persist(vm)
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def _printable(path: Path) -> str:
+    return str(path).encode("unicode_escape", "replace").decode("ascii")
 
 
 def parse_events(text: str) -> list[dict[str, Any]]:
@@ -1039,12 +1307,10 @@ def _size_mb(text: str | None) -> int | None:
     if not text:
         return None
     units = {"K": 1 / 1024, "M": 1, "G": 1024}
-    try:
-        if text[-1] in units:
-            return int(int(text[:-1]) * units[text[-1]])
-        return int(text) // 2**20
-    except ValueError:
-        return None
+    number, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "")
+    if not _DIGITS.fullmatch(number):
+        return None  # int() also reads '²'-free oddities like '٣' and '1_0'
+    return int(int(number) * units[unit]) if unit else int(number) // 2**20
 
 
 def foreign_doc(pid: int, argv: list[str], st: procs.ProcStat, cpu: float) -> dict[str, Any]:
@@ -1055,7 +1321,7 @@ def foreign_doc(pid: int, argv: list[str], st: procs.ProcStat, cpu: float) -> di
         "managed": False,
         "state": p.STATE_RUNNING,
         "pid": pid,
-        "cpus": int(cpus) if cpus and cpus.isdigit() else None,
+        "cpus": int(cpus) if cpus and _DIGITS.fullmatch(cpus) else None,
         "memory_mb": _size_mb(_option_value(argv, "--memory", "size")),
         "disk": _option_value(argv, "--disk", "path"),
         "cpu_percent": cpu,

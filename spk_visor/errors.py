@@ -179,6 +179,10 @@ _DAEMON_EXIT = {
     "kvm_unavailable": ExitCode.REFUSED,
     "firmware_missing": ExitCode.REFUSED,
     "busy": ExitCode.BUSY,
+    "not_implemented": ExitCode.USAGE,
+    # The node's state dir is full: someone has to free space (details.vm says what the
+    # action really did).
+    "insufficient_storage": ExitCode.OPERATOR_NEEDED,
 }
 
 

@@ -10,6 +10,22 @@ import os
 
 import pytest
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a run without the dev extra: property tests then fail to import
+    pass
+else:
+    # Property tests (tests/hostile/, and wherever else a `fuzz` test lives): a bounded
+    # number of examples in every run; `make fuzz` selects the long profile with
+    # HYPOTHESIS_PROFILE=fuzz. No deadline: the machine is shared and timing is not
+    # what these tests check.
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_quiet)
+    settings.register_profile(
+        "fuzz", max_examples=3000, deadline=None, suppress_health_check=_quiet
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 

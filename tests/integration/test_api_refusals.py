@@ -279,17 +279,27 @@ def test_malformed_request_line_gets_json(rig: tuple[Daemon, DaemonEnv]) -> None
 
 
 def test_connection_cap(rig: tuple[Daemon, DaemonEnv]) -> None:
-    """Past the cap an extra client gets a 503 at once; the idle ones do not starve it for
-    good: once they go away the daemon serves again."""
+    """Past the cap an extra client gets a 503 at once (but /api/health is still
+    answered); the idle ones do not starve it for good: once they go away the daemon
+    serves again."""
     d, _ = rig
     idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(8)]
     try:
         # Each idle connection holds a handler thread waiting for its request line.
+        time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", d.port), timeout=5) as extra:
-            extra.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            extra.sendall(
+                f"GET /api/node HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {d.token}\r\n"
+                "\r\n".encode()
+            )
             data = read_until_closed(extra)
         assert b" 503 " in data.split(b"\r\n")[0]
         assert b'"busy"' in data
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as extra:
+            extra.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = read_until_closed(extra)
+        assert b" 200 " in data.split(b"\r\n")[0]
+        assert b'"ok"' in data
     finally:
         for s in idle:
             s.close()

@@ -95,7 +95,8 @@ def test_corrupt_record_does_not_stop_the_daemon(daemon_env: DaemonEnv) -> None:
     (bad / "record.json").write_text("{not json")
     d = Daemon(env)
     try:
-        assert managed_vms(d) == []
+        # Listed as broken (so an operator sees it), never as a VM the daemon runs.
+        assert [(v["id"], v["state"]) for v in managed_vms(d)] == [("broken", "broken")]
         assert any("skipping unreadable VM record" in line for line in d.lines)
     finally:
         d.stop()
