@@ -666,7 +666,7 @@ def test_announcer_and_discover_on_loopback(dest: str) -> None:
     iid2 = os.urandom(16)
     ann = discovery.Announcer(
         "42", 0, IID, 47475, mac="52:54:00:00:00:01", discovery_port=port,
-        destinations=[dest], interval=0.1,
+        destinations=[dest], interval=0.1, busy_interval=0.1,
     )  # fmt: skip
     other = discovery.Announcer("43", 0, iid2, 47476, discovery_port=port, destinations=[dest])
     try:
