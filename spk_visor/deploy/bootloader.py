@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from spk_visor.deploy import tools
+from spk_visor.install import runner
 from spk_visor.ota import durable
 
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
@@ -65,7 +65,7 @@ class BootIds:
 
 
 def _run(argv: list[str], step: str, env: dict[str, str] | None = None) -> str:
-    return tools.run_checked(
+    return runner.run_checked(
         argv, lambda detail: BootloaderError(step, detail), timeout=_TIMEOUT_S, env=env
     )
 

@@ -46,7 +46,7 @@ from typing import IO, Any, Protocol, cast
 
 import zstandard
 
-from spk_visor.deploy import bootloader, tools
+from spk_visor.deploy import bootloader
 from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import VerificationError
 from spk_visor.ota import dsse, durable, swap
@@ -270,7 +270,7 @@ def validate_plan(
 
 
 def _run(argv: list[str], reason: str, stdin: str | None = None) -> str:
-    return tools.run_checked(
+    return runner.run_checked(
         argv, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S, stdin=stdin
     )
 

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spk_visor.deploy import channel, code, discovery, install, inventory, messages
+from spk_visor.install import runner
 from spk_visor.ota.roots import Root
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -40,6 +40,10 @@ DATA_RECORD = 64 << 10
 PROGRESS_EVERY = 1.0
 # The donor has this long between records once authenticated; the handshake has its own.
 IDLE_TIMEOUT = 120.0
+
+
+class _RebootFailed(Exception):
+    """The reboot command could not run, timed out or exited non-zero."""
 
 
 class SessionFailed(Exception):
@@ -311,8 +315,8 @@ class Receiver:
     def reboot(self) -> None:
         self.emit("reboot", {"argv": list(self.options.reboot_cmd)})
         try:
-            subprocess.run(list(self.options.reboot_cmd), check=False, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            runner.run_checked(list(self.options.reboot_cmd), _RebootFailed, timeout=60)
+        except _RebootFailed as e:
             # The deploy already succeeded: say the reboot failed, do not turn it into a
             # failed deploy (the caller would report "failed" and go back to waiting).
             self.emit("error", {"reason": f"reboot failed: {e}"})

@@ -136,7 +136,7 @@ class Shared:
         node.paths.previous.unlink(missing_ok=True)
         for path in node.paths.releases.iterdir():
             if path.name != self.v1.release_id:
-                swap._rmtree(path)
+                swap.rmtree(path)
         return node
 
 

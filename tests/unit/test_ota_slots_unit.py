@@ -13,6 +13,8 @@ import pytest
 import zstandard
 
 from spk_visor.errors import BusyError, ConfigError, ExitCode, VerificationError
+from spk_visor.install import blockdev
+from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.manifest import MANIFEST_TYPE, Manifest, parse
@@ -169,7 +171,7 @@ def test_head_is_written_last(ctx: OtaContext, monkeypatch: pytest.MonkeyPatch) 
             seen.append(slot_bytes(ctx, "b", 64))
 
     ctx.emit = spy
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
     # Two 1 MiB body windows with a zero head, then the head last of all.
     assert seen == [bytes(64), bytes(64), raw[:64]]
@@ -182,19 +184,19 @@ def test_odd_sizes_land_exactly(
 ) -> None:
     """Head, windows and an unaligned tail add up to the image, byte for byte, with
     O_DIRECT and without it (devices that refuse O_DIRECT)."""
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     used: list[bool] = []
-    real_open = slots._open_for_writing
+    real_open = blockdev.open_for_writing
 
     def open_for_writing(device: str) -> tuple[int, bool]:
         if direct:
             fd, is_direct = real_open(device)
         else:
-            fd, is_direct = slots._open_slot(device, os.O_RDWR), False
+            fd, is_direct = blockdev.open_exclusive(device, os.O_RDWR), False
         used.append(is_direct)
         return fd, is_direct
 
-    monkeypatch.setattr(slots, "_open_for_writing", open_for_writing)
+    monkeypatch.setattr(blockdev, "open_for_writing", open_for_writing)
     raw = raw_image(size, seed=size)
     manifest, mhex = put(ctx, raw, zstandard.ZstdCompressor().compress(raw))
     assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
@@ -207,10 +209,10 @@ def test_a_slot_that_reads_back_wrong_is_refused(
     ctx: OtaContext, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """The device returning other bytes than were written (a failing disk) is caught."""
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     raw = raw_image(3 << 20)
     manifest, mhex = put(ctx, raw, zstandard.ZstdCompressor().compress(raw))
-    real = slots._pread_into
+    real = blockdev.pread_into
 
     def flaky(fd: int, view: memoryview, offset: int) -> int:
         n = real(fd, view, offset)
@@ -218,7 +220,7 @@ def test_a_slot_that_reads_back_wrong_is_refused(
             view[100] ^= 0xFF
         return n
 
-    monkeypatch.setattr(slots, "_pread_into", flaky)
+    monkeypatch.setattr(blockdev, "pread_into", flaky)
     with pytest.raises(VerificationError, match="reads back other bytes"):
         slots.stage(ctx, manifest, mhex)
     assert "next_entry" not in node.grub_vars(ctx.paths.sysroot)
