@@ -64,6 +64,10 @@ MIN_RECORD = 1 + TAG_LEN
 MAX_RECORD = 1 + MAX_PAYLOAD + TAG_LEN
 MAX_RECORDS = 2**32  # far below the 96-bit counter limit; a deploy needs ~10^5
 _RBUF_LEN = 2 * (4 + MAX_RECORD)
+# Records decrypt into a ring of this many buffers: a view recv_view returned stays valid
+# for RECV_RING - 1 more records, so a consumer on another thread (the image decoder)
+# can use it without a copy as long as it keeps fewer than that many in hand.
+RECV_RING = 8
 
 # After these peer messages (messages.py numbers END, REPORT, ERROR, BUSY; a unit test keeps
 # them in step) a FIN is an orderly close; anywhere else it is truncation.
@@ -266,8 +270,7 @@ class SecureChannel:
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
-        self._dbuf = bytearray(1 + MAX_PAYLOAD)
-        self._dview = memoryview(self._dbuf)
+        self._ring = [memoryview(bytearray(1 + MAX_PAYLOAD)) for _ in range(RECV_RING)]
         self.settimeout(idle_timeout)
 
     def settimeout(self, seconds: float | None) -> None:
@@ -374,7 +377,8 @@ class SecureChannel:
         return mtype, bytes(view)
 
     def recv_view(self) -> tuple[int, memoryview]:
-        """Like recv, without copying the payload: the view is valid until the next recv."""
+        """Like recv, without copying the payload: the view stays valid for RECV_RING - 1
+        more receives (its buffer is reused after that)."""
         self._alive()
         self._fill(4)
         pos = self._rpos
@@ -387,12 +391,13 @@ class SecureChannel:
         self._fill(4 + length)
         pos = self._rpos  # _fill may have moved the record to the front of the buffer
         plain_len = length - TAG_LEN
+        dview = self._ring[self._recv_n % RECV_RING]
         try:
             self._open.decrypt_into(
                 self._recv_n.to_bytes(12, "big"),
                 self._rview[pos + 4 : pos + 4 + length],
                 header,
-                self._dview[:plain_len],
+                dview[:plain_len],
             )
         except InvalidTag:
             # Dropped, reordered, replayed or altered: nothing more is sent on this channel.
@@ -404,10 +409,10 @@ class SecureChannel:
         self._recv_n += 1
         if self._recv_n >= MAX_RECORDS:
             self._kill("record limit reached")
-        mtype = self._dbuf[0]
+        mtype = dview[0]
         if mtype in _CLOSING_TYPES:
             self._peer_closing = True
-        return mtype, self._dview[1:plain_len]
+        return mtype, dview[1:plain_len]
 
     def recv_json(self) -> tuple[int, dict[str, Any]]:
         mtype, view = self.recv_view()

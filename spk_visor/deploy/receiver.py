@@ -341,13 +341,19 @@ class _Session:
         self.chan.send_json(mtype, doc)
 
     def recv(self) -> tuple[int, bytes]:
-        mtype, payload = self.chan.recv()
+        mtype, view = self.recv_view()
+        return mtype, bytes(view)
+
+    def recv_view(self) -> tuple[int, memoryview]:
+        """The next record, checked against the state machine; the payload is a view into
+        the channel's receive ring (valid for channel.RECV_RING - 1 more records)."""
+        mtype, payload = self.chan.recv_view()
         try:
             self.machine.check("recv", mtype)
         except channel.ChannelError as e:
             raise SessionFailed(str(e)) from e
         if mtype == messages.ERROR:
-            reason = _json(payload).get("reason") if payload else None
+            reason = _json(bytes(payload)).get("reason") if payload else None
             # The donor gave up on its side: what is verified so far stays usable.
             raise SessionFailed(f"the donor stopped: {reason}", resumable=True)
         return mtype, payload
@@ -530,7 +536,7 @@ class _Session:
         got = 0
         failure: str | None = None
         while True:
-            mtype, payload = self.recv()
+            mtype, payload = self.recv_view()  # DATA goes to the sink without a copy
             if mtype == messages.FILE_END:
                 break
             if mtype != messages.DATA:
