@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
@@ -47,6 +47,11 @@ MAGIC = b"SPKD"
 VERSION = 1
 HELLO_LEN = 8
 FLAG_BUSY = 0x0001  # the target already serves a donor; it closes right after its hello
+# "This side encrypts AES-GCM in hardware (AES-NI)": both set -> AES-256-GCM records,
+# otherwise ChaCha20-Poly1305 (constant-time and fast without AES instructions). The
+# hellos are in the transcript, so a flag changed on the wire fails key confirmation.
+FLAG_AES = 0x0002
+CPUINFO = "/proc/cpuinfo"
 _HELLO = struct.Struct(">4sHH")
 _PARAMS = struct.Struct(">16sI")
 INSTANCE_ID_LEN = 16
@@ -57,8 +62,10 @@ MAX_HANDSHAKE_BLOB = 512
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # mkfs of a large disk sends PHASE first, so minutes of silence are a fault
 
-CHUNK = 64 * 1024  # DATA payload per record: measured best (deploy.md, numbers)
 MAX_PAYLOAD = 1024 * 1024
+# DATA payload per record: the largest the receiver accepts. Per-record Python work is
+# what limits the stream, and 1 MiB records halve it against 256 KiB (bench/deploy_channel).
+CHUNK = MAX_PAYLOAD
 TAG_LEN = 16
 MIN_RECORD = 1 + TAG_LEN
 MAX_RECORD = 1 + MAX_PAYLOAD + TAG_LEN
@@ -108,6 +115,28 @@ def hello_bytes(flags: int = 0) -> bytes:
     return _HELLO.pack(MAGIC, VERSION, flags)
 
 
+def has_aes_ni(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU lists the `aes` flag (x86 AES-NI; ARMv8 lists `aes` under Features)."""
+    try:
+        with open(cpuinfo or CPUINFO) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+def cipher_flags() -> int:
+    return FLAG_AES if has_aes_ni() else 0
+
+
+def cipher_name(flags_donor: int, flags_target: int) -> str:
+    """The AEAD both hellos agree on."""
+    return "aes-256-gcm" if flags_donor & flags_target & FLAG_AES else "chacha20-poly1305"
+
+
 def send_busy(sock: socket.socket, linger: float = 1.0) -> None:
     """Tell a second donor the target is busy (before any crypto), then close.
 
@@ -146,7 +175,7 @@ def donor_handshake(
     nameplate, secret = parse(code_text)
     wire = _Wire(sock, timeout)
     try:
-        hello_d = hello_bytes()
+        hello_d = hello_bytes(cipher_flags())
         try:
             wire.send(hello_d)
         except ChannelError as exc:
@@ -194,7 +223,8 @@ def donor_handshake(
             raise ChannelError(
                 "the target failed key confirmation (not the target showing the code)"
             )
-        return SecureChannel(sock, keys.d2t, keys.t2d, keys.verifier)
+        cipher = cipher_name(_check_hello(hello_d), flags)
+        return SecureChannel(sock, keys.d2t, keys.t2d, keys.verifier, cipher=cipher)
     except BaseException:
         _close_quietly(sock)
         raise
@@ -215,10 +245,10 @@ def target_handshake(
         raise ValueError(f"instance_id must be {INSTANCE_ID_LEN} bytes")
     wire = _Wire(sock, timeout)
     try:
-        hello_t = hello_bytes()
+        hello_t = hello_bytes(cipher_flags())
         wire.send(hello_t)
         hello_d = wire.recv_exact(HELLO_LEN)
-        _check_hello(hello_d)
+        flags_d = _check_hello(hello_d)
         params = _PARAMS.pack(instance_id, code.epoch)
         wire.send_blob(params)
         msg_a = wire.recv_blob()
@@ -236,7 +266,8 @@ def target_handshake(
                 pass
             raise WrongCode("wrong code: the donor's key confirmation did not match")
         wire.send_blob(keys.confirmation(b"target"))
-        return SecureChannel(sock, keys.t2d, keys.d2t, keys.verifier)
+        cipher = cipher_name(flags_d, _check_hello(hello_t))
+        return SecureChannel(sock, keys.t2d, keys.d2t, keys.verifier, cipher=cipher)
     except BaseException:
         _close_quietly(sock)
         raise
@@ -253,11 +284,14 @@ class SecureChannel:
         recv_key: bytes,
         verifier: str,
         idle_timeout: float | None = IDLE_TIMEOUT,
+        cipher: str = "chacha20-poly1305",
     ) -> None:
         self.verifier = verifier
+        self.cipher = cipher
         self._sock = sock
-        self._seal = ChaCha20Poly1305(send_key)
-        self._open = ChaCha20Poly1305(recv_key)
+        aead = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}[cipher]
+        self._seal = aead(send_key)
+        self._open = aead(recv_key)
         self._send_n = 0
         self._recv_n = 0
         self._dead: str | None = None
