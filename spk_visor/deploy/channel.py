@@ -289,7 +289,9 @@ class SecureChannel:
         self.verifier = verifier
         self.cipher = cipher
         self._sock = sock
-        aead = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}[cipher]
+        if cipher not in ("aes-256-gcm", "chacha20-poly1305"):
+            raise ValueError(f"unknown cipher {cipher!r}")
+        aead = AESGCM if cipher == "aes-256-gcm" else ChaCha20Poly1305
         self._seal = aead(send_key)
         self._open = aead(recv_key)
         self._send_n = 0

@@ -447,6 +447,16 @@ class _State:
     sinks: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class _BootPrep:
+    """What start_boot_prep's thread made: an error, or what finalize finishes from."""
+
+    thread: threading.Thread
+    config: BaseException | None = None
+    bios: bool | BaseException = False  # True: core.img ready for grub-bios-setup
+    efi: Path | BaseException | None = None
+
+
 class Installer:
     def __init__(self, resolved: ResolvedPlan, mountpoint: Path, emit: Emit) -> None:
         self.plan = resolved
@@ -464,6 +474,7 @@ class Installer:
         self.image_sha256: str | None = None
         self.daemon_release: str | None = None
         self.state = _State()
+        self._boot_prep: _BootPrep | None = None
         manifest = resolved.manifest
         self.total_bytes = sum(manifest.blobs.values())
 
@@ -601,6 +612,7 @@ class Installer:
         if manifest.image is not None and blob_id == manifest.image.blob:
             self.phase("image")
             sink = _ImageSink(self, manifest.image, size)
+            self.start_boot_prep()
         elif manifest.daemon is not None and blob_id == manifest.daemon.pack:
             self.phase("daemon")
             sink = _PackSink(self, manifest.daemon, size)
@@ -641,26 +653,25 @@ class Installer:
             raise InstallError("incomplete", "the daemon tree was not received and verified")
         self.phase("config")
         boot_dir = self.mountpoint / "boot"
-        self._write_config()
-        ids = bootloader.BootIds(
-            data_fs_uuid=self.data_uuid,
-            slot_partuuid={"a": self.partuuids["root-a"], "b": self.partuuids["root-b"]},
-        )
-        try:
-            bootloader.write_config(boot_dir, ids)
-        except bootloader.BootloaderError as e:
-            raise InstallError("config", str(e)) from e
+        prep = self._join_boot_prep()
+        if prep.config is not None:
+            raise InstallError("config", str(prep.config)) from prep.config
+        self._write_record()
         os.sync()
         self.phase("bootloader")
         self.state.boot_started = True
         boot: dict[str, str] = {}
         try:
-            bootloader.install_bios(self.disk.path, boot_dir)
+            if isinstance(prep.bios, BaseException):
+                raise prep.bios
+            bootloader.install_bios(self.disk.path, boot_dir, prepared=prep.bios is True)
             boot["bios"] = "ok"
         except (bootloader.BootloaderError, OSError) as e:
             boot["bios"] = f"failed: {e}"
         try:
-            size = bootloader.install_efi(self.parts["esp"], boot_dir, self.data_uuid)
+            if not isinstance(prep.efi, Path):
+                raise prep.efi or bootloader.BootloaderError("efi", "not prepared")
+            size = bootloader.install_efi(self.parts["esp"], prep.efi)
             boot["efi_fallback"] = f"ok ({size} bytes)"
         except (bootloader.BootloaderError, OSError) as e:
             boot["efi_fallback"] = f"failed: {e}"
@@ -697,6 +708,48 @@ class Installer:
             f"UUID={self.esp_uuid} /boot/efi vfat umask=0077,nofail 0 1\n"
         )
 
+    # -- what the bootloader needs, prepared while the image streams
+
+    def start_boot_prep(self) -> None:
+        """Config files, grub.cfg, GRUB's modules, core.img and BOOTX64.EFI, on a thread
+        while the image streams. None of it is on a boot path: the MBR, the BIOS-boot
+        partition and the ESP are written by finalize, after every hash matched."""
+        if self._boot_prep is None and self.state.prepared:
+            prep = _BootPrep(threading.Thread(target=self._prepare_boot, name="boot-prep"))
+            self._boot_prep = prep
+            prep.thread.start()
+
+    def _join_boot_prep(self) -> _BootPrep:
+        self.start_boot_prep()
+        if self._boot_prep is None:
+            raise InstallError("not_prepared", "finalize before prepare")
+        self._boot_prep.thread.join()
+        return self._boot_prep
+
+    def _prepare_boot(self) -> None:
+        prep = self._boot_prep
+        if prep is None:
+            return
+        boot_dir = self.mountpoint / "boot"
+        ids = bootloader.BootIds(
+            data_fs_uuid=self.data_uuid,
+            slot_partuuid={"a": self.partuuids["root-a"], "b": self.partuuids["root-b"]},
+        )
+        try:
+            self._write_config()
+            bootloader.write_config(boot_dir, ids)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.config = e
+            return
+        try:
+            prep.bios = bootloader.prepare_bios(self.disk.path, boot_dir)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.bios = e
+        try:
+            prep.efi = bootloader.prepare_efi(boot_dir, self.data_uuid)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.efi = e
+
     def _write_config(self) -> None:
         etc = self.mountpoint / "etc"
         etc.mkdir(mode=0o755, exist_ok=True)
@@ -704,6 +757,10 @@ class Installer:
         # World-readable, as every system reads them.
         durable.write_bytes(etc / "fstab", self.fstab().encode(), 0o644)
         durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode(), 0o644)
+
+    def _write_record(self) -> None:
+        """The deploy record, once the image and the daemon tree are verified."""
+        etc = self.mountpoint / "etc"
         manifest = self.plan.manifest
         record = {
             "manifest_sha256": self.plan.manifest_sha256,
@@ -733,6 +790,8 @@ class Installer:
         self.phase("aborted", reason=reason)
         for sink in self.state.sinks:
             sink.close()
+        if self._boot_prep is not None:
+            self._boot_prep.thread.join()  # its tools are bounded by _TIMEOUT_S
         problems: list[str] = []
         if not self.state.finalized:
             problems += bootloader.remove_boot_code(
