@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from spk_visor.install import runner
+from spk_visor.install import blockdev, runner
 from spk_visor.ota import durable
 
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
@@ -37,6 +37,7 @@ ENTRY_IDS = {"a": "smechvisor-a", "b": "smechvisor-b"}
 # GPT partition numbers of the `ab` layout (install.py writes them in this order).
 SLOT_PARTITION = {"a": 3, "b": 4}
 EFI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
+MBR_CODE = 440  # bytes of boot code in front of the MBR's partition table
 # What BOOTX64.EFI carries itself, so it can find and read grub.cfg with no module loading;
 # the rest loads from boot/grub/x86_64-efi on the data partition.
 EFI_MODULES = (
@@ -250,24 +251,13 @@ def remove_boot_code(disk: str, bios_part: str | None, esp: str | None) -> list[
     """Undo whatever of the boot path exists; best effort, returns what could not be done."""
     problems: list[str] = []
     try:
-        fd = os.open(disk, os.O_WRONLY)
-        try:
-            # MBR boot code only (0..440): the protective MBR's partition entry stays valid.
-            os.pwrite(fd, bytes(440), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # MBR boot code only (0..440): the protective MBR's partition entry stays valid.
+        blockdev.zero_head(disk, MBR_CODE, exclusive=False)
     except OSError as e:
         problems.append(f"MBR boot code: {e}")
     if bios_part:
         try:
-            fd = os.open(bios_part, os.O_WRONLY)
-            try:
-                size = os.lseek(fd, 0, os.SEEK_END)
-                os.pwrite(fd, bytes(size), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            blockdev.zero_head(bios_part, exclusive=False)
         except OSError as e:
             problems.append(f"BIOS boot partition: {e}")
     if esp and os.path.exists(esp):

@@ -550,8 +550,8 @@ class Installer:
             try:
                 size = os.lseek(fd, 0, os.SEEK_END)
                 zeros = bytes(MIB)
-                os.pwrite(fd, zeros, 0)
-                os.pwrite(fd, zeros, max(size - MIB, 0))
+                blockdev.pwrite_all(fd, zeros, 0)
+                blockdev.pwrite_all(fd, zeros, max(size - MIB, 0))
                 blockdev.flush(fd)
             finally:
                 os.close(fd)
@@ -800,12 +800,7 @@ class Installer:
             root_a = self.parts.get("root-a")
             if root_a:
                 try:
-                    fd = os.open(root_a, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.pwrite(fd, bytes(HEAD), 0)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    blockdev.zero_head(root_a, HEAD, exclusive=False)
                 except OSError as e:
                     problems.append(f"slot A head: {e}")
         self._unmount()

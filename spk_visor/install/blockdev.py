@@ -132,12 +132,15 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
-def zero_head(device: str, length: int) -> None:
-    """Zero the device's first `length` bytes, durably: no filesystem there any more."""
-    fd = open_exclusive(device, os.O_WRONLY)
+def zero_head(device: str, length: int | None = None, *, exclusive: bool = True) -> None:
+    """Zero the device's first `length` bytes (all of it for None), durably: no
+    filesystem or boot code there any more. `exclusive=False` for undoing a failed
+    install, where a udev probe holding the device must not stop the wipe."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    fd = open_exclusive(device, os.O_WRONLY) if exclusive else os.open(device, flags)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        pwrite_all(fd, bytes(min(length, size)), 0)
+        pwrite_all(fd, bytes(size if length is None else min(length, size)), 0)
         flush(fd)
     finally:
         os.close(fd)

@@ -171,9 +171,11 @@ def test_target_waits_for_donor_confirmation_first() -> None:
 
 
 class _Tap:
-    """A relay between a donor and a target that records the donor's bytes."""
+    """A relay between a donor and a target that records the donor's bytes; `rewrite`,
+    if given, changes the donor's first chunk on the way (an active attacker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rewrite: Callable[[bytes], bytes] | None = None) -> None:
+        self.rewrite = rewrite
         self.donor_side, self._a = socket.socketpair()
         self._b, self.target_side = socket.socketpair()
         self.from_donor = bytearray()
@@ -190,6 +192,8 @@ class _Tap:
             while b := src.recv(65536):
                 if record:
                     self.from_donor += b
+                    if self.rewrite is not None:
+                        b, self.rewrite = self.rewrite(b), None
                 dst.sendall(b)
         except OSError:
             pass
@@ -750,41 +754,19 @@ def test_a_cipher_flag_stripped_on_the_wire_fails_key_confirmation(
     """A relay that clears the donor's AES flag (a downgrade) changes the transcript:
     the target refuses the donor's confirmation, nothing is encrypted either way."""
     monkeypatch.setattr(channel, "CPUINFO", _cpuinfo(tmp_path, "aes"))
-    donor_side, a = socket.socketpair()
-    b, target_side = socket.socketpair()
 
-    def pump(src: socket.socket, dst: socket.socket, strip: bool) -> None:
-        src.settimeout(T)
-        first = strip
-        try:
-            while data := src.recv(65536):
-                if first:
-                    hello = bytearray(data)
-                    hello[7] &= ~channel.FLAG_AES & 0xFF
-                    data, first = bytes(hello), False
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (dst, src):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def strip_aes(first: bytes) -> bytes:
+        hello = bytearray(first)
+        hello[7] &= ~channel.FLAG_AES & 0xFF
+        return bytes(hello)
 
-    pumps = [
-        threading.Thread(target=pump, args=(a, b, True), daemon=True),
-        threading.Thread(target=pump, args=(b, a, False), daemon=True),
-    ]
-    for th in pumps:
-        th.start()
-    th_t, res_t = _thread(lambda: target_handshake(target_side, CODE, IID, timeout=T))
+    tap = _Tap(strip_aes)
+    th_t, res_t = _thread(lambda: target_handshake(tap.target_side, CODE, IID, timeout=T))
     with pytest.raises((WrongCode, channel.ChannelError)):
-        donor_handshake(donor_side, str(CODE), 0, IID, timeout=T)
+        donor_handshake(tap.donor_side, str(CODE), 0, IID, timeout=T)
     th_t.join(2 * T)
     assert isinstance(res_t.get("error"), WrongCode)
-    for th in pumps:
-        th.join(2 * T)
+    tap.join()
 
 
 def test_a_received_view_stays_valid_for_the_ring(
