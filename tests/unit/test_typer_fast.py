@@ -3,10 +3,12 @@ settles itself, the same error for every other one (it hands those to Typer)."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated, Any
 
 import pytest
 import typer
+import typer._coercion
 import typer.main
 from typer import _click
 from typer._coercion import build_runtime_param
@@ -109,10 +111,6 @@ def test_typer_private_names_gone_means_typers_own_handling(
 ) -> None:
     """A Typer release that renames a private name typer_fast uses must not make every
     command fail (cron's `ota pull` included): the CLI runs on with Typer's own coercion."""
-    import importlib
-
-    import typer._coercion
-
     monkeypatch.delattr(typer._coercion, "build_runtime_param")  # a rename upstream
     broken = importlib.reload(typer_fast)
     try:
@@ -138,6 +136,5 @@ def test_a_changed_parameter_object_means_typers_own_handling(
         param.__dict__.pop("_runtime_param", None)
     typer_fast.install(command)
     assert not any(
-        isinstance(p.__dict__.get("_runtime_param"), typer_fast.ScalarParam)
-        for p in sample_params
+        isinstance(p.__dict__.get("_runtime_param"), typer_fast.ScalarParam) for p in sample_params
     )
