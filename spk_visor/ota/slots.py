@@ -69,6 +69,30 @@ PENDING = ("invalidating", "writing", "verifying")
 _OUTPUT_TAIL = 400
 
 
+class TrialInProgress(BusyError):
+    """A staged base is being tried (booted, boot-check not done): nothing else may change
+    the node until boot-check commits or rejects it. One error wherever it is noticed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a base trial boot is in progress", "wait for boot-check to commit or roll back"
+        )
+
+
+def check_no_trial(ctx: OtaContext, booted: str | None = None) -> None:
+    """TrialInProgress when the journal says trial, or says staged while this boot runs
+    the staged slot (boot-check has not run yet). `booted`: the running slot, if known."""
+    entry = ctx.journal.get(COMPONENT)
+    phase = entry.get("phase")
+    if phase == "trial":
+        raise TrialInProgress()
+    if phase == "staged":
+        if booted is None:
+            booted = bootloader(ctx).booted()
+        if booted is not None and booted == entry.get("slot"):
+            raise TrialInProgress()
+
+
 def other(slot: str) -> str:
     return "b" if slot == "a" else "a"
 
@@ -339,10 +363,7 @@ def stage(ctx: OtaContext, manifest: Manifest, manifest_hex: str) -> ExitCode:
     boot = bootloader(ctx)
     prior = ctx.journal.get(COMPONENT)
     phase = str(prior.get("phase", "idle"))
-    if phase == "trial" or (phase == "staged" and boot.booted() == prior.get("slot")):
-        raise VerificationError(
-            "a trial boot of a new base is in progress", "let boot-check commit or reject it"
-        )
+    check_no_trial(ctx, boot.booted())
     slot = inactive_slot(ctx)
     same = prior.get("manifest") == manifest_hex and prior.get("slot") == slot
     if phase == "staged" and same and boot.oneshot() == slot:
@@ -548,7 +569,7 @@ def discard(ctx: OtaContext) -> ExitCode:
         recover(ctx)
         return ExitCode.OK
     if phase == "trial":
-        raise BusyError("a trial boot of the base is in progress", "boot-check decides it")
+        raise TrialInProgress()
     if phase != "staged":
         ctx.log("no staged base to discard")
         return ExitCode.OK

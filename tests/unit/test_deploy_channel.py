@@ -776,10 +776,12 @@ def test_a_received_view_stays_valid_for_the_ring(
     until RECV_RING - 1 further records have been received."""
     sender, receiver = pair
     n = channel.RECV_RING + 2
-    done = threading.Thread(
-        target=lambda: [sender.send(messages.DATA, bytes([i]) * 1000) for i in range(n)],
-        daemon=True,
-    )
+
+    def send_all() -> None:
+        for i in range(n):
+            sender.send(messages.DATA, bytes([i]) * 1000)
+
+    done = threading.Thread(target=send_all, daemon=True)
     done.start()
     views = []
     for i in range(n):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from spk_visor.errors import BusyError, ConfigError, ExitCode, VerificationError
+from spk_visor.errors import ConfigError, ExitCode, VerificationError
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from spk_visor.ota import slots
+from spk_visor.ota import engine, slots
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.manifest import MANIFEST_TYPE, Manifest, parse
 from tests.support import ota_slots_worker as node
@@ -259,16 +259,36 @@ def test_stage_refuses_during_a_trial_and_onto_the_default(ctx: OtaContext) -> N
     # Booted into the staged slot, boot-check not run yet.
     node.consume_oneshot(ctx.paths.sysroot)
     node.set_booted(ctx.paths.sysroot, "b")
-    with pytest.raises(VerificationError, match="trial"):
+    with pytest.raises(slots.TrialInProgress):
         slots.stage(ctx, manifest, mhex)
     ctx.journal.set("base", "trial")
-    with pytest.raises(BusyError):
+    with pytest.raises(slots.TrialInProgress):
         slots.discard(ctx)
     # Journal quiet, but the node runs b while the default is still a: writing a, the
     # only known-good slot, is refused.
     ctx.journal.set("base", "trial_failed")
     with pytest.raises(VerificationError, match="default"):
         slots.stage(ctx, manifest, mhex)
+
+
+def test_a_trial_in_progress_is_one_error_with_one_exit_code(ctx: OtaContext) -> None:
+    """Wherever it is noticed (stage, discard, an apply's preconditions, the worker's
+    daemon step), a base trial boot in progress is the same error: busy, exit 6."""
+    raw = raw_image(1 << 20)
+    manifest, mhex = put(ctx, raw, raw, encoding="identity")
+    assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
+    node.consume_oneshot(ctx.paths.sysroot)
+    node.set_booted(ctx.paths.sysroot, "b")
+    ctx.journal.set("base", "trial")
+    for attempt in (
+        lambda: slots.stage(ctx, manifest, mhex),
+        lambda: slots.discard(ctx),
+        lambda: engine.check_preconditions(ctx),
+    ):
+        with pytest.raises(slots.TrialInProgress) as e:
+            attempt()
+        assert e.value.exit_code == ExitCode.BUSY
+        assert e.value.message == "a base trial boot is in progress"
 
 
 # -- recovery -----------------------------------------------------------------------------
