@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from spk_visor.errors import OperatorNeededError
 from spk_visor.install import blockdev, runner
 from spk_visor.ota import durable
 
@@ -51,7 +52,7 @@ _TIMEOUT_S = 300
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
 
-class BootloaderError(Exception):
+class BootloaderError(OperatorNeededError):
     """A bootloader step failed; `step` says which ("bios", "efi", "config")."""
 
     def __init__(self, step: str, message: str) -> None:

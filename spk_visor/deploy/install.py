@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from spk_visor.deploy import bootloader, channel
 from spk_visor.deploy.inventory import Disk
-from spk_visor.errors import SpkVisorError, VerificationError
+from spk_visor.errors import OperatorNeededError, RefusedError, SpkVisorError, VerificationError
 from spk_visor.install import blockdev, runner, tree
 from spk_visor.install import image as image_writer
 from spk_visor.ota import dsse, durable
@@ -85,7 +85,7 @@ APPEAR_TIMEOUT_S = 10.0
 Emit = Callable[[str, dict[str, Any]], None]
 
 
-class PlanRefused(Exception):
+class PlanRefused(RefusedError):
     """A PLAN the receiver will not act on; `reason` is machine-readable."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -94,7 +94,7 @@ class PlanRefused(Exception):
         self.detail = detail
 
 
-class InstallError(Exception):
+class InstallError(OperatorNeededError):
     """A step of the install failed; the caller must `abort`. `reason` is machine-readable."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

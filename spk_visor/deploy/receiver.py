@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spk_visor.deploy import channel, code, discovery, install, inventory, messages
+from spk_visor.errors import OperatorNeededError, TransportError
 from spk_visor.install import runner
 from spk_visor.ota.roots import Root
 
@@ -42,11 +43,11 @@ PROGRESS_EVERY = 1.0
 IDLE_TIMEOUT = 120.0
 
 
-class _RebootFailed(Exception):
+class _RebootFailed(OperatorNeededError):
     """The reboot command could not run, timed out or exited non-zero."""
 
 
-class SessionFailed(Exception):
+class SessionFailed(TransportError):
     """The deploy failed for `reason`; `resumable` when the prepared disk may be reused."""
 
     def __init__(self, reason: str, *, resumable: bool = False) -> None:
