@@ -20,7 +20,7 @@ from spk_visor.deploy.install import (
 )
 from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.errors import ExitCode, SpkVisorError
-from spk_visor.ota import build, keys, roots
+from spk_visor.ota import build, dsse, keys, roots
 from spk_visor.ota.manifest import ImageComponent
 from spk_visor.ota.roots import Root
 from tests.support.ota_pki import Pki, signed_manifest
@@ -330,3 +330,19 @@ def test_deploy_errors_join_the_error_tree() -> None:
         assert error.message == str(error)
     assert install.PlanRefused("disk_too_small", "needs more").reason == "disk_too_small"
     assert str(install.InstallError("io_error", "slot A")) == "io_error: slot A"
+
+
+def test_the_manifest_signature_is_checked_once_per_plan(
+    pki: Pki, root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = dsse.verify
+
+    def counting(env: Any, role: Any, what: str) -> set[str]:
+        calls.append(what)
+        return real(env, role, what)
+
+    monkeypatch.setattr(dsse, "verify", counting)
+    disk = _disk()
+    validate_plan(_plan(pki, disk), [disk], root)
+    assert calls == ["manifest"]
