@@ -52,7 +52,7 @@ from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
-from spk_visor.ota.journal import now_iso
+from spk_visor.ota.journal import BasePhase, now_iso
 from spk_visor.ota.manifest import ImageComponent, Manifest
 from spk_visor.ota.nodeconf import Slots
 
@@ -387,11 +387,8 @@ def stage(ctx: OtaContext, manifest: Manifest, manifest_hex: str) -> ExitCode:
         "raw_sha256": image.raw_sha256,
         "reason": None,
     }
-    if phase == "fetching":
-        _set(ctx, "invalidating", **fields)
-    else:
-        ctx.journal.begin(COMPONENT, "invalidating", **fields)
-        ctx.emit("phase", {"component": COMPONENT, "phase": "invalidating"})
+    ctx.journal.begin(COMPONENT, BasePhase.INVALIDATING, **fields)
+    ctx.emit("phase", {"component": COMPONENT, "phase": BasePhase.INVALIDATING})
     try:
         _mark_bad(ctx, boot, slot)
         _set(ctx, "writing")
