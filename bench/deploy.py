@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -64,6 +65,11 @@ _REPO = Path(__file__).resolve().parents[1]
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(_REPO)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _free_port() -> int:
@@ -262,8 +268,12 @@ def run_deploy() -> dict[str, object]:
             phases: list[dict[str, float]] = []
             retries = 0
 
+            deploy_cpu: list[float] = []
+            dd_cpu: list[float] = []
+
             def deploy() -> float:
                 nonlocal retries
+                c0 = _children_cpu()
                 try:
                     wall, doc, phase = _deploy_once(work, bundle, root, disk)
                 except _Busy:
@@ -274,11 +284,15 @@ def run_deploy() -> dict[str, object]:
                     wall, doc, phase = _deploy_once(work, bundle, root, disk)
                 donor_s.append(float(doc["seconds"]))
                 phases.append(phase)
+                deploy_cpu.append(_children_cpu() - c0)
                 return wall
 
             def dd() -> float:
                 # The partition the deploy made holds slot A: dd the same bytes there.
-                return ota_slots.dd(raw, disk.part(ROOT_A_INDEX), ["oflag=direct", "conv=fsync"])
+                c0 = _children_cpu()
+                t = ota_slots.dd(raw, disk.part(ROOT_A_INDEX), ["oflag=direct", "conv=fsync"])
+                dd_cpu.append(_children_cpu() - c0)
+                return t
 
             figures.print_load("before")
             # The deploy goes first in round 0: dd needs the partition it makes.
@@ -304,6 +318,10 @@ def run_deploy() -> dict[str, object]:
             "donor_session_s": [round(t, 2) for t in donor_s],
             "dd_s": [round(t, 2) for t in dd_s],
             "dd_target": "slot A partition (root-a) of the same loop device",
+            # CPU seconds of donor + receiver (and the tools they ran), and of dd: what
+            # the deploy costs whatever share of the machine it was given.
+            "deploy_cpu_s": [round(t, 2) for t in deploy_cpu],
+            "dd_cpu_s": [round(t, 2) for t in dd_cpu],
             "deploy_mbps": round(raw_size / med_deploy / 1e6, 1),
             "dd_mbps": round(raw_size / med_dd / 1e6, 1),
             "ratio": round(ratio, 3),

@@ -35,6 +35,9 @@ GOAL_RATIO = 0.7  # AES-256-GCM against raw TCP
 TIMEOUT = 120.0
 RAW_CHUNK = 256 * 1024  # raw TCP gets its best-performing chunk, not ours
 _CIPHERS = {"aes": "aes-256-gcm", "chacha": "chacha20-poly1305"}
+# CPU seconds of sender + receiver per run, by kind: what each costs whatever share of a
+# loaded machine it was given (wall-clock ratios follow the load).
+CPU_S: dict[str, list[float]] = {}
 _BLOCK = os.urandom(1024 * 1024)
 
 
@@ -71,6 +74,7 @@ def _receiver(kind: str, size: int, code_text: str, iid: bytes, ports: Any) -> N
     listener.close()
     conn.settimeout(TIMEOUT)
     if kind == "raw":
+        c0 = time.process_time()
         buf = memoryview(bytearray(1024 * 1024))
         got = 0
         while got < size:
@@ -80,10 +84,12 @@ def _receiver(kind: str, size: int, code_text: str, iid: bytes, ports: Any) -> N
             got += n
         conn.sendall(b"\x01")
         conn.close()
+        ports.put(time.process_time() - c0)
         return
     nameplate, secret = parse(code_text)
     chan = target_handshake(conn, Code(nameplate, secret, 0), iid, timeout=TIMEOUT)
     chan.settimeout(TIMEOUT)
+    c0 = time.process_time()
     got = 0
     while True:
         mtype, view = chan.recv_view()
@@ -92,6 +98,7 @@ def _receiver(kind: str, size: int, code_text: str, iid: bytes, ports: Any) -> N
         got += len(view)
     chan.send_json(messages.REPORT, {"bytes": got})
     chan.close()
+    ports.put(time.process_time() - c0)
 
 
 def _one(kind: str, size: int) -> float:
@@ -108,12 +115,12 @@ def _one(kind: str, size: int) -> float:
         source = _Pattern(size)
         if kind == "raw":
             buf = memoryview(bytearray(RAW_CHUNK))
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.process_time()
             while n := source.readinto(buf):
                 sock.sendall(buf[:n])
             if sock.recv(1) != b"\x01":
                 raise SystemExit("raw receiver did not acknowledge")
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - c0
             sock.close()
         else:
             saved = channel.CPUINFO
@@ -125,17 +132,18 @@ def _one(kind: str, size: int) -> float:
             if chan.cipher != _CIPHERS[kind]:
                 raise SystemExit(f"{kind}: the channel negotiated {chan.cipher}")
             chan.settimeout(TIMEOUT)
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.process_time()
             chan.send_stream(messages.DATA, source, size)
             chan.send(messages.END)
             mtype, doc = chan.recv_json()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - c0
             chan.close()
             if mtype != messages.REPORT or doc.get("bytes") != size:
                 raise SystemExit(f"secure receiver reported {mtype} {doc}")
         proc.join(TIMEOUT)
         if proc.exitcode != 0:
             raise SystemExit(f"{kind} receiver exited with {proc.exitcode}")
+        CPU_S.setdefault(kind, []).append(round(cpu + ports.get(timeout=TIMEOUT), 3))
         return elapsed
     finally:
         if proc.is_alive():
@@ -150,6 +158,7 @@ def run() -> dict[str, object]:
     size = mib * 1024 * 1024
     if not channel.has_aes_ni():
         raise SystemExit("this CPU has no AES-NI: the AES-GCM figure would not be one")
+    CPU_S.clear()
     figures.print_load("before")
     raw_s, aes_s = figures.alternate(rounds, lambda: _one("raw", size), lambda: _one("aes", size))
     raw2_s, chacha_s = figures.alternate(
@@ -175,6 +184,7 @@ def run() -> dict[str, object]:
         "raw_s": [round(t, 3) for t in raw_all],
         "aes_gcm_s": [round(t, 3) for t in aes_s],
         "chacha20_s": [round(t, 3) for t in chacha_s],
+        "cpu_s": CPU_S,
         "load_average": figures.load_average(),
     }
 

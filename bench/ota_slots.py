@@ -140,6 +140,11 @@ def sha256_mbps() -> float:
     return len(data) / (time.perf_counter() - t0) / 1e6
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -170,10 +175,13 @@ def run() -> dict[str, object]:
             write_phase: list[float] = []
             cpu: list[float] = []
             verify_phase: list[float] = []
+            dd_cpu: list[float] = []
 
             def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
+                c0 = _children_cpu_s()
                 t = dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"])
+                dd_cpu.append(_children_cpu_s() - c0)
                 times["dd_direct_fsync"].append(t)
                 return t
 
@@ -210,6 +218,7 @@ def run() -> dict[str, object]:
             "rounds": rounds,
             "stage_s": [round(t, 2) for t in times["stage"]],
             "stage_cpu_s": [round(t, 2) for t in cpu],
+            "dd_direct_cpu_s": [round(t, 2) for t in dd_cpu],
             "stage_write_phase_s": [round(t, 2) for t in write_phase],
             "stage_verify_phase_s": [round(t, 2) for t in verify_phase],
             "dd_fsync_s": [round(t, 2) for t in times["dd_fsync"]],
