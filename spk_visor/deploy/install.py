@@ -7,17 +7,20 @@ shim and works out the layout. `Installer` then does, in this order and never ot
     prepare   wipe old boot code and both GPT copies, write the `ab` GPT, make the ESP
               (mkfs.vfat, written later with mtools: no vfat mount needed) and the data
               filesystem, mount data
-    receive   one sink per blob: the base image streams (zstd-decoded) straight into
-              root-a, its first MiB held back until both signed hashes match, then read
-              back; the daemon pack is staged, checked, and unpacked file by file
-              (each file's sha256 against the manifest) under opt/smechvisord/releases/<id>
-    finalize  node config on the data partition (fstab by UUID, hostname, deploy record),
-              grub.cfg + grubenv, then the bootloader LAST (BIOS, then the EFI fallback)
+    receive   one sink per blob: the base image goes through spk_visor.install's image
+              writer onto root-a (decoded, hashed and written on their own threads, each
+              window read back and compared as it goes, its first MiB written only after
+              both signed hashes match); the daemon pack is staged, checked, and unpacked
+              by spk_visor.install.tree under opt/smechvisord/releases/<id>. While the
+              image streams, a thread writes fstab, hostname, grub.cfg + grubenv and
+              prepares GRUB (modules, core.img, BOOTX64.EFI) on the data partition only
+    finalize  the deploy record, then the boot path LAST: grub-bios-setup (MBR and the
+              BIOS-boot partition), then BOOTX64.EFI onto the ESP
     abort     boot code removed, slot A's head zeroed, data unmounted: firmware falls
               through to the next boot device rather than into a half-written system
 
 Node configuration lives on the data partition, not in slot A: slot A holds the signed
-image byte for byte (its hash is read back), and OTA later writes a fresh image to slot B,
+image byte for byte (every byte read back and compared), and OTA later writes a fresh image to slot B,
 which would not carry anything the installer added. The installed system mounts the data
 partition at DATA_MOUNT and bind-mounts boot/, opt/smechvisord/ and var/lib/ from it
 (the fstab below); the base image is expected to use `<data>/etc/fstab`.
