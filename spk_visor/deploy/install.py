@@ -20,10 +20,10 @@ shim and works out the layout. `Installer` then does, in this order and never ot
               through to the next boot device rather than into a half-written system
 
 Node configuration lives on the data partition, not in slot A: slot A holds the signed
-image byte for byte (every byte read back and compared), and OTA later writes a fresh image to slot B,
-which would not carry anything the installer added. The installed system mounts the data
-partition at DATA_MOUNT and bind-mounts boot/, opt/smechvisord/ and var/lib/ from it
-(the fstab below); the base image is expected to use `<data>/etc/fstab`.
+image byte for byte (every byte read back and compared), and OTA later writes a fresh
+image to slot B, which would not carry anything the installer added. The installed
+system mounts the data partition at DATA_MOUNT and bind-mounts boot/, opt/smechvisord/
+and var/lib/ from it (the fstab below); the base image is expected to use `<data>/etc/fstab`.
 """
 
 from __future__ import annotations
