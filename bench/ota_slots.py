@@ -9,7 +9,9 @@ The image is a real ext4 filesystem (mkfs.ext4 -d) holding copies of files from 
 files (already-compressed content: firmware, archives, media) and free space (zeros). It
 is encoded with zstd level 3 as `spk-visor ota build` does; the encode speed is reported.
 
-What each side does, per round (rounds alternate; median reported):
+What each side does, per round (anchor and subject take turns going first; medians; the
+slot is discarded before each stage, or the rounds after the first would find the image
+staged and measure nothing; an absurd ratio fails the bench, see bench/figures.py):
   stage    journal, invalidate, read + sha256 the blob, zstd-decode, sha256 the raw
            stream, write the slot (O_DIRECT), per window fdatasync + read back + compare,
            head last, fsync, BLKFLSBUF, read the head back, set the grubenv one-shot
@@ -19,7 +21,7 @@ What each side does, per round (rounds alternate; median reported):
 Source files are evicted from the page cache (posix_fadvise DONTNEED) before every run,
 so neither side reads its input from memory the other had to read from disk.
 
-The goal is stage >= 0.7x dd's throughput (ratio = dd time / stage time). Staging must
+The goal is stage >= 0.85x dd oflag=direct's throughput (ratio = dd time / stage time). Staging must
 sha256 every raw byte once (and every blob byte once), dd hashes nothing: so the
 in-run sha256 speed of this CPU is reported as well, raw_size / sha256_mbps being a floor
 on stage's time that no buffering can lower. Stage's CPU seconds (all threads) are
@@ -41,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import figures
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
 from tests.support.abdisk import ab_disk
@@ -48,7 +51,7 @@ from tests.support.abdisk import ab_disk
 MIB = 1 << 20
 SIZE_ENV = "SPK_BENCH_SLOT_MIB"
 ROUNDS_ENV = "SPK_BENCH_ROUNDS"
-GOAL_RATIO = 0.7
+GOAL_RATIO = 0.85  # against dd oflag=direct conv=fsync
 # Shares of the image: random (incompressible) files, copies of /usr files; the rest of
 # the filesystem stays free (zeros).
 RANDOM_SHARE = 0.25
@@ -137,6 +140,11 @@ def sha256_mbps() -> float:
     return len(data) / (time.perf_counter() - t0) / 1e6
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -167,22 +175,37 @@ def run() -> dict[str, object]:
             write_phase: list[float] = []
             cpu: list[float] = []
             verify_phase: list[float] = []
-            for _ in range(rounds):
+            dd_cpu: list[float] = []
+
+            def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
-                times["dd_direct_fsync"].append(
-                    dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"])
-                )
+                c0 = _children_cpu_s()
+                t = dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"])
+                dd_cpu.append(_children_cpu_s() - c0)
+                times["dd_direct_fsync"].append(t)
+                return t
+
+            def subject() -> float:
+                # Without a discard the next round finds the image staged and returns at
+                # once (what made rounds 2 and 3 report 19x and 57x).
+                slots.discard(ctx)
                 _evict(store_blob)
                 t0, c0 = time.perf_counter(), _cpu_s()
                 code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
-                times["stage"].append(time.perf_counter() - t0)
+                t = time.perf_counter() - t0
                 cpu.append(_cpu_s() - c0)
                 assert code == 4, code
                 write_phase.append(marks["verifying"] - marks["writing"])
                 verify_phase.append(marks["staged"] - marks["verifying"])
+                return t
+
+            figures.print_load("before")
+            _anchor_s, times["stage"] = figures.alternate(rounds, anchor, subject)
+            figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
             load = os.getloadavg()[0]
+        direct_ratio = figures.ratio(times["dd_direct_fsync"], times["stage"], "stage vs dd")
         med = {k: statistics.median(v) for k, v in times.items()}
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
         return {
@@ -195,6 +218,7 @@ def run() -> dict[str, object]:
             "rounds": rounds,
             "stage_s": [round(t, 2) for t in times["stage"]],
             "stage_cpu_s": [round(t, 2) for t in cpu],
+            "dd_direct_cpu_s": [round(t, 2) for t in dd_cpu],
             "stage_write_phase_s": [round(t, 2) for t in write_phase],
             "stage_verify_phase_s": [round(t, 2) for t in verify_phase],
             "dd_fsync_s": [round(t, 2) for t in times["dd_fsync"]],
@@ -203,8 +227,9 @@ def run() -> dict[str, object]:
             "dd_fsync_mbps": round(mbps["dd_fsync"], 1),
             "dd_direct_fsync_mbps": round(mbps["dd_direct_fsync"], 1),
             "ratio_vs_dd_fsync": round(med["dd_fsync"] / med["stage"], 2),
-            "ratio_vs_dd_direct_fsync": round(med["dd_direct_fsync"] / med["stage"], 2),
+            "ratio_vs_dd_direct_fsync": round(direct_ratio, 2),
             "goal_ratio": GOAL_RATIO,
+            "goal_met": direct_ratio >= GOAL_RATIO,
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
             "load_average_1min_at_end": round(load, 2),

@@ -10,8 +10,10 @@ values needing no validation (None, a str for a str, a plain decimal within the
 parameter's bounds, a bool for a bool) with the standard library, and hands any other
 value to Typer's own coercion, so a bad value still gets exactly Typer's error message.
 
-This reaches into Typer's private parts (`_runtime_param`, `typer._coercion`); pyproject
-pins typer to 0.29.x, and tests/unit/test_typer_fast.py fails if they move.
+This reaches into Typer's private parts (`_runtime_param`, `typer._coercion`). pyproject
+pins the exact typer version, and tests/unit/test_typer_fast.py fails if they move; should
+a different Typer be installed anyway, `install` does nothing (Typer's own handling, only
+slower) rather than failing every command.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from typer import _click
-from typer._coercion import RuntimeParam, build_runtime_param
 from typer.core import TyperArgument, TyperGroup, TyperOption
+
+try:
+    from typer._coercion import RuntimeParam, build_runtime_param
+except ImportError:  # another Typer: fall back to its own coercion (see install)
+    RuntimeParam = object  # type: ignore[assignment,misc]
+    build_runtime_param = None  # type: ignore[assignment]
 
 # Conservative on purpose: pydantic accepts more (exponents, "inf", underscores, blanks)
 # and anything outside these shapes goes to it, so the result never differs.
@@ -79,7 +86,27 @@ def _eligible(param: TyperOption | TyperArgument) -> bool:
 
 
 def install(command: _click.Command, parent: _click.Context | None = None) -> None:
-    """Give every eligible parameter of `command` and its subcommands the fast coercion."""
+    """Give every eligible parameter of `command` and its subcommands the fast coercion;
+    nothing at all where Typer's private names are not what this module knows."""
+    if build_runtime_param is None:
+        return
+    try:
+        _install(command, parent)
+    except (AttributeError, TypeError):
+        # A Typer whose private parts moved: undo, so every parameter is Typer's own.
+        _uninstall(command)
+
+
+def _uninstall(command: _click.Command) -> None:
+    for param in command.params:
+        if isinstance(getattr(param, "_runtime_param", None), ScalarParam):
+            param._runtime_param = None  # type: ignore[attr-defined]
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            _uninstall(sub)
+
+
+def _install(command: _click.Command, parent: _click.Context | None) -> None:
     # A context built as parsing would build it (names, inherited help option names), not
     # by parsing: -h/--help is created on demand from it and is a parameter like the others.
     ctx = command.context_class(
@@ -97,4 +124,4 @@ def install(command: _click.Command, parent: _click.Context | None = None) -> No
             )
     if isinstance(command, TyperGroup):
         for sub in command.commands.values():
-            install(sub, ctx)
+            _install(sub, ctx)

@@ -27,7 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from spk_visor.deploy import tools
+from spk_visor.errors import OperatorNeededError
+from spk_visor.install import blockdev, runner
 from spk_visor.ota import durable
 
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
@@ -37,6 +38,7 @@ ENTRY_IDS = {"a": "smechvisor-a", "b": "smechvisor-b"}
 # GPT partition numbers of the `ab` layout (install.py writes them in this order).
 SLOT_PARTITION = {"a": 3, "b": 4}
 EFI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
+MBR_CODE = 440  # bytes of boot code in front of the MBR's partition table
 # What BOOTX64.EFI carries itself, so it can find and read grub.cfg with no module loading;
 # the rest loads from boot/grub/x86_64-efi on the data partition.
 EFI_MODULES = (
@@ -50,7 +52,7 @@ _TIMEOUT_S = 300
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
 
-class BootloaderError(Exception):
+class BootloaderError(OperatorNeededError):
     """A bootloader step failed; `step` says which ("bios", "efi", "config")."""
 
     def __init__(self, step: str, message: str) -> None:
@@ -65,7 +67,7 @@ class BootIds:
 
 
 def _run(argv: list[str], step: str, env: dict[str, str] | None = None) -> str:
-    return tools.run_checked(
+    return runner.run_checked(
         argv, lambda detail: BootloaderError(step, detail), timeout=_TIMEOUT_S, env=env
     )
 
@@ -128,8 +130,10 @@ def write_config(boot_dir: Path, ids: BootIds, *, timeout_s: int = 3) -> Path:
     return cfg
 
 
-def install_bios(disk: str, boot_dir: Path) -> None:
-    """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir."""
+BIOS_SETUP = Path("/usr/lib/grub/i386-pc/grub-bios-setup")
+
+
+def _grub_install_bios(disk: str, boot_dir: Path, *extra: str) -> None:
     tool = shutil.which("grub-install")
     if tool is None:
         raise BootloaderError("bios", "grub-install not found (install grub2-common, grub-pc-bin)")
@@ -140,10 +144,31 @@ def install_bios(disk: str, boot_dir: Path) -> None:
             f"--boot-directory={boot_dir}",
             f"--modules={' '.join(BIOS_MODULES)}",
             "--no-floppy",
+            *extra,
             disk,
         ],
         "bios",
     )
+
+
+def prepare_bios(disk: str, boot_dir: Path) -> bool:
+    """Modules and core.img into boot_dir, nothing on the disk's boot path (grub-install
+    --no-bootsector): safe while slot A is still being written. False when this host has
+    no grub-bios-setup to finish with, and install_bios must do the whole job."""
+    if not BIOS_SETUP.is_file():
+        return False
+    _grub_install_bios(disk, boot_dir, "--no-bootsector")
+    return True
+
+
+def install_bios(disk: str, boot_dir: Path, prepared: bool = False) -> None:
+    """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir.
+    After prepare_bios, only grub-bios-setup runs: the same bytes as a whole grub-install
+    (checked), in a quarter of its time, because the modules are in place already."""
+    if prepared:
+        _run([str(BIOS_SETUP), f"--directory={boot_dir / 'grub' / 'i386-pc'}", disk], "bios")
+    else:
+        _grub_install_bios(disk, boot_dir)
 
 
 def build_efi_image(out: Path, data_fs_uuid: str) -> None:
@@ -174,8 +199,12 @@ def build_efi_image(out: Path, data_fs_uuid: str) -> None:
         )
 
 
-def install_efi(esp: str, boot_dir: Path, data_fs_uuid: str) -> int:
-    """The removable-media fallback path EFI/BOOT/BOOTX64.EFI on the ESP; returns its size."""
+EFI_STAGED = "spk-BOOTX64.EFI"
+
+
+def prepare_efi(boot_dir: Path, data_fs_uuid: str) -> Path:
+    """The EFI modules next to grub.cfg and BOOTX64.EFI built into boot_dir/grub, nothing on
+    the ESP yet; returns the built image for install_efi."""
     modules = Path("/usr/lib/grub/x86_64-efi")
     if not modules.is_dir():
         raise BootloaderError("efi", f"{modules} missing (install grub-efi-amd64-bin)")
@@ -185,9 +214,15 @@ def install_efi(esp: str, boot_dir: Path, data_fs_uuid: str) -> int:
     for item in modules.iterdir():
         if item.suffix in (".mod", ".lst"):
             shutil.copyfile(item, target / item.name)
+    image = boot_dir / "grub" / EFI_STAGED
+    build_efi_image(image, data_fs_uuid)
+    return image
+
+
+def install_efi(esp: str, image: Path) -> int:
+    """The removable-media fallback path EFI/BOOT/BOOTX64.EFI on the ESP, from the image
+    prepare_efi built (removed afterwards); returns its size."""
     with tempfile.TemporaryDirectory(prefix="spk-efi-") as tmp:
-        image = Path(tmp, "BOOTX64.EFI")
-        build_efi_image(image, data_fs_uuid)
         for directory in ("::/EFI", "::/EFI/BOOT"):
             if not _mexists(esp, directory):
                 _run(["mmd", "-i", esp, directory], "efi", MTOOLS_ENV)
@@ -197,7 +232,9 @@ def install_efi(esp: str, boot_dir: Path, data_fs_uuid: str) -> int:
         _run(["mcopy", "-n", "-i", esp, EFI_PATH, str(back)], "efi", MTOOLS_ENV)
         if back.read_bytes() != image.read_bytes():
             raise BootloaderError("efi", "BOOTX64.EFI read back from the ESP differs")
-        return image.stat().st_size
+        size = image.stat().st_size
+    image.unlink()
+    return size
 
 
 def _mexists(esp: str, path: str) -> bool:
@@ -215,24 +252,13 @@ def remove_boot_code(disk: str, bios_part: str | None, esp: str | None) -> list[
     """Undo whatever of the boot path exists; best effort, returns what could not be done."""
     problems: list[str] = []
     try:
-        fd = os.open(disk, os.O_WRONLY)
-        try:
-            # MBR boot code only (0..440): the protective MBR's partition entry stays valid.
-            os.pwrite(fd, bytes(440), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # MBR boot code only (0..440): the protective MBR's partition entry stays valid.
+        blockdev.zero_head(disk, MBR_CODE, exclusive=False)
     except OSError as e:
         problems.append(f"MBR boot code: {e}")
     if bios_part:
         try:
-            fd = os.open(bios_part, os.O_WRONLY)
-            try:
-                size = os.lseek(fd, 0, os.SEEK_END)
-                os.pwrite(fd, bytes(size), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            blockdev.zero_head(bios_part, exclusive=False)
         except OSError as e:
             problems.append(f"BIOS boot partition: {e}")
     if esp and os.path.exists(esp):

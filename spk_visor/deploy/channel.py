@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
@@ -48,6 +48,11 @@ MAGIC = b"SPKD"
 VERSION = 1
 HELLO_LEN = 8
 FLAG_BUSY = 0x0001  # the target already serves a donor; it closes right after its hello
+# "This side encrypts AES-GCM in hardware (AES-NI)": both set -> AES-256-GCM records,
+# otherwise ChaCha20-Poly1305 (constant-time and fast without AES instructions). The
+# hellos are in the transcript, so a flag changed on the wire fails key confirmation.
+FLAG_AES = 0x0002
+CPUINFO = "/proc/cpuinfo"
 _HELLO = struct.Struct(">4sHH")
 _PARAMS = struct.Struct(">16sI")
 INSTANCE_ID_LEN = 16
@@ -58,13 +63,19 @@ MAX_HANDSHAKE_BLOB = 512
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # mkfs of a large disk sends PHASE first, so minutes of silence are a fault
 
-CHUNK = 64 * 1024  # DATA payload per record: measured best (deploy.md, numbers)
 MAX_PAYLOAD = 1024 * 1024
+# DATA payload per record: the largest the receiver accepts. Per-record Python work is
+# what limits the stream, and 1 MiB records halve it against 256 KiB (bench/deploy_channel).
+CHUNK = MAX_PAYLOAD
 TAG_LEN = 16
 MIN_RECORD = 1 + TAG_LEN
 MAX_RECORD = 1 + MAX_PAYLOAD + TAG_LEN
 MAX_RECORDS = 2**32  # far below the 96-bit counter limit; a deploy needs ~10^5
 _RBUF_LEN = 2 * (4 + MAX_RECORD)
+# Records decrypt into a ring of this many buffers: a view recv_view returned stays valid
+# for RECV_RING - 1 more records, so a consumer on another thread (the image decoder)
+# can use it without a copy as long as it keeps fewer than that many in hand.
+RECV_RING = 8
 
 # After these peer messages (messages.py numbers END, REPORT, ERROR, BUSY; a unit test keeps
 # them in step) a FIN is an orderly close; anywhere else it is truncation.
@@ -108,6 +119,28 @@ Progress = Callable[[int], None]
 
 def hello_bytes(flags: int = 0) -> bytes:
     return _HELLO.pack(MAGIC, VERSION, flags)
+
+
+def has_aes_ni(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU lists the `aes` flag (x86 AES-NI; ARMv8 lists `aes` under Features)."""
+    try:
+        with open(cpuinfo or CPUINFO) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+def cipher_flags() -> int:
+    return FLAG_AES if has_aes_ni() else 0
+
+
+def cipher_name(flags_donor: int, flags_target: int) -> str:
+    """The AEAD both hellos agree on."""
+    return "aes-256-gcm" if flags_donor & flags_target & FLAG_AES else "chacha20-poly1305"
 
 
 def send_busy(sock: socket.socket, linger: float = 1.0, retry_after: float | None = None) -> None:
@@ -156,7 +189,7 @@ def donor_handshake(
     nameplate, secret = parse(code_text)
     wire = _Wire(sock, timeout)
     try:
-        hello_d = hello_bytes()
+        hello_d = hello_bytes(cipher_flags())
         try:
             wire.send(hello_d)
         except ChannelError as exc:
@@ -204,7 +237,8 @@ def donor_handshake(
             raise ChannelError(
                 "the target failed key confirmation (not the target showing the code)"
             )
-        return SecureChannel(sock, keys.d2t, keys.t2d, keys.verifier)
+        cipher = cipher_name(_check_hello(hello_d), flags)
+        return SecureChannel(sock, keys.d2t, keys.t2d, keys.verifier, cipher=cipher)
     except BaseException:
         _close_quietly(sock)
         raise
@@ -227,10 +261,10 @@ def target_handshake(
         raise ValueError(f"instance_id must be {INSTANCE_ID_LEN} bytes")
     wire = _Wire(sock, timeout)
     try:
-        hello_t = hello_bytes()
+        hello_t = hello_bytes(cipher_flags())
         wire.send(hello_t)
         hello_d = wire.recv_exact(HELLO_LEN)
-        _check_hello(hello_d)
+        flags_d = _check_hello(hello_d)
         params = _PARAMS.pack(instance_id, code.epoch)
         wire.send_blob(params)
         msg_a = wire.recv_blob()
@@ -250,7 +284,8 @@ def target_handshake(
                 pass
             raise WrongCode("wrong code: the donor's key confirmation did not match")
         wire.send_blob(keys.confirmation(b"target"))
-        return SecureChannel(sock, keys.t2d, keys.d2t, keys.verifier)
+        cipher = cipher_name(flags_d, _check_hello(hello_t))
+        return SecureChannel(sock, keys.t2d, keys.d2t, keys.verifier, cipher=cipher)
     except BaseException:
         _close_quietly(sock)
         raise
@@ -267,11 +302,16 @@ class SecureChannel:
         recv_key: bytes,
         verifier: str,
         idle_timeout: float | None = IDLE_TIMEOUT,
+        cipher: str = "chacha20-poly1305",
     ) -> None:
         self.verifier = verifier
+        self.cipher = cipher
         self._sock = sock
-        self._seal = ChaCha20Poly1305(send_key)
-        self._open = ChaCha20Poly1305(recv_key)
+        if cipher not in ("aes-256-gcm", "chacha20-poly1305"):
+            raise ValueError(f"unknown cipher {cipher!r}")
+        aead = AESGCM if cipher == "aes-256-gcm" else ChaCha20Poly1305
+        self._seal = aead(send_key)
+        self._open = aead(recv_key)
         self._send_n = 0
         self._recv_n = 0
         self._dead: str | None = None
@@ -284,8 +324,7 @@ class SecureChannel:
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
-        self._dbuf = bytearray(1 + MAX_PAYLOAD)
-        self._dview = memoryview(self._dbuf)
+        self._ring = [memoryview(bytearray(1 + MAX_PAYLOAD)) for _ in range(RECV_RING)]
         self.settimeout(idle_timeout)
 
     def settimeout(self, seconds: float | None) -> None:
@@ -392,7 +431,8 @@ class SecureChannel:
         return mtype, bytes(view)
 
     def recv_view(self) -> tuple[int, memoryview]:
-        """Like recv, without copying the payload: the view is valid until the next recv."""
+        """Like recv, without copying the payload: the view stays valid for RECV_RING - 1
+        more receives (its buffer is reused after that)."""
         self._alive()
         self._fill(4)
         pos = self._rpos
@@ -405,12 +445,13 @@ class SecureChannel:
         self._fill(4 + length)
         pos = self._rpos  # _fill may have moved the record to the front of the buffer
         plain_len = length - TAG_LEN
+        dview = self._ring[self._recv_n % RECV_RING]
         try:
             self._open.decrypt_into(
                 self._recv_n.to_bytes(12, "big"),
                 self._rview[pos + 4 : pos + 4 + length],
                 header,
-                self._dview[:plain_len],
+                dview[:plain_len],
             )
         except InvalidTag:
             # Dropped, reordered, replayed or altered: nothing more is sent on this channel.
@@ -422,10 +463,10 @@ class SecureChannel:
         self._recv_n += 1
         if self._recv_n >= MAX_RECORDS:
             self._kill("record limit reached")
-        mtype = self._dbuf[0]
+        mtype = dview[0]
         if mtype in _CLOSING_TYPES:
             self._peer_closing = True
-        return mtype, self._dview[1:plain_len]
+        return mtype, dview[1:plain_len]
 
     def recv_json(self) -> tuple[int, dict[str, Any]]:
         mtype, view = self.recv_view()

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Protocol
 
 from spk_visor import output
 from spk_visor.deploy import channel, code, discovery, messages
-from spk_visor.errors import ExitCode, UsageError, VerificationError
+from spk_visor.errors import ExitCode, SpkVisorError, UsageError, VerificationError
 from spk_visor.ota import bundle as ota_bundle
 from spk_visor.ota import manifest as ota_manifest
 
@@ -39,12 +39,13 @@ CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 600.0
 
 
-class DeployFailed(Exception):
+class DeployFailed(SpkVisorError):
+    """One target's deploy failed in `phase`, with the exit code that failure means."""
+
     def __init__(self, exit_code: ExitCode, phase: str, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.phase = phase
-        self.message = message
 
 
 @dataclass(frozen=True)

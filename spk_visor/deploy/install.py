@@ -7,49 +7,49 @@ shim and works out the layout. `Installer` then does, in this order and never ot
     prepare   wipe old boot code and both GPT copies, write the `ab` GPT, make the ESP
               (mkfs.vfat, written later with mtools: no vfat mount needed) and the data
               filesystem, mount data
-    receive   one sink per blob: the base image streams (zstd-decoded) straight into
-              root-a, its first MiB held back until both signed hashes match, then read
-              back; the daemon pack is staged, checked, and unpacked file by file
-              (each file's sha256 against the manifest) under opt/smechvisord/releases/<id>
-    finalize  node config on the data partition (fstab by UUID, hostname, deploy record),
-              grub.cfg + grubenv, then the bootloader LAST (BIOS, then the EFI fallback)
+    receive   one sink per blob: the base image goes through spk_visor.install's image
+              writer onto root-a (decoded, hashed and written on their own threads, each
+              window read back and compared as it goes, its first MiB written only after
+              both signed hashes match); the daemon pack is staged, checked, and unpacked
+              by spk_visor.install.tree under opt/smechvisord/releases/<id>. While the
+              image streams, a thread writes fstab, hostname, grub.cfg + grubenv and
+              prepares GRUB (modules, core.img, BOOTX64.EFI) on the data partition only
+    finalize  the deploy record, then the boot path LAST: grub-bios-setup (MBR and the
+              BIOS-boot partition), then BOOTX64.EFI onto the ESP
     abort     boot code removed, slot A's head zeroed, data unmounted: firmware falls
               through to the next boot device rather than into a half-written system
 
 Node configuration lives on the data partition, not in slot A: slot A holds the signed
-image byte for byte (its hash is read back), and OTA later writes a fresh image to slot B,
-which would not carry anything the installer added. The installed system mounts the data
-partition at DATA_MOUNT and bind-mounts boot/, opt/smechvisord/ and var/lib/ from it
-(the fstab below); the base image is expected to use `<data>/etc/fstab`.
+image byte for byte (every byte read back and compared), and OTA later writes a fresh
+image to slot B, which would not carry anything the installer added. The installed
+system mounts the data partition at DATA_MOUNT and bind-mounts boot/, opt/smechvisord/
+and var/lib/ from it (the fstab below); the base image is expected to use `<data>/etc/fstab`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import stat
-import subprocess
+import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import Any, Protocol
 
-import zstandard
-
-from spk_visor.deploy import bootloader, tools
+from spk_visor.deploy import bootloader, channel
 from spk_visor.deploy.hostname import problem as hostname_problem
 from spk_visor.deploy.inventory import Disk
-from spk_visor.errors import VerificationError
-from spk_visor.ota import dsse, durable, swap
+from spk_visor.errors import OperatorNeededError, RefusedError, SpkVisorError, VerificationError
+from spk_visor.install import blockdev, runner, tree
+from spk_visor.install import image as image_writer
+from spk_visor.ota import dsse, durable
 from spk_visor.ota.manifest import DaemonComponent, ImageComponent, Manifest
 from spk_visor.ota.roots import Root
 from spk_visor.ota.verify import Verified, verify_manifest
@@ -71,12 +71,10 @@ DATA_MOUNT = "/data"
 DATA_LABEL = "spk-data"
 # Held back while the image streams and written last (slots.py does the same): every
 # filesystem keeps its superblock in here, so an unfinished slot A has no mountable fs.
-HEAD = MIB
-SYNC_EVERY = 64 * MIB
-READ_CHUNK = 4 * MIB
-HASH_IN_FLIGHT = 16  # chunks queued for the hash thread before the stream waits
-MAX_WINDOW = 1 << 27  # zstd's default decoder window limit, stated explicitly
-BLKFLSBUF = 0x1261
+HEAD = image_writer.HEAD
+# Records queued for the image decoder: fewer than the channel keeps valid, so a record
+# is never overwritten before it is decoded (see RecordPipe).
+PIPE_DEPTH = channel.RECV_RING - 2
 PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial"}
 DISK_KEYS = {"serial", "size"}
 MAX_PATH = 1024
@@ -87,7 +85,7 @@ APPEAR_TIMEOUT_S = 10.0
 Emit = Callable[[str, dict[str, Any]], None]
 
 
-class PlanRefused(Exception):
+class PlanRefused(RefusedError):
     """A PLAN the receiver will not act on; `reason` is machine-readable."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -96,7 +94,7 @@ class PlanRefused(Exception):
         self.detail = detail
 
 
-class InstallError(Exception):
+class InstallError(OperatorNeededError):
     """A step of the install failed; the caller must `abort`. `reason` is machine-readable."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -248,11 +246,10 @@ def validate_plan(
     except (VerificationError, ValueError, TypeError, KeyError) as e:
         raise PlanRefused("bad_manifest", str(e)) from e
     try:
-        dsse.verify(env, trust_root.role("release"), "manifest")
-    except VerificationError as e:
-        raise PlanRefused("bad_signature", str(e)) from e
-    try:
+        # The one signature check of the plan (verify_manifest checks them first).
         verified = verify_manifest(env, trust_root, start=now or dt.datetime.now(dt.UTC))
+    except dsse.SignatureError as e:
+        raise PlanRefused("bad_signature", str(e)) from e
     except VerificationError as e:
         raise PlanRefused("bad_manifest", str(e)) from e
     parsed = verified.manifest
@@ -268,17 +265,13 @@ def validate_plan(
 
 
 def _run(argv: list[str], reason: str, stdin: str | None = None) -> str:
-    return tools.run_checked(
+    return runner.run_checked(
         argv, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S, stdin=stdin
     )
 
 
 def _try(argv: list[str]) -> bool:
-    try:
-        done = subprocess.run(argv, capture_output=True, timeout=_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+    return runner.succeeds(argv, timeout=_TIMEOUT_S)
 
 
 def _part_name(disk_name: str, index: int) -> str:
@@ -286,168 +279,103 @@ def _part_name(disk_name: str, index: int) -> str:
     return f"{disk_name}{'p' if disk_name[-1].isdigit() else ''}{index}"
 
 
-def _flush_device(fd: int) -> None:
-    """fsync, then drop the device's cached pages so the next read comes from the media."""
-    os.fsync(fd)
-    try:
-        fcntl.ioctl(fd, BLKFLSBUF, 0)
-    except OSError:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 # ---- sinks ----------------------------------------------------------------------------
 
 
 class BlobSink(Protocol):
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def finish(self) -> None: ...
 
     def close(self) -> None: ...
 
 
-# The largest piece of decoded image handed on at once (see _ImageSink.__init__).
-DECODE_PIECE = 4 << 20
-
-
-class _RawSink:
-    """What the zstd writer writes decoded bytes to: the image sink's raw path."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def write(self, data: bytes) -> int:
-        self.sink._raw(bytes(data))
-        return len(data)
+def _install_error(e: BaseException) -> InstallError:
+    """The image writer's refusals and the device's I/O errors, as REPORT reasons."""
+    if isinstance(e, InstallError):
+        return e
+    if isinstance(e, image_writer.ImageError):
+        return InstallError(e.reason, e.message)
+    if isinstance(e, OSError):
+        return InstallError("io_error", f"slot A: {e}")
+    return InstallError("image_failed", f"{type(e).__name__}: {e}")
 
 
 class _ImageSink:
-    """The base image, decoded on the fly into root-a, then read back and hashed again."""
+    """The base image, through the image writer shared with OTA, onto root-a.
+
+    The session thread only hands records on (a RecordPipe, no copy); decoding runs on
+    this sink's thread and hashing, writing and the read-back of each window on the
+    writer's, so receiving, decrypting, decoding, hashing and writing all overlap. Every
+    window is read back and compared as it goes: nothing is read or hashed again after
+    the stream. The first MiB is written last, after both signed hashes matched."""
 
     def __init__(self, inst: Installer, image: ImageComponent, size: int) -> None:
         self.inst = inst
         self.image = image
         self.size = size
         self.received = 0
-        self.raw_written = 0
-        self.blob_hash = hashlib.sha256()
-        self.raw_hash = hashlib.sha256()
-        self.head = bytearray()
-        self.unsynced = 0
-        # Both hashes run on one worker thread (FIFO: update order is kept; hashlib drops
-        # the GIL), overlapping decrypt, zstd and the writes of the next records on the
-        # other core. A few chunks in flight at most, so memory stays bounded.
-        self.hasher: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "image-hash")
-        self.hashing: deque[Future[None]] = deque()
-        # A writer, not decompressobj(): decompressobj returns everything one input record
-        # decodes to in one piece (a run of zeros came out as 323 MB from 64 KiB), while
-        # the writer hands the output on in pieces of at most DECODE_PIECE bytes, so memory
-        # stays bounded and raw_size stops a decompression bomb within one piece.
-        self.dobj = (
-            zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_writer(
-                cast("IO[bytes]", _RawSink(self)),
-                write_size=DECODE_PIECE,
-                write_return_read=True,
-                closefd=False,
-            )
-            if image.encoding == "zstd"
-            else None
+        self.error: BaseException | None = None
+        self.pipe = image_writer.RecordPipe(PIPE_DEPTH)
+        try:
+            fd, direct = blockdev.open_for_writing(inst.parts["root-a"])
+        except (OSError, SpkVisorError) as e:
+            raise InstallError("io_error", f"opening slot A: {e}") from e
+        self.fd: int | None = fd
+        start = inst.durable_bytes
+        self.writer = image_writer.ImageWriter(
+            fd, direct, image, size, on_checked=lambda done: self._durable(start + done)
         )
-        self.fd: int | None = os.open(inst.parts["root-a"], os.O_WRONLY | os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._decode, name="image-decode", daemon=True)
+        self.thread.start()
 
-    def write(self, data: bytes) -> None:
+    def _durable(self, n: int) -> None:
+        self.inst.durable_bytes = n
+
+    def _decode(self) -> None:
+        try:
+            self.writer.stream(self.pipe)
+        except BaseException as e:
+            self.error = e
+            self.pipe.fail(_install_error(e))
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Hand one record on; it must stay unchanged until the decoder has consumed it
+        (the channel's receive ring guarantees that for PIPE_DEPTH records)."""
         if self.fd is None:
             raise InstallError("sink_closed", "image sink already finished or closed")
         if self.received + len(data) > self.size:
             raise InstallError("too_many_bytes", f"image blob is declared as {self.size} bytes")
         self.received += len(data)
-        self._hash(self.blob_hash, data)
-        if self.dobj is None:
-            self._raw(data)
-            return
         try:
-            self.dobj.write(data)
-        except zstandard.ZstdError as e:
-            raise InstallError("bad_image", f"zstd: {e}") from e
-
-    def _raw(self, raw: bytes) -> None:
-        if not raw:
-            return
-        if self.raw_written + len(raw) > self.image.raw_size:
-            raise InstallError("image_too_large", f"raw image exceeds {self.image.raw_size}")
-        if self.fd is None:
-            raise InstallError("sink_closed", "image sink already finished or closed")
-        self._hash(self.raw_hash, raw)
-        view = memoryview(raw)
-        if self.raw_written < HEAD:
-            take = min(HEAD - self.raw_written, len(view))
-            self.head += view[:take]
-            self.raw_written += take
-            view = view[take:]
-        while view:
-            try:
-                n = os.pwrite(self.fd, view, self.raw_written)
-            except OSError as e:
-                raise InstallError("io_error", f"writing slot A: {e}") from e
-            self.raw_written += n
-            self.unsynced += n
-            view = view[n:]
-        if self.unsynced >= SYNC_EVERY:
-            self._sync()
-
-    def _hash(self, digest: Any, data: bytes) -> None:
-        if self.hasher is None:
-            raise InstallError("sink_closed", "image sink already finished or closed")
-        while len(self.hashing) >= HASH_IN_FLIGHT:
-            self.hashing.popleft().result()
-        self.hashing.append(self.hasher.submit(digest.update, data))
-
-    def _hashed(self) -> None:
-        """Wait until every byte handed to _hash is in its digest."""
-        while self.hashing:
-            self.hashing.popleft().result()
-
-    def _sync(self) -> None:
-        if self.fd is None:
-            raise InstallError("sink_closed", "image sink already finished or closed")
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise InstallError("io_error", f"syncing slot A: {e}") from e
-        self.inst.durable_bytes += self.unsynced
-        self.unsynced = 0
-        self.inst.emit_progress()
+            self.pipe.put(data)
+        except InstallError:
+            raise
+        except BaseException as e:
+            raise _install_error(e) from e
 
     def finish(self) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "image sink already finished or closed")
-        self._hashed()
-        blob_hex = self.image.blob.removeprefix("sha256:")
-        if self.received != self.size or self.blob_hash.hexdigest() != blob_hex:
-            raise InstallError("blob_hash", "the image blob does not match the manifest")
-        # A zstd stream that ended early decodes to fewer than raw_size bytes: caught below.
-        if self.raw_written != self.image.raw_size:
-            raise InstallError("bad_image", f"image decoded to {self.raw_written} bytes")
-        if self.raw_hash.hexdigest() != self.image.raw_sha256:
-            raise InstallError("image_hash", "decoded image does not match raw_sha256")
+        self.pipe.close()
+        self.thread.join()
         try:
-            os.pwrite(self.fd, bytes(self.head), 0)
-            self.unsynced += len(self.head)
-            self._sync()
-            _flush_device(self.fd)
-        except OSError as e:
-            raise InstallError("io_error", f"slot A: {e}") from e
+            if self.error is not None:
+                raise self.error
+            self.writer.write_ends()
+            self.writer.check_ends()
+        except BaseException as e:
+            raise _install_error(e) from e
+        self._durable(self.inst.durable_bytes + len(self.writer.head) + len(self.writer.tail))
+        self.inst.emit_progress()
+        self.inst.image_sha256 = self.image.raw_sha256
         self.close()
-        got = self.inst.read_back_slot_a(self.image.raw_size)
-        if got != self.image.raw_sha256:
-            raise InstallError("read_back", "slot A read back differs from the image")
-        self.inst.image_sha256 = got
 
     def close(self) -> None:
-        if self.hasher is not None:
-            self.hasher.shutdown(wait=True, cancel_futures=True)
-            self.hasher = None
-            self.hashing.clear()
+        if self.thread.is_alive():
+            self.pipe.fail(InstallError("sink_closed", "image sink closed"))
+            self.pipe.close()
+            self.thread.join()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -470,17 +398,15 @@ class _PackSink:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self.fd: int | None = os.open(self.part, flags, 0o600)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "pack sink already finished or closed")
         if self.received + len(data) > self.size:
             raise InstallError("too_many_bytes", f"daemon pack is declared as {self.size} bytes")
         self.received += len(data)
         self.hash.update(data)
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self.fd, view) :]
+            blockdev.write_all(self.fd, data)
         except OSError as e:
             raise InstallError("io_error", f"writing the daemon pack: {e}") from e
 
@@ -521,6 +447,16 @@ class _State:
     sinks: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class _BootPrep:
+    """What start_boot_prep's thread made: an error, or what finalize finishes from."""
+
+    thread: threading.Thread
+    config: BaseException | None = None
+    bios: bool | BaseException = False  # True: core.img ready for grub-bios-setup
+    efi: Path | BaseException | None = None
+
+
 class Installer:
     def __init__(self, resolved: ResolvedPlan, mountpoint: Path, emit: Emit) -> None:
         self.plan = resolved
@@ -538,6 +474,7 @@ class Installer:
         self.image_sha256: str | None = None
         self.daemon_release: str | None = None
         self.state = _State()
+        self._boot_prep: _BootPrep | None = None
         manifest = resolved.manifest
         self.total_bytes = sum(manifest.blobs.values())
 
@@ -613,9 +550,9 @@ class Installer:
             try:
                 size = os.lseek(fd, 0, os.SEEK_END)
                 zeros = bytes(MIB)
-                os.pwrite(fd, zeros, 0)
-                os.pwrite(fd, zeros, max(size - MIB, 0))
-                _flush_device(fd)
+                blockdev.pwrite_all(fd, zeros, 0)
+                blockdev.pwrite_all(fd, zeros, max(size - MIB, 0))
+                blockdev.flush(fd)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -675,6 +612,7 @@ class Installer:
         if manifest.image is not None and blob_id == manifest.image.blob:
             self.phase("image")
             sink = _ImageSink(self, manifest.image, size)
+            self.start_boot_prep()
         elif manifest.daemon is not None and blob_id == manifest.daemon.pack:
             self.phase("daemon")
             sink = _PackSink(self, manifest.daemon, size)
@@ -683,72 +621,18 @@ class Installer:
         self.state.sinks.append(sink)
         return sink
 
-    def read_back_slot_a(self, raw_size: int) -> str:
-        """sha256 of slot A's first raw_size bytes, read from the device after a cache drop."""
-        self.phase("read_back")
-        digest = hashlib.sha256()
-        try:
-            fd = os.open(self.parts["root-a"], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _flush_device(fd)
-                offset = 0
-                while offset < raw_size:
-                    chunk = os.pread(fd, min(READ_CHUNK, raw_size - offset), offset)
-                    if not chunk:
-                        raise InstallError("read_back", f"slot A ends at {offset} bytes")
-                    digest.update(chunk)
-                    offset += len(chunk)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise InstallError("io_error", f"reading slot A back: {e}") from e
-        return digest.hexdigest()
-
     def unpack(self, pack: Path, daemon: DaemonComponent) -> None:
-        """Files out of the pack into releases/<id>, each checked, then `current` -> it."""
+        """The release tree staged from the pack (install/tree.py, as OTA does), then
+        `current` -> it."""
         self.phase("unpack")
         opt = self.mountpoint / "opt" / "smechvisord"
-        releases = opt / "releases"
-        releases.mkdir(parents=True, exist_ok=True)
-        rid = swap.release_id(daemon, self.plan.manifest_sha256)
-        staging = releases / f".{rid}.staging"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(mode=0o755)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with pack.open("rb") as src:
-            for entry in daemon.files:
-                path = staging / entry.path
-                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                fd = os.open(path, flags, 0o600)
-                try:
-                    left = entry.size
-                    while left:
-                        chunk = src.read(min(READ_CHUNK, left))
-                        if not chunk:
-                            raise InstallError("bad_pack", f"pack ends inside {entry.path}")
-                        digest.update(chunk)
-                        os.write(fd, chunk)
-                        left -= len(chunk)
-                    os.fchmod(fd, entry.mode & 0o555)
-                finally:
-                    os.close(fd)
-                if digest.hexdigest() != entry.sha256:
-                    raise InstallError("file_hash", f"{entry.path} does not match the manifest")
-            if src.read(1):
-                raise InstallError("bad_pack", "pack has bytes after its last file")
-        for link in daemon.symlinks:
-            path = staging / link.path
-            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            os.symlink(link.target, path)
-        durable.fsync_tree(staging)
-        final = releases / rid
-        os.rename(staging, final)
-        durable.fsync_dir(releases)
-        problems = swap.verify_tree(final, daemon)
-        if problems:
-            raise InstallError("file_hash", "; ".join(problems[:5]))
+        rid = tree.release_id(daemon, self.plan.manifest_sha256)
+        try:
+            tree.stage(opt / "releases", rid, pack, daemon)
+        except VerificationError as e:
+            raise InstallError("file_hash", e.message) from e
+        except OSError as e:
+            raise InstallError("io_error", f"unpacking the daemon tree: {e}") from e
         durable.flip_symlink(opt / "current", f"releases/{rid}")
         pack.unlink()
         shutil.rmtree(pack.parent, ignore_errors=True)
@@ -769,26 +653,25 @@ class Installer:
             raise InstallError("incomplete", "the daemon tree was not received and verified")
         self.phase("config")
         boot_dir = self.mountpoint / "boot"
-        self._write_config()
-        ids = bootloader.BootIds(
-            data_fs_uuid=self.data_uuid,
-            slot_partuuid={"a": self.partuuids["root-a"], "b": self.partuuids["root-b"]},
-        )
-        try:
-            bootloader.write_config(boot_dir, ids)
-        except bootloader.BootloaderError as e:
-            raise InstallError("config", str(e)) from e
+        prep = self._join_boot_prep()
+        if prep.config is not None:
+            raise InstallError("config", str(prep.config)) from prep.config
+        self._write_record()
         os.sync()
         self.phase("bootloader")
         self.state.boot_started = True
         boot: dict[str, str] = {}
         try:
-            bootloader.install_bios(self.disk.path, boot_dir)
+            if isinstance(prep.bios, BaseException):
+                raise prep.bios
+            bootloader.install_bios(self.disk.path, boot_dir, prepared=prep.bios is True)
             boot["bios"] = "ok"
         except (bootloader.BootloaderError, OSError) as e:
             boot["bios"] = f"failed: {e}"
         try:
-            size = bootloader.install_efi(self.parts["esp"], boot_dir, self.data_uuid)
+            if not isinstance(prep.efi, Path):
+                raise prep.efi or bootloader.BootloaderError("efi", "not prepared")
+            size = bootloader.install_efi(self.parts["esp"], prep.efi)
             boot["efi_fallback"] = f"ok ({size} bytes)"
         except (bootloader.BootloaderError, OSError) as e:
             boot["efi_fallback"] = f"failed: {e}"
@@ -825,6 +708,48 @@ class Installer:
             f"UUID={self.esp_uuid} /boot/efi vfat umask=0077,nofail 0 1\n"
         )
 
+    # -- what the bootloader needs, prepared while the image streams
+
+    def start_boot_prep(self) -> None:
+        """Config files, grub.cfg, GRUB's modules, core.img and BOOTX64.EFI, on a thread
+        while the image streams. None of it is on a boot path: the MBR, the BIOS-boot
+        partition and the ESP are written by finalize, after every hash matched."""
+        if self._boot_prep is None and self.state.prepared:
+            prep = _BootPrep(threading.Thread(target=self._prepare_boot, name="boot-prep"))
+            self._boot_prep = prep
+            prep.thread.start()
+
+    def _join_boot_prep(self) -> _BootPrep:
+        self.start_boot_prep()
+        if self._boot_prep is None:
+            raise InstallError("not_prepared", "finalize before prepare")
+        self._boot_prep.thread.join()
+        return self._boot_prep
+
+    def _prepare_boot(self) -> None:
+        prep = self._boot_prep
+        if prep is None:
+            return
+        boot_dir = self.mountpoint / "boot"
+        ids = bootloader.BootIds(
+            data_fs_uuid=self.data_uuid,
+            slot_partuuid={"a": self.partuuids["root-a"], "b": self.partuuids["root-b"]},
+        )
+        try:
+            self._write_config()
+            bootloader.write_config(boot_dir, ids)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.config = e
+            return
+        try:
+            prep.bios = bootloader.prepare_bios(self.disk.path, boot_dir)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.bios = e
+        try:
+            prep.efi = bootloader.prepare_efi(boot_dir, self.data_uuid)
+        except (bootloader.BootloaderError, OSError) as e:
+            prep.efi = e
+
     def _write_config(self) -> None:
         etc = self.mountpoint / "etc"
         etc.mkdir(mode=0o755, exist_ok=True)
@@ -832,6 +757,10 @@ class Installer:
         # World-readable, as every system reads them.
         durable.write_bytes(etc / "fstab", self.fstab().encode(), 0o644)
         durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode(), 0o644)
+
+    def _write_record(self) -> None:
+        """The deploy record, once the image and the daemon tree are verified."""
+        etc = self.mountpoint / "etc"
         manifest = self.plan.manifest
         record = {
             "manifest_sha256": self.plan.manifest_sha256,
@@ -861,6 +790,8 @@ class Installer:
         self.phase("aborted", reason=reason)
         for sink in self.state.sinks:
             sink.close()
+        if self._boot_prep is not None:
+            self._boot_prep.thread.join()  # its tools are bounded by _TIMEOUT_S
         problems: list[str] = []
         if not self.state.finalized:
             problems += bootloader.remove_boot_code(
@@ -869,12 +800,7 @@ class Installer:
             root_a = self.parts.get("root-a")
             if root_a:
                 try:
-                    fd = os.open(root_a, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.pwrite(fd, bytes(HEAD), 0)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    blockdev.zero_head(root_a, HEAD, exclusive=False)
                 except OSError as e:
                     problems.append(f"slot A head: {e}")
         self._unmount()

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from spk_visor.deploy import channel, code, discovery, install, inventory, messages
+from spk_visor.errors import OperatorNeededError, TransportError
+from spk_visor.install import runner
 from spk_visor.ota.roots import Root
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -42,7 +43,11 @@ PROGRESS_EVERY = 1.0
 IDLE_TIMEOUT = 120.0
 
 
-class SessionFailed(Exception):
+class _RebootFailed(OperatorNeededError):
+    """The reboot command could not run, timed out or exited non-zero."""
+
+
+class SessionFailed(TransportError):
     """The deploy failed for `reason`; `resumable` when the prepared disk may be reused."""
 
     def __init__(self, reason: str, *, resumable: bool = False) -> None:
@@ -327,8 +332,8 @@ class Receiver:
     def reboot(self) -> None:
         self.emit("reboot", {"argv": list(self.options.reboot_cmd)})
         try:
-            subprocess.run(list(self.options.reboot_cmd), check=False, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            runner.run_checked(list(self.options.reboot_cmd), _RebootFailed, timeout=60)
+        except _RebootFailed as e:
             # The deploy already succeeded: say the reboot failed, do not turn it into a
             # failed deploy (the caller would report "failed" and go back to waiting).
             self.emit("error", {"reason": f"reboot failed: {e}"})
@@ -353,13 +358,19 @@ class _Session:
         self.chan.send_json(mtype, doc)
 
     def recv(self) -> tuple[int, bytes]:
-        mtype, payload = self.chan.recv()
+        mtype, view = self.recv_view()
+        return mtype, bytes(view)
+
+    def recv_view(self) -> tuple[int, memoryview]:
+        """The next record, checked against the state machine; the payload is a view into
+        the channel's receive ring (valid for channel.RECV_RING - 1 more records)."""
+        mtype, payload = self.chan.recv_view()
         try:
             self.machine.check("recv", mtype)
         except channel.ChannelError as e:
             raise SessionFailed(str(e)) from e
         if mtype == messages.ERROR:
-            reason = _json(payload).get("reason") if payload else None
+            reason = _json(bytes(payload)).get("reason") if payload else None
             # The donor gave up on its side: what is verified so far stays usable.
             raise SessionFailed(f"the donor stopped: {reason}", resumable=True)
         return mtype, payload
@@ -543,7 +554,7 @@ class _Session:
         got = 0
         failure: str | None = None
         while True:
-            mtype, payload = self.recv()
+            mtype, payload = self.recv_view()  # DATA goes to the sink without a copy
             if mtype == messages.FILE_END:
                 break
             if mtype != messages.DATA:

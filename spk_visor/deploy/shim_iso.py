@@ -25,12 +25,13 @@ import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import zstandard
 
 from smechvisord.version import VERSION
-from spk_visor.deploy import tools
 from spk_visor.errors import ConfigError, SpkVisorError, VerificationError
+from spk_visor.install import runner
 from spk_visor.ota import roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
 
@@ -180,6 +181,8 @@ class IsoResult:
 
 # The longest one build step may take.
 BUILD_STEP_TIMEOUT_S = 1800
+# ldd loads nothing, it only resolves: seconds even for python3 with all its libraries.
+LDD_TIMEOUT_S = 60
 
 
 def _say(progress: Progress | None, text: str) -> None:
@@ -190,7 +193,7 @@ def _say(progress: Progress | None, text: str) -> None:
 def _run(argv: list[str], *, cwd: Path | None = None) -> str:
     # Generous: grub-mkrescue and a cold `apt-get download` can take minutes, but a hung
     # tool must not hang the build forever.
-    return tools.run_checked(argv, ShimBuildError, timeout=BUILD_STEP_TIMEOUT_S, cwd=cwd)
+    return runner.run_checked(argv, ShimBuildError, timeout=BUILD_STEP_TIMEOUT_S, cwd=cwd)
 
 
 def cache_dir() -> Path:
@@ -329,10 +332,13 @@ class _Stage:
 
     def add_libs(self, path: Path) -> None:
         """Every library ldd lists for path, at the same absolute path."""
-        proc = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            return  # static, or not an ELF object
-        for raw_line in proc.stdout.splitlines():
+        try:
+            listing = runner.run_checked(["ldd", str(path)], ShimBuildError, timeout=LDD_TIMEOUT_S)
+        except ShimBuildError as e:
+            if "timed out" in str(e):
+                raise
+            return  # static, or not an ELF object: ldd exits 1
+        for raw_line in listing.splitlines():
             line = raw_line.strip()
             if "=>" in line:
                 name, _, rest = line.partition("=>")
@@ -614,29 +620,47 @@ def _pack(stage: Path, out: Path, compression: str) -> None:
     listing = out.with_name(out.name + ".list")
     listing.write_text("\n".join(_walk(stage)) + "\n")
     with listing.open("rb") as names, out.open("wb") as sink:
-        cpio = subprocess.Popen(
-            ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
-            cwd=stage,
-            stdin=names,
-            stdout=subprocess.PIPE,
-        )
+        if compression != "zstd":
+            runner.pipeline(
+                ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+                ["gzip", "-6", "-n"],
+                ShimBuildError,
+                timeout=BUILD_STEP_TIMEOUT_S,
+                stdin=names,
+                stdout=sink,
+                cwd=stage,
+            )
+        else:
+            _pack_zstd(stage, names, sink)
+    listing.unlink()
+
+
+def _pack_zstd(stage: Path, names: IO[bytes], sink: IO[bytes]) -> None:
+    """cpio into zstd in this process; cpio is killed if it outlives the build step."""
+    cpio = subprocess.Popen(
+        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+        cwd=stage,
+        stdin=names,
+        stdout=subprocess.PIPE,
+    )
+    try:
         if cpio.stdout is None:
             raise ShimBuildError("cpio: no output pipe")
-        if compression == "zstd":
-            # No long-distance window: the kernel's decompressor must stream it.
-            cctx = zstandard.ZstdCompressor(level=12, threads=-1)
-            with cctx.stream_writer(sink, closefd=False) as writer:
-                while chunk := cpio.stdout.read(1 << 20):
-                    writer.write(chunk)
-            cpio.stdout.close()
-        else:
-            gz = subprocess.Popen(["gzip", "-6", "-n"], stdin=cpio.stdout, stdout=sink)
-            cpio.stdout.close()
-            if gz.wait() != 0:
-                raise ShimBuildError("gzip failed")
-        if cpio.wait() != 0:
-            raise ShimBuildError("cpio failed")
-    listing.unlink()
+        # No long-distance window: the kernel's decompressor must stream it.
+        cctx = zstandard.ZstdCompressor(level=12, threads=-1)
+        with cctx.stream_writer(sink, closefd=False) as writer:
+            while chunk := cpio.stdout.read(1 << 20):
+                writer.write(chunk)
+        cpio.stdout.close()
+        rc = cpio.wait(timeout=BUILD_STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise ShimBuildError("cpio: timed out") from e
+    finally:
+        if cpio.poll() is None:
+            cpio.kill()
+            cpio.wait()
+    if rc != 0:
+        raise ShimBuildError(f"cpio failed ({rc})")
 
 
 def _compression(kernel: _Kernel) -> str:

@@ -162,11 +162,15 @@ def valid_signers(env: Envelope, role: Role) -> set[str]:
     return good
 
 
+class SignatureError(VerificationError):
+    """Too few valid signatures of the role (as opposed to a bad document)."""
+
+
 def verify(env: Envelope, role: Role, what: str) -> set[str]:
-    """Raise unless at least `role.threshold` distinct keys of the role signed."""
+    """SignatureError unless at least `role.threshold` distinct keys of the role signed."""
     good = valid_signers(env, role)
     if len(good) < role.threshold:
-        raise VerificationError(
+        raise SignatureError(
             f"{what}: {len(good)} valid {role.name} signature(s), {role.threshold} required",
             "signed with a wrong, revoked or other-role key, or the content was changed",
         )

@@ -25,7 +25,6 @@ from typing import Any, BinaryIO
 from spk_visor.errors import (
     BusyError,
     ExitCode,
-    NotEligibleError,
     OperatorNeededError,
     VerificationError,
 )
@@ -136,9 +135,7 @@ def space_needs(ctx: OtaContext, m: Manifest, plan: Plan) -> dict[Path, int]:
 def check_preconditions(ctx: OtaContext) -> None:
     """Refuse while an earlier update still needs a reboot or a decision."""
     if ctx.journal.phase("base") == "trial":
-        raise BusyError(
-            "a base trial boot is in progress", "wait for boot-check to commit or roll back"
-        )
+        raise slots.TrialInProgress()
     if ctx.journal.phase("daemon") == "probation":
         raise BusyError(
             "a daemon release is held in probation",
@@ -479,8 +476,8 @@ def run_worker(
         if plan.base == "stage" and do_base:
             code = slots.stage(ctx, m, manifest_hex)
         if plan.daemon == "swap" and do_daemon:
-            if ctx.journal.phase("base") in ("trial",):
-                raise NotEligibleError("a base trial boot is in progress")
+            if ctx.journal.phase("base") == "trial":
+                raise slots.TrialInProgress()
             daemon_code = swap.run(ctx, m, manifest_hex, manual_commit=manual_commit)
             if daemon_code != ExitCode.OK:
                 code = daemon_code

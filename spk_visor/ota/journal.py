@@ -15,42 +15,120 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from spk_visor.errors import BusyError, OperatorNeededError
+from spk_visor.errors import BusyError, OperatorNeededError, SpkVisorError
 from spk_visor.ota import durable
 from spk_visor.ota.nodeconf import NodePaths
 
-# Phases of the daemon live swap (ota.md, "Daemon class").
-DAEMON_PHASES = (
-    "idle",
-    "fetching",
-    "staging",
-    "preflight",
-    "switching",
-    "probation",
-    "committed",
-    "rolling_back",
-    "rolled_back",
-    "failed",
-)
-# Phases of the base image (ota.md, "Base system class").
-BASE_PHASES = (
-    "idle",
-    "fetching",
-    "invalidating",
-    "writing",
-    "verifying",
-    "staged",
-    "trial",
-    "committed",
-    "trial_failed",
-    "rolled_back",
-    "discarded",
-    "failed",
-)
+
+class DaemonPhase(StrEnum):
+    """Phases of the daemon live swap (ota.md, "Daemon class")."""
+
+    IDLE = "idle"
+    STAGING = "staging"
+    PREFLIGHT = "preflight"
+    SWITCHING = "switching"
+    PROBATION = "probation"
+    COMMITTED = "committed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+class BasePhase(StrEnum):
+    """Phases of the base image (ota.md, "Base system class")."""
+
+    IDLE = "idle"
+    INVALIDATING = "invalidating"
+    WRITING = "writing"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    TRIAL_FAILED = "trial_failed"
+    ROLLED_BACK = "rolled_back"
+    DISCARDED = "discarded"
+    FAILED = "failed"
+
+
+class OpPhase(StrEnum):
+    """The operation as a whole (engine.py's "op" entry)."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+
+
+_D = DaemonPhase
+_B = BasePhase
+# The one transition table: journal.set refuses any other change of phase. A phase may
+# always be written again (more fields, or the same step retried); `begin` starts every
+# update from idle.
+TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
+    "daemon": {
+        _D.IDLE: frozenset({_D.STAGING, _D.ROLLING_BACK}),  # an update, a manual rollback
+        # staging again: the same update retried after an interruption; idle: staging
+        # failed or was interrupted before any change; failed: the loop breaker.
+        _D.STAGING: frozenset({_D.PREFLIGHT, _D.SWITCHING, _D.IDLE, _D.FAILED}),
+        _D.PREFLIGHT: frozenset({_D.SWITCHING, _D.ROLLED_BACK, _D.IDLE, _D.STAGING, _D.FAILED}),
+        _D.SWITCHING: frozenset(
+            {_D.PROBATION, _D.ROLLING_BACK, _D.ROLLED_BACK, _D.COMMITTED, _D.FAILED}
+        ),
+        _D.PROBATION: frozenset(
+            {_D.COMMITTED, _D.ROLLING_BACK, _D.ROLLED_BACK, _D.SWITCHING, _D.FAILED}
+        ),
+        # committed: a failed manual rollback put the release it left back in place.
+        _D.ROLLING_BACK: frozenset({_D.ROLLED_BACK, _D.COMMITTED, _D.FAILED}),
+        _D.COMMITTED: frozenset(),
+        _D.ROLLED_BACK: frozenset({_D.STAGING}),
+        _D.FAILED: frozenset({_D.STAGING}),
+    },
+    "base": {
+        _B.IDLE: frozenset({_B.INVALIDATING}),
+        _B.INVALIDATING: frozenset({_B.WRITING, _B.FAILED}),
+        _B.WRITING: frozenset({_B.VERIFYING, _B.FAILED}),
+        _B.VERIFYING: frozenset({_B.STAGED, _B.FAILED}),
+        _B.STAGED: frozenset({_B.TRIAL, _B.TRIAL_FAILED, _B.DISCARDED}),
+        _B.TRIAL: frozenset({_B.COMMITTED, _B.TRIAL_FAILED}),
+        _B.TRIAL_FAILED: frozenset({_B.ROLLED_BACK}),
+        _B.COMMITTED: frozenset(),
+        _B.ROLLED_BACK: frozenset(),
+        _B.DISCARDED: frozenset(),
+        _B.FAILED: frozenset(),
+    },
+    "op": {
+        OpPhase.IDLE: frozenset({OpPhase.RUNNING}),
+        OpPhase.RUNNING: frozenset({OpPhase.DONE}),
+        OpPhase.DONE: frozenset(),
+    },
+}
+DAEMON_PHASES = tuple(DaemonPhase)
+BASE_PHASES = tuple(BasePhase)
 TERMINAL = frozenset({"idle", "committed", "rolled_back", "failed", "discarded", "trial_failed"})
+
+
+class TransitionError(SpkVisorError):
+    """A journal write the transition table does not allow: a bug, nothing is written."""
+
+
+def check_transition(component: str, previous: str | None, phase: str) -> None:
+    """TransitionError unless `previous` -> `phase` is in TRANSITIONS. A previous phase
+    this version does not know (a journal from an older release) allows any phase."""
+    table = TRANSITIONS.get(component)
+    if table is None:
+        raise TransitionError(f"the journal has no component {component!r}")
+    if phase not in table:
+        raise TransitionError(f"{component}: {phase!r} is not a phase")
+    before = previous or "idle"
+    if before == phase or before not in table:
+        return
+    if phase not in table[before]:
+        raise TransitionError(f"{component}: no transition from {before!r} to {phase!r}")
+
+
 # The journal keeps this many phase changes per update before it gives up on automatic
 # attempts (a boot loop, a worker that keeps dying).
 MAX_TRANSITIONS = 20
@@ -98,12 +176,14 @@ class Journal:
         return str(self.get(component).get("phase", "idle"))
 
     def set(self, component: str, phase: str, **fields: Any) -> dict[str, Any]:
-        """Record `phase` durably, then pass the crash point named after it."""
+        """Record `phase` durably, then pass the crash point named after it.
+        TransitionError (nothing written) for a change the transition table forbids."""
         doc = self.read()
         entry = dict(doc.get(component) or {})
         entry.update(fields)
         previous = entry.get("phase")
-        entry["phase"] = phase
+        check_transition(component, previous if isinstance(previous, str) else None, phase)
+        entry["phase"] = str(phase)
         entry["updated"] = now_iso()
         if previous != phase:
             entry["transitions"] = int(entry.get("transitions", 0)) + 1

@@ -22,37 +22,23 @@ until the image is complete and verified the slot carries no mountable filesyste
 interrupted or refused write leaves it unbootable by construction; `recover` also zeroes
 it again, because the head may already be on disk when a crash hits `verifying`.
 
-Read-back. ota.md reads the whole slot back after the last fsync and hashes it again.
-Here each window (16 MiB) is read back from the device right after its fdatasync, with
-O_DIRECT, and compared byte for byte with the window the stream hash covered:
-sha256(stream) == raw_sha256 and device == stream prove what sha256(device) == raw_sha256
-proves, with one sha256 pass over the raw image instead of two. sha256 is the bottleneck
-(about 300 MB/s on a core without SHA extensions), so the second pass doubled the time.
-Decoding, hashing and writing run on three threads (see _Pipeline).
+The writing itself is spk_visor.install.image's ImageWriter, shared with deploy: each
+window is read back from the device and compared while the next one is written, so the
+slot is never read and hashed a second time (its docstring says why that proves as much).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import fcntl
-import hashlib
-import mmap
 import os
-import queue
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
-
-import zstandard
+from typing import Any, Protocol
 
 from spk_visor.errors import (
     BusyError,
@@ -62,44 +48,49 @@ from spk_visor.errors import (
     RefusedError,
     VerificationError,
 )
+from spk_visor.install import blockdev
+from spk_visor.install import image as image_writer
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
-from spk_visor.ota.journal import now_iso
+from spk_visor.ota.journal import BasePhase, now_iso
 from spk_visor.ota.manifest import ImageComponent, Manifest
 from spk_visor.ota.nodeconf import Slots
-from spk_visor.ota.store import hex_of
 
 COMPONENT = "base"
 SLOTS = ("a", "b")
 CMDLINE_KEY = "smechvisor.slot"
-MIB = 1 << 20
-# Held back during the stream and written last; also what invalidation zeroes. Every
-# filesystem a slot could hold keeps its superblock in here (ext4 at 1 KiB, btrfs at 64 KiB).
-HEAD = MIB
-# One window: decoded, hashed, written, fdatasynced, read back and compared as a unit.
-# Large, so Python does little per byte and the device sees few flushes.
-CHUNK = 16 * MIB
-# Windows in flight between the decoder, the hasher and the writer.
-WINDOWS = 3
-# O_DIRECT offsets, lengths and buffers are multiples of this (512 B and 4 KiB sectors).
-ALIGN = 4096
-# How much of the encoded blob the decoder pulls per read.
-READ_SIZE = 4 * MIB
-# zstd's own default limit, stated so a frame cannot ask for more decoder memory.
-MAX_WINDOW = 1 << 27
-# linux/fs.h: _IO(0x12, 97), drop the block device's clean cached pages.
-BLKFLSBUF = 0x1261
+# Held back during the stream and written last (by the image writer); also what
+# invalidation zeroes. Every filesystem a slot could hold keeps its superblock in here.
+HEAD = image_writer.HEAD
 # Per health check; a check that hangs is a failed check.
 HEALTH_TIMEOUT_S = 60.0
 # Phases whose interruption means the slot holds unverified bytes.
 PENDING = ("invalidating", "writing", "verifying")
 _OUTPUT_TAIL = 400
 
-# libc's memcmp compares two windows without copying them and without the GIL (a
-# memoryview comparison goes element by element, 30 times slower).
-_memcmp = ctypes.CDLL(None).memcmp
-_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-_memcmp.restype = ctypes.c_int
+
+class TrialInProgress(BusyError):
+    """A staged base is being tried (booted, boot-check not done): nothing else may change
+    the node until boot-check commits or rejects it. One error wherever it is noticed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a base trial boot is in progress", "wait for boot-check to commit or roll back"
+        )
+
+
+def check_no_trial(ctx: OtaContext, booted: str | None = None) -> None:
+    """TrialInProgress when the journal says trial, or says staged while this boot runs
+    the staged slot (boot-check has not run yet). `booted`: the running slot, if known."""
+    entry = ctx.journal.get(COMPONENT)
+    phase = entry.get("phase")
+    if phase == "trial":
+        raise TrialInProgress()
+    if phase == "staged":
+        if booted is None:
+            booted = bootloader(ctx).booted()
+        if booted is not None and booted == entry.get("slot"):
+            raise TrialInProgress()
 
 
 def other(slot: str) -> str:
@@ -249,97 +240,7 @@ def inactive_slot(ctx: OtaContext) -> str:
 
 # -- the slot device --------------------------------------------------------------------
 
-
-def _open_slot(device: str, flags: int) -> int:
-    """Open a slot exclusively: the kernel refuses (EBUSY) while it is mounted or held."""
-    try:
-        return os.open(device, flags | os.O_EXCL | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"slot device {device} does not exist", "check [slots] in ota.conf"
-        ) from None
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise VerificationError(
-                f"slot device {device} is in use (mounted or held)", "unmount it first"
-            ) from None
-        raise
-
-
-def _mounted(device: str) -> bool:
-    try:
-        st = os.stat(device)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISBLK(st.st_mode):
-        return False
-    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[2] == want for line in f if line.strip())
-
-
-def _drop_cache(fd: int) -> None:
-    """Make the next read come from the device, not from the pages just written."""
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
-        fcntl.ioctl(fd, BLKFLSBUF, 0)
-    else:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill `view` from `offset`; fewer bytes only at the end of the device."""
-    n = 0
-    while n < len(view):
-        got = os.preadv(fd, [view[n:]], offset + n)
-        if not got:
-            break
-        n += got
-    return n
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _open_for_writing(device: str) -> tuple[int, bool]:
-    """The slot opened exclusively for writing, with O_DIRECT where the device allows it
-    (four times faster than through the page cache on a loop device here)."""
-    try:
-        return _open_slot(device, os.O_RDWR | os.O_DIRECT), True
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-    return _open_slot(device, os.O_RDWR), False
-
-
-def _wipe_head(device: str) -> None:
-    """Zero the slot's first MiB, durably: no filesystem there any more."""
-    fd = _open_slot(device, os.O_WRONLY)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        _pwrite_all(fd, bytes(min(HEAD, size)), 0)
-        os.fsync(fd)
-        _drop_cache(fd)
-    finally:
-        os.close(fd)
-
-
-def _hash_fd(fd: int, size: int) -> tuple[str, int]:
-    """sha256 of the first `size` bytes of `fd`, and how many bytes there were."""
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    pos = 0
-    while pos < size:
-        n = os.preadv(fd, [view[: min(CHUNK, size - pos)]], pos)
-        if n == 0:
-            break
-        digest.update(view[:n])
-        pos += n
-    return digest.hexdigest(), pos
+SLOT_HINT = "check [slots] in ota.conf"
 
 
 def verify_installed(ctx: OtaContext, image: ImageComponent, slot: str) -> list[str]:
@@ -357,7 +258,7 @@ def verify_installed(ctx: OtaContext, image: ImageComponent, slot: str) -> list[
         size = os.lseek(fd, 0, os.SEEK_END)
         if size < image.raw_size:
             return [f"slot {slot}: {device} has {size} bytes, the image {image.raw_size}"]
-        got, _n = _hash_fd(fd, image.raw_size)
+        got, _n = blockdev.hash_fd(fd, image.raw_size)
     finally:
         os.close(fd)
     if got != image.raw_sha256:
@@ -367,245 +268,35 @@ def verify_installed(ctx: OtaContext, image: ImageComponent, slot: str) -> list[
     return []
 
 
-# -- writing ----------------------------------------------------------------------------
+def _write_slot(
+    ctx: OtaContext, image: ImageComponent, blob: Path, blob_size: int, device: str
+) -> None:
+    """The image writer, fed from the stored blob; journal `verifying` before the head."""
 
+    def progress(done: int) -> None:
+        ctx.emit("progress", {"phase": "write", "bytes": done, "total": image.raw_size})
 
-class _HashingReader:
-    """A file that hashes every byte read from it (the decoder pulls through this)."""
+    before = [0]
 
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.digest = hashlib.sha256()
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.digest.update(data)
-        self.count += len(data)
-        return data
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        n = self._f.readinto(buf)  # type: ignore[attr-defined]
-        if n:
-            self.digest.update(memoryview(buf)[:n])
-            self.count += n
-        return int(n or 0)
-
-    def drain(self) -> None:
-        """Hash the rest of the file: bytes the decoder never asked for count too."""
-        while self.read(CHUNK):
-            pass
-
-
-def _blob_mismatch(source: _HashingReader, image: ImageComponent, size: int) -> str | None:
-    if source.count != size:
-        return f"base image blob has {source.count} bytes, its signed size is {size}"
-    got = source.digest.hexdigest()
-    if got != hex_of(image.blob):
-        return f"base image blob does not match its signed hash (got {got[:12]}…)"
-    return None
-
-
-def _refuse(what: str) -> VerificationError:
-    return VerificationError(
-        what, "the stored blob or the release is corrupt; the slot was left unbootable"
-    )
-
-
-class _Buffer:
-    """Page-aligned memory (O_DIRECT wants it), and its address for memcmp."""
-
-    def __init__(self, size: int) -> None:
-        self.mem = mmap.mmap(-1, size)
-        self.view = memoryview(self.mem)
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
-
-
-@dataclass
-class _Piece:
-    """Decoded bytes on their way to the hasher and, for the body, the writer."""
-
-    view: memoryview
-    offset: int
-    buf: _Buffer | None = None  # a window to recycle; None for the held-back head and tail
-    users: int = 1
-
-
-class _Pipeline:
-    """Hash and write decoded windows on two threads while the caller decodes the next.
-
-    hashlib, zstd and the I/O calls all release the GIL, so decoding, hashing and writing
-    run on separate cores. The writer writes each window, fdatasyncs, reads it back from
-    the device (O_DIRECT, or with the range evicted from the page cache) and compares it
-    byte for byte with the window. Together with sha256(window stream) == raw_sha256 that
-    proves what a second full read-and-hash pass would, at a memcmp's cost.
-    """
-
-    def __init__(self, fd: int, raw_size: int, direct: bool) -> None:
-        self.fd = fd
-        self.raw_size = raw_size
-        self.direct = direct
-        self.digest = hashlib.sha256()
-        self.written = 0
-        self.errors: list[BaseException] = []
-        self.cancelled = False
-        self._lock = threading.Lock()
-        self._free: queue.Queue[_Buffer] = queue.Queue()
-        for _ in range(WINDOWS):
-            self._free.put(_Buffer(CHUNK))
-        self._check = _Buffer(CHUNK)
-        self._to_hash: queue.Queue[_Piece | None] = queue.Queue()
-        self._to_write: queue.Queue[_Piece | None] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._hasher, name="slot-hash", daemon=True),
-            threading.Thread(target=self._writer, name="slot-write", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _done(self, piece: _Piece) -> None:
-        with self._lock:
-            piece.users -= 1
-            last = piece.users == 0
-        if last and piece.buf is not None:
-            self._free.put(piece.buf)
-
-    def _hasher(self) -> None:
-        self._drain(self._to_hash, lambda piece: self.digest.update(piece.view))
-
-    def _writer(self) -> None:
-        self._drain(self._to_write, self._write_verified)
-
-    def _drain(self, q: queue.Queue[_Piece | None], work: Callable[[_Piece], None]) -> None:
-        # After an error (or a cancel) it keeps taking pieces without working on them, so
-        # every buffer comes back and the decoder never waits forever for one.
-        while (piece := q.get()) is not None:
-            try:
-                if not self.errors and not self.cancelled:
-                    work(piece)
-            except BaseException as e:
-                self.errors.append(e)
-            finally:
-                self._done(piece)
-
-    def _write_verified(self, piece: _Piece) -> None:
-        if piece.buf is None:
-            raise RuntimeError("only windows go to the writer")
-        n = len(piece.view)
-        _pwrite_all(self.fd, piece.view, piece.offset)
-        os.fdatasync(self.fd)
-        if not self.direct:
-            os.posix_fadvise(self.fd, piece.offset, n, os.POSIX_FADV_DONTNEED)
-        got = _pread_into(self.fd, self._check.view[:n], piece.offset)
-        if got != n or _memcmp(piece.buf.addr, self._check.addr, n) != 0:
-            raise VerificationError(
-                f"the slot reads back other bytes than were written at offset {piece.offset}",
-                "the slot device may be failing; the slot was left unbootable",
-            )
-        before = self.written
-        self.written += n
-        if before * 2 < self.raw_size <= self.written * 2:
+    def on_checked(done: int) -> None:
+        if before[0] * 2 < image.raw_size <= done * 2:
             durable.crash_point("base:mid-write")
+        before[0] = done
 
-    def take(self) -> _Buffer:
-        return self._free.get()
-
-    def submit(self, piece: _Piece, write: bool) -> None:
-        if self.errors:
-            if piece.buf is not None:
-                self._free.put(piece.buf)
-            raise self.errors[0]
-        piece.users = 2 if write else 1
-        self._to_hash.put(piece)
-        if write:
-            self._to_write.put(piece)
-
-    def close(self) -> None:
-        self._to_hash.put(None)
-        self._to_write.put(None)
-        for t in self._threads:
-            t.join()
-
-
-def _stream(
-    ctx: OtaContext, image: ImageComponent, blob: Path, blob_size: int, fd: int, direct: bool
-) -> tuple[bytes, bytes]:
-    """Decode the blob into the slot, except its head and unaligned tail, which it returns.
-
-    Raises VerificationError unless the blob matched its signed hash and size, the decoded
-    stream is exactly raw_size bytes with sha256 raw_sha256, and every written window read
-    back identical.
-    """
-    raw_size = image.raw_size
-    head_len = min(HEAD, raw_size)
-    body_end = head_len + (raw_size - head_len) // ALIGN * ALIGN
-    with blob.open("rb", buffering=0) as f:
-        source = _HashingReader(f)
-        reader: Any = source
-        if image.encoding == "zstd":
-            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-            reader = dctx.stream_reader(
-                cast("BinaryIO", source),
-                read_size=READ_SIZE,
-                read_across_frames=True,
-                closefd=False,
-            )
-
-        def fill(view: memoryview) -> int:
-            n = 0
-            while n < len(view):
-                try:
-                    got = reader.readinto(view[n:])
-                except zstandard.ZstdError as e:
-                    source.drain()
-                    mismatch = _blob_mismatch(source, image, blob_size)
-                    raise _refuse(mismatch or f"base image does not decode: {e}") from None
-                if not got:
-                    break
-                n += got
-            return n
-
-        pipe = _Pipeline(fd, raw_size, direct)
-        try:
-            head = bytearray(head_len)
-            decoded = fill(memoryview(head))
-            pipe.submit(_Piece(memoryview(head)[:decoded], 0), write=False)
-            while decoded < body_end and decoded % ALIGN == 0:
-                buf = pipe.take()
-                want = min(CHUNK, body_end - decoded)
-                n = fill(buf.view[:want])
-                # A short window means a short stream, refused below; it is not written.
-                pipe.submit(_Piece(buf.view[:n], decoded, buf), write=n == want)
-                decoded += n
-                ctx.emit("progress", {"phase": "write", "bytes": pipe.written, "total": raw_size})
-                if n < want:
-                    break
-            tail = bytearray(raw_size - body_end if decoded == body_end else 0)
-            n = fill(memoryview(tail))
-            pipe.submit(_Piece(memoryview(tail)[:n], decoded), write=False)
-            decoded += n
-            if decoded == raw_size and fill(memoryview(bytearray(1))):
-                source.drain()
-                raise _refuse(
-                    _blob_mismatch(source, image, blob_size)
-                    or f"base image decodes to more than its signed raw_size {raw_size}"
-                )
-            source.drain()
-        except BaseException:
-            pipe.cancelled = True  # nothing more gets written
-            raise
-        finally:
-            pipe.close()
-        if pipe.errors:
-            raise pipe.errors[0]
-    problem = _blob_mismatch(source, image, blob_size)
-    if problem is None and decoded != raw_size:
-        problem = f"base image decodes to {decoded} bytes, its signed raw_size is {raw_size}"
-    if problem is None and pipe.digest.hexdigest() != image.raw_sha256:
-        problem = "decoded base image does not match its signed raw_sha256"
-    if problem:
-        raise _refuse(problem)
-    return bytes(head), bytes(tail)
+    fd, direct = blockdev.open_for_writing(device)
+    try:
+        writer = image_writer.ImageWriter(
+            fd, direct, image, blob_size, progress=progress, on_checked=on_checked
+        )
+        with blob.open("rb", buffering=0) as f:
+            writer.stream(image_writer.FileSource(f))
+        writer.write_ends()
+        progress(image.raw_size)
+        _set(ctx, "verifying")
+        writer.check_ends()
+        ctx.emit("progress", {"phase": "verify", "bytes": image.raw_size, "total": image.raw_size})
+    finally:
+        os.close(fd)
 
 
 def _set(ctx: OtaContext, phase: str, **fields: Any) -> dict[str, Any]:
@@ -627,9 +318,9 @@ def _check_target(ctx: OtaContext, boot: Bootloader, slot: str, raw_size: int) -
             f"slot {slot} is the default boot slot, but the node runs slot {other(slot)}",
             "reboot into the default slot first (a failed trial is still running?)",
         )
-    if _mounted(device):
+    if blockdev.mounted(device):
         raise VerificationError(f"slot device {device} is mounted", "unmount it first")
-    fd = _open_slot(device, os.O_RDONLY)
+    fd = blockdev.open_exclusive(device, os.O_RDONLY, SLOT_HINT)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
     finally:
@@ -651,7 +342,7 @@ def _mark_bad(ctx: OtaContext, boot: Bootloader, slot: str) -> list[str]:
         return done
     device = ctx.config.slots.device(slot)
     try:
-        _wipe_head(device)
+        blockdev.zero_head(device, HEAD)
         done.append(f"zeroed the first MiB of {device}")
     except (OSError, ConfigError, VerificationError) as e:
         # The one-shot is gone, so the slot cannot be booted by itself either way.
@@ -672,10 +363,7 @@ def stage(ctx: OtaContext, manifest: Manifest, manifest_hex: str) -> ExitCode:
     boot = bootloader(ctx)
     prior = ctx.journal.get(COMPONENT)
     phase = str(prior.get("phase", "idle"))
-    if phase == "trial" or (phase == "staged" and boot.booted() == prior.get("slot")):
-        raise VerificationError(
-            "a trial boot of a new base is in progress", "let boot-check commit or reject it"
-        )
+    check_no_trial(ctx, boot.booted())
     slot = inactive_slot(ctx)
     same = prior.get("manifest") == manifest_hex and prior.get("slot") == slot
     if phase == "staged" and same and boot.oneshot() == slot:
@@ -699,41 +387,12 @@ def stage(ctx: OtaContext, manifest: Manifest, manifest_hex: str) -> ExitCode:
         "raw_sha256": image.raw_sha256,
         "reason": None,
     }
-    if phase == "fetching":
-        _set(ctx, "invalidating", **fields)
-    else:
-        ctx.journal.begin(COMPONENT, "invalidating", **fields)
-        ctx.emit("phase", {"component": COMPONENT, "phase": "invalidating"})
+    ctx.journal.begin(COMPONENT, BasePhase.INVALIDATING, **fields)
+    ctx.emit("phase", {"component": COMPONENT, "phase": BasePhase.INVALIDATING})
     try:
         _mark_bad(ctx, boot, slot)
         _set(ctx, "writing")
-        fd, direct = _open_for_writing(device)
-        try:
-            head, tail = _stream(ctx, image, ctx.store.path(image.blob), blob_size, fd, direct)
-            os.fsync(fd)
-            if direct:  # head and tail sit in ordinary memory, the tail has any length
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            tail_at = image.raw_size - len(tail)
-            _pwrite_all(fd, tail, tail_at)
-            _pwrite_all(fd, head, 0)
-            ctx.emit(
-                "progress", {"phase": "write", "bytes": image.raw_size, "total": image.raw_size}
-            )
-            _set(ctx, "verifying")
-            os.fsync(fd)
-            _drop_cache(fd)
-            for data, at in ((head, 0), (tail, tail_at)):
-                back = bytearray(len(data))
-                if _pread_into(fd, memoryview(back), at) != len(data) or back != data:
-                    raise VerificationError(
-                        f"slot {slot} reads back other bytes than were written at offset {at}",
-                        "the slot device may be failing; the slot was left unbootable",
-                    )
-            ctx.emit(
-                "progress", {"phase": "verify", "bytes": image.raw_size, "total": image.raw_size}
-            )
-        finally:
-            os.close(fd)
+        _write_slot(ctx, image, ctx.store.path(image.blob), blob_size, device)
         boot.set_oneshot(slot)
         durable.crash_point("base:oneshot-set")
     except BaseException as e:
@@ -907,7 +566,7 @@ def discard(ctx: OtaContext) -> ExitCode:
         recover(ctx)
         return ExitCode.OK
     if phase == "trial":
-        raise BusyError("a trial boot of the base is in progress", "boot-check decides it")
+        raise TrialInProgress()
     if phase != "staged":
         ctx.log("no staged base to discard")
         return ExitCode.OK

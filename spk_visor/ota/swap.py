@@ -39,12 +39,9 @@ every byte the daemon can execute and ignores nothing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
-import stat
 import subprocess
 import time
 import urllib.error
@@ -62,6 +59,8 @@ from spk_visor.errors import (
     SpkVisorError,
     VerificationError,
 )
+from spk_visor.install import tree
+from spk_visor.install.tree import release_id, rmtree, verify_tree
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.manifest import DaemonComponent, Manifest
@@ -92,7 +91,6 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # OpenRC's conf.d, under the OTA sysroot like every node path: the preflight and health
 # commands run with the settings the service itself gets.
 CONF_D = "etc/conf.d"
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._+-]")
 _RELEASE_VERSION = re.compile(r"^(.+)-[0-9a-f]{8}$")
 _PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -100,84 +98,10 @@ _PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ---- release ids and trees ------------------------------------------------------------
 
 
-def release_id(component: DaemonComponent, manifest_hex: str) -> str:
-    """`<version>-<manifest8>`, reduced to characters safe in one path component."""
-    rid = _SAFE_ID.sub("_", f"{component.version}-{manifest_hex[:8]}").lstrip(".")
-    return rid[-96:] or manifest_hex[:8]
-
-
 def _component(manifest: Manifest) -> DaemonComponent:
     if manifest.daemon is None:
         raise RefusedError("the manifest has no daemon component")
     return manifest.daemon
-
-
-def verify_tree(root: Path, component: DaemonComponent) -> list[str]:
-    """Differences between the tree at `root` and `component` ([] when identical).
-
-    Files must match in size, sha256 and mode (the manifest's, write bits removed),
-    symlinks in target; anything else present is reported too.
-    """
-    if not root.is_dir() or root.is_symlink():
-        return [f"{root}: not a release directory"]
-    problems: list[str] = []
-    expected_dirs = {""}
-    for entry_path in [f.path for f in component.files] + [s.path for s in component.symlinks]:
-        parts = entry_path.split("/")
-        expected_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    for f in component.files:
-        path = root / f.path
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            problems.append(f"{f.path}: missing")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{f.path}: not a regular file")
-        elif st.st_size != f.size:
-            problems.append(f"{f.path}: {st.st_size} bytes, manifest says {f.size}")
-        elif _sha256(path) != f.sha256:
-            problems.append(f"{f.path}: content differs from the manifest (sha256)")
-        elif stat.S_IMODE(st.st_mode) != f.mode & 0o555:
-            problems.append(f"{f.path}: mode {stat.S_IMODE(st.st_mode):o}, want {f.mode & 0o555:o}")
-    for s in component.symlinks:
-        path = root / s.path
-        if not path.is_symlink():
-            problems.append(f"{s.path}: not a symlink")
-        elif os.readlink(path) != s.target:
-            problems.append(f"{s.path}: points to {os.readlink(path)!r}, want {s.target!r}")
-    known = {f.path for f in component.files} | {s.path for s in component.symlinks}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root).as_posix()
-        rel = "" if rel == "." else rel
-        if rel not in expected_dirs:
-            problems.append(f"{rel}: unexpected directory")
-        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
-            path_rel = f"{rel}/{name}" if rel else name
-            if path_rel not in known:
-                problems.append(f"{path_rel}: not in the manifest")
-    return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a (read-only) release or staging tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-        return
-    for dirpath, dirnames, _files in os.walk(path):
-        os.chmod(dirpath, 0o700)
-        for d in dirnames:
-            if not Path(dirpath, d).is_symlink():
-                os.chmod(Path(dirpath, d), 0o700)
-    shutil.rmtree(path)
 
 
 def _link_release(link: Path) -> str | None:
@@ -192,53 +116,6 @@ def _link_release(link: Path) -> str | None:
 def _flip(link: Path, rid: str) -> None:
     # Relative, so the tree stays valid wherever the sysroot is mounted.
     durable.flip_symlink(link, f"releases/{rid}")
-
-
-def _unpack(ctx: OtaContext, component: DaemonComponent, staging: Path) -> None:
-    pack = ctx.store.path(component.pack)
-    try:
-        size = pack.stat().st_size
-    except FileNotFoundError:
-        raise VerificationError(
-            f"the daemon pack {component.pack[:19]}… is not in the store",
-            "fetch or push the release again",
-        ) from None
-    if size != component.tree_size:
-        raise VerificationError(
-            f"the daemon pack holds {size} bytes, the manifest's files {component.tree_size}"
-        )
-    staging.mkdir(mode=0o755)
-    with pack.open("rb", buffering=0) as src:
-        for f in component.files:
-            dest = staging / f.path
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            fd = os.open(dest, flags, 0o600)
-            try:
-                digest = hashlib.sha256()
-                remaining = f.size
-                while remaining:
-                    chunk = src.read(min(1 << 20, remaining))
-                    if not chunk:
-                        raise VerificationError(f"the daemon pack ends inside {f.path}")
-                    digest.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    remaining -= len(chunk)
-                if digest.hexdigest() != f.sha256:
-                    raise VerificationError(
-                        f"{f.path} in the daemon pack does not match its signed hash",
-                        "the store is damaged; nothing was changed",
-                    )
-                # Modes from the manifest (already masked to 0o755), write bits off.
-                os.fchmod(fd, f.mode & 0o555)
-            finally:
-                os.close(fd)
-        for s in component.symlinks:
-            link = staging / s.path
-            link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            os.symlink(s.target, link)
 
 
 def _stage_tree(ctx: OtaContext, component: DaemonComponent, rid: str) -> Path:
@@ -256,26 +133,14 @@ def _stage_tree(ctx: OtaContext, component: DaemonComponent, rid: str) -> Path:
                 "run spk-visor ota verify-installed and reinstall the release",
             )
         ctx.log(f"release {rid} is damaged ({problems[0]}); staging it again")
-        _rmtree(final)
-    staging = releases / f".staging-{rid}"
-    if staging.exists() or staging.is_symlink():
-        _rmtree(staging)
-    try:
-        _unpack(ctx, component, staging)
-        problems = verify_tree(staging, component)
-        if problems:
-            raise VerificationError(f"the staged release does not verify: {problems[0]}")
-        for dirpath, _dirs, _files in os.walk(staging, topdown=False):
-            os.chmod(dirpath, 0o555)  # noqa: S103 - read-only for all: releases are immutable
-        durable.fsync_tree(staging)
-        durable.crash_point("daemon:unpacked")
-        os.rename(staging, final)
-        durable.fsync_dir(releases)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _rmtree(staging)
-        raise
-    return final
+        rmtree(final)
+    return tree.stage(
+        releases,
+        rid,
+        ctx.store.path(component.pack),
+        component,
+        lambda: durable.crash_point("daemon:unpacked"),
+    )
 
 
 # ---- the service ------------------------------------------------------------------------
@@ -700,7 +565,7 @@ def _gc(ctx: OtaContext) -> list[str]:
     if ctx.paths.releases.is_dir():
         for path in sorted(ctx.paths.releases.iterdir()):
             if not path.name.startswith(".") and path.name not in keep:
-                _rmtree(path)
+                rmtree(path)
                 removed.append(path.name)
     if removed:
         durable.fsync_dir(ctx.paths.releases)
@@ -878,8 +743,8 @@ def recover(ctx: OtaContext) -> list[str]:
     actions: list[str] = []
     releases = ctx.paths.releases
     if releases.is_dir():
-        for staging in sorted(releases.glob(".staging-*")):
-            _rmtree(staging)
+        for staging in sorted(releases.glob(f"{tree.STAGING_PREFIX}*")):
+            rmtree(staging)
             actions.append(f"removed {staging.name}")
     for link in (ctx.paths.current, ctx.paths.previous):
         tmp = link.with_name(link.name + ".tmp")

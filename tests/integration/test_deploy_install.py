@@ -381,3 +381,47 @@ def test_disk_pulled_mid_write_fails_without_boot_code(tmp_path: Path) -> None:
         subprocess.run(
             ["umount", "--lazy", str(store)], capture_output=True, timeout=30, check=False
         )
+
+
+def test_boot_prep_runs_during_the_stream_and_leaves_no_boot_path(tmp_path: Path) -> None:
+    """GRUB's modules, core.img, grub.cfg and BOOTX64.EFI are made while the image streams,
+    but until finalize nothing is on a boot path: MBR boot code, BIOS-boot partition and
+    the ESP's fallback file are all still empty."""
+    _prereqs()
+    release = deploy_images.release(tmp_path)
+    root = roots.load_anchor(release.pki.root_env().to_bytes(), "test root")
+    with loop_disk(tmp_path) as ld:
+        resolved = validate_plan(_plan(release, ld.disk), [ld.disk], root)
+        inst = Installer(resolved, tmp_path / "mnt", lambda kind, doc: None)
+        try:
+            inst.prepare()
+            image = resolved.manifest.image
+            assert image is not None
+            with release.result.bundle.open("rb") as f:
+                bundle_mod.read_header(f)
+                for blob_id, size in resolved.manifest.blobs.items():
+                    if blob_id != image.blob:
+                        f.seek(size, os.SEEK_CUR)
+                        continue
+                    sink = inst.receive(blob_id, size)
+                    sink.write(f.read(size // 2))
+                    break
+            prep = inst._join_boot_prep()  # the prep thread started with the image sink
+            assert prep.config is None and prep.bios is True, prep
+            boot = tmp_path / "mnt" / "boot" / "grub"
+            assert (boot / "i386-pc" / "core.img").is_file()
+            assert (boot / "grub.cfg").is_file() and isinstance(prep.efi, Path)
+            with open(ld.loop, "rb") as disk:
+                assert not disk.read(440).strip(b"\0"), "boot code in the MBR mid-stream"
+            assert not Path(inst.parts["bios_grub"]).read_bytes().strip(b"\0")
+            listing = subprocess.run(
+                ["mdir", "-b", "-i", inst.parts["esp"], "::/EFI/BOOT/BOOTX64.EFI"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+            )
+            assert listing.returncode != 0, "BOOTX64.EFI on the ESP mid-stream"
+            assert not inst.state.boot_started
+        finally:
+            assert inst.abort("test end") == []

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from spk_visor.errors import ExitCode, VerificationError
+from spk_visor.install import tree
 from spk_visor.ota import swap
 from spk_visor.ota.journal import DAEMON_PHASES, MAX_TRANSITIONS, TERMINAL
 from spk_visor.ota.manifest import Manifest
@@ -136,7 +137,7 @@ class Shared:
         node.paths.previous.unlink(missing_ok=True)
         for path in node.paths.releases.iterdir():
             if path.name != self.v1.release_id:
-                swap._rmtree(path)
+                tree.rmtree(path)
         return node
 
 
@@ -245,7 +246,7 @@ def test_self_check_of_a_staged_release(shared: Shared) -> None:
     v1 = shared.good
     release = swap.stage(node.ctx(), v1.manifest, v1.hex)
     assert v1.manifest.daemon is not None
-    assert swap.verify_tree(release, v1.manifest.daemon) == []
+    assert tree.verify_tree(release, v1.manifest.daemon) == []
     # Staging again reuses the verified tree; nothing else is left behind.
     assert swap.stage(node.ctx(), v1.manifest, v1.hex) == release
     assert sorted(p.name for p in node.paths.releases.iterdir()) == sorted(

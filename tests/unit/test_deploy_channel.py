@@ -171,9 +171,11 @@ def test_target_waits_for_donor_confirmation_first() -> None:
 
 
 class _Tap:
-    """A relay between a donor and a target that records the donor's bytes."""
+    """A relay between a donor and a target that records the donor's bytes; `rewrite`,
+    if given, changes the donor's first chunk on the way (an active attacker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rewrite: Callable[[bytes], bytes] | None = None) -> None:
+        self.rewrite = rewrite
         self.donor_side, self._a = socket.socketpair()
         self._b, self.target_side = socket.socketpair()
         self.from_donor = bytearray()
@@ -190,6 +192,8 @@ class _Tap:
             while b := src.recv(65536):
                 if record:
                     self.from_donor += b
+                    if self.rewrite is not None:
+                        b, self.rewrite = self.rewrite(b), None
                 dst.sendall(b)
         except OSError:
             pass
@@ -239,7 +243,7 @@ def test_bad_hello_closes_before_crypto() -> None:
         th.join(2 * T)
         assert isinstance(res.get("error"), ChannelError)
         assert not isinstance(res.get("error"), WrongCode)  # not counted as an attempt
-        assert sent == channel.hello_bytes()  # our hello only: no params, no SPAKE2
+        assert sent == channel.hello_bytes(channel.cipher_flags())  # our hello only: no SPAKE2
         d.close()
 
 
@@ -726,3 +730,88 @@ def test_broadcast_addresses_include_limited_broadcast() -> None:
     assert addrs[0] == "255.255.255.255"
     for a in addrs:
         socket.inet_aton(a)
+
+
+# ---- cipher negotiation and the receive ring ---------------------------------------------
+
+
+def _cpuinfo(tmp_path: Any, flags: str) -> str:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 {flags}\n\n")
+    return str(path)
+
+
+def test_aes_ni_is_read_from_the_cpu_flags(tmp_path: Any) -> None:
+    assert channel.has_aes_ni(_cpuinfo(tmp_path, "pclmulqdq aes avx2")) is True
+    # `vaes` or `aes_foo` alone is not the flag; a missing file is "no".
+    assert channel.has_aes_ni(_cpuinfo(tmp_path, "vaes sha_ni")) is False
+    assert channel.has_aes_ni(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "cipher"), [("aes", "aes-256-gcm"), ("sse4_2", "chacha20-poly1305")]
+)
+def test_handshake_negotiates_the_cipher_from_the_cpu(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, flags: str, cipher: str
+) -> None:
+    monkeypatch.setattr(channel, "CPUINFO", _cpuinfo(tmp_path, flags))
+    res_d, res_t = _handshake_pair(str(CODE))
+    donor, target = res_d["value"], res_t["value"]
+    try:
+        assert donor.cipher == target.cipher == cipher
+        donor.send(messages.PLAN, b"plan")
+        assert target.recv() == (messages.PLAN, b"plan")
+    finally:
+        donor.close()
+        target.close()
+
+
+def test_only_one_side_with_aes_ni_means_chacha() -> None:
+    assert channel.cipher_name(channel.FLAG_AES, 0) == "chacha20-poly1305"
+    assert channel.cipher_name(0, channel.FLAG_AES) == "chacha20-poly1305"
+    assert channel.cipher_name(channel.FLAG_AES, channel.FLAG_AES) == "aes-256-gcm"
+
+
+def test_a_cipher_flag_stripped_on_the_wire_fails_key_confirmation(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that clears the donor's AES flag (a downgrade) changes the transcript:
+    the target refuses the donor's confirmation, nothing is encrypted either way."""
+    monkeypatch.setattr(channel, "CPUINFO", _cpuinfo(tmp_path, "aes"))
+
+    def strip_aes(first: bytes) -> bytes:
+        hello = bytearray(first)
+        hello[7] &= ~channel.FLAG_AES & 0xFF
+        return bytes(hello)
+
+    tap = _Tap(strip_aes)
+    th_t, res_t = _thread(lambda: target_handshake(tap.target_side, CODE, IID, timeout=T))
+    with pytest.raises((WrongCode, channel.ChannelError)):
+        donor_handshake(tap.donor_side, str(CODE), 0, IID, timeout=T)
+    th_t.join(2 * T)
+    assert isinstance(res_t.get("error"), WrongCode)
+    tap.join()
+
+
+def test_a_received_view_stays_valid_for_the_ring(
+    pair: tuple[SecureChannel, SecureChannel],
+) -> None:
+    """The image decoder holds record views on another thread: a view must not change
+    until RECV_RING - 1 further records have been received."""
+    sender, receiver = pair
+    n = channel.RECV_RING + 2
+
+    def send_all() -> None:
+        for i in range(n):
+            sender.send(messages.DATA, bytes([i]) * 1000)
+
+    done = threading.Thread(target=send_all, daemon=True)
+    done.start()
+    views = []
+    for i in range(n):
+        mtype, view = receiver.recv_view()
+        assert mtype == messages.DATA
+        views.append(view)
+        for j in range(max(0, i - channel.RECV_RING + 1), i + 1):
+            assert bytes(views[j]) == bytes([j]) * 1000, (i, j)
+    done.join(T)

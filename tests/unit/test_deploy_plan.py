@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from spk_visor.deploy import bootloader, install
+from spk_visor.deploy import bootloader, donor, install, receiver
 from spk_visor.deploy.install import (
     BIOS_BOOT_TYPE,
     MIB,
@@ -19,7 +19,8 @@ from spk_visor.deploy.install import (
     validate_plan,
 )
 from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
-from spk_visor.ota import build, keys, roots
+from spk_visor.errors import ExitCode, SpkVisorError
+from spk_visor.ota import build, dsse, keys, roots
 from spk_visor.ota.manifest import ImageComponent
 from spk_visor.ota.roots import Root
 from tests.support.deploy_units import fake_disk
@@ -285,10 +286,46 @@ def test_image_sink_bounds_memory_and_stops_a_decompression_bomb(tmp_path: Path)
     tracemalloc.start()
     try:
         with pytest.raises(install.InstallError) as info:
+            # Decoding runs on the sink's own thread: the refusal comes by finish().
             sink.write(blob)
+            sink.finish()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
         sink.close()
     assert info.value.reason == "image_too_large"
     assert peak < 24 << 20, f"decoding held {peak >> 20} MiB at once"
+
+
+def test_deploy_errors_join_the_error_tree() -> None:
+    """Every deploy failure is a SpkVisorError: the CLI maps it to its exit code and shows
+    its message, instead of reporting an internal error (exit 1)."""
+    cases = [
+        (install.PlanRefused("disk_too_small", "needs more"), ExitCode.REFUSED),
+        (install.InstallError("io_error", "slot A"), ExitCode.OPERATOR_NEEDED),
+        (bootloader.BootloaderError("efi", "mcopy failed"), ExitCode.OPERATOR_NEEDED),
+        (receiver.SessionFailed("the donor went away"), ExitCode.TRANSIENT),
+        (donor.DeployFailed(ExitCode.REFUSED, "plan", "refused"), ExitCode.REFUSED),
+    ]
+    for error, code in cases:
+        assert isinstance(error, SpkVisorError), type(error)
+        assert error.exit_code == code, type(error)
+        assert error.message == str(error)
+    assert install.PlanRefused("disk_too_small", "needs more").reason == "disk_too_small"
+    assert str(install.InstallError("io_error", "slot A")) == "io_error: slot A"
+
+
+def test_the_manifest_signature_is_checked_once_per_plan(
+    pki: Pki, root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = dsse.verify
+
+    def counting(env: Any, role: Any, what: str) -> set[str]:
+        calls.append(what)
+        return real(env, role, what)
+
+    monkeypatch.setattr(dsse, "verify", counting)
+    disk = _disk()
+    validate_plan(_plan(pki, disk), [disk], root)
+    assert calls == ["manifest"]

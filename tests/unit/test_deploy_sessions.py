@@ -64,10 +64,21 @@ def test_a_failing_reboot_command_does_not_raise(tmp_path: Path) -> None:
     r.reboot()
     assert events[0][0] == "reboot"
     assert events[-1][0] == "error" and "reboot failed" in events[-1][1]["reason"]
-    # And a command that runs is run (its exit status is not our business).
+    # And a command that runs and succeeds is run, and reported as nothing more.
     r2, events2 = _receiver(tmp_path, reboot_cmd=(sys.executable, "-c", "pass"))
     r2.reboot()
     assert [e for e, _ in events2] == ["reboot"]
+
+
+def test_a_reboot_command_that_exits_non_zero_is_reported(tmp_path: Path) -> None:
+    """`reboot` refusing (exit 1: no permission, a wall message...) must not pass for a
+    reboot under way: the operator would wait for a machine that never restarts."""
+    argv = (sys.executable, "-c", "import sys; sys.exit('reboot: not permitted')")
+    r, events = _receiver(tmp_path, reboot_cmd=argv)
+    r.reboot()
+    assert events[-1][0] == "error", events
+    assert "reboot failed" in events[-1][1]["reason"]
+    assert "not permitted" in events[-1][1]["reason"]
 
 
 @pytest.mark.parametrize("payload", [b"not json", b"[1, 2]", b""])

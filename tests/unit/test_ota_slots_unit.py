@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from spk_visor.errors import BusyError, ConfigError, ExitCode, VerificationError
-from spk_visor.ota import slots
+from spk_visor.errors import ConfigError, ExitCode, VerificationError
+from spk_visor.install import blockdev
+from spk_visor.install import image as image_writer
+from spk_visor.ota import engine, slots
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.manifest import MANIFEST_TYPE, Manifest, parse
 from tests.support import ota_slots_worker as node
@@ -169,7 +171,7 @@ def test_head_is_written_last(ctx: OtaContext, monkeypatch: pytest.MonkeyPatch) 
             seen.append(slot_bytes(ctx, "b", 64))
 
     ctx.emit = spy
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
     # Two 1 MiB body windows with a zero head, then the head last of all.
     assert seen == [bytes(64), bytes(64), raw[:64]]
@@ -182,19 +184,19 @@ def test_odd_sizes_land_exactly(
 ) -> None:
     """Head, windows and an unaligned tail add up to the image, byte for byte, with
     O_DIRECT and without it (devices that refuse O_DIRECT)."""
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     used: list[bool] = []
-    real_open = slots._open_for_writing
+    real_open = blockdev.open_for_writing
 
     def open_for_writing(device: str) -> tuple[int, bool]:
         if direct:
             fd, is_direct = real_open(device)
         else:
-            fd, is_direct = slots._open_slot(device, os.O_RDWR), False
+            fd, is_direct = blockdev.open_exclusive(device, os.O_RDWR), False
         used.append(is_direct)
         return fd, is_direct
 
-    monkeypatch.setattr(slots, "_open_for_writing", open_for_writing)
+    monkeypatch.setattr(blockdev, "open_for_writing", open_for_writing)
     raw = raw_image(size, seed=size)
     manifest, mhex = put(ctx, raw, zstandard.ZstdCompressor().compress(raw))
     assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
@@ -207,10 +209,10 @@ def test_a_slot_that_reads_back_wrong_is_refused(
     ctx: OtaContext, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """The device returning other bytes than were written (a failing disk) is caught."""
-    monkeypatch.setattr(slots, "CHUNK", 1 << 20)
+    monkeypatch.setattr(image_writer, "CHUNK", 1 << 20)
     raw = raw_image(3 << 20)
     manifest, mhex = put(ctx, raw, zstandard.ZstdCompressor().compress(raw))
-    real = slots._pread_into
+    real = blockdev.pread_into
 
     def flaky(fd: int, view: memoryview, offset: int) -> int:
         n = real(fd, view, offset)
@@ -218,7 +220,7 @@ def test_a_slot_that_reads_back_wrong_is_refused(
             view[100] ^= 0xFF
         return n
 
-    monkeypatch.setattr(slots, "_pread_into", flaky)
+    monkeypatch.setattr(blockdev, "pread_into", flaky)
     with pytest.raises(VerificationError, match="reads back other bytes"):
         slots.stage(ctx, manifest, mhex)
     assert "next_entry" not in node.grub_vars(ctx.paths.sysroot)
@@ -257,16 +259,36 @@ def test_stage_refuses_during_a_trial_and_onto_the_default(ctx: OtaContext) -> N
     # Booted into the staged slot, boot-check not run yet.
     node.consume_oneshot(ctx.paths.sysroot)
     node.set_booted(ctx.paths.sysroot, "b")
-    with pytest.raises(VerificationError, match="trial"):
+    with pytest.raises(slots.TrialInProgress):
         slots.stage(ctx, manifest, mhex)
     ctx.journal.set("base", "trial")
-    with pytest.raises(BusyError):
+    with pytest.raises(slots.TrialInProgress):
         slots.discard(ctx)
     # Journal quiet, but the node runs b while the default is still a: writing a, the
     # only known-good slot, is refused.
     ctx.journal.set("base", "trial_failed")
     with pytest.raises(VerificationError, match="default"):
         slots.stage(ctx, manifest, mhex)
+
+
+def test_a_trial_in_progress_is_one_error_with_one_exit_code(ctx: OtaContext) -> None:
+    """Wherever it is noticed (stage, discard, an apply's preconditions, the worker's
+    daemon step), a base trial boot in progress is the same error: busy, exit 6."""
+    raw = raw_image(1 << 20)
+    manifest, mhex = put(ctx, raw, raw, encoding="identity")
+    assert slots.stage(ctx, manifest, mhex) == ExitCode.REBOOT_REQUIRED
+    node.consume_oneshot(ctx.paths.sysroot)
+    node.set_booted(ctx.paths.sysroot, "b")
+    ctx.journal.set("base", "trial")
+    for attempt in (
+        lambda: slots.stage(ctx, manifest, mhex),
+        lambda: slots.discard(ctx),
+        lambda: engine.check_preconditions(ctx),
+    ):
+        with pytest.raises(slots.TrialInProgress) as e:
+            attempt()
+        assert e.value.exit_code == ExitCode.BUSY
+        assert e.value.message == "a base trial boot is in progress"
 
 
 # -- recovery -----------------------------------------------------------------------------

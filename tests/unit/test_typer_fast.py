@@ -3,10 +3,12 @@ settles itself, the same error for every other one (it hands those to Typer)."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated, Any
 
 import pytest
 import typer
+import typer._coercion
 import typer.main
 from typer import _click
 from typer._coercion import build_runtime_param
@@ -102,3 +104,37 @@ def test_a_bad_value_still_gets_typers_error(capsys: pytest.CaptureFixture[str])
     assert cli.main(["--timeout", "soon", "node"]) == 2
     err = capsys.readouterr().err
     assert "Invalid value for '--timeout'" in err, err
+
+
+def test_typer_private_names_gone_means_typers_own_handling(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Typer release that renames a private name typer_fast uses must not make every
+    command fail (cron's `ota pull` included): the CLI runs on with Typer's own coercion."""
+    monkeypatch.delattr(typer._coercion, "build_runtime_param")  # a rename upstream
+    broken = importlib.reload(typer_fast)
+    try:
+        command = typer.main.get_command(demo)
+        broken.install(command)  # no error: nothing installed
+        assert params(command) == []
+        assert cli.main(["--timeout", "soon", "node"]) == 2
+        assert "Invalid value for '--timeout'" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        importlib.reload(typer_fast)
+
+
+def test_a_changed_parameter_object_means_typers_own_handling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Private attributes that moved (here: no `_runtime_param`) leave the command as
+    Typer made it instead of raising."""
+    command = typer.main.get_command(demo)
+    monkeypatch.delattr(TyperOption, "_runtime_param", raising=False)
+    sample_params = command.commands["sample"].params  # type: ignore[attr-defined]
+    for param in sample_params:
+        param.__dict__.pop("_runtime_param", None)
+    typer_fast.install(command)
+    assert not any(
+        isinstance(p.__dict__.get("_runtime_param"), typer_fast.ScalarParam) for p in sample_params
+    )

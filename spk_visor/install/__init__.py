@@ -1,0 +1,12 @@
+"""What OTA and deploy both do to a node, in one place.
+
+    tree      release trees: unpack the daemon pack file by file, verify, stage read-only
+              under releases/.staging-<id>, rename into place
+    image     the image writer: decode into O_DIRECT windows, hash on its own thread, each
+              window read back and compared while the next is written, head held back
+    blockdev  exclusive opens, cache drops, whole reads and writes of block devices
+    runner    every external tool: argv only, bounded in time, exit status always checked
+
+OTA feeds the image writer from a stored blob, deploy from the records of its channel;
+neither carries its own copy of these steps.
+"""

@@ -1,0 +1,160 @@
+"""Block devices: exclusive opens, cache drops, whole reads and writes, aligned buffers.
+
+A regular file stands in for a device in tests; every helper works on both."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import stat
+
+from spk_visor.errors import ConfigError, VerificationError
+
+# linux/fs.h: _IO(0x12, 97), drop the block device's clean cached pages.
+BLKFLSBUF = 0x1261
+# O_DIRECT offsets, lengths and buffers are multiples of this (512 B and 4 KiB sectors).
+ALIGN = 4096
+READ_CHUNK = 16 << 20
+
+# libc's memcmp compares two windows without copying them and without the GIL (a
+# memoryview comparison goes element by element, 30 times slower).
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+
+
+class Buffer:
+    """Page-aligned memory (O_DIRECT wants it), and its address for memcmp."""
+
+    def __init__(self, size: int) -> None:
+        self.mem = mmap.mmap(-1, size)
+        self.view = memoryview(self.mem)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+
+
+def same(a: Buffer, b: Buffer, n: int) -> bool:
+    """The first n bytes of a and b are equal."""
+    return int(_memcmp(a.addr, b.addr, n)) == 0
+
+
+def open_exclusive(device: str, flags: int, hint: str = "check the configuration") -> int:
+    """Open a device exclusively: the kernel refuses (EBUSY) while it is mounted or held.
+    `hint` says where the device's name came from, for when it does not exist."""
+    try:
+        return os.open(device, flags | os.O_EXCL | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"device {device} does not exist", hint) from None
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise VerificationError(
+                f"device {device} is in use (mounted or held)", "unmount it first"
+            ) from None
+        raise
+
+
+def open_for_writing(device: str) -> tuple[int, bool]:
+    """The device opened exclusively for writing, with O_DIRECT where it allows it
+    (four times faster than through the page cache on a loop device here)."""
+    try:
+        return open_exclusive(device, os.O_RDWR | os.O_DIRECT), True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return open_exclusive(device, os.O_RDWR), False
+
+
+def set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+
+
+def mounted(device: str) -> bool:
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[2] == want for line in f if line.strip())
+
+
+def drop_cache(fd: int) -> None:
+    """Make the next read come from the device, not from the pages just written."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        try:
+            fcntl.ioctl(fd, BLKFLSBUF, 0)
+            return
+        except OSError:
+            pass
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def flush(fd: int) -> None:
+    """fsync, then drop the cached pages: durable, and the next read comes from the media."""
+    os.fsync(fd)
+    drop_cache(fd)
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` from `offset`; fewer bytes only at the end of the device."""
+    n = 0
+    while n < len(view):
+        got = os.preadv(fd, [view[n:]], offset + n)
+        if not got:
+            break
+        n += got
+    return n
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (a short write is continued, never ignored)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write of {len(view)} bytes at {offset} made no progress")
+        view, offset = view[n:], offset + n
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until all of `data` is written."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write of {len(view)} bytes made no progress")
+        view = view[n:]
+
+
+def zero_head(device: str, length: int | None = None, *, exclusive: bool = True) -> None:
+    """Zero the device's first `length` bytes (all of it for None), durably: no
+    filesystem or boot code there any more. `exclusive=False` for undoing a failed
+    install, where a udev probe holding the device must not stop the wipe."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    fd = open_exclusive(device, os.O_WRONLY) if exclusive else os.open(device, flags)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        pwrite_all(fd, bytes(size if length is None else min(length, size)), 0)
+        flush(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int, size: int) -> tuple[str, int]:
+    """sha256 of the first `size` bytes of `fd`, and how many bytes there were."""
+    digest = hashlib.sha256()
+    buf = Buffer(READ_CHUNK)
+    pos = 0
+    while pos < size:
+        n = pread_into(fd, buf.view[: min(READ_CHUNK, size - pos)], pos)
+        if n == 0:
+            break
+        digest.update(buf.view[:n])
+        pos += n
+    return digest.hexdigest(), pos

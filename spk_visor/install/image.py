@@ -1,0 +1,417 @@
+"""The image writer: a signed base image, decoded onto a block device and proven there.
+
+OTA feeds it from a stored blob (a file), deploy from the records of its channel (a
+RecordPipe). Either way:
+
+    decode     (the caller's thread) blob -> sha256(blob) -> zstd, bounded by raw_size,
+               straight into page-aligned windows (no copy between decoder and device)
+    hash       (own thread) sha256 of the raw stream, window by window, in order
+    write      (own thread) each window with O_DIRECT where the device allows it
+    check      (own thread) fdatasync, read the window back from the device, memcmp with
+               what was written, while the writer is already writing the next window
+
+The first MiB (where ext4, XFS, btrfs and FAT keep their superblocks) and an unaligned tail
+are held in memory: `write_ends` writes them only after the whole stream matched both
+signed hashes, and `check_ends` reads them back. Until then the device carries no
+mountable filesystem, so an interrupted or refused write leaves it unbootable.
+
+Why no second pass: sha256(stream) == raw_sha256 and device == stream (every window, head
+and tail compared byte for byte after a flush) prove what sha256(device) == raw_sha256
+proves, with one sha256 pass over the raw image instead of two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol, cast
+
+import zstandard
+
+from spk_visor.errors import VerificationError
+from spk_visor.install import blockdev
+from spk_visor.ota.manifest import ImageComponent
+
+MIB = 1 << 20
+# Held back during the stream and written last; also what invalidation zeroes.
+HEAD = MIB
+# One window: decoded, hashed, written, flushed, read back and compared as a unit.
+# Large, so Python does little per byte and the device sees few flushes.
+CHUNK = 16 * MIB
+# Windows in flight: one being decoded, one written, one checked, one spare.
+WINDOWS = 4
+# How much of the encoded blob the decoder pulls per read.
+READ_SIZE = 4 * MIB
+# zstd's own default limit, stated so a frame cannot ask for more decoder memory.
+MAX_WINDOW = 1 << 27
+REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
+
+
+class ImageError(VerificationError):
+    """The image was refused; `reason` is machine-readable (deploy's REPORT uses it)."""
+
+    def __init__(self, reason: str, message: str, hint: str = REFUSED_HINT) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+def _read_back_error(offset: int) -> ImageError:
+    return ImageError(
+        "read_back",
+        f"the slot reads back other bytes than were written at offset {offset}",
+        "the slot device may be failing; the slot was left unbootable",
+    )
+
+
+class Source(Protocol):
+    def read(self, n: int = -1) -> bytes | memoryview: ...
+
+
+class RecordPipe:
+    """Records handed from the receiving thread to the decoding thread, without copies.
+
+    The receiver's channel decrypts into a ring of buffers, so a record's memory stays
+    valid for a few more records: `put` blocks while `depth` records are queued or held
+    by the decoder, which keeps every record alive until it has been decoded. A record is
+    held from the read that returns it until the next read (zstd asks for more input only
+    once it has consumed the last)."""
+
+    def __init__(self, depth: int) -> None:
+        self._depth = depth
+        self._items: deque[memoryview] = deque()
+        self._held = 0
+        self._closed = False
+        self._dead: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def put(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        with self._cond:
+            while len(self._items) + self._held >= self._depth and self._dead is None:
+                self._cond.wait()
+            if self._dead is not None:
+                raise self._dead
+            if self._closed:
+                raise ValueError("put after close")
+            self._items.append(view)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more records: the decoder sees the end of the stream."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The decoder stopped: `put` raises `error` instead of waiting for it."""
+        with self._cond:
+            self._dead = error
+            self._items.clear()
+            self._cond.notify_all()
+
+    def read(self, n: int = -1) -> memoryview | bytes:
+        with self._cond:
+            self._held = 0
+            self._cond.notify_all()
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if not self._items:
+                return b""
+            view = self._items[0]
+            self._held = 1
+            if 0 <= n < len(view):
+                self._items[0] = view[n:]
+                return view[:n]
+            self._items.popleft()
+            return view
+
+
+class _HashingReader:
+    """Hashes and counts every byte the decoder pulls from the source."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        data = self._source.read(n)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buf: memoryview) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Hash the rest of the source: bytes the decoder never asked for count too."""
+        while self.read(CHUNK):
+            pass
+
+
+class FileSource:
+    """A stored blob, read unbuffered (the decoder asks for READ_SIZE at a time)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+
+@dataclass
+class _Piece:
+    """Decoded bytes on their way to the hasher and, for the body, the writer."""
+
+    view: memoryview
+    offset: int
+    buf: blockdev.Buffer | None = None  # a window to recycle; None for head and tail
+    users: int = 1
+
+
+class ImageWriter:
+    """Writes one image to an open device `fd` (see the module's docstring).
+
+    `progress(bytes)` runs on the decoding thread after each window is handed on;
+    `on_checked(bytes)` on the checking thread after each window read back identical.
+    Refusals raise ImageError; I/O errors raise OSError."""
+
+    def __init__(
+        self,
+        fd: int,
+        direct: bool,
+        image: ImageComponent,
+        blob_size: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+        on_checked: Callable[[int], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.direct = direct
+        self.image = image
+        self.blob_size = blob_size
+        self.progress = progress
+        self.on_checked = on_checked
+        self.chunk = CHUNK
+        self.digest = hashlib.sha256()
+        self.written = 0  # bytes of body written and read back identical
+        self.head = bytearray()
+        self.tail = bytearray()
+        self._errors: list[BaseException] = []
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._free: queue.Queue[blockdev.Buffer] = queue.Queue()
+        self._check = blockdev.Buffer(self.chunk)
+        for _ in range(WINDOWS):
+            self._free.put(blockdev.Buffer(self.chunk))
+        self._to_hash: queue.Queue[_Piece | None] = queue.Queue()
+        self._to_write: queue.Queue[_Piece | None] = queue.Queue()
+        self._to_check: queue.Queue[_Piece | None] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._hasher, name="image-hash", daemon=True),
+            threading.Thread(target=self._writer, name="image-write", daemon=True),
+            threading.Thread(target=self._checker, name="image-check", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- the threads
+
+    def _done(self, piece: _Piece) -> None:
+        with self._lock:
+            piece.users -= 1
+            last = piece.users == 0
+        if last and piece.buf is not None:
+            self._free.put(piece.buf)
+
+    def _failed(self) -> bool:
+        return bool(self._errors) or self._cancelled
+
+    def _hasher(self) -> None:
+        while (piece := self._to_hash.get()) is not None:
+            try:
+                if not self._failed():
+                    self.digest.update(piece.view)
+            except BaseException as e:
+                self._errors.append(e)
+            finally:
+                self._done(piece)
+
+    def _writer(self) -> None:
+        # After an error (or a cancel) it keeps taking pieces without working on them, so
+        # every buffer comes back and the decoder never waits forever for one.
+        while (piece := self._to_write.get()) is not None:
+            handed_on = False
+            try:
+                if not self._failed():
+                    blockdev.pwrite_all(self.fd, piece.view, piece.offset)
+                    self._to_check.put(piece)
+                    handed_on = True
+            except BaseException as e:
+                self._errors.append(e)
+            finally:
+                if not handed_on:
+                    self._done(piece)
+        self._to_check.put(None)
+
+    def _checker(self) -> None:
+        while (piece := self._to_check.get()) is not None:
+            try:
+                if not self._failed():
+                    self._check_window(piece)
+            except BaseException as e:
+                self._errors.append(e)
+            finally:
+                self._done(piece)
+
+    def _check_window(self, piece: _Piece) -> None:
+        if piece.buf is None:
+            raise RuntimeError("only windows go to the writer")
+        n = len(piece.view)
+        # Flushes this window (and whatever of the next one is written by now) to the
+        # media, so the read below is the device's answer, not its volatile cache's.
+        os.fdatasync(self.fd)
+        if not self.direct:
+            os.posix_fadvise(self.fd, piece.offset, n, os.POSIX_FADV_DONTNEED)
+        got = blockdev.pread_into(self.fd, self._check.view[:n], piece.offset)
+        if got != n or not blockdev.same(piece.buf, self._check, n):
+            raise _read_back_error(piece.offset)
+        self.written += n
+        if self.on_checked is not None:
+            self.on_checked(self.written)
+
+    def _submit(self, piece: _Piece, write: bool) -> None:
+        if self._errors:
+            if piece.buf is not None:
+                self._free.put(piece.buf)
+            raise self._errors[0]
+        piece.users = 2 if write else 1
+        self._to_hash.put(piece)
+        if write:
+            self._to_write.put(piece)
+
+    def _close(self) -> None:
+        self._to_hash.put(None)
+        self._to_write.put(None)
+        for t in self._threads:
+            t.join()
+
+    # -- the stream
+
+    def _blob_mismatch(self, source: _HashingReader) -> str | None:
+        if source.count != self.blob_size:
+            return f"base image blob has {source.count} bytes, its signed size is {self.blob_size}"
+        got = source.digest.hexdigest()
+        if got != self.image.blob.removeprefix("sha256:"):
+            return f"base image blob does not match its signed hash (got {got[:12]}…)"
+        return None
+
+    def _refuse(self, source: _HashingReader, reason: str, what: str) -> ImageError:
+        """A bad blob explains everything after it: it is reported first."""
+        source.drain()
+        mismatch = self._blob_mismatch(source)
+        return ImageError("blob_hash", mismatch) if mismatch else ImageError(reason, what)
+
+    def stream(self, blob: Source) -> None:
+        """Decode `blob` onto the device, except its head and unaligned tail (kept for
+        write_ends). Raises ImageError unless the blob matched its signed hash and size,
+        the decoded stream is exactly raw_size bytes with sha256 raw_sha256, and every
+        written window read back identical."""
+        image = self.image
+        raw_size = image.raw_size
+        head_len = min(HEAD, raw_size)
+        body_end = head_len + (raw_size - head_len) // blockdev.ALIGN * blockdev.ALIGN
+        source = _HashingReader(blob)
+        reader: Any = source
+        if image.encoding == "zstd":
+            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+            reader = dctx.stream_reader(
+                cast("BinaryIO", source),
+                read_size=READ_SIZE,
+                read_across_frames=True,
+                closefd=False,
+            )
+
+        def fill(view: memoryview) -> int:
+            n = 0
+            while n < len(view):
+                try:
+                    got = reader.readinto(view[n:])
+                except zstandard.ZstdError as e:
+                    raise self._refuse(
+                        source, "bad_image", f"base image does not decode: {e}"
+                    ) from None
+                if not got:
+                    break
+                n += got
+            return n
+
+        try:
+            self.head = bytearray(head_len)
+            decoded = fill(memoryview(self.head))
+            self._submit(_Piece(memoryview(self.head)[:decoded], 0), write=False)
+            while decoded < body_end and decoded % blockdev.ALIGN == 0:
+                buf = self._free.get()
+                want = min(self.chunk, body_end - decoded)
+                n = fill(buf.view[:want])
+                # A short window means a short stream, refused below; it is not written.
+                self._submit(_Piece(buf.view[:n], decoded, buf), write=n == want)
+                decoded += n
+                if self.progress is not None:
+                    self.progress(self.written)
+                if n < want:
+                    break
+            self.tail = bytearray(raw_size - body_end if decoded == body_end else 0)
+            n = fill(memoryview(self.tail))
+            self._submit(_Piece(memoryview(self.tail)[:n], decoded), write=False)
+            decoded += n
+            if decoded == raw_size and fill(memoryview(bytearray(1))):
+                raise self._refuse(
+                    source,
+                    "image_too_large",
+                    f"base image decodes to more than its signed raw_size {raw_size}",
+                )
+            source.drain()
+        except BaseException:
+            self._cancelled = True  # nothing more gets written
+            raise
+        finally:
+            self._close()
+        if self._errors:
+            raise self._errors[0]
+        problem = self._blob_mismatch(source)
+        if problem:
+            raise ImageError("blob_hash", problem)
+        if decoded != raw_size:
+            raise ImageError(
+                "bad_image",
+                f"base image decodes to {decoded} bytes, its signed raw_size is {raw_size}",
+            )
+        if self.digest.hexdigest() != image.raw_sha256:
+            raise ImageError(
+                "image_hash", "decoded base image does not match its signed raw_sha256"
+            )
+
+    def write_ends(self) -> None:
+        """After a verified stream: the tail, then the head, written and fsynced."""
+        os.fsync(self.fd)
+        if self.direct:  # head and tail sit in ordinary memory, the tail has any length
+            blockdev.set_direct(self.fd, False)
+        blockdev.pwrite_all(self.fd, self.tail, self.image.raw_size - len(self.tail))
+        blockdev.pwrite_all(self.fd, self.head, 0)
+        os.fsync(self.fd)
+
+    def check_ends(self) -> None:
+        """Head and tail read back from the device (caches dropped) and compared."""
+        blockdev.drop_cache(self.fd)
+        for data, at in ((self.head, 0), (self.tail, self.image.raw_size - len(self.tail))):
+            back = bytearray(len(data))
+            if blockdev.pread_into(self.fd, memoryview(back), at) != len(data) or back != data:
+                raise _read_back_error(at)

@@ -1,0 +1,100 @@
+"""Running external tools (sfdisk, mkfs, grub-install, ldd, cpio, reboot, ...): argv only,
+bounded in time, and a failure raised as the caller's own error with the tool's last
+words, so a screen, a REPORT or a log says which tool failed and why.
+
+There is no way to run a tool here without a timeout or to ignore its exit status: a
+caller that may go on after a failure catches the error it chose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+# How much of a failing tool's output is kept: the end is where the reason is.
+TAIL_CHARS = 2000
+
+
+def _env(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    return {**os.environ, **env} if env else None
+
+
+def run_checked(
+    argv: list[str],
+    error: Callable[[str], Exception],
+    *,
+    timeout: float,
+    stdin: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> str:
+    """stdout of argv; `error(detail)` is raised when it cannot run, times out or fails."""
+    try:
+        done = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=cwd,
+            env=_env(env),
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise error(f"{argv[0]}: {e}") from e
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip()[-TAIL_CHARS:]
+        raise error(f"{' '.join(argv[:3])} failed ({done.returncode}): {tail}")
+    return done.stdout
+
+
+def succeeds(argv: list[str], *, timeout: float) -> bool:
+    """Whether argv ran and exited 0 within `timeout`: for best-effort steps (a partition
+    table re-read, a lazy unmount) whose failure the caller handles by its next check."""
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def pipeline(
+    first: list[str],
+    second: list[str],
+    error: Callable[[str], Exception],
+    *,
+    timeout: float,
+    stdin: IO[bytes],
+    stdout: IO[bytes],
+    cwd: Path | None = None,
+) -> None:
+    """`first < stdin | second > stdout`, both bounded by one deadline and both exit
+    statuses checked; `error(detail)` names the one that failed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        a = subprocess.Popen(first, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE)
+        procs.append(a)
+        b = subprocess.Popen(second, stdin=a.stdout, stdout=stdout)
+        procs.append(b)
+        if a.stdout is not None:
+            a.stdout.close()  # b holds it; a gets SIGPIPE if b dies
+        deadline = time.monotonic() + timeout
+        for argv, proc in ((second, b), (first, a)):
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 0.001))
+            if rc != 0:
+                raise error(f"{argv[0]} failed ({rc})")
+    except OSError as e:
+        raise error(f"{(first + second)[0]}: {e}") from e
+    except subprocess.TimeoutExpired as e:
+        raise error(f"{e.cmd[0] if isinstance(e.cmd, list) else e.cmd}: timed out") from e
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
