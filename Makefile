@@ -45,6 +45,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	# Commands without a .py suffix: one mypy run each (each is a __main__ module).
+	for f in scripts/dev-run scripts/dev-noop scripts/build-dist; do \
+		$(VENV)/bin/mypy --strict --no-error-summary "$$f" || exit 1; done
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
