@@ -8,28 +8,24 @@ builds the release tree `spk-visor ota build --daemon-tree` packs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import sysroots
+from tests.support import devrun, sysroots
 from tests.support.daemon import wait_for
 from tests.support.prereq import need_command, need_root
 from tests.support.sshd import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-# The venv's stamp counts as up to date: a test must not reinstall the project.
-MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+MAKE = devrun.MAKE
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -48,20 +44,13 @@ def clean_env(home: Path) -> dict[str, str]:
 
 @dataclass
 class DevRun:
-    proc: subprocess.Popen[bytes]
+    make: devrun.MakeRun
     run_root: Path
-    log: Path
-    port: int
     env: dict[str, str]
 
-    def health(self) -> dict[str, object] | None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as r:
-                body: dict[str, object] = json.loads(r.read())
-                return body
-        except (OSError, ValueError):
-            return None
+    @property
+    def log(self) -> Path:
+        return self.make.log
 
     def shell(self, script: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -78,30 +67,17 @@ class DevRun:
 
 def start_make_run(tmp_path: Path, *make_vars: str) -> DevRun:
     need_command("make", "make")
-    port = free_port()
     # A checkout's own folder stands in for the user's: short, as AF_UNIX socket paths
     # under .run/run must stay within 107 bytes (pytest's tmp_path is too long).
     run_root = Path(tempfile.mkdtemp(prefix="mkrun", dir="/tmp")) / ".run"
-    log = tmp_path / "make-run.log"
     env = clean_env(tmp_path / "home")
-    argv = [*MAKE, "run", f"BIND=127.0.0.1:{port}", f"RUN_ROOT={run_root}", *make_vars]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    return DevRun(proc, run_root, log, port, env)
+    log = tmp_path / "make-run.log"
+    make = devrun.start(REPO, free_port(), env, log, f"RUN_ROOT={run_root}", *make_vars)
+    return DevRun(make, run_root, env)
 
 
 def stop(run: DevRun) -> None:
-    served = run.health() or {}
-    pid = served.get("pid")
-    if isinstance(pid, int):
-        os.kill(pid, signal.SIGTERM)  # the daemon: make run's recipe exec'd it
-    try:
-        run.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        run.proc.kill()
-        run.proc.wait(timeout=10)
+    run.make.stop()
     shutil.rmtree(run.run_root.parent, ignore_errors=True)
 
 
@@ -112,8 +88,7 @@ def dev_run(tmp_path: Path) -> Iterator[DevRun]:
     sysroot = sysroots.build("intel-ready", tmp_path / "sysroot")
     run = start_make_run(tmp_path, f"SYSROOT={sysroot}")
     try:
-        wait_for(lambda: run.health() is not None or run.proc.poll() is not None, timeout=120)
-        assert run.health(), f"make run did not serve:\n{run.log.read_text()}"
+        run.make.wait_serving()
         yield run
     finally:
         stop(run)
@@ -141,21 +116,21 @@ def test_make_run_neither_loads_modules_nor_reboots(dev_run: DevRun) -> None:
     assert "would have run `modprobe vfio-pci` (development run: not run)" in hw_log
     assert "would have run `reboot` (development run: not run)" in hw_log
     wait_for(lambda: "would have run `reboot`" in dev_run.log.read_text(), timeout=10)
-    assert dev_run.proc.poll() is None, "the daemon is still serving"
+    assert dev_run.make.proc.poll() is None, "the daemon is still serving"
 
 
 def test_make_run_as_root_refuses_this_machines_sysroot(tmp_path: Path) -> None:
     need_root()
     run = start_make_run(tmp_path)
     try:
-        code = run.proc.wait(timeout=120)
+        code = run.make.proc.wait(timeout=120)
     finally:
         stop(run)
     out = run.log.read_text()
     assert code != 0
     assert "as root, a development run on this machine's sysroot" in out
     assert "SYSROOT=DIR make run" in out and "HW=real make run" in out
-    assert run.health() is None
+    assert run.make.health() is None
 
 
 def test_make_dist_builds_a_release_tree(tmp_path: Path) -> None:
