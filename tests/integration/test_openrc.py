@@ -10,7 +10,6 @@ Nothing here passes --nodeps: the dependencies the scripts declare are resolved 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -21,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +28,7 @@ import pytest
 
 from smechvisord.settings import SETTINGS
 from tests.support import sysroots
+from tests.support.health import health
 from tests.support.hostpaths import host_paths
 from tests.support.prereq import need_command, need_root
 
@@ -223,15 +221,6 @@ def daemon_settings(tmp_path: Path) -> Iterator[dict[str, str]]:
         "SMECHVISORD_SYSROOT": str(sysroots.build("intel-ready", tmp_path / "sysroot")),
     }
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def health(port: int) -> dict[str, object] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-            body: dict[str, object] = json.loads(r.read())
-            return body
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
 
 
 def parent_of(pid: int) -> int | None:

@@ -6,27 +6,18 @@ is stopped by the PID its own /api/health reports on the test's port, never by n
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tests.support.health import health
 
 # The venv's stamp counts as up to date: a test must not reinstall the project.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
-
-
-def health(port: int) -> dict[str, object] | None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-            body: dict[str, object] = json.loads(r.read())
-            return body
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -35,7 +26,7 @@ class MakeRun:
     port: int
     log: Path
 
-    def health(self) -> dict[str, object] | None:
+    def health(self) -> dict[str, Any] | None:
         return health(self.port)
 
     def wait_serving(self, timeout: float = 120.0) -> None:

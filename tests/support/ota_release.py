@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from spk_visor.ota.manifest import MANIFEST_TYPE, PRODUCT, Manifest
 from spk_visor.ota.nodeconf import NodePaths, load_config
 from spk_visor.ota.store import BlobStore
 from tests.support import sysroots
+from tests.support.health import health
 from tests.support.hostpaths import HostPaths
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smechvisord"
@@ -316,13 +316,7 @@ class OtaNode:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def health(self) -> dict[str, Any] | None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as r:
-                body: dict[str, Any] = json.loads(r.read())
-                return body
-        except (OSError, ValueError):
-            return None
+        return health(self.port)
 
     # -- OTA side --------------------------------------------------------------------------
 
