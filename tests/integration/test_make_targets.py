@@ -179,3 +179,14 @@ def test_make_dist_refuses_a_version_unsafe_in_a_path(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "version '../2.5' is not of the form 2.5.0" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_make_run_needs_a_port_the_cli_can_find(tmp_path: Path) -> None:
+    run = start_make_run(tmp_path, "BIND=127.0.0.1:0")
+    try:
+        code = run.make.proc.wait(timeout=120)
+    finally:
+        stop(run)
+    assert code != 0
+    assert "BIND: port 0 is not for make run" in run.log.read_text()
+    assert not (run.run_root / "env").exists()
