@@ -3,10 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_ROOT := $(CURDIR)/.run
+RUN_ROOT ?= $(CURDIR)/.run
 BIND ?= 127.0.0.1:8080
+# make run: HW=real runs the real modprobe and reboot; SYSROOT=DIR reads host facts from a
+# fixture tree (needed as root, see scripts/dev-run).
+HW ?= dev
+SYSROOT ?=
+# make dist: the release tree `spk-visor ota build --daemon-tree` packs.
+DIST ?= $(CURDIR)/dist/smechvisord
+VERSION ?=
+NODE_PYTHON ?= /usr/bin/python3
+# Extra pytest arguments, e.g. PYTEST_ARGS=--randomly-seed=123 to replay an order.
+PYTEST_ARGS ?=
 
-.PHONY: run test lint unit integration bench man sysdeps venv format clean fuzz
+.PHONY: run dist test lint unit integration bench man sysdeps venv format clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +26,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Starts the daemon in the foreground, no root needed: state, sockets and token under .run/.
+# A development run in the foreground, no root needed: state, sockets and token under
+# .run/; modprobe and reboot are logged, not run; `. .run/env` points spk-visor at it.
 run: $(STAMP)
-	mkdir -p $(RUN_ROOT)
-	$(VENV)/bin/smechvisord --bind $(BIND) \
-		--state-dir $(RUN_ROOT)/state --run-dir $(RUN_ROOT)/run \
-		--token-file $(RUN_ROOT)/token \
-		--tls-cert $(RUN_ROOT)/tls.crt --tls-key $(RUN_ROOT)/tls.key
+	$(PY) scripts/dev-run --bind '$(BIND)' --run-root '$(RUN_ROOT)' --hw '$(HW)' \
+		$(if $(SYSROOT),--sysroot '$(SYSROOT)')
+
+# The daemon's release tree from this checkout (bin/smechvisord, lib/, VERSION).
+dist:
+	$(PYTHON) scripts/build-dist --out '$(DIST)' --python '$(NODE_PYTHON)' \
+		$(if $(VERSION),--version '$(VERSION)')
 
 # Debian packages the integration tests use (as root); a no-op with a note otherwise.
 sysdeps:
@@ -32,19 +45,23 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	# Commands without a .py suffix: one mypy run each (each is a __main__ module).
+	for f in scripts/dev-run scripts/dev-noop scripts/build-dist; do \
+		$(VENV)/bin/mypy --strict --no-error-summary "$$f" || exit 1; done
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Random order (pytest-randomly); the seed line replays it: PYTEST_ARGS=--randomly-seed=N.
 test: $(STAMP) sysdeps lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(PYTEST_ARGS) tests/unit
 
 integration: $(STAMP)
-	$(PY) -m pytest tests/integration
+	$(PY) -m pytest $(PYTEST_ARGS) tests/integration
 
 # Every property test (marked `fuzz`), with the long hypothesis profile; `make test` runs
 # the same tests with a bounded number of examples.
@@ -64,4 +81,4 @@ man: $(STAMP)
 	$(PY) scripts/gen-man
 
 clean:
-	rm -rf $(VENV) $(RUN_ROOT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(RUN_ROOT) dist .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,6 @@ Nothing here passes --nodeps: the dependencies the scripts declare are resolved 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -21,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +28,8 @@ import pytest
 
 from smechvisord.settings import SETTINGS
 from tests.support import sysroots
+from tests.support.health import health
+from tests.support.hostpaths import host_paths
 from tests.support.prereq import need_command, need_root
 
 OPENRC_DIR = Path(__file__).resolve().parents[2] / "smechvisord" / "openrc"
@@ -169,37 +168,32 @@ def shell_assign(name: str, value: str) -> str:
 def installed_service(script: str, confd: str, extra: dict[str, str]) -> Iterator[str]:
     """Install `script` and its shipped conf.d (plus `extra`) under a unique name."""
     name = f"{script}-test-{uuid.uuid4().hex[:8]}"
-    created_conf_d = not CONF_D.exists()
-    CONF_D.mkdir(exist_ok=True)
-    init = INIT_D / name
-    conf = CONF_D / name
-    shutil.copyfile(OPENRC_DIR / script, init)
-    init.chmod(0o755)
-    # The shipped file first, so the test also proves it parses; then the test's values.
-    conf.write_text(
-        (OPENRC_DIR / confd).read_text()
-        + "\n# test settings\n"
-        + "".join(shell_assign(k, v) for k, v in extra.items())
-    )
-    try:
-        yield name
-    finally:
+    with host_paths() as made:
+        # Debian's openrc ships no /etc/conf.d: made here when missing, removed after.
+        init = made.adopt(made.dir(INIT_D) / name)
+        shutil.copyfile(OPENRC_DIR / script, init)
+        init.chmod(0o755)
+        # The shipped file first, so the test also proves it parses; then the test's values.
+        made.file(
+            CONF_D / name,
+            (OPENRC_DIR / confd).read_text()
+            + "\n# test settings\n"
+            + "".join(shell_assign(k, v) for k, v in extra.items()),
+        )
         try:
-            # Harmless when it is already stopped; stops what a failed test left running.
-            rc(name, "stop")
+            yield name
         finally:
-            # Only the PIDs this service recorded; the supervisor first, so it cannot
-            # respawn the child in between.
-            for pid in (supervisor_pid(name), child_pid(name)):
-                if pid is not None and alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            # Forget any state (started/failed) OpenRC keeps for the name before it goes.
-            rc(name, "zap")
-            init.unlink(missing_ok=True)
-            conf.unlink(missing_ok=True)
-            if created_conf_d:
-                with contextlib.suppress(OSError):
-                    CONF_D.rmdir()
+            try:
+                # Harmless when it is already stopped; stops what a failed test left running.
+                rc(name, "stop")
+            finally:
+                # Only the PIDs this service recorded; the supervisor first, so it cannot
+                # respawn the child in between.
+                for pid in (supervisor_pid(name), child_pid(name)):
+                    if pid is not None and alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+                # Forget any state (started/failed) OpenRC keeps for the name before it goes.
+                rc(name, "zap")
 
 
 def environ_of(pid: int) -> dict[str, str]:
@@ -211,13 +205,13 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 @pytest.fixture
-def daemon_settings(tmp_path: Path) -> dict[str, str]:
+def daemon_settings(tmp_path: Path) -> Iterator[dict[str, str]]:
     entry = Path(sys.executable).parent / "smechvisord"
     if not entry.exists():
         pytest.skip(f"{entry} is missing: install the project into the venv (make venv)")
     # AF_UNIX paths are limited to 108 bytes and pytest's tmp paths are long.
     run_dir = Path(tempfile.mkdtemp(prefix="svrc", dir="/tmp"))
-    return {
+    yield {
         "SMECHVISORD_BIN": str(entry),
         "SMECHVISORD_LOG": str(tmp_path / "smechvisord.log"),
         "SMECHVISORD_BIND": f"127.0.0.1:{free_port()}",
@@ -228,15 +222,34 @@ def daemon_settings(tmp_path: Path) -> dict[str, str]:
         "SMECHVISORD_TLS_KEY": str(tmp_path / "etc" / "tls.key"),
         "SMECHVISORD_SYSROOT": str(sysroots.build("intel-ready", tmp_path / "sysroot")),
     }
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def health(port: int) -> dict[str, object] | None:
+def parent_of(pid: int) -> int | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-            body: dict[str, object] = json.loads(r.read())
-            return body
-    except (OSError, urllib.error.URLError, ValueError):
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
         return None
+    match = re.search(r"^PPid:\s*(\d+)$", status, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def daemon_pid(name: str, port: int, supervisor: int, log: Path) -> int:
+    """The PID of the daemon supervise-daemon runs, once it serves.
+
+    supervise-daemon's forked child writes child_pid itself *before* it execs the daemon
+    (OpenRC's child_process()), so a PID read from there can still be a copy of
+    supervise-daemon (cmdline `supervise-daemon <service> ...`). The daemon's own answer
+    on /api/health is the proof that the exec happened: its PID must be the recorded child
+    and a child of the supervisor.
+    """
+    wait_for("/api/health", lambda: (health(port) or {}).get("status") == "ok", timeout=60)
+    served = health(port) or {}
+    pid = served.get("pid")
+    assert isinstance(pid, int) and alive(pid), f"health names no live PID: {served}"
+    assert child_pid(name) == pid, f"supervise-daemon recorded {child_pid(name)}, serving {pid}"
+    assert parent_of(pid) == supervisor, f"{pid} is not supervised:\n{log.read_text()}"
+    return pid
 
 
 @pytest.mark.root
@@ -247,16 +260,10 @@ def test_smechvisord_start_status_stop(openrc: None, daemon_settings: dict[str, 
         rc_ok(name, "start", log=log)
         supervisor = supervisor_pid(name)
         assert supervisor is not None and alive(supervisor), "no supervisor behind the pidfile"
-        # supervise-daemon records the child's PID just after the fork, which can be a
-        # moment after rc-service has returned.
-        wait_for("supervise-daemon to record the daemon's PID", lambda: child_pid(name) is not None)
-        pid = child_pid(name)
-        assert pid is not None and alive(pid), f"the daemon is not running:\n{log.read_text()}"
+        pid = daemon_pid(name, port, supervisor, log)
         assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1] == (
             daemon_settings["SMECHVISORD_BIN"].encode()
         )
-
-        wait_for("/api/health", lambda: (health(port) or {}).get("status") == "ok")
         assert rc(name, "status").returncode == 0
 
         # The conf.d values reached the daemon through the script's exports, and only

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_openrc import CONF_D, INIT_D, OPENRC_DIR, openrc, rc  # noqa: F401
+from tests.support.hostpaths import host_paths
 from tests.support.ota_pki import Pki, make_node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,14 +32,16 @@ def test_script_is_an_openrc_script() -> None:
 @pytest.fixture
 def service(openrc: None, tmp_path: Path) -> Iterator[tuple[str, Path]]:  # noqa: F811
     name = f"spkota-boot-{uuid.uuid4().hex[:8]}"
-    shutil.copyfile(OPENRC_DIR / "spk-visor-ota", INIT_D / name)
-    (INIT_D / name).chmod(0o755)
-    try:
-        yield name, CONF_D / name
-    finally:
-        rc(name, "zap")
-        (INIT_D / name).unlink(missing_ok=True)
-        (CONF_D / name).unlink(missing_ok=True)
+    with host_paths() as made:
+        init = made.adopt(made.dir(INIT_D) / name)
+        shutil.copyfile(OPENRC_DIR / "spk-visor-ota", init)
+        init.chmod(0o755)
+        # Debian's openrc ships no /etc/conf.d: the test makes it (and removes it) itself.
+        made.dir(CONF_D)
+        try:
+            yield name, made.adopt(CONF_D / name)
+        finally:
+            rc(name, "zap")
 
 
 def _script(path: Path, body: str) -> Path:

@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +55,8 @@ from spk_visor.ota.manifest import MANIFEST_TYPE, PRODUCT, Manifest
 from spk_visor.ota.nodeconf import NodePaths, load_config
 from spk_visor.ota.store import BlobStore
 from tests.support import sysroots
+from tests.support.health import health
+from tests.support.hostpaths import HostPaths
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smechvisord"
 FAILURES = ("wrong_version", "exit", "dies", "selfcheck")
@@ -244,6 +245,7 @@ class OtaNode:
     name: str = field(default_factory=lambda: f"spkota-{uuid.uuid4().hex[:8]}")
     port: int = field(default_factory=free_port)
     conf_extra: dict[str, str] = field(default_factory=dict)
+    host: HostPaths = field(default_factory=HostPaths)
 
     def __post_init__(self) -> None:
         self.sysroot = self.root / "sysroot"
@@ -279,12 +281,15 @@ class OtaNode:
     # -- the service ---------------------------------------------------------------------
 
     def install(self) -> None:
-        init, conf = INIT_D / self.name, CONF_D / self.name
-        CONF_D.mkdir(exist_ok=True)
+        # /etc/conf.d may be missing (Debian's openrc does not ship it): `remove` takes
+        # away exactly what this made.
+        init = self.host.adopt(self.host.dir(INIT_D) / self.name)
         shutil.copyfile(OPENRC_DIR / "smechvisord", init)
         init.chmod(0o755)
         lines = "".join(f"{k}='{v}'\n" for k, v in self.settings.items())
-        conf.write_text((OPENRC_DIR / "smechvisord.confd").read_text() + "\n" + lines)
+        self.host.file(
+            CONF_D / self.name, (OPENRC_DIR / "smechvisord.confd").read_text() + "\n" + lines
+        )
 
     def rc(self, action: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -314,18 +319,11 @@ class OtaNode:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             self.rc("zap")
-            (INIT_D / self.name).unlink(missing_ok=True)
-            (CONF_D / self.name).unlink(missing_ok=True)
+            self.host.cleanup()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def health(self) -> dict[str, Any] | None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as r:
-                body: dict[str, Any] = json.loads(r.read())
-                return body
-        except (OSError, ValueError):
-            return None
+        return health(self.port)
 
     # -- OTA side --------------------------------------------------------------------------
 

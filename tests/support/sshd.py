@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.hostpaths import SharedDir
 from tests.support.prereq import need_command, need_root
 
-# sshd's privilege-separation directory; Debian's init script creates it at boot.
-PRIVSEP_DIR = Path("/run/sshd")
+# sshd's privilege-separation directory; Debian's init script creates it at boot, so a
+# machine where sshd never ran as a service lacks it. Shared by every sshd a test runs.
+PRIVSEP_DIR = SharedDir(Path("/run/sshd"))
 
 CONFIG = """\
 Port {port}
@@ -138,6 +140,7 @@ class Sshd:
                 except ProcessLookupError:
                     pass
         shutil.rmtree(self.dir, ignore_errors=True)
+        PRIVSEP_DIR.release()
 
 
 def start_sshd(timeout: float = 15) -> Sshd:
@@ -149,7 +152,7 @@ def start_sshd(timeout: float = 15) -> Sshd:
     need_root()
     sshd = need_command("sshd", "openssh-server")
     need_command("ssh-keygen", "openssh-client")
-    PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    PRIVSEP_DIR.acquire()
     workdir = Path(tempfile.mkdtemp(prefix="sshd-", dir="/tmp"))
     workdir.chmod(0o755)
     host_key = keygen(workdir / "ssh_host_ed25519_key")
@@ -184,4 +187,5 @@ def start_sshd(timeout: float = 15) -> Sshd:
             proc.kill()
         proc.wait(timeout=5)
     shutil.rmtree(workdir, ignore_errors=True)
+    PRIVSEP_DIR.release()
     raise RuntimeError(f"sshd did not start:\n{last}")
