@@ -35,6 +35,23 @@ DEFAULT_DAEMON_PORT = 8080
 DEFAULT_TIMEOUT = 10.0
 MAX_CONFIG_BYTES = 1 << 20
 NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file"}
+# The variable behind each global option. They are read here, in resolve(), and nowhere
+# else (not by Typer): one precedence (flag > env > file > default), one set of messages.
+OPTION_ENV = {
+    "node": "SPK_VISOR_NODE",
+    "ssh": "SPK_VISOR_SSH",
+    "daemon_port": "SPK_VISOR_DAEMON_PORT",
+    "fleet": "SPK_VISOR_FLEET",
+    "token": "SPK_VISOR_TOKEN",
+    "timeout": "SPK_VISOR_TIMEOUT",
+}
+
+
+def env_help(option: str) -> str:
+    """What --help adds to an option read from the environment too."""
+    return f"[env var: {OPTION_ENV[option]}]"
+
+
 SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
 
 
@@ -215,13 +232,16 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
             )
 
 
-def parse_ssh(value: str) -> SshSpec:
+def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
     m = SSH_RE.match(value.strip())
     if not m:
-        raise ConfigError(f"--ssh {value!r}: expected [user@]host[:port]")
+        raise ConfigError(
+            f"{what} {value!r}: expected [user@]host[:ssh_port]",
+            "the :PORT is the SSH server's; name the daemon's port with --daemon-port",
+        )
     port = int(m.group("port")) if m.group("port") else None
     if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"--ssh {value!r}: port out of range")
+        raise ConfigError(f"{what} {value!r}: SSH port out of range 1..65535")
     return SshSpec(host=m.group("host").strip("[]"), user=m.group("user"), port=port)
 
 
@@ -292,6 +312,19 @@ def _node_target(name: str, node: dict[str, Any], token: str | None, sources: li
     )
 
 
+def _env_daemon_port(env: dict[str, str] | os._Environ[str]) -> int | None:
+    raw = env.get("SPK_VISOR_DAEMON_PORT")
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"SPK_VISOR_DAEMON_PORT={raw!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"SPK_VISOR_DAEMON_PORT={raw!r}: port out of range 1..65535")
+    return port
+
+
 def resolve(
     *,
     node: str | None,
@@ -300,6 +333,7 @@ def resolve(
     token: str | None,
     timeout: float | None,
     accept_new: bool,
+    daemon_port: int | None = None,
     environ: dict[str, str] | os._Environ[str] | None = None,
 ) -> Settings:
     """Build the settings once, validating everything (EXAMPLES.md A.4)."""
@@ -307,8 +341,10 @@ def resolve(
     node, ssh, fleet = node or None, ssh or None, fleet or None
     if sum(x is not None for x in (node, ssh, fleet)) > 1:
         raise ConfigError("give only one of --node, --ssh and --fleet")
+    ssh_source = "--ssh"
     if node is None and ssh is None and fleet is None:
         # Only when no flag names the target: a flag wins over every variable (flag > env).
+        ssh_source = "SPK_VISOR_SSH"
         node = env.get("SPK_VISOR_NODE") or None
         ssh = env.get("SPK_VISOR_SSH") or None
         fleet = env.get("SPK_VISOR_FLEET") or None
@@ -317,6 +353,13 @@ def resolve(
                 "set only one of SPK_VISOR_NODE, SPK_VISOR_SSH and SPK_VISOR_FLEET",
                 "or name the target with --node, --ssh or --fleet",
             )
+    if daemon_port is not None and not ssh:
+        # Over HTTP the port is in the URL; a configured node has daemon_port in the file.
+        raise ConfigError(
+            "--daemon-port goes with --ssh",
+            "for a node in the config file set daemon_port there; for --node URL put the "
+            "port in the URL",
+        )
     path = config_path(env)
     data = load_file(path)
     nodes: dict[str, Any] = data.get("nodes", {})
@@ -329,10 +372,17 @@ def resolve(
             raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
         targets = [_node_target(n, nodes[n], flag_token, sources) for n in groups[fleet]]
     elif ssh:
-        spec = parse_ssh(ssh)
+        spec = parse_ssh(ssh, ssh_source)
         extra = [] if flag_token else [f"{NODE_TOKEN_FILE} on the node (SFTP)"]
+        port = daemon_port if daemon_port is not None else _env_daemon_port(env)
         targets = [
-            Target(name=spec.host, ssh=spec, token=flag_token, token_sources=(*sources, *extra))
+            Target(
+                name=spec.host,
+                ssh=spec,
+                daemon_port=port or DEFAULT_DAEMON_PORT,
+                token=flag_token,
+                token_sources=(*sources, *extra),
+            )
         ]
     elif node and "://" in node:
         url = _check_url(node, "--node")
@@ -364,7 +414,10 @@ def resolve(
         try:
             timeout = float(env_timeout)
         except ValueError:
-            raise ConfigError(f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number") from None
+            raise ConfigError(
+                f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number of seconds",
+                "set it to a number such as 30, or unset it to use the default",
+            ) from None
     if timeout is not None and not 0 < timeout < math.inf:
         # Not `timeout or ...`: --timeout 0 must not quietly become the default.
         raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")

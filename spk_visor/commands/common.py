@@ -22,6 +22,7 @@ T = TypeVar("T")
 class Options:
     node: str | None
     ssh: str | None
+    daemon_port: int | None
     fleet: str | None
     token: str | None
     json: bool
@@ -47,6 +48,7 @@ class AppState:
             self._settings = config.resolve(
                 node=o.node,
                 ssh=o.ssh,
+                daemon_port=o.daemon_port,
                 fleet=o.fleet,
                 token=o.token,
                 timeout=o.timeout,

@@ -198,13 +198,38 @@ def test_bad_config_shape_names_file_and_line(tmp_path: Path) -> None:
     ]
 
 
-def test_bad_timeout_env() -> None:
+def test_bad_timeout_env_gets_the_configs_own_message() -> None:
+    """config.py reads the environment, not Typer: its message names the variable and
+    says what to do (Typer's "Input should be a valid number" never shows)."""
     r = run("pci", env={"SPK_VISOR_TIMEOUT": "soon"})
     assert r.code == 2
-    assert r.err_lines[-1] == (
-        "Error: Invalid value for '--timeout' (env var: 'SPK_VISOR_TIMEOUT'): "
-        "Input should be a valid number, unable to parse string as a number"
-    )
+    assert r.err_lines == [
+        "spk-visor: error: SPK_VISOR_TIMEOUT='soon' is not a number of seconds",
+        "set it to a number such as 30, or unset it to use the default",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SPK_VISOR_TIMEOUT", "0", "spk-visor: error: SPK_VISOR_TIMEOUT 0: must be a positive"),
+        ("SPK_VISOR_SSH", "a@b:c:d", "spk-visor: error: SPK_VISOR_SSH 'a@b:c:d': expected"),
+        ("SPK_VISOR_DAEMON_PORT", "http", "spk-visor: error: SPK_VISOR_DAEMON_PORT='http' is"),
+    ],
+)
+def test_every_variable_is_judged_by_config(variable: str, value: str, message: str) -> None:
+    env = {variable: value}
+    if variable == "SPK_VISOR_DAEMON_PORT":
+        env["SPK_VISOR_SSH"] = "admin@node1"
+    r = run("pci", env=env)
+    assert r.code == 2, r
+    assert r.err_lines[0].startswith(message), r.err
+    assert "Invalid value" not in r.err
+
+
+def test_a_bad_variable_does_not_stop_commands_that_need_no_node() -> None:
+    r = run("version", env={"SPK_VISOR_TIMEOUT": "soon", "SPK_VISOR_DAEMON_PORT": "x"})
+    assert (r.code, r.err) == (0, "")
 
 
 # ---- commands that need no node --------------------------------------------------------
