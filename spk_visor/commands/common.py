@@ -120,16 +120,10 @@ def show_fleet_rows(
     is prefixed with its node; a node with no rows still gets one, with `empty` as its
     status, so every node of the group shows up."""
     if st.json:
+        # A node's failure is the document a failed single-node command prints.
         st.console.json(
             {
-                r.target.name: r.value
-                if r.ok
-                else {
-                    "error": {
-                        "message": r.error.message if r.error else "",
-                        "exit_code": int(r.error.exit_code) if r.error else 0,
-                    }
-                }
+                r.target.name: r.error.document() if r.error is not None else r.value
                 for r in results
             }
         )
