@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,7 +12,6 @@ from typer import _click
 
 from smechvisord.version import VERSION
 from spk_visor import typer_fast
-from spk_visor.commands import about, sealed
 from spk_visor.commands.lazy import LazyGroup
 from spk_visor.config import env_help
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact
@@ -163,10 +161,6 @@ def root(
     )
 
 
-about.register(app)
-sealed.register(app)
-
-
 def build(complete: bool = False) -> _click.Command:
     """The root click command; `complete` loads every lazy command group too (for the man
     page generator and the tests that walk every command)."""
@@ -260,6 +254,8 @@ def _json_errors() -> bool:
 
 def _traceback(console: Console, e: BaseException) -> None:
     if _verbose:
+        import traceback  # noqa: PLC0415 (only under --verbose: start-up time)
+
         # Redacted: exceptions further down the chain may quote a request's headers.
         console.error(redact("".join(traceback.format_exception(e))).rstrip("\n"))
 

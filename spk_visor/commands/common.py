@@ -122,10 +122,7 @@ def show_fleet_rows(
     if st.json:
         # A node's failure is the document a failed single-node command prints.
         st.console.json(
-            {
-                r.target.name: r.error.document() if r.error is not None else r.value
-                for r in results
-            }
+            {r.target.name: r.error.document() if r.error is not None else r.value for r in results}
         )
     else:
         lines: list[list[Any]] = []

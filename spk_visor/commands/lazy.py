@@ -49,6 +49,11 @@ COMMANDS: dict[str, Lazy] = {
     "deploy": Lazy("spk_visor.commands.deploy"),
     "receive-deploy": Lazy("spk_visor.commands.deploy", "register_aliases"),
     "deploy-system-img-copy": Lazy("spk_visor.commands.deploy", "register_aliases"),
+    "version": Lazy("spk_visor.commands.about", "register"),
+    "about": Lazy("spk_visor.commands.about", "register"),
+    "help": Lazy("spk_visor.commands.about", "register"),
+    "system-install": Lazy("spk_visor.commands.sealed", "register"),
+    "userland-install": Lazy("spk_visor.commands.sealed", "register"),
 }
 
 

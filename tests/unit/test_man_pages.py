@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import typer.main
 from typer import _click
 
 from smechvisord.settings import SETTINGS
