@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
 import pkgutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -75,6 +77,31 @@ def self_check(cfg: settings_mod.Settings) -> tuple[str | None, int]:
     return None, len(names)
 
 
+# The ways out of a listen address that cannot be used, for every way the daemon is run.
+BIND_HINT = (
+    "choose another address with --bind HOST:PORT or SMECHVISORD_BIND=HOST:PORT "
+    "(make run: make run BIND=127.0.0.1:8081; OpenRC: SMECHVISORD_BIND in "
+    "/etc/conf.d/smechvisord)"
+)
+
+
+def bind_failure(host: str, port: int, e: OSError) -> str | None:
+    """What to tell the operator when the listen address cannot be used, or None when
+    the error is not about the address."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(e, socket.gaierror):
+        why = f"cannot resolve the host name {host!r}"
+    elif e.errno == errno.EADDRINUSE:
+        why = "the address is already in use (another smechvisord, or another service)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = f"no network interface of this machine has the address {host}"
+    elif e.errno == errno.EACCES:
+        why = "permission denied" + (" (ports below 1024 need root)" if port < 1024 else "")
+    else:
+        return None
+    return f"cannot listen on {where}: {why}; {BIND_HINT}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if settings_mod.build_parser().parse_args(argv).self_check:
         try:
@@ -107,14 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         vms = VmManager(cfg, host)
         vms.check_paths()
         vms.load()
-        server = DaemonServer(
-            (cfg.bind_host, cfg.bind_port),
-            Api(cfg, host, vms).router(),
-            token,
-            web_root(cfg.web_dir),
-            cfg.max_connections,
-            cfg.socket_timeout,
-        )
+        try:
+            server = DaemonServer(
+                (cfg.bind_host, cfg.bind_port),
+                Api(cfg, host, vms).router(),
+                token,
+                web_root(cfg.web_dir),
+                cfg.max_connections,
+                cfg.socket_timeout,
+            )
+        except OSError as e:
+            reason = bind_failure(cfg.bind_host, cfg.bind_port, e)
+            if reason is None:
+                raise
+            log.error("cannot start: %s", reason)
+            return 2
     except (OSError, RuntimeError, tokens.TokenError) as e:
         log.error("cannot start: %s", e)
         return 1
