@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smechvisord: {e}", file=sys.stderr)
         return 2
     try:
-        token = tokens.load_or_create(cfg.token_file)
+        token = tokens.load_or_create(cfg.token_file, cfg.token_group)
         cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in cfg.image_dirs:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
