@@ -445,7 +445,8 @@ def read_local_token(target: Target) -> str | None:
     except PermissionError:
         raise ConfigError(
             f"cannot read token file {path}: permission denied",
-            "run as root on the node, or pass --token / SPK_VISOR_TOKEN",
+            "run as root on the node, join the daemon's token group (usermod -aG "
+            "smechvisor USER), or pass --token / SPK_VISOR_TOKEN",
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read token file {path}: {e}") from e

@@ -13,7 +13,7 @@ from spk_visor import config
 from spk_visor.client import Client
 from spk_visor.connection import NodeResult, connect, for_each
 from spk_visor.errors import ExitCode, RefusedError, UsageError
-from spk_visor.output import Console, table
+from spk_visor.output import Column, Console
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ def state(ctx: typer.Context, as_json: bool = False) -> AppState:
 def show_fleet(
     st: AppState,
     results: list[NodeResult[T]],
-    headers: Sequence[str],
+    headers: Sequence[str | Column],
     row: Callable[[T], Sequence[Any]],
 ) -> int:
     """One row per node, an error row for a node that failed; the exit code is 0 only
@@ -112,7 +112,7 @@ def show_fleet(
 def show_fleet_rows(
     st: AppState,
     results: list[NodeResult[T]],
-    headers: Sequence[str],
+    headers: Sequence[str | Column],
     rows: Callable[[T], Sequence[Sequence[Any]]],
     empty: str = "ok",
 ) -> int:
@@ -135,7 +135,7 @@ def show_fleet_rows(
             if not node_rows:
                 lines.append([r.target.name, empty, *blank])
             lines.extend([r.target.name, "ok", *row] for row in node_rows)
-        st.console.print(table(["node", "status", *headers], lines))
+        st.console.table([Column("node"), Column("status", fit="wrap"), *headers], lines)
     for r in results:
         if r.error is not None:
             return int(r.error.exit_code)

@@ -163,7 +163,7 @@ def test_fleet_iommu(fleet: Fleet) -> None:
     assert r.code == 7
     header, *body = rows(r.out)
     assert header == ["NODE", "STATUS", "READY", "BLOCKERS"]
-    assert body[0] == ["alpha", "ok", "yes", "-"]
+    assert body[0] == ["alpha", "ok", "yes", "none"]  # absent values in words
     assert body[1] == [
         "beta",
         "ok",

@@ -167,4 +167,6 @@ def test_a_daemon_port_in_the_ssh_spec_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         resolve(env_for(tmp_path, None), ssh="admin@node1:22:8080")
     assert e.value.message == "--ssh 'admin@node1:22:8080': expected [user@]host[:ssh_port]"
-    assert e.value.hint == "the :PORT is the SSH server's; name the daemon's port with --daemon-port"
+    assert (
+        e.value.hint == "the :PORT is the SSH server's; name the daemon's port with --daemon-port"
+    )
