@@ -51,7 +51,8 @@ def env_help(option: str) -> str:
     return f"[env var: {OPTION_ENV[option]}]"
 
 
-SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
+# Patterns are compiled on first use (re caches them), not at import: start-up time.
+SSH_PATTERN = r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$"
 
 
 @dataclass(frozen=True)
@@ -133,15 +134,16 @@ def load_file(path: Path) -> dict[str, Any]:
 
 # Enough TOML to find where a key is written: a [table] or [[array]] header, or a
 # `key =` / `dotted.key =` line (tomllib gives no positions for valid files).
-_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY_RE = re.compile(
-    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+_HEADER_PATTERN = r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$"
+_KEY_PATTERN = (
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+    r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
 )
-_PART_RE = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")
+_PART_PATTERN = r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'"""
 
 
 def _key_path(text: str) -> tuple[str, ...]:
-    return tuple(part.strip("\"'") for part in _PART_RE.findall(text))
+    return tuple(part.strip("\"'") for part in re.findall(_PART_PATTERN, text))
 
 
 def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
@@ -150,12 +152,12 @@ def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
     table: tuple[str, ...] = ()
     inside: int | None = None
     for number, line in enumerate(text.splitlines(), 1):
-        header = _HEADER_RE.match(line)
+        header = re.match(_HEADER_PATTERN, line)
         if header:
             table = _key_path(header.group(1))
             found = table
         else:
-            key = _KEY_RE.match(line)
+            key = re.match(_KEY_PATTERN, line)
             if not key:
                 continue
             found = table + _key_path(key.group(1))
@@ -235,7 +237,7 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
 
 
 def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
-    m = SSH_RE.match(value.strip())
+    m = re.match(SSH_PATTERN, value.strip())
     if not m:
         raise ConfigError(
             f"{what} {value!r}: expected [user@]host[:ssh_port]",

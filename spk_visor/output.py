@@ -193,7 +193,7 @@ def _wrap(line: str, width: int | None, indent: int) -> list[str]:
 
 # What continuation lines line up after: a list or checklist marker, or the key of a
 # "Key    value" summary line (a key is followed by at least two spaces).
-_MARKER = re.compile(r"^\s*(?:- |\[ok\]\s+|\[FAIL\]\s+|fix: |\S.*?\s{2,}(?=\S))?")
+_MARKER = r"^\s*(?:- |\[ok\]\s+|\[FAIL\]\s+|fix: |\S.*?\s{2,}(?=\S))?"
 
 
 def fit_lines(text: str, width: int | None) -> str:
@@ -203,7 +203,7 @@ def fit_lines(text: str, width: int | None) -> str:
         return text
     out: list[str] = []
     for line in text.split("\n"):
-        marker = _MARKER.match(line)
+        marker = re.match(_MARKER, line)
         out += _wrap(line, width, len(marker.group(0)) if marker else 0)
     return "\n".join(out)
 
