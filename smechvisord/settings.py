@@ -119,7 +119,7 @@ class Settings:
     reboot_cmd: tuple[str, ...]
     max_connections: int = 64
     socket_timeout: float = 15.0
-    token_group: str = "smechvisor"
+    token_group: str = "smechvisor"  # noqa: S105 (a group name, not a secret)
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION

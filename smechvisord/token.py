@@ -96,7 +96,7 @@ def _let_group_in(directory: Path, gid: int, group: str) -> None:
         return
     if st.st_uid == os.geteuid() and not mode & 0o070:
         os.chown(directory, -1, gid)
-        os.chmod(directory, mode | 0o010)
+        os.chmod(directory, mode | 0o010)  # noqa: S103 (g+x only: search, not read)
         return
     log.warning(
         "group %s cannot reach the token: %s is not searchable by it (chgrp %s and chmod g+x)",
