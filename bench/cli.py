@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,12 +62,25 @@ class Job:
 class Timing:
     median: float
     best: float
+    # CPU time (user + system) of the process: on a machine shared with other work the
+    # wall time waits for a core, the CPU time much less so.
+    cpu: float = 0.0
 
     def __str__(self) -> str:
-        return f"{self.median * 1000:9.1f} ms (best {self.best * 1000:7.1f})"
+        return (
+            f"{self.median * 1000:8.1f} ms (best {self.best * 1000:6.1f}, "
+            f"cpu {self.cpu * 1000:6.1f})"
+        )
 
 
-def run_once(job: Job, env: dict[str, str]) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(job: Job, env: dict[str, str]) -> tuple[float, float]:
+    """(wall, cpu) seconds of one run of `job`."""
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     for _ in range(job.repeat):
         proc = subprocess.run(
@@ -74,18 +88,23 @@ def run_once(job: Job, env: dict[str, str]) -> float:
         )
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(job.argv)}: exit {proc.returncode}\n{proc.stderr!r}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu() - cpu0
 
 
 def measure(jobs: dict[str, Job], env: dict[str, str], runs: int) -> dict[str, Timing]:
-    """Median wall time per job, the jobs taking turns round by round."""
+    """Median wall (and CPU) time per job, the jobs taking turns round by round."""
     samples: dict[str, list[float]] = {name: [] for name in jobs}
+    cpu: dict[str, list[float]] = {name: [] for name in jobs}
     for round_no in range(WARMUP + runs):
         for name, job in jobs.items():
-            elapsed = run_once(job, env)
+            elapsed, used = run_once(job, env)
             if round_no >= WARMUP:  # warm-up: page cache, bytecode cache, daemon caches
                 samples[name].append(elapsed)
-    return {name: Timing(statistics.median(s), min(s)) for name, s in samples.items()}
+                cpu[name].append(used)
+    return {
+        name: Timing(statistics.median(s), min(s), statistics.median(cpu[name]))
+        for name, s in samples.items()
+    }
 
 
 def cli_argv() -> list[str]:
@@ -220,6 +239,11 @@ def main() -> int:
         )
         print_table(startup, "curl -s -H 'Authorization: Bearer T' URL/api/node", "curl")
         node = startup["spk-visor --node URL --token T --json node"]
+        floor = startup["python -c 'import typer, requests' (library floor)"]
+        print(
+            f"{'':<52}the node query costs {(node.median - floor.median) * 1000:+.1f} ms wall, "
+            f"{(node.cpu - floor.cpu) * 1000:+.1f} ms cpu over importing its two libraries"
+        )
 
         print(f"\nfleet of {args.fleet} daemons over HTTP (config file, token_file per node)")
         one_node = Job((*cli, "--node", names[0], "--json", "node"))
