@@ -187,10 +187,10 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     nodes = data.get("nodes", {})
     if not isinstance(nodes, dict):
         raise ConfigError(f"{_where(path, text, 'nodes')}: [nodes] must be a table")
+    # `_where` scans the whole file: only ever called for an error (start-up time).
     for name, node in nodes.items():
-        where = _where(path, text, "nodes", name)
         if not isinstance(node, dict):
-            raise ConfigError(f"{where}: nodes.{name} must be a table")
+            raise ConfigError(f"{_where(path, text, 'nodes', name)}: nodes.{name} must be a table")
         unknown = set(node) - NODE_KEYS
         if unknown:
             bad = sorted(unknown)[0]
@@ -199,7 +199,9 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"expected {', '.join(sorted(NODE_KEYS))}"
             )
         if ("url" in node) == ("ssh" in node):
-            raise ConfigError(f"{where}: nodes.{name} needs exactly one of url or ssh")
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name)}: nodes.{name} needs exactly one of url or ssh"
+            )
         for key in ("url", "ssh", "token_file", "remote_token_file"):
             if key in node and not isinstance(node[key], str):
                 raise ConfigError(
@@ -216,13 +218,14 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
     for name, members in groups.items():
-        where = _where(path, text, "groups", name)
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ConfigError(f"{where}: groups.{name} must be a list of node names")
+            raise ConfigError(
+                f"{_where(path, text, 'groups', name)}: groups.{name} must be a list of node names"
+            )
         for member in members:
             if member not in nodes:
                 raise ConfigError(
-                    f"{where}: groups.{name} names {member!r}, which is not under [nodes]"
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, which is not under [nodes]"
                 )
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
