@@ -225,7 +225,8 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
         for member in members:
             if member not in nodes:
                 raise ConfigError(
-                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, which is not under [nodes]"
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, "
+                    "which is not under [nodes]"
                 )
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
