@@ -10,17 +10,20 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 
-@dataclass
 class Console:
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
-    # Where confirmations are read from; only its TTY-ness is ours to ask (the prompt
-    # itself reads sys.stdin through typer).
-    inp: TextIO = field(default_factory=lambda: sys.stdin)
+    # A plain class, as are the other small types below (NamedTuples): a dataclass costs
+    # ~1 ms of start-up to create, and every run creates these.
+    def __init__(
+        self, out: TextIO | None = None, err: TextIO | None = None, inp: TextIO | None = None
+    ) -> None:
+        self.out: TextIO = out if out is not None else sys.stdout
+        self.err: TextIO = err if err is not None else sys.stderr
+        # Where confirmations are read from; only its TTY-ness is ours to ask (the prompt
+        # itself reads sys.stdin through typer).
+        self.inp: TextIO = inp if inp is not None else sys.stdin
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -80,8 +83,7 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(NamedTuple):
     """How one column of a human table behaves.
 
     absent: what a missing value (None) says, in words.
@@ -95,8 +97,7 @@ class Column:
     fit: str = "keep"
 
 
-@dataclass(frozen=True)
-class Noted:
+class Noted(NamedTuple):
     """A cell whose long reasons are printed once, under the table, as numbered notes:
     Noted("no", ["it carries the root filesystem"]) shows as "no [1]"."""
 

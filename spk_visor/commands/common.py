@@ -4,8 +4,7 @@ library call against one node or a fleet."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import typer
 
@@ -18,8 +17,7 @@ from spk_visor.output import Column, Console
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):  # not a dataclass: start-up time (see output.Console)
     node: str | None
     ssh: str | None
     daemon_port: int | None

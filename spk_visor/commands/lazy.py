@@ -9,8 +9,7 @@ man page generator ask for every name and so import every module, which is fine 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import typer
 import typer.main
@@ -20,8 +19,7 @@ from typer.core import TyperGroup
 from spk_visor import typer_fast
 
 
-@dataclass(frozen=True)
-class Lazy:
+class Lazy(NamedTuple):
     """`name` comes from `module`: either its `app` (a group) or, with `register`, the
     command that its register function adds to an app under that name."""
 
