@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -123,6 +124,31 @@ def raise_fd_limit(wanted: int = 65536) -> None:
             log.warning("cannot raise the open-file limit from %d: %s", soft, e)
 
 
+# The ways out of a listen address that cannot be used, for every way the daemon is run.
+BIND_HINT = (
+    "choose another address with --bind HOST:PORT or SMECHVISORD_BIND=HOST:PORT "
+    "(make run: make run BIND=127.0.0.1:8081; OpenRC: SMECHVISORD_BIND in "
+    "/etc/conf.d/smechvisord)"
+)
+
+
+def bind_failure(host: str, port: int, e: OSError) -> str | None:
+    """What to tell the operator when the listen address cannot be used, or None when
+    the error is not about the address."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(e, socket.gaierror):
+        why = f"cannot resolve the host name {host!r}"
+    elif e.errno == errno.EADDRINUSE:
+        why = "the address is already in use (another smechvisord, or another service)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        why = f"no network interface of this machine has the address {host}"
+    elif e.errno == errno.EACCES:
+        why = "permission denied" + (" (ports below 1024 need root)" if port < 1024 else "")
+    else:
+        return None
+    return f"cannot listen on {where}: {why}; {BIND_HINT}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = settings_mod.build_parser().parse_args(argv)
     if args.print_fingerprint:
@@ -155,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     try:
-        token = tokens.load_or_create(cfg.token_file)
+        token = tokens.load_or_create(cfg.token_file, cfg.token_group)
         cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         lock_fd = statelock.acquire(cfg.state_dir)  # held (open) until the process exits
         for d in cfg.image_dirs:
@@ -165,17 +191,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         vms.check_paths()
         vms.load()
         gate = open_gate(cfg, host)
-        server = DaemonServer(
-            (cfg.bind_host, cfg.bind_port),
-            Api(cfg, host, vms).router(),
-            token,
-            web_root(cfg.web_dir),
-            cfg.max_connections,
-            cfg.socket_timeout,
-            gate=gate,
-            per_source=cfg.max_connections_per_source,
-            head_timeout=cfg.request_timeout,
-        )
+        try:
+            server = DaemonServer(
+                (cfg.bind_host, cfg.bind_port),
+                Api(cfg, host, vms).router(),
+                token,
+                web_root(cfg.web_dir),
+                cfg.max_connections,
+                cfg.socket_timeout,
+                gate=gate,
+                per_source=cfg.max_connections_per_source,
+                head_timeout=cfg.request_timeout,
+            )
+        except OSError as e:
+            reason = bind_failure(cfg.bind_host, cfg.bind_port, e)
+            if reason is None:
+                raise
+            log.error("cannot start: %s", reason)
+            return 2
     except statelock.StateDirBusyError as e:
         log.error("cannot start: %s", e)
         return 2

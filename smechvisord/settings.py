@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SMECHVISORD_TOKEN_FILE",
         "--token-file",
         "/etc/smechvisord/token",
-        "API token, created 0600 at first start",
+        "API token, created at first start: 0640 root:$TOKEN_GROUP, or 0600",
+    ),
+    Setting(
+        "SMECHVISORD_TOKEN_GROUP",
+        "--token-group",
+        "smechvisor",
+        "group whose members may read the API token (spk-visor over SSH as a non-root "
+        "admin); ignored while no such group exists; empty: root only",
     ),
     Setting(
         "SMECHVISORD_TLS_CERT",
@@ -148,6 +156,7 @@ class Settings:
     socket_timeout: float = 15.0
     max_connections_per_source: int = 64
     request_timeout: float = 10.0
+    token_group: str = "smechvisor"  # noqa: S105 (a group name, not a secret)
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION
@@ -173,6 +182,20 @@ def parse_bind(value: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise SettingsError(f"SMECHVISORD_BIND: port {number} is out of range 0..65535")
     return host, number
+
+
+# What groupadd accepts (Debian's default NAME_REGEX, system groups included).
+_GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _group_name(value: str) -> str:
+    name = value.strip()
+    if name and not _GROUP_RE.fullmatch(name):
+        raise SettingsError(
+            f"SMECHVISORD_TOKEN_GROUP: {value!r} is not a group name "
+            "(lower-case letters, digits, _ and -; empty for root only)"
+        )
+    return name
 
 
 def _split_command(name: str, value: str) -> tuple[str, ...]:
@@ -256,6 +279,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         image_dirs=image_dirs,
         modprobe=_split_command("SMECHVISORD_MODPROBE", raw["SMECHVISORD_MODPROBE"]),
         reboot_cmd=_split_command("SMECHVISORD_REBOOT_CMD", raw["SMECHVISORD_REBOOT_CMD"]),
+        token_group=_group_name(raw["SMECHVISORD_TOKEN_GROUP"]),
         max_connections=_number("SMECHVISORD_MAX_CONNECTIONS", raw, int, 1, 10_000),
         socket_timeout=_number("SMECHVISORD_SOCKET_TIMEOUT", raw, float, 0.1, 3600.0),
         max_connections_per_source=_number(

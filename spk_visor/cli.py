@@ -1,35 +1,31 @@
 """The root of `spk-visor`: global options, one sub-app per group, errors -> exit codes."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Typer would evaluate the root options'
+# annotation strings (each an Annotated[..., typer.Option(...)]) several times per run,
+# ~5 ms of start-up; as objects they are built once, at import.
 
 import os
 import sys
-import traceback
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer import _click
 
 from smechvisord.version import VERSION
 from spk_visor import typer_fast
-from spk_visor.commands import (
-    about,
-    deploy,
-    iommu,
-    node,
-    ota,
-    pci,
-    reboot_uefi,
-    sealed,
-    vfio,
-    vm,
-)
-from spk_visor.commands.common import AppState, Options
-from spk_visor.errors import ExitCode, SpkVisorError, redact, user_path_error
+from spk_visor.commands.lazy import LazyGroup
+from spk_visor.config import env_help
+from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact, user_path_error
 from spk_visor.output import Console
+
+if TYPE_CHECKING:
+    from spk_visor.commands.common import AppState
 
 app = typer.Typer(
     name="spk-visor",
+    # The command groups are imported only when one runs (start-up time: commands/lazy.py).
+    cls=LazyGroup,
     help="Manage SmechVisor nodes: host facts, VMs, IOMMU/VFIO, firmware setup, updates.",
     no_args_is_help=True,
     # Locals in tracebacks may hold tokens and keys (EXAMPLES.md D.20).
@@ -47,8 +43,16 @@ def _version(value: bool) -> None:
 
 
 _verbose = False
+# Whether a failure is reported as a JSON document on stdout too: --json seen on the
+# command line, or asked for once parsed (global or the command's own --json: AppState).
+# The document is one line, so that it also ends a JSON Lines stream (ota pull --json,
+# vm console --follow --json) as one more record.
+_json = False
+_state: "AppState | None" = None
 
 
+# No `envvar=` on these options: config.resolve reads every SPK_VISOR_* variable itself,
+# so each one gets config.py's own message and precedence (flag > env > file).
 @app.callback()
 def root(
     ctx: typer.Context,
@@ -58,18 +62,29 @@ def root(
             "--node",
             "-n",
             metavar="NAME|URL",
-            envvar="SPK_VISOR_NODE",
-            help="Node by name (from the config file) or URL; default: the local daemon.",
+            help="Node by name (from the config file) or URL; default: the local daemon.  "
+            + env_help("node"),
         ),
     ] = None,
     ssh: Annotated[
         str | None,
         typer.Option(
             "--ssh",
-            metavar="[USER@]HOST[:PORT]",
-            envvar="SPK_VISOR_SSH",
+            metavar="[USER@]HOST[:SSH_PORT]",
             help="Reach the node over SSH (honours ~/.ssh/config); the daemon may bind "
-            "127.0.0.1 only.",
+            "127.0.0.1 only. The :PORT is the SSH server's; the daemon's port on the node is "
+            "--daemon-port.  " + env_help("ssh"),
+        ),
+    ] = None,
+    daemon_port: Annotated[
+        int | None,
+        typer.Option(
+            "--daemon-port",
+            metavar="PORT",
+            min=1,
+            max=65535,
+            help="With --ssh: the daemon's port on the node's loopback [default: 8080]. "
+            "Configured nodes set daemon_port in the config file.  " + env_help("daemon_port"),
         ),
     ] = None,
     fleet: Annotated[
@@ -78,8 +93,8 @@ def root(
             "--fleet",
             "-f",
             metavar="GROUP",
-            envvar="SPK_VISOR_FLEET",
-            help="Every node of a group from the config file, queried in parallel.",
+            help="Every node of a group from the config file, queried in parallel.  "
+            + env_help("fleet"),
         ),
     ] = None,
     inventory: Annotated[
@@ -88,10 +103,9 @@ def root(
             "--inventory",
             "-i",
             metavar="FILE",
-            envvar="SPK_VISOR_INVENTORY",
             help="An Ansible inventory (INI or YAML) as the source of --fleet groups and "
             "--node names; its hosts are reached over SSH (ansible_host, ansible_port, "
-            "ansible_user).",
+            "ansible_user).  " + env_help("inventory"),
         ),
     ] = None,
     parallel: Annotated[
@@ -100,9 +114,9 @@ def root(
             "--parallel",
             "-P",
             metavar="N",
-            envvar="SPK_VISOR_PARALLEL",
             help="With --fleet: nodes queried at once [default: 64]; a node silent for half a "
-            "second stops counting, so hung nodes cost their own timeout once.",
+            "second stops counting, so hung nodes cost their own timeout once.  "
+            + env_help("parallel"),
         ),
     ] = None,
     token: Annotated[
@@ -110,19 +124,24 @@ def root(
         typer.Option(
             "--token",
             metavar="TOKEN",
-            envvar="SPK_VISOR_TOKEN",
-            show_envvar=True,
-            help="API token (default: the node's token file; over SSH, read from the node).",
+            help="API token (default: the node's token file; over SSH, read from the node).  "
+            + env_help("token"),
         ),
     ] = None,
-    json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Machine-readable output; an error is a JSON document too "
+            '({"error": {...}}, and one per node with --fleet).',
+        ),
+    ] = False,
     timeout: Annotated[
         float | None,
         typer.Option(
             "--timeout",
             metavar="SECONDS",
-            envvar="SPK_VISOR_TIMEOUT",
-            help="Network timeout per request [default: 10].",
+            help="Network timeout per request [default: 10].  " + env_help("timeout"),
         ),
     ] = None,
     accept_new: Annotated[
@@ -138,9 +157,8 @@ def root(
         typer.Option(
             "--ca-file",
             metavar="PEM",
-            envvar="SPK_VISOR_CA_FILE",
             help="Verify https nodes against this CA (and their host names) instead of "
-            "pinning each node's certificate.",
+            "pinning each node's certificate.  " + env_help("ca_file"),
         ),
     ] = None,
     insecure_http: Annotated[
@@ -165,34 +183,16 @@ def root(
     ] = False,
 ) -> None:
     """Options that apply to every command."""
-    global _verbose  # noqa: PLW0603 (main() needs it to decide on tracebacks)
+    global _verbose, _state  # noqa: PLW0603 (main() needs them when the command fails)
     _verbose = verbose
+    # Imported here, not at the top: `spk-visor --version` and `help` need none of it.
+    from spk_visor.commands.common import AppState, Options  # noqa: PLC0415
 
-    def from_env(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name == "ENVIRONMENT"
-
-    # Let config read the environment itself: a refused token is then reported as coming
-    # from SPK_VISOR_TOKEN rather than from a --token that was never given, and a --fleet
-    # on the command line wins over an exported SPK_VISOR_NODE (flag > env).
-    if from_env("token"):
-        token = None
-    if from_env("node"):
-        node = None
-    if from_env("ssh"):
-        ssh = None
-    if from_env("fleet"):
-        fleet = None
-    if from_env("timeout"):
-        timeout = None
-    if from_env("inventory"):
-        inventory = None
-    if from_env("parallel"):
-        parallel = None
-    ctx.obj = AppState(
+    ctx.obj = _state = AppState(
         Options(
             node=node,
             ssh=ssh,
+            daemon_port=daemon_port,
             fleet=fleet,
             token=token,
             json=json,
@@ -208,31 +208,30 @@ def root(
     )
 
 
-app.add_typer(node.app, name="node")
-app.add_typer(vm.app, name="vm")
-app.add_typer(iommu.app, name="iommu")
-app.add_typer(vfio.app, name="vfio")
-app.add_typer(pci.app, name="pci")
-app.add_typer(reboot_uefi.app, name="reboot-uefi")
-app.add_typer(ota.app, name="ota")
-ota.register_aliases(app)
-app.add_typer(deploy.app, name="deploy")
-deploy.register_aliases(app)
-about.register(app)
-sealed.register(app)
+def build(complete: bool = False) -> _click.Command:
+    """The root click command; `complete` loads every lazy command group too (for the man
+    page generator and the tests that walk every command)."""
+    command = typer.main.get_command(app)
+    # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
+    typer_fast.install(command)
+    if complete and isinstance(command, LazyGroup):
+        command.load_all(command.context_class(command, info_name="spk-visor"))
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every failure becomes a message on stderr and its exit code."""
-    global _verbose  # noqa: PLW0603 (reset: main() may run more than once in a process)
-    _verbose = False
+    global _verbose, _json, _state  # noqa: PLW0603 (reset: main() may run more than once)
+    _verbose, _state = False, None
+    args = list(argv) if argv is not None else sys.argv[1:]
+    # Until the options are parsed (a usage error may come first), --json anywhere before
+    # a lone "--" counts.
+    _json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     console = Console()
     try:
-        command = typer.main.get_command(app)
-        # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
-        typer_fast.install(command)
+        command = build()
         result = command.main(
-            args=list(argv) if argv is not None else None,
+            args=args,
             prog_name="spk-visor",
             standalone_mode=False,
         )
@@ -240,23 +239,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Exit as e:
         return int(e.exit_code)
     except typer.Abort:
-        console.error("spk-visor: aborted")
-        return ExitCode.INTERRUPTED
+        return _fail(console, "aborted", ExitCode.INTERRUPTED, say="spk-visor: aborted")
     except typer.TyperException as e:
         # Typer's usage errors (unknown option, missing argument) print their own text.
         show = getattr(e, "show", None)
         if show is not None:
             show(file=sys.stderr)
-        else:
-            console.error(f"spk-visor: error: {e.format_message()}")
-        return ExitCode.USAGE
+            return _fail(console, e.format_message(), ExitCode.USAGE, say=None)
+        return _fail(console, e.format_message(), ExitCode.USAGE)
     except SpkVisorError as e:
         _traceback(console, e)
         console.error(redact(f"spk-visor: error: {e.diagnostics()}"))
+        if _json_errors():
+            console.json_line(e.document())
         return int(e.exit_code)
     except KeyboardInterrupt:
-        console.error("spk-visor: interrupted")
-        return ExitCode.INTERRUPTED
+        return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()
     except SystemExit as e:
@@ -267,11 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         # A file or folder named on the command line is missing, a folder, unreadable...:
         # the user's to fix (exit 2). Any other path is ours: an internal error.
-        mapped = user_path_error(e, sys.argv[1:] if argv is None else argv)
+        mapped = user_path_error(e, args)
         if mapped is None:
             return _internal(console, e)
         _traceback(console, e)
         console.error(redact(f"spk-visor: error: {mapped.diagnostics()}"))
+        if _json_errors():
+            console.json_line(mapped.document())
         return int(mapped.exit_code)
     except Exception as e:  # a bug: one line, the traceback only under --verbose
         return _internal(console, e)
@@ -279,15 +279,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _internal(console: Console, e: Exception) -> int:
     _traceback(console, e)
-    console.error(
-        redact(f"spk-visor: internal error: {type(e).__name__}: {e}")
-        + ("" if _verbose else "\nre-run with --verbose for the traceback")
+    return _fail(
+        console,
+        f"internal error: {type(e).__name__}: {e}",
+        ExitCode.INTERNAL,
+        hint=None if _verbose else "re-run with --verbose for the traceback",
+        say="spk-visor: {}",
     )
-    return ExitCode.INTERNAL
+
+
+def _fail(
+    console: Console,
+    message: str,
+    code: ExitCode,
+    hint: str | None = None,
+    say: str | None = "spk-visor: error: {}",
+) -> int:
+    """Report a failure that is not an SpkVisorError: `say` on stderr, formatted with the
+    message and hint (None: it is printed already), and under --json the same document an
+    SpkVisorError gives."""
+    error = UsageError(message, hint)
+    error.exit_code = code
+    if say is not None:
+        console.error(redact(say.format(error.diagnostics())))
+    if _json_errors():
+        try:
+            console.json_line(error.document())
+        except (BrokenPipeError, ValueError, OSError):  # stdout is gone: stderr said it
+            pass
+    return int(code)
+
+
+def _json_errors() -> bool:
+    return _json or (_state is not None and _state.json)
 
 
 def _traceback(console: Console, e: BaseException) -> None:
     if _verbose:
+        import traceback  # noqa: PLC0415 (only under --verbose: start-up time)
+
         # Redacted: exceptions further down the chain may quote a request's headers.
         console.error(redact("".join(traceback.format_exception(e))).rstrip("\n"))
 

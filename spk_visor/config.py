@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,28 @@ DEFAULT_PARALLEL = 64
 MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20
 NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file", "remote_command"}
-SSH_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
+# The variable behind each global option. They are read here, in resolve(), and nowhere
+# else (not by Typer): one precedence (flag > env > file > default), one set of messages.
+OPTION_ENV = {
+    "node": "SPK_VISOR_NODE",
+    "ssh": "SPK_VISOR_SSH",
+    "daemon_port": "SPK_VISOR_DAEMON_PORT",
+    "fleet": "SPK_VISOR_FLEET",
+    "inventory": "SPK_VISOR_INVENTORY",
+    "parallel": "SPK_VISOR_PARALLEL",
+    "token": "SPK_VISOR_TOKEN",
+    "timeout": "SPK_VISOR_TIMEOUT",
+    "ca_file": "SPK_VISOR_CA_FILE",
+}
+
+
+def env_help(option: str) -> str:
+    """What --help adds to an option read from the environment too."""
+    return f"[env var: {OPTION_ENV[option]}]"
+
+
+# Patterns are compiled on first use (re caches them), not at import: start-up time.
+SSH_PATTERN = r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$"
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,9 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    # Only when there is a file: tomllib compiles its patterns at import (start-up time).
+    import tomllib  # noqa: PLC0415
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -135,15 +158,16 @@ def load_file(path: Path) -> dict[str, Any]:
 
 # Enough TOML to find where a key is written: a [table] or [[array]] header, or a
 # `key =` / `dotted.key =` line (tomllib gives no positions for valid files).
-_HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY_RE = re.compile(
-    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+_HEADER_PATTERN = r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$"
+_KEY_PATTERN = (
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+    r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
 )
-_PART_RE = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")
+_PART_PATTERN = r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'"""
 
 
 def _key_path(text: str) -> tuple[str, ...]:
-    return tuple(part.strip("\"'") for part in _PART_RE.findall(text))
+    return tuple(part.strip("\"'") for part in re.findall(_PART_PATTERN, text))
 
 
 def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
@@ -152,12 +176,12 @@ def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
     table: tuple[str, ...] = ()
     inside: int | None = None
     for number, line in enumerate(text.splitlines(), 1):
-        header = _HEADER_RE.match(line)
+        header = re.match(_HEADER_PATTERN, line)
         if header:
             table = _key_path(header.group(1))
             found = table
         else:
-            key = _KEY_RE.match(line)
+            key = re.match(_KEY_PATTERN, line)
             if not key:
                 continue
             found = table + _key_path(key.group(1))
@@ -257,13 +281,16 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
             )
 
 
-def parse_ssh(value: str) -> SshSpec:
-    m = SSH_RE.match(value.strip())
+def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
+    m = re.match(SSH_PATTERN, value.strip())
     if not m:
-        raise ConfigError(f"--ssh {value!r}: expected [user@]host[:port]")
+        raise ConfigError(
+            f"{what} {value!r}: expected [user@]host[:ssh_port]",
+            "the :PORT is the SSH server's; name the daemon's port with --daemon-port",
+        )
     port = int(m.group("port")) if m.group("port") else None
     if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"--ssh {value!r}: port out of range")
+        raise ConfigError(f"{what} {value!r}: SSH port out of range 1..65535")
     return SshSpec(host=m.group("host").strip("[]"), user=m.group("user"), port=port)
 
 
@@ -365,6 +392,19 @@ def _inventory_path(
     return None, False
 
 
+def _env_daemon_port(env: dict[str, str] | os._Environ[str]) -> int | None:
+    raw = env.get("SPK_VISOR_DAEMON_PORT")
+    if not raw:
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"SPK_VISOR_DAEMON_PORT={raw!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"SPK_VISOR_DAEMON_PORT={raw!r}: port out of range 1..65535")
+    return port
+
+
 def resolve(
     *,
     node: str | None,
@@ -373,6 +413,7 @@ def resolve(
     token: str | None,
     timeout: float | None,
     accept_new: bool,
+    daemon_port: int | None = None,
     environ: dict[str, str] | os._Environ[str] | None = None,
     ca_file: str | None = None,
     insecure_http: bool = False,
@@ -384,8 +425,10 @@ def resolve(
     node, ssh, fleet = node or None, ssh or None, fleet or None
     if sum(x is not None for x in (node, ssh, fleet)) > 1:
         raise ConfigError("give only one of --node, --ssh and --fleet")
+    ssh_source = "--ssh"
     if node is None and ssh is None and fleet is None:
         # Only when no flag names the target: a flag wins over every variable (flag > env).
+        ssh_source = "SPK_VISOR_SSH"
         node = env.get("SPK_VISOR_NODE") or None
         ssh = env.get("SPK_VISOR_SSH") or None
         fleet = env.get("SPK_VISOR_FLEET") or None
@@ -394,6 +437,13 @@ def resolve(
                 "set only one of SPK_VISOR_NODE, SPK_VISOR_SSH and SPK_VISOR_FLEET",
                 "or name the target with --node, --ssh or --fleet",
             )
+    if daemon_port is not None and not ssh:
+        # Over HTTP the port is in the URL; a configured node has daemon_port in the file.
+        raise ConfigError(
+            "--daemon-port goes with --ssh",
+            "for a node in the config file set daemon_port there; for --node URL put the "
+            "port in the URL",
+        )
     path = config_path(env)
     data = load_file(path)
     nodes: dict[str, Any] = data.get("nodes", {})
@@ -420,10 +470,17 @@ def resolve(
             raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
         targets = [_node_target(n, nodes[n], flag_token, sources) for n in groups[fleet]]
     elif ssh:
-        spec = parse_ssh(ssh)
+        spec = parse_ssh(ssh, ssh_source)
         extra = [] if flag_token else [f"{NODE_TOKEN_FILE} on the node (SFTP)"]
+        port = daemon_port if daemon_port is not None else _env_daemon_port(env)
         targets = [
-            Target(name=spec.host, ssh=spec, token=flag_token, token_sources=(*sources, *extra))
+            Target(
+                name=spec.host,
+                ssh=spec,
+                daemon_port=port or DEFAULT_DAEMON_PORT,
+                token=flag_token,
+                token_sources=(*sources, *extra),
+            )
         ]
     elif node and "://" in node:
         url = _check_url(node, "--node")
@@ -455,7 +512,10 @@ def resolve(
         try:
             timeout = float(env_timeout)
         except ValueError:
-            raise ConfigError(f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number") from None
+            raise ConfigError(
+                f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number of seconds",
+                "set it to a number such as 30, or unset it to use the default",
+            ) from None
     if timeout is not None and not 0 < timeout < math.inf:
         # Not `timeout or ...`: --timeout 0 must not quietly become the default.
         raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")
@@ -467,7 +527,7 @@ def resolve(
         timeout=float(resolved_timeout),
         accept_new=accept_new,
         config_path=path if data else None,
-        ca_file=ca_file or None,
+        ca_file=ca_file or env.get("SPK_VISOR_CA_FILE") or None,
         insecure_http=insecure_http,
         inventory_path=inventory_path,
         parallel=resolved_parallel,
@@ -505,7 +565,8 @@ def read_local_token(target: Target) -> str | None:
     except PermissionError:
         raise ConfigError(
             f"cannot read token file {path}: permission denied",
-            "run as root on the node, or pass --token / SPK_VISOR_TOKEN",
+            "run as root on the node, join the daemon's token group (usermod -aG "
+            "smechvisor USER), or pass --token / SPK_VISOR_TOKEN",
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read token file {path}: {e}") from e

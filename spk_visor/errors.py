@@ -89,6 +89,21 @@ class SpkVisorError(Exception):
     def diagnostics(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def document(self) -> dict[str, Any]:
+        """The failure as --json shows it, the same for one node and for each node of a
+        fleet: {"error": {"message", "hint", "exit_code", "reason"[, "code"]}}; secrets
+        redacted. `reason` is the exit code's name; `code` the daemon's error code."""
+        error: dict[str, Any] = {
+            "message": redact(self.message),
+            "hint": redact(self.hint) if self.hint else None,
+            "exit_code": int(self.exit_code),
+            "reason": ExitCode(self.exit_code).name.lower(),
+        }
+        code = getattr(self, "code", None)
+        if isinstance(code, str):
+            error["code"] = code
+        return {"error": error}
+
 
 class ConfigError(SpkVisorError):
     """The configuration (flags, environment or config file) is unusable."""

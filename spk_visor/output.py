@@ -4,20 +4,26 @@ streams tests can swap (EXAMPLES.md B.10)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 
-@dataclass
 class Console:
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
-    # Where confirmations are read from; only its TTY-ness is ours to ask (the prompt
-    # itself reads sys.stdin through typer).
-    inp: TextIO = field(default_factory=lambda: sys.stdin)
+    # A plain class, as are the other small types below (NamedTuples): a dataclass costs
+    # ~1 ms of start-up to create, and every run creates these.
+    def __init__(
+        self, out: TextIO | None = None, err: TextIO | None = None, inp: TextIO | None = None
+    ) -> None:
+        self.out: TextIO = out if out is not None else sys.stdout
+        self.err: TextIO = err if err is not None else sys.stderr
+        # Where confirmations are read from; only its TTY-ness is ours to ask (the prompt
+        # itself reads sys.stdin through typer).
+        self.inp: TextIO = inp if inp is not None else sys.stdin
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -42,6 +48,19 @@ class Console:
         self.err.flush()
         return self.inp.readline()
 
+    @property
+    def width(self) -> int | None:
+        """What human output must fit (terminal_width of stdout)."""
+        return terminal_width(self.out)
+
+    def table(self, columns: Sequence[str | Column], rows: Sequence[Sequence[Any]]) -> None:
+        """Print a table that fits the terminal (see `table`)."""
+        self.print(table(columns, rows, self.width))
+
+    def lines(self, text: str) -> None:
+        """Print text whose long lines wrap to the terminal (see `fit_lines`)."""
+        self.print(fit_lines(text, self.width))
+
     def error(self, text: str) -> None:
         self.err.write(text + "\n")
         self.err.flush()
@@ -64,16 +83,144 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain, aligned text table (no colours: it must survive pipes and logs)."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
+class Column(NamedTuple):
+    """How one column of a human table behaves.
+
+    absent: what a missing value (None) says, in words.
+    fit: how the column gives way when the table is wider than the terminal: "keep"
+        (never: identifiers), "wrap" (onto more lines: sentences) or "cut" (with an
+        ellipsis).
+    """
+
+    header: str
+    absent: str = "-"
+    fit: str = "keep"
+
+
+class Noted(NamedTuple):
+    """A cell whose long reasons are printed once, under the table, as numbered notes:
+    Noted("no", ["it carries the root filesystem"]) shows as "no [1]"."""
+
+    text: str
+    notes: Sequence[str] = ()
+
+
+ELLIPSIS = "\u2026"
+GAP = "  "
+_MIN_WIDTH = 8  # a column that gives way keeps at least this much (or its header)
+
+
+def table(
+    columns: Sequence[str | Column],
+    rows: Sequence[Sequence[Any]],
+    width: int | None = None,
+) -> str:
+    """A plain, aligned text table (no colours: it must survive pipes and logs).
+
+    Absent values are said in words (Column.absent); Noted cells number their reasons and
+    print each distinct reason once, under the table. Given a `width` (the terminal's),
+    the columns that may give way wrap or are cut so that every line fits.
+    """
+    cols = [c if isinstance(c, Column) else Column(c) for c in columns]
+    notes: dict[str, int] = {}
+    cells: list[list[str]] = []
+    for row in rows:
+        line = []
+        for col, value in zip(cols, row, strict=True):
+            if value is None:
+                line.append(col.absent)
+            elif isinstance(value, Noted):
+                refs = [notes.setdefault(n, len(notes) + 1) for n in value.notes]
+                marks = f" [{','.join(map(str, refs))}]" if refs else ""
+                line.append(f"{value.text}{marks}")
+            else:
+                line.append(str(value))
+        cells.append(line)
+    widths = [max([len(c.header), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
+    if width is not None:
+        widths = _fit(cols, widths, width)
+    lines = [GAP.join(c.header.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     for row in cells:
-        for i, value in enumerate(row):
-            widths[i] = max(widths[i], len(value))
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+        parts = [_fit_cell(value, col, w) for value, col, w in zip(row, cols, widths, strict=True)]
+        for n in range(max(len(p) for p in parts)):
+            lines.append(
+                GAP.join(
+                    (p[n] if n < len(p) else "").ljust(w)
+                    for p, w in zip(parts, widths, strict=True)
+                )
+            )
+    for text, number in notes.items():
+        lines += _wrap(f"[{number}] {text}", width, len(f"[{number}] "))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _fit(cols: Sequence[Column], widths: list[int], width: int) -> list[int]:
+    """Narrow the columns that may give way, widest first, until the table fits (or
+    none can give more)."""
+    widths = list(widths)
+    floor = [
+        w if c.fit == "keep" else min(w, max(len(c.header), _MIN_WIDTH))
+        for c, w in zip(cols, widths, strict=True)
+    ]
+    excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
+    while excess > 0:
+        give = [i for i, w in enumerate(widths) if w > floor[i]]
+        if not give:
+            break
+        widest = max(give, key=lambda i: widths[i])
+        others = [widths[i] for i in give if i != widest]
+        # Down to the next widest (or just enough), one step per round.
+        step = min(excess, widths[widest] - max([floor[widest], *others]) or 1)
+        widths[widest] -= step
+        excess -= step
+    return widths
+
+
+def _fit_cell(value: str, col: Column, width: int) -> list[str]:
+    if len(value) <= width:
+        return [value]
+    if col.fit == "wrap":
+        return textwrap.wrap(value, width, break_on_hyphens=False) or [""]
+    return [value[: max(width - 1, 0)] + ELLIPSIS]
+
+
+def _wrap(line: str, width: int | None, indent: int) -> list[str]:
+    if width is None or len(line) <= width:
+        return [line]
+    return textwrap.wrap(line, width, subsequent_indent=" " * indent, break_on_hyphens=False) or [
+        line
+    ]
+
+
+# What continuation lines line up after: a list or checklist marker, or the key of a
+# "Key    value" summary line (a key is followed by at least two spaces).
+_MARKER = r"^\s*(?:- |\[ok\]\s+|\[FAIL\]\s+|fix: |\S.*?\s{2,}(?=\S))?"
+
+
+def fit_lines(text: str, width: int | None) -> str:
+    """Lines longer than `width` wrapped, their continuation lined up after the line's
+    indent and marker ("  - ", "[FAIL] ", "fix: ", "Memory  ")."""
+    if width is None:
+        return text
+    out: list[str] = []
+    for line in text.split("\n"):
+        marker = re.match(_MARKER, line)
+        out += _wrap(line, width, len(marker.group(0)) if marker else 0)
+    return "\n".join(out)
+
+
+def terminal_width(stream: Any) -> int | None:
+    """The width human output must fit: $COLUMNS, else the terminal's; None (no limit)
+    when the output is not a terminal (a pipe or a file keeps whole lines)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns or None
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def mib(value: float | None) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import typer
 
@@ -14,16 +13,16 @@ from spk_visor import config
 from spk_visor.client import Client
 from spk_visor.connection import NodeResult, connect, for_each
 from spk_visor.errors import ExitCode, RefusedError, UsageError
-from spk_visor.output import Console, table
+from spk_visor.output import Column, Console
 from spk_visor.progress import fleet_progress
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):  # not a dataclass: start-up time (see output.Console)
     node: str | None
     ssh: str | None
+    daemon_port: int | None
     fleet: str | None
     token: str | None
     json: bool
@@ -53,6 +52,7 @@ class AppState:
             self._settings = config.resolve(
                 node=o.node,
                 ssh=o.ssh,
+                daemon_port=o.daemon_port,
                 fleet=o.fleet,
                 token=o.token,
                 timeout=o.timeout,
@@ -118,7 +118,7 @@ def state(ctx: typer.Context, as_json: bool = False) -> AppState:
 def show_fleet(
     st: AppState,
     results: list[NodeResult[T]],
-    headers: Sequence[str],
+    headers: Sequence[str | Column],
     row: Callable[[T], Sequence[Any]],
 ) -> int:
     """One row per node, an error row for a node that failed; the exit code is 0 only
@@ -129,7 +129,7 @@ def show_fleet(
 def show_fleet_rows(
     st: AppState,
     results: list[NodeResult[T]],
-    headers: Sequence[str],
+    headers: Sequence[str | Column],
     rows: Callable[[T], Sequence[Sequence[Any]]],
     empty: str = "ok",
 ) -> int:
@@ -137,18 +137,9 @@ def show_fleet_rows(
     is prefixed with its node; a node with no rows still gets one, with `empty` as its
     status, so every node of the group shows up."""
     if st.json:
+        # A node's failure is the document a failed single-node command prints.
         st.console.json(
-            {
-                r.target.name: r.value
-                if r.ok
-                else {
-                    "error": {
-                        "message": r.error.message if r.error else "",
-                        "exit_code": int(r.error.exit_code) if r.error else 0,
-                    }
-                }
-                for r in results
-            }
+            {r.target.name: r.error.document() if r.error is not None else r.value for r in results}
         )
     else:
         lines: list[list[Any]] = []
@@ -161,7 +152,7 @@ def show_fleet_rows(
             if not node_rows:
                 lines.append([r.target.name, empty, *blank])
             lines.extend([r.target.name, "ok", *row] for row in node_rows)
-        st.console.print(table(["node", "status", *headers], lines))
+        st.console.table([Column("node"), Column("status", fit="wrap"), *headers], lines)
     for r in results:
         if r.error is not None:
             return int(r.error.exit_code)

@@ -10,6 +10,7 @@ import typer
 from spk_visor.client import Client, JsonDoc
 from spk_visor.commands.common import JsonOpt, show_fleet, state
 from spk_visor.errors import ExitCode
+from spk_visor.output import Column
 
 app = typer.Typer(
     help="Check the IOMMU: CPU virtualization, IOMMU groups, kernel command line.",
@@ -37,8 +38,11 @@ def checklist(doc: JsonDoc) -> str:
     return "\n".join(lines)
 
 
+FLEET_HEADERS = [Column("ready"), Column("blockers", absent="none", fit="wrap")]
+
+
 def fleet_row(doc: JsonDoc) -> list[Any]:
-    return ["yes" if doc.get("ready") else "no", "; ".join(doc.get("blockers") or []) or "-"]
+    return ["yes" if doc.get("ready") else "no", "; ".join(doc.get("blockers") or []) or None]
 
 
 def exit_code(doc: JsonDoc | None) -> ExitCode:
@@ -54,7 +58,7 @@ def iommu(
     st = state(ctx, as_json)
     if st.settings.fleet:
         results = st.fleet(Client.iommu)
-        code = show_fleet(st, results, ["ready", "blockers"], fleet_row)
+        code = show_fleet(st, results, FLEET_HEADERS, fleet_row)
         # Every node answered: the group is ready only when each node is.
         if code == ExitCode.OK:
             code = max((exit_code(r.value) for r in results), default=ExitCode.OK)
@@ -63,5 +67,5 @@ def iommu(
     if st.json:
         st.console.json(doc)
     else:
-        st.console.print(checklist(doc))
+        st.console.lines(checklist(doc))
     raise typer.Exit(exit_code(doc))

@@ -8,7 +8,7 @@ import typer
 
 from spk_visor.client import Client
 from spk_visor.commands.common import JsonOpt, show_fleet, state
-from spk_visor.output import duration, mib
+from spk_visor.output import Column, duration, mib
 
 app = typer.Typer(
     help="Show the node: CPU, memory, uptime, KVM, VMM, IOMMU.", invoke_without_command=True
@@ -41,6 +41,15 @@ def summary(doc: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+FLEET_HEADERS = [
+    Column("cpu", fit="cut"),
+    Column("cores"),
+    Column("memory"),
+    Column("uptime"),
+    Column("vms"),
+]
+
+
 def fleet_row(doc: dict[str, Any]) -> list[Any]:
     return [
         doc["cpu_model"],
@@ -59,12 +68,10 @@ def node(
     """Show the node's host facts (--json: the daemon's /api/node document)."""
     st = state(ctx, as_json)
     if st.settings.fleet:
-        code = show_fleet(
-            st, st.fleet(Client.node), ["cpu", "cores", "memory", "uptime", "vms"], fleet_row
-        )
+        code = show_fleet(st, st.fleet(Client.node), FLEET_HEADERS, fleet_row)
         raise typer.Exit(code)
     doc = st.one(Client.node)
     if st.json:
         st.console.json(doc)
     else:
-        st.console.print(summary(doc))
+        st.console.lines(summary(doc))

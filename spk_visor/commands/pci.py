@@ -9,23 +9,36 @@ import typer
 
 from spk_visor.client import Client, JsonDoc
 from spk_visor.commands.common import JsonOpt, show_fleet, state
-from spk_visor.output import table
+from spk_visor.output import Column, Noted
 
 app = typer.Typer(
     help="List PCI devices: driver, IOMMU group, passthrough viability.",
     invoke_without_command=True,
 )
 
-# The long free text (why a device is not viable) goes last, so the table stays readable.
-HEADERS = ["address", "class", "vendor:device", "driver", "group", "host-critical", "viable"]
-FLEET_HEADERS = ["devices", "viable", "on vfio-pci", "host-critical"]
+# Why a device is not viable is a numbered note under the table: the same reason (no
+# IOMMU group, say) holds for many devices and is printed once.
+HEADERS = [
+    Column("address"),
+    Column("class", fit="wrap"),
+    Column("pci id"),  # vendor:device
+    Column("driver", absent="none", fit="wrap"),
+    Column("group", absent="none"),
+    Column("critical"),  # to the host: see the reasons
+    Column("viable"),
+]
+FLEET_HEADERS = [
+    Column("devices"),
+    Column("viable"),
+    Column("on vfio-pci"),
+    Column("host-critical", absent="none", fit="wrap"),
+]
 
 
-def viability(dev: JsonDoc) -> str:
+def viability(dev: JsonDoc) -> Noted:
     if dev.get("viable"):
-        return "yes"
-    reasons = dev.get("reasons") or []
-    return "no: " + "; ".join(reasons) if reasons else "no"
+        return Noted("yes")
+    return Noted("no", [str(r) for r in dev.get("reasons") or []])
 
 
 def row(dev: JsonDoc) -> list[Any]:
@@ -35,7 +48,8 @@ def row(dev: JsonDoc) -> list[Any]:
         f"{dev.get('vendor_id')}:{dev.get('device_id')}",
         dev.get("driver"),
         dev.get("iommu_group"),
-        dev.get("host_critical"),
+        # What makes it critical is one of the reasons under the table.
+        "yes" if dev.get("host_critical") else "no",
         viability(dev),
     ]
 
@@ -48,7 +62,7 @@ def fleet_row(devices: list[JsonDoc]) -> list[Any]:
         len(devices),
         sum(1 for d in devices if d.get("viable")),
         sum(1 for d in devices if d.get("driver") == "vfio-pci"),
-        ", ".join(critical) or "-",
+        ", ".join(critical) or None,
     ]
 
 
@@ -65,4 +79,4 @@ def pci(
     if st.json:
         st.console.json(devices)
     else:
-        st.console.print(table(HEADERS, [row(d) for d in devices]))
+        st.console.table(HEADERS, [row(d) for d in devices])

@@ -45,7 +45,10 @@ def status(
     """Show whether vfio-pci is loaded and whether the IOMMU allows it."""
     st = state(ctx, as_json)
     doc = st.one(Client.vfio_status)
-    st.show(doc, status_text)
+    if st.json:
+        st.console.json(doc)
+    else:
+        st.console.lines(status_text(doc))
 
 
 @app.command()

@@ -13,14 +13,22 @@ from spk_visor import vmops
 from spk_visor.client import Client, JsonDoc
 from spk_visor.commands.common import AppState, JsonOpt, confirm, show_fleet_rows, state
 from spk_visor.errors import ExitCode
-from spk_visor.output import mib, table, timestamp
+from spk_visor.output import Column, mib, timestamp
 from spk_visor.progress import waiting
 
 app = typer.Typer(help="Virtual machines: list, create, start and stop, console.")
 
 VmId = Annotated[str, typer.Argument(metavar="ID", help="The VM's id (its name).")]
 
-LIST_HEADERS = ["id", "state", "pid", "cpus", "memory", "cpu%", "disk"]
+LIST_HEADERS = [
+    Column("id"),
+    Column("state"),
+    Column("pid", absent="none"),
+    Column("cpus", absent="?"),
+    Column("memory", absent="?"),
+    Column("cpu%", absent="n/a"),
+    Column("disk", absent="none", fit="wrap"),
+]
 UNMANAGED = " (unmanaged)"
 
 # The daemon's escalation steps, in words (design/daemon.md, graceful stop).
@@ -51,7 +59,7 @@ def list_row(vm: JsonDoc) -> list[Any]:
         vm.get("state"),
         vm.get("pid"),
         vm.get("cpus"),
-        mib(vm.get("memory_mb")),
+        None if vm.get("memory_mb") is None else mib(vm.get("memory_mb")),
         None if cpu is None else f"{cpu:.1f}",
         vm.get("disk"),
     ]
@@ -157,7 +165,7 @@ def list_vms(
     elif not vms:
         st.console.print("No VMs.")
     else:
-        st.console.print(table(LIST_HEADERS, [list_row(vm) for vm in vms]))
+        st.console.table(LIST_HEADERS, [list_row(vm) for vm in vms])
 
 
 @app.command()

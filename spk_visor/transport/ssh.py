@@ -849,8 +849,9 @@ class SshTransport(Transport):
             raise AuthError(
                 f"{self.address}: cannot read the node's token {path}: permission denied "
                 f"for SSH user {self.endpoint.user}",
-                "the SSH user must be able to read it (root on the node: --ssh root@HOST or "
-                "User root in ~/.ssh/config), or pass --token / SPK_VISOR_TOKEN",
+                "join the node's token group (as root on the node: usermod -aG smechvisor "
+                f"{self.endpoint.user}; the group is the daemon's SMECHVISORD_TOKEN_GROUP), "
+                "log in as root, or pass --token / SPK_VISOR_TOKEN",
             ) from e
         except OSError as e:
             if e.errno == errno.ENOENT:

@@ -97,8 +97,29 @@ def test_fleet_node_json(fleet: Fleet) -> None:
     assert doc["alpha"]["hostname"] == "smech-01"
     assert doc["beta"]["hostname"] == "smech-tr"
     assert doc["gamma"] == {
-        "error": {"message": f"connection refused at {fleet.down_url}", "exit_code": 7}
+        "error": {
+            "message": f"connection refused at {fleet.down_url}",
+            "hint": "is the service running? rc-service smechvisord status",
+            "exit_code": 7,
+            "reason": "transient",
+        }
     }
+
+
+def test_one_node_and_a_fleet_report_a_failure_in_one_shape(fleet: Fleet) -> None:
+    """--json: a failed single-node command prints on stdout the document a fleet shows
+    for that node (and the message on stderr too, for people and cron mail)."""
+    fleet_doc = json.loads(fleet.run("--json", "--fleet", "rack", "node").out)["gamma"]
+
+    r = fleet.run("--json", "--node", fleet.down_url, "--token", "x" * 16, "node")
+
+    assert r.code == 7
+    assert json.loads(r.out) == fleet_doc
+    assert r.err_lines[0] == f"spk-visor: error: connection refused at {fleet.down_url}"
+    # The command's own --json counts as much as the global one.
+    r = fleet.run("--node", "gamma", "vm", "list", "--json")
+    assert r.code == 7
+    assert json.loads(r.out) == fleet_doc
 
 
 def test_fleet_vm_list(fleet: Fleet) -> None:
@@ -142,7 +163,7 @@ def test_fleet_iommu(fleet: Fleet) -> None:
     assert r.code == 7
     header, *body = rows(r.out)
     assert header == ["NODE", "STATUS", "READY", "BLOCKERS"]
-    assert body[0] == ["alpha", "ok", "yes", "-"]
+    assert body[0] == ["alpha", "ok", "yes", "none"]  # absent values in words
     assert body[1] == [
         "beta",
         "ok",

@@ -372,17 +372,41 @@ def test_pci(daemon: Daemon) -> None:
     r = cli(daemon, "pci")
     assert r.code == 0
     header, *rows = r.out.splitlines()
-    assert header.split() == [
-        "ADDRESS", "CLASS", "VENDOR:DEVICE", "DRIVER", "GROUP", "HOST-CRITICAL", "VIABLE",
+    assert re.split(r"\s{2,}", header) == [
+        "ADDRESS", "CLASS", "PCI ID", "DRIVER", "GROUP", "CRITICAL", "VIABLE",
     ]  # fmt: skip
-    nvme = next(line for line in rows if line.startswith("0000:3b:00.0"))
+    devices = cli_json(daemon, "pci")
+    table, notes = rows[: len(devices)], rows[len(devices) :]
+    nvme = next(line for line in table if line.startswith("0000:3b:00.0"))
     assert "144d:a80a" in nvme and "nvme" in nvme
     cells = re.split(r"\s{2,}", nvme)
-    assert cells[-2:] == ["carries the root filesystem", "no: it carries the root filesystem"]
-    usb = next(line for line in rows if line.startswith("0000:00:14.0"))
+    (root_fs,) = [n for n in notes if n.endswith("] it carries the root filesystem")]
+    assert cells[-2:] == ["yes", f"no {root_fs.split()[0]}"]
+    usb = next(line for line in table if line.startswith("0000:00:14.0"))
     assert usb.endswith("yes")
+    # Each reason once, numbered in order of first use.
+    assert [n.split("]")[0] for n in notes] == [f"[{i}" for i in range(1, len(notes) + 1)]
+
+
+@pytest.mark.parametrize("daemon_env", ["amd-no-iommu", "intel-ready"], indirect=True)
+def test_pci_fits_80_columns_and_says_a_shared_reason_once(daemon: Daemon) -> None:
+    """Without an IOMMU every device has the same long reason: it is one numbered note,
+    not a sentence on every row, and every line fits COLUMNS=80."""
+    r = cli(daemon, "pci", env={"COLUMNS": "80"})
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.out
     devices = cli_json(daemon, "pci")
-    assert len(devices) == len(rows)
+    reasons = {reason for dev in devices for reason in dev["reasons"]}
+    text = " ".join(" ".join(lines).split())  # wrapped notes read as one text again
+    for reason in reasons:
+        assert text.count(reason) == 1, reason
+    # Absent values are words: no IOMMU group is "none", not "-" or "None".
+    cells = [re.split(r"\s{2,}", line) for line in lines[1:] if line.startswith("0000:")]
+    groups = {cell[4] for cell in cells}
+    assert "-" not in groups and "None" not in groups
+    if any(dev["iommu_group"] is None for dev in devices):
+        assert "none" in groups
     assert all(set(dev) == PCI_KEYS for dev in devices)
 
 

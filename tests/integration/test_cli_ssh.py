@@ -115,6 +115,14 @@ def run(capsys: pytest.CaptureFixture[str], home: Path, nodes: Path) -> Run:
     return run
 
 
+def error_doc(out: str) -> dict[str, object]:
+    """The {"error": {...}} document a failed command prints under --json."""
+    doc = json.loads(out)
+    assert list(doc) == ["error"], doc
+    error: dict[str, object] = doc["error"]
+    return error
+
+
 def known_hosts(home: Path) -> Path:
     return home / ".ssh" / "known_hosts"
 
@@ -161,7 +169,7 @@ def test_unknown_host_key_is_refused_without_accept_new(run: Run, home: Path, ss
     code, out, err = run("--node", "viassh", "--json", "node")
 
     assert code == 3
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     lines = err.splitlines()
     assert lines[0] == (
         f"spk-visor: error: ssh://root@127.0.0.1:{sshd.port}: unknown host key for "
@@ -189,7 +197,7 @@ def test_changed_host_key_is_refused_even_with_accept_new(
     for extra in ([], ["--accept-new"]):
         code, out, err = run(*extra, "--node", "viassh", "--json", "node")
         assert code == 3, err
-        assert out == ""
+        assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
         first = err.splitlines()[0]
         assert first == (
             f"spk-visor: error: ssh://root@127.0.0.1:{sshd.port}: the host key of "
@@ -237,7 +245,7 @@ def test_login_failure_says_what_was_tried(
     code, out, err = run("--node", "viassh", "--json", "node")
 
     assert code == 2, err
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     first = err.splitlines()[0]
     assert first == (
         f"spk-visor: error: SSH login refused for root@127.0.0.1:{sshd.port} (public key); "
@@ -257,7 +265,7 @@ def test_daemon_not_running_on_the_nodes_port(
     code, out, err = run("--accept-new", "--node", "down", "--json", "node")
 
     assert code == 7
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     assert err.splitlines() == [
         f"spk-visor: error: connection refused at 127.0.0.1:{port.group(1)} on 127.0.0.1 "
         "(through SSH)",
@@ -270,7 +278,7 @@ def test_unresolvable_host_name(run: Run) -> None:
     code, out, err = run("--accept-new", "--node", "nowhere", "--json", "node")
 
     assert code == 7
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     assert err.startswith("spk-visor: error: cannot resolve nonexistent.invalid: ")
     assert "check the node's name" in err
 
@@ -283,7 +291,7 @@ def test_token_the_ssh_user_cannot_read(
     code, out, err = run("--node", "asnobody", "--json", "node")
 
     assert code == 2
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     assert err.splitlines()[0] == (
         f"spk-visor: error: ssh://nobody@127.0.0.1:{sshd.port}: cannot read the node's token "
         f"{daemon_env.token_file}: permission denied for SSH user nobody"
@@ -300,7 +308,7 @@ def test_missing_remote_token_names_where_it_was_looked_for(
     code, out, err = run("--node", "notoken", "--json", "node")
 
     assert code == 2
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     assert err.splitlines()[0] == (
         f"spk-visor: error: ssh://root@127.0.0.1:{sshd.port}: no API token found (token "
         f"looked for in: --token, SPK_VISOR_TOKEN, {tmp_path}/no-such-token on the node (SFTP))"
@@ -391,7 +399,7 @@ def test_a_revoked_host_key_is_refused(
     code, out, err = run("--accept-new", "--node", "viassh", "--json", "node")
 
     assert code == 3, err
-    assert out == ""
+    assert error_doc(out)["exit_code"] == code  # --json: the failure as JSON
     assert err.splitlines()[0] == (
         f"spk-visor: error: ssh://root@127.0.0.1:{sshd.port}: the host key ssh-ed25519 "
         f"{sshd.host_fingerprint} is REVOKED ({known_hosts(home)}:1)"

@@ -143,11 +143,12 @@ class Sshd:
         PRIVSEP_DIR.release()
 
 
-def start_sshd(timeout: float = 15) -> Sshd:
+def start_sshd(timeout: float = 15, extra_config: str = "") -> Sshd:
     """Start sshd on a free loopback port; skips (a failure under CI=true) when it cannot.
 
     The temp dir is under /tmp and world-readable (not pytest's 0700 tmp_path) so that
-    sshd can read the authorized keys as a non-root login user too.
+    sshd can read the authorized keys as a non-root login user too. `extra_config` goes
+    at the end of sshd_config (where Match blocks must be).
     """
     need_root()
     sshd = need_command("sshd", "openssh-server")
@@ -165,7 +166,7 @@ def start_sshd(timeout: float = 15) -> Sshd:
     for _ in range(3):
         port = free_port()
         conf = workdir / "sshd_config"
-        conf.write_text(CONFIG.format(port=port, dir=workdir))
+        conf.write_text(CONFIG.format(port=port, dir=workdir) + extra_config)
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [sshd, "-D", "-e", "-f", str(conf)],

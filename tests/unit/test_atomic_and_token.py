@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 import os
 from pathlib import Path
 
 import pytest
 
-from smechvisord import atomic, token
+from smechvisord import atomic, settings, token
 
 
 def test_write_json_replaces_whole_file(tmp_path: Path) -> None:
@@ -65,3 +66,47 @@ def test_token_comparison() -> None:
     assert token.matches("secret-value", "secret-value")
     assert not token.matches("secret-value", "secret-valuf")
     assert not token.matches("secret-value", "")
+
+
+def own_group() -> str:
+    """A group this process may give its files (its own) without being root."""
+    return grp.getgrgid(os.getegid()).gr_name
+
+
+def test_token_is_shared_with_the_token_group(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "token"
+    first = token.load_or_create(path, own_group())
+    assert (path.stat().st_mode & 0o777, path.stat().st_gid) == (0o640, os.getegid())
+    # Members pass through the folder to the token, but cannot list it.
+    assert path.parent.stat().st_mode & 0o777 == 0o710
+    assert token.load_or_create(path, own_group()) == first
+
+
+def test_a_group_that_does_not_exist_keeps_the_token_private(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "token"
+    token.load_or_create(path, "no-such-group-here")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_private_token_is_shared_once_the_group_exists(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "token"
+    first = token.load_or_create(path, "")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert token.load_or_create(path, own_group()) == first
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_token_others_can_read_loses_that_even_with_a_group(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("x" * 40 + "\n")
+    os.chmod(path, 0o666)  # noqa: S103 (the loose mode under test)
+    assert token.load_or_create(path, own_group()) == "x" * 40
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_token_group_setting_is_checked() -> None:
+    assert settings.load([], environ={}).token_group == "smechvisor"
+    assert settings.load(["--token-group", ""], environ={}).token_group == ""
+    with pytest.raises(settings.SettingsError, match="not a group name"):
+        settings.load([], environ={"SMECHVISORD_TOKEN_GROUP": "Admins; rm"})

@@ -25,7 +25,7 @@ import json, sys
 from spk_visor.cli import main
 code = main(sys.argv[1:])
 loaded = sorted({m.split(".")[0] for m in sys.modules})
-print(json.dumps({"code": code, "loaded": loaded}))
+print(json.dumps({"code": code, "loaded": loaded, "modules": sorted(sys.modules)}))
 """
 
 
@@ -100,3 +100,38 @@ def test_control_node_over_ssh_imports_paramiko(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "--ssh", "nobody@127.0.0.1:1", "--token", "x", "node")
     assert result["code"] != 0
     assert "paramiko" in result["loaded"], result["stderr"]
+
+
+# What only other commands use: their command modules, the OTA and deploy libraries and
+# the third-party packages behind them.
+NOT_FOR_NODE = (
+    "spk_visor.commands.ota",
+    "spk_visor.commands.deploy",
+    "spk_visor.commands.vm",
+    "spk_visor.commands.pci",
+    "spk_visor.ota",
+    "spk_visor.deploy",
+    "spk_visor.install",
+    "spk_visor.trust",
+    "spk_visor.progress",
+    "tqdm",
+    "zstandard",
+    "spake2",
+)
+
+
+def test_node_loads_only_the_node_command(tmp_path: Path) -> None:
+    """Start-up time: the command that runs is the only command module imported."""
+    result = run_cli(tmp_path, "--node", "http://127.0.0.1:1", "--token", "x", "node")
+    assert result["code"] == 7, result["stderr"]
+    assert "spk_visor.commands.node" in result["modules"]
+    loaded = [m for m in NOT_FOR_NODE if m in result["modules"]]
+    assert loaded == []
+
+
+def test_control_ota_loads_its_own_module(tmp_path: Path) -> None:
+    """The probe sees a lazily loaded command module when that command runs."""
+    result = run_cli(tmp_path, "ota", "--help")
+    assert result["code"] == 0, result["stderr"]
+    assert "spk_visor.commands.ota" in result["modules"]
+    assert "spk_visor.commands.deploy" not in result["modules"]

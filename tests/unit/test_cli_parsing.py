@@ -3,6 +3,8 @@ line for what people mistype, and the commands that need no node."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -198,13 +200,38 @@ def test_bad_config_shape_names_file_and_line(tmp_path: Path) -> None:
     ]
 
 
-def test_bad_timeout_env() -> None:
+def test_bad_timeout_env_gets_the_configs_own_message() -> None:
+    """config.py reads the environment, not Typer: its message names the variable and
+    says what to do (Typer's "Input should be a valid number" never shows)."""
     r = run("pci", env={"SPK_VISOR_TIMEOUT": "soon"})
     assert r.code == 2
-    assert r.err_lines[-1] == (
-        "Error: Invalid value for '--timeout' (env var: 'SPK_VISOR_TIMEOUT'): "
-        "Input should be a valid number, unable to parse string as a number"
-    )
+    assert r.err_lines == [
+        "spk-visor: error: SPK_VISOR_TIMEOUT='soon' is not a number of seconds",
+        "set it to a number such as 30, or unset it to use the default",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SPK_VISOR_TIMEOUT", "0", "spk-visor: error: SPK_VISOR_TIMEOUT 0: must be a positive"),
+        ("SPK_VISOR_SSH", "a@b:c:d", "spk-visor: error: SPK_VISOR_SSH 'a@b:c:d': expected"),
+        ("SPK_VISOR_DAEMON_PORT", "http", "spk-visor: error: SPK_VISOR_DAEMON_PORT='http' is"),
+    ],
+)
+def test_every_variable_is_judged_by_config(variable: str, value: str, message: str) -> None:
+    env = {variable: value}
+    if variable == "SPK_VISOR_DAEMON_PORT":
+        env["SPK_VISOR_SSH"] = "admin@node1"
+    r = run("pci", env=env)
+    assert r.code == 2, r
+    assert r.err_lines[0].startswith(message), r.err
+    assert "Invalid value" not in r.err
+
+
+def test_a_bad_variable_does_not_stop_commands_that_need_no_node() -> None:
+    r = run("version", env={"SPK_VISOR_TIMEOUT": "soon", "SPK_VISOR_DAEMON_PORT": "x"})
+    assert (r.code, r.err) == (0, "")
 
 
 # ---- commands that need no node --------------------------------------------------------
@@ -229,6 +256,82 @@ def test_about_and_version_work_with_a_broken_config(tmp_path: Path) -> None:
     assert run("version", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
     assert run("about", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
     assert run("vm", "--help", env={"SPK_VISOR_CONFIG": str(path)}).code == 0
+
+
+@pytest.mark.parametrize(
+    "words",
+    [[], ["ota"], ["ota", "pull"], ["vm", "create"], ["node"], ["entire-system-upgrade"]],
+)
+def test_help_shows_the_commands_own_help(words: list[str]) -> None:
+    """`spk-visor help ota pull` is `spk-visor ota pull --help` (the product's docs
+    promise `help`, `about` and `version`)."""
+    r = run("help", *words)
+    assert (r.code, r.err) == (0, "")
+    assert r.out.rstrip("\n") == run(*words, "--help").out.rstrip("\n")
+    usage = " ".join(["Usage: spk-visor", *words])
+    assert r.out.startswith(usage + " "), r.out
+
+
+def test_help_works_with_a_broken_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[[[")
+    r = run("help", "vm", "list", env={"SPK_VISOR_CONFIG": str(path)})
+    assert r.code == 0 and r.out.startswith("Usage: spk-visor vm list ")
+
+
+def test_help_lists_help_about_and_version() -> None:
+    listed = run("--help").out
+    for command in ("help", "about", "version"):
+        assert re.search(rf"^  {command}\s+\S", listed, re.M), command
+
+
+@pytest.mark.parametrize(
+    ("words", "lines"),
+    [
+        (
+            ["vm", "nope"],
+            [
+                "spk-visor: error: `spk-visor vm` has no command 'nope'",
+                "its commands: list, create, show, shutdown, stop, start, reboot, pause, "
+                "resume, delete, console",
+            ],
+        ),
+        (
+            ["node", "list"],
+            [
+                "spk-visor: error: `spk-visor node` has no subcommands; 'list' is not one",
+                "see: spk-visor help node",
+            ],
+        ),
+    ],
+)
+def test_help_of_an_unknown_command_is_a_usage_error(words: list[str], lines: list[str]) -> None:
+    r = run("help", *words)
+    assert (r.code, r.out) == (2, "")
+    assert r.err_lines == lines
+
+
+def test_a_usage_error_under_json_is_a_json_document_too() -> None:
+    r = run("--json", "vm", "list", "--bogus")
+    assert r.code == 2
+    assert json.loads(r.out) == {
+        "error": {
+            "message": "No such option: --bogus",
+            "hint": None,
+            "exit_code": 2,
+            "reason": "usage",
+        }
+    }
+    assert r.err_lines[-1] == "Error: No such option: --bogus"  # Typer's text, as before
+
+
+def test_a_config_error_under_json_is_a_json_document_too() -> None:
+    r = run("node", "--json", env={"SPK_VISOR_TIMEOUT": "soon"})
+    assert r.code == 2
+    error = json.loads(r.out)["error"]
+    assert error["message"] == "SPK_VISOR_TIMEOUT='soon' is not a number of seconds"
+    assert (error["exit_code"], error["reason"]) == (2, "usage")
+    assert r.err_lines[0] == f"spk-visor: error: {error['message']}"
 
 
 @pytest.mark.parametrize("command", ["system-install", "userland-install"])

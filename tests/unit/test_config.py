@@ -160,3 +160,36 @@ def test_inventory_in_defaults_is_a_fallback_after_groups(tmp_path: Path) -> Non
     assert target.remote_token_file == config.NODE_TOKEN_FILE
     with pytest.raises(ConfigError, match=r"inventory file .* does not exist"):
         resolve({**env, "SPK_VISOR_INVENTORY": str(tmp_path / "nope")}, fleet="rack1")
+
+
+def test_ssh_port_and_daemon_port_are_two_settings(tmp_path: Path) -> None:
+    """`--ssh admin@node1:2222` names sshd's port; the daemon's is --daemon-port."""
+    (t,) = resolve(env_for(tmp_path, None), ssh="admin@node1:2222", daemon_port=9000).targets
+    assert (t.ssh, t.daemon_port) == (config.SshSpec("node1", "admin", 2222), 9000)
+    (t,) = resolve(env_for(tmp_path, None), ssh="admin@node1").targets
+    assert (t.ssh, t.daemon_port) == (config.SshSpec("node1", "admin", None), 8080)
+
+
+def test_daemon_port_from_the_environment_goes_with_ssh(tmp_path: Path) -> None:
+    env = env_for(tmp_path, None, SPK_VISOR_SSH="admin@node1", SPK_VISOR_DAEMON_PORT="9001")
+    (t,) = resolve(env).targets
+    assert t.daemon_port == 9001
+    # The flag wins over the variable.
+    (t,) = resolve(env, daemon_port=9002).targets
+    assert t.daemon_port == 9002
+
+
+@pytest.mark.parametrize("target", [{"node": "http://n:8080"}, {"fleet": "rack"}, {}])
+def test_daemon_port_without_ssh_is_refused(tmp_path: Path, target: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="--daemon-port goes with --ssh") as e:
+        resolve(env_for(tmp_path, GOOD), daemon_port=9000, **target)
+    assert e.value.hint and "daemon_port" in e.value.hint
+
+
+def test_a_daemon_port_in_the_ssh_spec_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        resolve(env_for(tmp_path, None), ssh="admin@node1:22:8080")
+    assert e.value.message == "--ssh 'admin@node1:22:8080': expected [user@]host[:ssh_port]"
+    assert (
+        e.value.hint == "the :PORT is the SSH server's; name the daemon's port with --daemon-port"
+    )

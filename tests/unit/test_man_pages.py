@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import typer.main
 from typer import _click
 
 from smechvisord.settings import SETTINGS
@@ -86,7 +85,7 @@ def commands() -> list[tuple[tuple[str, ...], _click.Command]]:
                 found.append(((*path, name), sub))
                 walk((*path, name), sub)
 
-    walk((), typer.main.get_command(cli.app))
+    walk((), cli.build(complete=True))
     return found
 
 
@@ -225,7 +224,7 @@ def test_every_command_and_its_options_are_in_spk_visor_1(generated: dict[str, s
 
 def test_every_global_option_is_in_spk_visor_1(generated: dict[str, str]) -> None:
     options = section(generated["spk-visor.1"], "OPTIONS")
-    root_options = options_of(typer.main.get_command(cli.app))
+    root_options = options_of(cli.build(complete=True))
     assert {"--node", "--ssh", "--fleet", "--token", "--json", "--version"} <= set(root_options)
     for opt in root_options:
         assert f"\\fB{roff(opt)}\\fR" in options, opt

@@ -90,11 +90,11 @@ def test_every_kind_of_parameter_coerces_as_typer_does() -> None:
 
 
 def test_the_apps_own_parameters_coerce_as_typer_does() -> None:
-    assert same_as_typer(typer.main.get_command(cli.app)) > 0
+    assert same_as_typer(cli.build(complete=True)) > 0
 
 
 def test_the_help_option_and_global_options_are_covered() -> None:
-    command = typer.main.get_command(cli.app)
+    command = cli.build(complete=True)
     typer_fast.install(command)
     names = {p.name for p, _ in params(command)}
     assert {"node", "token", "timeout", "json", "help", "install_completion"} <= names

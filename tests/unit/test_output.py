@@ -1,0 +1,67 @@
+"""The human table (spk_visor.output.table): fits the width it is given, says absent
+values in words, and prints a reason shared by several rows once."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from spk_visor.output import Column, Noted, fit_lines, table, terminal_width
+
+COLUMNS = [
+    Column("name"),
+    Column("model", fit="cut"),
+    Column("note", absent="none", fit="wrap"),
+    Column("ok"),
+]
+SHARED = "the same long reason every row has"
+ROWS: list[list[object]] = [
+    ["alpha", "Intel(R) Xeon(R) Silver 4309Y CPU @ 2.80GHz", "a sentence long enough to wrap",
+     Noted("no", [SHARED])],
+    ["beta", "AMD", None, Noted("no", [SHARED, "its own"])],
+    ["gamma", None, "", Noted("yes")],
+]  # fmt: skip
+
+
+def test_without_a_width_lines_stay_whole() -> None:
+    lines = table(COLUMNS, ROWS).splitlines()
+    assert lines[0].split() == ["NAME", "MODEL", "NOTE", "OK"]
+    assert "Intel(R) Xeon(R) Silver 4309Y CPU @ 2.80GHz" in lines[1]
+    assert lines[1].endswith("no [1]") and lines[2].endswith("no [1,2]")
+    assert lines[3].split() == ["gamma", "-", "yes"]  # "" stays blank, None is its word
+    assert "none" in lines[2]
+    assert lines[4:] == ["[1] the same long reason every row has", "[2] its own"]
+
+
+@pytest.mark.parametrize("width", [40, 50, 60, 80])
+def test_every_line_fits_the_width(width: int) -> None:
+    text = table(COLUMNS, ROWS, width)
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    # Wrapped, nothing is lost; cut, the cell ends in an ellipsis.
+    assert {"a", "sentence", "long", "enough", "to", "wrap"} <= set(text.split())
+    assert "\u2026" in text.splitlines()[1]
+    assert text.count("the same long reason") == 1
+
+
+def test_columns_that_keep_their_width_win_over_the_terminal() -> None:
+    text = table([Column("address")], [["0000:00:14.0"]], 5)
+    assert text.splitlines()[1] == "0000:00:14.0"
+
+
+def test_fit_lines_wraps_after_the_marker() -> None:
+    text = "  - IOMMU groups are empty: enable VT-d / AMD-Vi in firmware setup"
+    assert fit_lines(text, 40).splitlines() == [
+        "  - IOMMU groups are empty: enable VT-d",
+        "    / AMD-Vi in firmware setup",
+    ]
+    assert fit_lines(text, None) == text
+
+
+def test_the_width_is_columns_else_the_terminal_else_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "72")
+    assert terminal_width(io.StringIO()) == 72
+    monkeypatch.setenv("COLUMNS", "wide")
+    assert terminal_width(io.StringIO()) is None  # a pipe or a file: no limit
+    monkeypatch.delenv("COLUMNS")
+    assert terminal_width(io.StringIO()) is None
