@@ -14,7 +14,6 @@ from spk_visor.client import Client
 from spk_visor.connection import NodeResult, connect, for_each
 from spk_visor.errors import ExitCode, RefusedError, UsageError
 from spk_visor.output import Column, Console
-from spk_visor.progress import fleet_progress
 
 T = TypeVar("T")
 
@@ -89,6 +88,8 @@ class AppState:
     def fleet(self, work: Callable[[Client], T]) -> list[NodeResult[T]]:
         """`work` on every target; a bar on a terminal's stderr while a fleet answers, and
         a summary of the failures by cause on stderr after it."""
+        from spk_visor.progress import fleet_progress  # noqa: PLC0415 (fleets only: start-up)
+
         settings = self.settings
         with fleet_progress(self.console, len(settings.targets)) as tick:
             results = for_each(settings, work, on_done=tick)
