@@ -47,6 +47,9 @@ MAGIC = b"SPKD"
 VERSION = 1
 HELLO_LEN = 8
 FLAG_BUSY = 0x0001  # the target already serves a donor; it closes right after its hello
+# The target takes no code attempt from this donor now (too many wrong codes from its
+# address, or from everyone for this code); it closes right after its hello.
+FLAG_LIMITED = 0x0002
 _HELLO = struct.Struct(">4sHH")
 _PARAMS = struct.Struct(">16sI")
 INSTANCE_ID_LEN = 16
@@ -85,6 +88,14 @@ class Busy(ChannelError):
 TargetBusy = Busy
 
 
+class Limited(ChannelError):
+    """The target refuses code attempts from us for now (limited flag in its hello)."""
+
+
+class NotAdmitted(ChannelError):
+    """The target's policy refused this attempt after the donor's SPAKE2 message."""
+
+
 class WrongCode(RefusedError):
     """Key confirmation failed: the two sides did not use the same code."""
 
@@ -104,14 +115,14 @@ def hello_bytes(flags: int = 0) -> bytes:
     return _HELLO.pack(MAGIC, VERSION, flags)
 
 
-def send_busy(sock: socket.socket, linger: float = 1.0) -> None:
+def send_busy(sock: socket.socket, linger: float = 1.0, flags: int = FLAG_BUSY) -> None:
     """Tell a second donor the target is busy (before any crypto), then close.
 
     Closing a TCP socket with unread data sends RST, which can destroy our busy hello in
     flight; so half-close and read the donor's hello (until it hangs up, <= `linger` s)."""
     try:
         sock.settimeout(linger)
-        sock.sendall(hello_bytes(FLAG_BUSY))
+        sock.sendall(hello_bytes(flags))
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + linger
         while time.monotonic() < deadline and sock.recv(4096):
@@ -159,6 +170,8 @@ def donor_handshake(
         flags = _check_hello(hello_t)
         if flags & FLAG_BUSY:
             raise Busy("the target is busy with another donor")
+        if flags & FLAG_LIMITED:
+            raise Limited("the target takes no code attempt from this address now")
         if send_error is not None:
             raise send_error
         params = wire.recv_blob()
@@ -201,8 +214,12 @@ def target_handshake(
     code: Code,
     instance_id: bytes,
     timeout: float = HANDSHAKE_TIMEOUT,
+    admit: Callable[[], bool] | None = None,
 ) -> SecureChannel:
     """Run the target (SPAKE2 side B) handshake on an accepted socket.
+
+    `admit` is asked once the donor's SPAKE2 message arrived, before the target answers
+    it: that is where a code attempt begins (False: NotAdmitted, nothing answered).
 
     The target checks the donor's confirmation first and sends its own only if it matched;
     otherwise it sends an empty blob, closes and raises WrongCode (the caller counts the
@@ -218,6 +235,8 @@ def target_handshake(
         params = _PARAMS.pack(instance_id, code.epoch)
         wire.send_blob(params)
         msg_a = wire.recv_blob()
+        if admit is not None and not admit():
+            raise NotAdmitted("code attempt not admitted by the target's policy")
         pake = SPAKE2_B(code.password(), idA=ID_DONOR, idB=ID_TARGET)
         msg_b: bytes = pake.start()
         wire.send_blob(msg_b)

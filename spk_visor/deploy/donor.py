@@ -327,6 +327,12 @@ class _Session:
             )
         except channel.TargetBusy as e:
             raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)") from e
+        except channel.Limited as e:
+            raise self.fail(
+                ExitCode.NOT_ELIGIBLE,
+                "the target takes no code attempt from this machine now (too many wrong "
+                "codes); check the code on its screen and try again in a few minutes",
+            ) from e
         except channel.WrongCode as e:
             raise self.fail(
                 ExitCode.REFUSED,
@@ -355,6 +361,8 @@ class _Session:
     def _authenticated(self, chan: channel.SecureChannel) -> dict[str, Any]:
         self.phase = "hello"
         mtype, hello = chan.recv_json()
+        if mtype == messages.BUSY:
+            raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)")
         if mtype != messages.HELLO:
             raise self.fail(ExitCode.INTERNAL, f"expected HELLO, got message {mtype}")
         plan = self.plan(hello)
