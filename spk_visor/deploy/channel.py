@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
+from spk_visor import strict_json
 from spk_visor.deploy.code import Code, parse, password
 from spk_visor.errors import RefusedError, TransportError
 
@@ -431,7 +432,7 @@ class SecureChannel:
     def recv_json(self) -> tuple[int, dict[str, Any]]:
         mtype, view = self.recv_view()
         try:
-            doc = json.loads(bytes(view))
+            doc = strict_json.loads(bytes(view))
         except ValueError as exc:
             raise ChannelError(f"message type {mtype} is not JSON: {exc}") from None
         if not isinstance(doc, dict):

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spk_visor import strict_json
 from spk_visor.deploy import channel, code, discovery, guard, install, inventory, messages
 from spk_visor.ota.roots import Root
 
@@ -474,7 +475,7 @@ class _Session:
     def recv_doc(self) -> tuple[int, dict[str, Any]]:
         mtype, payload = self.recv()
         try:
-            doc = json.loads(payload) if payload else {}
+            doc = strict_json.loads(payload) if payload else {}
         except ValueError as e:
             raise SessionFailed(f"message {mtype} is not JSON") from e
         if not isinstance(doc, dict):
@@ -727,7 +728,7 @@ def _first_mac() -> str:
 
 def _json(payload: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(payload)
+        doc = strict_json.loads(payload)
     except ValueError as e:
         raise SessionFailed("a message payload is not JSON") from e
     if not isinstance(doc, dict):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -54,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spk_visor import strict_json
 from spk_visor.errors import (
     BusyError,
     ExitCode,
@@ -390,7 +390,7 @@ def probe(url: str, version: str | None, timeout: float) -> Probe:
     if status != 200 or len(body) > MAX_HEALTH_BYTES:
         return Probe(False, f"health answered HTTP {status}")
     try:
-        doc = json.loads(body)
+        doc = strict_json.loads(body)
     except ValueError:
         return Probe(False, "health answer is not JSON", fatal=True)
     if not isinstance(doc, dict):
