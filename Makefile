@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN_ROOT := $(CURDIR)/.run
 BIND ?= 127.0.0.1:8080
 
-.PHONY: run test lint unit integration bench man sysdeps venv format clean
+.PHONY: run test lint unit integration bench man sysdeps venv format clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
+
+# The property tests of tests/hostile, long: HYPOTHESIS_PROFILE=fuzz (tests/hostile/conftest.py).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/hostile/test_fuzz_parsers.py -q
 
 bench: $(STAMP)
 	$(PY) -m bench.daemon

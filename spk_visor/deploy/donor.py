@@ -409,7 +409,8 @@ class _Session:
         return report
 
     def plan(self, hello: dict[str, Any]) -> dict[str, Any]:
-        disks = [d for d in hello.get("disks") or [] if isinstance(d, dict)]
+        listed = hello.get("disks")
+        disks = [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
         wanted = set(self.settings.disks)
         if wanted:
             chosen = [d for d in disks if d.get("serial") in wanted]

@@ -79,8 +79,9 @@ MAX_WINDOW = 1 << 27  # zstd's default decoder window limit, stated explicitly
 BLKFLSBUF = 0x1261
 PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial"}
 DISK_KEYS = {"serial", "size"}
+# \Z, not $: `$` also matches before a final newline, which would reach /etc/hostname.
 HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
 )
 MAX_PATH = 1024
 MAX_COMPONENT = 255
