@@ -189,6 +189,8 @@ def _forbidden_address(address: str, mirror_is_loopback: bool) -> str | None:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return None  # a host name: checked again once connected
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is the metadata service too
     if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
         return "a link-local, multicast or reserved address (e.g. a cloud metadata service)"
     if ip.is_loopback and not mirror_is_loopback:
