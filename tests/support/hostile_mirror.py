@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -57,6 +58,7 @@ class HostileMirror:
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.hits = 0  # requests that got the hostile treatment
+        self.first_request: float | None = None  # time.monotonic() of the first request
         self.accepter = threading.Thread(target=self._accept, daemon=True)
         self.accepter.start()
 
@@ -118,6 +120,9 @@ class HostileMirror:
     def _handle(self, conn: socket.socket) -> None:
         try:
             path = self._read_request(conn)
+            with self.lock:
+                if self.first_request is None:
+                    self.first_request = time.monotonic()
             conn.settimeout(30)
             if self.where in path:
                 with self.lock:
