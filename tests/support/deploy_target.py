@@ -193,9 +193,12 @@ def wrong_code(code: str) -> str:
 class Attacker:
     """Threads from one source address doing one hostile thing until stop()."""
 
-    def __init__(self, port: int, source: str = ATTACKER_ADDRESS) -> None:
+    def __init__(
+        self, port: int, source: str = ATTACKER_ADDRESS, host: str = TARGET_ADDRESS
+    ) -> None:
         self.port = port
         self.source = source
+        self.host = host
         self.halt = threading.Event()
         self.threads: list[threading.Thread] = []
         self.held: list[socket.socket] = []
@@ -207,7 +210,7 @@ class Attacker:
     def _connect(self, timeout: float = 5.0) -> socket.socket | None:
         try:
             s = socket.create_connection(
-                (TARGET_ADDRESS, self.port), timeout=timeout, source_address=(self.source, 0)
+                (self.host, self.port), timeout=timeout, source_address=(self.source, 0)
             )
         except OSError:
             return None
