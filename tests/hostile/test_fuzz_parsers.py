@@ -12,11 +12,13 @@ same properties long (HYPOTHESIS_PROFILE=fuzz).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import datetime as dt
 import functools
 import io
 import json
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -90,6 +92,7 @@ def mutated(draw: st.DrawFn, base: Any) -> Any:
 @functools.cache
 def _release() -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="spk-fuzz-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     pki = Pki()
     image = tmp / "base.img"
     image.write_bytes(bytes(range(256)) * 64)
