@@ -19,11 +19,13 @@ else:
     # number of examples in every run; `make fuzz` selects the long profile with
     # HYPOTHESIS_PROFILE=fuzz. No deadline: the machine is shared and timing is not
     # what these tests check.
+    # No example database either: nothing is written into the working tree.
+    # HYPOTHESIS_MAX_EXAMPLES lengthens or shortens a fuzz run (examples per property).
     _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=_quiet)
-    settings.register_profile(
-        "fuzz", max_examples=3000, deadline=None, suppress_health_check=_quiet
-    )
+    _common = {"deadline": None, "database": None, "suppress_health_check": _quiet}
+    settings.register_profile("ci", max_examples=40, **_common)  # type: ignore[arg-type]
+    _long = int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "3000"))
+    settings.register_profile("fuzz", max_examples=_long, **_common)  # type: ignore[arg-type]
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -83,7 +83,7 @@ class _Screen:
                 f"    eligible disks: {disks or 'none'}\n"
                 f"    on the donor: spk-visor deploy send {doc['code']}\n"
             )
-        if event in ("wrong_code",):
+        if event in ("wrong_code", "code_locked", "limited"):
             return str(doc["message"])
         if event == "connected":
             return f"donor {doc['from']} connected; verifier {doc['verifier']}"

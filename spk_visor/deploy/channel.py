@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 
+from spk_visor import strict_json
 from spk_visor.deploy.code import Code, parse, password
 from spk_visor.errors import RefusedError, TransportError
 
@@ -53,6 +54,9 @@ FLAG_BUSY = 0x0001  # the target already serves a donor; it closes right after i
 # hellos are in the transcript, so a flag changed on the wire fails key confirmation.
 FLAG_AES = 0x0002
 CPUINFO = "/proc/cpuinfo"
+# The target takes no code attempt from this donor now (too many wrong codes from its
+# address, or from everyone for this code); it closes right after its hello.
+FLAG_LIMITED = 0x0004
 _HELLO = struct.Struct(">4sHH")
 _PARAMS = struct.Struct(">16sI")
 INSTANCE_ID_LEN = 16
@@ -102,6 +106,23 @@ class Busy(ChannelError):
 TargetBusy = Busy
 
 
+class Limited(ChannelError):
+    """The target refuses code attempts from us for now (limited flag in its hello):
+    `reason` wrong_code_wait (this address), or code_used_up (everyone, until the code
+    rotates), with the seconds left when the target said."""
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+class NotAdmitted(ChannelError):
+    """The target's policy refused this attempt after the donor's SPAKE2 message."""
+
+
 class WrongCode(RefusedError):
     """Key confirmation failed: the two sides did not use the same code."""
 
@@ -143,7 +164,13 @@ def cipher_name(flags_donor: int, flags_target: int) -> str:
     return "aes-256-gcm" if flags_donor & flags_target & FLAG_AES else "chacha20-poly1305"
 
 
-def send_busy(sock: socket.socket, linger: float = 1.0, retry_after: float | None = None) -> None:
+def send_busy(
+    sock: socket.socket,
+    linger: float = 1.0,
+    retry_after: float | None = None,
+    flags: int = FLAG_BUSY,
+    reason: str = "wrong_code_wait",
+) -> None:
     """Tell a second donor the target is busy (before any crypto), then close.
 
     With `retry_after`, the target is not serving anyone but waiting out a wrong code: a
@@ -154,9 +181,9 @@ def send_busy(sock: socket.socket, linger: float = 1.0, retry_after: float | Non
     hangs up, <= `linger` s)."""
     try:
         sock.settimeout(linger)
-        sock.sendall(hello_bytes(FLAG_BUSY))
+        sock.sendall(hello_bytes(flags))
         if retry_after is not None:
-            why = {"reason": "wrong_code_wait", "retry_after": round(retry_after, 1)}
+            why = {"reason": reason, "retry_after": round(retry_after, 1)}
             blob = json.dumps(why).encode()
             sock.sendall(len(blob).to_bytes(2, "big") + blob)
         sock.shutdown(socket.SHUT_WR)
@@ -206,6 +233,10 @@ def donor_handshake(
         flags = _check_hello(hello_t)
         if flags & FLAG_BUSY:
             raise Busy("the target is busy with another donor", _busy_wait(wire))
+        if flags & FLAG_LIMITED:
+            raise Limited(
+                "the target takes no code attempt from this address now", *_wait_note(wire)
+            )
         if send_error is not None:
             raise send_error
         params = wire.recv_blob()
@@ -250,8 +281,12 @@ def target_handshake(
     instance_id: bytes,
     timeout: float = HANDSHAKE_TIMEOUT,
     on_wrong_code: Callable[[], None] | None = None,
+    admit: Callable[[], bool] | None = None,
 ) -> SecureChannel:
     """Run the target (SPAKE2 side B) handshake on an accepted socket.
+
+    `admit` is asked once the donor's SPAKE2 message arrived, before the target answers
+    it: that is where a code attempt begins (False: NotAdmitted, nothing answered).
 
     The target checks the donor's confirmation first and sends its own only if it matched;
     otherwise it calls `on_wrong_code` (before the donor can learn the verdict and try
@@ -268,6 +303,8 @@ def target_handshake(
         params = _PARAMS.pack(instance_id, code.epoch)
         wire.send_blob(params)
         msg_a = wire.recv_blob()
+        if admit is not None and not admit():
+            raise NotAdmitted("code attempt not admitted by the target's policy")
         pake = SPAKE2_B(code.password(), idA=ID_DONOR, idB=ID_TARGET)
         msg_b: bytes = pake.start()
         wire.send_blob(msg_b)
@@ -471,7 +508,7 @@ class SecureChannel:
     def recv_json(self) -> tuple[int, dict[str, Any]]:
         mtype, view = self.recv_view()
         try:
-            doc = json.loads(bytes(view))
+            doc = strict_json.loads(bytes(view))
         except ValueError as exc:
             raise ChannelError(f"message type {mtype} is not JSON: {exc}") from None
         if not isinstance(doc, dict):
@@ -601,17 +638,28 @@ def _close_quietly(sock: socket.socket) -> None:
 def _busy_wait(wire: _Wire) -> float | None:
     """The seconds of wrong-code wait a busy target announced after its hello, if any
     (a target serving another donor sends nothing more and closes)."""
+    wait, reason = _wait_note(wire)
+    return wait if reason == "wrong_code_wait" else None
+
+
+# Why a target that refused us said it did, in the note after its hello.
+WAIT_REASONS = ("wrong_code_wait", "code_used_up")
+
+
+def _wait_note(wire: _Wire) -> tuple[float | None, str | None]:
+    """The seconds left and the reason a refusing target announced after its hello, if it
+    sent that note. Unauthenticated: only ever shown, and clamped."""
     try:
-        doc = json.loads(wire.recv_blob())
+        doc = strict_json.loads(wire.recv_blob())
     except (ChannelError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("reason") != "wrong_code_wait":
-        return None
+        return None, None
+    if not isinstance(doc, dict) or doc.get("reason") not in WAIT_REASONS:
+        return None, None
     wait = doc.get("retry_after")
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
-        return None
+        return None, None
     # Shown to a person: an absurd figure from a stranger on the LAN is clamped.
-    return min(max(float(wait), 0.0), 3600.0)
+    return min(max(float(wait), 0.0), 3600.0), str(doc["reason"])
 
 
 class _Wire:

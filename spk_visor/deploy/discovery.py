@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from spk_visor import strict_json
 from spk_visor.deploy.channel import DISCOVERY_PORT, PORT, VERSION
 
 MAGIC = "SPKD"
@@ -91,7 +92,7 @@ def parse_announcement(data: bytes, address: str) -> Announcement | None:
     if len(data) >= MAX_DATAGRAM:
         return None
     try:
-        doc = json.loads(data)
+        doc = strict_json.loads(data)
     except ValueError:
         return None
     if not isinstance(doc, dict) or doc.get("magic") != MAGIC:

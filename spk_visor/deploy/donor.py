@@ -337,6 +337,26 @@ class _Session:
                     f"a wrong code attempt: run the command again in {wait} s",
                 ) from e
             raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)") from e
+        except channel.Limited as e:
+            if e.retry_after is not None and e.reason == "wrong_code_wait":
+                wait = math.ceil(e.retry_after)
+                raise self.fail(
+                    ExitCode.NOT_ELIGIBLE,
+                    f"the target is in its wrong-code wait for this machine "
+                    f"({e.retry_after:.1f} s left) after a wrong code attempt: check the code "
+                    f"on its screen and run the command again in {wait} s",
+                ) from e
+            if e.retry_after is not None:
+                raise self.fail(
+                    ExitCode.NOT_ELIGIBLE,
+                    f"the target's code took too many wrong attempts: it shows a new code in "
+                    f"{math.ceil(e.retry_after)} s; read it from the screen then",
+                ) from e
+            raise self.fail(
+                ExitCode.NOT_ELIGIBLE,
+                "the target takes no code attempt from this machine now (too many wrong "
+                "codes); check the code on its screen and try again in a few minutes",
+            ) from e
         except channel.WrongCode as e:
             raise self.fail(
                 ExitCode.REFUSED,
@@ -365,6 +385,8 @@ class _Session:
     def _authenticated(self, chan: channel.SecureChannel) -> dict[str, Any]:
         self.phase = "hello"
         mtype, hello = chan.recv_json()
+        if mtype == messages.BUSY:
+            raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)")
         if mtype != messages.HELLO:
             raise self.fail(ExitCode.INTERNAL, f"expected HELLO, got message {mtype}")
         plan = self.plan(hello)
@@ -409,7 +431,8 @@ class _Session:
         return report
 
     def plan(self, hello: dict[str, Any]) -> dict[str, Any]:
-        disks = [d for d in hello.get("disks") or [] if isinstance(d, dict)]
+        listed = hello.get("disks")
+        disks = [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
         wanted = set(self.settings.disks)
         if wanted:
             chosen = [d for d in disks if d.get("serial") in wanted]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 # RFC 1123 labels, lowercase only: the name also becomes /etc/hostname and a DNS name.
+# \Z, not $: `$` also matches before a final newline, which would reach /etc/hostname.
 HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
 )
 RULE = (
     "use lowercase letters a-z, digits and '-' (labels of 1-63 characters separated by "

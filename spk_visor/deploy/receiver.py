@@ -4,9 +4,15 @@
     -> PLAN_OK | PLAN_REFUSED -> Installer.prepare -> FILE_BEGIN/DATA/FILE_END ... -> END
     -> Installer.finalize -> REPORT -> REBOOT
 
-A second connection while a donor is being served gets BUSY and is closed. A wrong code
-costs an attempt and at least `fail_delay` seconds; after `max_attempts` the code rotates
-(new secret, epoch + 1, new instance id), so a guesser gets three tries per displayed code.
+The accept loop never waits on a peer: it counts the connection against its source
+address (guard.py: at most a few per address, a cap in all; over that the connection is
+reset at once) and hands it to a worker thread, which runs the handshake under its own
+deadline. Handshakes run side by side, so a silent or slow peer delays nobody else; only
+an authenticated donor takes the single session slot. A connection while a donor is being
+served gets BUSY. Code attempts are budgeted per source address and per code (guard.py,
+docs/deploy-security.md): an address over its budget, or anyone once the code is used up,
+gets a "limited" hello before any PAKE; a used-up code rotates (new secret, epoch + 1, new
+instance id) once it has been on screen for the policy's minimum life.
 
 Resume: the journal (plan digest, manifest hash, disk serial, verified blobs, the prepared
 Installer) lives in RAM for the life of this process. A connection that drops after the
@@ -23,6 +29,7 @@ import json
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spk_visor.deploy import channel, code, discovery, install, inventory, messages
+from spk_visor import strict_json
+from spk_visor.deploy import channel, code, discovery, guard, install, inventory, messages
 from spk_visor.errors import OperatorNeededError, TransportError
 from spk_visor.install import runner
 from spk_visor.ota.roots import Root
@@ -39,6 +47,9 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 DATA_RECORD = 64 << 10
 PROGRESS_EVERY = 1.0
+# Refusals (reset, busy, limited) are shown at most this often per kind and address, with
+# a count: an attacker must not be able to flood the screen or the JSON log.
+NOTICE_EVERY = 5.0
 # The donor has this long between records once authenticated; the handshake has its own.
 IDLE_TIMEOUT = 120.0
 
@@ -69,8 +80,7 @@ class Options:
     disk_policy: frozenset[str] = frozenset()
     reboot_cmd: Sequence[str] = ("reboot",)
     once: bool = False
-    max_attempts: int = 3
-    fail_delay: float = 2.0
+    policy: guard.Policy = field(default_factory=guard.Policy)
     handshake_timeout: float = 10.0
 
 
@@ -105,13 +115,18 @@ class Receiver:
         self.emit = emit
         self.code = code.new_code(options.nameplate)
         self.instance_id = secrets.token_bytes(16)
-        self.attempts = 0
+        self.guard = guard.Guard(options.policy)
+        self.guard.rotated(self.code.epoch)
         self.state = "waiting"
         self.journal: Journal | None = None
         self.deploys = 0
         self._busy = threading.Lock()
-        self._wrong_code_until = 0.0  # monotonic end of the wait after a wrong code
+        self._code_lock = threading.Lock()  # code and instance_id change together
         self._stop = threading.Event()
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
+        self._notices: dict[tuple[str, str], tuple[float, int]] = {}
+        self._locked_shown = False
         self._listener: socket.socket | None = None
         self._announcer: discovery.Announcer | None = None
         self.session: _Session | None = None
@@ -167,20 +182,20 @@ class Receiver:
                     discovery_port=self.options.discovery_port,
                 )
             self.show_code()
-            workers: list[threading.Thread] = []
             while not self._stop.is_set():
+                self._tick()
                 try:
                     conn, addr = listener.accept()
                 except TimeoutError:
                     continue
-                if not self._busy.acquire(blocking=False):
-                    self._refuse_busy(conn, addr[0])
+                except OSError as e:
+                    # Out of descriptors or memory: back off a little, keep serving.
+                    self._notice("accept_failed", "", {"reason": str(e)})
+                    self._stop.wait(0.1)
                     continue
-                worker = threading.Thread(
-                    target=self._session_thread, args=(conn, addr[0]), daemon=True
-                )
-                workers.append(worker)
-                worker.start()
+                self._admit(conn, str(addr[0]))
+            with self._workers_lock:
+                workers = list(self._workers)
             for worker in workers:
                 worker.join(timeout=30)
         finally:
@@ -194,80 +209,180 @@ class Receiver:
     def stop(self) -> None:
         self._stop.set()
 
-    def _refuse_busy(self, conn: socket.socket, address: str) -> None:
-        # In the wrong-code wait nobody is being served: say so, and for how long.
-        left = self._wrong_code_until - time.monotonic()
-        if left > 0:
-            self.emit("busy_refused", {"from": address, "retry_after": round(left, 1)})
-            channel.refuse_busy(conn, retry_after=left)  # closes it
+    def _admit(self, conn: socket.socket, address: str) -> None:
+        """Called by the accept loop: never blocks on the peer."""
+        if not self.guard.open(address):
+            _reset(conn)
+            self._notice("connection_reset", address, {"from": address})
             return
-        self.emit("busy_refused", {"from": address})
-        channel.refuse_busy(conn)  # closes it
-
-    def _session_thread(self, conn: socket.socket, address: str) -> None:
+        worker = threading.Thread(target=self._connection_thread, args=(conn, address), daemon=True)
+        with self._workers_lock:
+            self._workers.add(worker)
         try:
-            done = self._session(conn, address)
+            worker.start()
+        except RuntimeError as e:  # no more threads: drop this one, keep serving
+            with self._workers_lock:
+                self._workers.discard(worker)
+            self.guard.close(address)
+            _reset(conn)
+            self._notice("accept_failed", "", {"reason": str(e)})
+
+    def _tick(self) -> None:
+        """Accept-loop housekeeping: a used-up code rotates once its minimum life is over."""
+        if self.guard.rotation_due():
+            with self._code_lock:
+                self._rotate()
+        elif self.guard.used_up() and not self._locked_shown:
+            self._locked_shown = True
+            wait = self.guard.retry_after("")
+            self.emit(
+                "code_locked",
+                {
+                    "failures": self.guard.code_failures,
+                    "seconds": round(wait, 1),
+                    "message": f"too many wrong codes: attempts refused, a new code shows "
+                    f"in {wait:.0f} s",
+                },
+            )
+
+    def _notice(self, event: str, address: str, doc: dict[str, Any]) -> None:
+        """Emit `event` for `address` at most every NOTICE_EVERY s, with a count."""
+        now = time.monotonic()
+        key = (event, address)
+        with self._workers_lock:
+            last, count = self._notices.get(key, (float("-inf"), 0))
+            count += 1
+            if now - last < NOTICE_EVERY:
+                self._notices[key] = (last, count)
+                return
+            if len(self._notices) > 1024:
+                self._notices.clear()
+            self._notices[key] = (now, 0)
+        self.emit(event, {**doc, "count": count})
+
+    def _connection_thread(self, conn: socket.socket, address: str) -> None:
+        done = False
+        try:
+            done = self._connection(conn, address)
         except Exception as e:  # a bug must not kill the receiver: show it, keep serving
             self.emit("error", {"from": address, "reason": f"internal: {type(e).__name__}: {e}"})
-            done = False
         finally:
             conn.close()
-            self._busy.release()
+            self.guard.close(address)
+            with self._workers_lock:
+                self._workers.discard(threading.current_thread())
         if done and self.options.once:
             self._stop.set()
+
+    def _connection(self, conn: socket.socket, address: str) -> bool:
+        """One connection, in its own worker: refusals, handshake, then maybe the session."""
+        if self._busy.locked():
+            self._notice("busy_refused", address, {"from": address})
+            channel.refuse_busy(conn)  # closes it
+            return False
+        why = self.guard.refusal(address)
+        if why is not None:
+            self._refuse_limited(conn, address, why)
+            return False
+        chan = self._handshake(conn, address)
+        if chan is None:
+            return False
+        if not self._busy.acquire(blocking=False):
+            # Another donor with the code authenticated a moment earlier.
+            self._notice("busy_refused", address, {"from": address})
+            _send_busy_record(chan)
+            return False
+        try:
+            return self._session(chan, address)
+        finally:
+            self._busy.release()
+
+    def _refuse_limited(self, conn: socket.socket, address: str, why: str) -> None:
+        wait = self.guard.retry_after(address)
+        who = "this address" if why == guard.SOURCE_LIMITED else "anyone (code used up)"
+        self._notice(
+            "limited",
+            address,
+            {
+                "from": address,
+                "why": why,
+                "seconds": round(wait, 1),
+                "message": f"code attempt from {address} refused: no attempts for {who} "
+                f"for {wait:.0f} s",
+            },
+        )
+        # The note after the hello says which wait and for how long: the operator who typed
+        # the right code right after a wrong one is told to wait, not to look elsewhere.
+        channel.send_busy(
+            conn,
+            flags=channel.FLAG_LIMITED,
+            retry_after=wait,
+            reason="wrong_code_wait" if why == guard.SOURCE_LIMITED else "code_used_up",
+        )  # closes it
 
     # -- one donor --------------------------------------------------------------------
 
     def _handshake(self, conn: socket.socket, address: str) -> channel.SecureChannel | None:
+        with self._code_lock:
+            current, instance_id = self.code, self.instance_id
+        admitted = False
+
+        def admit() -> bool:
+            nonlocal admitted
+            admitted = self.guard.begin(address, current.epoch)
+            return admitted
+
         try:
-            return channel.target_handshake(
+            chan = channel.target_handshake(
                 conn,
-                self.code,
-                self.instance_id,
+                current,
+                instance_id,
                 timeout=self.options.handshake_timeout,
-                on_wrong_code=self._start_wrong_code_wait,
+                admit=admit,
             )
         except channel.WrongCode:
-            self.attempts += 1
-            self.emit(
-                "wrong_code",
-                {
-                    "from": address,
-                    "attempt": self.attempts,
-                    "max": self.options.max_attempts,
-                    "message": f"wrong code attempt from {address} "
-                    f"({self.attempts}/{self.options.max_attempts})",
-                },
-            )
-            # Still holding the busy lock: nobody gets another try during the delay.
-            self._start_wrong_code_wait()
-            time.sleep(self.options.fail_delay)
-            if self.attempts >= self.options.max_attempts:
-                self._rotate()
+            self.guard.end(address, wrong=True)
+            self._wrong_code(address)
             return None
         except (channel.ChannelError, OSError) as e:
-            self.emit("handshake_failed", {"from": address, "reason": str(e)})
+            if admitted:
+                self.guard.end(address, wrong=False)
+            self._notice("handshake_failed", address, {"from": address, "reason": str(e)})
             return None
+        except BaseException:
+            if admitted:
+                self.guard.end(address, wrong=False)
+            raise
+        self.guard.end(address, wrong=False)
+        return chan
 
-    def _start_wrong_code_wait(self) -> None:
-        """From now until the delay ends, a donor that connects is told it is this wait."""
-        self._wrong_code_until = time.monotonic() + self.options.fail_delay
+    def _wrong_code(self, address: str) -> None:
+        attempt = self.guard.source_failures(address)
+        limit = self.options.policy.source_guesses
+        self.emit(
+            "wrong_code",
+            {
+                "from": address,
+                "attempt": attempt,
+                "max": limit,
+                "code_failures": self.guard.code_failures,
+                "message": f"wrong code attempt from {address} ({attempt}/{limit})",
+            },
+        )
 
     def _rotate(self) -> None:
+        """A new code (caller holds _code_lock)."""
         self.code = code.new_code(self.code.nameplate, epoch=self.code.epoch + 1)
         self.instance_id = secrets.token_bytes(16)
-        self.attempts = 0
+        self.guard.rotated(self.code.epoch)
+        self._locked_shown = False
         if self._announcer is not None:
             self._announcer.update(epoch=self.code.epoch, instance_id=self.instance_id)
         self.emit("code_rotated", {"epoch": self.code.epoch})
         self.show_code()
 
-    def _session(self, conn: socket.socket, address: str) -> bool:
-        """Serve one connection; True when it ended with a successful REPORT."""
-        chan = self._handshake(conn, address)
-        if chan is None:
-            return False
-        self.attempts = 0
+    def _session(self, chan: channel.SecureChannel, address: str) -> bool:
+        """Serve one authenticated donor; True when it ended with a successful REPORT."""
         self.emit("connected", {"from": address, "verifier": chan.verifier})
         chan.settimeout(IDLE_TIMEOUT)
         session = _Session(self, chan, address)
@@ -378,7 +493,7 @@ class _Session:
     def recv_doc(self) -> tuple[int, dict[str, Any]]:
         mtype, payload = self.recv()
         try:
-            doc = json.loads(payload) if payload else {}
+            doc = strict_json.loads(payload) if payload else {}
         except ValueError as e:
             raise SessionFailed(f"message {mtype} is not JSON") from e
         if not isinstance(doc, dict):
@@ -589,6 +704,23 @@ class _Session:
         return True
 
 
+def _reset(conn: socket.socket) -> None:
+    """Close with RST at once (SO_LINGER 0): nothing to read, nothing to wait for."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()
+
+
+def _send_busy_record(chan: channel.SecureChannel) -> None:
+    try:
+        chan.send_json(messages.BUSY, {"reason": "another donor is being served"})
+    except (channel.ChannelError, OSError):
+        pass
+    chan.close()
+
+
 def _close_sink(sink: install.BlobSink) -> None:
     try:
         sink.close()
@@ -615,7 +747,7 @@ def _first_mac() -> str:
 
 def _json(payload: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(payload)
+        doc = strict_json.loads(payload)
     except ValueError as e:
         raise SessionFailed("a message payload is not JSON") from e
     if not isinstance(doc, dict):

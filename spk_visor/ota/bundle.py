@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from spk_visor import strict_json
 from spk_visor.errors import VerificationError
 from spk_visor.ota import dsse
 
@@ -57,7 +58,7 @@ def read_header(stream: BinaryIO) -> BundleHeader:
         raise VerificationError(f"bundle envelope length {length} is out of bounds")
     raw = _read_exact(stream, length, "envelope")
     try:
-        doc = json.loads(raw)
+        doc = strict_json.loads(raw)
     except ValueError as e:
         raise VerificationError(f"bundle envelope is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or "manifest" not in doc:

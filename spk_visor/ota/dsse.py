@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from spk_visor import strict_json
 from spk_visor.errors import VerificationError
 from spk_visor.ota.keys import PublicKey, SigningKey
 
@@ -71,7 +72,7 @@ class Envelope:
     def payload_json(self) -> Any:
         """The payload, parsed: call only after `verify` succeeded."""
         try:
-            return json.loads(self.payload)
+            return strict_json.loads(self.payload)
         except ValueError as e:
             raise VerificationError(f"signed payload is not valid JSON: {e}") from e
 
@@ -108,7 +109,7 @@ def from_bytes(raw: bytes, expected_type: str) -> Envelope:
     if len(raw) > MAX_ENVELOPE:
         raise VerificationError(f"signature envelope larger than {MAX_ENVELOPE} bytes")
     try:
-        doc = json.loads(raw)
+        doc = strict_json.loads(raw)
     except ValueError as e:
         raise VerificationError(f"signature envelope is not valid JSON: {e}") from e
     return from_doc(doc, expected_type)

@@ -18,6 +18,18 @@ Failures are sorted three ways, per mirror:
             and the bytes are discarded.
 When every mirror was corrupt the error is a VerificationError (exit 3: never retry
 blindly); otherwise TransportError (exit 7), naming every URL and its last reason.
+
+Clocks (docs/ota-security.md): the connection, TLS handshake, status line and headers of a
+response must all arrive within `timeout` seconds in total (a watchdog cuts the socket, so
+a mirror dripping its headers a byte at a time cannot hold a run); a body must keep
+`min_rate` over every window of min(rate_window, timeout). A mirror that wastes `timeout`
+seconds of a run that way (stalls, drips) gets no further attempt in that run, so one
+hostile mirror costs a run at most about `timeout` seconds, and the OTA lock is released.
+
+Redirects stay on the same scheme (no https -> http, no http -> https: configure the
+https URL), and never lead to link-local, multicast or unspecified addresses (the cloud
+metadata service at 169.254.169.254), nor to loopback unless the mirror itself is there.
+The target's address is checked after connecting, so DNS cannot route around the rule.
 """
 
 from __future__ import annotations
@@ -25,11 +37,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import random
 import re
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +86,15 @@ class _Retry(Exception):
     """Transient: back off and ask the same mirror again."""
 
 
+class _Slow(_Retry):
+    """Transient, but the mirror made us wait `wasted` seconds for nothing (a stall, a
+    drip): counted against the mirror's patience for this run."""
+
+    def __init__(self, reason: str, wasted: float) -> None:
+        super().__init__(reason)
+        self.wasted = wasted
+
+
 class _NextMirror(Exception):
     """This mirror cannot serve the object now; `corrupt` when what it served was wrong."""
 
@@ -107,7 +131,10 @@ class _RateGuard:
             return
         rate = self.count / elapsed
         if rate < self.min_rate:
-            raise _Retry(f"too slow: {rate / 1024:.1f} KiB/s, below {self.min_rate / 1024:g} KiB/s")
+            raise _Slow(
+                f"too slow: {rate / 1024:.1f} KiB/s, below {self.min_rate / 1024:g} KiB/s",
+                elapsed,
+            )
         self.start = time.monotonic()
         self.count = 0
 
@@ -124,6 +151,59 @@ class _Tracker:
             if self.progress:
                 self.progress(pos - self.high)
             self.high = pos
+
+
+class _Watchdog:
+    """Shuts the connection's socket down when `seconds` pass, so a blocked read returns.
+
+    Socket timeouts bound each read, not the whole: a status line dripped one byte per
+    second never trips them. Used around connect + request + response head."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+        self.conn = conn
+        self.seconds = seconds
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self.conn.sock
+        if sock is not None:
+            # The plain socket's shutdown, also for an SSLSocket: wakes the reader without
+            # touching the TLS object that thread is using.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _forbidden_address(address: str, mirror_is_loopback: bool) -> str | None:
+    """Why a redirect may not lead to `address` (an IP literal), or None."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None  # a host name: checked again once connected
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is the metadata service too
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "a link-local, multicast or reserved address (e.g. a cloud metadata service)"
+    if ip.is_loopback and not mirror_is_loopback:
+        return "a loopback address, and the mirror is not on this machine"
+    return None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _describe(e: BaseException) -> str:
@@ -185,6 +265,8 @@ class Fetcher:
     checkpoint_bytes: int = 4 << 20
     checkpoint_s: float = 5.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    # Seconds each mirror made this run wait for nothing (see _Slow).
+    _wasted: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Fetcher:
@@ -237,26 +319,66 @@ class Fetcher:
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """GET `url`, following redirects; the caller closes the connection."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **headers}
-        for _hop in range(MAX_REDIRECTS + 1):
+        mirror_is_loopback = _is_loopback(url)
+        for hop in range(MAX_REDIRECTS + 1):
             conn, target = self._connect(url)
+            watchdog = _Watchdog(conn, self.timeout)
             try:
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
+                with watchdog:
+                    conn.connect()
+                    if hop:
+                        # After DNS: the address actually reached is what the rule is about.
+                        peer = str(conn.sock.getpeername()[0])
+                        why = _forbidden_address(peer, mirror_is_loopback)
+                        if why is not None:
+                            raise _NextMirror(f"refusing a redirect to {url}: {peer} is {why}")
+                    conn.request("GET", target, headers=headers)
+                    resp = conn.getresponse()
             except ssl.SSLCertVerificationError as e:
                 conn.close()
                 raise _NextMirror(f"TLS certificate rejected: {e.verify_message}") from None
+            except _NextMirror:
+                conn.close()
+                raise
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
+                if watchdog.fired:
+                    raise _Slow(
+                        f"timed out: no complete response head within {self.timeout:g} s",
+                        self.timeout,
+                    ) from None
+                if isinstance(e, TimeoutError):
+                    raise _Slow(_describe(e), self.timeout) from None
                 raise _Retry(_describe(e)) from None
+            if watchdog.fired:
+                conn.close()
+                raise _Slow(
+                    f"timed out: no complete response head within {self.timeout:g} s", self.timeout
+                )
             location = resp.getheader("Location")
             if resp.status not in REDIRECTS or not location:
                 return conn, resp
             conn.close()
-            target_url = urljoin(url, location)
-            if urlsplit(url).scheme == "https" and urlsplit(target_url).scheme != "https":
-                raise _NextMirror(f"refusing a redirect from https to {target_url}")
-            url = target_url
+            url = self._redirect(url, location, mirror_is_loopback)
         raise _NextMirror(f"more than {MAX_REDIRECTS} redirects")
+
+    @staticmethod
+    def _redirect(url: str, location: str, mirror_is_loopback: bool) -> str:
+        """The URL a redirect leads to, or _NextMirror (never retried) when refused."""
+        target_url = urljoin(url, location.strip())
+        parts = urlsplit(target_url)
+        scheme = urlsplit(url).scheme
+        if parts.scheme != scheme:
+            raise _NextMirror(
+                f"refusing a redirect from {scheme} to {parts.scheme or 'no scheme'}: "
+                f"{target_url[:200]!r} (configure the mirror's final URL in base_urls)"
+            )
+        if not parts.hostname:
+            raise _NextMirror(f"refusing a redirect without a host: {target_url[:200]!r}")
+        why = _forbidden_address(parts.hostname, mirror_is_loopback)
+        if why is not None:
+            raise _NextMirror(f"refusing a redirect to {target_url[:200]}: {why}")
+        return target_url
 
     def _read(
         self,
@@ -270,6 +392,8 @@ class Fetcher:
         while True:
             try:
                 chunk = resp.read1(CHUNK)
+            except TimeoutError:
+                raise _Slow(f"timed out after {got} bytes", self.timeout) from None
             except (OSError, http.client.HTTPException) as e:
                 raise _Retry(f"{_describe(e)} after {got} bytes") from None
             if not chunk:
@@ -281,6 +405,20 @@ class Fetcher:
             guard.add(len(chunk))
         if expected is not None and got < expected:
             raise _Retry(f"connection closed after {got} of {expected} bytes")
+
+    def _rate_guard(self) -> _RateGuard:
+        return _RateGuard(self.min_rate, min(self.rate_window, self.timeout))
+
+    def _patience_left(self, base: str) -> bool:
+        return self._wasted.get(base, 0.0) < self.timeout
+
+    def _waste(self, base: str, e: _Retry) -> str:
+        """Count a slow failure against `base`; the reason, noting an exhausted mirror."""
+        if isinstance(e, _Slow):
+            self._wasted[base] = self._wasted.get(base, 0.0) + e.wasted
+            if not self._patience_left(base):
+                return f"{e} (no more attempts this run: the mirror stalls or drips)"
+        return str(e)
 
     def _pause(self, attempt: int) -> None:
         """Exponential backoff with jitter, so a fleet does not retry in lockstep."""
@@ -298,14 +436,16 @@ class Fetcher:
         failures: list[str] = []
         for base in self._mirrors():
             url = self.url(base, rel)
-            reason = "no attempt"
+            reason = "no attempt (the mirror stalled earlier in this run)"
             for attempt in range(self.attempts):
+                if not self._patience_left(base):
+                    break
                 if attempt:
                     self._pause(attempt)
                 try:
                     return self._get_small_once(url, cap, etag)
                 except _Retry as e:
-                    reason = str(e)
+                    reason = self._waste(base, e)
                 except _NextMirror as e:
                     reason = str(e)
                     break
@@ -337,9 +477,8 @@ class Fetcher:
             )
             if length is not None and length > cap:
                 raise too_large
-            guard = _RateGuard(self.min_rate, self.rate_window)
             try:
-                body = b"".join(self._read(resp, cap, guard))
+                body = b"".join(self._read(resp, cap, self._rate_guard()))
             except _TooLarge:
                 raise too_large from None
             return SmallResult(200, body, _reply_etag(resp), url)
@@ -369,14 +508,16 @@ class Fetcher:
         corrupt = 0
         for base in self._mirrors():
             url = self.url(base, rel)
-            reason = "no attempt"
+            reason = "no attempt (the mirror stalled earlier in this run)"
             for attempt in range(self.attempts):
+                if not self._patience_left(base):
+                    break
                 if attempt:
                     self._pause(attempt)
                 try:
                     return self._attempt(url, blob_id, size, store, tracker)
                 except _Retry as e:
-                    reason = str(e)
+                    reason = self._waste(base, e)
                 except _NextMirror as e:
                     reason = str(e)
                     if e.corrupt:
@@ -500,9 +641,8 @@ class Fetcher:
     ) -> None:
         pos = start
         synced_at, synced_t = pos, time.monotonic()
-        guard = _RateGuard(self.min_rate, self.rate_window)
         try:
-            for chunk in self._read(resp, size - start, guard):
+            for chunk in self._read(resp, size - start, self._rate_guard()):
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]

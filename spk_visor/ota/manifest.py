@@ -4,6 +4,9 @@
 returns typed, validated objects. Everything the node later installs is pinned here: each
 file of a daemon tree by size and sha256, the base image by its encoded blob and raw hash.
 Unknown keys are ignored (forward compatibility); unknown required features are refused.
+Types are strict: a signed field of the wrong type is a refusal (VerificationError, exit 3)
+like any other, never a crash in a later int() or bool(). Symlinks are resolved the way
+the kernel would in the installed tree, chains included, and must stay inside it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ MANIFEST_TYPE = "spk-visor-ota.manifest/v1"
 PRODUCT = "smechvisor"
 # Features this agent implements; a manifest requiring anything else is refused.
 FEATURES: frozenset[str] = frozenset()
-PATH_RE = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-BLOB_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Always used with fullmatch: `$` alone also matches before a final newline ("bin/x\n").
+PATH_RE = re.compile(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
+COMPONENT_RE = re.compile(r"[A-Za-z0-9._+-]+")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+BLOB_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# Symlinks followed while resolving one path before it counts as a loop (Linux: 40).
+MAX_LINK_HOPS = 40
 MODE_MASK = 0o755
 MAX_FILES = 100_000
 MAX_BLOBS = 64
@@ -50,23 +58,43 @@ def _size(doc: dict[str, Any], key: str, where: str) -> int:
 
 def _hex(doc: dict[str, Any], key: str, where: str) -> str:
     value = _get(doc, key, str, where)
-    if not HEX64_RE.match(value):
+    if not HEX64_RE.fullmatch(value):
         raise _fail(f"{where}{key} is not a sha256 hex digest")
     return str(value)
 
 
 def _blob_id(doc: dict[str, Any], key: str, where: str) -> str:
     value = _get(doc, key, str, where)
-    if not BLOB_RE.match(value):
+    if not BLOB_RE.fullmatch(value):
         raise _fail(f"{where}{key} is not a blob id (sha256:<hex>)")
     return str(value)
 
 
 def check_path(path: str, where: str) -> str:
     """A relative path of plain components: no `..`, no `.`, no absolute, no empty."""
-    if not PATH_RE.match(path) or any(part in (".", "..") for part in path.split("/")):
+    if CONTROL_RE.search(path):
+        raise _fail(f"{where}: unsafe path {path!r} (control character)")
+    if not PATH_RE.fullmatch(path) or any(part in (".", "..") for part in path.split("/")):
         raise _fail(f"{where}: unsafe path {path!r}")
     return path
+
+
+def _optional(doc: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    """`doc[key]` when present (of exactly `kind`), else `default`."""
+    if key not in doc:
+        return default
+    value = doc[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _fail(f"{where}{key} is of the wrong type (expected {kind.__name__})")
+    return value
+
+
+def _count(doc: dict[str, Any], key: str, where: str) -> int:
+    """An optional integer >= 0 (default 0)."""
+    value = _optional(doc, key, int, 0, where)
+    if not 0 <= value <= MAX_SIZE:
+        raise _fail(f"{where}{key} must be an integer >= 0")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -167,18 +195,70 @@ def _timeout(doc: dict[str, Any], key: str, where: str, default: float) -> float
     return float(value)
 
 
-def _symlink_inside(link: str, target: str, where: str) -> None:
-    if target.startswith("/") or not target or "\0" in target:
+def _symlink_target(link: str, target: str, where: str) -> None:
+    """The target's own form: relative, plain components, no control characters."""
+    if CONTROL_RE.search(target):
+        raise _fail(f"{where}: symlink {link!r} -> {target!r} has a control character")
+    if target.startswith("/") or not target:
         raise _fail(f"{where}: symlink {link!r} -> {target!r} must be relative")
+    for part in target.split("/"):
+        if part not in (".", "..") and not COMPONENT_RE.fullmatch(part):
+            raise _fail(f"{where}: symlink {link!r} -> {target!r} has an unsafe component")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
     if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
         raise _fail(f"{where}: symlink {link!r} -> {target!r} escapes the tree")
 
 
+def resolve_in_tree(path: str, links: dict[str, str]) -> list[str] | None:
+    """Where `path` leads in a tree whose symlinks are `links` (path -> target), following
+    every link on the way as the kernel does: a link's target is read relative to the
+    directory the link sits in, *after* the links before it were followed, so `..` after a
+    link to `.` climbs from where the link led, not from where its name is. The resolved
+    components, or None when the walk leaves the tree (`..` above its root). ValueError
+    for a loop (more than MAX_LINK_HOPS links)."""
+    resolved: list[str] = []
+    pending = list(reversed(path.split("/")))
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return None
+            resolved.pop()
+            continue
+        target = links.get("/".join([*resolved, part]))
+        if target is None:
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS:
+            raise ValueError(f"more than {MAX_LINK_HOPS} symlinks")
+        if target.startswith("/"):
+            return None
+        pending.extend(reversed(target.split("/")))
+    return resolved
+
+
+def _symlinks_stay_inside(symlinks: list[Symlink], where: str) -> None:
+    links = {s.path: s.target for s in symlinks}
+    for link in symlinks:
+        try:
+            resolved = resolve_in_tree(link.path, links)
+        except ValueError as e:
+            raise _fail(f"{where}: symlink {link.path!r} is part of a loop ({e})") from None
+        if resolved is None:
+            raise _fail(
+                f"{where}: symlink {link.path!r} -> {link.target!r} escapes the tree "
+                "(followed through the tree's other symlinks)"
+            )
+
+
 def _daemon(name: str, doc: dict[str, Any]) -> DaemonComponent:
     w = f"components.{name}."
     tree = _get(doc, "tree", dict, w)
-    encoding = tree.get("encoding", "identity")
+    encoding = _optional(tree, "encoding", str, "identity", w + "tree.")
     if encoding != "identity":
         raise _fail(f"{w}tree.encoding {encoding!r} is not supported")
     raw_files = _get(tree, "files", list, w + "tree.")
@@ -190,7 +270,10 @@ def _daemon(name: str, doc: dict[str, Any]) -> DaemonComponent:
         if not isinstance(entry, dict):
             raise _fail(f"{w}tree.files[{i}] is not an object")
         path = check_path(_get(entry, "p", str, f"{w}tree.files[{i}]."), f"{w}tree.files")
-        mode = _get(entry, "m", int, f"{w}tree.files[{i}].") & MODE_MASK
+        mode = _get(entry, "m", int, f"{w}tree.files[{i}].")
+        if not 0 <= mode <= 0o7777:
+            raise _fail(f"{w}tree.files[{i}].m is not a file mode")
+        mode &= MODE_MASK
         files.append(
             FileEntry(
                 path, mode, _size(entry, "s", f"{w}files[{i}]."), _hex(entry, "h", f"{w}[{i}].")
@@ -200,12 +283,12 @@ def _daemon(name: str, doc: dict[str, Any]) -> DaemonComponent:
             raise _fail(f"{w}tree lists {path!r} twice")
         seen.add(path)
     symlinks: list[Symlink] = []
-    for i, entry in enumerate(tree.get("symlinks", [])):
+    for i, entry in enumerate(_optional(tree, "symlinks", list, [], w + "tree.")):
         if not isinstance(entry, dict):
             raise _fail(f"{w}tree.symlinks[{i}] is not an object")
         path = check_path(_get(entry, "p", str, f"{w}symlinks[{i}]."), f"{w}tree.symlinks")
         target = _get(entry, "t", str, f"{w}symlinks[{i}].")
-        _symlink_inside(path, target, f"{w}tree.symlinks")
+        _symlink_target(path, target, f"{w}tree.symlinks")
         if path in seen:
             raise _fail(f"{w}tree lists {path!r} twice")
         seen.add(path)
@@ -217,6 +300,7 @@ def _daemon(name: str, doc: dict[str, Any]) -> DaemonComponent:
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in seen:
                 raise _fail(f"{w}tree: {path!r} lies below another entry")
+    _symlinks_stay_inside(symlinks, f"{w}tree.symlinks")
     health_doc = _get(doc, "health", dict, w)
     pid_changes = health_doc.get("max_pid_changes", 1)
     if not isinstance(pid_changes, int) or isinstance(pid_changes, bool) or pid_changes < 0:
@@ -232,20 +316,16 @@ def _daemon(name: str, doc: dict[str, Any]) -> DaemonComponent:
     if "preflight" in doc:
         pre = _get(doc, "preflight", dict, w)
         preflight = Command(_argv(pre, w + "preflight."), _timeout(pre, "timeout_s", w, 20))
-    requires_base = doc.get("requires_base", {})
-    if not isinstance(requires_base, dict):
-        raise _fail(f"{w}requires_base is not an object")
+    requires_base = _optional(doc, "requires_base", dict, {}, w)
     service = _get(doc, "service", str, w)
-    if not re.match(r"^[A-Za-z0-9._-]+$", service):
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", service):
         raise _fail(f"{w}service {service!r} is not a service name")
-    rollback_safe = doc.get("rollback_safe", True)
-    if not isinstance(rollback_safe, bool):
-        raise _fail(f"{w}rollback_safe must be true or false")
+    rollback_safe = _optional(doc, "rollback_safe", bool, True, w)
     return DaemonComponent(
         name=name,
         version=_get(doc, "version", str, w),
         service=service,
-        base_counter_min=int(requires_base.get("counter_min", 0) or 0),
+        base_counter_min=_count(requires_base, "counter_min", w + "requires_base."),
         pack=_blob_id(tree, "pack", w + "tree."),
         files=tuple(files),
         symlinks=tuple(symlinks),
@@ -282,9 +362,7 @@ def parse(doc: Any) -> Manifest:
         raise _fail("release.set_floor must be an integer >= 0")
     if set_floor > counter:
         raise _fail(f"release.set_floor {set_floor} is above its own counter {counter}")
-    requires = doc.get("requires", {})
-    if not isinstance(requires, dict):
-        raise _fail("requires is not an object")
+    requires = _optional(doc, "requires", dict, {}, "")
     features = requires.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise _fail("requires.features must be a list of strings")
@@ -329,10 +407,10 @@ def parse(doc: Any) -> Manifest:
     return Manifest(
         product=_get(doc, "product", str, ""),
         compatible=tuple(compatible),
-        dev=bool(doc.get("dev", False)),
-        created=str(doc.get("created", "")),
+        dev=_optional(doc, "dev", bool, False, ""),
+        created=_optional(doc, "created", str, "", ""),
         release=Release(_get(release_doc, "version", str, "release."), counter, set_floor),
-        agent_min=str(requires.get("agent_min", "0")),
+        agent_min=_optional(requires, "agent_min", str, "0", "requires."),
         features=tuple(features),
         daemon=daemon,
         image=image,

@@ -18,7 +18,6 @@ decides is the order: the canary alone, and only if it ends with 0 or 4 the rest
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import threading
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from spk_visor import strict_json
 from spk_visor.config import Settings, SshSpec
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError
 from spk_visor.output import table
@@ -515,7 +515,7 @@ def _int(value: object) -> int | None:
 
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
-        doc = json.loads(text)
+        doc = strict_json.loads(text)
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None

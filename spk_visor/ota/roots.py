@@ -91,11 +91,18 @@ def parse_unverified(env: dsse.Envelope) -> Root:
     return Root(
         version=version,
         expires=parse_time(doc.get("expires"), "root expires"),
-        product=str(doc.get("product", "smechvisor")),
-        dev=bool(doc.get("dev", False)),
+        product=_typed(doc, "product", str, "smechvisor"),
+        dev=_typed(doc, "dev", bool, False),
         roles=roles,
         envelope=env,
     )
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = doc.get(key, default)
+    if not isinstance(value, kind):
+        raise VerificationError(f"root: {key} must be of type {kind.__name__}")
+    return value
 
 
 def load_anchor(raw: bytes, what: str) -> Root:

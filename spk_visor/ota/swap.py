@@ -39,7 +39,6 @@ every byte the daemon can execute and ignores nothing.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spk_visor import strict_json
 from spk_visor.errors import (
     BusyError,
     ExitCode,
@@ -257,7 +257,7 @@ def probe(url: str, version: str | None, timeout: float) -> Probe:
     if status != 200 or len(body) > MAX_HEALTH_BYTES:
         return Probe(False, f"health answered HTTP {status}")
     try:
-        doc = json.loads(body)
+        doc = strict_json.loads(body)
     except ValueError:
         return Probe(False, "health answer is not JSON", fatal=True)
     if not isinstance(doc, dict):

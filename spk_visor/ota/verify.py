@@ -79,21 +79,21 @@ def verify_channel(
     target = doc.get("manifest")
     if not isinstance(target, dict) or not isinstance(target.get("sha256"), str):
         raise VerificationError("channel: manifest pointer missing")
-    rollout = doc.get("rollout") or {}
-    percent = rollout.get("percent", 100) if isinstance(rollout, dict) else 100
-    if not isinstance(percent, int | float) or not 0 <= percent <= 100:
+    rollout = _field(doc, "rollout", dict, {})
+    percent = _field(rollout, "percent", int | float, 100, "rollout.")
+    if not 0 <= percent <= 100:
         raise VerificationError("channel: rollout.percent must be within 0..100")
     channel = Channel(
         name=name,
         serial=serial,
-        issued=str(doc.get("issued", "")),
+        issued=_field(doc, "issued", str, ""),
         expires=parse_time(doc.get("expires"), "channel expires"),
         manifest_sha256=target["sha256"],
-        manifest_size=int(target.get("size", 0) or 0),
-        counter=int(target.get("counter", 0) or 0),
-        version=str(target.get("version", "")),
+        manifest_size=_count(target, "size"),
+        counter=_count(target, "counter"),
+        version=_field(target, "version", str, "", "manifest."),
         percent=float(percent),
-        salt=str(rollout.get("salt", "")) if isinstance(rollout, dict) else "",
+        salt=_field(rollout, "salt", str, "", "rollout."),
         signers=frozenset(signers),
         raw_payload=env.payload,
     )
@@ -121,6 +121,23 @@ def verify_channel(
             "the channel is frozen or the repository stopped re-signing it; check the clock",
         )
     return channel, unchanged
+
+
+def _field(doc: dict[str, Any], key: str, kind: Any, default: Any, where: str = "") -> Any:
+    """An optional signed field of exactly `kind` (never a bool for a number)."""
+    value = doc.get(key, default)
+    if value is None and default is not None:
+        value = default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise VerificationError(f"channel: {where}{key} is of the wrong type")
+    return value
+
+
+def _count(target: dict[str, Any], key: str) -> int:
+    value = _field(target, key, int, 0, "manifest.")
+    if value < 0:
+        raise VerificationError(f"channel: manifest.{key} must be >= 0")
+    return int(value)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from spk_visor.deploy import channel, donor, inventory, receiver
+from spk_visor.deploy import channel, donor, guard, inventory, receiver
 from spk_visor.errors import ExitCode
 from spk_visor.ota import roots
 from tests.support.ota_pki import Pki, make_bundle
@@ -81,7 +81,7 @@ def target(
         port=0,
         bind="127.0.0.1",
         announce=False,
-        fail_delay=3.0,
+        policy=guard.Policy(fail_delay=3.0),
     )
     events: list[tuple[str, dict[str, Any]]] = []
     r = receiver.Receiver(options, lambda e, d: events.append((e, d)))
@@ -126,15 +126,16 @@ def test_right_code_in_the_wrong_code_wait_is_told_the_wait_and_its_length(
     failed = _handshake(target, right)
     assert time.monotonic() - started < 3.0, "the test connected after the wait ended"
     assert failed is not None
-    assert failed.exit_code == ExitCode.BUSY
+    # Not busy: this address waits out its wrong code (docs/deploy-security.md), exit 8.
+    assert failed.exit_code == ExitCode.NOT_ELIGIBLE
     message = failed.message
     assert "wrong-code wait" in message, message
     assert "another donor" not in message, message
     # How long: the seconds left, at most the 3 s wait and more than nothing.
     seconds = [float(w) for w in message.replace("(", " ").split() if w.replace(".", "").isdigit()]
     assert seconds and 0 < seconds[0] <= 3.0, message
-    refused = [d for e, d in target.events if e == "busy_refused"]  # type: ignore[attr-defined]
-    assert refused and 0 < refused[-1]["retry_after"] <= 3.0
+    refused = [d for e, d in target.events if e == "limited"]  # type: ignore[attr-defined]
+    assert refused and 0 < refused[-1]["seconds"] <= 3.0
     # After the wait the right code is served.
     time.sleep(3.2)
     assert _handshake(target, right) is None
