@@ -338,13 +338,22 @@ class _Session:
                 ) from e
             raise self.fail(ExitCode.BUSY, "the target is serving another donor (BUSY)") from e
         except channel.Limited as e:
-            if e.retry_after is not None and e.reason == "wrong_code_wait":
+            # A few seconds: the pause after this machine's last wrong code. Longer: it used
+            # its wrong-code budget (docs/deploy-security.md).
+            if e.retry_after is not None and e.reason == "wrong_code_wait" and e.retry_after <= 10:
                 wait = math.ceil(e.retry_after)
                 raise self.fail(
                     ExitCode.NOT_ELIGIBLE,
                     f"the target is in its wrong-code wait for this machine "
                     f"({e.retry_after:.1f} s left) after a wrong code attempt: check the code "
                     f"on its screen and run the command again in {wait} s",
+                ) from e
+            if e.retry_after is not None and e.reason == "wrong_code_wait":
+                raise self.fail(
+                    ExitCode.NOT_ELIGIBLE,
+                    f"the target takes no code attempt from this machine for "
+                    f"{math.ceil(e.retry_after)} s (too many wrong codes from it); check the "
+                    "code on its screen before trying again",
                 ) from e
             if e.retry_after is not None:
                 raise self.fail(

@@ -142,12 +142,20 @@ def test_right_code_in_the_wrong_code_wait_is_told_the_wait_and_its_length(
 
 
 def test_a_donor_already_serving_is_still_plain_busy(target: receiver.Receiver) -> None:
-    hold = socket.create_connection(("127.0.0.1", target.port), timeout=10)
+    # Only a donor that proved the code takes the target (a silent socket does not).
+    t = donor.Target(str(target.code), target.code.nameplate, "127.0.0.1", target.port, None)
+    first = donor._Session(t, None, donor.Settings(), donor._Silent())  # type: ignore[arg-type]
+    sock = socket.create_connection(("127.0.0.1", target.port), timeout=10)
     try:
-        hold.recv(channel.HELLO_LEN)  # the target's hello: it now serves this connection
+        chan = first._handshake(sock)
+        deadline = time.monotonic() + 10
+        while not target._busy.locked() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert target._busy.locked(), "the first donor never took the target"
         failed = _handshake(target, str(target.code))
+        chan.close()
     finally:
-        hold.close()
+        sock.close()
     assert failed is not None and failed.exit_code == ExitCode.BUSY
     assert "another donor" in failed.message and "wrong-code" not in failed.message
 
