@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from spk_visor.deploy import channel, donor, guard, inventory, receiver
+from spk_visor.deploy import donor, guard, inventory, receiver
 from spk_visor.errors import ExitCode
 from spk_visor.ota import roots
 from tests.support.ota_pki import Pki, make_bundle
