@@ -24,7 +24,7 @@ def test_readme_settings_table_matches_the_code() -> None:
     }
     assert set(rows) == {s.env for s in settings.SETTINGS}, "README's settings table drifted"
     for s in settings.SETTINGS:
-        env, flag, default = rows[s.env][:3]
+        _env, flag, default = rows[s.env][:3]
         assert flag == s.flag, s.env
         if s.default:
             assert default == s.default, f"{s.env}: README says {default}, the code {s.default}"
