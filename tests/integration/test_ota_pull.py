@@ -43,18 +43,7 @@ def node(tmp_path: Path, pki: Pki) -> Node:
 
 
 def _conf(node: Node, urls: list[str], **extra: object) -> None:
-    values: dict[str, object] = {
-        "base_urls": urls,
-        "node_id": "node-1",
-        "apply_daemon": False,
-        "stage_base": False,
-        "fetch_attempts": 2,
-        "fetch_backoff_s": 0.05,
-        "fetch_timeout_s": 5,
-        **extra,
-    }
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    node.write_conf("\n".join(lines) + "\n")
+    node.write_pull_conf(urls, **extra)
 
 
 def _publish(

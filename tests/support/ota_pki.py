@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,21 @@ class Node:
     def write_conf(self, text: str) -> None:
         self.paths.conf.parent.mkdir(parents=True, exist_ok=True)
         self.paths.conf.write_text(text)
+
+    def write_pull_conf(self, urls: list[str], **extra: object) -> None:
+        """ota.conf for pull tests: these mirrors, download and verify only (the swap and
+        the staging have their own tests), quick retries; `extra` overrides any key."""
+        values: dict[str, object] = {
+            "base_urls": urls,
+            "node_id": "node-1",
+            "apply_daemon": False,
+            "stage_base": False,
+            "fetch_attempts": 2,
+            "fetch_backoff_s": 0.05,
+            "fetch_timeout_s": 5,
+            **extra,
+        }
+        self.write_conf("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
 
     def tree_digest(self, *, skip: tuple[str, ...] = ("run/lock",)) -> str:
         """Names, modes, link targets and contents of everything under the sysroot."""
