@@ -326,11 +326,18 @@ class Receiver:
         with self._code_lock:
             current, instance_id = self.code, self.instance_id
         admitted = False
+        ended = False
 
         def admit() -> bool:
             nonlocal admitted
             admitted = self.guard.begin(address, current.epoch)
             return admitted
+
+        def end(wrong: bool) -> None:
+            nonlocal ended
+            if admitted and not ended:
+                ended = True
+                self.guard.end(address, wrong=wrong)
 
         try:
             chan = channel.target_handshake(
@@ -339,21 +346,22 @@ class Receiver:
                 instance_id,
                 timeout=self.options.handshake_timeout,
                 admit=admit,
+                # Counted before the donor hears the verdict: a donor that retries at once
+                # must find this address in its wrong-code wait, not still mid-attempt.
+                on_wrong_code=lambda: end(wrong=True),
             )
         except channel.WrongCode:
-            self.guard.end(address, wrong=True)
+            end(wrong=True)
             self._wrong_code(address)
             return None
         except (channel.ChannelError, OSError) as e:
-            if admitted:
-                self.guard.end(address, wrong=False)
+            end(wrong=False)
             self._notice("handshake_failed", address, {"from": address, "reason": str(e)})
             return None
         except BaseException:
-            if admitted:
-                self.guard.end(address, wrong=False)
+            end(wrong=False)
             raise
-        self.guard.end(address, wrong=False)
+        end(wrong=False)
         return chan
 
     def _wrong_code(self, address: str) -> None:
