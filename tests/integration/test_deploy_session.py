@@ -10,6 +10,7 @@ receiver's JSON events, and the bytes on the loop device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,11 +24,13 @@ from typing import Any
 
 import pytest
 
+from spk_visor.deploy import donor
 from spk_visor.ota import build
 from tests.support import netns
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
 from tests.support.prereq import need_command, need_root
+from tests.support.sshkeys import public_line
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 47475
@@ -273,7 +276,7 @@ def receiver(
 
 
 def send(
-    seg: netns.Segment, *args: str, timeout: float = 120
+    seg: netns.Segment, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> tuple[int, list[dict[str, Any]], str]:
     argv = [sys.executable, "-m", "spk_visor", "deploy", "send", "--json", *args]
     done = subprocess.run(
@@ -282,7 +285,7 @@ def send(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env={**_env(), **(env or {})},
         cwd=REPO,
     )
     docs = json.loads(done.stdout) if done.stdout.strip().startswith("[") else []
@@ -576,9 +579,71 @@ def test_one_donor_deploys_two_targets_in_parallel(
         assert not r.rebooted.exists()
 
 
-def test_send_without_a_bundle_says_why() -> None:
-    from tests.support.cli import run  # noqa: PLC0415
+@contextlib.contextmanager
+def _mounted(device: str, where: Path) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "ext4", device, str(where)], check=True, timeout=60)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False, timeout=60)
 
-    result = run("deploy-system-img-copy", "42-K7QX9")
-    assert result.code == 2
-    assert "deploy send needs --bundle FILE" in result.err
+
+def test_a_deployed_node_deploys_its_own_release_to_a_peer(
+    seg: netns.Segment, release: dict[str, Any], receiver: Any, disks: Any, tmp_path: Path
+) -> None:
+    """The admin's key reaches the first node's data partition; that node (its data
+    partition as the OTA sysroot: /var/lib is bind-mounted from it) then sends the signed
+    release it was installed from, without --bundle, and the peer installs that very
+    manifest."""
+    signed_sha = donor.open_bundle(Path(release["bundle"])).manifest_sha256
+    key = tmp_path / "id_ed25519.pub"
+    key.write_text(public_line("ed25519", "admin@desk") + "\n")
+    first, second = disks("4G"), disks("4G")
+    r1 = receiver("target")
+    args = ["--target", seg.address("target"), "--disk", first.serial, "--no-reboot"]
+    args += ["--confirm-wipe", first.serial, "--authorized-key", str(key)]
+    code, docs, err = send(seg, r1.code, "--bundle", str(release["bundle"]), *args)
+    assert code == 0, (err, json.dumps(docs))
+    assert docs[0]["release"]["source"] == f"bundle {release['bundle']}"
+    assert r1.wait(lambda e: e["event"] == "report", 10)["ok"]
+
+    with _mounted(first.part(5), tmp_path / "node") as node:
+        keyfile = node / "etc/ssh/authorized_keys/root"
+        assert keyfile.read_text() == key.read_text()
+        assert keyfile.stat().st_mode & 0o7777 == 0o600 and keyfile.stat().st_uid == 0
+        installed = json.loads((node / "var/lib/spk-visor/ota/installed.json").read_text())
+        assert installed["manifest"] == signed_sha
+
+        r2 = receiver("target2")
+        args = ["--target", seg.address("target2"), "--disk", second.serial, "--no-reboot"]
+        args += ["--confirm-wipe", second.serial]
+        sysroot = {"SPK_VISOR_OTA_SYSROOT": str(node)}
+        code, docs, err = send(seg, r2.code, *args, env=sysroot)
+        assert code == 0, (err, json.dumps(docs))
+        assert docs[0]["release"] == {
+            "version": "1.0.0",
+            "counter": 1,
+            "manifest_sha256": signed_sha,
+            "source": "this node's OTA store",
+        }
+        assert docs[0]["report"]["ok"] and docs[0]["report"]["manifest_sha256"] == signed_sha
+        assert r2.wait(lambda e: e["event"] == "report", 10)["ok"]
+
+        # A store that lost a blob: named, with the ways to get it; nobody contacted.
+        blob = release["blobs"][-1]["id"]
+        (node / "var/lib/spk-visor/ota/store/blobs/sha256" / blob.split(":")[1]).unlink()
+        code, docs, err = send(seg, "42-K7QX9", *args, env=sysroot)
+        assert code == 9, err
+        assert blob in err and "ota pull" in err and "--bundle" in err
+
+    # The peer holds the same signed release, ready to deploy the next one.
+    with _mounted(second.part(5), tmp_path / "peer") as peer:
+        installed = json.loads((peer / "var/lib/spk-visor/ota/installed.json").read_text())
+        assert installed["manifest"] == signed_sha
+        stored = peer / f"var/lib/spk-visor/ota/store/manifests/{signed_sha}.json"
+        assert (
+            json.loads(stored.read_bytes())
+            == donor.open_bundle(Path(release["bundle"])).manifest_doc
+        )
+        assert not (peer / "etc/ssh/authorized_keys").exists()  # none was given this time
