@@ -25,8 +25,12 @@ from typing import Any
 import pytest
 
 from spk_visor.deploy import donor
+from spk_visor.errors import ExitCode
 from spk_visor.ota import build
+from spk_visor.ota.nodeconf import NodePaths
 from tests.support import netns
+from tests.support import ota_slots_worker as slots_node
+from tests.support.abdisk import ab_disk
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
 from tests.support.prereq import need_command, need_root
@@ -159,7 +163,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp / "root.json"
     root.write_bytes(pki.root_env().to_bytes())
     blobs = result.payload["blobs"]
-    return {"bundle": result.bundle, "root": root, "blobs": blobs}
+    return {"bundle": result.bundle, "root": root, "blobs": blobs, "pki": pki, "image": image}
 
 
 @pytest.fixture
@@ -577,6 +581,66 @@ def test_one_donor_deploys_two_targets_in_parallel(
     for r in (r1, r2):
         assert r.wait(lambda e: e["event"] == "report", 10)["ok"]
         assert not r.rebooted.exists()
+
+
+def _spk(sysroot: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**_env(), "SPK_VISOR_OTA_SYSROOT": str(sysroot), "SPK_VISOR_CONFIG": "/nonexistent"}
+    return subprocess.run(
+        [sys.executable, "-m", "spk_visor", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_a_node_updated_by_ota_apply_deploys_that_release(
+    seg: netns.Segment, release: dict[str, Any], receiver: Any, disks: Any, tmp_path: Path
+) -> None:
+    """A sandbox node on real A/B slots takes release 1.1.0 with `ota apply` (staged into
+    slot b, "rebooted", committed by `ota boot-check`); `deploy send` without --bundle
+    then installs exactly that signed manifest on a peer."""
+    need_command("grub-editenv", "grub-common")
+    update = build.build(
+        out=tmp_path / "update.spkb",
+        version="1.1.0",
+        counter=2,
+        keys=release["pki"].release,
+        base_image=release["image"],
+    )
+    sysroot = tmp_path / "sysroot"
+    with ab_disk(tmp_path, slot_mib=8) as slots_disk:
+        slots_node.node(sysroot, slots_disk.root_a, slots_disk.root_b)
+        factory = NodePaths(sysroot).factory_root
+        factory.parent.mkdir(parents=True)
+        factory.write_bytes(Path(release["root"]).read_bytes())
+        applied = _spk(sysroot, "ota", "apply", "--bundle", str(update.bundle))
+        assert applied.returncode == int(ExitCode.REBOOT_REQUIRED), applied.stderr
+        assert slots_node.consume_oneshot(sysroot) == slots_node.ENTRY_B
+        slots_node.set_booted(sysroot, "b")
+        checked = _spk(sysroot, "ota", "boot-check")
+        assert checked.returncode == 0, checked.stderr
+    installed = json.loads((NodePaths(sysroot).state_dir / "installed.json").read_text())
+    assert installed["manifest"] == update.manifest_sha256
+
+    disk = disks("4G")
+    r = receiver("target")
+    args = ["--target", seg.address("target"), "--disk", disk.serial, "--no-reboot"]
+    code, docs, err = send(
+        seg,
+        r.code,
+        *args,
+        "--confirm-wipe",
+        disk.serial,
+        env={"SPK_VISOR_OTA_SYSROOT": str(sysroot)},
+    )
+    assert code == 0, (err, json.dumps(docs))
+    assert docs[0]["release"]["version"] == "1.1.0"
+    assert docs[0]["release"]["source"] == "this node's OTA store"
+    assert docs[0]["report"]["manifest_sha256"] == update.manifest_sha256
+    assert r.wait(lambda e: e["event"] == "report", 10)["ok"]
 
 
 @contextlib.contextmanager
