@@ -233,8 +233,22 @@ def send(
     ],
     bundle: Annotated[
         Path | None,
-        typer.Option("--bundle", metavar="FILE", help="The signed release (.spkb) to install."),
+        typer.Option(
+            "--bundle",
+            metavar="FILE",
+            help="The signed release (.spkb) to install [default: the release this node "
+            "runs, from its OTA store].",
+        ),
     ] = None,
+    authorized_key: Annotated[
+        list[Path],
+        typer.Option(
+            "--authorized-key",
+            metavar="FILE",
+            help="An OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub) whose keys may log "
+            "in as root on the new node; repeatable.",
+        ),
+    ] = [],  # noqa: B006
     target: Annotated[
         list[str],
         typer.Option(
@@ -300,18 +314,21 @@ def send(
     why = hostname_problem(hostname)
     if why is not None:
         raise UsageError(f"--hostname: {why}")
-    if bundle is None:
-        # A running node keeps its installed release unpacked, not as a bundle, and its
-        # blob store may have pruned the image: rebuilding a signed bundle from it is not
-        # possible without the release keys.
-        raise UsageError(
-            "deploy send needs --bundle FILE",
-            "a running node cannot rebuild its signed release; pass the .spkb it was "
-            "installed from (spk-visor ota bundle / ota build make one)",
-        )
+    keys = _authorized_keys(authorized_key)
     from spk_visor.deploy import channel, donor  # noqa: PLC0415
 
-    payload = donor.open_bundle(bundle)
+    if bundle is None:
+        # The release this node runs, as signed: its manifest and blobs from the OTA store.
+        from spk_visor.ota.nodeconf import node_paths  # noqa: PLC0415
+
+        payload = donor.open_node_release(node_paths())
+    else:
+        payload = donor.open_bundle(bundle)
+    if not st.json:
+        st.console.error(
+            f"sending release {payload.version} (counter {payload.counter}, manifest "
+            f"{payload.manifest_sha256[:12]}…) from {payload.source}"
+        )
     try:
         targets = donor.locate(
             codes,
@@ -331,6 +348,7 @@ def send(
             confirm_wipe=tuple(confirm_wipe),
             hostname=hostname,
             reboot=not no_reboot,
+            authorized_keys=keys,
         )
         bars = not st.json and st.console.err_is_tty
         results = donor.send(
@@ -359,6 +377,32 @@ def send(
     worst = donor.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
+
+
+def _authorized_keys(files: list[Path]) -> str | None:
+    """The --authorized-key files, read and checked before anyone is contacted."""
+    if not files:
+        return None
+    from spk_visor.deploy import authkeys  # noqa: PLC0415
+
+    texts = []
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                raw = f.read(authkeys.MAX_BYTES + 1)
+            text = raw.decode("utf-8")
+            texts.append(authkeys.validate(text))
+        except OSError as e:
+            raise UsageError(f"--authorized-key {path}: {e.strerror or e}") from e
+        except (UnicodeDecodeError, ValueError) as e:
+            raise UsageError(
+                f"--authorized-key {path}: {e}",
+                "give an OpenSSH public key file, such as ~/.ssh/id_ed25519.pub",
+            ) from e
+    try:
+        return authkeys.validate("".join(texts))
+    except ValueError as e:
+        raise UsageError(f"--authorized-key: {e}") from e
 
 
 @app.command("shim-iso")

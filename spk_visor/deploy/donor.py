@@ -5,8 +5,10 @@
     -> PLAN_OK {resume, verified} -> FILE_BEGIN/DATA.../FILE_END per missing blob
     -> END -> REPORT -> REBOOT (only when the REPORT says ok)
 
-The payload is a signed OTA bundle (.spkb); the donor parses its manifest only to know
-the blob order and sizes. It verifies nothing on the target's behalf: the target checks
+The payload is a signed OTA release: a bundle (.spkb), or the release this node runs, from
+its OTA store (the signed manifest and its blobs, as `ota apply`/`pull` and deploy keep
+them). Nothing is re-signed; the donor parses the manifest only to know the blob order
+and sizes. It verifies nothing on the target's behalf: the target checks
 the signatures against its own trust root and every blob against the manifest.
 
 While the donor streams, a reader thread takes the target's records (PROGRESS, PHASE,
@@ -29,9 +31,19 @@ from typing import Any, BinaryIO, Protocol
 
 from spk_visor import output
 from spk_visor.deploy import channel, code, discovery, messages
-from spk_visor.errors import ExitCode, SpkVisorError, UsageError, VerificationError
+from spk_visor.errors import (
+    ExitCode,
+    OperatorNeededError,
+    SpkVisorError,
+    UsageError,
+    VerificationError,
+)
 from spk_visor.ota import bundle as ota_bundle
+from spk_visor.ota import dsse
 from spk_visor.ota import manifest as ota_manifest
+from spk_visor.ota.journal import Installed
+from spk_visor.ota.nodeconf import NodePaths
+from spk_visor.ota.store import BlobStore
 
 RECORD = 64 << 10
 CONNECT_TIMEOUT = 10.0
@@ -50,17 +62,33 @@ class DeployFailed(SpkVisorError):
 
 @dataclass(frozen=True)
 class Payload:
-    """A bundle opened for sending: the manifest envelope and where each blob lies."""
+    """A release opened for sending: the manifest envelope and where each blob lies (a
+    file and an offset in it: one bundle for all, or one store file each)."""
 
     path: Path
     manifest_doc: dict[str, Any]
     manifest_sha256: str
-    blobs: dict[str, int]  # in bundle order
+    blobs: dict[str, int]  # in manifest order
     offsets: dict[str, int]
+    version: str = ""
+    counter: int = 0
+    source: str = ""  # for the report: "bundle FILE" or "this node's OTA store"
+    files: dict[str, Path] | None = None  # per blob; None: every blob lies in `path`
 
     @property
     def total(self) -> int:
         return sum(self.blobs.values())
+
+    def file_of(self, blob_id: str) -> Path:
+        return self.path if self.files is None else self.files[blob_id]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "counter": self.counter,
+            "manifest_sha256": self.manifest_sha256,
+            "source": self.source,
+        }
 
 
 def open_bundle(path: Path) -> Payload:
@@ -82,7 +110,85 @@ def open_bundle(path: Path) -> Payload:
             f"bundle {path} is {size} bytes, its manifest says {at}", "copy the bundle again"
         )
     return Payload(
-        path, header.manifest.to_doc(), header.manifest.payload_sha256, dict(parsed.blobs), offsets
+        path,
+        header.manifest.to_doc(),
+        header.manifest.payload_sha256,
+        dict(parsed.blobs),
+        offsets,
+        parsed.release.version,
+        parsed.release.counter,
+        f"bundle {path}",
+    )
+
+
+def open_node_release(paths: NodePaths) -> Payload:
+    """The signed release this node runs, from its OTA store, for sending as it is.
+
+    "Runs" is what installed.json names: the newest committed manifest (an OTA commit or
+    the deploy that installed the node writes it). Its envelope goes out byte for byte;
+    the target checks the release's own signatures, exactly as for a bundle.
+
+    UsageError (2): nothing installed here (not a node; pass --bundle). OperatorNeededError
+    (9): the store lacks the manifest or a blob; the message names it and how to get it.
+    """
+    installed = Installed(paths)
+    try:
+        doc = installed.read()
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"cannot read {installed.path}: {e}", "pass the release with --bundle FILE"
+        ) from e
+    manifest_hex = doc.get("manifest")
+    if not isinstance(manifest_hex, str) or not manifest_hex:
+        raise UsageError(
+            f"this machine has no installed release to send ({installed.path} names none)",
+            "pass the release with --bundle FILE (spk-visor ota build makes one)",
+        )
+    store = BlobStore(paths)
+    fix = "run `spk-visor ota pull` to fetch it, or pass the release with --bundle FILE"
+    try:
+        raw = store.load_manifest(manifest_hex)
+    except OSError as e:
+        raise OperatorNeededError(
+            f"this node's OTA store lacks the signed manifest {manifest_hex[:12]}… of the "
+            f"release it runs ({store.manifests_dir})",
+            fix,
+        ) from e
+    try:
+        env = dsse.from_bytes(raw, dsse.MANIFEST_TYPE)
+        parsed = ota_manifest.parse(env.payload_json())
+    except (VerificationError, ValueError, TypeError, KeyError) as e:
+        raise OperatorNeededError(
+            f"the stored manifest {manifest_hex[:12]}… cannot be read: {e}", fix
+        ) from e
+    if env.payload_sha256 != manifest_hex:
+        raise OperatorNeededError(
+            f"the stored manifest {manifest_hex[:12]}… does not match its name", fix
+        )
+    what = {}
+    if parsed.image is not None:
+        what[parsed.image.blob] = "base image"
+    if parsed.daemon is not None:
+        what[parsed.daemon.pack] = "daemon pack"
+    for blob_id, size in parsed.blobs.items():
+        if not store.has(blob_id, size):
+            raise OperatorNeededError(
+                f"this node's OTA store lacks blob {blob_id} ({what.get(blob_id, 'blob')}, "
+                f"{size} bytes) of release {parsed.release.version} "
+                f"(manifest {manifest_hex[:12]}…)",
+                fix,
+            )
+    blobs = dict(parsed.blobs)
+    return Payload(
+        store.blobs_dir,
+        env.to_doc(),
+        manifest_hex,
+        blobs,
+        dict.fromkeys(blobs, 0),
+        parsed.release.version,
+        parsed.release.counter,
+        "this node's OTA store",
+        {b: store.path(b) for b in blobs},
     )
 
 
@@ -114,6 +220,7 @@ class Result:
     verifier: str = ""
     report: dict[str, Any] | None = None
     resumed: bool = False
+    release: dict[str, Any] | None = None  # Payload.describe(): which release was sent
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -126,6 +233,7 @@ class Result:
             "sent": self.sent,
             "verifier": self.verifier,
             "resumed": self.resumed,
+            "release": self.release,
             "report": self.report,
         }
 
@@ -216,6 +324,7 @@ class Settings:
     confirm_wipe: Sequence[str] = ()
     hostname: str = "smechvisor"
     layout: str = "ab"
+    authorized_keys: str | None = None  # validated (authkeys.validate) `authorized_keys` lines
     reboot: bool = True
     handshake_timeout: float = 10.0
     reply_timeout: float = REPLY_TIMEOUT
@@ -413,20 +522,20 @@ class _Session:
         reader = threading.Thread(target=self._reader, args=(chan,), daemon=True)
         reader.start()
         self.phase = "sending"
-        with self.payload.path.open("rb") as f:
-            for blob_id, size in self.payload.blobs.items():
-                if blob_id in verified:
-                    continue
-                for attempt in (1, 2):
+        for blob_id, size in self.payload.blobs.items():
+            if blob_id in verified:
+                continue
+            for attempt in (1, 2):
+                with self.payload.file_of(blob_id).open("rb") as f:
                     self._send_blob(chan, f, blob_id, size)
-                    mtype, doc = self._next(messages.FILE_OK, messages.FILE_BAD)
-                    if mtype == messages.FILE_OK:
-                        break
-                    if attempt == 2:
-                        raise self.fail(
-                            ExitCode.REFUSED,
-                            f"the target rejected blob {blob_id} twice: {doc.get('reason')}",
-                        )
+                mtype, doc = self._next(messages.FILE_OK, messages.FILE_BAD)
+                if mtype == messages.FILE_OK:
+                    break
+                if attempt == 2:
+                    raise self.fail(
+                        ExitCode.REFUSED,
+                        f"the target rejected blob {blob_id} twice: {doc.get('reason')}",
+                    )
         if not self.settings.send_end:
             raise self.fail(ExitCode.TRANSIENT, "stopped before END (test hook)")
         chan.send(messages.END)
@@ -459,13 +568,17 @@ class _Session:
             )
         disk = chosen[0]
         serial = str(disk.get("serial"))
-        return {
+        plan: dict[str, Any] = {
             "manifest": self.payload.manifest_doc,
             "disk": {"serial": serial, "size": disk.get("size")},
             "layout": self.settings.layout,
             "hostname": self.settings.hostname,
             "confirm_wipe_serial": serial if serial in self.settings.confirm_wipe else None,
         }
+        if self.settings.authorized_keys is not None:
+            # Only when asked: a target from before this key refuses unknown PLAN keys.
+            plan["authorized_keys"] = self.settings.authorized_keys
+        return plan
 
     def _send_blob(self, chan: channel.SecureChannel, f: BinaryIO, blob_id: str, size: int) -> None:
         chan.send_json(messages.FILE_BEGIN, {"blob_id": blob_id, "size": size})
@@ -542,6 +655,7 @@ def deploy_one(target: Target, payload: Payload, settings: Settings, progress: P
             session.sent,
             session.verifier,
             resumed=session.resumed,
+            release=payload.describe(),
         )
     finally:
         progress.close()
@@ -556,6 +670,7 @@ def deploy_one(target: Target, payload: Payload, settings: Settings, progress: P
         session.verifier,
         report,
         session.resumed,
+        payload.describe(),
     )
 
 

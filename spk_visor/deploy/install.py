@@ -43,15 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from spk_visor.deploy import bootloader, channel
+from spk_visor.deploy import authkeys, bootloader, channel
 from spk_visor.deploy.hostname import problem as hostname_problem
 from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import OperatorNeededError, RefusedError, SpkVisorError, VerificationError
 from spk_visor.install import blockdev, runner, tree
 from spk_visor.install import image as image_writer
 from spk_visor.ota import dsse, durable
+from spk_visor.ota.journal import Installed as InstalledRecord
 from spk_visor.ota.manifest import DaemonComponent, ImageComponent, Manifest
+from spk_visor.ota.nodeconf import NodePaths
 from spk_visor.ota.roots import Root
+from spk_visor.ota.store import BlobStore
 from spk_visor.ota.verify import Verified, verify_manifest
 
 MIB = 1 << 20
@@ -64,7 +67,8 @@ ESP_MIB = 512
 FRAME_MIB = 2
 # Slots grow up to this on big disks; on small ones they shrink to what the image needs.
 DEFAULT_SLOT_BYTES = 16 * GIB
-# The data partition must hold the daemon pack twice (staged + unpacked) plus this.
+# The data partition must hold the daemon pack twice (staged + unpacked), the image blob
+# (kept in the node's OTA store, so the node can deploy its peers) plus this.
 DATA_MIN_BYTES = 256 * MIB
 SECTOR_SIZES = (512, 4096)
 DATA_MOUNT = "/data"
@@ -75,7 +79,7 @@ HEAD = image_writer.HEAD
 # Records queued for the image decoder: fewer than the channel keeps valid, so a record
 # is never overwritten before it is decoded (see RecordPipe).
 PIPE_DEPTH = channel.RECV_RING - 2
-PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial"}
+PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial", "authorized_keys"}
 DISK_KEYS = {"serial", "size"}
 MAX_PATH = 1024
 MAX_COMPONENT = 255
@@ -134,10 +138,10 @@ class Layout:
         return "\n".join(lines) + "\n"
 
 
-def plan_layout(disk_size: int, image_raw: int, pack_size: int) -> Layout:
+def plan_layout(disk_size: int, image_raw: int, pack_size: int, image_blob: int = 0) -> Layout:
     """Sizes for a disk, or PlanRefused("disk_too_small") when image + data do not fit."""
     need_slot = max(_mib_up(image_raw), 1)
-    data_min = _mib_up(DATA_MIN_BYTES + 2 * pack_size)
+    data_min = _mib_up(DATA_MIN_BYTES + 2 * pack_size + image_blob)
     disk_mib = disk_size // MIB
     spare = disk_mib - FRAME_MIB - BIOS_MIB - ESP_MIB - data_min
     if spare < 2 * need_slot:
@@ -161,6 +165,7 @@ class ResolvedPlan:
     layout: Layout
     hostname: str
     wipe_confirmed: bool
+    authorized_keys: str | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -233,6 +238,14 @@ def validate_plan(
     why = hostname_problem(hostname)
     if why is not None:
         raise PlanRefused("bad_hostname", why)
+    keys = plan.get("authorized_keys")
+    if keys is not None:
+        if not isinstance(keys, str):
+            raise PlanRefused("bad_authorized_keys", "authorized_keys must be a string")
+        try:
+            keys = authkeys.validate(keys)
+        except ValueError as e:
+            raise PlanRefused("bad_authorized_keys", str(e)) from e
     disk = _resolve_disk(plan["disk"], disks)
     confirm = plan.get("confirm_wipe_serial")
     if confirm is not None and confirm != disk.serial:
@@ -257,8 +270,9 @@ def validate_plan(
         raise PlanRefused("bad_manifest", "the release has no base image to install")
     _check_names(parsed)
     pack_size = parsed.blobs[parsed.daemon.pack] if parsed.daemon else 0
-    layout = plan_layout(disk.size, parsed.image.raw_size, pack_size)
-    return ResolvedPlan(disk, verified, env.to_bytes(), layout, hostname, confirm is not None)
+    image_blob = parsed.blobs[parsed.image.blob]
+    layout = plan_layout(disk.size, parsed.image.raw_size, pack_size, image_blob)
+    return ResolvedPlan(disk, verified, env.to_bytes(), layout, hostname, confirm is not None, keys)
 
 
 # ---- running tools --------------------------------------------------------------------
@@ -317,9 +331,19 @@ class _ImageSink:
         self.received = 0
         self.error: BaseException | None = None
         self.pipe = image_writer.RecordPipe(PIPE_DEPTH)
+        # The blob as it came, into the node's OTA store: the installed node can then send
+        # this very release to a peer. It enters blobs/ only once the writer has checked
+        # the stream against the blob's signed hash and size.
+        self.copy_fd: int | None = None
+        try:
+            self.copy_fd = inst.store_partial(image.blob)
+        except OSError as e:
+            raise InstallError("io_error", f"the store copy of the image: {e}") from e
         try:
             fd, direct = blockdev.open_for_writing(inst.parts["root-a"])
         except (OSError, SpkVisorError) as e:
+            os.close(self.copy_fd)
+            inst.store.discard_partial(image.blob)
             raise InstallError("io_error", f"opening slot A: {e}") from e
         self.fd: int | None = fd
         start = inst.durable_bytes
@@ -348,6 +372,8 @@ class _ImageSink:
             raise InstallError("too_many_bytes", f"image blob is declared as {self.size} bytes")
         self.received += len(data)
         try:
+            if self.copy_fd is not None:
+                blockdev.write_all(self.copy_fd, data)
             self.pipe.put(data)
         except InstallError:
             raise
@@ -368,6 +394,14 @@ class _ImageSink:
             raise _install_error(e) from e
         self._durable(self.inst.durable_bytes + len(self.writer.head) + len(self.writer.tail))
         self.inst.emit_progress()
+        if self.copy_fd is not None:
+            try:
+                os.fsync(self.copy_fd)
+                os.close(self.copy_fd)
+                self.copy_fd = None
+                self.inst.store.promote(self.image.blob)
+            except OSError as e:
+                raise InstallError("io_error", f"the store copy of the image: {e}") from e
         self.inst.image_sha256 = self.image.raw_sha256
         self.close()
 
@@ -379,6 +413,10 @@ class _ImageSink:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.copy_fd is not None:
+            os.close(self.copy_fd)
+            self.copy_fd = None
+            self.inst.store.discard_partial(self.image.blob)
 
 
 class _PackSink:
@@ -634,9 +672,60 @@ class Installer:
         except OSError as e:
             raise InstallError("io_error", f"unpacking the daemon tree: {e}") from e
         durable.flip_symlink(opt / "current", f"releases/{rid}")
-        pack.unlink()
+        # The verified pack stays, in the node's OTA store (see _ImageSink).
+        self.store.ensure()
+        os.replace(pack, self.store.path(daemon.pack))
+        durable.fsync_dir(self.store.blobs_dir)
         shutil.rmtree(pack.parent, ignore_errors=True)
         self.daemon_release = rid
+
+    # -- the node's OTA state on the data partition (bind-mounted at /var/lib)
+
+    @property
+    def store(self) -> BlobStore:
+        return BlobStore(NodePaths(self.mountpoint))
+
+    def store_partial(self, blob_id: str) -> int:
+        store = self.store
+        store.ensure()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(store.partial(blob_id), flags, 0o600)
+
+    def _write_ota_state(self) -> None:
+        """The signed manifest next to its blobs, and installed.json saying what slot A and
+        `current` hold, as an OTA commit would: `ota status` is right on first boot, the
+        next update sees what is unchanged, and `deploy send` on the node finds its release
+        (commands/deploy.py)."""
+        manifest = self.plan.manifest
+        self.store.save_manifest(self.plan.manifest_sha256, self.plan.manifest_raw)
+        hexd, counter, version = (
+            self.plan.manifest_sha256,
+            manifest.release.counter,
+            manifest.release.version,
+        )
+        doc: dict[str, Any] = {"manifest": hexd, "counter": counter, "version": version}
+        if manifest.image is not None:
+            image = manifest.image
+            doc["base"] = {
+                "slot": "a",
+                "manifest": hexd,
+                "raw_sha256": image.raw_sha256,
+                "raw_size": image.raw_size,
+                "blob": image.blob,
+                "version": image.version,
+                "counter": counter,
+            }
+        if manifest.daemon is not None and self.daemon_release is not None:
+            doc["daemon"] = {
+                "release": self.daemon_release,
+                "manifest": hexd,
+                "pack": manifest.daemon.pack,
+                "version": manifest.daemon.version,
+                "counter": counter,
+                "previous": None,
+            }
+        record = InstalledRecord(NodePaths(self.mountpoint))
+        durable.write_json(record.path, doc)
 
     # -- finalize
 
@@ -757,6 +846,22 @@ class Installer:
         # World-readable, as every system reads them.
         durable.write_bytes(etc / "fstab", self.fstab().encode(), 0o644)
         durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode(), 0o644)
+        if self.plan.authorized_keys is not None:
+            self._write_authorized_keys(etc, self.plan.authorized_keys)
+
+    @staticmethod
+    def _write_authorized_keys(etc: Path, keys: str) -> None:
+        """<data>/etc/ssh/authorized_keys/root, which the image's sshd_config names
+        (AuthorizedKeysFile /data/etc/ssh/authorized_keys/%u). StrictModes refuses a key
+        file that anyone but root can write, or whose directories are: root-owned 0755
+        directories and a 0600 file, written atomically."""
+        path = etc / "ssh" / "authorized_keys" / "root"
+        for d in (etc, path.parent.parent, path.parent):
+            d.mkdir(mode=0o755, exist_ok=True)
+            os.chown(d, 0, 0)
+            d.chmod(0o755)  # mkdir's mode passes through the umask
+        durable.write_bytes(path, keys.encode(), 0o600)
+        os.chown(path, 0, 0)
 
     def _write_record(self) -> None:
         """The deploy record, once the image and the daemon tree are verified."""
@@ -775,6 +880,7 @@ class Installer:
         }
         durable.write_bytes(etc / "spk-deploy.json", (json.dumps(record, indent=2) + "\n").encode())
         durable.write_bytes(etc / "spk-deploy.manifest.json", self.plan.manifest_raw)
+        self._write_ota_state()
 
     def _unmount(self) -> None:
         if not self.state.mounted:

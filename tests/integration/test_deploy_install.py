@@ -34,8 +34,10 @@ from spk_visor.deploy.install import (
 from spk_visor.deploy.inventory import Disk, inventory
 from spk_visor.ota import bundle as bundle_mod
 from spk_visor.ota import roots
+from spk_visor.ota.store import sha256_file
 from tests.support import deploy_images
 from tests.support.prereq import need_command, need_root
+from tests.support.sshkeys import public_line
 
 DISK_BYTES = 2 << 30
 BOOT_TIMEOUT_S = 150
@@ -44,6 +46,7 @@ LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+ADMIN_KEYS = f"{public_line('ed25519', 'admin@desk')}\n{public_line('ecdsa')}\n"
 
 
 def _prereqs() -> None:
@@ -108,6 +111,7 @@ def _plan(release: deploy_images.TestRelease, disk: Disk) -> dict[str, Any]:
         "layout": "ab",
         "hostname": "node-1",
         "confirm_wipe_serial": disk.serial if disk.has_signatures else None,
+        "authorized_keys": ADMIN_KEYS,
     }
 
 
@@ -141,6 +145,32 @@ class Installed:
     current_link: str
     slot_a_sha256: str
     seconds: float
+    # What the data partition holds (mounted read-only after the install): for each path,
+    # (mode, uid, gid, sha256 or None for a directory), and a few files' bytes.
+    data_tree: dict[str, tuple[int, int, int, str | None]]
+    data_bytes: dict[str, bytes]
+
+
+def _data_tree(
+    device: str, where: Path
+) -> tuple[dict[str, tuple[int, int, int, str | None]], dict[str, bytes]]:
+    where.mkdir(exist_ok=True)
+    _run(["mount", "-o", "ro", "-t", "ext4", device, str(where)])
+    try:
+        tree: dict[str, tuple[int, int, int, str | None]] = {}
+        for sub in ("etc/ssh", "var/lib/spk-visor"):
+            for dirpath, _dirs, names in os.walk(where / sub):
+                for p in [Path(dirpath), *(Path(dirpath, n) for n in names)]:
+                    st = p.lstat()
+                    digest = None if p.is_dir() else sha256_file(p)
+                    tree[str(p.relative_to(where))] = (st.st_mode, st.st_uid, st.st_gid, digest)
+        wanted = ("etc/ssh/authorized_keys/root", "var/lib/spk-visor/ota/installed.json")
+        data = {n: (where / n).read_bytes() for n in wanted if (where / n).is_file()}
+        for p in (where / "var/lib/spk-visor/ota/store/manifests").glob("*.json"):
+            data[str(p.relative_to(where))] = p.read_bytes()
+        return tree, data
+    finally:
+        _run(["umount", str(where)])
 
 
 def _debugfs_cat(device: str, path: str) -> bytes:
@@ -201,6 +231,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         raw_size = resolved.manifest.image.raw_size  # type: ignore[union-attr]
         with open(inst.parts["root-a"], "rb") as f:
             digest.update(f.read(raw_size))
+        data_tree, data_bytes = _data_tree(data, tmp / "data-ro")
         yield Installed(
             release,
             ld.image,
@@ -216,6 +247,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
             link,
             digest.hexdigest(),
             seconds,
+            data_tree,
+            data_bytes,
         )
 
 
@@ -270,6 +303,47 @@ def test_config_files(installed: Installed) -> None:
     assert installed.data_files["/etc/hostname"] == b"node-1\n"
     record = json.loads(installed.data_files["/etc/spk-deploy.json"])
     assert record["manifest_sha256"] == installed.release.result.manifest_sha256
+
+
+def test_admin_keys_on_the_data_partition(installed: Installed) -> None:
+    """sshd_config's AuthorizedKeysFile /data/etc/ssh/authorized_keys/%u, as StrictModes
+    wants it: root's file 0600, every directory on the way root-owned 0755."""
+    key = "etc/ssh/authorized_keys/root"
+    assert installed.data_bytes[key].decode() == ADMIN_KEYS
+    mode, uid, gid, _ = installed.data_tree[key]
+    assert (oct(mode & 0o7777), uid, gid) == (oct(0o600), 0, 0)
+    assert mode & 0o170000 == 0o100000  # a regular file, not a link
+    for d in ("etc/ssh", "etc/ssh/authorized_keys"):
+        mode, uid, gid, _ = installed.data_tree[d]
+        assert (oct(mode & 0o7777), uid, gid) == (oct(0o755), 0, 0), d
+    # Written atomically: no temporary file left beside it.
+    assert [p for p in installed.data_tree if p.startswith("etc/ssh/")] == [
+        "etc/ssh/authorized_keys",
+        key,
+    ]
+
+
+def test_ota_store_holds_the_signed_release(installed: Installed) -> None:
+    """The new node keeps what it was installed from (so it can deploy its peer, and OTA
+    knows what is installed): the signed manifest byte for byte, every blob under its
+    hash, and installed.json naming slot A and the daemon release."""
+    result = installed.release.result
+    sha = result.manifest_sha256
+    ota = "var/lib/spk-visor/ota"
+    assert installed.data_bytes[f"{ota}/store/manifests/{sha}.json"] == (
+        result.manifest_path.read_bytes()
+    )
+    blob_ids = [b["id"] for b in result.payload["blobs"]]
+    for blob_id in blob_ids:
+        hexd = blob_id.removeprefix("sha256:")
+        assert installed.data_tree[f"{ota}/store/blobs/sha256/{hexd}"][3] == hexd
+    assert not [p for p in installed.data_tree if p.startswith(f"{ota}/store/partial/")]
+    doc = json.loads(installed.data_bytes[f"{ota}/installed.json"])
+    assert doc["manifest"] == sha and doc["version"] == "1.0.0"
+    assert doc["base"]["slot"] == "a" and doc["base"]["manifest"] == sha
+    assert doc["base"]["raw_sha256"] == installed.slot_a_sha256
+    assert doc["daemon"]["release"] == installed.report["daemon_release"]
+    assert doc["daemon"]["pack"] in blob_ids
 
 
 def test_bios_and_efi_boot_code_present(installed: Installed) -> None:

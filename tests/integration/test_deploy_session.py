@@ -10,6 +10,7 @@ receiver's JSON events, and the bytes on the loop device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,11 +24,17 @@ from typing import Any
 
 import pytest
 
+from spk_visor.deploy import donor
+from spk_visor.errors import ExitCode
 from spk_visor.ota import build
+from spk_visor.ota.nodeconf import NodePaths
 from tests.support import netns
+from tests.support import ota_slots_worker as slots_node
+from tests.support.abdisk import ab_disk
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
 from tests.support.prereq import need_command, need_root
+from tests.support.sshkeys import public_line
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 47475
@@ -156,7 +163,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp / "root.json"
     root.write_bytes(pki.root_env().to_bytes())
     blobs = result.payload["blobs"]
-    return {"bundle": result.bundle, "root": root, "blobs": blobs}
+    return {"bundle": result.bundle, "root": root, "blobs": blobs, "pki": pki, "image": image}
 
 
 @pytest.fixture
@@ -273,7 +280,7 @@ def receiver(
 
 
 def send(
-    seg: netns.Segment, *args: str, timeout: float = 120
+    seg: netns.Segment, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> tuple[int, list[dict[str, Any]], str]:
     argv = [sys.executable, "-m", "spk_visor", "deploy", "send", "--json", *args]
     done = subprocess.run(
@@ -282,7 +289,7 @@ def send(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env={**_env(), **(env or {})},
         cwd=REPO,
     )
     docs = json.loads(done.stdout) if done.stdout.strip().startswith("[") else []
@@ -576,9 +583,131 @@ def test_one_donor_deploys_two_targets_in_parallel(
         assert not r.rebooted.exists()
 
 
-def test_send_without_a_bundle_says_why() -> None:
-    from tests.support.cli import run  # noqa: PLC0415
+def _spk(sysroot: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**_env(), "SPK_VISOR_OTA_SYSROOT": str(sysroot), "SPK_VISOR_CONFIG": "/nonexistent"}
+    return subprocess.run(
+        [sys.executable, "-m", "spk_visor", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
+    )
 
-    result = run("deploy-system-img-copy", "42-K7QX9")
-    assert result.code == 2
-    assert "deploy send needs --bundle FILE" in result.err
+
+def test_a_node_updated_by_ota_apply_deploys_that_release(
+    seg: netns.Segment, release: dict[str, Any], receiver: Any, disks: Any, tmp_path: Path
+) -> None:
+    """A sandbox node on real A/B slots takes release 1.1.0 with `ota apply` (staged into
+    slot b, "rebooted", committed by `ota boot-check`); `deploy send` without --bundle
+    then installs exactly that signed manifest on a peer."""
+    need_command("grub-editenv", "grub-common")
+    update = build.build(
+        out=tmp_path / "update.spkb",
+        version="1.1.0",
+        counter=2,
+        keys=release["pki"].release,
+        base_image=release["image"],
+    )
+    sysroot = tmp_path / "sysroot"
+    with ab_disk(tmp_path, slot_mib=8) as slots_disk:
+        slots_node.node(sysroot, slots_disk.root_a, slots_disk.root_b)
+        factory = NodePaths(sysroot).factory_root
+        factory.parent.mkdir(parents=True)
+        factory.write_bytes(Path(release["root"]).read_bytes())
+        applied = _spk(sysroot, "ota", "apply", "--bundle", str(update.bundle))
+        assert applied.returncode == int(ExitCode.REBOOT_REQUIRED), applied.stderr
+        assert slots_node.consume_oneshot(sysroot) == slots_node.ENTRY_B
+        slots_node.set_booted(sysroot, "b")
+        checked = _spk(sysroot, "ota", "boot-check")
+        assert checked.returncode == 0, checked.stderr
+    installed = json.loads((NodePaths(sysroot).state_dir / "installed.json").read_text())
+    assert installed["manifest"] == update.manifest_sha256
+
+    disk = disks("4G")
+    r = receiver("target")
+    args = ["--target", seg.address("target"), "--disk", disk.serial, "--no-reboot"]
+    code, docs, err = send(
+        seg,
+        r.code,
+        *args,
+        "--confirm-wipe",
+        disk.serial,
+        env={"SPK_VISOR_OTA_SYSROOT": str(sysroot)},
+    )
+    assert code == 0, (err, json.dumps(docs))
+    assert docs[0]["release"]["version"] == "1.1.0"
+    assert docs[0]["release"]["source"] == "this node's OTA store"
+    assert docs[0]["report"]["manifest_sha256"] == update.manifest_sha256
+    assert r.wait(lambda e: e["event"] == "report", 10)["ok"]
+
+
+@contextlib.contextmanager
+def _mounted(device: str, where: Path) -> Iterator[Path]:
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "ext4", device, str(where)], check=True, timeout=60)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False, timeout=60)
+
+
+def test_a_deployed_node_deploys_its_own_release_to_a_peer(
+    seg: netns.Segment, release: dict[str, Any], receiver: Any, disks: Any, tmp_path: Path
+) -> None:
+    """The admin's key reaches the first node's data partition; that node (its data
+    partition as the OTA sysroot: /var/lib is bind-mounted from it) then sends the signed
+    release it was installed from, without --bundle, and the peer installs that very
+    manifest."""
+    signed_sha = donor.open_bundle(Path(release["bundle"])).manifest_sha256
+    key = tmp_path / "id_ed25519.pub"
+    key.write_text(public_line("ed25519", "admin@desk") + "\n")
+    first, second = disks("4G"), disks("4G")
+    r1 = receiver("target")
+    args = ["--target", seg.address("target"), "--disk", first.serial, "--no-reboot"]
+    args += ["--confirm-wipe", first.serial, "--authorized-key", str(key)]
+    code, docs, err = send(seg, r1.code, "--bundle", str(release["bundle"]), *args)
+    assert code == 0, (err, json.dumps(docs))
+    assert docs[0]["release"]["source"] == f"bundle {release['bundle']}"
+    assert r1.wait(lambda e: e["event"] == "report", 10)["ok"]
+
+    with _mounted(first.part(5), tmp_path / "node") as node:
+        keyfile = node / "etc/ssh/authorized_keys/root"
+        assert keyfile.read_text() == key.read_text()
+        assert keyfile.stat().st_mode & 0o7777 == 0o600 and keyfile.stat().st_uid == 0
+        installed = json.loads((node / "var/lib/spk-visor/ota/installed.json").read_text())
+        assert installed["manifest"] == signed_sha
+
+        r2 = receiver("target2")
+        args = ["--target", seg.address("target2"), "--disk", second.serial, "--no-reboot"]
+        args += ["--confirm-wipe", second.serial]
+        sysroot = {"SPK_VISOR_OTA_SYSROOT": str(node)}
+        code, docs, err = send(seg, r2.code, *args, env=sysroot)
+        assert code == 0, (err, json.dumps(docs))
+        assert docs[0]["release"] == {
+            "version": "1.0.0",
+            "counter": 1,
+            "manifest_sha256": signed_sha,
+            "source": "this node's OTA store",
+        }
+        assert docs[0]["report"]["ok"] and docs[0]["report"]["manifest_sha256"] == signed_sha
+        assert r2.wait(lambda e: e["event"] == "report", 10)["ok"]
+
+        # A store that lost a blob: named, with the ways to get it; nobody contacted.
+        blob = release["blobs"][-1]["id"]
+        (node / "var/lib/spk-visor/ota/store/blobs/sha256" / blob.split(":")[1]).unlink()
+        code, docs, err = send(seg, "42-K7QX9", *args, env=sysroot)
+        assert code == 9, err
+        assert blob in err and "ota pull" in err and "--bundle" in err
+
+    # The peer holds the same signed release, ready to deploy the next one.
+    with _mounted(second.part(5), tmp_path / "peer") as peer:
+        installed = json.loads((peer / "var/lib/spk-visor/ota/installed.json").read_text())
+        assert installed["manifest"] == signed_sha
+        stored = peer / f"var/lib/spk-visor/ota/store/manifests/{signed_sha}.json"
+        assert (
+            json.loads(stored.read_bytes())
+            == donor.open_bundle(Path(release["bundle"])).manifest_doc
+        )
+        assert not (peer / "etc/ssh/authorized_keys").exists()  # none was given this time

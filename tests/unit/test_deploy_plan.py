@@ -22,7 +22,9 @@ from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.errors import ExitCode, SpkVisorError
 from spk_visor.ota import build, dsse, keys, roots
 from spk_visor.ota.manifest import ImageComponent
+from spk_visor.ota.nodeconf import NodePaths
 from spk_visor.ota.roots import Root
+from spk_visor.ota.store import BlobStore
 from tests.support.deploy_units import fake_disk
 from tests.support.ota_pki import Pki, signed_manifest
 
@@ -274,9 +276,13 @@ def test_image_sink_bounds_memory_and_stops_a_decompression_bomb(tmp_path: Path)
         def __init__(self) -> None:
             self.parts = {"root-a": str(slot)}
             self.durable_bytes = 0
+            self.store = BlobStore(NodePaths(tmp_path / "data"))
 
         def emit_progress(self) -> None:
             pass
+
+        def store_partial(self, blob_id: str) -> int:
+            return install.Installer.store_partial(self, blob_id)  # type: ignore[arg-type]
 
     image = ImageComponent(
         "base", "1", "sha256:" + hashlib.sha256(blob).hexdigest(), "zstd", 1 << 20,
@@ -295,6 +301,9 @@ def test_image_sink_bounds_memory_and_stops_a_decompression_bomb(tmp_path: Path)
         sink.close()
     assert info.value.reason == "image_too_large"
     assert peak < 24 << 20, f"decoding held {peak >> 20} MiB at once"
+    # The refused blob's store copy is gone too: only verified blobs stay on the node.
+    store = BlobStore(NodePaths(tmp_path / "data"))
+    assert list(store.partial_dir.iterdir()) == [] and list(store.blobs_dir.iterdir()) == []
 
 
 def test_deploy_errors_join_the_error_tree() -> None:
