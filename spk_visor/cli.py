@@ -15,6 +15,7 @@ from spk_visor import typer_fast
 from spk_visor.commands import (
     about,
     deploy,
+    image,
     iommu,
     node,
     ota,
@@ -169,6 +170,7 @@ app.add_typer(ota.app, name="ota")
 ota.register_aliases(app)
 app.add_typer(deploy.app, name="deploy")
 deploy.register_aliases(app)
+app.add_typer(image.app, name="image")
 about.register(app)
 sealed.register(app)
 

@@ -181,7 +181,7 @@ def test_create_vm_false_names_its_reason(tmp_path: Path, missing: str) -> None:
 
 
 def test_create_vm_reason_empty_when_possible(node: tuple[str, Daemon]) -> None:
-    kind, d = node
+    _, d = node
     doc = d.get("/api/node").json
     caps, reasons = doc["capabilities"], doc["capability_reasons"]
     assert (reasons["create_vm"] == "") is caps["create_vm"]
