@@ -337,6 +337,35 @@ def build(
     return result
 
 
+def _debootstrap(
+    tree: Path, list_file: Path, sources_text: str, epoch: int, cache: Path, progress: Progress
+) -> None:
+    """mmdebstrap's tree, or its cached copy: it depends only on the package set, the
+    sources and the epoch, so a change to spk-visor does not download Debian again."""
+    doc = {
+        "format": FORMAT,
+        "suite": rootfs.SUITE,
+        "packages": rootfs.PACKAGES,
+        "dpkg_exclude": rootfs.DPKG_EXCLUDE,
+        "dpkg_include": rootfs.DPKG_INCLUDE,
+        "sources": sources_text,
+        "epoch": epoch,
+    }
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+    archive = cache / "debootstrap" / f"{key}.tar.zst"
+    tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+    if archive.is_file():
+        progress(f"Debian tree from the cache ({archive.name})")
+        tree.mkdir()
+        pyenv.run([*tar, "-I", "zstd -T0", "-C", str(tree), "-xf", str(archive)])
+        return
+    rootfs.debootstrap(tree, list_file, epoch, progress)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(f".{archive.name}.partial")
+    pyenv.run([*tar, "-I", "zstd -T0 -3", "-C", str(tree), "-cf", str(partial), "."])
+    os.replace(partial, archive)
+
+
 def _build_fresh(
     inputs: Inputs,
     sources_text: str,
@@ -356,7 +385,7 @@ def _build_fresh(
             list_file = work / "sources.list"
         list_file.write_text(sources_text)
         t = time.monotonic()
-        rootfs.debootstrap(tree, list_file, epoch, progress)
+        _debootstrap(tree, list_file, sources_text, epoch, cache.parent, progress)
         stages["mmdebstrap"] = time.monotonic() - t
 
         t = time.monotonic()

@@ -40,7 +40,13 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None 
 
 
 def chroot(root: Path, argv: list[str], env: dict[str, str] | None = None) -> str:
-    base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+    # A fixed hash seed: bytecode of set and frozenset constants is then the same bytes.
+    base = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/root",
+        "PYTHONHASHSEED": "0",
+    }
     return run(["chroot", str(root), *argv], env={**base, **(env or {})})
 
 
@@ -56,8 +62,8 @@ def build_wheels(source: Path, wheels: Path, progress: Progress) -> list[Path]:
     wheels.mkdir(parents=True, exist_ok=True)
     progress(f"building the spk-visor wheel from {source}")
     pip = pip_command()
-    # --no-build-isolation: setuptools of this interpreter builds it, nothing downloaded.
-    run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)])
+    # Build isolation: the build backend pyproject.toml asks for, from pip's cache.
+    run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)])
     progress("collecting dependency wheels (cp311, manylinux; pip's cache first)")
     argv = [*pip, "download", "-q", "--only-binary=:all:", "-d", str(wheels)]
     argv += ["--implementation", "cp", "--python-version", "3.11"]

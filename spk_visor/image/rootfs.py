@@ -102,6 +102,8 @@ DROP = (
 )
 MODULE_ZSTD_LEVEL = 12
 SERVICES_DEFAULT = ("smechvisord", "spk-visor-ota", "vhost-user-gpu")
+# Stubs even where the image never had the command: the answer is "sealed", not "not found".
+ALWAYS_SEALED = ("apt", "apt-get", "dpkg", "pip", "pip3")
 # Names that would make the node able to build code (none must be in the image).
 COMPILERS = ("cc", "c++", "gcc", "g++", "clang", "tcc", "as", "ld", "rustc", "go", "make")
 Progress = Callable[[str], None]
@@ -258,7 +260,7 @@ def seal(root: Path, packages: str) -> list[str]:
     for name in nodefiles.SEALED_COMMANDS:
         for bindir in ("usr/bin", "usr/sbin"):
             path = root / bindir / name
-            if path.is_symlink() or path.exists() or name in ("apt", "apt-get", "dpkg", "pip"):
+            if path.is_symlink() or path.exists() or name in ALWAYS_SEALED:
                 _write(root, f"{bindir}/{name}", nodefiles.SEALED_STUB, 0o755)
                 replaced.append(f"/{bindir}/{name}")
                 break

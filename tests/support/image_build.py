@@ -65,9 +65,9 @@ def build_image(
     """`spk-visor image build --json` with the test root; the JSON result and the run."""
     root_json = workdir / "root.json"
     root_json.write_bytes(root_json_bytes())
+    argv = [sys.executable, "-m", "spk_visor", "image", "build", "--root", str(root_json)]
     run = subprocess.run(
-        [sys.executable, "-m", "spk_visor", "image", "build", "--root", str(root_json), "--json"]
-        + list(extra),
+        [*argv, "--json", *extra],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
