@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -104,5 +103,3 @@ def build(
         st.console.error(
             "note: no --vmm: the node reports create_vm false until cloud-hypervisor is added"
         )
-    if os.environ.get("SOURCE_DATE_EPOCH") is None:
-        st.console.error(f"SOURCE_DATE_EPOCH {result.epoch} (the checkout's last commit)")

@@ -46,7 +46,7 @@ IMAGE_NAME = "smechvisor-base.img"
 LABEL = "smechvisor"
 # Bumped when the builder changes what it makes in a way its source hash would not show.
 FORMAT = 1
-# Used when neither SOURCE_DATE_EPOCH nor the checkout's last commit gives a time.
+# Every time stamp in the image when SOURCE_DATE_EPOCH is not set.
 DEFAULT_EPOCH = 1704067200  # 2024-01-01T00:00:00Z
 REQUIRED_TOOLS = {
     "mmdebstrap": "mmdebstrap",
@@ -107,24 +107,18 @@ def cache_root(source: Path) -> Path:
     return source / ".cache" / "image"
 
 
-def source_date_epoch(source: Path) -> int:
-    """SOURCE_DATE_EPOCH, else the checkout's last commit time, else a fixed date."""
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH, else a fixed date.
+
+    Not the checkout's last commit time: every commit would then change the Debian
+    tree's timestamps, and so its cache key, and every CI run would download Debian again.
+    """
     env = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if env:
-        if not env.isdigit():
-            raise UsageError(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
-        return int(env)
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(source), "log", "-1", "--format=%ct"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    return int(out) if out.isdigit() else DEFAULT_EPOCH
+    if not env:
+        return DEFAULT_EPOCH
+    if not env.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+    return int(env)
 
 
 def _hash_tree(digest: Any, tree: Path) -> None:
@@ -307,7 +301,7 @@ def build(
     """Build (or take from the cache) the base image; copy it to `out` when given."""
     started = time.monotonic()
     _check_inputs(inputs)
-    epoch = inputs.epoch if inputs.epoch is not None else source_date_epoch(inputs.source)
+    epoch = inputs.epoch if inputs.epoch is not None else source_date_epoch()
     if inputs.sources_file is not None:
         sources_text = inputs.sources_file.read_text()
     else:

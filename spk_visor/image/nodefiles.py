@@ -47,7 +47,7 @@ _data_partition() {
 
 _first_boot_files() {
 	mkdir -p /data/etc/ssh/authorized_keys /data/etc/spk-visor /data/etc/network/interfaces.d \
-		/data/var/log /data/var/lib /data/boot /data/opt/smechvisord
+		/data/var/log /data/var/lib /data/boot/efi /data/opt/smechvisord
 	mkdir -p -m 0700 /data/etc/smechvisord
 	[ -s /data/etc/hostname ] || echo smechvisor > /data/etc/hostname
 	if [ ! -s /data/etc/machine-id ]; then
@@ -126,6 +126,9 @@ FSTAB = """\
 # SmechVisor base image. The root is read-only (ro on the kernel line) and carries no
 # node data: the node's partition "data" is mounted at /data by the spk-visor-data
 # service, which then applies /data/etc/fstab (written by spk-visor deploy).
+# The root line only keeps checkroot.sh from remounting the slot read-write (its default);
+# the kernel line names the real device (root=PARTUUID=...), and pass 0 skips fsck.
+/dev/root / ext4 ro,noatime 0 0
 tmpfs /tmp tmpfs nosuid,nodev,mode=1777 0 0
 """
 

@@ -99,6 +99,8 @@ DROP = (
     "vmlinuz.old",
     "initrd.img",
     "initrd.img.old",
+    "boot/vmlinuz.old",
+    "boot/initrd.img.old",
 )
 MODULE_ZSTD_LEVEL = 12
 SERVICES_DEFAULT = ("smechvisord", "spk-visor-ota", "vhost-user-gpu")

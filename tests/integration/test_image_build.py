@@ -236,6 +236,7 @@ def test_release_tree(mnt: Path, built: dict[str, Any]) -> None:
         mnt, "/opt/smechvisord/current/bin/smechvisord", "--self-check", "--state-dir", "/tmp"
     )
     assert run.returncode in (0, 1), run.stderr
+    assert "self-check" in run.stdout + run.stderr
     assert "Traceback" not in run.stderr and "ModuleNotFoundError" not in run.stderr
 
 
@@ -275,6 +276,9 @@ def test_sealed(mnt: Path) -> None:
 def test_image_is_read_only_shaped(mnt: Path) -> None:
     fstab = (mnt / "etc/fstab").read_text()
     assert "tmpfs /tmp tmpfs" in fstab
+    # checkroot.sh remounts / read-write unless fstab says ro.
+    root_line = [line.split() for line in fstab.splitlines() if line.split()[1:2] == ["/"]]
+    assert root_line and "ro" in root_line[0][3].split(","), fstab
     assert os.readlink(mnt / "etc/resolv.conf") == "/run/resolv.conf"
     assert (mnt / "data").is_dir()
     for docs in ("usr/share/man", "usr/share/info"):
