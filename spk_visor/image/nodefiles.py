@@ -206,7 +206,7 @@ SEALED_COMMANDS = (
     *("pip", "pip3", "pip3.11", "easy_install"),
 )
 
-# /usr/bin/spk-visor: the CLI from its wheels in SPK_VISOR_LIB, on the image's python.
+# /usr/bin/spk-visor: the CLI from its wheels in CLI_LIB, on the image's python.
 CLI_LAUNCHER = """\
 #!/usr/bin/python3 -IB
 # spk-visor, installed from wheels into {lib} by spk-visor image build.

@@ -24,7 +24,7 @@ from spk_visor.deploy import shim_iso, tools
 from spk_visor.errors import ConfigError, SpkVisorError
 from spk_visor.image import nodefiles
 
-SPK_VISOR_LIB = "usr/lib/spk-visor/python"
+CLI_LIB = "usr/lib/spk-visor/python"
 OPT = "opt/smechvisord"
 NODE_PYTHON = "/usr/bin/python3"
 _TIMEOUT_S = 1800
@@ -75,9 +75,9 @@ def build_wheels(source: Path, wheels: Path, progress: Progress) -> list[Path]:
 
 
 def install_cli(root: Path, wheels: Path, progress: Progress) -> None:
-    """spk-visor and its dependencies into SPK_VISOR_LIB, and /usr/bin/spk-visor."""
-    target = root / SPK_VISOR_LIB
-    progress(f"installing spk-visor from wheels into /{SPK_VISOR_LIB}")
+    """spk-visor and its dependencies into CLI_LIB, and /usr/bin/spk-visor."""
+    target = root / CLI_LIB
+    progress(f"installing spk-visor from wheels into /{CLI_LIB}")
     argv = [*pip_command(), "install", "-q", "--no-index", "--find-links", str(wheels)]
     argv += ["--no-compile", "--only-binary=:all:", "--target", str(target)]
     argv += ["--implementation", "cp", "--python-version", "3.11"]
@@ -92,9 +92,9 @@ def install_cli(root: Path, wheels: Path, progress: Progress) -> None:
         record.write_text("spk-visor image build\n")
     strip_extensions(target)
     launcher = root / "usr/bin/spk-visor"
-    launcher.write_text(nodefiles.CLI_LAUNCHER.format(lib=f"/{SPK_VISOR_LIB}"))
+    launcher.write_text(nodefiles.CLI_LAUNCHER.format(lib=f"/{CLI_LIB}"))
     launcher.chmod(0o755)
-    compile_tree(root, f"/{SPK_VISOR_LIB}")
+    compile_tree(root, f"/{CLI_LIB}")
 
 
 def strip_extensions(target: Path) -> None:
