@@ -55,6 +55,8 @@ REQUIRED_TOOLS = {
     "strip": "binutils",
     "zstd": "zstd",
 }
+# Images (and wheel sets, and Debian trees) kept in the cache, newest first.
+CACHE_KEEP = 3
 Progress = Callable[[str], None]
 
 
@@ -312,6 +314,7 @@ def build(
     meta = cache / "build.json"
     if not rebuild and image.is_file() and meta.is_file():
         doc = json.loads(meta.read_text())
+        os.utime(cache)  # recently used: prune_cache keeps it
         doc.update(path=image, cached=True, seconds=time.monotonic() - started)
         result = Result(**doc)
         progress(f"cached: {image} (inputs {key[:12]})")
@@ -325,10 +328,29 @@ def build(
     for transient in ("path", "cached", "seconds"):
         meta_doc.pop(transient)
     meta.write_text(json.dumps(meta_doc, indent=2) + "\n")
+    prune_cache(cache.parent, keep={cache.name})
     if out is not None:
         _copy_out(image, out)
         result.path = out
     return result
+
+
+def prune_cache(root: Path, keep: set[str], entries: int = CACHE_KEEP) -> list[Path]:
+    """Drop all but the `entries` newest images, wheel sets and Debian trees (by mtime):
+    every change to the checkout makes a new key, and each image is hundreds of MiB."""
+    removed: list[Path] = []
+    for directory, pattern in ((root, "[0-9a-f]" * 32), (root / "wheels", "*")):
+        found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [p for p in found if p.name not in keep][max(0, entries - 1) :]:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    trees = sorted(
+        (root / "debootstrap").glob("*.tar.zst"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for old in trees[entries:]:
+        old.unlink(missing_ok=True)
+        removed.append(old)
+    return removed
 
 
 def _debootstrap(
@@ -350,6 +372,7 @@ def _debootstrap(
     tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
     if archive.is_file():
         progress(f"Debian tree from the cache ({archive.name})")
+        os.utime(archive)  # recently used: prune_cache keeps it
         tree.mkdir()
         pyenv.run([*tar, "-I", "zstd -T0", "-C", str(tree), "-xf", str(archive)])
         return

@@ -433,3 +433,24 @@ def test_boots_under_qemu_and_openrc_starts_smechvisord(
     # OpenRC, not systemd, brought it up, after the data service.
     assert "OpenRC" in boot.log
     assert boot.log.index("spk-visor-data") < boot.log.index("Starting smechvisord")
+
+
+def test_cache_keeps_the_newest_entries(tmp_path: Path) -> None:
+    from spk_visor.image import build  # noqa: PLC0415
+
+    names = [f"{n:032x}" for n in range(5)]
+    for age, name in enumerate(names):
+        for directory in (tmp_path / name, tmp_path / "wheels" / name):
+            directory.mkdir(parents=True)
+            os.utime(directory, (1000 - age, 1000 - age))
+        tree = tmp_path / "debootstrap" / f"{name}.tar.zst"
+        tree.parent.mkdir(exist_ok=True)
+        tree.write_bytes(b"x")
+        os.utime(tree, (1000 - age, 1000 - age))
+    # The entry just built counts as kept even when it is not among the newest.
+    removed = build.prune_cache(tmp_path, keep={names[4]}, entries=3)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("wheels", "debootstrap"))
+    assert left == sorted([names[0], names[1], names[4]])
+    assert sorted(p.name for p in (tmp_path / "wheels").iterdir()) == left
+    assert len(list((tmp_path / "debootstrap").iterdir())) == 3
+    assert removed
