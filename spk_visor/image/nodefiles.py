@@ -73,6 +73,9 @@ _dhcp_everywhere() {
 }
 
 start() {
+	# /tmp first: checkroot-bootclean.sh cleans it before mountall.sh mounts fstab's
+	# tmpfs there, and fails on the read-only root (holding back mountall).
+	mountpoint -q /tmp || mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
 	ebegin "Mounting the data partition"
 	part=$(_data_partition)
 	if [ -n "$part" ]; then

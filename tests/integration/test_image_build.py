@@ -117,8 +117,11 @@ def test_openrc_is_init_and_there_is_no_systemd(mnt: Path) -> None:
     assert not (mnt / "lib/systemd/systemd").exists()
     init = (mnt / "sbin/init").resolve()
     assert init.is_file()
-    # sysvinit's init reads /etc/inittab, where Debian's openrc runs `openrc sysinit`.
-    assert "openrc" in (mnt / "etc/inittab").read_text()
+    # sysvinit's init runs rcS and rc from /etc/inittab; Debian's openrc makes them
+    # `openrc sysinit` and `openrc default`.
+    assert "/etc/init.d/rcS" in (mnt / "etc/inittab").read_text()
+    assert "exec /sbin/openrc sysinit" in (mnt / "etc/init.d/rcS").read_text()
+    assert "/sbin/openrc default" in (mnt / "etc/init.d/rc").read_text()
     assert (mnt / "sbin/openrc-run").is_file() or (mnt / "usr/sbin/openrc-run").is_file()
 
 
@@ -426,13 +429,21 @@ def test_boots_under_qemu_and_openrc_starts_smechvisord(
         argv, log, tmp_path, until=re.compile(r"Starting smechvisord"), timeout=420.0,
         while_running=healthy,
     )  # fmt: skip
+    (Path(os.environ.get("SPK_IMAGE_BOOT_LOG", tmp_path / "kept.log"))).write_text(boot.log)
     tail = boot.log[-4000:]
     assert boot.matched, f"smechvisord did not answer in {boot.seconds:.0f} s; console:\n{tail}"
     assert answers[-1]["status"] == "ok"
     assert built["daemon_release"].startswith(answers[-1]["version"] + "-")
     # OpenRC, not systemd, brought it up, after the data service.
     assert "OpenRC" in boot.log
-    assert boot.log.index("spk-visor-data") < boot.log.index("Starting smechvisord")
+    data = boot.log.index("Mounting the data partition")
+    ota = boot.log.index("Recovering interrupted OTA work")
+    assert data < ota < boot.log.index("Starting smechvisord")
+    # The read-only root costs no boot service (vhost-user-gpu has no backend in the image).
+    failed = re.findall(r"ERROR: (\S+) failed to start", boot.log)
+    assert failed == ["vhost-user-gpu"], failed
+    # No data partition next to /dev/vda: the node said so and used a tmpfs.
+    assert "no partition named data" in boot.log
 
 
 def test_cache_keeps_the_newest_entries(tmp_path: Path) -> None:
