@@ -164,7 +164,9 @@ def input_key(inputs: Inputs, sources_text: str, epoch: int) -> str:
     digest.update(json.dumps(doc, sort_keys=True).encode())
     for package in ("spk_visor", "smechvisord"):
         _hash_tree(digest, inputs.source / package)
-    digest.update((inputs.source / "pyproject.toml").read_bytes())
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (inputs.source / name).is_file():
+            digest.update(name.encode() + b"\0" + (inputs.source / name).read_bytes())
     if inputs.daemon_tree is not None:
         _hash_tree(digest, inputs.daemon_tree)
     return digest.hexdigest()
@@ -434,8 +436,7 @@ def _build_fresh(
             raw = ext4.make(stage, partial, key=key, epoch=epoch, work=work, label=LABEL)
         stages["mkfs"] = time.monotonic() - t
         if keep_tree is not None:
-            shutil.rmtree(keep_tree, ignore_errors=True)
-            os.rename(tree, keep_tree)
+            shutil.move(tree, keep_tree)  # may be another filesystem
         image = cache / IMAGE_NAME
         os.replace(partial, image)
         t = time.monotonic()

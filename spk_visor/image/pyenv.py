@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,8 +63,20 @@ def build_wheels(source: Path, wheels: Path, progress: Progress) -> list[Path]:
     wheels.mkdir(parents=True, exist_ok=True)
     progress(f"building the spk-visor wheel from {source}")
     pip = pip_command()
-    # Build isolation: the build backend pyproject.toml asks for, from pip's cache.
-    run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)])
+    for old in wheels.glob("spk_visor-*.whl"):
+        old.unlink()
+    # From a clean copy: an in-tree build reuses the checkout's build/ directory, where
+    # files deleted from the source live on (and would be in the wheel), and leaves
+    # build/ and *.egg-info behind. Build isolation: the backend pyproject.toml asks for.
+    with tempfile.TemporaryDirectory(prefix="spk-wheel-") as tmp:
+        clean = Path(tmp) / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in ("spk_visor", "smechvisord"):
+            shutil.copytree(source / name, clean / name, ignore=ignore)
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, clean / name)
+        run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(clean)])
     progress("collecting dependency wheels (cp311, manylinux; pip's cache first)")
     argv = [*pip, "download", "-q", "--only-binary=:all:", "-d", str(wheels)]
     argv += ["--implementation", "cp", "--python-version", "3.11"]
