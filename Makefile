@@ -82,3 +82,11 @@ man: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RUN_ROOT) dist .pytest_cache .mypy_cache .ruff_cache
+
+# The SmechVisor base image (as root): make image ROOT=root.json [VMM=cloud-hypervisor]
+# [IMAGE=build/smechvisor-base.img]. Cached by its inputs under .cache/image; docs/image.md.
+.PHONY: image
+IMAGE ?= build/smechvisor-base.img
+image: $(STAMP)
+	@test -n "$(ROOT)" || { echo "make image: set ROOT=FILE (the OTA root.json to bake in)" >&2; exit 2; }
+	$(PY) -m spk_visor image build --root '$(ROOT)' --out '$(IMAGE)' $(if $(VMM),--vmm '$(VMM)')

@@ -179,6 +179,7 @@ class Api:
                     "reboot_uefi": uefi_ok,
                 },
                 "capability_reasons": {
+                    "create_vm": _create_vm_blocker(doc, vmm),
                     "reboot_uefi": uefi_reason,
                     "vfio": "; ".join(_blockers(readiness)),
                 },
@@ -377,6 +378,19 @@ def _query_int(req: Request, key: str, low: int, high: int) -> int | None:
     if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
         raise invalid(key, f"must be an integer between {low} and {high}")
     return int(raw)
+
+
+def _create_vm_blocker(doc: dict[str, Any], vmm: dict[str, Any]) -> str:
+    """Why this node cannot create VMs ("" when it can): a base image built without a
+    VMM says so here rather than failing at the first create."""
+    reasons = []
+    if not doc["kvm_available"]:
+        reasons.append("/dev/kvm is missing (no hardware virtualisation, or kvm not loaded)")
+    if not vmm["available"]:
+        reasons.append(f"cloud-hypervisor is not installed ({vmm['bin']} not found)")
+    if not vmm["firmware_present"]:
+        reasons.append(f"the VM firmware {vmm['firmware']} is missing")
+    return "; ".join(reasons)
 
 
 def _blockers(readiness: dict[str, object]) -> list[str]:

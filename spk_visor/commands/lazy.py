@@ -47,6 +47,7 @@ COMMANDS: dict[str, Lazy] = {
     "deploy": Lazy("spk_visor.commands.deploy"),
     "receive-deploy": Lazy("spk_visor.commands.deploy", "register_aliases"),
     "deploy-system-img-copy": Lazy("spk_visor.commands.deploy", "register_aliases"),
+    "image": Lazy("spk_visor.commands.image"),
     "version": Lazy("spk_visor.commands.about", "register"),
     "about": Lazy("spk_visor.commands.about", "register"),
     "help": Lazy("spk_visor.commands.about", "register"),

@@ -156,3 +156,34 @@ def test_unreadable_host_file_is_a_json_500_naming_it(tmp_path: Path) -> None:
     finally:
         d.stop()
         env.cleanup()
+
+
+@pytest.mark.parametrize("missing", ["vmm", "firmware"])
+def test_create_vm_false_names_its_reason(tmp_path: Path, missing: str) -> None:
+    """A node without cloud-hypervisor (an image built without --vmm) or without the VM
+    firmware says it cannot create VMs, and why, in capability_reasons."""
+    env = DaemonEnv(tmp_path, kind="intel-ready")
+    if missing == "vmm":
+        env.extra_env["SMECHVISORD_CH_BIN"] = str(tmp_path / "no-such-cloud-hypervisor")
+    else:
+        env.extra_env["SMECHVISORD_FIRMWARE"] = str(tmp_path / "no-such-CLOUDHV.fd")
+    d = Daemon(env)
+    try:
+        doc = d.get("/api/node").json
+    finally:
+        d.stop()
+        env.cleanup()
+    assert doc["kvm_available"] is True  # the fixture has /dev/kvm: only the VMM side is missing
+    assert doc["capabilities"]["create_vm"] is False
+    reason = doc["capability_reasons"]["create_vm"]
+    assert ("cloud-hypervisor" if missing == "vmm" else "firmware") in reason
+    assert ("no-such-cloud-hypervisor" if missing == "vmm" else "no-such-CLOUDHV.fd") in reason
+
+
+def test_create_vm_reason_empty_when_possible(node: tuple[str, Daemon]) -> None:
+    _, d = node
+    doc = d.get("/api/node").json
+    caps, reasons = doc["capabilities"], doc["capability_reasons"]
+    assert (reasons["create_vm"] == "") is caps["create_vm"]
+    if not caps["create_vm"]:
+        assert "/dev/kvm" in reasons["create_vm"]

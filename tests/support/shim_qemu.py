@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def boot_iso(iso: Path, workdir: Path, *, uefi: bool, until: re.Pattern[str] = R
         shutil.copyfile(OVMF_VARS, vars_copy)
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]  # fmt: skip
+    return watch(argv, log, workdir, until=until, timeout=timeout)
+
+
+def watch(argv: list[str], log: Path, workdir: Path, *, until: re.Pattern[str],
+          timeout: float, while_running: Callable[[str], bool] | None = None,
+          ) -> Boot:  # fmt: skip
+    """Run QEMU (argv, serial console to `log`) until `until` shows on it, a panic, an
+    exit or the timeout. `while_running(text)`, if given, is polled too: True ends the
+    wait as a match (a check from the host, such as an HTTP probe)."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
@@ -47,13 +57,15 @@ def boot_iso(iso: Path, workdir: Path, *, uefi: bool, until: re.Pattern[str] = R
     try:
         while time.monotonic() - start < timeout:
             text = log.read_text(errors="replace") if log.exists() else ""
-            if until.search(text):
+            if until.search(text) and (while_running is None or while_running(text)):
                 return Boot(text, time.monotonic() - start, True)
             if PANIC.search(text) or proc.poll() is not None:
                 break
             time.sleep(0.5)
         text = log.read_text(errors="replace") if log.exists() else ""
-        return Boot(text, time.monotonic() - start, bool(until.search(text)))
+        return Boot(
+            text, time.monotonic() - start, while_running is None and bool(until.search(text))
+        )
     finally:
         proc.kill()  # by our own PID only
         _, err = proc.communicate(timeout=30)
