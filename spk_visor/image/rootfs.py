@@ -26,6 +26,8 @@ PACKAGES = (
     *("sysvinit-core", "openrc", "python3", "openssh-server", "linux-image-amd64"),
     *("initramfs-tools", "zstd", "udev", "kmod", "mount", "util-linux", "e2fsprogs"),
     *("iproute2", "ifupdown", "isc-dhcp-client", "procps", "grub-common", "ca-certificates"),
+    # The daemon makes its TLS certificate with it at first start (smechvisord/tls.py).
+    "openssl",
 )
 # Path globs dpkg never unpacks (mmdebstrap's documented way to drop docs and locales).
 DPKG_EXCLUDE = (

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -389,8 +390,16 @@ def _free_port() -> int:
 
 
 def _health(port: int) -> dict[str, Any] | None:
+    """/api/health over HTTPS: through QEMU's port forward the guest sees a peer that is not
+    its loopback, and a node speaks only TLS to those. The certificate is the one the node
+    made at its first start, so this probe checks the handshake, not the chain."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3) as r:
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/api/health", timeout=3, context=context
+        ) as r:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
     except (OSError, ValueError):
