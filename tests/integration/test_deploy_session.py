@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from spk_visor.ota.nodeconf import NodePaths
 from tests.support import netns
 from tests.support import ota_slots_worker as slots_node
 from tests.support.abdisk import ab_disk
+from tests.support.deploy_target import NdjsonEvents
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
 from tests.support.prereq import need_command, need_root
@@ -181,7 +181,7 @@ def disks(tmp_path: Path) -> Iterator[Callable[[str], LoopDisk]]:
         disk.detach()
 
 
-class Receiver:
+class Receiver(NdjsonEvents):
     """`spk-visor deploy receive --json` in the target namespace; its events, in order."""
 
     def __init__(
@@ -209,41 +209,8 @@ class Receiver:
         self.proc = seg.popen(
             host, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=REPO
         )
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self._start_events()
         self.wait(lambda e: e["event"] == "code", 30)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            with self.cond:
-                self.events.append(doc)
-                self.cond.notify_all()
-
-    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self.cond:
-            while True:
-                for event in self.events[seen:]:
-                    if pred(event):
-                        return event
-                seen = len(self.events)
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""  # type: ignore[union-attr]
-                    raise AssertionError(f"no such event; got {self.events} {err[-2000:]}")
-                self.cond.wait(min(left, 0.5))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self.cond:
-            return [e for e in self.events if e["event"] == name]
 
     @property
     def code(self) -> str:

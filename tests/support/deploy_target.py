@@ -92,26 +92,18 @@ def _serve(args: dict[str, Any]) -> int:
     return r.serve()
 
 
-class Target:
-    """The receiver process and its events, in order."""
+class NdjsonEvents:
+    """The NDJSON events a process prints on stdout, gathered by a reader thread, so a test
+    can wait for one (a receiver's code, a phase, a refusal). Subclasses set `self.proc`
+    (stdout and stderr piped) and call `_start_events()`."""
 
-    def __init__(self, tmp: Path, policy: dict[str, Any] | None = None) -> None:
-        args: dict[str, Any] = {"mountpoint": str(tmp / "mnt")}
-        if policy is not None:
-            args["policy"] = policy
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.deploy_target", json.dumps(args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env(),
-            cwd=REPO,
-        )
+    proc: subprocess.Popen[bytes]
+
+    def _start_events(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.wait(lambda e: e["event"] == "code", 30)
-        self.port = int(self.named("code")[-1]["port"])
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -134,13 +126,34 @@ class Target:
                         return event
                 seen = len(self.events)
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no such event; got {self.events[-20:]}")
+                exited = self.proc.poll() is not None
+                if left <= 0 or exited:
+                    err = self.proc.stderr.read().decode() if exited and self.proc.stderr else ""
+                    raise AssertionError(f"no such event; got {self.events[-20:]} {err[-2000:]}")
                 self.cond.wait(min(left, 0.5))
 
     def named(self, name: str) -> list[dict[str, Any]]:
         with self.cond:
             return [e for e in self.events if e["event"] == name]
+
+
+class Target(NdjsonEvents):
+    """The receiver process and its events, in order."""
+
+    def __init__(self, tmp: Path, policy: dict[str, Any] | None = None) -> None:
+        args: dict[str, Any] = {"mountpoint": str(tmp / "mnt")}
+        if policy is not None:
+            args["policy"] = policy
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.deploy_target", json.dumps(args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env(),
+            cwd=REPO,
+        )
+        self._start_events()
+        self.wait(lambda e: e["event"] == "code", 30)
+        self.port = int(self.named("code")[-1]["port"])
 
     @property
     def code(self) -> str:
