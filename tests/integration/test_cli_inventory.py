@@ -4,23 +4,13 @@ variables (ansible_host, ansible_port, ansible_user) are how each node is reache
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spk_visor.cli import main
-from spk_visor.transport import ssh
 from tests.support.daemon import Daemon, DaemonEnv
-from tests.support.sshd import Sshd, free_port, start_sshd
-
-
-@pytest.fixture
-def sshd() -> Iterator[Sshd]:
-    server = start_sshd()
-    yield server
-    ssh.close_all()
-    server.stop()
+from tests.support.sshd import Sshd, free_port
 
 
 @pytest.fixture

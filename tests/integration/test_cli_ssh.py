@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,18 +23,9 @@ from spk_visor.cli import main
 from spk_visor.config import SshSpec, Target
 from spk_visor.transport import ssh
 from tests.support.daemon import Daemon, DaemonEnv
-from tests.support.sshd import Sshd, fingerprint, free_port, keygen, start_sshd
+from tests.support.sshd import Sshd, fingerprint, free_port, keygen
 
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def sshd() -> Iterator[Sshd]:
-    server = start_sshd()
-    yield server
-    # Pooled connections first, so sshd's per-connection children exit on their own.
-    ssh.close_all()
-    server.stop()
 
 
 @pytest.fixture
