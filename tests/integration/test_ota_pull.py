@@ -26,7 +26,7 @@ from spk_visor.ota.repo import Repo, rel_channel
 from spk_visor.ota.store import BlobStore
 from tests.support import cli
 from tests.support.flaky_repo import FlakyRepo, closed_port_url
-from tests.support.ota_pki import Node, Pki, make_bundle, make_node
+from tests.support.ota_pki import Node, Pki, make_bundle, make_node, stub_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -278,23 +278,7 @@ def test_not_modified_channel_still_applies_what_waits(
     sha = _publish(tmp_path, pki, repo_dir, size=64 << 10)
     started: list[str] = []
 
-    def fake_start(
-        ctx: OtaContext, plan: engine.Plan, opts: engine.ApplyOptions, lock_fd: int
-    ) -> subprocess.Popen[bytes]:
-        started.append(plan.manifest_sha256)
-        return subprocess.Popen([sys.executable, "-c", ""])
-
-    def fake_follow(
-        ctx: OtaContext,
-        proc: subprocess.Popen[bytes] | None = None,
-        manifest_hex: str | None = None,
-    ) -> ExitCode:
-        assert proc is not None
-        proc.wait(timeout=30)
-        return ExitCode.OK
-
-    monkeypatch.setattr(engine, "start_worker", fake_start)
-    monkeypatch.setattr(engine, "follow", fake_follow)
+    stub_worker(monkeypatch, started)
     for key, value in node.env.items():
         monkeypatch.setenv(key, value)
     with FlakyRepo(repo_dir) as server:

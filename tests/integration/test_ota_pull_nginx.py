@@ -22,19 +22,19 @@ from spk_visor.ota.store import BlobStore
 from tests.support import cli
 from tests.support.flaky_repo import closed_port_url
 from tests.support.nginx import Hit, Nginx
-from tests.support.ota_pki import Node, Pki, make_bundle, make_node
+from tests.support.ota_pki import Node, Pki, make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def pki() -> Pki:
-    return Pki()
+def pki(ota_pki: Pki) -> Pki:
+    return ota_pki
 
 
 @pytest.fixture
-def node(tmp_path: Path, pki: Pki) -> Node:
-    return make_node(tmp_path, pki)
+def node(ota_node: Node) -> Node:
+    return ota_node
 
 
 def _conf(node: Node, urls: list[str], **extra: object) -> None:

@@ -10,19 +10,16 @@ release fails its preflight, so no OpenRC is needed.
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from spk_visor.errors import ExitCode
-from spk_visor.ota import build, engine, journal
-from spk_visor.ota.context import OtaContext
+from spk_visor.ota import build, journal
 from spk_visor.ota.repo import Repo
 from tests.support import cli
 from tests.support.flaky_repo import FlakyRepo, closed_port_url
-from tests.support.ota_pki import Node, Pki
+from tests.support.ota_pki import Node, Pki, stub_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -132,22 +129,7 @@ def test_success_is_silent_under_q(
 ) -> None:
     """An applied update: the worker is replaced (the swap has its own OpenRC tests)."""
 
-    def fake_start(
-        ctx: OtaContext, plan: engine.Plan, opts: engine.ApplyOptions, lock_fd: int
-    ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-c", ""])
-
-    def fake_follow(
-        ctx: OtaContext,
-        proc: subprocess.Popen[bytes] | None = None,
-        manifest_hex: str | None = None,
-    ) -> ExitCode:
-        assert proc is not None
-        proc.wait(timeout=30)
-        return ExitCode.OK
-
-    monkeypatch.setattr(engine, "start_worker", fake_start)
-    monkeypatch.setattr(engine, "follow", fake_follow)
+    stub_worker(monkeypatch)
     repo_dir = tmp_path / "repo"
     publish(tmp_path, pki, repo_dir)
     with FlakyRepo(repo_dir) as server:

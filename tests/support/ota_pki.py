@@ -175,3 +175,33 @@ def signed_manifest(payload: dict[str, Any], signers: list[keys.SigningKey]) -> 
     for key in signers:
         env.sign(key)
     return env
+
+
+def stub_worker(monkeypatch: Any, started: list[str] | None = None) -> None:
+    """Replace the detached OTA worker with a process that exits at once and is followed
+    to exit 0, recording each plan's manifest in `started`: for pull tests, whose subject
+    is the fetch and the decision, not the swap (that has its own OpenRC tests)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from spk_visor.errors import ExitCode  # noqa: PLC0415
+    from spk_visor.ota import engine  # noqa: PLC0415
+
+    def fake_start(
+        ctx: OtaContext, plan: engine.Plan, opts: engine.ApplyOptions, lock_fd: int
+    ) -> subprocess.Popen[bytes]:
+        if started is not None:
+            started.append(plan.manifest_sha256)
+        return subprocess.Popen([sys.executable, "-c", ""])
+
+    def fake_follow(
+        ctx: OtaContext,
+        proc: subprocess.Popen[bytes] | None = None,
+        manifest_hex: str | None = None,
+    ) -> ExitCode:
+        assert proc is not None
+        proc.wait(timeout=30)
+        return ExitCode.OK
+
+    monkeypatch.setattr(engine, "start_worker", fake_start)
+    monkeypatch.setattr(engine, "follow", fake_follow)
