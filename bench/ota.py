@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spk_visor.ota import bundle, roots, verify
+from spk_visor.ota import bundle, verify
 from spk_visor.ota.engine import hash_blobs
+from spk_visor.trust import roots
 from tests.support.ota_pki import Pki, make_bundle
 
 GOAL_VERIFY_RATIO = 0.8

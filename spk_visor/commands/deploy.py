@@ -44,7 +44,7 @@ def _default_trust_root() -> Path:
 
 
 def _load_root(path: Path | None) -> Any:
-    from spk_visor.ota import roots  # noqa: PLC0415 (cryptography only when needed)
+    from spk_visor.trust import roots  # noqa: PLC0415 (cryptography only when needed)
 
     path = path or _default_trust_root()
     try:

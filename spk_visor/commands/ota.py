@@ -81,17 +81,17 @@ def _passphrase(path: Path | None) -> bytes | None:
 
 
 def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:
-    from spk_visor.ota import keys  # noqa: PLC0415 (cryptography only when signing)
+    from spk_visor.ota.keys import load_signing_key  # noqa: PLC0415 (cryptography only when signing)
 
     secret = _passphrase(passphrase_file)
-    return [keys.load_signing_key(p, secret) for p in paths]
+    return [load_signing_key(p, secret) for p in paths]
 
 
 def _root_file(path: Path) -> Any:
     """The root document (a DSSE envelope) in a file the user named; anything else is
     their mistake (exit 2), said with the file's name."""
     from spk_visor.errors import VerificationError  # noqa: PLC0415
-    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+    from spk_visor.trust import dsse, roots  # noqa: PLC0415
 
     try:
         env = dsse.from_bytes(path.read_bytes(), dsse.ROOT_TYPE)
@@ -145,7 +145,8 @@ def keygen(
     as_json: JsonOpt = False,
 ) -> None:
     """Make an ed25519 signing key: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub."""
-    from spk_visor.ota import keys  # noqa: PLC0415
+    from spk_visor.ota.keys import write_keypair  # noqa: PLC0415
+    from spk_visor.trust import keys  # noqa: PLC0415
 
     secret = _passphrase(passphrase_file)
     if ask_passphrase:
@@ -154,14 +155,14 @@ def keygen(
             raise UsageError("the passphrases differ")
         secret = first.encode() or None
     key = keys.generate()
-    pub = keys.write_keypair(key, out, secret)
+    pub = write_keypair(key, out, secret)
     doc = {"private": str(out), "public": str(pub), "keyid": key.keyid}
     _print(ctx, as_json, doc, f"wrote {out} and {pub}\nkeyid {key.keyid}")
 
 
 def _role_args(**keys_by_role: tuple[int, list[Path]]) -> dict[str, Any]:
     """{role: (threshold, [public keys])} from the --ROLE-key/--ROLE-threshold options."""
-    from spk_visor.ota import keys  # noqa: PLC0415
+    from spk_visor.ota.keys import load_public_key  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     for role, (threshold, paths) in keys_by_role.items():
@@ -169,7 +170,7 @@ def _role_args(**keys_by_role: tuple[int, list[Path]]) -> dict[str, Any]:
             raise UsageError(f"no {role} key given", f"give --{role}-key PUBLIC_KEY")
         if not 1 <= threshold <= len(paths):
             raise UsageError(f"--{role}-threshold {threshold} is not within 1..{len(paths)}")
-        out[role] = (threshold, [keys.load_public_key(p) for p in paths])
+        out[role] = (threshold, [load_public_key(p) for p in paths])
     return out
 
 
@@ -187,7 +188,7 @@ ExpiresOpt = Annotated[str, typer.Option("--expires", help="Validity: 3y, 52w, 9
 
 
 def _write_root(out: Path, version: int, expires: str, dev: bool, roles: dict[str, Any]) -> Any:
-    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+    from spk_visor.trust import dsse, roots  # noqa: PLC0415
 
     payload = roots.payload(
         version,
@@ -250,7 +251,7 @@ def root_rotate(
 ) -> None:
     """Write root version N+1 with the given keys; it needs signatures from the threshold
     of the old root AND of the new one (sign it with both sets)."""
-    from spk_visor.ota import roots  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
 
     if out.exists():
         raise UsageError(f"{out} exists", "a root document is never overwritten")
@@ -291,7 +292,8 @@ def root_sign(
 
     Only its own root keys count, and for a rotated root (version N+1) the root keys of
     version N, given with --previous: any other key is refused, nothing is written."""
-    from spk_visor.ota import durable, roots  # noqa: PLC0415
+    from spk_visor.ota import durable  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
 
     env = _root_file(document)
     this = roots.parse_unverified(env)
@@ -361,7 +363,7 @@ def build(
     """Build a signed .spkb bundle from a daemon tree and/or a base image; also write
     its manifest as X.manifest.json beside X.spkb (for review and archives)."""
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
-    from spk_visor.ota import roots  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
 
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
@@ -438,8 +440,9 @@ def verify_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify a bundle offline against a root: signatures, schema, every blob, the end."""
-    from spk_visor.ota import bundle, roots, verify  # noqa: PLC0415
+    from spk_visor.ota import bundle, verify  # noqa: PLC0415
     from spk_visor.ota.engine import hash_blobs  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
 
     _root_file(root_doc)  # the wrong kind of file is the user's mistake, said so
     trusted = roots.load_anchor(root_doc.read_bytes(), f"root {root_doc}")
@@ -531,7 +534,7 @@ def publish(
 def _newest_root(repo: Any, given: list[Any]) -> Any:
     """The newest root among those given and those the repository holds (unverified: this
     only catches a wrong key early; the nodes verify)."""
-    from spk_visor.ota import roots  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
 
     found = [roots.parse_unverified(env) for env in given]
     folder = repo.path("root")

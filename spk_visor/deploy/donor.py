@@ -39,11 +39,11 @@ from spk_visor.errors import (
     VerificationError,
 )
 from spk_visor.ota import bundle as ota_bundle
-from spk_visor.ota import dsse
-from spk_visor.ota import manifest as ota_manifest
 from spk_visor.ota.journal import Installed
 from spk_visor.ota.nodeconf import NodePaths
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import dsse
+from spk_visor.trust import manifest as ota_manifest
 
 RECORD = 64 << 10
 CONNECT_TIMEOUT = 10.0

@@ -49,13 +49,15 @@ from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import OperatorNeededError, RefusedError, SpkVisorError, VerificationError
 from spk_visor.install import blockdev, runner, tree
 from spk_visor.install import image as image_writer
-from spk_visor.ota import dsse, durable
+from spk_visor.ota import durable
 from spk_visor.ota.journal import Installed as InstalledRecord
-from spk_visor.ota.manifest import DaemonComponent, ImageComponent, Manifest
 from spk_visor.ota.nodeconf import NodePaths
-from spk_visor.ota.roots import Root
 from spk_visor.ota.store import BlobStore
-from spk_visor.ota.verify import Verified, verify_manifest
+from spk_visor.ota.verify import verify_manifest
+from spk_visor.trust import dsse
+from spk_visor.trust.manifest import DaemonComponent, ImageComponent, Manifest
+from spk_visor.trust.roots import Root
+from spk_visor.trust.verify import Verified
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -41,7 +41,7 @@ from spk_visor import strict_json
 from spk_visor.deploy import channel, code, discovery, guard, install, inventory, messages
 from spk_visor.errors import OperatorNeededError, TransportError
 from spk_visor.install import runner
-from spk_visor.ota.roots import Root
+from spk_visor.trust.roots import Root
 
 Emit = Callable[[str, dict[str, Any]], None]
 

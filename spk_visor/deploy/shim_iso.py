@@ -32,8 +32,8 @@ import zstandard
 from smechvisord.version import VERSION
 from spk_visor.errors import ConfigError, SpkVisorError, VerificationError
 from spk_visor.install import runner
-from spk_visor.ota import roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
+from spk_visor.trust import roots
 
 Progress = Callable[[str], None]
 

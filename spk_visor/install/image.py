@@ -35,7 +35,7 @@ import zstandard
 
 from spk_visor.errors import VerificationError
 from spk_visor.install import blockdev
-from spk_visor.ota.manifest import ImageComponent
+from spk_visor.trust.manifest import ImageComponent
 
 MIB = 1 << 20
 # Held back during the stream and written last; also what invalidation zeroes.

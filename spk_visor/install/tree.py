@@ -22,7 +22,7 @@ from pathlib import Path
 from spk_visor.errors import VerificationError
 from spk_visor.install import blockdev
 from spk_visor.ota import durable
-from spk_visor.ota.manifest import DaemonComponent
+from spk_visor.trust.manifest import DaemonComponent
 
 STAGING_PREFIX = ".staging-"
 READ_CHUNK = 1 << 20

@@ -2,17 +2,16 @@
 
 One object model, two transports: root documents, a channel pointer, a signed manifest and
 content-addressed blobs, carried either in one `.spkb` bundle (push) or as files of a static
-repository (pull). The same verifier serves both.
+repository (pull). The same verifier serves both: spk_visor.trust, pure functions over
+bytes and a reference time; the modules here read and write the files around it.
 
 Modules, one job each:
-  keys       ed25519 key files, key ids
-  dsse       signature envelopes and thresholds
-  roots      root documents, rotation, the node's trust store
-  manifest   the manifest schema and its path/mode rules
+  keys       ed25519 key files
+  roots      the node's trust store (root files)
   bundle     the .spkb framing
   build      build side: trees and images into blobs, manifests, bundles
   repo       the static pull repository (publish, channel documents)
-  verify     the verification policy shared by push and pull
+  verify     the verification policy bound to this host (platform, version, free space)
   nodeconf   node paths and /etc/spk-visor/ota.conf
   durable    fsync discipline, the symlink flip, crash points for tests
   journal    state.json, floor.json, history.jsonl and the lock

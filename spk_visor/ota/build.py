@@ -22,9 +22,10 @@ from typing import Any
 import zstandard
 
 from spk_visor.errors import UsageError
-from spk_visor.ota import bundle, dsse, manifest
-from spk_visor.ota.keys import SigningKey
-from spk_visor.ota.roots import format_time
+from spk_visor.ota import bundle
+from spk_visor.trust import dsse, manifest
+from spk_visor.trust.keys import SigningKey
+from spk_visor.trust.roots import format_time
 
 CHUNK = 4 << 20
 ZSTD_LEVEL = 3

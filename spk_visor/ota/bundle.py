@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from spk_visor import strict_json
 from spk_visor.errors import VerificationError
-from spk_visor.ota import dsse
+from spk_visor.trust import dsse
 
 MAGIC = b"SPKOTA\x00\x01"
 MAX_ENVELOPE = 1 << 20

@@ -28,10 +28,13 @@ from spk_visor.errors import (
     OperatorNeededError,
     VerificationError,
 )
-from spk_visor.ota import bundle, dsse, journal, roots, slots, swap, verify
+from spk_visor.ota import bundle, journal, slots, swap
 from spk_visor.ota.context import OtaContext
-from spk_visor.ota.manifest import Manifest
+from spk_visor.ota.roots import TrustStore
 from spk_visor.ota.store import CHUNK, BlobStore
+from spk_visor.ota.verify import check_space, verify_manifest
+from spk_visor.trust import dsse, roots, verify
+from spk_visor.trust.manifest import Manifest
 
 WORKER_MODULE = "spk_visor.ota.worker"
 OP = "op"  # the journal entry of the operation as a whole
@@ -72,8 +75,8 @@ class Plan:
         }
 
 
-def trust_store(ctx: OtaContext) -> roots.TrustStore:
-    return roots.TrustStore(ctx.paths.factory_root, ctx.paths.trust_dir)
+def trust_store(ctx: OtaContext) -> TrustStore:
+    return TrustStore(ctx.paths.factory_root, ctx.paths.trust_dir)
 
 
 def committed_base_counter(ctx: OtaContext) -> int:
@@ -169,7 +172,7 @@ def verify_header(
     verify.check_clock(start, str(floor.get("clock_floor", "")), assume_time)
     if root is None:
         root, new_roots = roots.chain_from_list(trust_store(ctx).load(), header.roots)
-    verified = verify.verify_manifest(header.manifest, root, start=start, channel=channel)
+    verified = verify_manifest(header.manifest, root, start=start, channel=channel)
     verify.check_counter(
         verified,
         floor=int(floor["counter_floor"]),
@@ -179,7 +182,7 @@ def verify_header(
         allow_channel_revert=ctx.config.allow_channel_revert,
     )
     plan = make_plan(ctx, verified)
-    verify.check_space(space_needs(ctx, verified.manifest, plan))
+    check_space(space_needs(ctx, verified.manifest, plan))
     return Verification(root, new_roots or [], verified, plan, start)
 
 
@@ -451,7 +454,7 @@ def load_verified_manifest(ctx: OtaContext, manifest_hex: str) -> Manifest:
         raise VerificationError(f"stored manifest {manifest_hex[:12]} does not match its name")
     root = trust_store(ctx).load()
     dsse.verify(env, root.role("release"), "stored manifest")
-    from spk_visor.ota import manifest as manifest_mod  # noqa: PLC0415
+    from spk_visor.trust import manifest as manifest_mod  # noqa: PLC0415
 
     return manifest_mod.parse(env.payload_json())
 

@@ -1,98 +1,33 @@
-"""ed25519 signing keys: generation, key files, key ids.
+"""Key files: writing a new key pair, and loading keys from disk (spk_visor.trust.keys
+parses the bytes).
 
-Private key: PKCS#8 PEM, mode 0600, optionally encrypted with a passphrase. Public key: a
-small JSON file `{"keytype": "ed25519", "keyid": ..., "public": <hex of the raw 32 bytes>}`.
-The key id is sha256 of the raw public key, so it names the key, not a file or a label.
+The private key file is 0600, created exclusively; one others can read is refused, as
+OpenSSH does. Its passphrase may come from SPK_VISOR_OTA_PASSPHRASE.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from spk_visor.errors import ConfigError, UsageError
+from spk_visor.trust.keys import (
+    PASSPHRASE_ENV,
+    PublicKey,
+    SigningKey,
+    parse_public_key,
+    parse_signing_key,
+    public_doc,
+)
 
-PASSPHRASE_ENV = "SPK_VISOR_OTA_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 _MAX_KEY_FILE = 64 * 1024
-
-
-def keyid_of(public_raw: bytes) -> str:
-    return hashlib.sha256(public_raw).hexdigest()
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    raw: bytes
-
-    @property
-    def keyid(self) -> str:
-        return keyid_of(self.raw)
-
-    @property
-    def hex(self) -> str:
-        return self.raw.hex()
-
-    def verify(self, signature: bytes, message: bytes) -> bool:
-        try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-    @classmethod
-    def from_hex(cls, text: str) -> PublicKey:
-        raw = bytes.fromhex(text)
-        if len(raw) != 32:
-            raise ValueError("an ed25519 public key is 32 bytes")
-        return cls(raw)
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    private: Ed25519PrivateKey
-
-    @property
-    def public(self) -> PublicKey:
-        return PublicKey(
-            self.private.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-        )
-
-    @property
-    def keyid(self) -> str:
-        return self.public.keyid
-
-    def sign(self, message: bytes) -> bytes:
-        return self.private.sign(message)
-
-
-def generate() -> SigningKey:
-    return SigningKey(Ed25519PrivateKey.generate())
-
-
-def public_doc(key: PublicKey) -> dict[str, str]:
-    return {"keytype": "ed25519", "keyid": key.keyid, "public": key.hex}
 
 
 def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None) -> Path:
     """Write PRIVATE (0600, created exclusively) and PRIVATE.pub; return the .pub path."""
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    pem = key.private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+    pem = key.to_pem(passphrase)
     public_path = private_path.with_name(private_path.name + ".pub")
     for path in (private_path, public_path):
         if path.exists():
@@ -144,30 +79,12 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     data = _read_capped(path)
     if passphrase is None and os.environ.get(PASSPHRASE_ENV):
         passphrase = os.environ[PASSPHRASE_ENV].encode()
-    try:
-        private = serialization.load_pem_private_key(data, password=passphrase)
-    except TypeError as e:
-        hint = f"give the passphrase ({PASSPHRASE_ENV} or --passphrase-file)"
-        if passphrase:
-            hint = "this key is not encrypted: drop the passphrase"
-        raise ConfigError(f"{path}: {e}", hint) from e
-    except ValueError as e:
-        raise ConfigError(f"{path}: not a usable private key (or a wrong passphrase)") from e
-    if not isinstance(private, Ed25519PrivateKey):
-        raise ConfigError(f"{path} is not an ed25519 key")
-    return SigningKey(private)
+    return parse_signing_key(data, passphrase, str(path))
 
 
 def load_public_key(path: Path) -> PublicKey:
     """A .pub file written by keygen, or the private key file itself."""
     data = _read_capped(path)
     if data.lstrip().startswith(b"{"):
-        try:
-            doc = json.loads(data)
-            key = PublicKey.from_hex(doc["public"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}: not a spk-visor public key file") from e
-        if doc.get("keyid") not in (None, key.keyid):
-            raise ConfigError(f"{path}: the keyid does not match the key")
-        return key
+        return parse_public_key(data, str(path))
     return load_signing_key(path).public

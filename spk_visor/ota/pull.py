@@ -23,11 +23,12 @@ from spk_visor.errors import (
     NotEligibleError,
     TransportError,
 )
-from spk_visor.ota import dsse, durable, engine, journal, repo, verify
+from spk_visor.ota import durable, engine, journal, repo
 from spk_visor.ota.bundle import BundleHeader
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.fetch import Fetcher
 from spk_visor.ota.nodeconf import node_id
+from spk_visor.trust import dsse, verify
 
 CHANNEL_CAP = 16 * 1024
 MANIFEST_CAP = 1 << 20

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from spk_visor.errors import UsageError, VerificationError
-from spk_visor.ota import bundle, dsse, durable, manifest
-from spk_visor.ota.keys import SigningKey
-from spk_visor.ota.roots import format_time, parse_unverified
+from spk_visor.ota import bundle, durable
 from spk_visor.ota.store import CHUNK
-from spk_visor.ota.verify import CHANNEL_DOC_TYPE
+from spk_visor.trust import dsse, manifest
+from spk_visor.trust.keys import SigningKey
+from spk_visor.trust.roots import format_time, parse_unverified
+from spk_visor.trust.verify import CHANNEL_DOC_TYPE
 
 
 def rel_root(version: int) -> str:

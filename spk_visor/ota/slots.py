@@ -53,8 +53,8 @@ from spk_visor.install import image as image_writer
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.journal import BasePhase, now_iso
-from spk_visor.ota.manifest import ImageComponent, Manifest
 from spk_visor.ota.nodeconf import Slots
+from spk_visor.trust.manifest import ImageComponent, Manifest
 
 COMPONENT = "base"
 SLOTS = ("a", "b")

@@ -63,8 +63,8 @@ from spk_visor.install import tree
 from spk_visor.install.tree import release_id, rmtree, verify_tree
 from spk_visor.ota import durable
 from spk_visor.ota.context import OtaContext
-from spk_visor.ota.manifest import DaemonComponent, Manifest
 from spk_visor.ota.nodeconf import NodePaths
+from spk_visor.trust.manifest import DaemonComponent, Manifest
 
 COMPONENT = "daemon"
 # Phases in which `current` may point at a release that never passed probation.

@@ -41,7 +41,9 @@ from spk_visor.deploy import (
 )
 from spk_visor.deploy.code import new_code
 from spk_visor.errors import SpkVisorError, TransportError, VerificationError
-from spk_visor.ota import bundle, dsse, manifest, roots, verify
+from spk_visor.ota import bundle
+from spk_visor.ota.verify import verify_manifest
+from spk_visor.trust import dsse, manifest, roots, verify
 from tests.support.ota_pki import Pki, make_bundle
 
 pytestmark = pytest.mark.fuzz
@@ -152,7 +154,7 @@ def test_spkb_parser_refuses_mutated_bundles_with_verification_errors(data: st.D
     try:
         stream = io.BytesIO(bytes(raw))
         header = bundle.read_header(stream)
-        verified = verify.verify_manifest(header.manifest, r["root"], start=NOW)
+        verified = verify_manifest(header.manifest, r["root"], start=NOW)
         for size in verified.manifest.blobs.values():
             if len(stream.read(size)) != size:
                 raise VerificationError("short blob")
@@ -167,7 +169,7 @@ def test_signed_manifest_schema_refuses_with_verification_errors(data: st.DataOb
     payload = data.draw(mutated(r["payload"]))
     env = _sign(dsse.MANIFEST_TYPE, payload, r["pki"].release)
     try:
-        verified = verify.verify_manifest(env, r["root"], start=NOW)
+        verified = verify_manifest(env, r["root"], start=NOW)
     except VerificationError:
         return
     # Whatever passed is safe to install: every path plain, every symlink inside the tree.

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from spk_visor.ota import bundle, dsse, manifest
+from spk_visor.ota import bundle
 from spk_visor.ota.repo import rel_channel
+from spk_visor.trust import dsse, manifest
 from tests.integration.test_ota_pull import _conf, _publish
 from tests.support.flaky_repo import FlakyRepo
 from tests.support.ota_pki import Node, Pki, make_bundle, make_node, signed_manifest, tiny_tree

@@ -33,8 +33,8 @@ from spk_visor.deploy.install import (
 )
 from spk_visor.deploy.inventory import Disk, inventory
 from spk_visor.ota import bundle as bundle_mod
-from spk_visor.ota import roots
 from spk_visor.ota.store import sha256_file
+from spk_visor.trust import roots
 from tests.support import deploy_images
 from tests.support.prereq import need_command, need_root
 from tests.support.sshkeys import public_line

@@ -21,7 +21,7 @@ import pytest
 
 from spk_visor.deploy import donor, guard, inventory, receiver
 from spk_visor.errors import ExitCode
-from spk_visor.ota import roots
+from spk_visor.trust import roots
 from tests.support.ota_pki import Pki, make_bundle
 from tests.support.prereq import need_root
 

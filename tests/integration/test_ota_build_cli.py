@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spk_visor.ota import keys
+from spk_visor.ota.keys import load_signing_key
+from spk_visor.trust import keys
 from tests.support import cli
 from tests.support.ota_pki import tiny_tree
 
@@ -36,7 +37,7 @@ def test_keygen_files_and_keyid(tmp_path: Path) -> None:
     # A key others can read is refused, as OpenSSH does.
     (tmp_path / "k").chmod(0o644)
     with pytest.raises(Exception, match="readable by other users"):
-        keys.load_signing_key(tmp_path / "k")
+        load_signing_key(tmp_path / "k")
 
 
 def test_passphrase_protected_key(tmp_path: Path) -> None:
@@ -44,9 +45,9 @@ def test_passphrase_protected_key(tmp_path: Path) -> None:
     secret.write_text("correct horse\n")
     ok("ota", "keygen", str(tmp_path / "k"), "--passphrase-file", str(secret))
     assert b"ENCRYPTED" in (tmp_path / "k").read_bytes()
-    assert keys.load_signing_key(tmp_path / "k", b"correct horse").keyid
+    assert load_signing_key(tmp_path / "k", b"correct horse").keyid
     with pytest.raises(Exception, match="passphrase"):
-        keys.load_signing_key(tmp_path / "k")
+        load_signing_key(tmp_path / "k")
 
 
 def test_admin_flow_end_to_end(tmp_path: Path) -> None:
@@ -277,11 +278,11 @@ def test_root_sign_refuses_a_key_that_is_not_a_root_key(tmp_path: Path) -> None:
     the document is left as it was."""
     k = _root_pki(tmp_path)
     before = k["root"].read_bytes()
-    root1_id = keys.load_signing_key(k["root1"]).keyid
+    root1_id = load_signing_key(k["root1"]).keyid
     for wrong in ("chan", "rel", "root2"):
         res = cli.run("ota", "root", "sign", str(k["root"]), "--key", str(k[wrong]))
         assert res.code == 2, (wrong, res)
-        assert keys.load_signing_key(k[wrong]).keyid[:16] in res.err, res.err
+        assert load_signing_key(k[wrong]).keyid[:16] in res.err, res.err
         assert root1_id in res.err, res.err  # what would be accepted
         assert k["root"].read_bytes() == before
     doc = ok("ota", "root", "sign", str(k["root"]), "--key", str(k["root1"]))
@@ -337,7 +338,7 @@ def test_publish_refuses_a_key_that_is_not_a_channel_key(tmp_path: Path) -> None
     repo = tmp_path / "repo"
     argv = f"ota publish --repo {repo} --bundle {bundle} --root {k['root']}".split()
     res = cli.run(*argv, "--key", str(k["rel"]))
-    chan_id = keys.load_signing_key(k["chan"]).keyid
+    chan_id = load_signing_key(k["chan"]).keyid
     assert res.code == 2 and "not a channel key" in res.err and chan_id in res.err, res.err
     assert not (repo / "v1" / "channels" / "stable.json").exists()
     ok(*argv, "--key", str(k["chan"]))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from spk_visor.errors import ExitCode, user_path_error
-from spk_visor.ota import keys
+from spk_visor.trust import keys
 from tests.support import cli
 from tests.support.prereq import need_root
 

@@ -8,10 +8,11 @@ import uuid
 from pathlib import Path
 
 from spk_visor.errors import ExitCode
-from spk_visor.ota import manifest, swap
+from spk_visor.ota import swap
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.nodeconf import NodeConfig, NodePaths
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import manifest
 from tests.support.ota_release import ingest_pack, payload_hex, tree_manifest
 
 # Fails its self-check on purpose, saying what it was given: the reason the swap records

@@ -31,7 +31,7 @@ from spk_visor.errors import ExitCode, VerificationError
 from spk_visor.install import tree
 from spk_visor.ota import swap
 from spk_visor.ota.journal import DAEMON_PHASES, MAX_TRANSITIONS, TERMINAL
-from spk_visor.ota.manifest import Manifest
+from spk_visor.trust.manifest import Manifest
 from tests.support.ota_release import OtaNode, Release, prompt_reaper
 from tests.support.prereq import need_command, need_root
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from spk_visor.ota import bundle, dsse, keys, manifest
+from spk_visor.ota import bundle
 from spk_visor.ota.journal import Floor
+from spk_visor.trust import dsse, keys, manifest
 from tests.support import cli
 from tests.support.ota_pki import Node, Pki, make_bundle, make_node, signed_manifest, tiny_tree
 

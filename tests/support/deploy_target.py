@@ -63,7 +63,7 @@ def env() -> dict[str, str]:
 def _serve(args: dict[str, Any]) -> int:
     """The receiver process (run through __main__)."""
     from spk_visor.deploy import guard, receiver  # noqa: PLC0415
-    from spk_visor.ota import roots  # noqa: PLC0415
+    from spk_visor.trust import roots  # noqa: PLC0415
     from tests.support.ota_pki import Pki  # noqa: PLC0415
 
     root = roots.load_anchor(Pki().root_env().to_bytes(), "test root")

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from spk_visor.ota import keys
+from spk_visor.trust import keys
 from tests.support.ota_pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_pki() -> Pki:
 
 
 def root_json_bytes() -> bytes:
-    from spk_visor.ota import dsse, roots  # noqa: PLC0415
+    from spk_visor.trust import dsse, roots  # noqa: PLC0415
 
     pki = test_pki()
     payload = roots.payload(

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spk_visor.ota import build, dsse, keys, roots
+from spk_visor.ota import build
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.nodeconf import NodeConfig, NodePaths
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import dsse, keys, roots
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 

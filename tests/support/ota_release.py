@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spk_visor.ota import manifest
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.durable import CRASH_ENV
-from spk_visor.ota.manifest import MANIFEST_TYPE, PRODUCT, Manifest
 from spk_visor.ota.nodeconf import NodePaths, load_config
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import manifest
+from spk_visor.trust.manifest import MANIFEST_TYPE, PRODUCT, Manifest
 from tests.support import sysroots
 from tests.support.health import health
 from tests.support.hostpaths import HostPaths

@@ -27,8 +27,8 @@ import zstandard
 from spk_visor.errors import SpkVisorError
 from spk_visor.ota import slots
 from spk_visor.ota.context import OtaContext, load_context
-from spk_visor.ota.manifest import MANIFEST_TYPE, Manifest, parse
 from spk_visor.ota.nodeconf import NodePaths, load_config
+from spk_visor.trust.manifest import MANIFEST_TYPE, Manifest, parse
 
 ENTRY_A = "smechvisor-a"
 ENTRY_B = "smechvisor-b"

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from spk_visor.errors import SpkVisorError
-from spk_visor.ota import manifest, swap
+from spk_visor.ota import swap
 from spk_visor.ota.context import load_context
 from spk_visor.ota.journal import locked
+from spk_visor.trust import manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,9 @@ import pytest
 from spk_visor.deploy import authkeys, donor
 from spk_visor.deploy.install import PlanRefused, validate_plan
 from spk_visor.errors import ExitCode, SpkVisorError
-from spk_visor.ota import roots
 from spk_visor.ota.nodeconf import NodePaths
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import roots
 from tests.support.cli import run
 from tests.support.deploy_units import fake_disk
 from tests.support.ota_pki import Pki, make_bundle, signed_manifest

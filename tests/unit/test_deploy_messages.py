@@ -18,7 +18,7 @@ from spk_visor.commands.deploy import _Screen
 from spk_visor.deploy import channel, donor, inventory, receiver
 from spk_visor.deploy.channel import SecureChannel
 from spk_visor.errors import ExitCode
-from spk_visor.ota import roots
+from spk_visor.trust import roots
 from tests.support.deploy_units import SERIAL, channel_pair, fake_disk
 from tests.support.ota_pki import Pki
 

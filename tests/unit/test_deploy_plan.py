@@ -20,11 +20,12 @@ from spk_visor.deploy.install import (
 )
 from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.errors import ExitCode, SpkVisorError
-from spk_visor.ota import build, dsse, keys, roots
-from spk_visor.ota.manifest import ImageComponent
+from spk_visor.ota import build
 from spk_visor.ota.nodeconf import NodePaths
-from spk_visor.ota.roots import Root
 from spk_visor.ota.store import BlobStore
+from spk_visor.trust import dsse, keys, roots
+from spk_visor.trust.manifest import ImageComponent
+from spk_visor.trust.roots import Root
 from tests.support.deploy_units import fake_disk
 from tests.support.ota_pki import Pki, signed_manifest
 

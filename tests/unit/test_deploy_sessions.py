@@ -12,7 +12,7 @@ import pytest
 from spk_visor.deploy import donor, inventory, messages, receiver
 from spk_visor.deploy.channel import SecureChannel
 from spk_visor.errors import ExitCode
-from spk_visor.ota import roots
+from spk_visor.trust import roots
 from tests.support.deploy_units import channel_pair
 from tests.support.ota_pki import Pki
 

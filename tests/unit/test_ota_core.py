@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from spk_visor.errors import EXIT_CODE_HELP, BusyError, ConfigError, ExitCode, VerificationError
-from spk_visor.ota import dsse, journal, keys, manifest, roots
+from spk_visor.ota import journal
 from spk_visor.ota.nodeconf import NodePaths, load_config
+from spk_visor.ota.roots import TrustStore
+from spk_visor.trust import dsse, keys, manifest, roots
 from tests.support.ota_pki import Pki
 
 PAYLOAD = {"type": manifest.MANIFEST_TYPE}
@@ -93,7 +95,7 @@ def test_root_rotation_rules(tmp_path: Path) -> None:
     with pytest.raises(VerificationError, match="does not follow"):
         roots.verify_successor(v1, new.root_env(3, signers=[old.root[0], *new.root]))
     # The trust store walks forward and never back.
-    store = roots.TrustStore(tmp_path / "factory.json", tmp_path / "trust")
+    store = TrustStore(tmp_path / "factory.json", tmp_path / "trust")
     store.factory.write_bytes(old.root_env().to_bytes())
     served = {2: both.to_bytes()}
     newest, added = store.update(served.get)

@@ -17,7 +17,7 @@ from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import engine, slots
 from spk_visor.ota.context import OtaContext
-from spk_visor.ota.manifest import MANIFEST_TYPE, Manifest, parse
+from spk_visor.trust.manifest import MANIFEST_TYPE, Manifest, parse
 from tests.support import ota_slots_worker as node
 from tests.support.prereq import need_command
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from spk_visor import strict_json
 from spk_visor.errors import VerificationError
-from spk_visor.ota.keys import PublicKey, SigningKey
+from spk_visor.trust.keys import PublicKey, SigningKey
 
 ROOT_TYPE = "application/vnd.spk-visor-ota.root+json"
 CHANNEL_TYPE = "application/vnd.spk-visor-ota.channel+json"
