@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import subprocess
 import sys
@@ -31,10 +30,11 @@ from spk_visor.errors import (
 from spk_visor.ota import bundle, journal, slots, swap
 from spk_visor.ota.context import OtaContext
 from spk_visor.ota.roots import TrustStore
-from spk_visor.ota.store import CHUNK, BlobStore
+from spk_visor.ota.store import CHUNK
 from spk_visor.ota.verify import check_space, verify_manifest
 from spk_visor.trust import dsse, roots, verify
 from spk_visor.trust.manifest import Manifest
+from spk_visor.trust.verify import BlobCheck
 
 WORKER_MODULE = "spk_visor.ota.worker"
 OP = "op"  # the journal entry of the operation as a whole
@@ -217,22 +217,20 @@ def _consume_blobs(
 
 def _hash_skip(stream: BinaryIO, blob_id: str, size: int, progress: Callable[[int], None]) -> None:
     """Verify a blob we do not need to keep (already stored, or an unchanged component)."""
-    digest = hashlib.sha256()
-    remaining = size
+    check = BlobCheck(blob_id, size)
     # One reused buffer: at a GiB per bundle, a fresh bytes object per read costs ~10%.
     buf = bytearray(min(CHUNK, max(size, 1)))
     view = memoryview(buf)
-    while remaining:
-        n = stream.readinto(view[: min(len(buf), remaining)])  # type: ignore[attr-defined]
+    while check.remaining:
+        n = stream.readinto(view[: min(len(buf), check.remaining)])  # type: ignore[attr-defined]
         if not n:
             raise VerificationError(
-                f"bundle truncated: blob {blob_id[:19]}… is {remaining} bytes short",
+                f"bundle truncated: blob {blob_id[:19]}… is {check.remaining} bytes short",
                 "copy the bundle again",
             )
-        digest.update(view[:n])
-        remaining -= n
+        check.update(view[:n])
         progress(n)
-    BlobStore.require_hash(blob_id, digest.hexdigest())
+    check.finish()
 
 
 def persist_verified(ctx: OtaContext, v: Verification) -> None:

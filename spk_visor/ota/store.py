@@ -19,6 +19,7 @@ from typing import BinaryIO
 from spk_visor.errors import VerificationError
 from spk_visor.ota import durable
 from spk_visor.ota.nodeconf import NodePaths
+from spk_visor.trust.verify import BlobCheck, require_blob_hash
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
@@ -85,23 +86,21 @@ class BlobStore:
         """
         self.ensure()
         part = self.partial(blob_id)
-        digest = hashlib.sha256()
-        remaining = size
+        check = BlobCheck(blob_id, size)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            while remaining:
-                chunk = stream.read(min(CHUNK, remaining))
+            while check.remaining:
+                chunk = stream.read(min(CHUNK, check.remaining))
                 if not chunk:
                     raise TruncatedError(
                         f"bundle truncated: blob {blob_id[:19]}… ended "
-                        f"{remaining} bytes short of its signed size",
+                        f"{check.remaining} bytes short of its signed size",
                         "copy the bundle again",
                     )
-                digest.update(chunk)
+                check.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
-                remaining -= len(chunk)
                 if progress:
                     progress(len(chunk))
             os.fsync(fd)
@@ -112,21 +111,13 @@ class BlobStore:
             raise
         os.close(fd)
         if not commit:
-            self.check_partial(blob_id, digest.hexdigest())
+            self.check_partial(blob_id, check.hexdigest())
             return part
-        return self.commit_partial(blob_id, digest.hexdigest())
-
-    @staticmethod
-    def require_hash(blob_id: str, actual_hex: str) -> None:
-        if actual_hex != hex_of(blob_id):
-            raise VerificationError(
-                f"blob {blob_id[:19]}… does not match its signed hash (got {actual_hex[:12]}…)",
-                "the bundle or the download is corrupt or tampered with; nothing was changed",
-            )
+        return self.commit_partial(blob_id, check.hexdigest())
 
     def check_partial(self, blob_id: str, actual_hex: str) -> None:
         try:
-            self.require_hash(blob_id, actual_hex)
+            require_blob_hash(blob_id, actual_hex)
         except VerificationError:
             self.discard_partial(blob_id)
             raise

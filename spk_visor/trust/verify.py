@@ -249,13 +249,14 @@ class BlobCheck:
         self._digest.update(data)
         self.received += len(data)
 
-    def finish(self) -> str:
-        """The hex digest, once the whole blob checked out."""
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def finish(self) -> None:
+        """Refuse unless the whole blob arrived and has its signed hash."""
         if self.remaining:
             raise VerificationError(
                 f"blob {self.blob_id[:19]}… is {self.remaining} bytes short of its signed size",
                 "copy the bundle again",
             )
-        actual = self._digest.hexdigest()
-        require_blob_hash(self.blob_id, actual)
-        return actual
+        require_blob_hash(self.blob_id, self.hexdigest())
