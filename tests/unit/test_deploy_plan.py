@@ -335,7 +335,17 @@ def test_the_manifest_signature_is_checked_once_per_plan(
         calls.append(what)
         return real(env, role, what)
 
+    ed25519: list[bytes] = []
+    real_key_verify = keys.PublicKey.verify
+
+    def counting_key(key: keys.PublicKey, signature: bytes, message: bytes) -> bool:
+        ed25519.append(signature)
+        return real_key_verify(key, signature, message)
+
     monkeypatch.setattr(dsse, "verify", counting)
+    monkeypatch.setattr(keys.PublicKey, "verify", counting_key)
     disk = _disk()
     validate_plan(_plan(pki, disk), [disk], root)
     assert calls == ["manifest"]
+    # And underneath: one ed25519 verification per release signature, nothing repeated.
+    assert len(ed25519) == len(pki.release) == len(set(ed25519))
