@@ -18,12 +18,13 @@ decides is the order: the canary alone, and only if it ends with 0 or 4 the rest
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -279,44 +280,181 @@ def push(
     )  # fmt: skip
     results: dict[int, PushResult] = {}
     pending = list(enumerate(targets))
-    if canary and pending:
-        first_index, first = pending.pop(0)
-        results[first_index] = first_result = node.run(first)
-        if not first_result.ok:
-            why = f"the canary {first.name} failed (exit {first_result.exit_code})"
-            for index, target in pending:
-                results[index] = node.skip(target, why)
-            return [results[i] for i in range(len(targets))]
-    stop = threading.Event()
-    failed_at: list[str] = []
+    first = pending.pop(0) if canary and pending else None
+    rollout = _Rollout(len(pending), parallel, stop_on_failure, wait_for_canary=first is not None)
 
-    def work(target: PushTarget) -> PushResult:
-        if stop.is_set():
-            return node.skip(target, f"stopped after {failed_at[0]} failed (--stop-on-failure)")
-        result = node.run(target)
-        if stop_on_failure and not result.ok and not stop.is_set():
-            failed_at.append(target.name)
-            stop.set()
+    def work(k: int, target: PushTarget) -> PushResult:
+        why = rollout.begin_sending(k)
+        if why is not None:
+            rollout.finished(k, target.name, None)
+            return node.skip(target, why)
+        result = node.run(target, gate=rollout.gates[k])
+        rollout.finished(k, target.name, result)
         return result
 
-    if pending:
-        pool = ThreadPoolExecutor(
-            max_workers=min(parallel, len(pending)), thread_name_prefix="push"
-        )
-        futures: list[tuple[int, Future[PushResult]]] = [
-            (index, pool.submit(work, target)) for index, target in pending
+    pool = ThreadPoolExecutor(
+        # Up to `parallel` nodes applying and as many again sent ahead, waiting their turn.
+        max_workers=max(1, min(2 * parallel, len(pending))),
+        thread_name_prefix="push",
+    )
+    try:
+        futures = [
+            (index, pool.submit(work, k, target)) for k, (index, target) in enumerate(pending)
         ]
-        try:
-            for index, future in futures:
-                results[index] = future.result()
-        except BaseException:  # Ctrl-C: start nothing more, break the running streams
-            stop.set()
-            failed_at.append("an interruption")
-            pool.shutdown(wait=False, cancel_futures=True)
-            ssh.close_all()
-            raise
-        pool.shutdown()
+        if first is not None:
+            first_index, first_target = first
+            results[first_index] = verdict = node.run(first_target, on_sent=rollout.canary_sent)
+            rollout.canary_done(first_target.name, verdict)
+        for index, future in futures:
+            results[index] = future.result()
+    except BaseException:  # Ctrl-C: start nothing more, break the running streams
+        rollout.stop("an interruption")
+        pool.shutdown(wait=False, cancel_futures=True)
+        ssh.close_all()
+        raise
+    pool.shutdown()
     return [results[i] for i in range(len(targets))]
+
+
+class _Gate:
+    """The go or stop for one node's held last byte (ssh_stream.Hold). `arrived` is called
+    once, when the stream first waits here."""
+
+    def __init__(self, arrived: Callable[[], None]) -> None:
+        self._decided = threading.Event()
+        self._go = False
+        self._arrived: Callable[[], None] | None = arrived
+        self.why = ""
+
+    def open(self) -> None:
+        self._go = True
+        self._decided.set()
+
+    def drop(self, why: str) -> None:
+        self.why = why
+        self._decided.set()
+
+    @property
+    def opened(self) -> bool:
+        return self._go
+
+    def wait(self, timeout: float) -> bool | None:
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None:
+            arrived()
+        if not self._decided.wait(timeout):
+            return None
+        return self._go
+
+
+class _Rollout:
+    """Who may send and who may apply, for the nodes after the canary (k = 0, 1, ... in
+    the targets' order).
+
+    Sending starts once the canary's bundle is all sent (its upload runs alone, as it
+    would on a rack of one), in order, at most `parallel` streams at a time. A stream
+    stops one byte short and waits at its gate (ssh_stream's hold): the node has verified
+    all but that byte and changed nothing. Gates open in order, only after the canary
+    succeeded, while fewer than `parallel` opened nodes are unfinished. A stop (the canary
+    failed; a failure under --stop-on-failure; an interruption) drops every gate not yet
+    opened: those nodes see their bundle cut short and keep nothing of it.
+    """
+
+    def __init__(self, count: int, parallel: int, stop_on_failure: bool, *, wait_for_canary: bool):
+        self.cond = threading.Condition()
+        self.gates = [_Gate(functools.partial(self.sent, k)) for k in range(count)]
+        self.parallel = parallel
+        self.stop_on_failure = stop_on_failure
+        self.may_send = not wait_for_canary
+        self.verdict = not wait_for_canary
+        self.stopped: str | None = None
+        self.sending_ended = [False] * count  # its stream reached the gate, or ended
+        self.finished_ = [False] * count
+        self.next_send = 0  # the next node allowed to start sending
+        self.sending = 0  # nodes sending their bundle ahead, not yet at their gate
+        self.next_open = 0  # the next gate to open
+        self.applying = 0  # opened and not finished
+
+    def canary_sent(self) -> None:
+        with self.cond:
+            self.may_send = True
+            self.cond.notify_all()
+
+    def canary_done(self, name: str, result: PushResult) -> None:
+        if not result.ok:
+            self.stop(f"the canary {name} failed (exit {result.exit_code})")
+            return
+        with self.cond:
+            self.verdict = self.may_send = True
+            self._open_more()
+            self.cond.notify_all()
+
+    def begin_sending(self, k: int) -> str | None:
+        """Wait until node k may be contacted; the reason to skip it instead, if any."""
+        with self.cond:
+            self.cond.wait_for(
+                lambda: (
+                    self.stopped is not None
+                    or (self.may_send and self.next_send == k and self.sending < self.parallel)
+                )
+            )
+            if self.stopped is not None:
+                self.next_send = max(self.next_send, k + 1)
+                return self.stopped
+            self.next_send += 1
+            self.sending += 1
+            self.cond.notify_all()
+            return None
+
+    def sent(self, k: int) -> None:
+        """Node k's stream reached its gate: its sending slot is free for the next."""
+        with self.cond:
+            self._end_sending(k)
+            self.cond.notify_all()
+
+    def finished(self, k: int, name: str, result: PushResult | None) -> None:
+        """Node k is done; None: skipped before it was contacted."""
+        with self.cond:
+            if result is not None:
+                self._end_sending(k)
+            self.finished_[k] = True
+            if self.gates[k].opened:
+                self.applying -= 1
+            failed = result is not None and not result.ok and result.phase != SKIPPED
+            if failed and self.stop_on_failure and self.stopped is None:
+                self._stop(f"stopped after {name} failed (--stop-on-failure)")
+            self._open_more()
+            self.cond.notify_all()
+
+    def stop(self, why: str) -> None:
+        with self.cond:
+            if self.stopped is None:
+                self._stop(why)
+            self.cond.notify_all()
+
+    def _end_sending(self, k: int) -> None:
+        if not self.sending_ended[k]:
+            self.sending_ended[k] = True
+            self.sending -= 1
+
+    def _stop(self, why: str) -> None:
+        self.stopped = why
+        for gate in self.gates[self.next_open :]:
+            gate.drop(why)
+
+    def _open_more(self) -> None:
+        while (
+            self.stopped is None
+            and self.verdict
+            and self.applying < self.parallel
+            and self.next_open < len(self.gates)
+        ):
+            k = self.next_open
+            self.next_open += 1
+            if self.finished_[k]:
+                continue  # it failed while its bundle was sent ahead: nothing to open
+            self.gates[k].open()
+            self.applying += 1
 
 
 @dataclass
@@ -339,7 +477,15 @@ class _NodePush:
         self.progress_factory(target, self.size).finish(result)
         return result
 
-    def run(self, target: PushTarget) -> PushResult:
+    def run(
+        self,
+        target: PushTarget,
+        *,
+        gate: _Gate | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> PushResult:
+        """Push to one node. With `gate`, its last byte waits there (see _Rollout);
+        `on_sent` is called once the whole bundle has been sent."""
         started = time.monotonic()
         display = self.progress_factory(target, self.size)
         outcome = _Outcome(step=STEP_FIND)
@@ -347,7 +493,11 @@ class _NodePush:
             command = self._command(target, outcome)
             if command is not None:
                 outcome.step = STEP_APPLY
-                self._apply(target, command, display, outcome)
+                self._apply(target, command, display, outcome, gate, on_sent)
+                if outcome.cut and gate is not None:  # only a gate cuts a stream
+                    result = self._cut(target, gate, outcome, time.monotonic() - started)
+                    display.finish(result)
+                    return result
                 # Nothing started on the node (already installed): there is nothing to
                 # follow, and `status --wait` would report the previous update's outcome.
                 if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
@@ -389,8 +539,33 @@ class _NodePush:
             )
         return None
 
+    def _cut(
+        self, target: PushTarget, gate: _Gate, outcome: _Outcome, seconds: float
+    ) -> PushResult:
+        """The result of a node whose bundle was sent ahead and then cut short."""
+        if outcome.exit_code in SUCCESS:
+            # A node must refuse a truncated bundle; one that did not is broken, and may
+            # have applied what it got: never report that as skipped.
+            return PushResult(
+                target.name, int(ExitCode.INTERNAL), STEP_APPLY, outcome.version, None,
+                f"the node accepted a bundle cut {ssh_stream.HOLD_BACK} byte short "
+                f"(cut because {gate.why}); check its spk-visor", round(seconds, 3),
+            )  # fmt: skip
+        return PushResult(
+            target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None,
+            f"not started: {gate.why}; the bundle sent ahead was cut "
+            f"{ssh_stream.HOLD_BACK} byte short, so the node applied none of it "
+            f"(it exited {outcome.exit_code})", round(seconds, 3),
+        )  # fmt: skip
+
     def _apply(
-        self, target: PushTarget, command: list[str], display: NodeProgress, outcome: _Outcome
+        self,
+        target: PushTarget,
+        command: list[str],
+        display: NodeProgress,
+        outcome: _Outcome,
+        gate: _Gate | None,
+        on_sent: Callable[[], None] | None,
     ) -> None:
         argv = [
             *command, "ota", "apply", "--bundle", "-", "--detach", "--json", *self.apply_args,
@@ -407,13 +582,19 @@ class _NodePush:
                 changed = doc.get("changed")
                 outcome.changed = changed if isinstance(changed, bool) else None
 
+        def sent(done: int) -> None:
+            display.sent(done)
+            if done >= self.size and on_sent is not None:
+                on_sent()
+
         with self.bundle.open("rb") as source:
             done = ssh_stream.exec_stream(
                 target.ssh,
                 argv,
                 source,
                 size=self.size,
-                progress=display.sent,
+                progress=sent,
+                hold=gate,
                 timeout=self.timeout,
                 accept_new=self.accept_new,
                 on_stdout_line=on_line,
@@ -421,6 +602,7 @@ class _NodePush:
                 # store before it detaches: seconds per GiB on a slow disk.
                 wait_timeout=max(self.timeout, self.follow_timeout),
             )
+        outcome.cut = done.cut
         outcome.exit_code = _node_code(done.exit_status)
         if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
             # The process said 0 but its own result event did not: never fan out on that.
@@ -461,6 +643,7 @@ class _Outcome:
     version: str | None = None
     downtime_ms: int | None = None
     message: str = ""
+    cut: bool = False  # the stream ended one byte short: its gate was dropped
 
     def absorb(self, doc: Mapping[str, Any]) -> None:
         """Take phase, version, downtime and message from a node's JSON (a result event,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import socket
 import sys
@@ -34,6 +33,7 @@ from spk_visor.ota.push import (
 )
 from spk_visor.transport import ssh
 from spk_visor.transport.ssh_stream import exec_stream, run
+from tests.support.fake_bundle import write as random_file
 from tests.support.sshd import Sshd, free_port, start_sshd
 
 FAKE_NODE = Path(__file__).resolve().parents[1] / "support" / "bin" / "fake-ota-node"
@@ -77,18 +77,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servers: list[Sshd]) -
 
 def sh(script: str) -> list[str]:
     return ["sh", "-c", script]
-
-
-def random_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 1 << 22))
-            digest.update(block)
-            f.write(block)
-            left -= len(block)
-    return digest.hexdigest()
 
 
 # ---- exec_stream ----------------------------------------------------------------------
@@ -335,6 +323,14 @@ class Fleet:
         doc: dict[str, Any] = json.loads((self.dirs[i] / "received.json").read_text())
         return doc
 
+    def applying(self, i: int) -> float:
+        """When node i had the whole bundle and began to apply it (CLOCK_MONOTONIC)."""
+        (t,) = [e["t"] for e in self.log(i) if e["what"] == "applying"]
+        return float(t)
+
+    def applied(self, i: int) -> bool:
+        return any(e["what"] == "applying" for e in self.log(i))
+
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
     edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
@@ -379,13 +375,17 @@ def test_canary_first_then_the_rest_within_the_parallel_limit(fleet: Fleet) -> N
         assert (received["sha256"], received["bytes"]) == (fleet.sha256, 3 << 20)
         assert received["argv"][3:] == ["ota", "apply", "--bundle", "-", "--detach", "--json"]
         assert [(e["cmd"], e["what"]) for e in fleet.log(i)] == [
-            ("apply", "start"), ("apply", "end"), ("status", "start"), ("status", "end"),
+            ("apply", "start"), ("apply", "applying"), ("apply", "end"),
+            ("status", "start"), ("status", "end"),
         ]  # fmt: skip
-    spans = [fleet.span(i) for i in range(NODES)]
-    # The canary was done (apply and status) before any other node was touched.
-    assert all(spans[0][1] < start for start, _ in spans[1:])
-    # Then the three others with two workers: two at once, never three.
-    assert max_overlap(spans[1:]) == 2
+    canary_done = fleet.span(0)[1]
+    # No other node applied before the canary was done (apply and status)...
+    assert all(canary_done < fleet.applying(i) for i in range(1, NODES))
+    # ...but the first two were sent the bundle while the canary applied, all of it but
+    # the last byte: they waited there for its verdict.
+    assert fleet.span(1)[0] < canary_done and fleet.span(2)[0] < canary_done
+    # Then the three others with two at once applying, never three.
+    assert max_overlap([(fleet.applying(i), fleet.span(i)[1]) for i in range(1, NODES)]) == 2
     # Progress: bytes, the node's NDJSON events, then the result, per node.
     for name in ("node0", "node1", "node2", "node3"):
         mine = [what for who, what in events if who == name]
