@@ -394,22 +394,32 @@ def test_canary_first_then_the_rest_within_the_parallel_limit(fleet: Fleet) -> N
         assert mine[-2:] == ["result", "finish 0"]
 
 
+CUT = "the bundle sent ahead was cut 1 byte short, so the node applied none of it (it exited 3)"
+
+
 def test_a_failed_canary_stops_the_push(fleet: Fleet) -> None:
-    fleet.behave(0, apply_exit=3, message="signature threshold not met (1 of 2)")
+    # The others get the bundle, all but its last byte, while the canary takes a second.
+    fleet.behave(0, apply_delay=1.0, apply_exit=3, message="signature threshold not met (1 of 2)")
 
     results = fleet.push(parallel=4)
 
     first, *rest = results
     assert (first.exit_code, first.phase) == (3, "apply")
     assert first.message == "signature threshold not met (1 of 2)"
-    assert [(e["cmd"], e["what"]) for e in fleet.log(0)] == [("apply", "start"), ("apply", "end")]
+    assert [(e["cmd"], e["what"]) for e in fleet.log(0)] == [
+        ("apply", "start"), ("apply", "applying"), ("apply", "end"),
+    ]  # fmt: skip
     for i, r in enumerate(rest, 1):
         assert (r.exit_code, r.phase) == (ExitCode.NOT_ELIGIBLE, "skipped")
-        assert r.message == "not started: the canary node0 failed (exit 3)"
-        assert fleet.log(i) == []  # never contacted
+        assert r.message == f"not started: the canary node0 failed (exit 3); {CUT}"
+        # Sent ahead, then cut one byte short: the node refused it and applied nothing.
+        assert not fleet.applied(i)
+        assert (fleet.received(i)["bytes"], fleet.received(i)["cut"]) == ((3 << 20) - 1, True)
+    assert overall_exit(results) == ExitCode.REFUSED
 
 
 def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
+    fleet.behave(0, apply_delay=1.0)  # node1 and node2 are sent the bundle meanwhile
     fleet.behave(1, status_exit=5, phase="rolled_back", message="health check failed")
 
     results = fleet.push(parallel=1, stop_on_failure=True)
@@ -418,8 +428,12 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
         (0, "committed"), (5, "rolled_back"), (8, "skipped"), (8, "skipped"),
     ]  # fmt: skip
     assert results[1].message == "health check failed"
-    assert results[2].message == "not started: stopped after node1 failed (--stop-on-failure)"
-    assert fleet.log(2) == fleet.log(3) == []
+    stopped = "not started: stopped after node1 failed (--stop-on-failure)"
+    # node2 waited, sent ahead (one applying and one waiting at --parallel 1), and was cut
+    # short; node3 was never contacted.
+    assert results[2].message == f"{stopped}; {CUT}"
+    assert not fleet.applied(2) and fleet.received(2)["cut"] is True
+    assert fleet.log(3) == []
     assert overall_exit(results) == ExitCode.ROLLED_BACK  # the failure, not the skips
     lines = summary_table(results).splitlines()
     assert lines[0].split() == ["NODE", "EXIT", "PHASE", "VERSION", "DOWNTIME", "TIME", "MESSAGE"]
@@ -431,7 +445,7 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
         "phase": "skipped",
         "version": None,
         "downtime_ms": None,
-        "message": "not started: stopped after node1 failed (--stop-on-failure)",
+        "message": stopped,
         "seconds": 0.0,
     }
 
