@@ -25,6 +25,7 @@ from bench import figures
 from spk_visor.config import SshSpec
 from spk_visor.ota.push import PushTarget, push
 from spk_visor.transport import ssh
+from tests.support import fake_bundle
 from tests.support.sshd import Sshd, start_sshd
 
 FAKE_NODE = Path(__file__).resolve().parents[1] / "tests" / "support" / "bin" / "fake-ota-node"
@@ -66,9 +67,7 @@ def main() -> None:
                     json.dumps({"apply_delay": args.apply_delay})
                 )
             bundle = base / "b.spkb"
-            with bundle.open("wb") as f:
-                for _ in range(args.mib):
-                    f.write(os.urandom(1 << 20))
+            fake_bundle.write(bundle, args.mib << 20)
             targets = [PushTarget(f"rack{i}", SshSpec(f"rack{i}")) for i in range(RACK)]
 
             def run(group: list[PushTarget]) -> float:

@@ -1,18 +1,23 @@
 """Push a bundle to nodes over SSH: canary first, then a bounded fan-out (design/ota.md,
 "Push mode").
 
-Per node, two commands run on the node through `spk_visor.transport.ssh_stream`:
-
-1. ``<remote> ota apply --bundle - --detach --json <apply_args>`` with the bundle streamed
-   into its stdin. The node verifies while it copies into its private store, prints NDJSON
-   events (``{"event":"progress",...}``, last ``{"event":"result","exit_code":N,...}``)
-   and, when all is well, leaves a detached worker applying it and exits 0.
-2. ``<remote> ota status --json --wait``: prints the status JSON once the journal is
-   terminal; its exit code is the outcome's (0 committed, 4 base staged, 5 rolled back...).
+Per node, one command runs on the node through `spk_visor.transport.ssh_stream`:
+``<remote> ota apply --bundle - --json <apply_args>`` with the bundle streamed into its
+stdin. The node verifies while it copies into its private store, hands the update to a
+detached worker (its own session: a dropped SSH connection does not stop it) and follows
+the worker's journal, printing NDJSON events (``{"event":"progress",...}``,
+``{"event":"phase","component":"daemon","phase":"committed",...}``) and last
+``{"event":"result","exit_code":N,...}``; its exit code is the outcome's (0 committed, 4
+base staged, 5 rolled back...). One command and not `apply --detach` then `ota status
+--wait`: the second command cost every node a session and a start of spk-visor (0.3 to
+1 s on a loaded node), on the path of every wave.
 
 The node never trusts the workstation: it runs the same checks as a pull. All this module
-decides is the order: the canary alone, and only if it ends with 0 or 4 the rest with
-`parallel` workers; with `stop_on_failure` the first failure stops nodes not yet started.
+decides is the order (see _Rollout): the canary alone, and only if it ends with 0 or 4 the
+rest, at most `parallel` applying at once; the next ones are sent the bundle, all but its
+last byte, while they wait their turn. With `stop_on_failure` the first failure stops the
+nodes not yet started, and cuts the bundles sent ahead short: a node refuses a truncated
+bundle and keeps nothing of it.
 """
 
 from __future__ import annotations
@@ -43,8 +48,6 @@ SKIPPED = "skipped"
 STEP_APPLY = "apply"
 STEP_FOLLOW = "follow"
 _T = TypeVar("_T")
-# The status JSON is small; anything larger is not the node's status.
-MAX_STATUS_BYTES = 1 << 20
 
 
 # Where `spk-visor` is looked for on a node when no command is configured: the login's
@@ -256,13 +259,12 @@ def push(
     """Push `bundle` to `targets`; one PushResult per target, in the targets' order.
 
     `timeout` bounds connecting and any stall of the stream; `follow_timeout` the wait for
-    `ota apply` to exit after the bundle's end was sent, and then the wait for the node's
-    outcome (`ota status --wait`). `remote_command` runs spk-visor on every node; None:
-    each target's own (config.toml), else the first found on the node (its PATH, then
-    REMOTE_PLACES); none found is the node's failure (exit 2). Raises UsageError for an unreadable
-    bundle or a bad `parallel`; per-node failures are results, never exceptions.
-    Progress goes to `progress_factory`, or with `show_progress` to a bar per node on
-    stderr, or nowhere.
+    `ota apply` to exit (the node's outcome) after the bundle's end was sent.
+    `remote_command` runs spk-visor on every node; None: each target's own (config.toml),
+    else the first found on the node (its PATH, then REMOTE_PLACES); none found is the
+    node's failure (exit 2). Raises UsageError for an unreadable bundle or a bad
+    `parallel`; per-node failures are results, never exceptions. Progress goes to
+    `progress_factory`, or with `show_progress` to a bar per node on stderr, or nowhere.
     """
     if progress_factory is None:
         progress_factory = _Bars() if show_progress else no_progress
@@ -498,11 +500,6 @@ class _NodePush:
                     result = self._cut(target, gate, outcome, time.monotonic() - started)
                     display.finish(result)
                     return result
-                # Nothing started on the node (already installed): there is nothing to
-                # follow, and `status --wait` would report the previous update's outcome.
-                if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
-                    outcome.step = STEP_FOLLOW
-                    self._follow(target, command, outcome)
         except SpkVisorError as e:
             outcome.exit_code = int(e.exit_code)
             outcome.message = e.message
@@ -568,19 +565,24 @@ class _NodePush:
         on_sent: Callable[[], None] | None,
     ) -> None:
         argv = [
-            *command, "ota", "apply", "--bundle", "-", "--detach", "--json", *self.apply_args,
+            *command, "ota", "apply", "--bundle", "-", "--json", *self.apply_args,
         ]  # fmt: skip
+        # The last phase event of each component: what `ota status` would show of it.
+        components: dict[str, dict[str, Any]] = {}
 
         def on_line(line: str) -> None:
             doc = _json_object(line)
             if doc is None:
                 return
             display.event(doc)
-            if doc.get("event") == "result":
+            event, component = doc.get("event"), doc.get("component")
+            if event == "phase" and component == "op" and doc.get("phase") == "started":
+                outcome.step = STEP_FOLLOW  # verified; the worker runs the update
+            elif event == "phase" and component in ("daemon", "base"):
+                components[str(component)] = doc
+            elif event == "result":
                 outcome.absorb(doc)
                 outcome.result_code = _int(doc.get("exit_code"))
-                changed = doc.get("changed")
-                outcome.changed = changed if isinstance(changed, bool) else None
 
         def sent(done: int) -> None:
             display.sent(done)
@@ -598,10 +600,13 @@ class _NodePush:
                 timeout=self.timeout,
                 accept_new=self.accept_new,
                 on_stdout_line=on_line,
-                # After EOF the node finishes verifying and syncs the bundle into its
-                # store before it detaches: seconds per GiB on a slow disk.
-                wait_timeout=max(self.timeout, self.follow_timeout),
+                # After EOF the node finishes verifying, syncs the bundle into its store
+                # (seconds per GiB on a slow disk) and follows the update to its end.
+                wait_timeout=self.follow_timeout,
             )
+        # The components' end states override the result event's plan (its version is
+        # the target's, even when the node rolled back).
+        outcome.absorb(components)
         outcome.cut = done.cut
         outcome.exit_code = _node_code(done.exit_status)
         if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
@@ -616,20 +621,6 @@ class _NodePush:
             )
         outcome.note_failure(done, "ota apply")
 
-    def _follow(self, target: PushTarget, command: list[str], outcome: _Outcome) -> None:
-        done = ssh_stream.run(
-            target.ssh,
-            [*command, "ota", "status", "--json", "--wait"],
-            timeout=self.timeout,
-            wait_timeout=self.follow_timeout,
-            accept_new=self.accept_new,
-        )
-        outcome.exit_code = _node_code(done.exit_status)
-        status = _status_document(done.stdout)
-        if status is not None:
-            outcome.absorb(status)
-        outcome.note_failure(done, "ota status")
-
 
 @dataclass
 class _Outcome:
@@ -638,7 +629,6 @@ class _Outcome:
     step: str
     exit_code: int = ExitCode.INTERNAL
     result_code: int | None = None
-    changed: bool | None = None
     phase: str | None = None
     version: str | None = None
     downtime_ms: int | None = None
@@ -647,8 +637,8 @@ class _Outcome:
 
     def absorb(self, doc: Mapping[str, Any]) -> None:
         """Take phase, version, downtime and message from a node's JSON (a result event,
-        then the final status, which overrides it): in each document the top-level keys
-        first, then its "daemon" and "base" entries."""
+        then the components' last phases, which override it): in each document the
+        top-level keys first, then its "daemon" and "base" entries."""
         phase = _first(doc, "phase", str)
         version = _first(doc, "version", str) or _first(doc, "target_version", str)
         downtime = _first(doc, "downtime_ms", int)
@@ -702,17 +692,6 @@ def _json_object(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _status_document(stdout: bytes) -> dict[str, Any] | None:
-    """The status JSON: the whole output (pretty-printed or not), else its last line."""
-    if len(stdout) > MAX_STATUS_BYTES:
-        return None
-    text = stdout.decode("utf-8", errors="replace").strip()
-    doc = _json_object(text)
-    if doc is None and text:
-        doc = _json_object(text.splitlines()[-1])
-    return doc
 
 
 def _last_line(data: bytes) -> str:

@@ -108,7 +108,7 @@ def test_found_at_a_well_known_place(node: Path, tmp_path: Path, server: Sshd) -
     install_at(tmp_path / "opt" / "bin" / "spk-visor", node)
     result = push_node0(tmp_path)
     assert result.exit_code == ExitCode.OK, result
-    assert commands_run(node, server) == ["apply", "status"]
+    assert commands_run(node, server) == ["apply"]
 
 
 def test_an_explicit_command_that_is_missing(node: Path, tmp_path: Path) -> None:
