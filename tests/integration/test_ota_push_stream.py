@@ -8,10 +8,12 @@ fan-out respects --parallel, and failures stop or skip what they should.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -80,6 +82,31 @@ def sh(script: str) -> list[str]:
 
 
 # ---- exec_stream ----------------------------------------------------------------------
+
+
+def test_a_bundle_on_stdin_is_read_through_a_1_mib_pipe() -> None:
+    """sshd hands a pushed bundle to `ota apply --bundle -` through a pipe; the real CLI
+    widens it from Linux's 64 KiB to 1 MiB (a 64 MiB push at load 10: 1.6 s -> 0.6 s)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", "ota", "inspect", "-"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    fd = proc.stdin.fileno()
+    assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == 64 << 10  # Linux's default
+    try:
+        proc.stdin.write(b"not a bundle, and more than its magic")
+        proc.stdin.flush()
+        err = proc.stderr.read()  # until the reader exits, refusing the bad magic
+        size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)  # our end keeps the pipe alive
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert b"bad magic" in err, err
+    assert size == 1 << 20
 
 
 def test_64_mib_arrive_intact(home: Path, tmp_path: Path) -> None:
