@@ -116,6 +116,9 @@ def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rack: list[Sshd]) -> 
 def test_canary_then_five_at_a_time_and_everyone_gets_it(nodes: Rack) -> None:
     for i in range(RACK):
         nodes.behave(i, apply_delay=0.3)
+    # Long enough that the next nodes' spk-visor surely started (an sshd session and a
+    # Python start on a loaded machine) before the canary is done.
+    nodes.behave(0, apply_delay=2.0)
     results = nodes.push()
     assert [r.exit_code for r in results] == [0] * RACK
     assert all(nodes.received(i) == nodes.sha256 for i in range(RACK))
