@@ -47,6 +47,8 @@ SUCCESS = frozenset({ExitCode.OK, ExitCode.REBOOT_REQUIRED})
 SKIPPED = "skipped"
 STEP_APPLY = "apply"
 STEP_FOLLOW = "follow"
+# NodeProgress.event from the push itself: the bundle is sent ahead, but for its last byte.
+WAITING: Mapping[str, Any] = {"event": "waiting"}
 _T = TypeVar("_T")
 
 
@@ -111,7 +113,8 @@ class NodeProgress(Protocol):
         """`done` bytes of the bundle have been streamed."""
 
     def event(self, doc: Mapping[str, Any]) -> None:
-        """The node printed this NDJSON event (progress, result, ...)."""
+        """The node printed this NDJSON event (progress, result, ...); or the push's own
+        WAITING, when all but the last byte was sent ahead and the node waits its turn."""
 
     def finish(self, result: PushResult) -> None:
         """The node is done (also called for skipped nodes)."""
@@ -181,6 +184,8 @@ class _Bar:
         phase = doc.get("phase")
         if doc.get("event") == "progress" and isinstance(phase, str):
             self.bar.set_postfix_str(phase, refresh=False)
+        elif doc.get("event") == WAITING["event"]:
+            self.bar.set_postfix_str("sent; waits for the canary or a free slot")
 
     def finish(self, result: PushResult) -> None:
         self.bar.set_postfix_str(f"exit {result.exit_code}: {result.phase}")
@@ -588,6 +593,8 @@ class _NodePush:
             display.sent(done)
             if done >= self.size and on_sent is not None:
                 on_sent()
+            elif gate is not None and done == self.size - ssh_stream.HOLD_BACK:
+                display.event(WAITING)
 
         with self.bundle.open("rb") as source:
             done = ssh_stream.exec_stream(

@@ -63,6 +63,9 @@ NO_STATUS = -1
 HOLD_BACK = 1
 # How often a held stream checks whether the remote command ended on its own meanwhile.
 HOLD_POLL = 0.1
+# A held stream carries nothing for as long as the canary takes (minutes): keepalives
+# every this many seconds stop a NAT or firewall from dropping the idle connection.
+HOLD_KEEPALIVE = 30
 
 
 class Hold(Protocol):
@@ -159,6 +162,9 @@ def _pump(
         _send(channel, source, size, 0, progress, address, timeout)
         return False
     ahead = size - min(HOLD_BACK, size)
+    transport = channel.get_transport()
+    if transport is not None:
+        transport.set_keepalive(HOLD_KEEPALIVE)
     if not _send(channel, source, ahead, 0, progress, address, timeout):
         return False  # the command is over already
     while True:

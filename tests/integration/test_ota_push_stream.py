@@ -420,6 +420,11 @@ def test_canary_first_then_the_rest_within_the_parallel_limit(fleet: Fleet) -> N
     for name in ("node0", "node1", "node2", "node3"):
         mine = [what for who, what in events if who == name]
         assert f"sent {3 << 20}" in mine
+        if name == "node0":
+            assert "waiting" not in mine  # the canary's stream is never held
+        else:  # held one byte short, then completed
+            assert mine.index(f"sent {(3 << 20) - 1}") < mine.index("waiting")
+            assert mine.index("waiting") < mine.index(f"sent {3 << 20}")
         assert mine.count("progress") == 3  # one per MiB read by the node
         assert mine[-2:] == ["result", "finish 0"]
 
@@ -544,6 +549,7 @@ def test_progress_bars_on_stderr(fleet: Fleet, capsys: pytest.CaptureFixture[str
     for i in range(NODES):
         assert f"node{i}" in err
     assert "3.00M/3.00M" in err  # the whole bundle, per node
+    assert "sent; waits for the canary or a free slot" in err  # the others, sent ahead
     assert "exit 3: apply" in err
     assert overall_exit(results) == ExitCode.REFUSED
 
