@@ -401,7 +401,7 @@ def _open_bundle(path: str) -> BinaryIO:
     if path == "-":
         from spk_visor.ota.bundle import widen_pipe  # noqa: PLC0415
 
-        widen_pipe(sys.stdin.fileno())
+        widen_pipe(sys.stdin)
         return sys.stdin.buffer
     try:
         return Path(path).open("rb")

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from spk_visor import strict_json
 from spk_visor.errors import VerificationError
@@ -36,11 +36,12 @@ COPY_CHUNK = 4 << 20
 STDIN_PIPE_SIZE = 1 << 20
 
 
-def widen_pipe(fd: int) -> None:
-    """Give the pipe `fd` reads from STDIN_PIPE_SIZE of buffer; nothing if it is not a
-    pipe (a file, a terminal) or the system refuses (a lower pipe-max-size)."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, STDIN_PIPE_SIZE)
+def widen_pipe(stream: IO[bytes] | IO[str]) -> None:
+    """Give the pipe `stream` reads from STDIN_PIPE_SIZE of buffer; nothing if it is not
+    a pipe (a file, a terminal, an in-memory stream) or the system refuses (a lower
+    pipe-max-size)."""
+    with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation is both
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, STDIN_PIPE_SIZE)
 
 
 @dataclass
