@@ -381,6 +381,7 @@ class _Rollout:
         self.sending = 0  # nodes sending their bundle ahead, not yet at their gate
         self.next_open = 0  # the next gate to open
         self.applying = 0  # opened and not finished
+        self._open_more()  # with no canary to wait for, the first `parallel` may go now
 
     def canary_sent(self) -> None:
         with self.cond:

@@ -498,6 +498,22 @@ def test_without_stop_on_failure_every_node_is_tried(fleet: Fleet) -> None:
     assert fleet.received(3)["sha256"] == fleet.sha256
 
 
+def test_without_a_canary_every_node_applies_at_most_parallel_at_once(fleet: Fleet) -> None:
+    for i in range(NODES):
+        fleet.behave(i, apply_delay=1.0)
+    done: list[list[PushResult]] = []
+    # In a thread with a deadline: a push whose gates never open would wait forever.
+    worker = threading.Thread(
+        target=lambda: done.append(fleet.push(parallel=2, canary=False)), daemon=True
+    )
+    worker.start()
+    worker.join(120)
+
+    assert done, "the push never ended: no node was let to apply"
+    assert [r.exit_code for r in done[0]] == [0] * NODES
+    assert max_overlap([(fleet.applying(i), fleet.span(i)[1]) for i in range(NODES)]) == 2
+
+
 def test_a_node_that_stops_reading_early(fleet: Fleet) -> None:
     # As a node does on a bad bundle header: read a little, refuse, exit.
     fleet.behave(1, apply_read_limit=4096, apply_exit=3, message="not an spk-visor bundle")
