@@ -401,6 +401,9 @@ def build(
 
 def _open_bundle(path: str) -> BinaryIO:
     if path == "-":
+        from spk_visor.ota.bundle import widen_pipe  # noqa: PLC0415
+
+        widen_pipe(sys.stdin)
         return sys.stdin.buffer
     try:
         return Path(path).open("rb")

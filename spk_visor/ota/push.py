@@ -1,29 +1,35 @@
 """Push a bundle to nodes over SSH: canary first, then a bounded fan-out (design/ota.md,
 "Push mode").
 
-Per node, two commands run on the node through `spk_visor.transport.ssh_stream`:
-
-1. ``<remote> ota apply --bundle - --detach --json <apply_args>`` with the bundle streamed
-   into its stdin. The node verifies while it copies into its private store, prints NDJSON
-   events (``{"event":"progress",...}``, last ``{"event":"result","exit_code":N,...}``)
-   and, when all is well, leaves a detached worker applying it and exits 0.
-2. ``<remote> ota status --json --wait``: prints the status JSON once the journal is
-   terminal; its exit code is the outcome's (0 committed, 4 base staged, 5 rolled back...).
+Per node, one command runs on the node through `spk_visor.transport.ssh_stream`:
+``<remote> ota apply --bundle - --json <apply_args>`` with the bundle streamed into its
+stdin. The node verifies while it copies into its private store, hands the update to a
+detached worker (its own session: a dropped SSH connection does not stop it) and follows
+the worker's journal, printing NDJSON events (``{"event":"progress",...}``,
+``{"event":"phase","component":"daemon","phase":"committed",...}``) and last
+``{"event":"result","exit_code":N,...}``; its exit code is the outcome's (0 committed, 4
+base staged, 5 rolled back...). One command and not `apply --detach` then `ota status
+--wait`: the second command cost every node a session and a start of spk-visor (0.3 to
+1 s on a loaded node), on the path of every wave.
 
 The node never trusts the workstation: it runs the same checks as a pull. All this module
-decides is the order: the canary alone, and only if it ends with 0 or 4 the rest with
-`parallel` workers; with `stop_on_failure` the first failure stops nodes not yet started.
+decides is the order (see _Rollout): the canary alone, and only if it ends with 0 or 4 the
+rest, at most `parallel` applying at once; the next ones are sent the bundle, all but its
+last byte, while they wait their turn. With `stop_on_failure` the first failure stops the
+nodes not yet started, and cuts the bundles sent ahead short: a node refuses a truncated
+bundle and keeps nothing of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -41,9 +47,9 @@ SUCCESS = frozenset({ExitCode.OK, ExitCode.REBOOT_REQUIRED})
 SKIPPED = "skipped"
 STEP_APPLY = "apply"
 STEP_FOLLOW = "follow"
+# NodeProgress.event from the push itself: the bundle is sent ahead, but for its last byte.
+WAITING: Mapping[str, Any] = {"event": "waiting"}
 _T = TypeVar("_T")
-# The status JSON is small; anything larger is not the node's status.
-MAX_STATUS_BYTES = 1 << 20
 
 
 # Where `spk-visor` is looked for on a node when no command is configured: the login's
@@ -107,7 +113,8 @@ class NodeProgress(Protocol):
         """`done` bytes of the bundle have been streamed."""
 
     def event(self, doc: Mapping[str, Any]) -> None:
-        """The node printed this NDJSON event (progress, result, ...)."""
+        """The node printed this NDJSON event (progress, result, ...); or the push's own
+        WAITING, when all but the last byte was sent ahead and the node waits its turn."""
 
     def finish(self, result: PushResult) -> None:
         """The node is done (also called for skipped nodes)."""
@@ -177,6 +184,8 @@ class _Bar:
         phase = doc.get("phase")
         if doc.get("event") == "progress" and isinstance(phase, str):
             self.bar.set_postfix_str(phase, refresh=False)
+        elif doc.get("event") == WAITING["event"]:
+            self.bar.set_postfix_str("sent; waits for the canary or a free slot")
 
     def finish(self, result: PushResult) -> None:
         self.bar.set_postfix_str(f"exit {result.exit_code}: {result.phase}")
@@ -255,13 +264,12 @@ def push(
     """Push `bundle` to `targets`; one PushResult per target, in the targets' order.
 
     `timeout` bounds connecting and any stall of the stream; `follow_timeout` the wait for
-    `ota apply` to exit after the bundle's end was sent, and then the wait for the node's
-    outcome (`ota status --wait`). `remote_command` runs spk-visor on every node; None:
-    each target's own (config.toml), else the first found on the node (its PATH, then
-    REMOTE_PLACES); none found is the node's failure (exit 2). Raises UsageError for an unreadable
-    bundle or a bad `parallel`; per-node failures are results, never exceptions.
-    Progress goes to `progress_factory`, or with `show_progress` to a bar per node on
-    stderr, or nowhere.
+    `ota apply` to exit (the node's outcome) after the bundle's end was sent.
+    `remote_command` runs spk-visor on every node; None: each target's own (config.toml),
+    else the first found on the node (its PATH, then REMOTE_PLACES); none found is the
+    node's failure (exit 2). Raises UsageError for an unreadable bundle or a bad
+    `parallel`; per-node failures are results, never exceptions. Progress goes to
+    `progress_factory`, or with `show_progress` to a bar per node on stderr, or nowhere.
     """
     if progress_factory is None:
         progress_factory = _Bars() if show_progress else no_progress
@@ -279,44 +287,182 @@ def push(
     )  # fmt: skip
     results: dict[int, PushResult] = {}
     pending = list(enumerate(targets))
-    if canary and pending:
-        first_index, first = pending.pop(0)
-        results[first_index] = first_result = node.run(first)
-        if not first_result.ok:
-            why = f"the canary {first.name} failed (exit {first_result.exit_code})"
-            for index, target in pending:
-                results[index] = node.skip(target, why)
-            return [results[i] for i in range(len(targets))]
-    stop = threading.Event()
-    failed_at: list[str] = []
+    first = pending.pop(0) if canary and pending else None
+    rollout = _Rollout(len(pending), parallel, stop_on_failure, wait_for_canary=first is not None)
 
-    def work(target: PushTarget) -> PushResult:
-        if stop.is_set():
-            return node.skip(target, f"stopped after {failed_at[0]} failed (--stop-on-failure)")
-        result = node.run(target)
-        if stop_on_failure and not result.ok and not stop.is_set():
-            failed_at.append(target.name)
-            stop.set()
+    def work(k: int, target: PushTarget) -> PushResult:
+        why = rollout.begin_sending(k)
+        if why is not None:
+            rollout.finished(k, target.name, None)
+            return node.skip(target, why)
+        result = node.run(target, gate=rollout.gates[k])
+        rollout.finished(k, target.name, result)
         return result
 
-    if pending:
-        pool = ThreadPoolExecutor(
-            max_workers=min(parallel, len(pending)), thread_name_prefix="push"
-        )
-        futures: list[tuple[int, Future[PushResult]]] = [
-            (index, pool.submit(work, target)) for index, target in pending
+    pool = ThreadPoolExecutor(
+        # Up to `parallel` nodes applying and as many again sent ahead, waiting their turn.
+        max_workers=max(1, min(2 * parallel, len(pending))),
+        thread_name_prefix="push",
+    )
+    try:
+        futures = [
+            (index, pool.submit(work, k, target)) for k, (index, target) in enumerate(pending)
         ]
-        try:
-            for index, future in futures:
-                results[index] = future.result()
-        except BaseException:  # Ctrl-C: start nothing more, break the running streams
-            stop.set()
-            failed_at.append("an interruption")
-            pool.shutdown(wait=False, cancel_futures=True)
-            ssh.close_all()
-            raise
-        pool.shutdown()
+        if first is not None:
+            first_index, first_target = first
+            results[first_index] = verdict = node.run(first_target, on_sent=rollout.canary_sent)
+            rollout.canary_done(first_target.name, verdict)
+        for index, future in futures:
+            results[index] = future.result()
+    except BaseException:  # Ctrl-C: start nothing more, break the running streams
+        rollout.stop("an interruption")
+        pool.shutdown(wait=False, cancel_futures=True)
+        ssh.close_all()
+        raise
+    pool.shutdown()
     return [results[i] for i in range(len(targets))]
+
+
+class _Gate:
+    """The go or stop for one node's held last byte (ssh_stream.Hold). `arrived` is called
+    once, when the stream first waits here."""
+
+    def __init__(self, arrived: Callable[[], None]) -> None:
+        self._decided = threading.Event()
+        self._go = False
+        self._arrived: Callable[[], None] | None = arrived
+        self.why = ""
+
+    def open(self) -> None:
+        self._go = True
+        self._decided.set()
+
+    def drop(self, why: str) -> None:
+        self.why = why
+        self._decided.set()
+
+    @property
+    def opened(self) -> bool:
+        return self._go
+
+    def wait(self, timeout: float) -> bool | None:
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None:
+            arrived()
+        if not self._decided.wait(timeout):
+            return None
+        return self._go
+
+
+class _Rollout:
+    """Who may send and who may apply, for the nodes after the canary (k = 0, 1, ... in
+    the targets' order).
+
+    Sending starts once the canary's bundle is all sent (its upload runs alone, as it
+    would on a rack of one), in order, at most `parallel` streams at a time. A stream
+    stops one byte short and waits at its gate (ssh_stream's hold): the node has verified
+    all but that byte and changed nothing. Gates open in order, only after the canary
+    succeeded, while fewer than `parallel` opened nodes are unfinished. A stop (the canary
+    failed; a failure under --stop-on-failure; an interruption) drops every gate not yet
+    opened: those nodes see their bundle cut short and keep nothing of it.
+    """
+
+    def __init__(self, count: int, parallel: int, stop_on_failure: bool, *, wait_for_canary: bool):
+        self.cond = threading.Condition()
+        self.gates = [_Gate(functools.partial(self.sent, k)) for k in range(count)]
+        self.parallel = parallel
+        self.stop_on_failure = stop_on_failure
+        self.may_send = not wait_for_canary
+        self.verdict = not wait_for_canary
+        self.stopped: str | None = None
+        self.sending_ended = [False] * count  # its stream reached the gate, or ended
+        self.finished_ = [False] * count
+        self.next_send = 0  # the next node allowed to start sending
+        self.sending = 0  # nodes sending their bundle ahead, not yet at their gate
+        self.next_open = 0  # the next gate to open
+        self.applying = 0  # opened and not finished
+        self._open_more()  # with no canary to wait for, the first `parallel` may go now
+
+    def canary_sent(self) -> None:
+        with self.cond:
+            self.may_send = True
+            self.cond.notify_all()
+
+    def canary_done(self, name: str, result: PushResult) -> None:
+        if not result.ok:
+            self.stop(f"the canary {name} failed (exit {result.exit_code})")
+            return
+        with self.cond:
+            self.verdict = self.may_send = True
+            self._open_more()
+            self.cond.notify_all()
+
+    def begin_sending(self, k: int) -> str | None:
+        """Wait until node k may be contacted; the reason to skip it instead, if any."""
+        with self.cond:
+            self.cond.wait_for(
+                lambda: (
+                    self.stopped is not None
+                    or (self.may_send and self.next_send == k and self.sending < self.parallel)
+                )
+            )
+            if self.stopped is not None:
+                self.next_send = max(self.next_send, k + 1)
+                return self.stopped
+            self.next_send += 1
+            self.sending += 1
+            self.cond.notify_all()
+            return None
+
+    def sent(self, k: int) -> None:
+        """Node k's stream reached its gate: its sending slot is free for the next."""
+        with self.cond:
+            self._end_sending(k)
+            self.cond.notify_all()
+
+    def finished(self, k: int, name: str, result: PushResult | None) -> None:
+        """Node k is done; None: skipped before it was contacted."""
+        with self.cond:
+            if result is not None:
+                self._end_sending(k)
+            self.finished_[k] = True
+            if self.gates[k].opened:
+                self.applying -= 1
+            failed = result is not None and not result.ok and result.phase != SKIPPED
+            if failed and self.stop_on_failure and self.stopped is None:
+                self._stop(f"stopped after {name} failed (--stop-on-failure)")
+            self._open_more()
+            self.cond.notify_all()
+
+    def stop(self, why: str) -> None:
+        with self.cond:
+            if self.stopped is None:
+                self._stop(why)
+            self.cond.notify_all()
+
+    def _end_sending(self, k: int) -> None:
+        if not self.sending_ended[k]:
+            self.sending_ended[k] = True
+            self.sending -= 1
+
+    def _stop(self, why: str) -> None:
+        self.stopped = why
+        for gate in self.gates[self.next_open :]:
+            gate.drop(why)
+
+    def _open_more(self) -> None:
+        while (
+            self.stopped is None
+            and self.verdict
+            and self.applying < self.parallel
+            and self.next_open < len(self.gates)
+        ):
+            k = self.next_open
+            self.next_open += 1
+            if self.finished_[k]:
+                continue  # it failed while its bundle was sent ahead: nothing to open
+            self.gates[k].open()
+            self.applying += 1
 
 
 @dataclass
@@ -339,7 +485,15 @@ class _NodePush:
         self.progress_factory(target, self.size).finish(result)
         return result
 
-    def run(self, target: PushTarget) -> PushResult:
+    def run(
+        self,
+        target: PushTarget,
+        *,
+        gate: _Gate | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> PushResult:
+        """Push to one node. With `gate`, its last byte waits there (see _Rollout);
+        `on_sent` is called once the whole bundle has been sent."""
         started = time.monotonic()
         display = self.progress_factory(target, self.size)
         outcome = _Outcome(step=STEP_FIND)
@@ -347,12 +501,11 @@ class _NodePush:
             command = self._command(target, outcome)
             if command is not None:
                 outcome.step = STEP_APPLY
-                self._apply(target, command, display, outcome)
-                # Nothing started on the node (already installed): there is nothing to
-                # follow, and `status --wait` would report the previous update's outcome.
-                if outcome.exit_code == ExitCode.OK and outcome.changed is not False:
-                    outcome.step = STEP_FOLLOW
-                    self._follow(target, command, outcome)
+                self._apply(target, command, display, outcome, gate, on_sent)
+                if outcome.cut and gate is not None:  # only a gate cuts a stream
+                    result = self._cut(target, gate, outcome, time.monotonic() - started)
+                    display.finish(result)
+                    return result
         except SpkVisorError as e:
             outcome.exit_code = int(e.exit_code)
             outcome.message = e.message
@@ -389,23 +542,60 @@ class _NodePush:
             )
         return None
 
+    def _cut(
+        self, target: PushTarget, gate: _Gate, outcome: _Outcome, seconds: float
+    ) -> PushResult:
+        """The result of a node whose bundle was sent ahead and then cut short."""
+        if outcome.exit_code in SUCCESS:
+            # A node must refuse a truncated bundle; one that did not is broken, and may
+            # have applied what it got: never report that as skipped.
+            return PushResult(
+                target.name, int(ExitCode.INTERNAL), STEP_APPLY, outcome.version, None,
+                f"the node accepted a bundle cut {ssh_stream.HOLD_BACK} byte short "
+                f"(cut because {gate.why}); check its spk-visor", round(seconds, 3),
+            )  # fmt: skip
+        return PushResult(
+            target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None,
+            f"not started: {gate.why}; the bundle sent ahead was cut "
+            f"{ssh_stream.HOLD_BACK} byte short, so the node applied none of it "
+            f"(it exited {outcome.exit_code})", round(seconds, 3),
+        )  # fmt: skip
+
     def _apply(
-        self, target: PushTarget, command: list[str], display: NodeProgress, outcome: _Outcome
+        self,
+        target: PushTarget,
+        command: list[str],
+        display: NodeProgress,
+        outcome: _Outcome,
+        gate: _Gate | None,
+        on_sent: Callable[[], None] | None,
     ) -> None:
         argv = [
-            *command, "ota", "apply", "--bundle", "-", "--detach", "--json", *self.apply_args,
+            *command, "ota", "apply", "--bundle", "-", "--json", *self.apply_args,
         ]  # fmt: skip
+        # The last phase event of each component: what `ota status` would show of it.
+        components: dict[str, dict[str, Any]] = {}
 
         def on_line(line: str) -> None:
             doc = _json_object(line)
             if doc is None:
                 return
             display.event(doc)
-            if doc.get("event") == "result":
+            event, component = doc.get("event"), doc.get("component")
+            if event == "phase" and component == "op" and doc.get("phase") == "started":
+                outcome.step = STEP_FOLLOW  # verified; the worker runs the update
+            elif event == "phase" and component in ("daemon", "base"):
+                components[str(component)] = doc
+            elif event == "result":
                 outcome.absorb(doc)
                 outcome.result_code = _int(doc.get("exit_code"))
-                changed = doc.get("changed")
-                outcome.changed = changed if isinstance(changed, bool) else None
+
+        def sent(done: int) -> None:
+            display.sent(done)
+            if done >= self.size and on_sent is not None:
+                on_sent()
+            elif gate is not None and done == self.size - ssh_stream.HOLD_BACK:
+                display.event(WAITING)
 
         with self.bundle.open("rb") as source:
             done = ssh_stream.exec_stream(
@@ -413,14 +603,19 @@ class _NodePush:
                 argv,
                 source,
                 size=self.size,
-                progress=display.sent,
+                progress=sent,
+                hold=gate,
                 timeout=self.timeout,
                 accept_new=self.accept_new,
                 on_stdout_line=on_line,
-                # After EOF the node finishes verifying and syncs the bundle into its
-                # store before it detaches: seconds per GiB on a slow disk.
-                wait_timeout=max(self.timeout, self.follow_timeout),
+                # After EOF the node finishes verifying, syncs the bundle into its store
+                # (seconds per GiB on a slow disk) and follows the update to its end.
+                wait_timeout=self.follow_timeout,
             )
+        # The components' end states override the result event's plan (its version is
+        # the target's, even when the node rolled back).
+        outcome.absorb(components)
+        outcome.cut = done.cut
         outcome.exit_code = _node_code(done.exit_status)
         if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
             # The process said 0 but its own result event did not: never fan out on that.
@@ -434,20 +629,6 @@ class _NodePush:
             )
         outcome.note_failure(done, "ota apply")
 
-    def _follow(self, target: PushTarget, command: list[str], outcome: _Outcome) -> None:
-        done = ssh_stream.run(
-            target.ssh,
-            [*command, "ota", "status", "--json", "--wait"],
-            timeout=self.timeout,
-            wait_timeout=self.follow_timeout,
-            accept_new=self.accept_new,
-        )
-        outcome.exit_code = _node_code(done.exit_status)
-        status = _status_document(done.stdout)
-        if status is not None:
-            outcome.absorb(status)
-        outcome.note_failure(done, "ota status")
-
 
 @dataclass
 class _Outcome:
@@ -456,16 +637,16 @@ class _Outcome:
     step: str
     exit_code: int = ExitCode.INTERNAL
     result_code: int | None = None
-    changed: bool | None = None
     phase: str | None = None
     version: str | None = None
     downtime_ms: int | None = None
     message: str = ""
+    cut: bool = False  # the stream ended one byte short: its gate was dropped
 
     def absorb(self, doc: Mapping[str, Any]) -> None:
         """Take phase, version, downtime and message from a node's JSON (a result event,
-        then the final status, which overrides it): in each document the top-level keys
-        first, then its "daemon" and "base" entries."""
+        then the components' last phases, which override it): in each document the
+        top-level keys first, then its "daemon" and "base" entries."""
         phase = _first(doc, "phase", str)
         version = _first(doc, "version", str) or _first(doc, "target_version", str)
         downtime = _first(doc, "downtime_ms", int)
@@ -519,17 +700,6 @@ def _json_object(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _status_document(stdout: bytes) -> dict[str, Any] | None:
-    """The status JSON: the whole output (pretty-printed or not), else its last line."""
-    if len(stdout) > MAX_STATUS_BYTES:
-        return None
-    text = stdout.decode("utf-8", errors="replace").strip()
-    doc = _json_object(text)
-    if doc is None and text:
-        doc = _json_object(text.splitlines()[-1])
-    return doc
 
 
 def _last_line(data: bytes) -> str:

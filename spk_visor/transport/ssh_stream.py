@@ -19,6 +19,13 @@ SSH"):
 - stdout and stderr are drained by their own threads while the pump writes: a remote that
   fills its output window while we still send would otherwise stop reading its stdin, and
   both sides would wait on each other forever.
+- `hold`: the stream can stop one byte short of its end and wait there for a go. `ota push`
+  sends a bundle ahead to the next nodes while the canary applies; a node that reads all
+  but the last byte has verified almost everything and still waits, and when the go never
+  comes the stream ends there: the node sees a truncated bundle, refuses it (exit 3) and
+  keeps nothing (design/ota.md: nothing is persisted before the whole bundle checked out).
+  A byte and not only the EOF is held back: with every byte there, a channel that closes
+  (the workstation dies) would end a complete bundle, and the node would apply it.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import logging
 import shlex
 import threading
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, NamedTuple, cast
+from typing import BinaryIO, NamedTuple, Protocol, cast
 
 import paramiko
 
@@ -52,15 +59,32 @@ DRAIN_GRACE = 5.0
 # exit_status when the command ended without one (killed by a signal: paramiko does not
 # decode exit-signal).
 NO_STATUS = -1
+# Bytes kept back by a `hold` until it says go: one is enough to keep the stream incomplete.
+HOLD_BACK = 1
+# How often a held stream checks whether the remote command ended on its own meanwhile.
+HOLD_POLL = 0.1
+# A held stream carries nothing for as long as the canary takes (minutes): keepalives
+# every this many seconds stop a NAT or firewall from dropping the idle connection.
+HOLD_KEEPALIVE = 30
+
+
+class Hold(Protocol):
+    """Decides whether a held stream is completed (see exec_stream's `hold`)."""
+
+    def wait(self, timeout: float) -> bool | None:
+        """True: send the rest; False: end the stream without it; None: not decided yet
+        after `timeout` seconds (asked again)."""
 
 
 class ExecResult(NamedTuple):
-    """How a remote command ended: its exit status (NO_STATUS if killed by a signal), and
-    the tail (up to MAX_CAPTURE bytes) of its stdout and stderr."""
+    """How a remote command ended: its exit status (NO_STATUS if killed by a signal), the
+    tail (up to MAX_CAPTURE bytes) of its stdout and stderr, and whether its stdin was cut
+    short because the `hold` said no."""
 
     exit_status: int
     stdout: bytes
     stderr: bytes
+    cut: bool = False
 
 
 class _Output:
@@ -125,13 +149,46 @@ def _pump(
     progress: Callable[[int], None] | None,
     address: str,
     timeout: float,
-) -> None:
+    hold: Hold | None = None,
+) -> bool:
     """Copy `source` (at most `size` bytes) into the channel until EOF or the remote stops.
+    With `hold`, stop HOLD_BACK bytes short and send them only if it says go.
 
     Returns early, without error, when the remote command exits or closes the channel: its
-    exit status says what happened.
+    exit status says what happened. Returns True when the hold said no (the rest was not
+    sent), else False.
     """
-    done = 0
+    if hold is None or size is None:
+        _send(channel, source, size, 0, progress, address, timeout)
+        return False
+    ahead = size - min(HOLD_BACK, size)
+    transport = channel.get_transport()
+    if transport is not None:
+        transport.set_keepalive(HOLD_KEEPALIVE)
+    if not _send(channel, source, ahead, 0, progress, address, timeout):
+        return False  # the command is over already
+    while True:
+        if channel.exit_status_ready():
+            return False  # ended by itself (refused what it read): its status says why
+        go = hold.wait(HOLD_POLL)
+        if go is False:
+            return True
+        if go:
+            _send(channel, source, size, ahead, progress, address, timeout)
+            return False
+
+
+def _send(
+    channel: paramiko.Channel,
+    source: BinaryIO,
+    size: int | None,
+    done: int,
+    progress: Callable[[int], None] | None,
+    address: str,
+    timeout: float,
+) -> bool:
+    """Send `source` from byte `done` up to `size` (None: its EOF); False if the remote
+    stopped reading first."""
     while size is None or done < size:
         want = READ_CHUNK if size is None else min(READ_CHUNK, size - done)
         data = source.read(want)
@@ -141,12 +198,12 @@ def _pump(
                     f"the data to send ended after {done} of {size} bytes",
                     "was the file changed while it was being sent?",
                 )
-            return
+            return True
         view = memoryview(data)
         offset = 0
         while offset < len(data):
             if channel.exit_status_ready():
-                return  # the command is over; what it did not read is not wanted
+                return False  # the command is over; what it did not read is not wanted
             try:
                 # A view, not a slice: `send` takes one packet's worth (what the window
                 # and the server's packet size allow) and copies just that; slicing the
@@ -158,13 +215,14 @@ def _pump(
                     "the node may be overloaded or stuck; raise --timeout",
                 ) from e
             except (OSError, EOFError, paramiko.SSHException):
-                return  # channel closed: the exit status (or its absence) tells why
+                return False  # channel closed: the exit status (or its absence) tells why
             if sent == 0:
-                return  # the remote side closed or sent EOF
+                return False  # the remote side closed or sent EOF
             offset += sent
         done += len(data)
         if progress is not None:
             progress(done)
+    return True
 
 
 def exec_stream(
@@ -178,6 +236,7 @@ def exec_stream(
     accept_new: bool,
     on_stdout_line: Callable[[str], None] | None = None,
     wait_timeout: float | None = None,
+    hold: Hold | None = None,
 ) -> ExecResult:
     """Run `argv` on the node and stream `source` into its stdin, then EOF.
 
@@ -189,6 +248,10 @@ def exec_stream(
     `on_stdout_line` gets each stdout line (no newline) as it arrives, from another
     thread. `timeout` bounds connecting and any stall while sending; `wait_timeout`
     (default: `timeout`) bounds the wait for the command to exit after its stdin closed.
+
+    `hold` (needs `size`): send all but the last HOLD_BACK bytes, then ask `hold.wait`
+    until it decides; go sends the rest, no ends the stream there (`cut` in the result).
+    No time limit applies while held; a command that exits meanwhile ends the wait.
 
     If the command exits before reading everything, sending stops and its exit status is
     returned. Raises TransportError (exit 7) when the node cannot be reached, the
@@ -216,9 +279,10 @@ def exec_stream(
         ]
         for reader in readers:
             reader.start()
+        cut = False
         try:
             if source is not None:
-                _pump(channel, source, size, progress, address, timeout)
+                cut = _pump(channel, source, size, progress, address, timeout, hold)
             try:
                 channel.shutdown_write()  # EOF: the command sees the end of its stdin
             except (OSError, EOFError, paramiko.SSHException):
@@ -239,7 +303,7 @@ def exec_stream(
         for out in (stdout, stderr):
             if out.error is not None:
                 raise out.error
-        return ExecResult(status, bytes(stdout.tail), bytes(stderr.tail))
+        return ExecResult(status, bytes(stdout.tail), bytes(stderr.tail), cut)
 
 
 def _wait_exit(channel: paramiko.Channel, wait: float, address: str, name: str) -> int:
@@ -280,4 +344,4 @@ def run(
     )
 
 
-__all__ = ["NO_STATUS", "ExecResult", "exec_stream", "run"]
+__all__ = ["HOLD_BACK", "NO_STATUS", "ExecResult", "Hold", "exec_stream", "run"]

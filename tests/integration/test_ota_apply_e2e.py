@@ -4,6 +4,7 @@ automatic rollback, status, history and verify-installed. Root and OpenRC."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -212,6 +213,7 @@ def test_push_canary_then_rest_and_stop_on_failure(fleet: Any, pki: Pki) -> None
     assert results[0].phase == "committed"
 
     v3 = bundle(nodes[0], pki, "3.0.0", 30, healthy=False, failure="wrong_version")
+    before = ota_state(nodes[1])
     results = push(
         v3,
         targets,
@@ -228,5 +230,23 @@ def test_push_canary_then_rest_and_stop_on_failure(fleet: Any, pki: Pki) -> None
     ]
     assert overall_exit(results) == 5
     assert [health_version(n) for n in nodes] == ["2.0.0", "2.0.0"]
-    # node1 never saw v3.
+    # node1 was sent v3 while the canary applied it, all but the last byte, and then cut
+    # short: the real `ota apply` refused the truncated bundle and kept none of it.
+    assert "cut 1 byte short" in results[1].message and "exited 3" in results[1].message
     assert "3.0.0" not in json.dumps(status(nodes[1]))
+    assert ota_state(nodes[1]) == before
+
+
+def ota_state(node: OtaNode) -> dict[str, object]:
+    """What an apply may change on a node: every file of its OTA state, store and releases
+    (name, size and contents), its history and its current release."""
+    files: dict[str, object] = {}
+    paths = node.paths
+    for top in (paths.state_dir, paths.store, paths.trust_dir, paths.releases):
+        for path in sorted(top.rglob("*")) if top.exists() else []:
+            if path.is_file() and not path.is_symlink() and path != paths.lock:
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                files[str(path)] = "link" if path.is_symlink() else "dir"
+    files["current"] = str(paths.current.resolve())
+    return files

@@ -1,9 +1,11 @@
 """`ota push` to a rack: ten real OpenSSH sshd instances on 127.0.0.1, each a "node" whose
-`spk-visor` is tests/support/bin/fake-ota-node (it reads the whole bundle, reports like
-the real command, and fails health when told to). The canary goes first, the rest at
---parallel 5; a node that fails health and rolls back stops what has not started under
---stop-on-failure, and is reported while the rest proceed without it. Wall time against one
-node is measured in bench/ota_push_rack.py, not here."""
+`spk-visor` is tests/support/bin/fake-ota-node (it reads the whole bundle, refuses one cut
+short, reports like the real command, and fails health when told to). The canary applies
+first and alone while the next nodes are sent the bundle but its last byte; then at most
+five apply at once. A node that fails health and rolls back stops what has not started
+under --stop-on-failure (a bundle sent ahead is cut short, and the node applies none of
+it), and is reported while the rest proceed without it. Wall time against one node is
+measured in bench/ota_push_rack.py, not here."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from spk_visor.config import SshSpec
 from spk_visor.errors import ExitCode
 from spk_visor.ota.push import PushResult, PushTarget, overall_exit, push
 from spk_visor.transport import ssh
-from tests.integration.test_ota_push_stream import FAKE_NODE, max_overlap, random_file
+from tests.integration.test_ota_push_stream import FAKE_NODE, max_overlap
+from tests.support.fake_bundle import write as random_file
 from tests.support.sshd import Sshd, start_sshd
 
 RACK = 10
@@ -83,9 +86,21 @@ class Rack:
     def touched(self, i: int) -> bool:
         return (self.dirs[i] / "log.jsonl").exists()
 
+    def log(self, i: int) -> list[dict[str, Any]]:
+        lines = (self.dirs[i] / "log.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
     def span(self, i: int) -> tuple[float, float]:
-        times = [json.loads(x)["t"] for x in (self.dirs[i] / "log.jsonl").read_text().splitlines()]
+        times = [e["t"] for e in self.log(i)]
         return min(times), max(times)
+
+    def applied(self, i: int) -> bool:
+        return self.touched(i) and any(e["what"] == "applying" for e in self.log(i))
+
+    def applying(self, i: int) -> tuple[float, float]:
+        """From when node i had the whole bundle to its last command's end."""
+        (start,) = [e["t"] for e in self.log(i) if e["what"] == "applying"]
+        return start, self.span(i)[1]
 
     def received(self, i: int) -> str:
         return str(json.loads((self.dirs[i] / "received.json").read_text())["sha256"])
@@ -101,18 +116,24 @@ def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rack: list[Sshd]) -> 
 def test_canary_then_five_at_a_time_and_everyone_gets_it(nodes: Rack) -> None:
     for i in range(RACK):
         nodes.behave(i, apply_delay=0.3)
+    # Long enough that the next nodes' spk-visor surely started (an sshd session and a
+    # Python start on a loaded machine) before the canary is done.
+    nodes.behave(0, apply_delay=2.0)
     results = nodes.push()
     assert [r.exit_code for r in results] == [0] * RACK
     assert all(nodes.received(i) == nodes.sha256 for i in range(RACK))
-    spans = [nodes.span(i) for i in range(RACK)]
-    assert all(spans[0][1] < start for start, _ in spans[1:])  # the canary alone, first
-    assert 1 < max_overlap(spans[1:]) <= PARALLEL
+    canary_done = nodes.span(0)[1]
+    applying = [nodes.applying(i) for i in range(1, RACK)]
+    assert all(canary_done < start for start, _ in applying)  # the canary alone, first
+    # While it applied, the next nodes were sent the bundle (all of it but the last byte).
+    assert nodes.span(1)[0] < canary_done
+    assert 1 < max_overlap(applying) <= PARALLEL
     assert overall_exit(results) == ExitCode.OK
 
 
 def test_a_rolled_back_node_with_stop_on_failure_leaves_the_rest_untouched(nodes: Rack) -> None:
-    # rack1 starts with four others after the canary and fails at once, while those four
-    # are still busy for a second: no worker is free to start a fifth before the failure.
+    # rack1 applies with four others after the canary and fails at once, while those four
+    # are still busy for a second: no slot is free to start a sixth before the failure.
     for i in range(RACK):
         nodes.behave(i, apply_delay=1.0)
     nodes.behave(1, status_exit=5, phase="rolled_back", message="health check failed")
@@ -127,9 +148,16 @@ def test_a_rolled_back_node_with_stop_on_failure_leaves_the_rest_untouched(nodes
         if r.phase == "skipped":
             assert r.exit_code == ExitCode.NOT_ELIGIBLE
             assert "--stop-on-failure" in r.message
-            assert not nodes.touched(i)  # never contacted: its store and slots untouched
+            # Never contacted, or sent all of the bundle but its last byte, and then cut:
+            # the node refused it (a real node keeps nothing: test_ota_tamper's
+            # "truncated", test_ota_apply_e2e's push) and applied none of it.
+            assert not nodes.applied(i)
+            if nodes.touched(i):
+                assert json.loads((nodes.dirs[i] / "received.json").read_text())["cut"]
         elif r.node != "rack1":
             assert r.exit_code == 0 and nodes.received(i) == nodes.sha256
+    # The four after the first five were sent the bundle while those applied.
+    assert all(nodes.touched(i) for i in range(PARALLEL + 1, RACK))
     assert overall_exit(results) == ExitCode.ROLLED_BACK
 
 

@@ -80,7 +80,8 @@ def commands_run(root: Path, server: Sshd) -> list[str]:
     log = root / str(server.port) / "log.jsonl"
     if not log.exists():
         return []
-    return [json.loads(line)["cmd"] for line in log.read_text().splitlines()]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    return [e["cmd"] for e in entries if e["what"] == "start"]
 
 
 def push_node0(tmp_path: Path, **kw: Any) -> PushResult:
@@ -107,7 +108,7 @@ def test_found_at_a_well_known_place(node: Path, tmp_path: Path, server: Sshd) -
     install_at(tmp_path / "opt" / "bin" / "spk-visor", node)
     result = push_node0(tmp_path)
     assert result.exit_code == ExitCode.OK, result
-    assert commands_run(node, server) == ["apply", "apply", "status", "status"]
+    assert commands_run(node, server) == ["apply"]
 
 
 def test_an_explicit_command_that_is_missing(node: Path, tmp_path: Path) -> None:
@@ -129,7 +130,7 @@ def test_cli_flag_and_config_file_setting(node: Path, tmp_path: Path, server: Ss
     config.write_text(f'[nodes.n1]\nssh = "node0"\nremote_command = "{wrapper}"\n')
     res = cli.run("--node", "n1", "ota", "push", bundle, env={"SPK_VISOR_CONFIG": str(config)})
     assert res.code == 0, res
-    assert commands_run(node, server).count("apply") == 4
+    assert commands_run(node, server).count("apply") == 2
 
 
 def test_a_command_with_broken_quoting_is_a_usage_error(tmp_path: Path) -> None:

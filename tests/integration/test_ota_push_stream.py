@@ -8,11 +8,12 @@ fan-out respects --parallel, and failures stop or skip what they should.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-import os
 import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +35,7 @@ from spk_visor.ota.push import (
 )
 from spk_visor.transport import ssh
 from spk_visor.transport.ssh_stream import exec_stream, run
+from tests.support.fake_bundle import write as random_file
 from tests.support.sshd import Sshd, free_port, start_sshd
 
 FAKE_NODE = Path(__file__).resolve().parents[1] / "support" / "bin" / "fake-ota-node"
@@ -79,19 +81,32 @@ def sh(script: str) -> list[str]:
     return ["sh", "-c", script]
 
 
-def random_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 1 << 22))
-            digest.update(block)
-            f.write(block)
-            left -= len(block)
-    return digest.hexdigest()
-
-
 # ---- exec_stream ----------------------------------------------------------------------
+
+
+def test_a_bundle_on_stdin_is_read_through_a_1_mib_pipe() -> None:
+    """sshd hands a pushed bundle to `ota apply --bundle -` through a pipe; the real CLI
+    widens it from Linux's 64 KiB to 1 MiB (a 64 MiB push at load 10: 1.6 s -> 0.6 s)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", "ota", "inspect", "-"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    fd = proc.stdin.fileno()
+    assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == 64 << 10  # Linux's default
+    try:
+        proc.stdin.write(b"not a bundle, and more than its magic")
+        proc.stdin.flush()
+        err = proc.stderr.read()  # until the reader exits, refusing the bad magic
+        size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)  # our end keeps the pipe alive
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert b"bad magic" in err, err
+    assert size == 1 << 20
 
 
 def test_64_mib_arrive_intact(home: Path, tmp_path: Path) -> None:
@@ -335,6 +350,14 @@ class Fleet:
         doc: dict[str, Any] = json.loads((self.dirs[i] / "received.json").read_text())
         return doc
 
+    def applying(self, i: int) -> float:
+        """When node i had the whole bundle and began to apply it (CLOCK_MONOTONIC)."""
+        (t,) = [e["t"] for e in self.log(i) if e["what"] == "applying"]
+        return float(t)
+
+    def applied(self, i: int) -> bool:
+        return any(e["what"] == "applying" for e in self.log(i))
+
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
     edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
@@ -347,7 +370,10 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
 
 def test_canary_first_then_the_rest_within_the_parallel_limit(fleet: Fleet) -> None:
     for i in range(NODES):
-        fleet.behave(i, apply_delay=0.6, version="2.5.0", downtime_ms=100 + i)
+        fleet.behave(i, apply_delay=0.6, version="2.5.0", plan_version="2.6.0", downtime_ms=100 + i)
+    # The canary verifies for long enough that the others' spk-visor surely started (the
+    # time of an sshd session and a Python start on a loaded machine) before it is done.
+    fleet.behave(0, apply_delay=2.0, version="2.5.0", plan_version="2.6.0", downtime_ms=100)
     events: list[tuple[str, str]] = []
 
     class Recorder:
@@ -377,39 +403,58 @@ def test_canary_first_then_the_rest_within_the_parallel_limit(fleet: Fleet) -> N
         assert r.seconds > 0.6
         received = fleet.received(i)
         assert (received["sha256"], received["bytes"]) == (fleet.sha256, 3 << 20)
-        assert received["argv"][3:] == ["ota", "apply", "--bundle", "-", "--detach", "--json"]
+        # One command per node: it verifies, then follows the update to its outcome.
+        assert received["argv"][3:] == ["ota", "apply", "--bundle", "-", "--json"]
         assert [(e["cmd"], e["what"]) for e in fleet.log(i)] == [
-            ("apply", "start"), ("apply", "end"), ("status", "start"), ("status", "end"),
+            ("apply", "start"), ("apply", "applying"), ("apply", "started"), ("apply", "end"),
         ]  # fmt: skip
-    spans = [fleet.span(i) for i in range(NODES)]
-    # The canary was done (apply and status) before any other node was touched.
-    assert all(spans[0][1] < start for start, _ in spans[1:])
-    # Then the three others with two workers: two at once, never three.
-    assert max_overlap(spans[1:]) == 2
+    canary_done = fleet.span(0)[1]
+    # No other node applied before the canary was done...
+    assert all(canary_done < fleet.applying(i) for i in range(1, NODES))
+    # ...but the first two were sent the bundle while the canary applied, all of it but
+    # the last byte: they waited there for its verdict.
+    assert fleet.span(1)[0] < canary_done and fleet.span(2)[0] < canary_done
+    # Then the three others with two at once applying, never three.
+    assert max_overlap([(fleet.applying(i), fleet.span(i)[1]) for i in range(1, NODES)]) == 2
     # Progress: bytes, the node's NDJSON events, then the result, per node.
     for name in ("node0", "node1", "node2", "node3"):
         mine = [what for who, what in events if who == name]
         assert f"sent {3 << 20}" in mine
+        if name == "node0":
+            assert "waiting" not in mine  # the canary's stream is never held
+        else:  # held one byte short, then completed
+            assert mine.index(f"sent {(3 << 20) - 1}") < mine.index("waiting")
+            assert mine.index("waiting") < mine.index(f"sent {3 << 20}")
         assert mine.count("progress") == 3  # one per MiB read by the node
         assert mine[-2:] == ["result", "finish 0"]
 
 
+CUT = "the bundle sent ahead was cut 1 byte short, so the node applied none of it (it exited 3)"
+
+
 def test_a_failed_canary_stops_the_push(fleet: Fleet) -> None:
-    fleet.behave(0, apply_exit=3, message="signature threshold not met (1 of 2)")
+    # The others get the bundle, all but its last byte, while the canary takes a second.
+    fleet.behave(0, apply_delay=1.0, apply_exit=3, message="signature threshold not met (1 of 2)")
 
     results = fleet.push(parallel=4)
 
     first, *rest = results
     assert (first.exit_code, first.phase) == (3, "apply")
     assert first.message == "signature threshold not met (1 of 2)"
-    assert [(e["cmd"], e["what"]) for e in fleet.log(0)] == [("apply", "start"), ("apply", "end")]
+    assert [(e["cmd"], e["what"]) for e in fleet.log(0)] == [
+        ("apply", "start"), ("apply", "applying"), ("apply", "end"),
+    ]  # fmt: skip
     for i, r in enumerate(rest, 1):
         assert (r.exit_code, r.phase) == (ExitCode.NOT_ELIGIBLE, "skipped")
-        assert r.message == "not started: the canary node0 failed (exit 3)"
-        assert fleet.log(i) == []  # never contacted
+        assert r.message == f"not started: the canary node0 failed (exit 3); {CUT}"
+        # Sent ahead, then cut one byte short: the node refused it and applied nothing.
+        assert not fleet.applied(i)
+        assert (fleet.received(i)["bytes"], fleet.received(i)["cut"]) == ((3 << 20) - 1, True)
+    assert overall_exit(results) == ExitCode.REFUSED
 
 
 def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
+    fleet.behave(0, apply_delay=1.0)  # node1 and node2 are sent the bundle meanwhile
     fleet.behave(1, status_exit=5, phase="rolled_back", message="health check failed")
 
     results = fleet.push(parallel=1, stop_on_failure=True)
@@ -418,8 +463,12 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
         (0, "committed"), (5, "rolled_back"), (8, "skipped"), (8, "skipped"),
     ]  # fmt: skip
     assert results[1].message == "health check failed"
-    assert results[2].message == "not started: stopped after node1 failed (--stop-on-failure)"
-    assert fleet.log(2) == fleet.log(3) == []
+    stopped = "not started: stopped after node1 failed (--stop-on-failure)"
+    # node2 waited, sent ahead (one applying and one waiting at --parallel 1), and was cut
+    # short; node3 was never contacted.
+    assert results[2].message == f"{stopped}; {CUT}"
+    assert not fleet.applied(2) and fleet.received(2)["cut"] is True
+    assert fleet.log(3) == []
     assert overall_exit(results) == ExitCode.ROLLED_BACK  # the failure, not the skips
     lines = summary_table(results).splitlines()
     assert lines[0].split() == ["NODE", "EXIT", "PHASE", "VERSION", "DOWNTIME", "TIME", "MESSAGE"]
@@ -431,7 +480,7 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
         "phase": "skipped",
         "version": None,
         "downtime_ms": None,
-        "message": "not started: stopped after node1 failed (--stop-on-failure)",
+        "message": stopped,
         "seconds": 0.0,
     }
 
@@ -445,8 +494,24 @@ def test_without_stop_on_failure_every_node_is_tried(fleet: Fleet) -> None:
     assert [r.exit_code for r in results] == [0, 5, 6, 0]
     assert results[2].phase == "apply"
     assert results[2].message == "another OTA operation is running"
-    assert fleet.log(2)[-1]["cmd"] == "apply"  # no status follow after a refusal
+    assert not [e for e in fleet.log(2) if e["what"] == "started"]  # refused: nothing ran
     assert fleet.received(3)["sha256"] == fleet.sha256
+
+
+def test_without_a_canary_every_node_applies_at_most_parallel_at_once(fleet: Fleet) -> None:
+    for i in range(NODES):
+        fleet.behave(i, apply_delay=1.0)
+    done: list[list[PushResult]] = []
+    # In a thread with a deadline: a push whose gates never open would wait forever.
+    worker = threading.Thread(
+        target=lambda: done.append(fleet.push(parallel=2, canary=False)), daemon=True
+    )
+    worker.start()
+    worker.join(120)
+
+    assert done, "the push never ended: no node was let to apply"
+    assert [r.exit_code for r in done[0]] == [0] * NODES
+    assert max_overlap([(fleet.applying(i), fleet.span(i)[1]) for i in range(NODES)]) == 2
 
 
 def test_a_node_that_stops_reading_early(fleet: Fleet) -> None:
@@ -500,6 +565,7 @@ def test_progress_bars_on_stderr(fleet: Fleet, capsys: pytest.CaptureFixture[str
     for i in range(NODES):
         assert f"node{i}" in err
     assert "3.00M/3.00M" in err  # the whole bundle, per node
+    assert "sent; waits for the canary or a free slot" in err  # the others, sent ahead
     assert "exit 3: apply" in err
     assert overall_exit(results) == ExitCode.REFUSED
 
