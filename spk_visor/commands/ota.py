@@ -904,7 +904,15 @@ def verify_installed(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def push(
     ctx: typer.Context,
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Nodes at once.")] = 4,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            "-p",
+            min=1,
+            help="Nodes applying at once after the canary; up to twice as many may be receiving the bundle.",
+        ),
+    ] = 4,
     canary: Annotated[
         bool, typer.Option("--canary/--no-canary", help="First node alone first.")
     ] = True,
