@@ -26,10 +26,8 @@ import hashlib
 import hmac
 import json
 import math
-import queue
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
@@ -82,13 +80,6 @@ _RBUF_LEN = 2 * (4 + MAX_RECORD)
 # for RECV_RING - 1 more records, so a consumer on another thread (the image decoder)
 # can use it without a copy as long as it keeps fewer than that many in hand.
 RECV_RING = 8
-# Records of a stream being sealed or sent at once: the sending thread sends one while the
-# caller reads and seals the next (bench/deploy_channel).
-SEND_SLOTS = 3
-# Records read ahead of the one being decrypted, by the reading thread.
-RECV_AHEAD = 3
-_RECV_AHEAD = True  # EXPERIMENT
-_PIPE_MIN = CHUNK  # EXPERIMENT
 
 # After these peer messages (messages.py numbers END, REPORT, ERROR, BUSY; a unit test keeps
 # them in step) a FIN is an orderly close; anywhere else it is truncation.
@@ -362,14 +353,14 @@ class SecureChannel:
         self._recv_n = 0
         self._dead: str | None = None
         self._peer_closing = False
-        # Send buffers: one for single records, SEND_SLOTS for a stream (allocated on the
-        # first send_stream that needs more than one record).
-        self._slots = [_Slot()]
+        self._wbuf = bytearray(4 + MAX_RECORD)
+        self._wview = memoryview(self._wbuf)
+        self._pbuf = bytearray(1 + MAX_PAYLOAD)
+        self._pview = memoryview(self._pbuf)
         self._rbuf = bytearray(_RBUF_LEN)
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
-        self._reader: _RecvPipe | None = None
         self._ring = [memoryview(bytearray(1 + MAX_PAYLOAD)) for _ in range(RECV_RING)]
         self.settimeout(idle_timeout)
 
@@ -390,10 +381,9 @@ class SecureChannel:
         n = len(payload)
         if n > MAX_PAYLOAD:
             raise ValueError(f"payload of {n} bytes exceeds {MAX_PAYLOAD}; use send_stream")
-        slot = self._slots[0]
-        slot.plain[0] = _check_type(mtype)
-        slot.plain[1 : 1 + n] = payload
-        self._send_wire(slot.wire[: self._seal_into(slot, 1 + n)])
+        self._pbuf[0] = _check_type(mtype)
+        self._pview[1 : 1 + n] = payload
+        self._seal_and_send(1 + n)
 
     def send_json(self, mtype: int, doc: dict[str, Any]) -> None:
         self.send(mtype, json.dumps(doc, separators=(",", ":")).encode())
@@ -408,52 +398,30 @@ class SecureChannel:
     ) -> int:
         """Send exactly `size` bytes of `source` as `mtype` records of up to CHUNK bytes.
 
-        Reads with readinto straight behind the type byte of a plaintext buffer and seals
-        into the record's wire buffer, so the only copies are the file read and the AEAD.
-        A stream of more than one record is sent by a second thread while this one reads
-        and seals the next record (both release the GIL); records are sealed, numbered and
-        sent in order, and every sealed record is sent before this returns or raises (or
-        the channel is closed), so the stream on the wire stays whole.
-
-        `progress(n)` gets the bytes of each record once it is sent, on this thread;
-        `digest` (a hashlib object), if given, is updated with them. ValueError if the
-        source ends early. Returns `size`."""
-        _check_type(mtype)
+        Reads with readinto straight behind the type byte of the plaintext buffer, so the
+        only copies are the file read and the AEAD. `progress(n)` gets the bytes of each
+        record once it is sent; `digest` (a hashlib object), if given, is updated with them.
+        ValueError if the source ends early. Returns `size`."""
+        self._pbuf[0] = _check_type(mtype)
         readinto = getattr(source, "readinto", None)
-        pipe = _SendPipe(self, self._stream_slots()) if size > _PIPE_MIN else None
         left = size
-        try:
-            while left > 0:
-                slot = self._slots[0] if pipe is None else pipe.free_slot(progress)
-                want = min(CHUNK, left)
-                window = slot.plain[1 : 1 + want]
-                if readinto is not None:
-                    got = readinto(window)
-                else:
-                    block = source.read(want)  # type: ignore[union-attr]
-                    got = len(block)
-                    window[:got] = block
-                if not got:
-                    raise ValueError(f"source ended {left} bytes before the declared size {size}")
-                if digest is not None:
-                    digest.update(slot.plain[1 : 1 + got])
-                slot.plain[0] = mtype
-                end = self._seal_into(slot, 1 + got)
-                left -= got
-                if pipe is None:
-                    self._send_wire(slot.wire[:end])
-                    if progress is not None:
-                        progress(got)
-                else:
-                    pipe.submit(slot, end, got)
-            if pipe is not None:
-                pipe.finish(progress)
-        except BaseException as exc:
-            if pipe is not None:
-                # An interrupt closes the channel at once; any other failure (the source,
-                # a progress callback) first lets the records already sealed go out.
-                pipe.abort(kill=not isinstance(exc, Exception))
-            raise
+        while left > 0:
+            want = min(CHUNK, left)
+            window = self._pview[1 : 1 + want]
+            if readinto is not None:
+                got = readinto(window)
+            else:
+                block = source.read(want)  # type: ignore[union-attr]
+                got = len(block)
+                window[:got] = block
+            if not got:
+                raise ValueError(f"source ended {left} bytes before the declared size {size}")
+            if digest is not None:
+                digest.update(self._pview[1 : 1 + got])
+            self._seal_and_send(1 + got)
+            left -= got
+            if progress is not None:
+                progress(got)
         return size
 
     def send_error(self, reason: str, **extra: Any) -> None:
@@ -464,31 +432,24 @@ class SecureChannel:
             pass
         self.close()
 
-    def _stream_slots(self) -> list[_Slot]:
-        while len(self._slots) < SEND_SLOTS:
-            self._slots.append(_Slot())
-        return self._slots
-
-    def _seal_into(self, slot: _Slot, plain_len: int) -> int:
-        """Seal slot.plain[:plain_len] as the next record into slot.wire; its wire length.
-        The record number (the nonce) is taken here, on the one sending thread."""
+    def _seal_and_send(self, plain_len: int) -> None:
         self._alive()
         if self._send_n >= MAX_RECORDS:
             self._kill("record limit reached")
             raise ChannelError("record limit reached; reconnect")
         length = plain_len + TAG_LEN
         header = length.to_bytes(4, "big")
-        slot.wire[0:4] = header
+        self._wview[0:4] = header
         end = 4 + length
         self._seal.encrypt_into(
-            self._send_n.to_bytes(12, "big"), slot.plain[:plain_len], header, slot.wire[4:end]
+            self._send_n.to_bytes(12, "big"),
+            self._pview[:plain_len],
+            header,
+            self._wview[4:end],
         )
         self._send_n += 1
-        return end
-
-    def _send_wire(self, record: memoryview) -> None:
         try:
-            self._sock.sendall(record)
+            self._sock.sendall(self._wview[:end])
         except TimeoutError as exc:
             # Part of a record may be on the wire: the stream cannot be continued.
             self._kill("send timed out")
@@ -496,6 +457,11 @@ class SecureChannel:
         except OSError as exc:
             self._kill(f"send failed: {exc}")
             raise ChannelError(f"connection lost while sending: {exc}") from exc
+        except BaseException:
+            # A signal (KeyboardInterrupt) between partial sends: the record number is
+            # spent and part of the record may be out, so nothing can follow it.
+            self._kill("interrupted while sending")
+            raise
 
     # -- receiving -------------------------------------------------------------
 
@@ -510,8 +476,6 @@ class SecureChannel:
         """Like recv, without copying the payload: the view stays valid for RECV_RING - 1
         more receives (its buffer is reused after that)."""
         self._alive()
-        if _RECV_AHEAD:
-            return self._recv_ahead()
         self._fill(4)
         pos = self._rpos
         header = bytes(self._rview[pos : pos + 4])
@@ -538,49 +502,6 @@ class SecureChannel:
                 "record authentication failed (tampered, dropped or reordered data)"
             ) from None
         self._rpos = pos + 4 + length
-        self._recv_n += 1
-        if self._recv_n >= MAX_RECORDS:
-            self._kill("record limit reached")
-        mtype = dview[0]
-        if mtype in _CLOSING_TYPES:
-            self._peer_closing = True
-        return mtype, dview[1:plain_len]
-
-    def _recv_ahead(self) -> tuple[int, memoryview]:
-        reader = self._reader
-        if reader is None:
-            reader = self._reader = _RecvPipe(self._sock)
-        try:
-            item = reader.get(self._timeout)
-        except queue.Empty:
-            raise ChannelError(f"no data from the peer for {self._timeout} s") from None
-        if isinstance(item, tuple):
-            buf, length = item
-        elif isinstance(item, _Eof):
-            self._on_eof(item.avail)
-            raise AssertionError("unreachable")
-        elif isinstance(item, _BadLength):
-            self._kill("bad record length")
-            raise ChannelError(f"bad record length {item.length}")
-        else:
-            self._kill(f"receive failed: {item}")
-            raise ChannelError(f"connection lost while receiving: {item}")
-        plain_len = length - TAG_LEN
-        dview = self._ring[self._recv_n % RECV_RING]
-        try:
-            self._open.decrypt_into(
-                self._recv_n.to_bytes(12, "big"),
-                buf[4 : 4 + length],
-                bytes(buf[:4]),
-                dview[:plain_len],
-            )
-        except InvalidTag:
-            # Dropped, reordered, replayed or altered: nothing more is sent on this channel.
-            self._kill("record authentication failed")
-            raise ChannelError(
-                "record authentication failed (tampered, dropped or reordered data)"
-            ) from None
-        reader.release(buf)
         self._recv_n += 1
         if self._recv_n >= MAX_RECORDS:
             self._kill("record limit reached")
@@ -635,16 +556,6 @@ class SecureChannel:
     def _kill(self, reason: str) -> None:
         if self._dead is None:
             self._dead = reason
-        reader = self._reader
-        if reader is not None:
-            # Wake the reading thread (shutdown ends a blocked recv) and let it finish before
-            # the descriptor is closed, so it can never read from a reused descriptor.
-            reader.stop()
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            reader.join()
         _close_quietly(self._sock)
 
     def close(self) -> None:
@@ -655,156 +566,6 @@ class SecureChannel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Slot:
-    """One record's plaintext (type | payload) and its sealed wire form (length | AEAD)."""
-
-    __slots__ = ("plain", "wire")
-
-    def __init__(self) -> None:
-        self.plain = memoryview(bytearray(1 + MAX_PAYLOAD))
-        self.wire = memoryview(bytearray(4 + MAX_RECORD))
-
-
-class _SendPipe:
-    """The thread that sends a stream's sealed records, in the order they were sealed,
-    while the caller reads and seals the next ones. Slots go round: sealed by the caller,
-    sent here, handed back (with the exception, if the send failed) through `_done`."""
-
-    def __init__(self, chan: SecureChannel, slots: list[_Slot]) -> None:
-        self._chan = chan
-        self._free = list(slots)
-        self._in_flight = 0
-        self._todo: queue.SimpleQueue[tuple[_Slot, int, int] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[_Slot, int] | BaseException] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="channel-send", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._todo.get()) is not None:
-            slot, end, n = item
-            try:
-                self._chan._send_wire(slot.wire[:end])
-            except BaseException as exc:  # the channel is closed; the caller re-raises it
-                self._done.put(exc)
-                return
-            self._done.put((slot, n))
-
-    def _wait_one(self, progress: Progress | None) -> None:
-        item = self._done.get()
-        self._in_flight -= 1
-        if isinstance(item, BaseException):
-            raise item
-        slot, n = item
-        self._free.append(slot)
-        if progress is not None:
-            progress(n)
-
-    def free_slot(self, progress: Progress | None) -> _Slot:
-        while not self._free:
-            self._wait_one(progress)
-        return self._free.pop()
-
-    def submit(self, slot: _Slot, end: int, n: int) -> None:
-        self._in_flight += 1
-        self._todo.put((slot, end, n))
-
-    def finish(self, progress: Progress | None) -> None:
-        while self._in_flight:
-            self._wait_one(progress)
-        self._stop()
-
-    def abort(self, kill: bool) -> None:
-        if kill:
-            self._chan._kill("interrupted while sending")
-        self._stop()
-
-    def _stop(self) -> None:
-        self._todo.put(None)
-        self._thread.join()
-
-
-class _Eof:
-    """The peer closed; `avail` bytes of an unfinished record had arrived."""
-
-    def __init__(self, avail: int) -> None:
-        self.avail = avail
-
-
-class _BadLength:
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-
-class _RecvPipe:
-    """The thread that reads whole records (length checked, then exactly that many bytes)
-    into RECV_AHEAD buffers, so the kernel copy of the next record overlaps the decryption
-    of this one. It only reads: every record is authenticated by the consumer, in order,
-    before anything in it is used."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._stopping = False
-        self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        for _ in range(RECV_AHEAD):
-            self._free.put(memoryview(bytearray(4 + MAX_RECORD)))
-        self._ready: queue.SimpleQueue[tuple[memoryview, int] | _Eof | _BadLength | OSError] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._run, name="channel-recv", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (buf := self._free.get()) is not None:
-            try:
-                got = self._read(buf[:4])
-                if got < 4:
-                    self._ready.put(_Eof(got))
-                    return
-                length = int.from_bytes(buf[:4], "big")
-                # Checked before reading the body: a hostile length never sizes anything.
-                if not MIN_RECORD <= length <= MAX_RECORD:
-                    self._ready.put(_BadLength(length))
-                    return
-                got = self._read(buf[4 : 4 + length])
-                if got < length:
-                    self._ready.put(_Eof(4 + got))
-                    return
-            except OSError as exc:
-                self._ready.put(exc)
-                return
-            self._ready.put((buf, length))
-
-    def _read(self, view: memoryview) -> int:
-        """Read up to len(view) bytes; fewer only at EOF."""
-        got = 0
-        while got < len(view):
-            try:
-                n = self._sock.recv_into(view[got:])
-            except TimeoutError:
-                # The consumer keeps its own deadline; this thread waits for the peer.
-                if self._stopping:
-                    raise OSError("the channel was closed") from None
-                continue
-            if not n:
-                break
-            got += n
-        return got
-
-    def get(self, timeout: float | None) -> tuple[memoryview, int] | _Eof | _BadLength | OSError:
-        return self._ready.get(timeout=timeout)
-
-    def release(self, buf: memoryview) -> None:
-        self._free.put(buf)
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._free.put(None)
-
-    def join(self) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(5.0)
 
 
 class _Keys:

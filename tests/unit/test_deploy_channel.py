@@ -818,25 +818,13 @@ def test_a_received_view_stays_valid_for_the_ring(
     done.join(T)
 
 
-# ---- streams: the sending thread and the reading thread ----------------------------------
+# ---- streams: send_stream over several records -------------------------------------------
 
-# Four DATA records: send_stream hands them to its sending thread, and the receiver's
-# reading thread reads them ahead of the one being decrypted.
+# Four DATA records of up to CHUNK bytes (the size the donor sends).
 STREAM = os.urandom(3 * channel.CHUNK + 12345)
 STREAM_RECORDS = [
     (messages.DATA, STREAM[i : i + channel.CHUNK]) for i in range(0, len(STREAM), channel.CHUNK)
 ]
-
-
-def _channel_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("channel-")}
-
-
-def _assert_threads_ended(before: set[threading.Thread]) -> None:
-    """The channel threads this test started have all ended."""
-    for t in _channel_threads() - before:
-        t.join(T)
-        assert not t.is_alive(), t.name
 
 
 def _split(raw: bytes) -> list[bytes]:
@@ -889,9 +877,9 @@ def _deliver_stream(raw: bytes) -> tuple[list[tuple[int, bytes]], BaseException 
 
 @pytest.mark.parametrize("cipher", ["aes-256-gcm", "chacha20-poly1305"])
 def test_a_stream_is_records_numbered_in_order(cipher: str) -> None:
-    """What the sending thread puts on the wire is exactly the record format: u32 length
-    (the AAD), then the AEAD of type | payload under the record number as nonce, 0, 1, 2,
-    ... with no gap or repeat, whatever thread sent it."""
+    """What send_stream puts on the wire is exactly the record format: u32 length (the
+    AAD), then the AEAD of type | payload under the record number as nonce, 0, 1, 2, ...
+    with no gap or repeat."""
     records = _stream_wire(cipher)
     assert len(records) == len(STREAM_RECORDS) + 1
     aead = AESGCM(K1) if cipher == "aes-256-gcm" else ChaCha20Poly1305(K1)
@@ -912,8 +900,8 @@ def test_an_untouched_stream_is_received_whole() -> None:
 
 @pytest.mark.parametrize("record", range(len(STREAM_RECORDS) + 1))
 def test_a_flipped_bit_in_a_stream_fails_at_that_record(record: int) -> None:
-    """Through the reading thread: a bit flipped in the length, the ciphertext or the tag
-    of one record delivers every record before it and nothing from it on."""
+    """A bit flipped in the length, the ciphertext or the tag of one 1 MiB record delivers
+    every record before it and nothing from it on."""
     records = _stream_wire()
     size = len(records[record])
     for pos in (0, 3, 4, 5, size // 2, size - 17, size - 1):
@@ -971,9 +959,8 @@ def _stop_at(n: int, exc: BaseException) -> Callable[[int], None]:
 @pytest.mark.parametrize("how", ["progress", "short source"])
 def test_a_failing_stream_leaves_the_channel_whole(how: str) -> None:
     """A progress callback that raises (the donor's stop-after hook) or a source that ends
-    early stops send_stream, but every record it sealed goes out first: the receiver
-    authenticates all of them and then the sender's ERROR."""
-    before = _channel_threads()
+    early stops send_stream between records: the receiver authenticates every record sent
+    and then the sender's ERROR."""
     a, b = socket.socketpair()
     sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
     receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
@@ -987,9 +974,7 @@ def test_a_failing_stream_leaves_the_channel_whole(how: str) -> None:
     th, res = _thread(receive)
     if how == "progress":
         with pytest.raises(_Stop):
-            sender.send_stream(
-                messages.DATA, io.BytesIO(STREAM), len(STREAM), _stop_at(1, _Stop())
-            )
+            sender.send_stream(messages.DATA, io.BytesIO(STREAM), len(STREAM), _stop_at(1, _Stop()))
     else:
         short = STREAM[: 2 * channel.CHUNK + 10]
         with pytest.raises(ValueError, match="source ended"):
@@ -1006,32 +991,9 @@ def test_a_failing_stream_leaves_the_channel_whole(how: str) -> None:
         assert data == [*STREAM_RECORDS[:2], (messages.DATA, STREAM[2 * channel.CHUNK :][:10])]
     sender.close()
     receiver.close()
-    _assert_threads_ended(before)
-
-
-def test_an_interrupt_while_streaming_closes_the_channel() -> None:
-    """KeyboardInterrupt does not wait for sealed records to go out: the channel is closed
-    (the receiver sees a truncated stream, never a gap), and the sending thread ends."""
-    before = _channel_threads()
-    a, b = socket.socketpair()
-    sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
-    th, res = _thread(lambda: _recv_all(b))
-    with pytest.raises(KeyboardInterrupt):
-        sender.send_stream(
-            messages.DATA, io.BytesIO(STREAM), len(STREAM), _stop_at(1, KeyboardInterrupt())
-        )
-    with pytest.raises(ChannelError, match="closed"):
-        sender.send(messages.ERROR)
-    th.join(T)
-    got, err = _deliver_stream(res["value"])
-    assert got == STREAM_RECORDS[: len(got)]
-    assert type(err) is ChannelError and "truncated" in str(err)
-    b.close()
-    _assert_threads_ended(before)
 
 
 def test_a_peer_gone_mid_stream_is_a_channel_error() -> None:
-    before = _channel_threads()
     a, b = socket.socketpair()
     sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
     b.close()
@@ -1039,12 +1001,11 @@ def test_a_peer_gone_mid_stream_is_a_channel_error() -> None:
         sender.send_stream(messages.DATA, io.BytesIO(STREAM), len(STREAM))
     with pytest.raises(ChannelError, match="closed"):
         sender.send(messages.ERROR)
-    _assert_threads_ended(before)
 
 
 def test_a_partial_record_waits_for_the_rest() -> None:
     """A receive that times out in the middle of a record keeps what arrived: the rest
-    completes the record (the reading thread holds the partial record)."""
+    completes the record."""
     a, b = socket.socketpair()
     receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
     (record,) = _wire_records([(messages.DATA, b"x" * 50_000)], end=False)
@@ -1059,49 +1020,41 @@ def test_a_partial_record_waits_for_the_rest() -> None:
     a.close()
 
 
-def test_the_reading_thread_holds_at_most_recv_ahead_records() -> None:
-    """A peer that sends faster than we decrypt fills RECV_AHEAD buffers, then waits in
-    TCP: memory on the receiver does not grow with what the peer sends."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(T)
-    a = socket.create_connection(listener.getsockname(), timeout=T)
-    b, _ = listener.accept()
-    listener.close()
-    sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
-    receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
-    n = 4 * channel.RECV_AHEAD + 8
-    th, res = _thread(
-        lambda: sender.send_stream(
-            messages.DATA, io.BytesIO(bytes(n * channel.CHUNK)), n * channel.CHUNK
-        )
-    )
-    assert receiver.recv_view()[0] == messages.DATA
-    reader = receiver._reader
-    assert reader is not None
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        assert reader._ready.qsize() <= channel.RECV_AHEAD
-        time.sleep(0.01)
-    assert th.is_alive()  # the sender is held back by TCP, not by our memory
-    for _ in range(n - 1):
-        assert receiver.recv_view()[0] == messages.DATA
-    th.join(T)
-    assert res["value"] == n * channel.CHUNK
-    sender.close()
-    receiver.close()
+class _SignalMidSend:
+    """A socket whose sendall is interrupted by a signal (KeyboardInterrupt) after half of
+    the bytes went out, as CPython's sendall does when a handler raises between sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.interrupt = False
+
+    def sendall(self, data: Any) -> None:
+        if self.interrupt:
+            self._sock.sendall(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
-def test_closing_ends_the_reading_thread_of_a_silent_peer() -> None:
-    before = _channel_threads()
+def test_an_interrupt_inside_a_record_closes_the_channel() -> None:
+    """Half a record on the wire cannot be continued: after an interrupt mid-send the
+    channel refuses to send (an ERROR sent next would be garbage to the receiver), and the
+    receiver sees a truncated record, never a record it could authenticate."""
     a, b = socket.socketpair()
-    receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=None)
-    th, res = _thread(receiver.recv)  # blocks: the peer sends nothing
-    time.sleep(0.2)
-    start = time.monotonic()
-    receiver.close()
+    tap = _SignalMidSend(a)
+    sender = SecureChannel(tap, K1, K2, "0000", idle_timeout=T)  # type: ignore[arg-type]
+    th, res = _thread(lambda: _recv_all(b))
+    sender.send(messages.DATA, b"whole")
+    tap.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        sender.send(messages.DATA, b"y" * 10_000)
+    tap.interrupt = False
+    with pytest.raises(ChannelError, match="closed"):
+        sender.send_json(messages.ERROR, {"reason": "interrupted"})
     th.join(T)
-    assert not th.is_alive()
-    assert isinstance(res.get("error"), ChannelError)
-    assert time.monotonic() - start < T / 2
-    a.close()
-    _assert_threads_ended(before)
+    b.close()
+    got, err = _deliver(res["value"])
+    assert got == [(messages.DATA, b"whole")]
+    assert type(err) is ChannelError and "inside a record" in str(err)
