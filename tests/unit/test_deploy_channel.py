@@ -302,6 +302,15 @@ def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
     receiver.close()
 
 
+def _split(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos : pos + 4], "big")
+        out.append(raw[pos : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
 def _wire_records(payloads: list[tuple[int, bytes]], end: bool = True) -> list[bytes]:
     """What a sender writes for these records, split into raw records."""
     a, b = socket.socketpair()
@@ -313,12 +322,7 @@ def _wire_records(payloads: list[tuple[int, bytes]], end: bool = True) -> list[b
     sender.close()
     raw = _recv_all(b)
     b.close()
-    out, pos = [], 0
-    while pos < len(raw):
-        n = int.from_bytes(raw[pos : pos + 4], "big")
-        out.append(raw[pos : pos + 4 + n])
-        pos += 4 + n
-    return out
+    return _split(raw)
 
 
 def _deliver(raw: bytes) -> tuple[list[tuple[int, bytes]], BaseException | None]:
@@ -827,15 +831,6 @@ STREAM_RECORDS = [
 ]
 
 
-def _split(raw: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(raw):
-        n = int.from_bytes(raw[pos : pos + 4], "big")
-        out.append(raw[pos : pos + 4 + n])
-        pos += 4 + n
-    return out
-
-
 def _stream_wire(cipher: str = "chacha20-poly1305", end: bool = True) -> list[bytes]:
     """The raw records send_stream writes for STREAM (then END)."""
     a, b = socket.socketpair()
@@ -966,7 +961,7 @@ def test_a_failing_stream_leaves_the_channel_whole(how: str) -> None:
     receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
 
     def receive() -> list[tuple[int, bytes]]:
-        got = []
+        got: list[tuple[int, bytes]] = []
         while not got or got[-1][0] != messages.ERROR:
             got.append(receiver.recv())
         return got
