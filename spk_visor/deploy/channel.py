@@ -68,8 +68,9 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # mkfs of a large disk sends PHASE first, so minutes of silence are a fault
 
 MAX_PAYLOAD = 1024 * 1024
-# DATA payload per record: the largest the receiver accepts. Per-record Python work is
-# what limits the stream, and 1 MiB records halve it against 256 KiB (bench/deploy_channel).
+# DATA payload per record: the largest the receiver accepts. At 1 MiB the per-record Python
+# work is about 2 % of the channel's CPU; the rest is the AEAD and the socket copies that raw
+# TCP makes too (docs/deploy-channel.md, bench/deploy_channel).
 CHUNK = MAX_PAYLOAD
 TAG_LEN = 16
 MIN_RECORD = 1 + TAG_LEN
@@ -457,6 +458,11 @@ class SecureChannel:
         except OSError as exc:
             self._kill(f"send failed: {exc}")
             raise ChannelError(f"connection lost while sending: {exc}") from exc
+        except BaseException:
+            # A signal (KeyboardInterrupt) between partial sends: the record number is
+            # spent and part of the record may be out, so nothing can follow it.
+            self._kill("interrupted while sending")
+            raise
 
     # -- receiving -------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from spake2 import SPAKE2_A  # type: ignore[import-untyped]
 
 from spk_visor.deploy import channel, discovery, messages
@@ -301,6 +302,15 @@ def pair() -> Iterator[tuple[SecureChannel, SecureChannel]]:
     receiver.close()
 
 
+def _split(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos : pos + 4], "big")
+        out.append(raw[pos : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
 def _wire_records(payloads: list[tuple[int, bytes]], end: bool = True) -> list[bytes]:
     """What a sender writes for these records, split into raw records."""
     a, b = socket.socketpair()
@@ -312,12 +322,7 @@ def _wire_records(payloads: list[tuple[int, bytes]], end: bool = True) -> list[b
     sender.close()
     raw = _recv_all(b)
     b.close()
-    out, pos = [], 0
-    while pos < len(raw):
-        n = int.from_bytes(raw[pos : pos + 4], "big")
-        out.append(raw[pos : pos + 4 + n])
-        pos += 4 + n
-    return out
+    return _split(raw)
 
 
 def _deliver(raw: bytes) -> tuple[list[tuple[int, bytes]], BaseException | None]:
@@ -815,3 +820,236 @@ def test_a_received_view_stays_valid_for_the_ring(
         for j in range(max(0, i - channel.RECV_RING + 1), i + 1):
             assert bytes(views[j]) == bytes([j]) * 1000, (i, j)
     done.join(T)
+
+
+# ---- streams: send_stream over several records -------------------------------------------
+
+# Four DATA records of up to CHUNK bytes (the size the donor sends).
+STREAM = os.urandom(3 * channel.CHUNK + 12345)
+STREAM_RECORDS = [
+    (messages.DATA, STREAM[i : i + channel.CHUNK]) for i in range(0, len(STREAM), channel.CHUNK)
+]
+
+
+def _stream_wire(cipher: str = "chacha20-poly1305", end: bool = True) -> list[bytes]:
+    """The raw records send_stream writes for STREAM (then END)."""
+    a, b = socket.socketpair()
+    sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T, cipher=cipher)
+    th, res = _thread(lambda: _recv_all(b))
+    assert sender.send_stream(messages.DATA, io.BytesIO(STREAM), len(STREAM)) == len(STREAM)
+    if end:
+        sender.send(messages.END)
+    sender.close()
+    th.join(T)
+    b.close()
+    return _split(res["value"])
+
+
+def _deliver_stream(raw: bytes) -> tuple[list[tuple[int, bytes]], BaseException | None]:
+    """Like _deliver, for more bytes than a socketpair buffers: fed from a thread."""
+    a, b = socket.socketpair()
+    receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
+
+    def feed() -> None:
+        try:
+            a.sendall(raw)
+            a.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the receiver gave up and closed: the rest is never read
+
+    th, _ = _thread(feed)
+    got: list[tuple[int, bytes]] = []
+    try:
+        while True:
+            got.append(receiver.recv())
+    except ChannelError as exc:
+        err: BaseException | None = exc
+    th.join(T)
+    assert not th.is_alive()
+    a.close()
+    return got, err
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "chacha20-poly1305"])
+def test_a_stream_is_records_numbered_in_order(cipher: str) -> None:
+    """What send_stream puts on the wire is exactly the record format: u32 length (the
+    AAD), then the AEAD of type | payload under the record number as nonce, 0, 1, 2, ...
+    with no gap or repeat."""
+    records = _stream_wire(cipher)
+    assert len(records) == len(STREAM_RECORDS) + 1
+    aead = AESGCM(K1) if cipher == "aes-256-gcm" else ChaCha20Poly1305(K1)
+    plain = []
+    for n, record in enumerate(records):
+        header = record[:4]
+        assert int.from_bytes(header, "big") == len(record) - 4
+        plain.append(aead.decrypt(n.to_bytes(12, "big"), record[4:], header))
+    assert plain[-1] == bytes([messages.END])
+    assert [(p[0], p[1:]) for p in plain[:-1]] == STREAM_RECORDS
+
+
+def test_an_untouched_stream_is_received_whole() -> None:
+    got, err = _deliver_stream(b"".join(_stream_wire()))
+    assert got == [*STREAM_RECORDS, (messages.END, b"")]
+    assert isinstance(err, ChannelClosed)
+
+
+@pytest.mark.parametrize("record", range(len(STREAM_RECORDS) + 1))
+def test_a_flipped_bit_in_a_stream_fails_at_that_record(record: int) -> None:
+    """A bit flipped in the length, the ciphertext or the tag of one 1 MiB record delivers
+    every record before it and nothing from it on."""
+    records = _stream_wire()
+    size = len(records[record])
+    for pos in (0, 3, 4, 5, size // 2, size - 17, size - 1):
+        bad = [bytearray(r) for r in records]
+        bad[record][pos] ^= 0x04
+        got, err = _deliver_stream(b"".join(bytes(r) for r in bad))
+        assert err is not None and not isinstance(err, ChannelClosed), (record, pos)
+        assert got == STREAM_RECORDS[:record], (record, pos)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        [0, 2, 3, 4],  # dropped
+        [0, 2, 1, 3, 4],  # reordered
+        [0, 1, 1, 2, 3, 4],  # replayed
+        [1, 2, 3, 4],  # first dropped
+        [0, 1, 2, 4],  # last DATA dropped: END arrives as record 3
+    ],
+)
+def test_dropped_reordered_replayed_stream_records_fail(order: list[int]) -> None:
+    records = _stream_wire()
+    got, err = _deliver_stream(b"".join(records[i] for i in order))
+    assert "authentication failed" in str(err)
+    first_bad = next(k for k, i in enumerate(order) if i != k)
+    assert got == STREAM_RECORDS[:first_bad]
+
+
+def test_a_truncated_stream_is_an_error() -> None:
+    records = _stream_wire(end=False)
+    got, err = _deliver_stream(b"".join(records))
+    assert got == STREAM_RECORDS
+    assert type(err) is ChannelError and "without END" in str(err)
+    cut = len(records[0]) + len(records[1]) + 1000  # inside the third record
+    got, err = _deliver_stream(b"".join(records)[:cut])
+    assert got == STREAM_RECORDS[:2]
+    assert type(err) is ChannelError and "inside a record" in str(err)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(n: int, exc: BaseException) -> Callable[[int], None]:
+    calls = []
+
+    def progress(got: int) -> None:
+        calls.append(got)
+        if len(calls) == n:
+            raise exc
+
+    return progress
+
+
+@pytest.mark.parametrize("how", ["progress", "short source"])
+def test_a_failing_stream_leaves_the_channel_whole(how: str) -> None:
+    """A progress callback that raises (the donor's stop-after hook) or a source that ends
+    early stops send_stream between records: the receiver authenticates every record sent
+    and then the sender's ERROR."""
+    a, b = socket.socketpair()
+    sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
+    receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
+
+    def receive() -> list[tuple[int, bytes]]:
+        got: list[tuple[int, bytes]] = []
+        while not got or got[-1][0] != messages.ERROR:
+            got.append(receiver.recv())
+        return got
+
+    th, res = _thread(receive)
+    if how == "progress":
+        with pytest.raises(_Stop):
+            sender.send_stream(messages.DATA, io.BytesIO(STREAM), len(STREAM), _stop_at(1, _Stop()))
+    else:
+        short = STREAM[: 2 * channel.CHUNK + 10]
+        with pytest.raises(ValueError, match="source ended"):
+            sender.send_stream(messages.DATA, io.BytesIO(short), len(STREAM))
+    sender.send_json(messages.ERROR, {"reason": "stopped"})
+    th.join(T)
+    got = res["value"]
+    assert got[-1] == (messages.ERROR, b'{"reason":"stopped"}')
+    data = got[:-1]
+    if how == "progress":
+        assert 1 <= len(data) <= len(STREAM_RECORDS)
+        assert data == STREAM_RECORDS[: len(data)]
+    else:
+        assert data == [*STREAM_RECORDS[:2], (messages.DATA, STREAM[2 * channel.CHUNK :][:10])]
+    sender.close()
+    receiver.close()
+
+
+def test_a_peer_gone_mid_stream_is_a_channel_error() -> None:
+    a, b = socket.socketpair()
+    sender = SecureChannel(a, K1, K2, "0000", idle_timeout=T)
+    b.close()
+    with pytest.raises(ChannelError, match="connection lost while sending"):
+        sender.send_stream(messages.DATA, io.BytesIO(STREAM), len(STREAM))
+    with pytest.raises(ChannelError, match="closed"):
+        sender.send(messages.ERROR)
+
+
+def test_a_partial_record_waits_for_the_rest() -> None:
+    """A receive that times out in the middle of a record keeps what arrived: the rest
+    completes the record."""
+    a, b = socket.socketpair()
+    receiver = SecureChannel(b, K2, K1, "0000", idle_timeout=T)
+    (record,) = _wire_records([(messages.DATA, b"x" * 50_000)], end=False)
+    a.sendall(record[:30_000])
+    receiver.settimeout(0.2)
+    with pytest.raises(ChannelError, match="no data"):
+        receiver.recv()
+    a.sendall(record[30_000:])
+    receiver.settimeout(T)
+    assert receiver.recv() == (messages.DATA, b"x" * 50_000)
+    receiver.close()
+    a.close()
+
+
+class _SignalMidSend:
+    """A socket whose sendall is interrupted by a signal (KeyboardInterrupt) after half of
+    the bytes went out, as CPython's sendall does when a handler raises between sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.interrupt = False
+
+    def sendall(self, data: Any) -> None:
+        if self.interrupt:
+            self._sock.sendall(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_an_interrupt_inside_a_record_closes_the_channel() -> None:
+    """Half a record on the wire cannot be continued: after an interrupt mid-send the
+    channel refuses to send (an ERROR sent next would be garbage to the receiver), and the
+    receiver sees a truncated record, never a record it could authenticate."""
+    a, b = socket.socketpair()
+    tap = _SignalMidSend(a)
+    sender = SecureChannel(tap, K1, K2, "0000", idle_timeout=T)  # type: ignore[arg-type]
+    th, res = _thread(lambda: _recv_all(b))
+    sender.send(messages.DATA, b"whole")
+    tap.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        sender.send(messages.DATA, b"y" * 10_000)
+    tap.interrupt = False
+    with pytest.raises(ChannelError, match="closed"):
+        sender.send_json(messages.ERROR, {"reason": "interrupted"})
+    th.join(T)
+    b.close()
+    got, err = _deliver(res["value"])
+    assert got == [(messages.DATA, b"whole")]
+    assert type(err) is ChannelError and "inside a record" in str(err)
