@@ -393,6 +393,28 @@ def test_a_peer_that_closes_without_answering(serve: Callable[..., Scripted]) ->
     assert error.message.startswith(f"cannot reach {server.url}")
 
 
+def test_a_connection_close_answer_is_read_to_its_end(serve: Callable[..., Scripted]) -> None:
+    """`Connection: close`: http.client closes its side of the connection as soon as the
+    head is read and hands the socket to the answer; the body, sent later, is still
+    read, and the next request opens a new connection."""
+
+    def close_after(conn: socket.socket) -> None:
+        read_request(conn)
+        head, _, body = answer(JSON_BODY, extra="Connection: close\r\n").partition(b"\r\n\r\n")
+        conn.sendall(head + b"\r\n\r\n")
+        time.sleep(0.3)
+        conn.sendall(body)
+
+    server = serve(close_after)
+    transport = HttpTransport(server.url, timeout=10)
+    try:
+        assert get(transport) == (200, JSON_BODY)
+        assert get(transport) == (200, JSON_BODY)
+    finally:
+        transport.close()
+    assert server.connections == 2
+
+
 def test_a_kept_alive_connection_the_peer_closed_is_replaced(
     serve: Callable[..., Scripted],
 ) -> None:
