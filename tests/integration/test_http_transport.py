@@ -515,3 +515,15 @@ def test_an_oversize_header_is_a_transport_error(serve: Callable[..., Scripted])
     error, _ = failure(server.url)
     assert error.exit_code == ExitCode.TRANSIENT
     assert error.message.startswith(f"cannot reach {server.url}: not an HTTP answer")
+
+
+def test_a_ca_file_that_is_not_pem_is_a_usage_error(tmp_path: Path) -> None:
+    """Named before any connection, exit 2 (the requests client loaded it only once
+    connected, and so first reported whatever the connection did: here, refused, exit 7)."""
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    r = cli.run("--node", "https://127.0.0.1:1", "--token", TOKEN, "--ca-file", str(bogus), "node")
+    assert r.code == ExitCode.USAGE, r
+    assert r.err_lines[0].startswith(
+        f"spk-visor: error: --ca-file {bogus}: not a PEM file of CA certificates"
+    )
