@@ -15,6 +15,7 @@ compresses).
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
@@ -89,7 +90,7 @@ class HttpTransport(Transport):
         """A connected socket (TLS done and its certificate accepted) within `deadline`."""
         url = self.base_url
         try:
-            raw = socket.create_connection((self._host, self._port), timeout=deadline.left())
+            raw = _tcp(self._host, self._port, deadline.left())
         except socket.gaierror as e:
             host = url.split("://", 1)[-1].split("/")[0]
             raise TransportError(
@@ -283,6 +284,24 @@ class HttpTransport(Transport):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to `host`. An address is connected to as it is: getaddrinfo
+    would encode it with the "idna" codec first, whose import (stringprep, unicodedata)
+    costs every start of the CLI more than the whole lookup is worth."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _StaleConnection(Exception):

@@ -70,6 +70,8 @@ def test_node_over_http_does_not_import_requests(tmp_path: Path) -> None:
     assert result["code"] == 7, result["stderr"]
     assert "spk_visor.transport.http" in result["modules"]
     assert [m for m in ("requests", "urllib3") if m in result["loaded"]] == []
+    # An address is connected to without getaddrinfo, which loads the "idna" codec.
+    assert "encodings.idna" not in result["modules"]
 
 
 def test_node_over_http_does_not_import_pydantic(tmp_path: Path) -> None:
