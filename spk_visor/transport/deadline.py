@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import io
 import select
-import socket
 import ssl
 import time
+from typing import Protocol
 
 
 class Deadline:
@@ -31,6 +31,17 @@ class Deadline:
         return left
 
 
+class Stream(Protocol):
+    """What DeadlineSocket needs of a connection: a socket, a TLS socket, or an adapter
+    (an SSH channel's, in transport/ssh.py)."""
+
+    def settimeout(self, value: float | None, /) -> None: ...
+    def sendall(self, data: bytes, /) -> None: ...
+    def recv_into(self, buffer: memoryview, /) -> int: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
 class DeadlineSocket:
     """What http.client sees as its socket: sendall, makefile("rb") and close, each held
     to the current request's deadline (`deadline` is replaced for each request on a
@@ -41,7 +52,7 @@ class DeadlineSocket:
     file is closed too.
     """
 
-    def __init__(self, sock: socket.socket | ssl.SSLSocket, deadline: Deadline) -> None:
+    def __init__(self, sock: Stream, deadline: Deadline) -> None:
         self.sock = sock
         self.deadline = deadline
         self._files = 0
