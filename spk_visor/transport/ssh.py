@@ -52,6 +52,7 @@ from spk_visor.errors import (
     TransportError,
 )
 from spk_visor.transport.base import MAX_RESPONSE_BYTES, Response, Transport
+from spk_visor.transport.deadline import Deadline, DeadlineSocket
 
 log = logging.getLogger(__name__)
 # paramiko logs channel failures ("Secsh channel 3 open FAILED") at ERROR; with no handler
@@ -696,16 +697,44 @@ def session(
 # ---- the transport -------------------------------------------------------------------
 
 
-class _ChannelHTTPConnection(http.client.HTTPConnection):
-    """http.client over an already open SSH channel (a socket-like object)."""
+class _ChannelStream:
+    """An SSH channel as DeadlineSocket reads it: recv_into on top of recv."""
 
-    def __init__(self, channel: paramiko.Channel, port: int) -> None:
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+
+    def settimeout(self, value: float | None, /) -> None:
+        self.channel.settimeout(value)
+
+    def sendall(self, data: bytes, /) -> None:
+        self.channel.sendall(data)
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        data = self.channel.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _ChannelHTTPConnection(http.client.HTTPConnection):
+    """http.client over an already open SSH channel, every read and send held to the
+    request's deadline (transport/deadline.py), as over HTTP."""
+
+    def __init__(self, channel: paramiko.Channel, port: int, deadline: Deadline) -> None:
         super().__init__(NODE_LOOPBACK, port)
         self._channel = channel
+        self._deadline = deadline
 
     def connect(self) -> None:
-        # http.client only needs sendall(), makefile("rb") and close(): a Channel has them.
-        self.sock = cast(socket.socket, self._channel)
+        # http.client only needs sendall(), makefile("rb") and close().
+        self.sock = cast(
+            socket.socket, DeadlineSocket(_ChannelStream(self._channel), self._deadline)
+        )
 
 
 class SshTransport(Transport):
@@ -781,9 +810,11 @@ class SshTransport(Transport):
         headers: dict[str, str],
         timeout: float | None,
     ) -> Response:
-        wait = timeout or self.timeout
+        deadline = Deadline(timeout or self.timeout)
+        wait = deadline.seconds
         port = self.target.daemon_port
-        conn = _ChannelHTTPConnection(self._open_tunnel(wait), port)
+        channel = self._open_tunnel(wait)
+        conn = _ChannelHTTPConnection(channel, port, deadline)
         # One request per channel: channels are cheap and this keeps framing trivial.
         sent = {"User-Agent": USER_AGENT, **headers, "Connection": "close"}
         try:
@@ -800,6 +831,11 @@ class SshTransport(Transport):
                     f"{self.address}{path}: answer larger than {MAX_RESPONSE_BYTES} bytes; "
                     "not smechvisord?"
                 )
+            if resp.length:  # what is left of a Content-Length that never came
+                raise TransportError(
+                    f"{self.address}: the daemon's answer through SSH broke off: "
+                    f"{len(data)} bytes of {len(data) + resp.length} received"
+                )
             return Response(resp.status, resp.getheader("Content-Type", ""), data)
         except TimeoutError as e:
             raise TransportError(
@@ -814,6 +850,9 @@ class SshTransport(Transport):
             ) from e
         finally:
             conn.close()
+            # Now, not when the answer's file is collected (DeadlineSocket defers its
+            # close while that file is open).
+            channel.close()
 
     def read_remote_token(self, path: str) -> str | None:
         """The node's API token, read over SFTP; None when the file does not exist.

@@ -13,8 +13,8 @@ it against. The CLI remembers each node's certificate fingerprint in ``known_cer
   ``--accept-new`` never replaces a known one;
 - ``--ca-file``: no pinning, ordinary verification (chain and host name) against that CA.
 
-After every handshake urllib3 compares the peer certificate's SHA-256 with the pinned one
-(`assert_fingerprint`) before a byte of the request, and so the token, is sent.
+After every handshake the HTTP transport compares the peer certificate's SHA-256 with the
+pinned one (`matches`) before a byte of the request, and so the token, is sent.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-from requests.adapters import HTTPAdapter
 
 from spk_visor.errors import CertificateError, ConfigError, TransportError
 
@@ -161,6 +159,9 @@ def record(path: Path, key: str, fp: str) -> None:
 # ---- the peer's certificate ---------------------------------------------------------
 
 
+_CONTEXTS: dict[str | None, ssl.SSLContext] = {}
+
+
 def _unverified_context() -> ssl.SSLContext:
     """A client context that accepts any chain: only for handshakes whose certificate is
     then held to a fingerprint, or that send nothing."""
@@ -171,16 +172,49 @@ def _unverified_context() -> ssl.SSLContext:
     return ctx
 
 
+def client_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context for requests to nodes: without `ca_file`, one that accepts any chain
+    (the certificate is then held to its pin, `matches`); with it, one that verifies the
+    chain against that CA and the host name, as a browser does. One of each per process
+    (loading a CA file, or the system's store, for every node of a fleet costs more than
+    the request). Never the system's CA store: nodes have no public certificates."""
+    with _LOCK:
+        ctx = _CONTEXTS.get(ca_file)
+        if ctx is not None:
+            return ctx
+        if ca_file is None:
+            ctx = _unverified_context()
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, names checked
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                ctx.load_verify_locations(cafile=ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    f"--ca-file {ca_file}: not a PEM file of CA certificates: "
+                    f"{getattr(e, 'reason', None) or e.strerror or e}"
+                ) from e
+        _CONTEXTS[ca_file] = ctx
+        return ctx
+
+
+def matches(der: bytes | None, pinned: str) -> bool:
+    """Whether the certificate (DER) is the pinned one. Colons and case are ignored, as
+    a hand-edited known_certs may have neither."""
+    want = pinned.replace(":", "").lower()
+    return der is not None and hashlib.sha256(der).hexdigest() == want
+
+
 def presented(where: Endpoint, timeout: float) -> str:
     """The fingerprint of the certificate the node presents now: one handshake with no
     verification (nothing is sent over it), for the first use and for the error that
     shows a changed certificate."""
-    ctx = _unverified_context()
+    ctx = client_context(None)
     url = f"https://{where.key}"
     try:
         with (
             socket.create_connection((where.host, where.port), timeout=timeout) as raw,
-            ctx.wrap_socket(raw, server_hostname=_sni(where.host)) as tls,
+            ctx.wrap_socket(raw, server_hostname=sni(where.host)) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
     except socket.gaierror as e:
@@ -209,7 +243,7 @@ def presented(where: Endpoint, timeout: float) -> str:
     return fingerprint(der)
 
 
-def _sni(host: str) -> str | None:
+def sni(host: str) -> str | None:
     # SNI carries names only, never addresses (RFC 6066).
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
@@ -243,15 +277,19 @@ def pin(url: str, timeout: float, accept_new: bool, path: Path | None = None) ->
     return fp
 
 
-def changed_error(url: str, timeout: float, path: Path | None = None) -> CertificateError:
-    """The refusal for a handshake whose certificate did not match the pinned one."""
+def changed_error(
+    url: str, timeout: float, path: Path | None = None, now: str | None = None
+) -> CertificateError:
+    """The refusal for a handshake whose certificate did not match the pinned one; `now`
+    is the fingerprint it presented (read again from the node when not given)."""
     path = path or known_certs_path()
     where = Endpoint.of(url)
     known = lookup(path, where.key)
-    try:
-        now = presented(where, timeout)
-    except TransportError as e:
-        now = f"(could not read it again: {e.message})"
+    if now is None:
+        try:
+            now = presented(where, timeout)
+        except TransportError as e:
+            now = f"(could not read it again: {e.message})"
     old = known.fingerprint if known else "(no longer recorded)"
     place = known.where if known else str(path)
     return CertificateError(
@@ -262,19 +300,3 @@ def changed_error(url: str, timeout: float, path: Path | None = None) -> Certifi
         f"delete that line of {path} and re-run with --accept-new. "
         "--accept-new never replaces a known certificate.",
     )
-
-
-class PinnedAdapter(HTTPAdapter):
-    """requests' adapter with urllib3's post-handshake fingerprint check: the chain and
-    name are not verified (the certificate is self-signed), the exact certificate is."""
-
-    def __init__(self, fp: str, **kwargs: Any) -> None:
-        self.fingerprint = fp
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self.fingerprint
-        # Our own context: without one urllib3 loads the system's CA store into a fresh
-        # context for every connection (~190 ms here), for a chain nobody checks.
-        kwargs["ssl_context"] = _unverified_context()
-        super().init_poolmanager(*args, **kwargs)

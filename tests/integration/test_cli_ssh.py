@@ -9,18 +9,22 @@ exercised on every test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from spk_visor.cli import main
 from spk_visor.config import SshSpec, Target
+from spk_visor.errors import TransportError
 from spk_visor.transport import ssh
 from tests.support.daemon import Daemon, DaemonEnv
 from tests.support.sshd import Sshd, fingerprint, free_port, keygen
@@ -418,3 +422,86 @@ def test_hashed_known_hosts_and_marker_lines_are_understood(
 
     assert code == 0, err
     assert "cpu_model" in json.loads(out)
+
+
+@contextlib.contextmanager
+def fake_daemon(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+    """A one-connection "daemon" on a loopback port (yielded) that reads the request and
+    runs `answer`; the event is set when the test is done with it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(10)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                answer(conn, stop)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def ssh_failure(port: int, timeout: float) -> tuple[TransportError, float]:
+    """The error of one GET through the tunnel to `port`, and the seconds it took."""
+    target = Target(name="sshnode", ssh=SshSpec("sshnode"), daemon_port=port)
+    transport = ssh.SshTransport(target, timeout=timeout)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError) as exc:
+            transport.request("GET", "/api/health")
+    finally:
+        transport.close()
+    return exc.value, time.monotonic() - started
+
+
+def test_a_daemon_that_drips_its_answer_through_the_tunnel_is_cut_off_at_the_deadline(
+    home: Path, sshd: Sshd
+) -> None:
+    """The deadline (--timeout) is the request's whole time through SSH too: a daemon
+    that sends its answer a byte every 0.1 s is cut off at 1 s, not read for 30."""
+    trust(home, sshd)
+
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        body = b'{"status": "ok"}' * 20
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        for byte in head.encode() + b"\r\n\r\n" + body:
+            if stop.is_set():
+                return
+            conn.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    with fake_daemon(drip) as port:
+        error, elapsed = ssh_failure(port, timeout=1)
+    assert error.message.startswith(f"no answer from 127.0.0.1:{port} on 127.0.0.1")
+    assert error.message.endswith("within 1 s")
+    assert elapsed < 5, f"a 1 s deadline took {elapsed:.1f} s"
+
+
+def test_an_answer_shorter_than_its_content_length_through_the_tunnel_is_an_error(
+    home: Path, sshd: Sshd
+) -> None:
+    trust(home, sshd)
+
+    def short(conn: socket.socket, _stop: threading.Event) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 90\r\n"
+            b'\r\n{"status": "ok"}'
+        )
+
+    with fake_daemon(short) as port:
+        error, _ = ssh_failure(port, timeout=10)
+    assert error.exit_code == 7
+    assert error.message.startswith("ssh://")
+    assert error.message.endswith(
+        ": the daemon's answer through SSH broke off: 16 bytes of 90 received"
+    )

@@ -59,8 +59,19 @@ def test_node_over_http_imports_neither_paramiko_nor_cryptography(tmp_path: Path
     result = run_cli(tmp_path, "--node", "http://127.0.0.1:1", "--token", "x", "node")
     assert result["code"] == 7, result["stderr"]  # TRANSIENT: it really tried to connect
     assert "connection refused" in result["stderr"]
-    assert "requests" in result["loaded"]  # the HTTP transport was the one used
+    assert "spk_visor.transport.http" in result["modules"]  # the HTTP transport was used
     assert [m for m in HEAVY if m in result["loaded"]] == []
+
+
+def test_node_over_http_does_not_import_requests(tmp_path: Path) -> None:
+    """requests and urllib3 cost ~70 ms of start-up (issue 10): the daemon's API is spoken
+    with the standard library's http.client."""
+    result = run_cli(tmp_path, "--node", "http://127.0.0.1:1", "--token", "x", "node")
+    assert result["code"] == 7, result["stderr"]
+    assert "spk_visor.transport.http" in result["modules"]
+    assert [m for m in ("requests", "urllib3") if m in result["loaded"]] == []
+    # An address is connected to without getaddrinfo, which loads the "idna" codec.
+    assert "encodings.idna" not in result["modules"]
 
 
 def test_node_over_http_does_not_import_pydantic(tmp_path: Path) -> None:
