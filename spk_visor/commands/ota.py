@@ -910,7 +910,10 @@ def push(
             "--parallel",
             "-p",
             min=1,
-            help="Nodes applying at once after the canary; up to twice as many may be receiving the bundle.",
+            help=(
+                "Nodes applying at once after the canary; up to twice as many may be"
+                " receiving the bundle."
+            ),
         ),
     ] = 4,
     canary: Annotated[
