@@ -1,6 +1,6 @@
 """The deploy benchmark of issue 5, in one run:
 
-    sudo .venv/bin/python -m bench.deploy [--skip-iso]
+    sudo .venv/bin/python -m bench.deploy [--skip-iso] [--skip-channel] [--mib 4096]
 
 1. channel: SecureChannel (AES-256-GCM, and ChaCha20-Poly1305 beside it) against raw TCP
    loopback of the same bytes (bench.deploy_channel, goal >= 0.7x). Needs no root.
@@ -24,10 +24,10 @@ once; the deploy must write, sync and read back. The bundle and the raw image ar
 from the page cache before every timed run. Deploy and dd take turns at going first;
 medians; the load average is printed; an absurd ratio fails (bench/figures.py).
 
-Sizes: SPK_VISOR_BENCH_DEPLOY_MIB (1024) for both the channel stream and the image;
-rounds: SPK_VISOR_BENCH_ROUNDS (3) for the channel, SPK_VISOR_BENCH_DEPLOY_ROUNDS (1) for
-the whole deploy. MB/s are 10^6 bytes per second of raw image. Exit 0 unless a part
-fails to run; the goals are reported as goal_met.
+Sizes: --mib or SPK_VISOR_BENCH_DEPLOY_MIB (1024) for both the channel stream and the
+image; rounds: SPK_VISOR_BENCH_ROUNDS (3) for the channel, --rounds or
+SPK_VISOR_BENCH_DEPLOY_ROUNDS (1) for the whole deploy. MB/s are 10^6 bytes per second of
+raw image. Exit 0 unless a part fails to run; the goals are reported as goal_met.
 """
 
 from __future__ import annotations
@@ -338,16 +338,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=__doc__)
     parser.add_argument("--skip-iso", action="store_true", help="Skip the ISO build.")
     parser.add_argument("--skip-deploy", action="store_true", help="Skip the whole deploy.")
+    parser.add_argument("--skip-channel", action="store_true", help="Skip the channel part.")
+    parser.add_argument("--mib", type=int, help=f"Image size in MiB (else ${SIZE_ENV}, 1024).")
+    parser.add_argument("--rounds", type=int, help=f"Deploy rounds (else ${ROUNDS_ENV}, 1).")
     args = parser.parse_args(argv)
-    result: dict[str, object] = {"channel": deploy_channel.run()}
-    ch = result["channel"]
-    assert isinstance(ch, dict)
-    print(
-        f"channel: AES-GCM {ch['aes_gcm_mb_s']} MB/s vs raw TCP {ch['raw_tcp_mb_s']} MB/s "
-        f"= {ch['ratio']}x (goal {ch['goal_ratio']}x); ChaCha20 {ch['chacha20_mb_s']} MB/s "
-        f"= {ch['chacha20_ratio']}x",
-        flush=True,
-    )
+    if args.mib is not None:
+        os.environ[SIZE_ENV] = str(args.mib)
+    if args.rounds is not None:
+        os.environ[ROUNDS_ENV] = str(args.rounds)
+    result: dict[str, object] = {}
+    if args.skip_channel:
+        result["channel"] = {"skipped": "--skip-channel"}
+        print("channel: skipped: --skip-channel", flush=True)
+    else:
+        result["channel"] = ch = deploy_channel.run()
+        print(
+            f"channel: AES-GCM {ch['aes_gcm_mb_s']} MB/s vs raw TCP {ch['raw_tcp_mb_s']} "
+            f"MB/s = {ch['ratio']}x (goal {ch['goal_ratio']}x); ChaCha20 "
+            f"{ch['chacha20_mb_s']} MB/s = {ch['chacha20_ratio']}x",
+            flush=True,
+        )
     dep: dict[str, object] = {"skipped": "--skip-deploy"} if args.skip_deploy else run_deploy()
     result["deploy"] = dep
     if "skipped" in dep:

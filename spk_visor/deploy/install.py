@@ -348,7 +348,7 @@ class _ImageSink:
         self.fd: int | None = fd
         start = inst.durable_bytes
         self.writer = image_writer.ImageWriter(
-            fd, direct, image, size, on_checked=lambda done: self._durable(start + done)
+            fd, direct, image, size, on_durable=lambda done: self._durable(start + done)
         )
         self.thread = threading.Thread(target=self._decode, name="image-decode", daemon=True)
         self.thread.start()
