@@ -32,6 +32,8 @@ proves, with one sha256 pass over the raw image instead of two.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import os
 import queue
 import threading
@@ -170,17 +172,25 @@ class FileSource(RecordPipe):
     decoder (the read from disk and the blob's sha256 no longer wait on zstd). A
     context manager: leaving it stops the reader."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: io.RawIOBase) -> None:
         super().__init__(PREFETCH)
+        # At most PREFETCH pieces are queued or held by the decoder, and they are the
+        # latest ones (it reads in order): one more buffer is always free to read into.
+        # Reused buffers spare a page fault per 4 KiB of every fresh 4 MiB bytes object.
+        self._ring = [bytearray(READ_SIZE) for _ in range(PREFETCH + 1)]
         self._thread = threading.Thread(target=self._pump, args=(f,), name="image-blob")
         self._thread.daemon = True
         self._thread.start()
 
-    def _pump(self, f: BinaryIO) -> None:
+    def _pump(self, f: io.RawIOBase) -> None:
         error: BaseException | None = None
         try:
-            while data := f.read(READ_SIZE):
-                self.put(data)
+            for i in itertools.count():
+                buf = memoryview(self._ring[i % len(self._ring)])
+                n = f.readinto(buf)
+                if not n:
+                    break
+                self.put(buf[:n])
         except _Stopped:
             return
         except BaseException as e:

@@ -4,10 +4,13 @@ proves on the way."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -95,3 +98,46 @@ def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
     else:
         # Through the page cache each window must be flushed and dropped to be re-read.
         assert flushes >= windows
+
+
+def test_a_blob_that_fails_to_read_fails_the_stream(tmp_path: Path) -> None:
+    """An I/O error on the stored blob reaches the caller (after the pieces read before
+    it were decoded); nothing hangs and the slot's head stays unwritten."""
+    raw = hashlib.shake_256(b"image").digest(2 * MIB) + bytes(2 * MIB)
+    blob = zstandard.ZstdCompressor().compress(raw)
+    image = ImageComponent(
+        name="base",
+        version="1",
+        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
+        encoding="zstd",
+        raw_size=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(len(raw)))
+
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = len(blob) // 2
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            if self.left <= 0:
+                raise OSError(errno.EIO, "the store's disk failed")
+            n = min(len(buf), self.left, 4096)
+            start = len(blob) // 2 - self.left
+            buf[:n] = blob[start : start + n]
+            self.left -= n
+            return n
+
+    fd, direct = blockdev.open_for_writing(str(slot))
+    try:
+        writer = image_writer.ImageWriter(fd, direct, image, len(blob))
+        with image_writer.FileSource(Failing()) as src, pytest.raises(OSError) as e:
+            writer.stream(src)
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.EIO
+    assert slot.read_bytes()[: image_writer.HEAD] == bytes(image_writer.HEAD)
