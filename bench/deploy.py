@@ -1,6 +1,6 @@
 """The deploy benchmark of issue 5, in one run:
 
-    sudo .venv/bin/python -m bench.deploy [--skip-iso]
+    sudo .venv/bin/python -m bench.deploy [--skip-iso] [--skip-channel] [--mib 4096]
 
 1. channel: SecureChannel (AES-256-GCM, and ChaCha20-Poly1305 beside it) against raw TCP
    loopback of the same bytes (bench.deploy_channel, goal >= 0.7x). Needs no root.
@@ -24,10 +24,10 @@ once; the deploy must write, sync and read back. The bundle and the raw image ar
 from the page cache before every timed run. Deploy and dd take turns at going first;
 medians; the load average is printed; an absurd ratio fails (bench/figures.py).
 
-Sizes: SPK_VISOR_BENCH_DEPLOY_MIB (1024) for both the channel stream and the image;
-rounds: SPK_VISOR_BENCH_ROUNDS (3) for the channel, SPK_VISOR_BENCH_DEPLOY_ROUNDS (1) for
-the whole deploy. MB/s are 10^6 bytes per second of raw image. Exit 0 unless a part
-fails to run; the goals are reported as goal_met.
+Sizes: --mib or SPK_VISOR_BENCH_DEPLOY_MIB (1024) for both the channel stream and the
+image; rounds: SPK_VISOR_BENCH_ROUNDS (3) for the channel, --rounds or
+SPK_VISOR_BENCH_DEPLOY_ROUNDS (1) for the whole deploy. MB/s are 10^6 bytes per second of
+raw image. Exit 0 unless a part fails to run; the goals are reported as goal_met.
 """
 
 from __future__ import annotations
@@ -176,8 +176,9 @@ class _Busy(RuntimeError):
 
 def _deploy_once(
     work: Path, bundle: Path, root: Path, disk: LoopDisk
-) -> tuple[float, dict[str, Any], dict[str, float]]:
-    """(wall seconds donor start -> exit, the donor's result doc, receiver phase seconds)."""
+) -> tuple[float, dict[str, Any], dict[str, float], tuple[float, float]]:
+    """(wall seconds donor start -> exit, the donor's result doc, receiver phase seconds,
+    CPU seconds of the donor and of the receiver, each with the tools it ran)."""
     port = _free_port()
     receiver = _Receiver(work, root, port)
     try:
@@ -200,7 +201,7 @@ def _deploy_once(
             disk.serial,
             code,
         ]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         done = subprocess.run(
             argv,
             capture_output=True,
@@ -211,6 +212,7 @@ def _deploy_once(
             check=False,
         )
         elapsed = time.perf_counter() - t0
+        c1 = _children_cpu()  # the donor is reaped, the receiver not yet
         docs = json.loads(done.stdout) if done.stdout.strip().startswith("[") else []
         if docs and "Device or resource busy" in str(docs[0].get("message")):
             raise _Busy(str(docs[0]["message"]))
@@ -219,7 +221,8 @@ def _deploy_once(
         receiver.stop()
         if not receiver.rebooted.exists():
             raise RuntimeError("the receiver did not run its reboot command")
-        return elapsed, docs[0], receiver.phases(t0, t0 + elapsed)
+        cpu = (round(c1 - c0, 2), round(_children_cpu() - c1, 2))
+        return elapsed, docs[0], receiver.phases(t0, t0 + elapsed), cpu
     finally:
         if receiver.proc.poll() is None:
             receiver.proc.kill()
@@ -269,21 +272,23 @@ def run_deploy() -> dict[str, object]:
             retries = 0
 
             deploy_cpu: list[float] = []
+            split_cpu: list[tuple[float, float]] = []
             dd_cpu: list[float] = []
 
             def deploy() -> float:
                 nonlocal retries
                 c0 = _children_cpu()
                 try:
-                    wall, doc, phase = _deploy_once(work, bundle, root, disk)
+                    wall, doc, phase, split = _deploy_once(work, bundle, root, disk)
                 except _Busy:
                     # Another receiver (a concurrent test run) probed our loop device with
                     # `wipefs -n`, which opens it O_EXCL: our wipe's own O_EXCL open lost.
                     retries += 1
                     time.sleep(2)
-                    wall, doc, phase = _deploy_once(work, bundle, root, disk)
+                    wall, doc, phase, split = _deploy_once(work, bundle, root, disk)
                 donor_s.append(float(doc["seconds"]))
                 phases.append(phase)
+                split_cpu.append(split)
                 deploy_cpu.append(_children_cpu() - c0)
                 return wall
 
@@ -321,6 +326,8 @@ def run_deploy() -> dict[str, object]:
             # CPU seconds of donor + receiver (and the tools they ran), and of dd: what
             # the deploy costs whatever share of the machine it was given.
             "deploy_cpu_s": [round(t, 2) for t in deploy_cpu],
+            "donor_cpu_s": [d for d, _r in split_cpu],
+            "receiver_cpu_s": [r for _d, r in split_cpu],
             "dd_cpu_s": [round(t, 2) for t in dd_cpu],
             "deploy_mbps": round(raw_size / med_deploy / 1e6, 1),
             "dd_mbps": round(raw_size / med_dd / 1e6, 1),
@@ -338,16 +345,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=__doc__)
     parser.add_argument("--skip-iso", action="store_true", help="Skip the ISO build.")
     parser.add_argument("--skip-deploy", action="store_true", help="Skip the whole deploy.")
+    parser.add_argument("--skip-channel", action="store_true", help="Skip the channel part.")
+    parser.add_argument("--mib", type=int, help=f"Image size in MiB (else ${SIZE_ENV}, 1024).")
+    parser.add_argument("--rounds", type=int, help=f"Deploy rounds (else ${ROUNDS_ENV}, 1).")
     args = parser.parse_args(argv)
-    result: dict[str, object] = {"channel": deploy_channel.run()}
-    ch = result["channel"]
-    assert isinstance(ch, dict)
-    print(
-        f"channel: AES-GCM {ch['aes_gcm_mb_s']} MB/s vs raw TCP {ch['raw_tcp_mb_s']} MB/s "
-        f"= {ch['ratio']}x (goal {ch['goal_ratio']}x); ChaCha20 {ch['chacha20_mb_s']} MB/s "
-        f"= {ch['chacha20_ratio']}x",
-        flush=True,
-    )
+    if args.mib is not None:
+        os.environ[SIZE_ENV] = str(args.mib)
+    if args.rounds is not None:
+        os.environ[ROUNDS_ENV] = str(args.rounds)
+    result: dict[str, object] = {}
+    if args.skip_channel:
+        result["channel"] = {"skipped": "--skip-channel"}
+        print("channel: skipped: --skip-channel", flush=True)
+    else:
+        result["channel"] = ch = deploy_channel.run()
+        print(
+            f"channel: AES-GCM {ch['aes_gcm_mb_s']} MB/s vs raw TCP {ch['raw_tcp_mb_s']} "
+            f"MB/s = {ch['ratio']}x (goal {ch['goal_ratio']}x); ChaCha20 "
+            f"{ch['chacha20_mb_s']} MB/s = {ch['chacha20_ratio']}x",
+            flush=True,
+        )
     dep: dict[str, object] = {"skipped": "--skip-deploy"} if args.skip_deploy else run_deploy()
     result["deploy"] = dep
     if "skipped" in dep:

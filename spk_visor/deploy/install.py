@@ -81,6 +81,8 @@ HEAD = image_writer.HEAD
 # Records queued for the image decoder: fewer than the channel keeps valid, so a record
 # is never overwritten before it is decoded (see RecordPipe).
 PIPE_DEPTH = channel.RECV_RING - 2
+# The store copy of the image blob is pushed to its disk every this many bytes.
+COPY_WRITEBACK = 32 * MIB
 PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial", "authorized_keys"}
 DISK_KEYS = {"serial", "size"}
 MAX_PATH = 1024
@@ -350,7 +352,7 @@ class _ImageSink:
         self.fd: int | None = fd
         start = inst.durable_bytes
         self.writer = image_writer.ImageWriter(
-            fd, direct, image, size, on_checked=lambda done: self._durable(start + done)
+            fd, direct, image, size, on_durable=lambda done: self._durable(start + done)
         )
         self.thread = threading.Thread(target=self._decode, name="image-decode", daemon=True)
         self.thread.start()
@@ -376,6 +378,9 @@ class _ImageSink:
         try:
             if self.copy_fd is not None:
                 blockdev.write_all(self.copy_fd, data)
+                if self.received // COPY_WRITEBACK != (self.received - len(data)) // COPY_WRITEBACK:
+                    # Written back while the image streams: finish's fsync waits for little.
+                    blockdev.start_writeback(self.copy_fd)
             self.pipe.put(data)
         except InstallError:
             raise
@@ -748,7 +753,10 @@ class Installer:
         if prep.config is not None:
             raise InstallError("config", str(prep.config)) from prep.config
         self._write_record()
-        os.sync()
+        try:
+            blockdev.sync(self.mountpoint)
+        except OSError as e:
+            raise InstallError("io_error", f"syncing the data partition: {e}") from e
         self.phase("bootloader")
         self.state.boot_started = True
         boot: dict[str, str] = {}
@@ -769,9 +777,15 @@ class Installer:
         # An NVRAM entry only makes sense when this boot is UEFI with efivarfs; the
         # removable path above is what firmware finds after an NVRAM reset anyway.
         boot["nvram"] = "skipped"
-        os.sync()
+        # What grub-bios-setup (the MBR, the BIOS-boot partition) and mtools (the ESP)
+        # wrote, through the devices' page caches.
+        try:
+            blockdev.sync(self.disk.path, self.parts["bios_grub"], self.parts["esp"])
+        except OSError as e:
+            boot["sync"] = f"failed: {e}"
         self._unmount()
         ok = boot["bios"] == "ok" and boot["efi_fallback"].startswith("ok")
+        ok = ok and "sync" not in boot
         self.state.finalized = ok
         self.phase("done" if ok else "bootloader_failed")
         return {

@@ -278,7 +278,7 @@ def _write_slot(
 
     before = [0]
 
-    def on_checked(done: int) -> None:
+    def on_durable(done: int) -> None:
         if before[0] * 2 < image.raw_size <= done * 2:
             durable.crash_point("base:mid-write")
         before[0] = done
@@ -286,10 +286,10 @@ def _write_slot(
     fd, direct = blockdev.open_for_writing(device)
     try:
         writer = image_writer.ImageWriter(
-            fd, direct, image, blob_size, progress=progress, on_checked=on_checked
+            fd, direct, image, blob_size, progress=progress, on_durable=on_durable
         )
-        with blob.open("rb", buffering=0) as f:
-            writer.stream(image_writer.FileSource(f))
+        with blob.open("rb", buffering=0) as f, image_writer.FileSource(f) as source:
+            writer.stream(source)
         writer.write_ends()
         progress(image.raw_size)
         _set(ctx, "verifying")

@@ -1,0 +1,143 @@
+"""The image writer's read-back and flush discipline, on a plain file (O_DIRECT where the
+filesystem allows it). The OTA and deploy tests cover what it writes; this one what it
+proves on the way."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from spk_visor.install import blockdev
+from spk_visor.install import image as image_writer
+from spk_visor.ota.manifest import ImageComponent
+
+MIB = 1 << 20
+
+
+def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_writer, "CHUNK", MIB)
+    monkeypatch.setattr(image_writer, "SYNC_BYTES", 2 * MIB)
+    raw = hashlib.shake_256(b"image").digest(3 * MIB) + bytes(4 * MIB + 100)
+    blob = zstandard.ZstdCompressor().compress(raw)
+    (tmp_path / "blob").write_bytes(blob)
+    image = ImageComponent(
+        name="base",
+        version="1",
+        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
+        encoding="zstd",
+        raw_size=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(len(raw) + MIB))
+    body = len(raw) - image_writer.HEAD - 100  # 100: the unaligned tail, kept for the end
+    windows = body // MIB
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    writer: image_writer.ImageWriter | None = None
+    real_sync, real_read = os.fdatasync, blockdev.pread_into
+
+    def fdatasync(fd: int) -> None:
+        checked = writer.written if writer is not None else 0
+        real_sync(fd)
+        with lock:
+            events.append(("flushed", checked))
+
+    def pread_into(fd: int, view: memoryview, offset: int) -> int:
+        with lock:
+            events.append(("read", offset))
+        return real_read(fd, view, offset)
+
+    def on_durable(n: int) -> None:
+        with lock:
+            events.append(("durable", n))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(blockdev, "pread_into", pread_into)
+    fd, direct = blockdev.open_for_writing(str(slot))
+    try:
+        writer = image_writer.ImageWriter(fd, direct, image, len(blob), on_durable=on_durable)
+        with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
+            writer.stream(src)
+        writer.write_ends()
+        writer.check_ends()
+    finally:
+        os.close(fd)
+    assert slot.read_bytes()[: len(raw)] == raw
+
+    # Every body window was read back from the device, then the head and the tail.
+    reads = [at for kind, at in events if kind == "read"]
+    want = [image_writer.HEAD + i * MIB for i in range(windows)]
+    assert sorted(reads[:windows]) == want
+    assert sorted(reads[windows:]) == [0, len(raw) - 100]
+    # Durable means flushed: each report follows a flush that began with at least that
+    # many bytes checked, and the last one covers the whole body.
+    flushed = 0
+    durable = [n for kind, n in events if kind == "durable"]
+    for kind, n in events:
+        if kind == "flushed":
+            flushed = max(flushed, n)
+        elif kind == "durable":
+            assert n <= flushed
+    assert durable and durable[-1] == body and durable == sorted(durable)
+    flushes = sum(1 for kind, _n in events if kind == "flushed")
+    if direct:
+        # O_DIRECT reads are the device's answer: no flush per window, one per SYNC_BYTES.
+        assert flushes <= windows // 2 + 1
+    else:
+        # Through the page cache each window must be flushed and dropped to be re-read.
+        assert flushes >= windows
+
+
+def test_a_blob_that_fails_to_read_fails_the_stream(tmp_path: Path) -> None:
+    """An I/O error on the stored blob reaches the caller (after the pieces read before
+    it were decoded); nothing hangs and the slot's head stays unwritten."""
+    raw = hashlib.shake_256(b"image").digest(2 * MIB) + bytes(2 * MIB)
+    blob = zstandard.ZstdCompressor().compress(raw)
+    image = ImageComponent(
+        name="base",
+        version="1",
+        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
+        encoding="zstd",
+        raw_size=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(len(raw)))
+
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = len(blob) // 2
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            if self.left <= 0:
+                raise OSError(errno.EIO, "the store's disk failed")
+            n = min(len(buf), self.left, 4096)
+            start = len(blob) // 2 - self.left
+            buf[:n] = blob[start : start + n]
+            self.left -= n
+            return n
+
+    fd, direct = blockdev.open_for_writing(str(slot))
+    try:
+        writer = image_writer.ImageWriter(fd, direct, image, len(blob))
+        with image_writer.FileSource(Failing()) as src, pytest.raises(OSError) as e:
+            writer.stream(src)
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.EIO
+    assert slot.read_bytes()[: image_writer.HEAD] == bytes(image_writer.HEAD)
