@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from spk_visor.errors import ConfigError, register_secret
 
@@ -297,6 +298,30 @@ def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
 def _check_url(url: str, what: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"{what} {url!r}: expected http://HOST[:PORT] or https://...")
+    # Checked here, where the user's words are at hand: urlsplit raises ValueError on a
+    # broken [IPv6] host or port, which would otherwise surface later as an internal error.
+    shown = repr(url) if "@" not in url else "(a URL with credentials)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as e:
+        raise ConfigError(
+            f"{what} {shown}: not a URL ({e}); expected http://HOST[:PORT] or https://..."
+        ) from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{what} {shown}: the port is not a number in 1..65535")
+    if parts.username is not None or parts.password is not None:
+        # requests would send these as Basic auth in place of the API token.
+        raise ConfigError(
+            f"{what}: a user name or password in the URL is not used by smechvisord",
+            "drop USER:PASSWORD@ from the URL; the API token goes in --token or SPK_VISOR_TOKEN",
+        )
+    if not host:
+        raise ConfigError(f"{what} {shown}: no host name; expected http://HOST[:PORT]")
     return url.rstrip("/")
 
 

@@ -96,6 +96,27 @@ def test_urls_and_ssh_specs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "not a URL"),
+        ("https://[zz]:8080", "not a URL"),
+        ("http://h:99999", "port"),
+        ("http://h:abc", "port"),
+        ("http://:8080", "host"),
+        ("http://admin:secret@h:8080", "user name or password"),
+    ],
+)
+def test_malformed_node_urls_are_usage_errors(tmp_path: Path, url: str, message: str) -> None:
+    # A typo in a URL is the user's mistake: a ConfigError (exit 2), never a ValueError
+    # that surfaces as "internal error".
+    env = env_for(tmp_path, f'[nodes.a]\nurl = "{url}"\n')
+    for kw in ({"node": url}, {"node": "a"}):
+        with pytest.raises(ConfigError, match=message) as info:
+            resolve(env, **kw)
+        assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("text", "message", "line"),
     [
         ("[nodes.a]\nurl = \n", "invalid TOML", "line 2"),
