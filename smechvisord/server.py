@@ -463,7 +463,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _check_auth(self) -> None:
         header = self.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
-        if not header or scheme != p.AUTH_SCHEME or not presented.strip():
+        # The scheme name is case-insensitive (RFC 9110 11.1): some clients send "bearer".
+        if not header or scheme.lower() != p.AUTH_SCHEME.lower() or not presented.strip():
             raise ApiError(
                 401,
                 p.ERR_UNAUTHORIZED,

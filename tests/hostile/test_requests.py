@@ -152,3 +152,17 @@ def test_routes_are_not_listed_without_the_token(rig: tuple[Daemon, DaemonEnv]) 
     assert d.request("POST", "/api/health", token=None).status == 405
     assert d.get("/api/nope").status == 404  # with the token, the answer is as before
     prove(d, before)
+
+
+def test_the_auth_scheme_is_case_insensitive(rig: tuple[Daemon, DaemonEnv]) -> None:
+    """RFC 9110 section 11.1: the scheme name is case-insensitive, so `bearer TOKEN` (as some
+    HTTP clients spell it) was answered 401 "missing bearer token" with the token right there.
+    Other schemes and a wrong token are still refused."""
+    d, _ = rig
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = d.get("/api/node", token=None, headers={"Authorization": f"{scheme} {d.token}"})
+        assert r.status == 200, (scheme, r.raw)
+    assert (
+        d.get("/api/node", token=None, headers={"Authorization": f"Basic {d.token}"}).status == 401
+    )
+    assert d.get("/api/node", token=None, headers={"Authorization": "bearer wrong"}).status == 403
