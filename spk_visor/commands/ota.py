@@ -147,6 +147,12 @@ def keygen(
     """Make an ed25519 signing key: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub."""
     from spk_visor.ota import keys  # noqa: PLC0415
 
+    if not out.name or out.is_dir():
+        # "" (an unset shell variable) is Path("."): a folder, with no name to add .pub to.
+        raise UsageError(
+            f"PRIVATE_KEY {str(out)!r} is a folder, not a key file name",
+            "name the new key's file, e.g. spk-visor ota keygen keys/rel",
+        )
     secret = _passphrase(passphrase_file)
     if ask_passphrase:
         first = getpass.getpass("passphrase: ")

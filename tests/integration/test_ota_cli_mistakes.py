@@ -95,6 +95,29 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
         assert "\n" in err.strip() or "give" in err or "check" in err, (argv, err)
 
 
+def test_keygen_with_an_empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ota keygen ""` (an unset shell variable) was an internal error (Path('.'))."""
+    monkeypatch.chdir(tmp_path)
+    err = one_error(cli.run("ota", "keygen", ""))
+    assert "PRIVATE_KEY" in err and "keygen keys/" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signing_with_the_public_key_or_a_folder_says_which_file_to_give(tmp_path: Path) -> None:
+    """`--key keys/root1.pub` said "chmod 600 keys/root1.pub", and `--key ""` (the current
+    folder) "chmod 600 .": neither is the fix, the private key file is."""
+    k = _keys(tmp_path)
+    root = tmp_path / "root.json"
+    assert cli.run("ota", "root", "init", "-o", str(root), *role_keys(k)).code == 0
+    before = root.read_bytes()
+    err = one_error(cli.run("ota", "root", "sign", str(root), "--key", f"{k['root']}.pub"))
+    assert "chmod" not in err and "public key" in err and f"--key {k['root']}\n" in err + "\n"
+    for folder in ("", str(tmp_path)):
+        err = one_error(cli.run("ota", "root", "sign", str(root), "--key", folder))
+        assert "chmod" not in err and "folder" in err, err
+    assert root.read_bytes() == before
+
+
 def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
     k = _keys(tmp_path)
     keys = role_keys(k)
