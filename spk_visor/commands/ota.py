@@ -864,23 +864,28 @@ def history(
     from spk_visor.ota.context import load_context  # noqa: PLC0415
 
     events = load_context().history.read(limit)
+
+    def word(value: Any) -> str:
+        # Not every event has every column: say so in words, not with a blank cell.
+        return "none" if value is None or value == "" else str(value)
+
     rows = [
         [
-            e.get("time", ""),
-            e.get("event", ""),
-            str(e.get("manifest", ""))[:12],
-            e.get("version", ""),
-            e.get("exit_code", ""),
-            e.get("downtime_ms", ""),
+            word(e.get("time")),
+            word(e.get("event")),
+            word(e.get("manifest") and str(e["manifest"])[:12]),
+            word(e.get("version")),
+            word(e.get("exit_code")),
+            word(e.get("downtime_ms")),
         ]
         for e in events
     ]
-    _print(
-        ctx,
-        as_json,
-        events,
-        table(["time", "event", "manifest", "version", "exit", "downtime ms"], rows),
+    text = (
+        table(["time", "event", "manifest", "version", "exit", "downtime ms"], rows)
+        if rows
+        else "no OTA history on this node yet"
     )
+    _print(ctx, as_json, events, text)
 
 
 @app.command("verify-installed")
