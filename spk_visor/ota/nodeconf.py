@@ -43,6 +43,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spk_visor.errors import ConfigError
 
@@ -168,6 +169,17 @@ _BOOL = {"allow_channel_revert", "apply_daemon", "stage_base"}
 _SLOT_STR = {"a", "b", "grubenv", "entry_a", "entry_b"}
 
 
+def _is_http_url(url: str) -> bool:
+    """A mirror URL the fetcher can use. Checked when ota.conf is read: a typo found only
+    at fetch time read as a transient failure (exit 7) that no retry would fix."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+
+
 def _want(cond: bool, path: Path, key: str, what: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: `{key}` must be {what}", "fix the file and run again")
@@ -197,6 +209,13 @@ def load_config(paths: NodePaths) -> NodeConfig:
         elif key == "base_urls":
             ok = isinstance(value, list) and all(isinstance(u, str) for u in value)
             _want(ok, path, key, "a list of URLs")
+            for url in value:
+                _want(
+                    _is_http_url(url),
+                    path,
+                    key,
+                    f"http(s) URLs: {url!r} is not one (https://HOST/PATH)",
+                )
             values[key] = tuple(u.rstrip("/") for u in value)
         elif key == "rc_service":
             _want(isinstance(value, str) and bool(value.strip()), path, key, "a command")
