@@ -46,6 +46,8 @@ SMUGGLED = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
         ("control character in a value", 400),
         ("two Host headers", 400),
         ("space before the colon", 400),
+        ("a second Authorization header", 400),
+        ("the right token second", 400),
     ],
 )
 def test_ambiguous_framing_is_refused(
@@ -82,6 +84,13 @@ def test_ambiguous_framing_is_refused(
         ),
         "two Host headers": post(d.token, body, f"Host: y\r\nContent-Length: {n}\r\n"),
         "space before the colon": post(d.token, body, f"Content-Length : {n}\r\n"),
+        # The daemon read the first, a proxy or log may read the last: which was checked?
+        "a second Authorization header": post(
+            d.token, body, f"Authorization: Bearer wrong\r\nContent-Length: {n}\r\n"
+        ),
+        "the right token second": post(
+            "wrong", body, f"Authorization: Bearer {d.token}\r\nContent-Length: {n}\r\n"
+        ),
     }[case]
     answer = exchange(d, raw)
     assert status_of(answer) == expected, answer
