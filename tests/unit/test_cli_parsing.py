@@ -250,6 +250,27 @@ def test_about() -> None:
     assert "sealed" in r.out and "spk-visor ota" in r.out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "version"],
+        ["version", "--json"],
+        ["--json", "--version"],
+        ["--json", "about"],
+        ["about", "--json"],
+    ],
+)
+def test_version_and_about_under_json_are_json(argv: list[str]) -> None:
+    """`spk-visor --json version` printed "spk-visor 0.1.0": not a JSON document, which
+    is what --json promises for every output."""
+    r = run(*argv)
+    assert (r.code, r.err) == (0, ""), r
+    doc = json.loads(r.out)
+    assert doc["version"] == run("version").out.split()[1]
+    if "about" in argv:
+        assert "sealed" in doc["about"]
+
+
 def test_about_and_version_work_with_a_broken_config(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[[[")
