@@ -328,6 +328,8 @@ def _check_url(url: str, what: str) -> str:
 # What an HTTP bearer token can hold: visible ASCII, no spaces (RFC 6750's b64token is
 # stricter still). The daemon writes hex.
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+# The daemon's are 43; anything this long is some other file.
+MAX_TOKEN_CHARS = 1024
 
 
 def check_token(token: str, source: str) -> str:
@@ -338,6 +340,12 @@ def check_token(token: str, source: str) -> str:
             names `source` and never repeats the token.
     """
     token = token.strip()
+    if len(token) > MAX_TOKEN_CHARS:
+        # A wrong file (a log, an image) would go out as a header the daemon refuses.
+        raise ConfigError(
+            f"the API token from {source} is not a token: {len(token)} characters",
+            "copy it again from /etc/smechvisord/token on the node (one short line)",
+        )
     register_secret(token)
     if token and not _TOKEN_RE.fullmatch(token):
         raise ConfigError(

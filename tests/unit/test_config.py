@@ -214,3 +214,14 @@ def test_a_daemon_port_in_the_ssh_spec_is_explained(tmp_path: Path) -> None:
     assert (
         e.value.hint == "the :PORT is the SSH server's; name the daemon's port with --daemon-port"
     )
+
+
+def test_a_token_far_longer_than_any_token_is_refused_by_name(tmp_path: Path) -> None:
+    """A wrong file as token_file (a 5 MB log) went out as a 5 MB Authorization header,
+    and the user read the daemon's "a header line is longer than 8190 bytes"."""
+    big = tmp_path / "big.log"
+    big.write_text("a" * 100_000)
+    with pytest.raises(ConfigError, match=r"big\.log is not a token: 100000 characters") as info:
+        config.check_token(big.read_text(), f"token file {big}")
+    assert info.value.exit_code == ExitCode.USAGE
+    assert config.check_token("  " + "b" * 64 + "\n", "--token") == "b" * 64
