@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -345,3 +346,20 @@ def test_node_local_ota_commands_refuse_a_remote_target(
     assert f"ota {command[0]}" in err and "on the node" in err, err
     assert "ota push" in err, err
     assert not (tmp_path / "sysroot").exists()
+
+
+@pytest.mark.parametrize("where", ["missing-folder/base.img", "a-folder"])
+def test_image_build_checks_its_output_path_before_building(tmp_path: Path, where: str) -> None:
+    """`image build -o /nonexistent/x.img` ran the whole mmdebstrap build (minutes) and only
+    then found it could not write the image: check --out first."""
+    k = _keys(tmp_path)
+    root = tmp_path / "root.json"
+    assert cli.run("ota", "root", "init", "-o", str(root), *role_keys(k)).code == 0
+    assert cli.run("ota", "root", "sign", str(root), "--key", str(k["root"])).code == 0
+    (tmp_path / "a-folder").mkdir()
+    out = tmp_path / where
+    started = time.monotonic()
+    res = cli.run("image", "build", "--root", str(root), "-o", str(out))
+    err = one_error(res)
+    assert "--out" in err and str(out) in err, err
+    assert time.monotonic() - started < 30, "it built before checking --out"
