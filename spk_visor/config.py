@@ -240,6 +240,18 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
                 f"nodes.{name}.daemon_port must be an integer"
             )
+        if "daemon_port" in node and not 0 < node["daemon_port"] < 65536:
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
+                f"nodes.{name}.daemon_port must be a port number in 1..65535"
+            )
+        if "daemon_port" in node and "url" in node:
+            # Over HTTP(S) the port is the URL's; this one would be ignored without a word.
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
+                f"nodes.{name}.daemon_port goes with ssh",
+                f"put the port in nodes.{name}.url instead",
+            )
     groups = data.get("groups", {})
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
@@ -248,7 +260,16 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{_where(path, text, 'groups', name)}: groups.{name} must be a list of node names"
             )
+        if not members:
+            raise ConfigError(
+                f"{_where(path, text, 'groups', name)}: groups.{name} has no nodes",
+                "list its nodes, or remove the group",
+            )
         for member in members:
+            if members.count(member) > 1:
+                raise ConfigError(
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r} twice"
+                )
             if member not in nodes:
                 raise ConfigError(
                     f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, "

@@ -132,6 +132,14 @@ def test_malformed_node_urls_are_usage_errors(tmp_path: Path, url: str, message:
         ("[groups]\nrack = ['ghost']\n", "not under [nodes]", ":2"),
         ("[defaults]\ntimeout = -1\n", "positive number", ":2"),
         ("[extra]\nx = 1\n", "unknown section", ":1"),
+        # An empty group answered an empty table and exit 0; a repeated name ran twice.
+        ("[nodes.a]\nurl = 'http://a:1'\n[groups]\nrack = []\n", "has no nodes", ":4"),
+        ("[nodes.a]\nurl = 'http://a:1'\n[groups]\nrack = ['a', 'a']\n", "twice", ":4"),
+        # daemon_port 0 or 99999 went to the SSH tunnel as is.
+        ("[nodes.a]\nssh = 'a'\ndaemon_port = 0\n", "1..65535", ":3"),
+        ("[nodes.a]\nssh = 'a'\ndaemon_port = 99999\n", "1..65535", ":3"),
+        # Over HTTP the port is in the URL: a daemon_port there was silently ignored.
+        ("[nodes.a]\nurl = 'http://a:1'\ndaemon_port = 9\n", "goes with ssh", ":3"),
     ],
 )
 def test_bad_config_names_file_and_line(tmp_path: Path, text: str, message: str, line: str) -> None:
