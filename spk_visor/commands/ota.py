@@ -589,7 +589,7 @@ def _as_root() -> Iterator[None]:
             raise
         raise UsageError(
             f"{e.filename or 'the node OTA state'}: permission denied",
-            "OTA commands that change a node run as root: sudo spk-visor ota ...",
+            "the node's OTA state is root's: run it as root (sudo spk-visor ota ...)",
         ) from e
 
 
@@ -807,14 +807,15 @@ def status(
     st = _on_this_node(ctx, as_json)
     # --wait shows only the end state; --follow shows each phase as it happens.
     reporter = Reporter(as_json=st.json, quiet=not follow)
-    octx = load_context(reporter if follow else None)
-    code = ExitCode.OK
-    try:
-        if follow or wait:
-            code = engine.follow(octx)
-    finally:
-        reporter.close()
-    doc = engine.status(octx)
+    with _as_root():
+        octx = load_context(reporter if follow else None)
+        code = ExitCode.OK
+        try:
+            if follow or wait:
+                code = engine.follow(octx)
+        finally:
+            reporter.close()
+        doc = engine.status(octx)
     if st.json:
         st.console.json(doc)
     else:
@@ -880,8 +881,8 @@ def history(
     from spk_visor.ota.context import load_context  # noqa: PLC0415
 
     _on_this_node(ctx, as_json)
-
-    events = load_context().history.read(limit)
+    with _as_root():
+        events = load_context().history.read(limit)
 
     def word(value: Any) -> str:
         # Not every event has every column: say so in words, not with a blank cell.

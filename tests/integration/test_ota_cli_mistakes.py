@@ -311,6 +311,25 @@ def test_node_commands_as_a_non_root_user(pki_sysroot: Path) -> None:
     assert status.returncode == 0, status.stderr
 
 
+def test_reading_a_root_only_ota_state_as_a_user(pki_sysroot: Path) -> None:
+    """After the first update the node's OTA state folder is 0700 root: `ota status` and
+    `ota history` by an admin without sudo were internal errors (PermissionError)."""
+    state = pki_sysroot / "var" / "lib" / "spk-visor" / "ota"
+    state.mkdir(parents=True)
+    (state / "history.jsonl").write_text('{"event": "applied"}\n')
+    state.parent.chmod(0o700)
+    prefix = _as_nobody()
+    envs = [f"SPK_VISOR_OTA_SYSROOT={pki_sysroot}", "SPK_VISOR_CONFIG=/nonexistent"]
+    run = [prefix[0], *prefix[1:5], *envs, *prefix[5:]]
+    for argv in (["ota", "status"], ["ota", "history"]):
+        proc = subprocess.run(
+            [*run, "-m", "spk_visor", *argv], capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and "as root" in proc.stderr, proc.stderr
+
+
 @pytest.fixture
 def pki_sysroot() -> Iterator[Path]:
     """A node sysroot others may read (pytest's tmp_path is root's alone), removed after."""
