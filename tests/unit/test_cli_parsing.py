@@ -412,3 +412,15 @@ def test_helper_isolates_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SPK_VISOR_CONFIG", "/somewhere/else.toml")
     r = run("--fleet", "rack", "node")
     assert r.err_lines == [f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"]
+
+
+@pytest.mark.parametrize("command", ["node", "iommu", "pci", "reboot-uefi"])
+def test_commands_without_subcommands_say_so(command: str) -> None:
+    """`spk-visor pci --help` read "Usage: spk-visor pci [OPTIONS] COMMAND [ARGS]..." with no
+    command to give, and `spk-visor pci groups` answered "No such command 'groups'"."""
+    usage = run(command, "--help").out.splitlines()[0]
+    assert usage.startswith(f"Usage: spk-visor {command} [OPTIONS]"), usage
+    assert "COMMAND" not in usage, usage
+    r = run(command, "extra")
+    assert r.code == 2, r
+    assert "unexpected extra argument" in r.err and "No such command" not in r.err, r.err
