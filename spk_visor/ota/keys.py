@@ -143,10 +143,12 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         )
     if path.name.endswith(".pub") and _read_capped(path).lstrip().startswith(b"{"):
         # Signing takes the private half; chmod would not make a public key sign.
-        private = path.with_name(path.name[:-4])
+        private_path = path.with_name(path.name[:-4])
         raise ConfigError(
             f"{path} is a public key; signing needs the private key",
-            f"--key {private}" if private.exists() else "give the key file keygen wrote it with",
+            f"--key {private_path}"
+            if private_path.exists()
+            else "give the key file keygen wrote it with",
         )
     if stat.S_IMODE(mode) & 0o077:
         raise ConfigError(
