@@ -252,19 +252,6 @@ def test_ca_file_verifies_chain_and_name_instead_of_pinning(
         daemon.stop()
 
 
-def test_a_ca_file_that_is_not_a_certificate_is_a_usage_error(tmp_path: Path) -> None:
-    """`--ca-file /etc/passwd` (or a key, or a folder) answered exit 7 "TLS failed ...
-    NO_CERTIFICATE_OR_CRL_FOUND" as if the node were down; it is the user's file."""
-    not_pem = tmp_path / "ca.txt"
-    not_pem.write_text("root:x:0:0:root:/root:/bin/bash\n")
-    for bad, said in ((not_pem, "no PEM certificate"), (tmp_path, "folder")):
-        # Port 1 on loopback: the check comes before any connection.
-        r = cli.run("--node", "https://127.0.0.1:1", "--ca-file", str(bad), "node")
-        assert r.code == 2, r
-        assert f"--ca-file {bad}" in r.err and said in r.err, r.err
-        assert "BEGIN CERTIFICATE" in r.err, r.err
-
-
 def test_plain_http_to_a_remote_node_is_refused_before_connecting(known_certs: Path) -> None:
     # 192.0.2.0/24 is TEST-NET-1: the refusal must come before any packet is sent.
     started = time.monotonic()
