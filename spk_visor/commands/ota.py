@@ -19,7 +19,7 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 
-from spk_visor.commands.common import AppState, JsonOpt, state
+from spk_visor.commands.common import JsonOpt, state
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact
 from spk_visor.output import table
 
@@ -593,28 +593,12 @@ def _as_root() -> Iterator[None]:
         ) from e
 
 
-def _on_this_node(ctx: typer.Context, as_json: bool) -> AppState:
-    """These commands act on the OTA state of the machine they run on. A --node, --ssh or
-    --fleet flag names another machine: refuse rather than answer for (or update) this one."""
-    st = state(ctx, as_json)
-    o = st.options
-    given = [f for f, v in (("--node", o.node), ("--ssh", o.ssh), ("--fleet", o.fleet)) if v]
-    if given:
-        name = f"ota {ctx.info_name}"
-        raise UsageError(
-            f"{name} runs on the node itself, as root; {given[0]} does not reach it",
-            f"run it there (ssh root@NODE spk-visor {name}), or update nodes from here "
-            "with spk-visor --fleet GROUP ota push BUNDLE",
-        )
-    return st
-
-
 @contextmanager
 def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[Any]:
     from spk_visor.ota.context import load_context  # noqa: PLC0415
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
 
-    st = _on_this_node(ctx, as_json)
+    st = state(ctx, as_json)
     reporter = Reporter(as_json=st.json, quiet=quiet)
     try:
         with _as_root():
@@ -804,7 +788,7 @@ def status(
     from spk_visor.ota.context import load_context  # noqa: PLC0415
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
 
-    st = _on_this_node(ctx, as_json)
+    st = state(ctx, as_json)
     # --wait shows only the end state; --follow shows each phase as it happens.
     reporter = Reporter(as_json=st.json, quiet=not follow)
     with _as_root():
@@ -880,9 +864,7 @@ def history(
     """Every OTA decision on this node, oldest first."""
     from spk_visor.ota.context import load_context  # noqa: PLC0415
 
-    _on_this_node(ctx, as_json)
-    with _as_root():
-        events = load_context().history.read(limit)
+    events = load_context().history.read(limit)
 
     def word(value: Any) -> str:
         # Not every event has every column: say so in words, not with a blank cell.

@@ -346,27 +346,6 @@ def pki_sysroot() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize(
-    "target", [["--node", "http://127.0.0.1:9"], ["--ssh", "root@node1"], ["--fleet", "rack1"]]
-)
-@pytest.mark.parametrize(
-    "command",
-    [["status"], ["history"], ["pull", "-q"], ["apply", "--bundle", "x.spkb"], ["rollback"]],
-)
-def test_node_local_ota_commands_refuse_a_remote_target(
-    tmp_path: Path, target: list[str], command: list[str]
-) -> None:
-    """`spk-visor --ssh root@node1 ota status` printed this machine's OTA state as if it
-    were node1's (and `ota apply` would have updated this machine): these commands run on
-    the node itself. Nothing is read or written here."""
-    env = {"SPK_VISOR_OTA_SYSROOT": str(tmp_path / "sysroot")}
-    res = cli.run(*target, "ota", *command, env=env)
-    err = one_error(res)
-    assert f"ota {command[0]}" in err and "on the node" in err, err
-    assert "ota push" in err, err
-    assert not (tmp_path / "sysroot").exists()
-
-
 @pytest.mark.parametrize("where", ["missing-folder/base.img", "a-folder"])
 def test_image_build_checks_its_output_path_before_building(tmp_path: Path, where: str) -> None:
     """`image build -o /nonexistent/x.img` ran the whole mmdebstrap build (minutes) and only
