@@ -23,7 +23,7 @@ import typer
 from spk_visor import output
 from spk_visor.commands.common import JsonOpt, state
 from spk_visor.errors import ExitCode, UsageError
-from spk_visor.output import Console, table
+from spk_visor.output import Column, Console, table
 
 app = typer.Typer(
     help="Install blank machines over the LAN: a short code, a PAKE, a signed release.",
@@ -33,7 +33,7 @@ app = typer.Typer(
 PortOpt = Annotated[
     int | None,
     typer.Option(
-        "--port", metavar="N", min=1, max=65535, help="TCP port of the receiver [default: 47475]."
+        "--port", metavar="N", min=0, max=65535, help="TCP port of the receiver [default: 47475]."
     ),
 ]
 
@@ -186,7 +186,7 @@ def receive(
     discovery_port: Annotated[
         int | None,
         typer.Option(
-            "--discovery-port", metavar="N", min=1, max=65535, help="UDP announcement port."
+            "--discovery-port", metavar="N", min=0, max=65535, help="UDP announcement port."
         ),
     ] = None,
     no_announce: Annotated[
@@ -368,13 +368,21 @@ def send(
     else:
         st.console.print(
             table(
-                ["target", "exit", "phase", "verifier", "sent", "time", "message"],
+                [
+                    "target",
+                    "exit",
+                    "phase",
+                    Column("verifier", absent="none"),
+                    "sent",
+                    "time",
+                    "message",
+                ],
                 [
                     [
                         r.target,
                         r.exit_code,
                         r.phase,
-                        r.verifier or "-",
+                        r.verifier or None,
                         r.sent,
                         f"{r.seconds:.1f} s",
                         r.message,

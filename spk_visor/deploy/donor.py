@@ -386,7 +386,7 @@ def locate(
             raise DeployFailed(
                 ExitCode.TRANSIENT,
                 "discovery",
-                f"no target announces nameplate {nameplate} (waited {discovery_timeout:.0f} s); "
+                f"no target announces nameplate {nameplate} (waited {discovery_timeout:g} s); "
                 "pass --target IP[:PORT] where broadcasts do not reach",
             )
         if len(found) > 1:

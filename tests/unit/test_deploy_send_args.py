@@ -50,7 +50,7 @@ def test_good_targets(text: str, expected: tuple[str, int]) -> None:
     assert parse_target(text) == expected
 
 
-@pytest.mark.parametrize("args", [["--port", "70000"], ["--discovery-port", "0"]])
+@pytest.mark.parametrize("args", [["--port", "70000"], ["--discovery-port", "70000"]])
 def test_receive_ports_out_of_range_are_usage_errors(args: list[str]) -> None:
     """As root, `deploy receive --port 70000` reached bind(): OverflowError, exit 1."""
     res = cli.run("deploy", "receive", *args)
