@@ -937,6 +937,7 @@ def push(
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
 
     st = state(ctx, as_json)
+    _not_a_bundle(bundle_path)
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     extra = [
@@ -964,6 +965,34 @@ def push(
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
+
+
+def _not_a_bundle(path: Path) -> None:
+    """The wrong file from the release folder (root.json, a key) is one local mistake: say
+    so once, before any node is contacted. Anything else goes to the nodes, which verify."""
+    import json  # noqa: PLC0415
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return  # push names an unreadable bundle itself
+    what = None
+    if not head.strip():
+        what = "an empty file"
+    elif head.lstrip().startswith(b"-----BEGIN"):
+        what = "a PEM key or certificate"
+    elif head.lstrip().startswith(b"{"):
+        try:
+            json.loads(head)
+            what = "a JSON document (a root.json or a public key?)"
+        except ValueError:
+            pass
+    if what is not None:
+        raise UsageError(
+            f"{path} is not an OTA bundle: {what}",
+            "give the .spkb file `spk-visor ota build` wrote",
+        )
 
 
 def _split_command(text: str | None) -> list[str] | None:

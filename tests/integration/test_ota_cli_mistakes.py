@@ -361,3 +361,16 @@ def test_image_build_checks_its_output_path_before_building(tmp_path: Path, wher
     err = one_error(res)
     assert "--out" in err and str(out) in err, err
     assert time.monotonic() - started < 30, "it built before checking --out"
+
+
+def test_push_of_a_key_or_root_document_contacts_no_node(tmp_path: Path) -> None:
+    """`ota push root.json` (or a key: the wrong file from the same folder) connected to
+    every node and reported each one's failure; it is one local mistake, said once."""
+    k = _keys(tmp_path)
+    empty = tmp_path / "empty.spkb"
+    empty.write_bytes(b"")
+    for wrong in (Path(f"{k['root']}.pub"), k["rel"], empty):
+        res = cli.run("--ssh", "root@127.0.0.1:1", "ota", "push", str(wrong))
+        err = one_error(res)
+        assert str(wrong) in err and "not an OTA bundle" in err, err
+        assert "127.0.0.1" not in res.out + err
