@@ -504,6 +504,7 @@ def publish(
 
     if bundle_path is not None and revert_to is not None:
         raise UsageError("give --bundle or --revert-to, not both")
+    _check_channel(channel)
     r = Repo(repo)
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
@@ -760,6 +761,7 @@ def pull(
     """Fetch and apply the channel's release from the configured repository (cron)."""
     from spk_visor.ota import pull as pull_mod  # noqa: PLC0415
 
+    _check_channel(channel)
     with _node(ctx, as_json, quiet) as (octx, reporter):
         opts = pull_mod.PullOptions(
             channel=channel,
@@ -993,6 +995,14 @@ def _not_a_bundle(path: Path) -> None:
             f"{path} is not an OTA bundle: {what}",
             "give the .spkb file `spk-visor ota build` wrote",
         )
+
+
+def _check_channel(name: str | None) -> None:
+    from spk_visor.ota.nodeconf import channel_problem  # noqa: PLC0415
+
+    why = None if name is None else channel_problem(name)
+    if why is not None:
+        raise UsageError(f"--channel {why}", "for example --channel stable")
 
 
 def _split_command(text: str | None) -> list[str] | None:

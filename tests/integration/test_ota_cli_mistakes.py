@@ -374,3 +374,24 @@ def test_push_of_a_key_or_root_document_contacts_no_node(tmp_path: Path) -> None
         err = one_error(res)
         assert str(wrong) in err and "not an OTA bundle" in err, err
         assert "127.0.0.1" not in res.out + err
+
+
+@pytest.mark.parametrize("name", ["../floor", "stable/beta", "", ".hidden", "a b"])
+def test_a_channel_name_that_is_not_a_name_is_refused(tmp_path: Path, name: str) -> None:
+    """`--channel ../floor` became the path channels/../floor.json: in the repository that
+    `ota publish` writes, and in the node's state folder that `ota pull` writes."""
+    k = _keys(tmp_path)
+    repo = tmp_path / "repo"
+    res = cli.run("ota", "publish", "--repo", str(repo), "--key", str(k["chan"]),
+                  "--channel", name)  # fmt: skip
+    assert "--channel" in one_error(res)
+    assert not repo.exists()
+    sysroot = tmp_path / "node"
+    conf = sysroot / "etc" / "spk-visor" / "ota.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('base_urls = ["http://127.0.0.1:9"]\n')
+    env = {"SPK_VISOR_OTA_SYSROOT": str(sysroot)}
+    assert "--channel" in one_error(cli.run("ota", "pull", "--channel", name, env=env))
+    conf.write_text(f'base_urls = ["http://127.0.0.1:9"]\nchannel = "{name}"\n')
+    assert "channel" in one_error(cli.run("ota", "pull", env=env))
+    assert sorted(p.name for p in sysroot.rglob("*")) == ["etc", "ota.conf", "spk-visor"]
