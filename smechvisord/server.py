@@ -320,8 +320,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _read_head(self) -> bool:
         """Request line and header lines, refused (and the connection closed) at the first
         framing a proxy in front could read differently: a header line without a colon,
-        a folded or control-character line, two Content-Length or Host headers, any
-        Transfer-Encoding."""
+        a folded or control-character line, two Content-Length, Host or Authorization
+        headers, any Transfer-Encoding."""
         self.command, self.requestline, self.request_version = "", "", "HTTP/0.9"
         self.close_connection = True
         raw = self.rfile.readline(65537)
@@ -383,7 +383,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             and not self.handle_expect_100()
         ):
             return False
-        for name in ("Content-Length", "Host"):
+        # Two Authorization headers: which token was checked would depend on the reader.
+        for name in ("Content-Length", "Host", "Authorization"):
             if len(self.headers.get_all(name) or ()) > 1:
                 self.close_connection = True
                 self.send_error(400, f"more than one {name} header")
@@ -463,7 +464,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _check_auth(self) -> None:
         header = self.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
-        if not header or scheme != p.AUTH_SCHEME or not presented.strip():
+        # The scheme name is case-insensitive (RFC 9110 11.1): some clients send "bearer".
+        if not header or scheme.lower() != p.AUTH_SCHEME.lower() or not presented.strip():
             raise ApiError(
                 401,
                 p.ERR_UNAUTHORIZED,

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer import _click
 
-from smechvisord.version import VERSION
 from spk_visor import typer_fast
 from spk_visor.commands.lazy import LazyGroup
 from spk_visor.config import env_help
@@ -38,7 +37,9 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"spk-visor {VERSION}")
+        from spk_visor.commands.about import print_version  # noqa: PLC0415
+
+        print_version(_json)
         raise typer.Exit(0)
 
 

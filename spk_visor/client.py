@@ -60,11 +60,9 @@ class Client:
                 )
             code = str(err["code"])
             if code in (p.ERR_UNAUTHORIZED, p.ERR_FORBIDDEN):
-                raise self._auth_error(
-                    "the node refused the token"
-                    if code == p.ERR_FORBIDDEN
-                    else "the node asked for a token"
-                )
+                if code == p.ERR_FORBIDDEN:
+                    raise self._auth_error("the node refused the token", refused=True)
+                raise self._auth_error("the node asked for a token")
             raise DaemonError(
                 resp.status,
                 code,
@@ -86,13 +84,14 @@ class Client:
         except ValueError as e:
             raise ProtocolError(f"{self.transport.address}{path}: invalid JSON: {e}") from e
 
-    def _auth_error(self, what: str) -> AuthError:
+    def _auth_error(self, what: str, refused: bool = False) -> AuthError:
         where = ", ".join(self.target.token_sources) or "--token, SPK_VISOR_TOKEN"
         on_node = self.target.remote_token_file if self.target.ssh else NODE_TOKEN_FILE
-        return AuthError(
-            f"{self.transport.address}: {what} (token looked for in: {where})",
-            f"pass --token or set SPK_VISOR_TOKEN; on the node the token is in {on_node}",
-        )
+        hint = f"pass --token or set SPK_VISOR_TOKEN; on the node the token is in {on_node}"
+        if refused:
+            # A token was given, and it is not this node's: passing one is not the fix.
+            hint = f"it is not this node's token: copy it again from {on_node} on the node"
+        return AuthError(f"{self.transport.address}: {what} (token looked for in: {where})", hint)
 
     @staticmethod
     def _vm_path(vm_id: str, suffix: str = "") -> str:

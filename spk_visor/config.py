@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from spk_visor.errors import ConfigError, register_secret
 
@@ -239,6 +240,18 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
                 f"nodes.{name}.daemon_port must be an integer"
             )
+        if "daemon_port" in node and not 0 < node["daemon_port"] < 65536:
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
+                f"nodes.{name}.daemon_port must be a port number in 1..65535"
+            )
+        if "daemon_port" in node and "url" in node:
+            # Over HTTP(S) the port is the URL's; this one would be ignored without a word.
+            raise ConfigError(
+                f"{_where(path, text, 'nodes', name, 'daemon_port')}: "
+                f"nodes.{name}.daemon_port goes with ssh",
+                f"put the port in nodes.{name}.url instead",
+            )
     groups = data.get("groups", {})
     if not isinstance(groups, dict):
         raise ConfigError(f"{_where(path, text, 'groups')}: [groups] must be a table")
@@ -247,7 +260,16 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{_where(path, text, 'groups', name)}: groups.{name} must be a list of node names"
             )
+        if not members:
+            raise ConfigError(
+                f"{_where(path, text, 'groups', name)}: groups.{name} has no nodes",
+                "list its nodes, or remove the group",
+            )
         for member in members:
+            if members.count(member) > 1:
+                raise ConfigError(
+                    f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r} twice"
+                )
             if member not in nodes:
                 raise ConfigError(
                     f"{_where(path, text, 'groups', name)}: groups.{name} names {member!r}, "
@@ -297,12 +319,38 @@ def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
 def _check_url(url: str, what: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"{what} {url!r}: expected http://HOST[:PORT] or https://...")
+    # Checked here, where the user's words are at hand: urlsplit raises ValueError on a
+    # broken [IPv6] host or port, which would otherwise surface later as an internal error.
+    shown = repr(url) if "@" not in url else "(a URL with credentials)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as e:
+        raise ConfigError(
+            f"{what} {shown}: not a URL ({e}); expected http://HOST[:PORT] or https://..."
+        ) from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{what} {shown}: the port is not a number in 1..65535")
+    if parts.username is not None or parts.password is not None:
+        # requests would send these as Basic auth in place of the API token.
+        raise ConfigError(
+            f"{what}: a user name or password in the URL is not used by smechvisord",
+            "drop USER:PASSWORD@ from the URL; the API token goes in --token or SPK_VISOR_TOKEN",
+        )
+    if not host:
+        raise ConfigError(f"{what} {shown}: no host name; expected http://HOST[:PORT]")
     return url.rstrip("/")
 
 
 # What an HTTP bearer token can hold: visible ASCII, no spaces (RFC 6750's b64token is
 # stricter still). The daemon writes hex.
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+# The daemon's are 43; anything this long is some other file.
+MAX_TOKEN_CHARS = 1024
 
 
 def check_token(token: str, source: str) -> str:
@@ -313,6 +361,12 @@ def check_token(token: str, source: str) -> str:
             names `source` and never repeats the token.
     """
     token = token.strip()
+    if len(token) > MAX_TOKEN_CHARS:
+        # A wrong file (a log, an image) would go out as a header the daemon refuses.
+        raise ConfigError(
+            f"the API token from {source} is not a token: {len(token)} characters",
+            "copy it again from /etc/smechvisord/token on the node (one short line)",
+        )
     register_secret(token)
     if token and not _TOKEN_RE.fullmatch(token):
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -39,23 +40,44 @@ def help_text(ctx: _click.Context, words: list[str]) -> str:
     return command.get_help(current)
 
 
+ABOUT = (
+    "the management toolkit of SmechVisor, a sealed,\n"
+    "install-only bare-metal hypervisor OS (OpenRC, cloud-hypervisor v42 on\n"
+    "/dev/kvm, GRUB with the IOMMU on). Nodes run smechvisord (REST API and\n"
+    "dashboard on port 8080); this CLI talks to it locally, over HTTP(S) or SSH.\n"
+    "The system is updated only with signed bundles: see `spk-visor ota`.\n"
+    "Commands: spk-visor help; the manual: man spk-visor."
+)
+
+
+def print_version(as_json: bool) -> None:
+    # --json promises a JSON document for every output, this one included.
+    print(json.dumps({"version": VERSION}) if as_json else f"spk-visor {VERSION}")
+
+
+def _wants_json(ctx: typer.Context, own: bool) -> bool:
+    """The command's own --json, or the global one (the state may hold either)."""
+    return own or bool(getattr(ctx.obj, "json", False))
+
+
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Machine-readable output (same as the global --json).")
+]
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
-    def version() -> None:
+    def version(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         """Print the version."""
-        print(f"spk-visor {VERSION}")
+        print_version(_wants_json(ctx, as_json))
 
     @app.command()
-    def about() -> None:
+    def about(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         """What SmechVisor and spk-visor are."""
-        print(
-            f"spk-visor {VERSION}: the management toolkit of SmechVisor, a sealed,\n"
-            "install-only bare-metal hypervisor OS (OpenRC, cloud-hypervisor v42 on\n"
-            "/dev/kvm, GRUB with the IOMMU on). Nodes run smechvisord (REST API and\n"
-            "dashboard on port 8080); this CLI talks to it locally, over HTTP(S) or SSH.\n"
-            "The system is updated only with signed bundles: see `spk-visor ota`.\n"
-            "Commands: spk-visor help; the manual: man spk-visor."
-        )
+        if _wants_json(ctx, as_json):
+            print(json.dumps({"version": VERSION, "about": ABOUT.replace("\n", " ")}))
+        else:
+            print(f"spk-visor {VERSION}: {ABOUT}")
 
     @app.command("help")
     def help_(

@@ -23,7 +23,7 @@ import typer
 from spk_visor import output
 from spk_visor.commands.common import JsonOpt, state
 from spk_visor.errors import ExitCode, UsageError
-from spk_visor.output import Console, table
+from spk_visor.output import Column, Console, table
 
 app = typer.Typer(
     help="Install blank machines over the LAN: a short code, a PAKE, a signed release.",
@@ -32,7 +32,9 @@ app = typer.Typer(
 
 PortOpt = Annotated[
     int | None,
-    typer.Option("--port", metavar="N", help="TCP port of the receiver [default: 47475]."),
+    typer.Option(
+        "--port", metavar="N", min=0, max=65535, help="TCP port of the receiver [default: 47475]."
+    ),
 ]
 
 
@@ -183,7 +185,9 @@ def receive(
     ] = "0.0.0.0",  # noqa: S104 (the shim serves whatever LAN it booted on)
     discovery_port: Annotated[
         int | None,
-        typer.Option("--discovery-port", metavar="N", help="UDP announcement port."),
+        typer.Option(
+            "--discovery-port", metavar="N", min=0, max=65535, help="UDP announcement port."
+        ),
     ] = None,
     no_announce: Annotated[
         bool, typer.Option("--no-announce", help="Do not broadcast (use --target on the donor).")
@@ -279,7 +283,7 @@ def send(
     ] = "smechvisor",
     epoch: Annotated[
         int | None,
-        typer.Option("--epoch", metavar="N", help="Code epoch (default: the target's)."),
+        typer.Option("--epoch", metavar="N", min=0, help="Code epoch (default: the target's)."),
     ] = None,
     no_reboot: Annotated[
         bool, typer.Option("--no-reboot", help="Leave the target running after success.")
@@ -295,7 +299,9 @@ def send(
     ] = 30.0,
     discovery_port: Annotated[
         int | None,
-        typer.Option("--discovery-port", metavar="N", help="UDP announcement port."),
+        typer.Option(
+            "--discovery-port", metavar="N", min=1, max=65535, help="UDP announcement port."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -314,8 +320,11 @@ def send(
     why = hostname_problem(hostname)
     if why is not None:
         raise UsageError(f"--hostname: {why}")
-    keys = _authorized_keys(authorized_key)
     from spk_visor.deploy import channel, donor  # noqa: PLC0415
+
+    for text in target:
+        donor.parse_target(text)
+    keys = _authorized_keys(authorized_key)
 
     if bundle is None:
         # The release this node runs, as signed: its manifest and blobs from the OTA store.
@@ -359,13 +368,21 @@ def send(
     else:
         st.console.print(
             table(
-                ["target", "exit", "phase", "verifier", "sent", "time", "message"],
+                [
+                    "target",
+                    "exit",
+                    "phase",
+                    Column("verifier", absent="none"),
+                    "sent",
+                    "time",
+                    "message",
+                ],
                 [
                     [
                         r.target,
                         r.exit_code,
                         r.phase,
-                        r.verifier or "-",
+                        r.verifier or None,
                         r.sent,
                         f"{r.seconds:.1f} s",
                         r.message,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,8 @@ def build(
     st = state(ctx, as_json)
     if keep_tree is not None and keep_tree.exists():
         raise UsageError(f"--keep-tree {keep_tree} exists", "name a directory that does not")
+    if out is not None:
+        _check_out(out)
     source = image_build.checkout()
     inputs = image_build.Inputs(
         source=source,
@@ -103,3 +106,15 @@ def build(
         st.console.error(
             "note: no --vmm: the node reports create_vm false until cloud-hypervisor is added"
         )
+
+
+def _check_out(out: Path) -> None:
+    """Before a build of minutes: --out must be a file name in a folder that exists and
+    may be written, or the image would be lost at the end."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder", "give the image's file name, e.g. base.img")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: the folder {folder} does not exist", f"mkdir -p {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the folder {folder} is not writable by this user")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import typer
 import typer.main
 from typer import _click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from spk_visor import typer_fast
 
@@ -75,7 +75,7 @@ class LazyGroup(TyperGroup):
             # the root's markup setting, then taken out by name.
             holder = typer.Typer(rich_markup_mode=None)
             entry.attach(cmd_name, holder)
-            command = typer.main.get_group(holder).commands[cmd_name]
+            command = _as_command(typer.main.get_group(holder).commands[cmd_name])
             # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
             typer_fast.install(command, ctx)
             self._loaded[cmd_name] = command
@@ -88,3 +88,25 @@ class LazyGroup(TyperGroup):
             command = self.get_command(ctx, name)
             if command is not None:
                 self.commands[name] = command
+
+
+def _as_command(command: _click.Command) -> _click.Command:
+    """A group with a callback and no subcommands (node, iommu, pci, reboot-uefi) as the
+    single command it is: its usage then reads `spk-visor pci [OPTIONS]`, not `COMMAND
+    [ARGS]...`, and a stray word is an unexpected argument, not an unknown command."""
+    if not isinstance(command, TyperGroup) or command.commands:
+        return command
+    return TyperCommand(
+        command.name,
+        context_settings=dict(command.context_settings),
+        callback=command.callback,
+        params=command.params,
+        help=command.help,
+        epilog=command.epilog,
+        short_help=command.short_help,
+        options_metavar=command.options_metavar,
+        add_help_option=command.add_help_option,
+        hidden=command.hidden,
+        deprecated=bool(command.deprecated),
+        rich_markup_mode=None,
+    )

@@ -148,6 +148,12 @@ def keygen(
     from spk_visor.ota.keys import write_keypair  # noqa: PLC0415
     from spk_visor.trust import keys  # noqa: PLC0415
 
+    if not out.name or out.is_dir():
+        # "" (an unset shell variable) is Path("."): a folder, with no name to add .pub to.
+        raise UsageError(
+            f"PRIVATE_KEY {str(out)!r} is a folder, not a key file name",
+            "name the new key's file, e.g. spk-visor ota keygen keys/rel",
+        )
     secret = _passphrase(passphrase_file)
     if ask_passphrase:
         first = getpass.getpass("passphrase: ")
@@ -504,6 +510,7 @@ def publish(
 
     if bundle_path is not None and revert_to is not None:
         raise UsageError("give --bundle or --revert-to, not both")
+    _check_channel(channel)
     r = Repo(repo)
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
@@ -589,7 +596,7 @@ def _as_root() -> Iterator[None]:
             raise
         raise UsageError(
             f"{e.filename or 'the node OTA state'}: permission denied",
-            "OTA commands that change a node run as root: sudo spk-visor ota ...",
+            "the node's OTA state is root's: run it as root (sudo spk-visor ota ...)",
         ) from e
 
 
@@ -760,6 +767,7 @@ def pull(
     """Fetch and apply the channel's release from the configured repository (cron)."""
     from spk_visor.ota import pull as pull_mod  # noqa: PLC0415
 
+    _check_channel(channel)
     with _node(ctx, as_json, quiet) as (octx, reporter):
         opts = pull_mod.PullOptions(
             channel=channel,
@@ -791,14 +799,15 @@ def status(
     st = state(ctx, as_json)
     # --wait shows only the end state; --follow shows each phase as it happens.
     reporter = Reporter(as_json=st.json, quiet=not follow)
-    octx = load_context(reporter if follow else None)
-    code = ExitCode.OK
-    try:
-        if follow or wait:
-            code = engine.follow(octx)
-    finally:
-        reporter.close()
-    doc = engine.status(octx)
+    with _as_root():
+        octx = load_context(reporter if follow else None)
+        code = ExitCode.OK
+        try:
+            if follow or wait:
+                code = engine.follow(octx)
+        finally:
+            reporter.close()
+        doc = engine.status(octx)
     if st.json:
         st.console.json(doc)
     else:
@@ -864,23 +873,28 @@ def history(
     from spk_visor.ota.context import load_context  # noqa: PLC0415
 
     events = load_context().history.read(limit)
+
+    def word(value: Any) -> str:
+        # Not every event has every column: say so in words, not with a blank cell.
+        return "none" if value is None or value == "" else str(value)
+
     rows = [
         [
-            e.get("time", ""),
-            e.get("event", ""),
-            str(e.get("manifest", ""))[:12],
-            e.get("version", ""),
-            e.get("exit_code", ""),
-            e.get("downtime_ms", ""),
+            word(e.get("time")),
+            word(e.get("event")),
+            word(e.get("manifest") and str(e["manifest"])[:12]),
+            word(e.get("version")),
+            word(e.get("exit_code")),
+            word(e.get("downtime_ms")),
         ]
         for e in events
     ]
-    _print(
-        ctx,
-        as_json,
-        events,
-        table(["time", "event", "manifest", "version", "exit", "downtime ms"], rows),
+    text = (
+        table(["time", "event", "manifest", "version", "exit", "downtime ms"], rows)
+        if rows
+        else "no OTA history on this node yet"
     )
+    _print(ctx, as_json, events, text)
 
 
 @app.command("verify-installed")
@@ -942,6 +956,7 @@ def push(
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
 
     st = state(ctx, as_json)
+    _not_a_bundle(bundle_path)
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     extra = [
@@ -969,6 +984,42 @@ def push(
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
+
+
+def _not_a_bundle(path: Path) -> None:
+    """The wrong file from the release folder (root.json, a key) is one local mistake: say
+    so once, before any node is contacted. Anything else goes to the nodes, which verify."""
+    import json  # noqa: PLC0415
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return  # push names an unreadable bundle itself
+    what = None
+    if not head.strip():
+        what = "an empty file"
+    elif head.lstrip().startswith(b"-----BEGIN"):
+        what = "a PEM key or certificate"
+    elif head.lstrip().startswith(b"{"):
+        try:
+            json.loads(head)
+            what = "a JSON document (a root.json or a public key?)"
+        except ValueError:
+            pass
+    if what is not None:
+        raise UsageError(
+            f"{path} is not an OTA bundle: {what}",
+            "give the .spkb file `spk-visor ota build` wrote",
+        )
+
+
+def _check_channel(name: str | None) -> None:
+    from spk_visor.ota.nodeconf import channel_problem  # noqa: PLC0415
+
+    why = None if name is None else channel_problem(name)
+    if why is not None:
+        raise UsageError(f"--channel {why}", "for example --channel stable")
 
 
 def _split_command(text: str | None) -> list[str] | None:

@@ -18,6 +18,7 @@ screen without the sender waiting for it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import queue
 import socket
@@ -334,13 +335,26 @@ class Settings:
 
 
 def parse_target(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, channel.PORT
+    """--target IP, IP:PORT, [IPv6]:PORT or a bare IPv6 address. Checked up front: a typo
+    would otherwise surface as a "transient" failure to connect (exit 7)."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            host = ""  # refused below
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    bad = UsageError(f"bad --target {text!r}", "use IP, IP:PORT or [IPv6]:PORT")
     try:
-        return host, int(port)
-    except ValueError as e:
-        raise UsageError(f"bad --target {text!r}", "use IP or IP:PORT") from e
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise bad from None
+    if not port_text:
+        return host, channel.PORT
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise bad
+    return host, int(port_text)
 
 
 def locate(
@@ -372,7 +386,7 @@ def locate(
             raise DeployFailed(
                 ExitCode.TRANSIENT,
                 "discovery",
-                f"no target announces nameplate {nameplate} (waited {discovery_timeout:.0f} s); "
+                f"no target announces nameplate {nameplate} (waited {discovery_timeout:g} s); "
                 "pass --target IP[:PORT] where broadcasts do not reach",
             )
         if len(found) > 1:

@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from spk_visor.errors import BusyError, OperatorNeededError, SpkVisorError
+from spk_visor.errors import BusyError, OperatorNeededError, SpkVisorError, UsageError
 from spk_visor.ota import durable
 from spk_visor.ota.nodeconf import NodePaths
 
@@ -259,6 +259,12 @@ class History:
             lines = self.paths.history.read_text().splitlines()
         except FileNotFoundError:
             return []
+        except PermissionError as e:
+            # The state folder is root's (0700) once an update ran: a user's mistake.
+            raise UsageError(
+                f"{e.filename}: permission denied",
+                "the node's OTA state is root's: run it as root (sudo spk-visor ota ...)",
+            ) from e
         out = []
         for line in lines[-limit:] if limit else lines:
             with contextlib.suppress(ValueError):

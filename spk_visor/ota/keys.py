@@ -71,6 +71,20 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         mode = path.stat().st_mode
     except OSError as e:
         raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
+    if stat.S_ISDIR(mode):
+        raise ConfigError(
+            f"{path} is a folder, not a private key",
+            "give the private key file written by `spk-visor ota keygen` (not its .pub)",
+        )
+    if path.name.endswith(".pub") and _read_capped(path).lstrip().startswith(b"{"):
+        # Signing takes the private half; chmod would not make a public key sign.
+        private_path = path.with_name(path.name[:-4])
+        raise ConfigError(
+            f"{path} is a public key; signing needs the private key",
+            f"--key {private_path}"
+            if private_path.exists()
+            else "give the key file keygen wrote it with",
+        )
     if stat.S_IMODE(mode) & 0o077:
         raise ConfigError(
             f"{path} is readable by other users (mode {stat.S_IMODE(mode):o})",

@@ -38,11 +38,13 @@ ota.conf (every key optional):
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spk_visor.errors import ConfigError
 
@@ -168,6 +170,31 @@ _BOOL = {"allow_channel_revert", "apply_daemon", "stage_base"}
 _SLOT_STR = {"a", "b", "grubenv", "entry_a", "entry_b"}
 
 
+# A channel name becomes a file name in the repository and in the node's state folder.
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def channel_problem(name: str) -> str | None:
+    """Why `name` cannot be a channel's name, or None."""
+    if _CHANNEL_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a channel name: 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
+
+
+def _is_http_url(url: str) -> bool:
+    """A mirror URL the fetcher can use. Checked when ota.conf is read: a typo found only
+    at fetch time read as a transient failure (exit 7) that no retry would fix."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+
+
 def _want(cond: bool, path: Path, key: str, what: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: `{key}` must be {what}", "fix the file and run again")
@@ -190,6 +217,8 @@ def load_config(paths: NodePaths) -> NodeConfig:
     for key, value in doc.items():
         if key in _STR:
             _want(isinstance(value, str), path, key, "a string")
+            if key == "channel":
+                _want(channel_problem(value) is None, path, key, "a channel name (a-z, 0-9, . _ -)")
             values[key] = value
         elif key in _BOOL:
             _want(isinstance(value, bool), path, key, "true or false")
@@ -197,6 +226,13 @@ def load_config(paths: NodePaths) -> NodeConfig:
         elif key == "base_urls":
             ok = isinstance(value, list) and all(isinstance(u, str) for u in value)
             _want(ok, path, key, "a list of URLs")
+            for url in value:
+                _want(
+                    _is_http_url(url),
+                    path,
+                    key,
+                    f"http(s) URLs: {url!r} is not one (https://HOST/PATH)",
+                )
             values[key] = tuple(u.rstrip("/") for u in value)
         elif key == "rc_service":
             _want(isinstance(value, str) and bool(value.strip()), path, key, "a command")

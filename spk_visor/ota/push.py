@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 from spk_visor import strict_json
 from spk_visor.config import Settings, SshSpec
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError
-from spk_visor.output import table
+from spk_visor.output import Column, table
 from spk_visor.transport import ssh, ssh_stream
 
 # Outcomes after which the fan-out continues: committed, or base staged awaiting a reboot.
@@ -230,7 +230,15 @@ def overall_exit(results: Sequence[PushResult]) -> ExitCode:
 
 def summary_table(results: Sequence[PushResult]) -> str:
     return table(
-        ["node", "exit", "phase", "version", "downtime", "time", "message"],
+        [
+            "node",
+            "exit",
+            "phase",
+            Column("version", absent="none"),
+            Column("downtime", absent="n/a"),
+            "time",
+            "message",
+        ],
         [
             [
                 r.node,

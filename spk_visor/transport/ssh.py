@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import errno
 import getpass
 import hashlib
@@ -42,7 +43,7 @@ import paramiko
 from paramiko.auth_strategy import AuthFailure, AuthSource, AuthStrategy, SourceResult
 
 from smechvisord.version import VERSION
-from spk_visor.config import SshSpec, Target, check_token
+from spk_visor.config import SshSpec, Target, check_token, parse_ssh
 from spk_visor.errors import (
     AuthError,
     ConfigError,
@@ -108,6 +109,8 @@ class Endpoint:
     user: str
     identity_files: tuple[Path, ...]
     identities_only: bool
+    # ProxyJump: the last hop before this host (itself reached through its own `jump`).
+    jump: Endpoint | None = None
 
     @property
     def pool_key(self) -> tuple[str, str, int]:
@@ -138,8 +141,10 @@ def _ssh_config() -> tuple[paramiko.SSHConfig, list[Path]]:
     return cfg, read
 
 
-def resolve_endpoint(spec: SshSpec) -> Endpoint:
-    """Apply ~/.ssh/config to `spec`; ConfigError names the file when it is unusable."""
+def resolve_endpoint(spec: SshSpec, *, hop: bool = False) -> Endpoint:
+    """Apply ~/.ssh/config to `spec`; ConfigError names the file when it is unusable.
+    `hop`: a ProxyJump host, whose own ProxyJump is not followed (a `Host *` ProxyJump
+    would otherwise send the bastion through itself)."""
     cfg, read = _ssh_config()
     where = ", ".join(str(p) for p in read) or "~/.ssh/config"
     try:
@@ -152,6 +157,24 @@ def resolve_endpoint(spec: SshSpec) -> Endpoint:
     except ValueError:
         raise ConfigError(f"{where}: Port {port_text!r} for {spec.host} is not a number") from None
     files = tuple(Path(os.path.expanduser(p)) for p in found.get("identityfile", []) or [])
+    proxy_command = str(found.get("proxycommand") or "none")
+    if proxy_command.lower() != "none":
+        # Ignoring it would connect straight to the host, past whatever it goes through.
+        raise ConfigError(
+            f"{where}: ProxyCommand for {spec.host} is not supported",
+            "reach the host through a jump host with ProxyJump [USER@]HOST[:PORT] instead",
+        )
+    jump: Endpoint | None = None
+    jumps = str(found.get("proxyjump") or "none")
+    if not hop and jumps.lower() != "none":
+        # Hops in order, each reached through the one before (as ssh -J A,B).
+        for text in jumps.split(","):
+            try:
+                hop_spec = parse_ssh(text.strip().removeprefix("ssh://"), "ProxyJump")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e.message} (for {spec.host})") from None
+            hop_ep = resolve_endpoint(hop_spec, hop=True)
+            jump = dataclasses.replace(hop_ep, jump=jump)
     return Endpoint(
         alias=spec.host,
         host=str(found.get("hostname") or spec.host),
@@ -159,6 +182,7 @@ def resolve_endpoint(spec: SshSpec) -> Endpoint:
         user=spec.user or str(found.get("user") or getpass.getuser()),
         identity_files=files,
         identities_only=str(found.get("identitiesonly", "no")).lower() == "yes",
+        jump=jump,
     )
 
 
@@ -522,8 +546,39 @@ def _tuned_transport(sock: Any, /, **kwargs: Any) -> paramiko.Transport:
     return transport
 
 
+def _through_jump(ep: Endpoint, timeout: float, accept_new: bool) -> tuple[Any, Any]:
+    """(jump client, channel to ep's SSH port) when ep has a ProxyJump, else (None, None).
+    The node is never tried directly: a failing jump host is the error."""
+    if ep.jump is None:
+        return None, None
+    jump_client = _open_client(ep.jump, timeout, accept_new)
+    try:
+        transport = jump_client.get_transport()
+        assert transport is not None  # noqa: S101 (connected just above)
+        channel = transport.open_channel(
+            "direct-tcpip", (ep.host, ep.port), ("127.0.0.1", 0), timeout=timeout
+        )
+    except Exception as e:
+        jump_client.close()
+        raise TransportError(
+            f"cannot reach {ep.host}:{ep.port} through the jump host {ep.jump}: {e}",
+            "check ProxyJump in ~/.ssh/config, and that the jump host may forward to the node",
+        ) from e
+    return jump_client, channel
+
+
 def _open_client(ep: Endpoint, timeout: float, accept_new: bool) -> paramiko.SSHClient:
+    jump_client, channel = _through_jump(ep, timeout, accept_new)
     client = paramiko.SSHClient()
+    if jump_client is not None:
+        # The node's connection lives inside the jump host's: close both together.
+        close_node = client.close
+
+        def close_both() -> None:
+            close_node()
+            jump_client.close()
+
+        client.close = close_both  # type: ignore[method-assign]
     # Both files are loaded into the client's in-memory set, which paramiko checks but,
     # with no load_host_keys() filename, never writes back: new keys are appended by
     # AcceptNewPolicy, keeping the user's file as it is.
@@ -541,6 +596,7 @@ def _open_client(ep: Endpoint, timeout: float, accept_new: bool) -> paramiko.SSH
             channel_timeout=timeout,
             auth_strategy=strategy,
             transport_factory=_tuned_transport,
+            sock=channel,
         )
     except SpkVisorError:  # AcceptNewPolicy's refusal, already in our terms
         client.close()

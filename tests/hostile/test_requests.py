@@ -46,6 +46,8 @@ SMUGGLED = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
         ("control character in a value", 400),
         ("two Host headers", 400),
         ("space before the colon", 400),
+        ("a second Authorization header", 400),
+        ("the right token second", 400),
     ],
 )
 def test_ambiguous_framing_is_refused(
@@ -82,6 +84,13 @@ def test_ambiguous_framing_is_refused(
         ),
         "two Host headers": post(d.token, body, f"Host: y\r\nContent-Length: {n}\r\n"),
         "space before the colon": post(d.token, body, f"Content-Length : {n}\r\n"),
+        # The daemon read the first, a proxy or log may read the last: which was checked?
+        "a second Authorization header": post(
+            d.token, body, f"Authorization: Bearer wrong\r\nContent-Length: {n}\r\n"
+        ),
+        "the right token second": post(
+            "wrong", body, f"Authorization: Bearer {d.token}\r\nContent-Length: {n}\r\n"
+        ),
     }[case]
     answer = exchange(d, raw)
     assert status_of(answer) == expected, answer
@@ -152,3 +161,17 @@ def test_routes_are_not_listed_without_the_token(rig: tuple[Daemon, DaemonEnv]) 
     assert d.request("POST", "/api/health", token=None).status == 405
     assert d.get("/api/nope").status == 404  # with the token, the answer is as before
     prove(d, before)
+
+
+def test_the_auth_scheme_is_case_insensitive(rig: tuple[Daemon, DaemonEnv]) -> None:
+    """RFC 9110 section 11.1: the scheme name is case-insensitive, so `bearer TOKEN` (as some
+    HTTP clients spell it) was answered 401 "missing bearer token" with the token right there.
+    Other schemes and a wrong token are still refused."""
+    d, _ = rig
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = d.get("/api/node", token=None, headers={"Authorization": f"{scheme} {d.token}"})
+        assert r.status == 200, (scheme, r.raw)
+    assert (
+        d.get("/api/node", token=None, headers={"Authorization": f"Basic {d.token}"}).status == 401
+    )
+    assert d.get("/api/node", token=None, headers={"Authorization": "bearer wrong"}).status == 403

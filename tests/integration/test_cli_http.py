@@ -529,6 +529,10 @@ def test_wrong_token(daemon: Daemon) -> None:
     assert r.err_lines[0] == (
         f"spk-visor: error: {daemon.url}: the node refused the token (token looked for in: --token)"
     )
+    # The hint said "pass --token", which the user had just done: the token is wrong.
+    assert r.err_lines[1] == (
+        "it is not this node's token: copy it again from /etc/smechvisord/token on the node"
+    )
     r = run("--node", daemon.url, "pci", env={"SPK_VISOR_TOKEN": "nope"})
     assert r.code == 2
     assert r.err_lines[0] == (

@@ -267,3 +267,24 @@ def _status(pid: int, key: str) -> str:
         if line.startswith(key + ":"):
             return line.split()[1]
     raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def test_a_failed_send_says_absent_values_in_words(tmp_path: Path, pki: Pki) -> None:
+    """A target that could not be reached showed "-" as its verifier, and a discovery of
+    half a second said "waited 0 s"."""
+    bundle = make_bundle(tmp_path, pki).bundle
+    done = _cli(
+        "deploy", "send", "42-K7QX9", "--bundle", str(bundle), "--discovery-timeout", "0.5",
+        "--discovery-port", str(free_udp_port()),
+    )  # fmt: skip
+    assert done.returncode == 7, done.stderr
+    row = done.stdout.splitlines()[1].split()
+    assert row[:4] == ["42", "7", "discovery", "none"], done.stdout
+    assert "waited 0.5 s" in done.stdout, done.stdout
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

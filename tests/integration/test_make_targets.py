@@ -190,3 +190,26 @@ def test_make_run_needs_a_port_the_cli_can_find(tmp_path: Path) -> None:
     assert code != 0
     assert "BIND: port 0 is not for make run" in run.log.read_text()
     assert not (run.run_root / "env").exists()
+
+
+def test_a_second_make_run_leaves_the_first_ones_env(dev_run: DevRun, tmp_path: Path) -> None:
+    """A second `make run` in the same checkout (another terminal, another BIND) failed on
+    the state dir's lock, but only after it had rewritten .run/env to its own port: the
+    first daemon still served, and `. .run/env; spk-visor node` got connection refused."""
+    env_before = (dev_run.run_root / "env").read_text()
+    log = tmp_path / "second.log"
+    second = devrun.start(
+        REPO, free_port(), dev_run.env, log, f"RUN_ROOT={dev_run.run_root}",
+        f"SYSROOT={tmp_path / 'sysroot'}",
+    )  # fmt: skip
+    try:
+        code = second.proc.wait(timeout=120)
+    finally:
+        if second.proc.poll() is None:
+            second.stop()
+    assert code != 0
+    out = log.read_text()
+    assert "make run" in out and "already" in out and "Ctrl-C" in out, out
+    assert (dev_run.run_root / "env").read_text() == env_before
+    result = dev_run.shell(". .run/env && spk-visor node")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,29 @@ def test_missing_and_wrong_kind_of_files(tmp_path: Path) -> None:
         err = one_error(cli.run(*argv))
         assert "missing.json" in err or "norepo" in err or "folder" in err, (argv, err)
         assert "\n" in err.strip() or "give" in err or "check" in err, (argv, err)
+
+
+def test_keygen_with_an_empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ota keygen ""` (an unset shell variable) was an internal error (Path('.'))."""
+    monkeypatch.chdir(tmp_path)
+    err = one_error(cli.run("ota", "keygen", ""))
+    assert "PRIVATE_KEY" in err and "keygen keys/" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signing_with_the_public_key_or_a_folder_says_which_file_to_give(tmp_path: Path) -> None:
+    """`--key keys/root1.pub` said "chmod 600 keys/root1.pub", and `--key ""` (the current
+    folder) "chmod 600 .": neither is the fix, the private key file is."""
+    k = _keys(tmp_path)
+    root = tmp_path / "root.json"
+    assert cli.run("ota", "root", "init", "-o", str(root), *role_keys(k)).code == 0
+    before = root.read_bytes()
+    err = one_error(cli.run("ota", "root", "sign", str(root), "--key", f"{k['root']}.pub"))
+    assert "chmod" not in err and "public key" in err and f"--key {k['root']}\n" in err + "\n"
+    for folder in ("", str(tmp_path)):
+        err = one_error(cli.run("ota", "root", "sign", str(root), "--key", folder))
+        assert "chmod" not in err and "folder" in err, err
+    assert root.read_bytes() == before
 
 
 def test_root_init_into_a_missing_folder_and_onto_a_folder(tmp_path: Path) -> None:
@@ -287,6 +311,25 @@ def test_node_commands_as_a_non_root_user(pki_sysroot: Path) -> None:
     assert status.returncode == 0, status.stderr
 
 
+def test_reading_a_root_only_ota_state_as_a_user(pki_sysroot: Path) -> None:
+    """After the first update the node's OTA state folder is 0700 root: `ota status` and
+    `ota history` by an admin without sudo were internal errors (PermissionError)."""
+    state = pki_sysroot / "var" / "lib" / "spk-visor" / "ota"
+    state.mkdir(parents=True)
+    (state / "history.jsonl").write_text('{"event": "applied"}\n')
+    state.parent.chmod(0o700)
+    prefix = _as_nobody()
+    envs = [f"SPK_VISOR_OTA_SYSROOT={pki_sysroot}", "SPK_VISOR_CONFIG=/nonexistent"]
+    run = [prefix[0], *prefix[1:5], *envs, *prefix[5:]]
+    for argv in (["ota", "status"], ["ota", "history"]):
+        proc = subprocess.run(
+            [*run, "-m", "spk_visor", *argv], capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.USAGE, (argv, proc.stderr)
+        assert "internal error" not in proc.stderr and "as root" in proc.stderr, proc.stderr
+
+
 @pytest.fixture
 def pki_sysroot() -> Iterator[Path]:
     """A node sysroot others may read (pytest's tmp_path is root's alone), removed after."""
@@ -301,3 +344,54 @@ def pki_sysroot() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["missing-folder/base.img", "a-folder"])
+def test_image_build_checks_its_output_path_before_building(tmp_path: Path, where: str) -> None:
+    """`image build -o /nonexistent/x.img` ran the whole mmdebstrap build (minutes) and only
+    then found it could not write the image: check --out first."""
+    k = _keys(tmp_path)
+    root = tmp_path / "root.json"
+    assert cli.run("ota", "root", "init", "-o", str(root), *role_keys(k)).code == 0
+    assert cli.run("ota", "root", "sign", str(root), "--key", str(k["root"])).code == 0
+    (tmp_path / "a-folder").mkdir()
+    out = tmp_path / where
+    started = time.monotonic()
+    res = cli.run("image", "build", "--root", str(root), "-o", str(out))
+    err = one_error(res)
+    assert "--out" in err and str(out) in err, err
+    assert time.monotonic() - started < 30, "it built before checking --out"
+
+
+def test_push_of_a_key_or_root_document_contacts_no_node(tmp_path: Path) -> None:
+    """`ota push root.json` (or a key: the wrong file from the same folder) connected to
+    every node and reported each one's failure; it is one local mistake, said once."""
+    k = _keys(tmp_path)
+    empty = tmp_path / "empty.spkb"
+    empty.write_bytes(b"")
+    for wrong in (Path(f"{k['root']}.pub"), k["rel"], empty):
+        res = cli.run("--ssh", "root@127.0.0.1:1", "ota", "push", str(wrong))
+        err = one_error(res)
+        assert str(wrong) in err and "not an OTA bundle" in err, err
+        assert "127.0.0.1" not in res.out + err
+
+
+@pytest.mark.parametrize("name", ["../floor", "stable/beta", "", ".hidden", "a b"])
+def test_a_channel_name_that_is_not_a_name_is_refused(tmp_path: Path, name: str) -> None:
+    """`--channel ../floor` became the path channels/../floor.json: in the repository that
+    `ota publish` writes, and in the node's state folder that `ota pull` writes."""
+    k = _keys(tmp_path)
+    repo = tmp_path / "repo"
+    res = cli.run("ota", "publish", "--repo", str(repo), "--key", str(k["chan"]),
+                  "--channel", name)  # fmt: skip
+    assert "--channel" in one_error(res)
+    assert not repo.exists()
+    sysroot = tmp_path / "node"
+    conf = sysroot / "etc" / "spk-visor" / "ota.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('base_urls = ["http://127.0.0.1:9"]\n')
+    env = {"SPK_VISOR_OTA_SYSROOT": str(sysroot)}
+    assert "--channel" in one_error(cli.run("ota", "pull", "--channel", name, env=env))
+    conf.write_text(f'base_urls = ["http://127.0.0.1:9"]\nchannel = "{name}"\n')
+    assert "channel" in one_error(cli.run("ota", "pull", env=env))
+    assert sorted(p.name for p in sysroot.rglob("*")) == ["etc", "ota.conf", "spk-visor"]

@@ -89,3 +89,15 @@ def test_inspect_keeps_hostile_text_on_its_line(tmp_path: Path, ota_pki: Pki) ->
     text = human(None, "ota", "inspect", str(out), columns=70)
     assert "\x1b" not in text and "\nFAKE" not in text, text
     assert "…" in text
+
+
+def test_history_in_words(ota_node: Node) -> None:
+    """A fresh node printed a bare header row, and events without a version or exit code
+    left blank cells: say that there is no history, and absent values in words."""
+    text = human(ota_node, "ota", "history")
+    assert "no OTA history" in text and "TIME" not in text, text
+    ota_node.ctx().history.append("base.discarded", slot="b", manifest="cd" * 32)
+    text = human(ota_node, "ota", "history", columns=100)
+    row = next(line for line in text.splitlines() if "base.discarded" in line)
+    assert row.split()[2:] == ["cdcdcdcdcdcd", "none", "none", "none"], row
+    assert json.loads(cli.run("--json", "ota", "history", env=ota_node.env).out)[0]["slot"] == "b"

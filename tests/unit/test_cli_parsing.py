@@ -250,6 +250,27 @@ def test_about() -> None:
     assert "sealed" in r.out and "spk-visor ota" in r.out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "version"],
+        ["version", "--json"],
+        ["--json", "--version"],
+        ["--json", "about"],
+        ["about", "--json"],
+    ],
+)
+def test_version_and_about_under_json_are_json(argv: list[str]) -> None:
+    """`spk-visor --json version` printed "spk-visor 0.1.0": not a JSON document, which
+    is what --json promises for every output."""
+    r = run(*argv)
+    assert (r.code, r.err) == (0, ""), r
+    doc = json.loads(r.out)
+    assert doc["version"] == run("version").out.split()[1]
+    if "about" in argv:
+        assert "sealed" in doc["about"]
+
+
 def test_about_and_version_work_with_a_broken_config(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("[[[")
@@ -391,3 +412,15 @@ def test_helper_isolates_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SPK_VISOR_CONFIG", "/somewhere/else.toml")
     r = run("--fleet", "rack", "node")
     assert r.err_lines == [f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"]
+
+
+@pytest.mark.parametrize("command", ["node", "iommu", "pci", "reboot-uefi"])
+def test_commands_without_subcommands_say_so(command: str) -> None:
+    """`spk-visor pci --help` read "Usage: spk-visor pci [OPTIONS] COMMAND [ARGS]..." with no
+    command to give, and `spk-visor pci groups` answered "No such command 'groups'"."""
+    usage = run(command, "--help").out.splitlines()[0]
+    assert usage.startswith(f"Usage: spk-visor {command} [OPTIONS]"), usage
+    assert "COMMAND" not in usage, usage
+    r = run(command, "extra")
+    assert r.code == 2, r
+    assert "unexpected extra argument" in r.err and "No such command" not in r.err, r.err

@@ -96,6 +96,27 @@ def test_urls_and_ssh_specs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "not a URL"),
+        ("https://[zz]:8080", "not a URL"),
+        ("http://h:99999", "port"),
+        ("http://h:abc", "port"),
+        ("http://:8080", "host"),
+        ("http://admin:secret@h:8080", "user name or password"),
+    ],
+)
+def test_malformed_node_urls_are_usage_errors(tmp_path: Path, url: str, message: str) -> None:
+    # A typo in a URL is the user's mistake: a ConfigError (exit 2), never a ValueError
+    # that surfaces as "internal error".
+    env = env_for(tmp_path, f'[nodes.a]\nurl = "{url}"\n')
+    for kw in ({"node": url}, {"node": "a"}):
+        with pytest.raises(ConfigError, match=message) as info:
+            resolve(env, **kw)
+        assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("text", "message", "line"),
     [
         ("[nodes.a]\nurl = \n", "invalid TOML", "line 2"),
@@ -111,6 +132,14 @@ def test_urls_and_ssh_specs(tmp_path: Path) -> None:
         ("[groups]\nrack = ['ghost']\n", "not under [nodes]", ":2"),
         ("[defaults]\ntimeout = -1\n", "positive number", ":2"),
         ("[extra]\nx = 1\n", "unknown section", ":1"),
+        # An empty group answered an empty table and exit 0; a repeated name ran twice.
+        ("[nodes.a]\nurl = 'http://a:1'\n[groups]\nrack = []\n", "has no nodes", ":4"),
+        ("[nodes.a]\nurl = 'http://a:1'\n[groups]\nrack = ['a', 'a']\n", "twice", ":4"),
+        # daemon_port 0 or 99999 went to the SSH tunnel as is.
+        ("[nodes.a]\nssh = 'a'\ndaemon_port = 0\n", "1..65535", ":3"),
+        ("[nodes.a]\nssh = 'a'\ndaemon_port = 99999\n", "1..65535", ":3"),
+        # Over HTTP the port is in the URL: a daemon_port there was silently ignored.
+        ("[nodes.a]\nurl = 'http://a:1'\ndaemon_port = 9\n", "goes with ssh", ":3"),
     ],
 )
 def test_bad_config_names_file_and_line(tmp_path: Path, text: str, message: str, line: str) -> None:
@@ -193,3 +222,14 @@ def test_a_daemon_port_in_the_ssh_spec_is_explained(tmp_path: Path) -> None:
     assert (
         e.value.hint == "the :PORT is the SSH server's; name the daemon's port with --daemon-port"
     )
+
+
+def test_a_token_far_longer_than_any_token_is_refused_by_name(tmp_path: Path) -> None:
+    """A wrong file as token_file (a 5 MB log) went out as a 5 MB Authorization header,
+    and the user read the daemon's "a header line is longer than 8190 bytes"."""
+    big = tmp_path / "big.log"
+    big.write_text("a" * 100_000)
+    with pytest.raises(ConfigError, match=r"big\.log is not a token: 100000 characters") as info:
+        config.check_token(big.read_text(), f"token file {big}")
+    assert info.value.exit_code == ExitCode.USAGE
+    assert config.check_token("  " + "b" * 64 + "\n", "--token") == "b" * 64

@@ -164,6 +164,22 @@ def test_node_config_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.Mo
         load_config(paths)
 
 
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "ftp://mirror/ota", "updates.example.net", "http://h:99999", "https://"]
+)
+def test_a_base_url_that_is_not_an_http_url_is_a_config_error(tmp_path: Path, url: str) -> None:
+    """A typo in base_urls was found only at fetch time: an internal error (a broken
+    [IPv6] host) or exit 7, "transient: the next run retries", for a file only the admin
+    can fix. Every run from cron would have failed the same way."""
+    paths = NodePaths(tmp_path)
+    paths.conf.parent.mkdir(parents=True)
+    paths.conf.write_text(f'base_urls = ["https://good.example/ota", "{url}"]\n')
+    with pytest.raises(ConfigError, match="base_urls") as info:
+        load_config(paths)
+    assert info.value.exit_code == ExitCode.USAGE
+    assert url in info.value.message and "https://" in info.value.message
+
+
 def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
     paths = NodePaths(tmp_path)
     with journal.locked(paths, "apply"):

@@ -65,3 +65,13 @@ def test_the_width_is_columns_else_the_terminal_else_none(monkeypatch: pytest.Mo
     assert terminal_width(io.StringIO()) is None  # a pipe or a file: no limit
     monkeypatch.delenv("COLUMNS")
     assert terminal_width(io.StringIO()) is None
+
+
+def test_the_push_summary_says_absent_values_in_words() -> None:
+    """`ota push` printed "-" for the version and downtime of a node that was never
+    reached; docs/cli.md: a missing value is said in words, never "-"."""
+    from spk_visor.ota.push import PushResult, summary_table  # noqa: PLC0415
+
+    skipped = PushResult("s2", 8, "skipped", None, None, "not started: the canary failed", 0.0)
+    row = summary_table([skipped]).splitlines()[1].split()
+    assert row[:6] == ["s2", "8", "skipped", "none", "n/a", "0.0"], row
