@@ -17,7 +17,7 @@ import zstandard
 
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from spk_visor.ota.manifest import ImageComponent
+from spk_visor.trust.manifest import ImageComponent
 
 MIB = 1 << 20
 
