@@ -149,6 +149,20 @@ def bind_failure(host: str, port: int, e: OSError) -> str | None:
     return f"cannot listen on {where}: {why}; {BIND_HINT}"
 
 
+def make_dir(path: Path, flag: str, env: str) -> str | None:
+    """Create a folder the settings name; what to tell the operator when that fails (a
+    path under a file, on a read-only or virtual file system): the setting is theirs."""
+    try:
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        return (
+            f"cannot create the directory {path}: {why.lower()}; choose another with "
+            f"{flag} PATH or {env}=PATH (OpenRC: {env} in /etc/conf.d/smechvisord)"
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = settings_mod.build_parser().parse_args(argv)
     if args.print_fingerprint:
@@ -182,10 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     try:
         token = tokens.load_or_create(cfg.token_file, cfg.token_group)
-        cfg.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        lock_fd = statelock.acquire(cfg.state_dir)  # held (open) until the process exits
+        reason = make_dir(cfg.state_dir, "--state-dir", "SMECHVISORD_STATE_DIR")
         for d in cfg.image_dirs:
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            reason = reason or make_dir(d, "--image-dirs", "SMECHVISORD_IMAGE_DIRS")
+        if reason:
+            log.error("cannot start: %s", reason)
+            return 2
+        lock_fd = statelock.acquire(cfg.state_dir)  # held (open) until the process exits
         host = Host(cfg.sysroot)
         vms = VmManager(cfg, host)
         vms.check_paths()
