@@ -987,9 +987,12 @@ def push(
 
 
 def _not_a_bundle(path: Path) -> None:
-    """The wrong file from the release folder (root.json, a key) is one local mistake: say
-    so once, before any node is contacted. Anything else goes to the nodes, which verify."""
+    """A file that is not a bundle (root.json, a key, /etc/passwd) is one local mistake:
+    say so once, before any node is contacted, rather than stream it to every node. Only
+    the magic is checked here; the nodes verify the rest."""
     import json  # noqa: PLC0415
+
+    from spk_visor.ota.bundle import MAGIC  # noqa: PLC0415
 
     try:
         with path.open("rb") as f:
@@ -1007,6 +1010,10 @@ def _not_a_bundle(path: Path) -> None:
             what = "a JSON document (a root.json or a public key?)"
         except ValueError:
             pass
+    # The format version (the magic's last 2 bytes) is the nodes' to judge: they may read
+    # a newer one than this workstation does.
+    if what is None and not head.startswith(MAGIC[:-2]):
+        what = "it does not start with the bundle magic"
     if what is not None:
         raise UsageError(
             f"{path} is not an OTA bundle: {what}",
