@@ -215,9 +215,27 @@ def build(complete: bool = False) -> _click.Command:
     command = typer.main.get_command(app)
     # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
     typer_fast.install(command)
+    _carry_interrupts(command)
     if complete and isinstance(command, LazyGroup):
         command.load_all(command.context_class(command, info_name="spk-visor"))
     return command
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, carried past Typer, which turns KeyboardInterrupt into a bare exit 130:
+    main() must report it like any failure (under --json: the error document)."""
+
+
+def _carry_interrupts(command: _click.Command) -> None:
+    invoke = command.invoke
+
+    def invoke_carrying_interrupts(ctx: _click.Context) -> object:
+        try:
+            return invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted from e
+
+    command.invoke = invoke_carrying_interrupts  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _json_errors():
             console.json_line(e.document())
         return int(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()
