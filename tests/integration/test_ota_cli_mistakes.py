@@ -421,3 +421,19 @@ def test_push_of_any_file_without_the_bundle_magic_contacts_no_node(tmp_path: Pa
                 node.accept()[0].close()
     finally:
         node.close()
+
+
+def test_a_sysroot_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    """`SPK_VISOR_OTA_SYSROOT=/nonexistent ota status` reported a fresh node: a typo in
+    the variable must not read as "nothing installed here"."""
+    for missing in (tmp_path / "no-such-root", tmp_path / "a-file"):
+        if missing.name == "a-file":
+            missing.write_text("x")
+        env = {"SPK_VISOR_OTA_SYSROOT": str(missing)}
+        for argv in (["ota", "status"], ["--json", "ota", "status"]):
+            res = cli.run(*argv, env=env)
+            err = one_error(res)
+            assert "SPK_VISOR_OTA_SYSROOT" in err and str(missing) in err, err
+            if "--json" in argv:
+                assert json.loads(res.out)["error"]["exit_code"] == ExitCode.USAGE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
