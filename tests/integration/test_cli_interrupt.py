@@ -36,7 +36,7 @@ def test_ctrl_c_under_json_prints_the_error_document(argv: list[str]) -> None:
                 "--timeout",
                 "60",
                 *argv,
-            ],  # fmt: skip
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
