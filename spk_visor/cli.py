@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer import _click
 
-from spk_visor import typer_fast
+from spk_visor import help_names, typer_fast
 from spk_visor.commands.lazy import LazyGroup
 from spk_visor.config import env_help
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact, user_path_error
@@ -215,6 +215,7 @@ def build(complete: bool = False) -> _click.Command:
     command = typer.main.get_command(app)
     # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
     typer_fast.install(command)
+    help_names.install(command)
     _carry_interrupts(command)
     if complete and isinstance(command, LazyGroup):
         command.load_all(command.context_class(command, info_name="spk-visor"))

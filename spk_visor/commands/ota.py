@@ -329,7 +329,9 @@ def root_sign(
 @app.command()
 def build(
     ctx: typer.Context,
-    version: Annotated[str, typer.Option("--version", help="Release version, e.g. 2.5.0.")],
+    version: Annotated[
+        str, typer.Option("--version", metavar="VERSION", help="Release version, e.g. 2.5.0.")
+    ],
     counter: Annotated[int, typer.Option("--counter", min=1, help="Anti-rollback counter.")],
     key: KeyOpt,
     out: Annotated[
@@ -361,7 +363,9 @@ def build(
     root_doc: Annotated[
         list[Path], typer.Option("--root", help="Root documents to carry (offline rotation).")
     ] = [],  # noqa: B006 (typer reads the default; it is never mutated)
-    probation: Annotated[float, typer.Option("--probation", help="Probation seconds.")] = 30,
+    probation: Annotated[
+        float, typer.Option("--probation", metavar="SECONDS", help="Probation seconds.")
+    ] = 30,
     dev: Annotated[bool, typer.Option("--dev", help="A development release.")] = False,
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
