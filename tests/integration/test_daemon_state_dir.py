@@ -3,8 +3,10 @@ setting to change (--state-dir / SMECHVISORD_STATE_DIR), never a bare `[Errno 2]
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +55,30 @@ def test_a_state_dir_it_cannot_create_names_the_path_and_the_setting(
     assert str(state) in errors[0], errors[0]
     assert "--state-dir" in errors[0] and "SMECHVISORD_STATE_DIR" in errors[0], errors[0]
     assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "env_name", "leaf"),
+    [
+        ("--run-dir", "SMECHVISORD_RUN_DIR", "run"),
+        ("--token-file", "SMECHVISORD_TOKEN_FILE", "token"),
+        ("--image-dirs", "SMECHVISORD_IMAGE_DIRS", "images"),
+    ],
+)
+def test_other_paths_it_cannot_create_name_their_setting(
+    env: DaemonEnv, flag: str, env_name: str, leaf: str
+) -> None:
+    # A short path: a VMM socket path under --run-dir must fit AF_UNIX's 107 bytes.
+    fd, name = tempfile.mkstemp(prefix="smv-", dir="/tmp")
+    os.close(fd)
+    blocker = Path(name)
+    try:
+        path = blocker / leaf
+        proc = start(env, flag, str(path))
+    finally:
+        blocker.unlink()
+    assert proc.returncode == 2, proc.stderr
+    assert "Errno" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr
+    assert str(path) in errors[0] and flag in errors[0] and env_name in errors[0], errors[0]
