@@ -149,6 +149,39 @@ def bind_failure(host: str, port: int, e: OSError) -> str | None:
     return f"cannot listen on {where}: {why}; {BIND_HINT}"
 
 
+# The settings that name a path the daemon creates or opens at start, in the order a
+# failure is attributed (the state directory holds the default image directory).
+PATH_SETTINGS = (
+    ("state_dir", "SMECHVISORD_STATE_DIR"),
+    ("image_dirs", "SMECHVISORD_IMAGE_DIRS"),
+    ("run_dir", "SMECHVISORD_RUN_DIR"),
+    ("token_file", "SMECHVISORD_TOKEN_FILE"),
+    ("tls_cert", "SMECHVISORD_TLS_CERT"),
+    ("tls_key", "SMECHVISORD_TLS_KEY"),
+)
+
+
+def path_failure(cfg: settings_mod.Settings, e: OSError) -> str | None:
+    """What to tell the operator when a path a setting names (or a folder above it)
+    cannot be created or opened: a path under a file, on a read-only or virtual file
+    system. None when the failure is about another path."""
+    if not e.filename:
+        return None
+    failed = Path(os.fsdecode(e.filename)).absolute()
+    flags = {s.env: s.flag for s in settings_mod.SETTINGS}
+    for attr, env in PATH_SETTINGS:
+        value = getattr(cfg, attr)
+        for path in value if isinstance(value, tuple) else (value,):
+            if failed == path or failed in path.parents:
+                why = (e.strerror or type(e).__name__).lower()
+                return (
+                    f"cannot create or open {path}: {why} ({failed}); choose another with "
+                    f"{flags[env]} PATH or {env}=PATH (OpenRC: {env} in "
+                    "/etc/conf.d/smechvisord)"
+                )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = settings_mod.build_parser().parse_args(argv)
     if args.print_fingerprint:
@@ -213,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     except (OSError, RuntimeError, tokens.TokenError) as e:
-        log.error("cannot start: %s", e)
-        return 1
+        # The token file's reader wraps the OSError that names the path.
+        cause = e if isinstance(e, OSError) else e.__cause__
+        reason = path_failure(cfg, cause) if isinstance(cause, OSError) else None
+        log.error("cannot start: %s", reason or e)
+        return 1 if reason is None else 2
 
     host_name, port = server.server_address[:2]
     log.info("listening on http://%s:%d", host_name, port)

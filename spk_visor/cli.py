@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer import _click
 
-from spk_visor import typer_fast
+from spk_visor import help_names, typer_fast
 from spk_visor.commands.lazy import LazyGroup
 from spk_visor.config import env_help
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact, user_path_error
@@ -215,9 +215,28 @@ def build(complete: bool = False) -> _click.Command:
     command = typer.main.get_command(app)
     # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
     typer_fast.install(command)
+    help_names.install(command)
+    _carry_interrupts(command)
     if complete and isinstance(command, LazyGroup):
         command.load_all(command.context_class(command, info_name="spk-visor"))
     return command
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, carried past Typer, which turns KeyboardInterrupt into a bare exit 130:
+    main() must report it like any failure (under --json: the error document)."""
+
+
+def _carry_interrupts(command: _click.Command) -> None:
+    invoke = command.invoke
+
+    def invoke_carrying_interrupts(ctx: _click.Context) -> object:
+        try:
+            return invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted from e
+
+    command.invoke = invoke_carrying_interrupts  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _json_errors():
             console.json_line(e.document())
         return int(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()

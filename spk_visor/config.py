@@ -317,8 +317,12 @@ def parse_ssh(value: str, what: str = "--ssh") -> SshSpec:
 
 
 def _check_url(url: str, what: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", url):
+    if not re.match(r"^https?://[^/\s]+", url, re.IGNORECASE):
         raise ConfigError(f"{what} {url!r}: expected http://HOST[:PORT] or https://...")
+    # Schemes are case-insensitive (RFC 3986, 3.1): HTTP:// is http://, in the lower case
+    # every later check compares against.
+    scheme, rest = url.split("://", 1)
+    url = f"{scheme.lower()}://{rest}"
     # Checked here, where the user's words are at hand: urlsplit raises ValueError on a
     # broken [IPv6] host or port, which would otherwise surface later as an internal error.
     shown = repr(url) if "@" not in url else "(a URL with credentials)"

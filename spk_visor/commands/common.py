@@ -145,9 +145,12 @@ def show_fleet_rows(
     else:
         lines: list[list[Any]] = []
         blank = [""] * len(headers)
+        # A node that did not answer: its values are not known (not absent, as "none"
+        # would say), and an empty cell says nothing.
+        unknown = ["unknown"] * len(headers)
         for r in results:
             if r.error is not None:
-                lines.append([r.target.name, f"error: {r.error.message}", *blank])
+                lines.append([r.target.name, f"error: {r.error.message}", *unknown])
                 continue
             node_rows = rows(r.value)  # type: ignore[arg-type]
             if not node_rows:

@@ -225,8 +225,9 @@ def receive(
         r.serve()
     except KeyboardInterrupt:
         r.stop()
+        # The "stopped" event is the report (under --json, the last document).
         screen("stopped", {"reason": "interrupted"})
-        raise
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 
 
 @app.command("send")

@@ -329,7 +329,9 @@ def root_sign(
 @app.command()
 def build(
     ctx: typer.Context,
-    version: Annotated[str, typer.Option("--version", help="Release version, e.g. 2.5.0.")],
+    version: Annotated[
+        str, typer.Option("--version", metavar="VERSION", help="Release version, e.g. 2.5.0.")
+    ],
     counter: Annotated[int, typer.Option("--counter", min=1, help="Anti-rollback counter.")],
     key: KeyOpt,
     out: Annotated[
@@ -361,7 +363,9 @@ def build(
     root_doc: Annotated[
         list[Path], typer.Option("--root", help="Root documents to carry (offline rotation).")
     ] = [],  # noqa: B006 (typer reads the default; it is never mutated)
-    probation: Annotated[float, typer.Option("--probation", help="Probation seconds.")] = 30,
+    probation: Annotated[
+        float, typer.Option("--probation", metavar="SECONDS", help="Probation seconds.")
+    ] = 30,
     dev: Annotated[bool, typer.Option("--dev", help="A development release.")] = False,
     passphrase_file: PassFileOpt = None,
     as_json: JsonOpt = False,
@@ -987,9 +991,12 @@ def push(
 
 
 def _not_a_bundle(path: Path) -> None:
-    """The wrong file from the release folder (root.json, a key) is one local mistake: say
-    so once, before any node is contacted. Anything else goes to the nodes, which verify."""
+    """A file that is not a bundle (root.json, a key, /etc/passwd) is one local mistake:
+    say so once, before any node is contacted, rather than stream it to every node. Only
+    the magic is checked here; the nodes verify the rest."""
     import json  # noqa: PLC0415
+
+    from spk_visor.ota.bundle import MAGIC  # noqa: PLC0415
 
     try:
         with path.open("rb") as f:
@@ -1007,6 +1014,10 @@ def _not_a_bundle(path: Path) -> None:
             what = "a JSON document (a root.json or a public key?)"
         except ValueError:
             pass
+    # The format version (the magic's last 2 bytes) is the nodes' to judge: they may read
+    # a newer one than this workstation does.
+    if what is None and not head.startswith(MAGIC[:-2]):
+        what = "it does not start with the bundle magic"
     if what is not None:
         raise UsageError(
             f"{path} is not an OTA bundle: {what}",

@@ -365,4 +365,10 @@ def console(
                 # Keep the shell prompt off the guest's last, unfinished line.
                 st.console.write(data if not data or data.endswith("\n") else data + "\n")
 
-    st.one(lambda c: show_all(vmops.console(c, vm_id, follow=follow)))
+    try:
+        st.one(lambda c: show_all(vmops.console(c, vm_id, follow=follow)))
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+        # Ctrl-C is how following ends: exit 130 with nothing after the guest's output.
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None

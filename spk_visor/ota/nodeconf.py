@@ -128,7 +128,16 @@ class NodePaths:
 
 
 def node_paths() -> NodePaths:
-    return NodePaths(Path(os.environ.get(SYSROOT_ENV) or "/"))
+    """The node's paths; a sysroot that is not a folder is a mistake in the variable, not
+    a fresh node with nothing installed."""
+    root = Path(os.environ.get(SYSROOT_ENV) or "/")
+    if not root.is_dir():
+        why = "does not exist" if not root.exists() else "is not a folder"
+        raise ConfigError(
+            f"{SYSROOT_ENV}={root}: {why}",
+            f"set {SYSROOT_ENV} to the node's root folder, or unset it for /",
+        )
+    return NodePaths(root)
 
 
 @dataclass(frozen=True)

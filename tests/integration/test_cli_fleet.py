@@ -265,3 +265,23 @@ def test_ctrl_c_stops_a_fleet_query_at_once(hung_nodes: Path) -> None:
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert "Traceback" not in err
     assert took < 6, took  # well under the 8 s --timeout the hung nodes would need
+
+
+@pytest.mark.parametrize("argv", [["vm", "list"], ["node"], ["iommu"], ["pci"]])
+def test_a_failed_nodes_row_says_its_values_are_unknown(tmp_path: Path, argv: list[str]) -> None:
+    """A node that did not answer had blank cells after its status: the table says, in
+    words, that its values are not known (as absent values are said elsewhere)."""
+    with socket.socket() as closed:  # a port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[nodes.down]\nurl = "http://127.0.0.1:{port}"\n[groups]\nrack = ["down"]\n'
+        )
+        r = run("--fleet", "rack", "--token", "t" * 16, *argv,
+                env={"SPK_VISOR_CONFIG": str(config)})  # fmt: skip
+    assert r.code == 7, r
+    header, row = r.out.splitlines()[:2]
+    columns = len(header.split()) - 2 - header.count("ON VFIO-PCI")  # node, status
+    assert row.startswith("down") and "error:" in row, row
+    assert row.split()[-columns:] == ["unknown"] * columns, r.out

@@ -395,3 +395,45 @@ def test_a_channel_name_that_is_not_a_name_is_refused(tmp_path: Path, name: str)
     conf.write_text(f'base_urls = ["http://127.0.0.1:9"]\nchannel = "{name}"\n')
     assert "channel" in one_error(cli.run("ota", "pull", env=env))
     assert sorted(p.name for p in sysroot.rglob("*")) == ["etc", "ota.conf", "spk-visor"]
+
+
+def test_push_of_any_file_without_the_bundle_magic_contacts_no_node(tmp_path: Path) -> None:
+    """`ota push /etc/passwd` streamed the file to every node: a file that does not start
+    with the bundle magic (spk_visor/ota/bundle.py) is refused here, exit 2, before any
+    connection is made."""
+    import socket  # noqa: PLC0415
+
+    text = tmp_path / "notes.txt"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n" * 50)
+    noise = tmp_path / "noise.spkb"
+    noise.write_bytes(os.urandom(4096))
+    node = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        node.bind(("127.0.0.1", 0))
+        node.listen(8)
+        node.setblocking(False)
+        port = node.getsockname()[1]
+        for wrong in (Path("/etc/passwd"), text, noise):
+            res = cli.run("--ssh", f"root@127.0.0.1:{port}", "ota", "push", str(wrong))
+            err = one_error(res)
+            assert str(wrong) in err and "not an OTA bundle" in err, err
+            with pytest.raises(BlockingIOError):
+                node.accept()[0].close()
+    finally:
+        node.close()
+
+
+def test_a_sysroot_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    """`SPK_VISOR_OTA_SYSROOT=/nonexistent ota status` reported a fresh node: a typo in
+    the variable must not read as "nothing installed here"."""
+    for missing in (tmp_path / "no-such-root", tmp_path / "a-file"):
+        if missing.name == "a-file":
+            missing.write_text("x")
+        env = {"SPK_VISOR_OTA_SYSROOT": str(missing)}
+        for argv in (["ota", "status"], ["--json", "ota", "status"]):
+            res = cli.run(*argv, env=env)
+            err = one_error(res)
+            assert "SPK_VISOR_OTA_SYSROOT" in err and str(missing) in err, err
+            if "--json" in argv:
+                assert json.loads(res.out)["error"]["exit_code"] == ExitCode.USAGE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

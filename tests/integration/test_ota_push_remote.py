@@ -23,7 +23,7 @@ from spk_visor.errors import ExitCode
 from spk_visor.ota import push as push_mod
 from spk_visor.ota.push import PushResult, PushTarget, push
 from spk_visor.transport import ssh
-from tests.support import cli
+from tests.support import cli, fake_bundle
 from tests.support.sshd import Sshd, start_sshd
 
 FAKE_NODE = Path(__file__).resolve().parents[1] / "support" / "bin" / "fake-ota-node"
@@ -64,7 +64,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Sshd) -> Path:
     )
     root = tmp_path / "nodes"
     (root / str(server.port)).mkdir(parents=True)
-    (tmp_path / "spk.spkb").write_bytes(b"\0" * 4096)
+    fake_bundle.write(tmp_path / "spk.spkb", 4096)
     return root
 
 

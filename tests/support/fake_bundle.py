@@ -1,4 +1,5 @@
-"""The stand-in bundle that tests/support/bin/fake-ota-node understands: MAGIC, the total
+"""The stand-in bundle that tests/support/bin/fake-ota-node understands: MAGIC (the real
+bundle magic, which `ota push` checks before it contacts a node), the total
 size as a big-endian u64, then random bytes. Like a real bundle, whose header declares
 every blob's size, it lets the node tell a complete stream from one cut short, and refuse
 the latter (what `ota push` relies on when it drops a bundle it sent ahead)."""
@@ -9,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-MAGIC = b"FAKEOTA\n"  # fake-ota-node has its own copy: it runs without this package
+MAGIC = b"SPKOTA\x00\x01"  # fake-ota-node has its own copy: it runs without this package
 HEADER = len(MAGIC) + 8
 
 

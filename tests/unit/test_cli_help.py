@@ -38,3 +38,17 @@ def test_no_option_states_its_default_twice() -> None:
                 twice.append(f"{ctx.command_path} {record[0]}: {record[1]}")
     assert seen > 50, "the walk found too few options to mean anything"
     assert not twice, "\n".join(twice)
+
+
+def test_help_names_values_not_python_types() -> None:
+    """--help showed `<path>`, `<int range>`, `<list[str]>` and `{BUNDLE}` where a value
+    had no explicit metavar: each value is named for what to type (FILE, N, CODE...)."""
+    import re  # noqa: PLC0415
+
+    from tests.support import cli as run_cli  # noqa: PLC0415
+
+    for argv in (["ota", "push"], ["ota", "build"], ["deploy", "send"], ["vm", "console"]):
+        res = run_cli.run(*argv, "--help", env={"COLUMNS": "200"})
+        assert res.code == 0, res
+        raw = re.findall(r"<[a-z][^>]*>|\{[A-Z_.]+\}", res.out)
+        assert not raw, (argv, raw, res.out)

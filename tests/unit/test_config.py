@@ -233,3 +233,19 @@ def test_a_token_far_longer_than_any_token_is_refused_by_name(tmp_path: Path) ->
         config.check_token(big.read_text(), f"token file {big}")
     assert info.value.exit_code == ExitCode.USAGE
     assert config.check_token("  " + "b" * 64 + "\n", "--token") == "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("HTTP://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("Https://n1:8443/", "https://n1:8443"),
+        ("hTTp://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_url_schemes_are_case_insensitive(tmp_path: Path, url: str, want: str) -> None:
+    # RFC 3986 3.1: schemes are case-insensitive; the canonical form is lower case (what
+    # the transport and the loopback check compare against).
+    env = env_for(tmp_path, f'[nodes.a]\nurl = "{url}"\n')
+    for kw in ({"node": url}, {"node": "a"}):
+        assert resolve(env, **kw).targets[0].url == want
