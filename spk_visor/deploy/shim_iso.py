@@ -415,6 +415,9 @@ def _add_tools(stage: _Stage) -> None:
     # kmod's modprobe (not busybox's): reads modules.alias/softdep exactly like udev does.
     for name in ("modprobe", "insmod", "rmmod", "lsmod", "modinfo", "depmod"):
         stage.link(f"usr/sbin/{name}", "../bin/kmod")
+    # The kernel's own module requests (request_module: the crc32c that ext4 needs at
+    # mount time, crypto, nls) run /sbin/modprobe, its built-in path, not $PATH's.
+    stage.link("sbin/modprobe", "../usr/bin/kmod")
     for platform in _GRUB_PLATFORMS:
         shutil.copytree(Path("/usr/lib/grub", platform), stage.dest(f"usr/lib/grub/{platform}"))
     # udevd is udevadm under another name; its rules and helpers make the udev database
