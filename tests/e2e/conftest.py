@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import e2e_machine, e2e_release
+from tests.support import e2e_lan, e2e_machine, e2e_release
 from tests.support.e2e_machine import Chain
 from tests.support.prereq import need_command, need_root
 
@@ -47,9 +47,6 @@ PATHS = (
     (e2e_machine.OVMF_CODE, "ovmf"),
     (e2e_machine.OVMF_VARS, "ovmf"),
 )
-SHIM_BOOT_TIMEOUT_S = 420
-INSTALL_TIMEOUT_S = 600
-FIRST_BOOT_TIMEOUT_S = 600
 
 
 def prereqs() -> None:
@@ -59,12 +56,6 @@ def prereqs() -> None:
     for path, package in PATHS:
         if not path.exists():
             pytest.skip(f"{path} missing: install the Debian package {package} (make sysdeps)")
-
-
-def read_code(shim: e2e_machine.Qemu) -> str:
-    """The code as the operator reads it from the target's screen (its serial console)."""
-    found = shim.wait_for(e2e_machine.CODE_LINE, SHIM_BOOT_TIMEOUT_S)
-    return found.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     home = work / "home"
     admin_pub = e2e_machine.admin_key(home)
     disk = e2e_machine.blank_disk(work / "disk.raw")
-    node = e2e_machine.Node(work / "node", disk, home, releases_dir)
+    # The rack's LAN (a hub with DHCP, on loopback): the node is on it from its first boot,
+    # for the peer it deploys in the last step.
+    lan = e2e_lan.Lan()
+    lan.start()
+    node = e2e_machine.Node(work / "node", disk, home, releases_dir, lan=lan)
     node.workdir.mkdir()
     shim_dir = work / "shim"
     shim_dir.mkdir()
@@ -99,7 +94,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         # 2. The blank machine boots the shim; the operator reads the code.
         receiver_port = e2e_machine.free_port()
         shim = e2e_machine.boot_shim(iso, disk, shim_dir, receiver_port=receiver_port)
-        code = read_code(shim)
+        code = e2e_machine.read_code(shim)
         timings.done("2_shim_boot")
 
         # 3. deploy send installs v1 and gives the admin's key.
@@ -107,7 +102,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
             "deploy", "send", code, "--target", f"127.0.0.1:{receiver_port}",
             "--bundle", str(releases["v1"].bundle), "--authorized-key", str(admin_pub),
             "--hostname", "e2e-node-1", "--json",
-            timeout=INSTALL_TIMEOUT_S, check=False,
+            timeout=e2e_machine.INSTALL_TIMEOUT_S, check=False,
         )  # fmt: skip
         assert send.returncode == 0, (
             f"deploy send exited {send.returncode}:\n{send.stdout[-3000:]}\n"
@@ -121,13 +116,14 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         assert rc is not None, f"the target did not reboot:\n{shim.text()[-3000:]}"
         shim.stop()
         node.boot("seabios")
-        node.wait_healthy(FIRST_BOOT_TIMEOUT_S)
+        node.wait_healthy(e2e_machine.FIRST_BOOT_TIMEOUT_S)
         timings.done("4_first_boot_seabios")
-        yield Chain(work, keys, image, iso, releases, admin_pub, node, timings, deploy)
+        yield Chain(work, keys, image, iso, releases, admin_pub, node, timings, lan, deploy)
     finally:
         if shim is not None:
             shim.stop()
         node.stop()
+        lan.stop()
         _keep_logs(work)
 
 

@@ -95,3 +95,46 @@ def test_step4b_the_disk_boots_with_ovmf_too(chain: Chain) -> None:
     assert health["status"] == "ok"
     assert _node_doc(chain)["boot_mode"] == "uefi"
     chain.timings.done("4b_boot_ovmf")
+
+
+def test_step9_the_node_deploys_its_peer(chain: Chain) -> None:
+    """`spk-visor deploy-system-img-copy CODE`, run on the node over SSH, installs a second
+    blank machine on the same LAN: found by its broadcast announcement (no --target), sent
+    the signed release the node runs, and serving it after its reboot."""
+    node = chain.node
+    work = chain.work / "peer"
+    work.mkdir()
+    disk = e2e_machine.blank_disk(work / "disk.raw")
+    peer_mac = "52:54:00:e2:e0:09"
+    shim = e2e_machine.boot_shim(
+        chain.iso, disk, work, receiver_port=None, lan=chain.lan, mac=peer_mac
+    )
+    try:
+        code = e2e_machine.read_code(shim)
+        chain.timings.done("9a_peer_shim_boot")
+        _, installed, _ = node.ssh("cat /var/lib/spk-visor/ota/installed.json")
+        running = json.loads(installed)
+        rc, out, err = node.ssh(
+            f"spk-visor deploy-system-img-copy {code} --hostname e2e-node-2 --json",
+            check=False,
+            timeout=e2e_machine.PEER_INSTALL_TIMEOUT_S,
+        )
+        assert rc == 0, f"exit {rc}:\n{out[-3000:]}\n{err[-3000:]}\npeer:\n{shim.text()[-3000:]}"
+        report = json.dumps(json.loads(out))
+        # It sent what it runs: the manifest OTA records as installed, nothing re-signed.
+        assert running["manifest"] in report, report
+        assert str(chain.lan.address_of(peer_mac)) in report, report
+        chain.timings.done("9b_peer_install")
+        assert shim.wait_exit(120) is not None, f"the peer did not reboot:\n{shim.text()[-3000:]}"
+    finally:
+        shim.stop()
+    peer = e2e_machine.Node(work, disk, node.home, node.releases, lan=chain.lan, mac=peer_mac)
+    try:
+        peer.boot("seabios")
+        health = peer.wait_healthy(e2e_machine.FIRST_BOOT_TIMEOUT_S)
+        assert health["version"] == running["version"], (health, running)
+        console = peer.qemu.text() if peer.qemu else ""
+        assert "e2e-node-2" in console or health.get("hostname") in (None, "e2e-node-2")
+        chain.timings.done("9c_peer_first_boot")
+    finally:
+        peer.stop()

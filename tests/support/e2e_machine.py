@@ -3,9 +3,9 @@ the installed node booted from its own disk.
 
 QEMU runs under TCG (no KVM needed). Each machine's first NIC is on QEMU's user network
 with restrict=on (nothing leaves the QEMU process) and host ports forwarded on 127.0.0.1:
-the shim's receiver port, or the node's SSH (22) and HTTPS (8080). `lan` adds a second NIC
-on a QEMU socket network shared by machines of the same test (a virtual LAN, see
-`Lan`). Every QEMU process is ended by its own PID.
+the shim's receiver port, or the node's SSH (22) and HTTPS (8080). `lan` adds a NIC on a
+virtual LAN shared by the machines of one test (tests/support/e2e_lan.py). Every QEMU
+process is ended by its own PID.
 
 `Node` is what later steps build on: its ports, disk, serial log, `boot()`, `reboot()`,
 `power_cycle()`, `stop()`, `ssh()` and `cli()` (spk-visor --ssh from a private HOME that
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.support import e2e_release
+from tests.support.e2e_lan import Lan
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -42,6 +43,11 @@ RECEIVER_PORT = 47475
 # The receiver's screen line: the code the operator types on the donor.
 CODE_LINE = re.compile(r"deploy code:\s+(\d{2,4}-[0-9A-HJKMNP-TV-Z]{5})\s")
 PANIC = re.compile(r"Kernel panic")
+# Generous: QEMU TCG on a shared 2-core machine.
+SHIM_BOOT_TIMEOUT_S = 420
+INSTALL_TIMEOUT_S = 600
+PEER_INSTALL_TIMEOUT_S = 900
+FIRST_BOOT_TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -55,21 +61,6 @@ def blank_disk(path: Path, size: int = DISK_BYTES) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
-
-
-@dataclass(frozen=True)
-class Lan:
-    """One virtual LAN for several QEMU machines: QEMU's socket netdev on a multicast group
-    (bound to loopback), so broadcasts reach every member and nothing else."""
-
-    port: int
-    group: str = "230.0.0.1"
-
-    def args(self, mac: str) -> list[str]:
-        return [
-            "-netdev", f"socket,id=lan,mcast={self.group}:{self.port},localaddr=127.0.0.1",
-            "-device", f"virtio-net-pci,netdev=lan,mac={mac}",
-        ]  # fmt: skip
 
 
 class Qemu:
@@ -164,18 +155,27 @@ def _disk_args(disk: Path, serial: str) -> list[str]:
 def boot_shim(iso: Path, disk: Path, workdir: Path, *, receiver_port: int | None,
               lan: Lan | None = None, mac: str = "52:54:00:e2:e0:02",
               firmware: str = "seabios") -> Qemu:  # fmt: skip
-    """A blank machine booting the shim ISO: the disk, the receiver port forwarded (when
-    given), optionally on `lan`. -no-reboot: the receiver's reboot after a deploy ends
-    QEMU, and the caller boots the disk in a new process."""
+    """A blank machine booting the shim ISO. With `receiver_port`, its NIC is on QEMU's
+    user network with the receiver forwarded there from the host; with `lan`, a NIC on that
+    LAN (and no other, when there is no `receiver_port`). -no-reboot: the receiver's reboot
+    after a deploy ends QEMU, and the caller boots the disk in a new process."""
     log = workdir / "shim-serial.log"
-    fwd = f",hostfwd=tcp:127.0.0.1:{receiver_port}-:{RECEIVER_PORT}" if receiver_port else ""
+    nics: list[str] = []
+    if receiver_port is not None:
+        fwd = f"hostfwd=tcp:127.0.0.1:{receiver_port}-:{RECEIVER_PORT}"
+        nics += ["-netdev", f"user,id=n0,restrict=on,{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+    if lan is not None:
+        nics += lan.member_args(mac)
     argv = [
         *_base_argv(log), "-no-reboot", *_firmware_args(firmware, workdir),
-        "-cdrom", str(iso), "-boot", "order=dc", *_disk_args(disk, DISK_SERIAL),
-        "-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0",
-        *(lan.args(mac) if lan else []),
+        "-cdrom", str(iso), "-boot", "order=dc", *_disk_args(disk, DISK_SERIAL), *nics,
     ]  # fmt: skip
     return Qemu(argv, log, workdir)
+
+
+def read_code(shim: Qemu) -> str:
+    """The code as the operator reads it from the target's screen (its serial console)."""
+    return shim.wait_for(CODE_LINE, SHIM_BOOT_TIMEOUT_S).group(1)
 
 
 def admin_key(home: Path) -> Path:
@@ -264,7 +264,7 @@ class Node:
             *_firmware_args(self.firmware, self.workdir),
             *_disk_args(self.disk, DISK_SERIAL),
             "-netdev", f"user,id=n0,restrict=on,{fwd}", "-device", "virtio-net-pci,netdev=n0",
-            *(self.lan.args(self.mac) if self.lan else []),
+            *(self.lan.member_args(self.mac) if self.lan else []),
         ]  # fmt: skip
         self.qemu = Qemu(argv, log, self.workdir)
         return self.qemu
@@ -348,4 +348,5 @@ class Chain:
     admin_pub: Path
     node: Node
     timings: e2e_release.Timings
+    lan: Lan
     deploy: dict[str, Any] = field(default_factory=dict)
