@@ -165,6 +165,8 @@ def test_initramfs_has_runtime_tools_modules_and_trust_root(built: Built) -> Non
     init = _cpio(archive, "-i", "--to-stdout", "init").decode()
     assert init.startswith("#!/bin/sh")
     assert "python3 -m spk_visor deploy receive" in init
+    # PID 1 is /init, a shell: busybox's plain `reboot` signals it and nothing happens.
+    assert 'deploy receive --reboot-cmd "reboot -f"' in init
     grub = _extract(built.iso, "/boot/grub/grub.cfg", built.work / "grub.cfg").read_text()
     assert "console=tty0 console=ttyS0,115200" in grub
     assert "terminal_output serial console" in grub
