@@ -62,10 +62,12 @@ def test_step5_the_node_reports_the_qemu_machine(chain: Chain) -> None:
 
     # No emulated IOMMU: the node says why VFIO cannot work, in words.
     iommu = node.cli("iommu", "--json", check=False)
-    assert iommu.returncode in (0, 8), iommu.stderr
+    assert iommu.returncode == 3, (iommu.returncode, iommu.stderr)  # 3: not ready
     readiness = json.loads(iommu.stdout)
-    assert readiness["ready"] is False, readiness
-    assert readiness["blockers"] and all(isinstance(b, str) and b for b in readiness["blockers"])
+    assert readiness["ready"] is False and readiness["iommu_groups"] == 0, readiness
+    blockers = readiness["blockers"]
+    assert blockers and all(isinstance(b, str) and b for b in blockers), readiness
+    assert any("group" in b.lower() for b in blockers), blockers
 
     # The dashboard, through the forwarded 8080, over HTTPS (the node's own certificate).
     status, page = e2e_machine.https_get(node.https_port, "/")
