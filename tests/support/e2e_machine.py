@@ -309,7 +309,9 @@ class Node:
         """Run `command` on the node as root with the admin key (paramiko, the node's host
         key as recorded by `spk-visor --accept-new` in HOME)."""
         client = paramiko.SSHClient()
-        client.load_host_keys(str(self.home / ".ssh" / "known_hosts"))
+        known_hosts = self.home / ".ssh" / "known_hosts"
+        assert known_hosts.is_file(), "no known host key yet: run cli(..., accept_new=True)"
+        client.load_host_keys(str(known_hosts))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         client.connect(
             "127.0.0.1", port=self.ssh_port, username="root",
