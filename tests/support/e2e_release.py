@@ -8,8 +8,9 @@ What is slow is cached under the checkout's .cache/ by content:
   every run would make every run a cold image build. They are test keys, nothing else
   trusts them;
 - the base image is cached by `image build` itself (.cache/image/<input key>/);
-- the Deploy Shim ISO under .cache/e2e/shim/<key>.iso, keyed by the trust root, the
-  sources that go into the initramfs and the kernel package.
+- the Deploy Shim ISO under .cache/e2e/shim/<key>.iso, keyed by the trust root and the
+  sources that go into the initramfs; the kernel .deb it is built from stays in
+  .cache/e2e/downloads/ (a new Debian kernel is picked up when those inputs change).
 
 Releases (`ota build`) are signed into the test's own directory at every run: they take
 seconds, and they are what the test checks.
@@ -154,7 +155,11 @@ def shim_iso(root_json: Path, cache: Path = CACHE) -> tuple[Path, bool]:
     for old in iso.parent.glob("*.iso"):
         old.unlink()  # one ISO is kept: the inputs changed
     partial = iso.with_name(f".{iso.name}.partial")
-    cli("deploy", "shim-iso", "-o", str(partial), "--trust-root", str(root_json), timeout=900)
+    # The kernel .deb the shim is built from is downloaded (apt) into the same cache.
+    cli(
+        "deploy", "shim-iso", "-o", str(partial), "--trust-root", str(root_json),
+        timeout=900, env={"XDG_CACHE_HOME": str(cache / "downloads")},
+    )  # fmt: skip
     os.replace(partial, iso)
     return iso, False
 
