@@ -136,8 +136,9 @@ def _keep_logs(work: Path) -> None:
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     for log in [*work.rglob("*.log"), work / "timings.json"]:
-        if log.is_file():
-            (out / log.name).write_bytes(log.read_bytes())
+        if log.is_file():  # named by machine: node/, shim/ and peer/ share file names
+            name = "-".join(log.relative_to(work).parts)
+            (out / name).write_bytes(log.read_bytes())
 
 
 @pytest.hookimpl(trylast=True)
