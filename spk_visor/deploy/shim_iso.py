@@ -415,6 +415,10 @@ def _add_tools(stage: _Stage) -> None:
     # kmod's modprobe (not busybox's): reads modules.alias/softdep exactly like udev does.
     for name in ("modprobe", "insmod", "rmmod", "lsmod", "modinfo", "depmod"):
         stage.link(f"usr/sbin/{name}", "../bin/kmod")
+    # The kernel's own module requests (request_module: the crc32c that ext4 needs at
+    # mount time, crypto, nls) run /sbin/modprobe, its built-in path, not $PATH's.
+    stage.link("sbin/modprobe", "../usr/bin/kmod")
+    _add_mtools_codepage(stage)
     for platform in _GRUB_PLATFORMS:
         shutil.copytree(Path("/usr/lib/grub", platform), stage.dest(f"usr/lib/grub/{platform}"))
     # udevd is udevadm under another name; its rules and helpers make the udev database
@@ -426,6 +430,27 @@ def _add_tools(stage: _Stage) -> None:
     for helper in _UDEV_HELPERS:
         if (udev / helper).is_file():
             stage.add_binary(udev / helper)
+
+
+# mtools converts FAT short names with iconv to and from its codepage (850): without that
+# glibc converter, mmd and mcopy refuse to touch the ESP ("Error setting code page").
+GCONV_DIR = Path("/usr/lib/x86_64-linux-gnu/gconv")
+_GCONV_MODULES = """\
+alias\tCP850//\tIBM850//
+alias\t850//\tIBM850//
+module\tIBM850//\tINTERNAL\tIBM850\t1
+module\tINTERNAL\tIBM850//\tIBM850\t1
+"""
+
+
+def _add_mtools_codepage(stage: _Stage) -> None:
+    converter = GCONV_DIR / "IBM850.so"
+    if not converter.is_file():
+        stage.warnings.append(f"{converter} missing: mtools cannot write the ESP")
+        return
+    stage.add_binary(converter)
+    # Only the one converter, so a config naming only it (glibc reads it without a cache).
+    (stage.dest(GCONV_DIR) / "gconv-modules").write_text(_GCONV_MODULES)
 
 
 def _stdlib_ignore(directory: str, names: list[str]) -> set[str]:

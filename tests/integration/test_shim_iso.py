@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -164,6 +165,8 @@ def test_initramfs_has_runtime_tools_modules_and_trust_root(built: Built) -> Non
     init = _cpio(archive, "-i", "--to-stdout", "init").decode()
     assert init.startswith("#!/bin/sh")
     assert "python3 -m spk_visor deploy receive" in init
+    # PID 1 is /init, a shell: busybox's plain `reboot` signals it and nothing happens.
+    assert 'deploy receive --reboot-cmd "reboot -f"' in init
     grub = _extract(built.iso, "/boot/grub/grub.cfg", built.work / "grub.cfg").read_text()
     assert "console=tty0 console=ttyS0,115200" in grub
     assert "terminal_output serial console" in grub
@@ -200,6 +203,9 @@ _TOOLS = [
     ["/usr/bin/grub-editenv", "--version"],
     ["/usr/bin/udevadm", "--version"],
     ["/bin/busybox", "udhcpc", "--help"],
+    # The kernel's request_module path: without it ext4 cannot load crc32c at mount time
+    # on a CPU without SSE4.2 (QEMU's default), and the install fails at mkfs.
+    ["/sbin/modprobe", "--version"],
 ]
 
 
@@ -237,6 +243,31 @@ def test_tools_and_python_run_from_the_initramfs(built: Built, unpacked: Path) -
     assert proc.returncode == 0, proc.stderr
     for needed in ("/jbd2.ko", "/mbcache.ko", "/ext4.ko", "crc32c"):
         assert needed in proc.stdout, proc.stdout
+
+
+def test_mtools_write_an_esp_from_the_initramfs(unpacked: Path) -> None:
+    """The installer writes BOOTX64.EFI with mmd and mcopy: they must work inside the shim
+    (they need glibc's CP850 converter, which the build host has and the shim did not)."""
+    (unpacked / "tmp/esp.img").write_bytes(b"")
+    os.truncate(unpacked / "tmp/esp.img", 64 << 20)
+    (unpacked / "tmp/file.efi").write_bytes(b"MZ" + os.urandom(4096))
+    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "MTOOLS_SKIP_CHECK": "1", "LANG": "C.UTF-8"}
+    try:
+        for argv in (
+            ["/usr/sbin/mkfs.vfat", "-F", "32", "/tmp/esp.img"],
+            ["/usr/bin/mmd", "-i", "/tmp/esp.img", "::/EFI", "::/EFI/BOOT"],
+            ["/usr/bin/mcopy", "-i", "/tmp/esp.img", "/tmp/file.efi", "::/EFI/BOOT/BOOTX64.EFI"],
+            ["/usr/bin/mcopy", "-n", "-i", "/tmp/esp.img", "::/EFI/BOOT/BOOTX64.EFI", "/tmp/back"],
+        ):
+            proc = subprocess.run(
+                ["chroot", str(unpacked), *argv], capture_output=True, text=True, env=env,
+                check=False,
+            )  # fmt: skip
+            assert proc.returncode == 0, f"{argv}: {proc.stderr.strip()[-500:]}"
+        assert (unpacked / "tmp/back").read_bytes() == (unpacked / "tmp/file.efi").read_bytes()
+    finally:
+        for name in ("esp.img", "file.efi", "back"):
+            (unpacked / "tmp" / name).unlink(missing_ok=True)
 
 
 # The receiver's screen: the code (nameplate-secret) the operator types on the donor.
