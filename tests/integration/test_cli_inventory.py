@@ -10,18 +10,12 @@ import pytest
 
 from spk_visor.cli import main
 from tests.support.daemon import Daemon, DaemonEnv
-from tests.support.sshd import Sshd, free_port
+from tests.support.sshd import Sshd, admin_home, free_port
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd: Sshd) -> Path:
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True, mode=0o700)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    for name in ("SPK_VISOR_TOKEN", "SPK_VISOR_NODE", "SPK_VISOR_SSH", "SPK_VISOR_FLEET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SPK_VISOR_CONFIG", str(tmp_path / "absent.toml"))
+    home = admin_home(tmp_path, monkeypatch)
     # The inventory names no key; ssh_config supplies it for the address, as it would for
     # an admin whose inventory says only where the hosts are.
     (home / ".ssh" / "config").write_text(f"Host 127.0.0.1\n    IdentityFile {sshd.user_key}\n")

@@ -27,20 +27,14 @@ from spk_visor.config import SshSpec, Target
 from spk_visor.errors import TransportError
 from spk_visor.transport import ssh
 from tests.support.daemon import Daemon, DaemonEnv
-from tests.support.sshd import Sshd, fingerprint, free_port, keygen
+from tests.support.sshd import Sshd, admin_home, fingerprint, free_port, keygen
 
 Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd: Sshd) -> Path:
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True, mode=0o700)
-    monkeypatch.setenv("HOME", str(home))
-    # Agent-less: only the IdentityFile from ~/.ssh/config can log in.
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    for name in ("SPK_VISOR_TOKEN", "SPK_VISOR_NODE", "SPK_VISOR_SSH", "SPK_VISOR_FLEET"):
-        monkeypatch.delenv(name, raising=False)
+    home = admin_home(tmp_path, monkeypatch)
     write_ssh_config(home, sshd, sshd.user_key)
     return home
 

@@ -12,18 +12,12 @@ import pytest
 
 from spk_visor.cli import main
 from tests.support.daemon import Daemon, DaemonEnv
-from tests.support.sshd import Sshd, free_port
+from tests.support.sshd import Sshd, admin_home, free_port
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd: Sshd) -> Path:
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True, mode=0o700)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    for name in ("SPK_VISOR_TOKEN", "SPK_VISOR_NODE", "SPK_VISOR_SSH", "SPK_VISOR_FLEET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SPK_VISOR_CONFIG", str(tmp_path / "no-config.toml"))
+    home = admin_home(tmp_path, monkeypatch)
     (home / ".ssh" / "known_hosts").write_text(f"{sshd.known_hosts_name} {sshd.host_pub}\n")
     return home
 

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.support.hostpaths import SharedDir
 from tests.support.prereq import need_command, need_root
 
@@ -63,6 +65,20 @@ def fingerprint(pub: Path) -> str:
         text=True,
     ).stdout
     return out.split()[1]  # "256 SHA256:... comment (ED25519)"
+
+
+def admin_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private HOME with an empty ~/.ssh (0700), no agent and no spk-visor settings from
+    the environment, as an admin's first SSH session from a clean workstation."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    monkeypatch.setenv("HOME", str(home))
+    # Agent-less: only the IdentityFile from ~/.ssh/config can log in.
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    for name in ("SPK_VISOR_TOKEN", "SPK_VISOR_NODE", "SPK_VISOR_SSH", "SPK_VISOR_FLEET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SPK_VISOR_CONFIG", str(tmp_path / "absent.toml"))
+    return home
 
 
 def free_port() -> int:
