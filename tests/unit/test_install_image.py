@@ -22,6 +22,18 @@ from spk_visor.trust.manifest import ImageComponent
 MIB = 1 << 20
 
 
+def zstd_image(raw: bytes, blob: bytes) -> ImageComponent:
+    """The manifest entry of `raw`, shipped as the zstd `blob`."""
+    return ImageComponent(
+        name="base",
+        version="1",
+        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
+        encoding="zstd",
+        raw_size=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )
+
+
 def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -30,14 +42,7 @@ def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
     raw = hashlib.shake_256(b"image").digest(3 * MIB) + bytes(4 * MIB + 100)
     blob = zstandard.ZstdCompressor().compress(raw)
     (tmp_path / "blob").write_bytes(blob)
-    image = ImageComponent(
-        name="base",
-        version="1",
-        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
-        encoding="zstd",
-        raw_size=len(raw),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
-    )
+    image = zstd_image(raw, blob)
     slot = tmp_path / "slot"
     slot.write_bytes(bytes(len(raw) + MIB))
     body = len(raw) - image_writer.HEAD - 100  # 100: the unaligned tail, kept for the end
@@ -105,14 +110,7 @@ def test_a_blob_that_fails_to_read_fails_the_stream(tmp_path: Path) -> None:
     it were decoded); nothing hangs and the slot's head stays unwritten."""
     raw = hashlib.shake_256(b"image").digest(2 * MIB) + bytes(2 * MIB)
     blob = zstandard.ZstdCompressor().compress(raw)
-    image = ImageComponent(
-        name="base",
-        version="1",
-        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
-        encoding="zstd",
-        raw_size=len(raw),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
-    )
+    image = zstd_image(raw, blob)
     slot = tmp_path / "slot"
     slot.write_bytes(bytes(len(raw)))
 
