@@ -118,7 +118,6 @@ def step6_update_commits(node: Machine, admin: Admin, v2: e2e_releases.Release,
                          clock: Clock) -> None:  # fmt: skip
     """Push v2: live daemon swap, base staged (exit 4); reboot into slot B; committed."""
     started = time.monotonic()
-    assert booted_slot(admin, node) == "a"
     push = admin.cli(
         *("--ssh", f"root@127.0.0.1:{node.ssh_port}", "--accept-new"),
         *("ota", "push", str(v2.bundle)),
@@ -126,6 +125,7 @@ def step6_update_commits(node: Machine, admin: Admin, v2: e2e_releases.Release,
     assert push.returncode == 4, f"exit {push.returncode}\n{push.stdout}\n{push.stderr}"
     health = https_get_json(node.https_port, "/api/health")
     assert health is not None and health["version"] == v2.version, health
+    assert booted_slot(admin, node) == "a"
     status, text = ota_status(admin, node)
     assert status["base"]["phase"] == "staged" and status["base"]["slot"] == "b", status
     clock.step("6 push v2 (daemon swapped, base staged)", started)
@@ -189,9 +189,11 @@ def step7_bad_base_rolls_back(node: Machine, admin: Admin, v3: e2e_releases.Rele
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The run's files; the disk and the bundles (GiBs) go at the end, the logs stay."""
     path = tmp_path_factory.mktemp("e2e-ota")
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    for big in ("disk", "releases"):
+        shutil.rmtree(path / big, ignore_errors=True)
 
 
 def test_ota_lifecycle_on_an_installed_node(workdir: Path) -> None:
@@ -206,7 +208,7 @@ def test_ota_lifecycle_on_an_installed_node(workdir: Path) -> None:
     started = time.monotonic()
     admin = Admin.create(workdir / "admin")
     v1 = releases.v1
-    disk, report = e2e_install.install(
+    disk, _report = e2e_install.install(
         v1.bundle, v1.bundle.with_suffix(".manifest.json"), releases.pki.root_json,
         workdir / "disk", admin.public_key,
     )  # fmt: skip

@@ -26,8 +26,14 @@ from tests.support.loopdisk import LoopDisk
 DISK_SIZE = "3G"
 
 
-def install(bundle: Path, manifest: Path, root_json: Path, workdir: Path,
-            authorized_keys: str, hostname: str = "node-1") -> tuple[Path, dict[str, Any]]:  # fmt: skip
+def install(
+    bundle: Path,
+    manifest: Path,
+    root_json: Path,
+    workdir: Path,
+    authorized_keys: str,
+    hostname: str = "node-1",
+) -> tuple[Path, dict[str, Any]]:
     """A disk file with the release installed; (its path, the install REPORT)."""
     workdir.mkdir(parents=True, exist_ok=True)
     disk = LoopDisk(workdir, DISK_SIZE)

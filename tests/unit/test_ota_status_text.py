@@ -34,3 +34,20 @@ def test_status_text_escapes_what_a_check_printed() -> None:
     text = status_text(doc)
     assert "\x1b" not in text
     assert "required/x: exit 1:" in text
+
+
+def test_node_side_commands_refuse_a_remote_node() -> None:
+    """`spk-visor --ssh root@node ota status` would print THIS machine's OTA state as if it
+    were the node's: refused (exit 2), saying how to reach the node; nothing is read."""
+    from tests.support.cli import run
+
+    for argv in (
+        ("--ssh", "root@node.invalid", "ota", "status"),
+        ("--ssh", "root@node.invalid", "ota", "history"),
+        ("--node", "https://node.invalid:8080", "ota", "status", "--json"),
+        ("--ssh", "root@node.invalid", "ota", "commit"),
+    ):
+        result = run(*argv)
+        assert result.code == 2, (argv, result)
+        assert "acts on the machine it runs on" in result.err, result.err
+        assert "ssh root@NODE spk-visor ota" in result.err
