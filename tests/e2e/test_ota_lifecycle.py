@@ -94,14 +94,12 @@ def base_marker(admin: Admin, node: Machine) -> str:
 
 
 def ota_status(admin: Admin, node: Machine) -> tuple[dict[str, Any], str]:
-    """`spk-visor --ssh ... ota status`, as JSON and as the text an operator reads."""
-    target = ("--ssh", f"root@127.0.0.1:{node.ssh_port}")
-    as_json = admin.cli(*target, "--json", "ota", "status")
-    assert as_json.returncode == 0, as_json.stderr
-    text = admin.cli(*target, "ota", "status")
-    assert text.returncode == 0, text.stderr
-    doc: dict[str, Any] = json.loads(as_json.stdout)
-    return doc, text.stdout + text.stderr
+    """`spk-visor ota status` on the node (over SSH, as an operator runs it there), as JSON
+    and as the text an operator reads."""
+    as_json = ssh_ok(admin, node, "spk-visor ota status --json")
+    text = ssh_ok(admin, node, "COLUMNS=200 spk-visor ota status")
+    doc: dict[str, Any] = json.loads(as_json)
+    return doc, " ".join(text.split())
 
 
 def reboot(admin: Admin, node: Machine) -> None:

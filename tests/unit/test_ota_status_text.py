@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spk_visor.ota.report import status_text
+from tests.support.cli import run
 
 
 def test_a_failed_trial_says_which_check_failed_and_what_it_said() -> None:
@@ -39,8 +40,6 @@ def test_status_text_escapes_what_a_check_printed() -> None:
 def test_node_side_commands_refuse_a_remote_node() -> None:
     """`spk-visor --ssh root@node ota status` would print THIS machine's OTA state as if it
     were the node's: refused (exit 2), saying how to reach the node; nothing is read."""
-    from tests.support.cli import run
-
     for argv in (
         ("--ssh", "root@node.invalid", "ota", "status"),
         ("--ssh", "root@node.invalid", "ota", "history"),

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 import spk_visor
+from spk_visor.errors import OperatorNeededError
+from spk_visor.ota import engine
+from tests.support.ota_pki import Pki, make_bundle, make_node
 
 CHECKOUT = Path(spk_visor.__file__).resolve().parents[1]
 
@@ -56,10 +59,6 @@ def test_detached_apply_fails_when_the_worker_dies_before_it_starts(
     """`apply --detach` (what `ota push` runs) waits for the worker's journal entry: a
     worker that dies first is an error, never a silent success followed by `status --wait`
     reporting the previous operation."""
-    from spk_visor.errors import OperatorNeededError
-    from spk_visor.ota import engine
-    from tests.support.ota_pki import Pki, make_bundle, make_node
-
     pki = Pki()
     node = make_node(tmp_path, pki)
     result = make_bundle(tmp_path, pki, version="1.0.0", counter=1)
