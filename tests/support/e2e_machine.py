@@ -88,7 +88,9 @@ class Machine:
         argv = [
             *("qemu-system-x86_64", "-accel", "tcg", "-machine", "q35"),
             *("-smp", str(self.smp), "-m", str(self.memory_mib)),
-            *("-nographic", "-monitor", "none", "-no-reboot"),
+            # No display adapter: the console is the serial port, and a framebuffer's
+            # driver costs seconds of every boot under TCG.
+            *("-nographic", "-vga", "none", "-monitor", "none", "-no-reboot"),
             *("-serial", f"file:{self.serial_log}"),
             *("-drive", f"file={self.disk},format=raw,if=virtio,cache=unsafe"),
             *("-netdev", f"user,id=n0,restrict=on,{fwd}"),
@@ -121,6 +123,9 @@ class Machine:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(self.workdir / f"qemu-{self.boots}.stderr").open("wb"),
+            # Its own session: a signal to the test's process group does not reach it; it
+            # is stopped by its PID (stop()).
+            start_new_session=True,
         )
 
     def running(self) -> bool:
