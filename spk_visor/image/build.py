@@ -355,14 +355,16 @@ def _build_overlaid(inputs: Inputs, rebuild: bool, progress: Progress) -> Result
     """The base image (built or cached), with the overlay laid over it; cached beside the
     base image, so pruning the base prunes its overlaid images too."""
     started = time.monotonic()
-    assert inputs.overlay is not None
+    overlay = inputs.overlay
+    if overlay is None:
+        raise ValueError("_build_overlaid needs an overlay")
     base = build(replace(inputs, overlay=None), None, rebuild=rebuild, progress=progress)
-    key = overlay_mod.key(base.key, inputs.overlay)
+    key = overlay_mod.key(base.key, overlay)
     cache = base.path.parent / f"overlay-{key[:32]}"
     cached = None if rebuild else _from_cache(cache, started, progress)
     if cached is not None:
         return cached
-    progress(f"laying {inputs.overlay} over the base image")
+    progress(f"laying {overlay} over the base image")
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=cache))
     try:
@@ -371,7 +373,7 @@ def _build_overlaid(inputs: Inputs, rebuild: bool, progress: Progress) -> Result
         with _tmpfs(work / "stage", 4 << 30) as stage:
             raw = overlay_mod.make(
                 base.path,
-                inputs.overlay,
+                overlay,
                 partial,
                 image_key=key,
                 epoch=base.epoch,
