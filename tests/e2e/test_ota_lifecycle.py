@@ -140,6 +140,11 @@ def step6_update_commits(node: Machine, admin: Admin, v2: e2e_releases.Release,
     base = status["base"]
     assert base["phase"] == "committed" and base["slot"] == "b", status
     assert "committed" in text and "slot b" in text.lower(), text
+    # The slot written was this disk's slot B, named by its partition GUID.
+    conf = ssh_ok(admin, node, "cat /etc/spk-visor/ota.conf")
+    slot_b = re.search(r'^b = "(/dev/disk/by-partuuid/[0-9a-f-]+)"$', conf, re.M)
+    assert slot_b, conf
+    assert ssh_ok(admin, node, f"readlink -f {slot_b.group(1)}").strip() == "/dev/vda4"
     # Committed means the default moved: a plain reboot would come back to slot B.
     env = ssh_ok(admin, node, "grub-editenv /boot/grub/grubenv list")
     assert "saved_entry=smechvisor-b" in env and "next_entry=smechvisor" not in env, env
