@@ -61,6 +61,15 @@ def build(
             help="apt sources for Debian 12 [default: this machine's apt sources].",
         ),
     ] = None,
+    overlay: Annotated[
+        Path | None,
+        typer.Option(
+            "--overlay",
+            metavar="DIR",
+            help="Files laid over the built image (extra health.d checks, site settings); "
+            "the base image is reused from the cache.",
+        ),
+    ] = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Build even when the cache has this image.")
     ] = False,
@@ -87,6 +96,7 @@ def build(
         daemon_tree=daemon_tree,
         sources_file=sources,
         epoch=None,
+        overlay=overlay,
     )
 
     def progress(message: str) -> None:

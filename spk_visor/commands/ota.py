@@ -604,9 +604,35 @@ def _as_root() -> Iterator[None]:
         ) from e
 
 
+def here_only(ctx: typer.Context) -> None:
+    """Node-side commands act on the machine they run on. Given a remote node
+    (--ssh, --node, --fleet), they would report or change this machine while the operator
+    reads it as the node's: refuse, and say how to reach the node."""
+    options = state(ctx).options
+    given = [
+        flag
+        for flag, value in (
+            ("--ssh", options.ssh),
+            ("--node", options.node),
+            ("--fleet", options.fleet),
+        )
+        if value
+    ]
+    if given:
+        name = ctx.info_name or "status"
+        raise UsageError(
+            f"`ota {name}` acts on the machine it runs on, not on a node named with "
+            f"{' or '.join(given)}: nothing was done",
+            f"run it on the node (ssh root@NODE spk-visor ota {name}); from a workstation, "
+            "`spk-visor --ssh root@NODE ota push BUNDLE` installs a release",
+        )
+
+
 @contextmanager
 def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[Any]:
     from spk_visor.ota.context import load_context  # noqa: PLC0415
+
+    here_only(ctx)
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
 
     st = state(ctx, as_json)
@@ -800,6 +826,7 @@ def status(
     from spk_visor.ota.context import load_context  # noqa: PLC0415
     from spk_visor.ota.report import Reporter  # noqa: PLC0415
 
+    here_only(ctx)
     st = state(ctx, as_json)
     # --wait shows only the end state; --follow shows each phase as it happens.
     reporter = Reporter(as_json=st.json, quiet=not follow)
@@ -876,6 +903,7 @@ def history(
     """Every OTA decision on this node, oldest first."""
     from spk_visor.ota.context import load_context  # noqa: PLC0415
 
+    here_only(ctx)
     events = load_context().history.read(limit)
 
     def word(value: Any) -> str:

@@ -813,6 +813,21 @@ class Installer:
             f"UUID={self.esp_uuid} /boot/efi vfat umask=0077,nofail 0 1\n"
         )
 
+    def ota_conf(self) -> str:
+        """The node's ota.conf (the image links /etc/spk-visor/ota.conf here): the slots
+        by GPT partition GUID. The image's defaults name them by partition label, and
+        every SmechVisor disk has a root-a and a root-b: with a second one attached, OTA
+        could write the other disk's slot. The GUIDs are unique to this install."""
+        return (
+            "# Written by spk-visor deploy. Every key is optional; see docs/ota.md.\n"
+            "# The A/B slots of this disk by GPT partition GUID (labels repeat across\n"
+            "# SmechVisor disks), and GRUB's environment on the data partition.\n"
+            "[slots]\n"
+            f'a = "/dev/disk/by-partuuid/{self.partuuids["root-a"]}"\n'
+            f'b = "/dev/disk/by-partuuid/{self.partuuids["root-b"]}"\n'
+            'grubenv = "/boot/grub/grubenv"\n'
+        )
+
     # -- what the bootloader needs, prepared while the image streams
 
     def start_boot_prep(self) -> None:
@@ -862,6 +877,8 @@ class Installer:
         # World-readable, as every system reads them.
         durable.write_bytes(etc / "fstab", self.fstab().encode(), 0o644)
         durable.write_bytes(etc / "hostname", f"{self.plan.hostname}\n".encode(), 0o644)
+        (etc / "spk-visor").mkdir(mode=0o755, exist_ok=True)
+        durable.write_bytes(etc / "spk-visor" / "ota.conf", self.ota_conf().encode(), 0o644)
         if self.plan.authorized_keys is not None:
             self._write_authorized_keys(etc, self.plan.authorized_keys)
 

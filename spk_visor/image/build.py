@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from smechvisord.version import VERSION
 from spk_visor.deploy import shim_iso
 from spk_visor.errors import ConfigError, UsageError
 from spk_visor.image import ext4, pyenv, rootfs, sources
+from spk_visor.image import overlay as overlay_mod
 from spk_visor.image.pyenv import ImageBuildError
 
 IMAGE_NAME = "smechvisor-base.img"
@@ -69,6 +70,7 @@ class Inputs:
     daemon_tree: Path | None = None
     sources_file: Path | None = None
     epoch: int | None = None
+    overlay: Path | None = None  # files laid over the built image (overlay.py)
 
 
 @dataclass
@@ -195,6 +197,8 @@ def _check_inputs(inputs: Inputs) -> None:
             f"--daemon-tree {inputs.daemon_tree} has no bin/smechvisord",
             "pass a release tree made by `make dist`",
         )
+    if inputs.overlay is not None:
+        overlay_mod.check(inputs.overlay)
 
 
 def trust_root(path: Path | None) -> Path:
@@ -294,6 +298,24 @@ def _copy_out(src: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _from_cache(cache: Path, started: float, progress: Progress) -> Result | None:
+    image, meta = cache / IMAGE_NAME, cache / "build.json"
+    if not (image.is_file() and meta.is_file()):
+        return None
+    doc = json.loads(meta.read_text())
+    os.utime(cache)  # recently used: prune_cache keeps it
+    doc.update(path=image, cached=True, seconds=time.monotonic() - started)
+    progress(f"cached: {image} (inputs {doc['key'][:12]})")
+    return Result(**doc)
+
+
+def _save_meta(cache: Path, result: Result) -> None:
+    meta_doc = result.to_json()
+    for transient in ("path", "cached", "seconds"):
+        meta_doc.pop(transient)
+    (cache / "build.json").write_text(json.dumps(meta_doc, indent=2) + "\n")
+
+
 def build(
     inputs: Inputs,
     out: Path | None,
@@ -305,35 +327,78 @@ def build(
     """Build (or take from the cache) the base image; copy it to `out` when given."""
     started = time.monotonic()
     _check_inputs(inputs)
-    epoch = inputs.epoch if inputs.epoch is not None else source_date_epoch()
-    if inputs.sources_file is not None:
-        sources_text = inputs.sources_file.read_text()
+    if inputs.overlay is not None:
+        result = _build_overlaid(inputs, rebuild, progress)
     else:
-        sources_text = sources.host_sources(rootfs.SUITE)
-    key = input_key(inputs, sources_text, epoch)
-    cache = cache_root(inputs.source) / key[:32]
-    image = cache / IMAGE_NAME
-    meta = cache / "build.json"
-    if not rebuild and image.is_file() and meta.is_file():
-        doc = json.loads(meta.read_text())
-        os.utime(cache)  # recently used: prune_cache keeps it
-        doc.update(path=image, cached=True, seconds=time.monotonic() - started)
-        result = Result(**doc)
-        progress(f"cached: {image} (inputs {key[:12]})")
-        if out is not None:
-            _copy_out(image, out)
-            result.path = out
-        return result
-    result = _build_fresh(inputs, sources_text, epoch, key, cache, keep_tree, progress)
+        epoch = inputs.epoch if inputs.epoch is not None else source_date_epoch()
+        if inputs.sources_file is not None:
+            sources_text = inputs.sources_file.read_text()
+        else:
+            sources_text = sources.host_sources(rootfs.SUITE)
+        key = input_key(inputs, sources_text, epoch)
+        cache = cache_root(inputs.source) / key[:32]
+        cached = None if rebuild else _from_cache(cache, started, progress)
+        if cached is not None:
+            result = cached
+        else:
+            result = _build_fresh(inputs, sources_text, epoch, key, cache, keep_tree, progress)
+            _save_meta(cache, result)
+            prune_cache(cache.parent, keep={cache.name})
     result.seconds = time.monotonic() - started
-    meta_doc = result.to_json()
-    for transient in ("path", "cached", "seconds"):
-        meta_doc.pop(transient)
-    meta.write_text(json.dumps(meta_doc, indent=2) + "\n")
-    prune_cache(cache.parent, keep={cache.name})
     if out is not None:
-        _copy_out(image, out)
+        _copy_out(result.path, out)
         result.path = out
+    return result
+
+
+def _build_overlaid(inputs: Inputs, rebuild: bool, progress: Progress) -> Result:
+    """The base image (built or cached), with the overlay laid over it; cached beside the
+    base image, so pruning the base prunes its overlaid images too."""
+    started = time.monotonic()
+    overlay = inputs.overlay
+    if overlay is None:
+        raise ValueError("_build_overlaid needs an overlay")
+    base = build(replace(inputs, overlay=None), None, rebuild=rebuild, progress=progress)
+    key = overlay_mod.key(base.key, overlay)
+    cache = base.path.parent / f"overlay-{key[:32]}"
+    cached = None if rebuild else _from_cache(cache, started, progress)
+    if cached is not None:
+        return cached
+    progress(f"laying {overlay} over the base image")
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=cache))
+    try:
+        partial = cache / f".{IMAGE_NAME}.partial"
+        t = time.monotonic()
+        with _tmpfs(work / "stage", 4 << 30) as stage:
+            raw = overlay_mod.make(
+                base.path,
+                overlay,
+                partial,
+                image_key=key,
+                epoch=base.epoch,
+                stage=stage,
+                work=work,
+                label=LABEL,
+            )
+        image = cache / IMAGE_NAME
+        os.replace(partial, image)
+        result = replace(
+            base,
+            path=image,
+            key=key,
+            cached=False,
+            raw_bytes=raw,
+            zstd_bytes=_zstd_size(image),
+            sha256=_hash_file(image),
+            stages={"base": base.seconds, "overlay": time.monotonic() - t},
+        )
+    finally:
+        for mnt in reversed(_mounted(work)):
+            subprocess.run(["umount", "--lazy", mnt], check=False, capture_output=True)
+        if not _mounted(work):
+            shutil.rmtree(work, ignore_errors=True)
+    _save_meta(cache, result)
     return result
 
 

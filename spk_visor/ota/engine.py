@@ -351,8 +351,24 @@ def apply_stream(ctx: OtaContext, stream: BinaryIO, opts: ApplyOptions) -> tuple
         proc = start_worker(ctx, plan, opts, lock_fd)
     # Our copy of the lock is closed; the worker holds it until it exits.
     if opts.detach:
+        wait_started(ctx, proc, plan.manifest_sha256)
         return ExitCode.OK, plan
     return follow(ctx, proc=proc, manifest_hex=plan.manifest_sha256), plan
+
+
+def worker_command(
+    manifest_hex: str, lock_fd: int, flags: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The worker's argv and environment.
+
+    The worker is a new interpreter, and it must import spk_visor from where this one
+    did. On a node that is not site-packages: /usr/bin/spk-visor runs `python3 -IB` and
+    puts its library directory on sys.path itself (image/nodefiles.CLI_LAUNCHER), so the
+    worker gets this process's sys.path as PYTHONPATH (it runs without -I)."""
+    argv = [sys.executable, "-B", "-m", WORKER_MODULE, manifest_hex, "--lock-fd", str(lock_fd)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return [*argv, *flags], env
 
 
 def start_worker(
@@ -360,13 +376,14 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """Hand the update, and the lock, to a detached worker."""
     ctx.paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [sys.executable, "-m", WORKER_MODULE, plan.manifest_sha256, "--lock-fd", str(lock_fd)]
+    flags = []
     if opts.manual_commit:
-        argv.append("--manual-commit")
+        flags.append("--manual-commit")
     if not opts.apply_daemon:
-        argv.append("--no-daemon")
+        flags.append("--no-daemon")
     if not opts.stage_base:
-        argv.append("--no-base")
+        flags.append("--no-base")
+    argv, env = worker_command(plan.manifest_sha256, lock_fd, flags)
     log_fd = os.open(ctx.paths.worker_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         # Own session, stdin closed, output to its own log: a dropped SSH session or the
@@ -380,11 +397,43 @@ def start_worker(
             start_new_session=True,
             pass_fds=(lock_fd,),
             close_fds=True,
+            env=env,
         )
     finally:
         os.close(log_fd)
     ctx.emit("phase", {"component": "op", "phase": "started", "pid": proc.pid})
     return proc
+
+
+def wait_started(
+    ctx: OtaContext, proc: subprocess.Popen[bytes], manifest_hex: str, timeout: float = 120.0
+) -> None:
+    """Return once the detached worker has recorded its operation (or finished it).
+
+    `apply --detach` (what a push runs) must not report a start that never happened: a
+    worker that dies before its journal entry (an import error, a missing interpreter)
+    would otherwise leave the journal as it was, and `status --wait` would then report
+    the previous, finished operation as this one's success."""
+    deadline = time.monotonic() + timeout
+    while True:
+        op = ctx.journal.get(OP)
+        if op.get("manifest") == manifest_hex and op.get("pid") == proc.pid:
+            return
+        code = proc.poll()
+        if code is not None:
+            op = ctx.journal.get(OP)
+            if op.get("manifest") == manifest_hex and op.get("pid") == proc.pid:
+                return
+            raise OperatorNeededError(
+                f"the OTA worker exited ({code}) before it started the update",
+                f"nothing was changed; see {ctx.paths.worker_log}",
+            )
+        if time.monotonic() > deadline:
+            raise OperatorNeededError(
+                f"the OTA worker (pid {proc.pid}) did not start the update in {timeout:g} s",
+                "spk-visor ota status --follow",
+            )
+        time.sleep(0.05)
 
 
 def follow(

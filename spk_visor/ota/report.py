@@ -208,6 +208,10 @@ def _entry(entry: dict[str, Any]) -> str:
     for key in ("reason", "error"):
         if entry.get(key):
             parts.append(clean(entry[key]))
+    # Which health checks failed a trial boot, and what they printed: what to fix.
+    failures = entry.get("failures")
+    if isinstance(failures, list) and failures:
+        parts.append("failed: " + "; ".join(clean(f) for f in failures))
     if entry.get("updated"):
         parts.append(f"since {clean(entry['updated'])}")
     return phase + (": " + ", ".join(parts) if parts else "")

@@ -33,6 +33,7 @@ from spk_visor.deploy.install import (
 )
 from spk_visor.deploy.inventory import Disk, inventory
 from spk_visor.ota import bundle as bundle_mod
+from spk_visor.ota import nodeconf
 from spk_visor.ota.store import sha256_file
 from spk_visor.trust import roots
 from tests.support import deploy_images
@@ -214,7 +215,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         data = inst.parts["data"]
         files = {
             p: _debugfs_cat(data, p)
-            for p in ("/etc/fstab", "/boot/grub/grub.cfg", "/etc/hostname", "/etc/spk-deploy.json")
+            for p in (
+                "/etc/fstab",
+                "/boot/grub/grub.cfg",
+                "/etc/hostname",
+                "/etc/spk-deploy.json",
+                "/etc/spk-visor/ota.conf",
+            )
         }
         files["grubenv"] = _debugfs_cat(data, "/boot/grub/grubenv")
         link = subprocess.run(
@@ -303,6 +310,26 @@ def test_config_files(installed: Installed) -> None:
     assert installed.data_files["/etc/hostname"] == b"node-1\n"
     record = json.loads(installed.data_files["/etc/spk-deploy.json"])
     assert record["manifest_sha256"] == installed.release.result.manifest_sha256
+
+
+def test_ota_conf_names_this_disks_slots_by_partuuid(installed: Installed, tmp_path: Path) -> None:
+    """OTA writes the slot the node did not boot: that must be a partition of THIS disk.
+    Partition labels (root-a, root-b) repeat on every SmechVisor disk, so with a second one
+    attached /dev/disk/by-partlabel/root-b could name the other disk's slot. The install
+    names the slots by their GPT partition GUIDs, unique to this install."""
+    text = installed.data_files["/etc/spk-visor/ota.conf"].decode()
+    conf = tmp_path / "ota.conf"
+    conf.write_text(text)
+    os.environ[nodeconf.CONF_ENV] = str(conf)
+    try:
+        config = nodeconf.load_config(nodeconf.NodePaths(Path("/nonexistent")))
+    finally:
+        del os.environ[nodeconf.CONF_ENV]
+    uuids = installed.report["partuuids"]
+    assert config.slots.a == f"/dev/disk/by-partuuid/{uuids['root-a']}"
+    assert config.slots.b == f"/dev/disk/by-partuuid/{uuids['root-b']}"
+    assert config.slots.grubenv == "/boot/grub/grubenv"
+    assert "by-partlabel" not in text
 
 
 def test_admin_keys_on_the_data_partition(installed: Installed) -> None:

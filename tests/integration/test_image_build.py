@@ -99,6 +99,31 @@ def test_second_build_is_the_cached_image(built: dict[str, Any], tmp_path: Path)
     assert image_build_sha256(tmp_path / "copy.img") == built["sha256"]
 
 
+def test_overlay_lays_files_over_the_image(built: dict[str, Any], tmp_path: Path) -> None:
+    """`--overlay DIR`: the built image with DIR's files laid over it (here a site's
+    required health check), made from the cached image, cached itself, reproducible."""
+    overlay = tmp_path / "site"
+    check = overlay / "etc/spk-visor/health.d/required/50-site"
+    check.parent.mkdir(parents=True)
+    check.write_text("#!/bin/sh\nexit 0\n")
+    check.chmod(0o755)
+    (overlay / "etc/smechvisor-site").write_text("rack 7\n")
+    doc, _ = image_build.build_image(tmp_path, "--overlay", str(overlay))
+    assert doc["cached"] is False and doc["key"] != built["key"]
+    assert doc["kernel"] == built["kernel"] and doc["daemon_release"] == built["daemon_release"]
+    with image_build.mounted(Path(doc["path"])) as mnt:
+        placed = mnt / "etc/spk-visor/health.d/required/50-site"
+        assert placed.read_text() == "#!/bin/sh\nexit 0\n"
+        assert (placed.stat().st_mode & 0o777, placed.stat().st_uid) == (0o755, 0)
+        assert (mnt / "etc/smechvisor-site").read_text() == "rack 7\n"
+        # The image's own checks are still there: directories merge.
+        assert (mnt / "etc/spk-visor/health.d/required/10-root-read-only").is_file()
+    again, _ = image_build.build_image(tmp_path, "--overlay", str(overlay))
+    assert again["cached"] is True and again["sha256"] == doc["sha256"]
+    # The base image is untouched.
+    assert image_build_sha256(Path(built["path"])) == built["sha256"]
+
+
 def image_build_sha256(path: Path) -> str:
     import hashlib  # noqa: PLC0415
 
