@@ -2,14 +2,18 @@
 
 The module fixture `chain` runs steps 1 to 4 of issue 13's test, each timed:
 
-1. the base image (`image build`, cached) and releases v1 and v2 signed by the CLI
-   (`ota keygen`, `ota root init/sign`, `ota build`), and the Deploy Shim ISO;
+1. the base image (`image build`, cached), v2's and v3's bases (the image with an
+   overlay: a marker; for v3 also a required health check that fails), releases v1, v2
+   and v3 signed by the CLI (`ota keygen`, `ota root init/sign`, `ota build`), and the
+   Deploy Shim ISO;
 2. a blank machine boots the shim ISO (QEMU TCG, a sparse virtio disk, the receiver port
    forwarded to the host);
 3. `deploy send CODE --target 127.0.0.1:PORT --bundle v1 --authorized-key ...`, with the
    code read from the serial console;
-4. the machine reboots (QEMU ends: -no-reboot) and boots its disk with SeaBIOS; OpenRC
-   starts smechvisord, which answers /api/health on the forwarded port.
+4. the machine reboots (the shim's QEMU ends: -no-reboot) and boots its disk with SeaBIOS;
+   OpenRC starts smechvisord, which answers /api/health on the forwarded port. The node's
+   QEMU has no -no-reboot: its later reboots (a clean `reboot`, a failed trial boot) stay
+   in the same process and console log.
 
 Later steps (tests/e2e/test_chain.py) use `chain.node`: ports, disk, serial log, `boot()`,
 `reboot()`, `power_cycle()`. The tests of one chain share one machine, so they must run in
@@ -69,14 +73,30 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     keys = e2e_release.pki()
     image = e2e_release.base_image(keys.root_json)
     timings.done("1a_image_build" + ("_cached" if image.get("cached") else ""))
-    releases_dir = work / "releases"
-    releases = {
-        "v1": e2e_release.release(releases_dir, keys, "1.0.0", 1_000_000, Path(image["path"])),
-        "v2": e2e_release.release(releases_dir, keys, "2.0.0", 2_000_000, Path(image["path"])),
+    # v2's and v3's bases: the image with an overlay (a marker; v3's also a required
+    # health check that fails), each built (and cached) by `image build --overlay`.
+    bases = {
+        version: e2e_release.base_image(
+            keys.root_json,
+            e2e_release.overlay(work / f"overlay-{version}", version, failing=failing),
+        )
+        for version, failing in (("2.0.0", False), ("3.0.0", True))
     }
-    timings.done("1b_sign_releases")
+    cached_bases = all(b.get("cached") for b in bases.values())
+    timings.done("1b_overlay_images" + ("_cached" if cached_bases else ""))
+    releases_dir = work / "releases"
+    release = e2e_release.release
+    releases = {
+        "v1": release(releases_dir, keys, "1.0.0", 1_000_000, Path(image["path"])),
+        "v2": release(releases_dir, keys, "2.0.0", 2_000_000, Path(bases["2.0.0"]["path"])),
+        # No daemon: the node keeps v2's, and only the base is on trial.
+        "v3": release(
+            releases_dir, keys, "3.0.0", 3_000_000, Path(bases["3.0.0"]["path"]), daemon=False
+        ),
+    }
+    timings.done("1c_sign_releases")
     iso, cached = e2e_release.shim_iso(keys.root_json)
-    timings.done("1c_shim_iso" + ("_cached" if cached else ""))
+    timings.done("1d_shim_iso" + ("_cached" if cached else ""))
 
     home = work / "home"
     admin_pub = e2e_machine.admin_key(home)

@@ -270,20 +270,30 @@ class Node:
         return self.qemu
 
     def wait_healthy(self, timeout: float = 600, since: int = 0) -> dict[str, Any]:
-        """Until /api/health answers ok through the forwarded port (after the console
-        shows smechvisord starting past `since`, so a reboot is not mistaken for up)."""
+        """Until /api/health answers ok through the forwarded port and sshd answers
+        (after the console shows smechvisord starting past `since`, so a reboot is not
+        mistaken for up)."""
         assert self.qemu is not None
         self.qemu.wait_for(re.compile(r"Starting smechvisord"), timeout, since)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             doc = health(self.https_port)
-            if doc is not None and doc.get("status") == "ok":
+            if doc is not None and doc.get("status") == "ok" and self._ssh_banner():
                 return doc
             if not self.qemu.alive():
                 break
             time.sleep(1)
         raise AssertionError(f"no healthy /api/health in {timeout:.0f} s:\n"
                              f"{self.qemu.text()[-4000:]}")  # fmt: skip
+
+    def _ssh_banner(self) -> bool:
+        """sshd answers through the forwarded port (the next step logs in)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=3) as s:
+                s.settimeout(10)
+                return s.recv(8).startswith(b"SSH-")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.qemu is not None:
@@ -295,12 +305,25 @@ class Node:
         self.boot(firmware)
         return self.wait_healthy()
 
-    def reboot(self, timeout: float = 600) -> dict[str, Any]:
+    def request_reboot(self) -> None:
+        """`reboot` on the node, detached and a second later: the SSH session ends before
+        the guest goes down (the user network would otherwise keep it hanging)."""
+        self.ssh("nohup sh -c 'sleep 1; reboot' >/dev/null 2>&1 &", check=False)
+
+    def console_offset(self) -> int:
+        """Where the console log ends now: what is printed after it is a later boot's."""
+        assert self.qemu is not None, "not booted"
+        return len(self.qemu.text())
+
+    def reboot(self, timeout: float = 600, *, expect: re.Pattern[str] | None = None
+               ) -> dict[str, Any]:  # fmt: skip
         """A clean reboot from inside (`reboot` over SSH), in the same QEMU process; back
-        when the daemon answers again."""
+        when the daemon answers again (after `expect` shows on the console, if given)."""
         assert self.qemu is not None
-        since = len(self.qemu.text())
-        self.ssh("reboot", check=False)
+        since = self.console_offset()
+        self.request_reboot()
+        if expect is not None:
+            since = self.qemu.wait_for(expect, timeout, since).end()
         return self.wait_healthy(timeout, since=since)
 
     def ssh(

@@ -7,7 +7,9 @@ What is slow is cached under the checkout's .cache/ by content:
   once into .cache/e2e/pki/: the root is an input of the base image, so fresh keys at
   every run would make every run a cold image build. They are test keys, nothing else
   trusts them;
-- the base image is cached by `image build` itself (.cache/image/<input key>/);
+- the base image is cached by `image build` itself (.cache/image/<input key>/); v2's and
+  v3's bases are the same image with an overlay (`image build --overlay`): v2 adds a
+  marker file, v3 a marker and a required health.d check that fails;
 - the Deploy Shim ISO under .cache/e2e/shim/<key>.iso, keyed by the trust root and the
   sources that go into the initramfs; the kernel .deb it is built from stays in
   .cache/e2e/downloads/ (a new Debian kernel is picked up when those inputs change).
@@ -37,6 +39,10 @@ BUILD_TIMEOUT_S = 1800
 CLI_TIMEOUT_S = 600
 # The node's interpreter, as the image has it: the release launcher's shebang.
 NODE_PYTHON = "/usr/bin/python3"
+# What the v2 and v3 bases carry, to tell which slot's content booted.
+MARKER = "etc/smechvisor-e2e-base"
+FAILING_CHECK = "etc/spk-visor/health.d/required/90-e2e-refuses-this-base"
+FAILING_REASON = "e2e: this base is built to fail its trial boot"
 
 
 def cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict[str, str | None] | None = None,
@@ -92,11 +98,32 @@ def pki(cache: Path = CACHE) -> Pki:
     return Pki(done / "root.json", done / "release")
 
 
-def base_image(root_json: Path) -> dict[str, Any]:
-    """`image build --root ROOT --json`: the result document (path, sha256, stages...)."""
-    run = cli("image", "build", "--root", str(root_json), "--json", timeout=BUILD_TIMEOUT_S)
+def base_image(root_json: Path, overlay: Path | None = None) -> dict[str, Any]:
+    """`image build --root ROOT [--overlay DIR] --json`: the result document (path,
+    sha256, stages...)."""
+    extra = ["--overlay", str(overlay)] if overlay is not None else []
+    run = cli("image", "build", "--root", str(root_json), "--json", *extra,
+              timeout=BUILD_TIMEOUT_S)  # fmt: skip
     doc: dict[str, Any] = json.loads(run.stdout)
     return doc
+
+
+def overlay(directory: Path, version: str, *, failing: bool) -> Path:
+    """A tree for `image build --overlay`: the marker naming `version`; with `failing`,
+    also a required health check that always fails (a base that must not be committed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"base {version}\n")
+    marker.chmod(0o644)
+    if failing:
+        check = directory / FAILING_CHECK
+        check.parent.mkdir(parents=True, exist_ok=True)
+        check.write_text(f'#!/bin/sh\necho "{FAILING_REASON}"\nexit 1\n')
+        check.chmod(0o755)
+    for d in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)
+    return directory
 
 
 def daemon_tree(dest: Path, version: str) -> Path:
@@ -116,22 +143,27 @@ class Release:
     counter: int
     bundle: Path
     manifest: Path
+    manifest_sha256: str
 
 
-def release(out_dir: Path, keys: Pki, version: str, counter: int,
-            base: Path | None) -> Release:  # fmt: skip
-    """`ota build`: a signed bundle of a fresh daemon tree, with `base` as its base image."""
+def release(out_dir: Path, keys: Pki, version: str, counter: int, base: Path | None,
+            *, daemon: bool = True) -> Release:  # fmt: skip
+    """`ota build`: a signed bundle of a fresh daemon tree (none without `daemon`: the node
+    keeps the daemon it runs), with `base` as its base image."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = daemon_tree(out_dir / f"dist-{version}", version)
     bundle = out_dir / f"v{version}.spkb"
     argv = [
-        "ota", "build", "--daemon-tree", str(tree), "--version", version,
-        "--counter", str(counter), "--key", str(keys.release_key), "-o", str(bundle),
+        "ota", "build", "--version", version, "--counter", str(counter),
+        "--key", str(keys.release_key), "--root", str(keys.root_json), "-o", str(bundle),
+        "--json",
     ]  # fmt: skip
+    if daemon:
+        argv += ["--daemon-tree", str(daemon_tree(out_dir / f"dist-{version}", version))]
     if base is not None:
         argv += ["--base-image", str(base)]
-    cli(*argv, timeout=900)
-    return Release(version, counter, bundle, bundle.with_suffix(".manifest.json"))
+    doc = json.loads(cli(*argv, timeout=900).stdout)
+    manifest = bundle.with_suffix(".manifest.json")
+    return Release(version, counter, bundle, manifest, str(doc["manifest_sha256"]))
 
 
 def _shim_key(root_json: Path) -> str:
