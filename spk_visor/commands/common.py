@@ -163,6 +163,13 @@ def show_fleet_rows(
     return ExitCode.OK
 
 
+# The node's own address stands in a message as this word, so that one pattern, compiled
+# once, takes it out of every node's message: a pattern per node cost ~0.3 ms of CPU for
+# each failed node (13 ms for 50 hung nodes, all of it after the last one's deadline).
+_OWN = "spkvisor0own0node"
+_OWN_WORDS = re.compile(rf"\s*\b(?:from|at|to|with)?\s*{_OWN}:?")
+
+
 def failure_summary(results: Sequence[NodeResult[Any]]) -> str:
     """`3 of 1000 nodes failed: 2 connection refused, 1 no answer within 10 s`: the
     causes grouped by their message with the node's own address taken out, most common
@@ -171,9 +178,12 @@ def failure_summary(results: Sequence[NodeResult[Any]]) -> str:
     for r in results:
         if r.error is not None:
             cause = r.error.message
-            for own in {r.target.address, r.target.name}:
-                # "no answer from http://10.0.0.5:8080 within 10 s" -> "no answer within 10 s"
-                cause = re.sub(rf"\s*\b(?:from|at|to|with)?\s*{re.escape(own)}:?", "", cause)
+            # The longer first: an address can hold the node's name ("http://n1:8080").
+            for own in sorted({r.target.address, r.target.name}, key=len, reverse=True):
+                if own:
+                    cause = cause.replace(own, _OWN)
+            # "no answer from http://10.0.0.5:8080 within 10 s" -> "no answer within 10 s"
+            cause = _OWN_WORDS.sub("", cause)
             cause = " ".join(cause.split()).strip(" :") or "failed"
             causes[cause] = causes.get(cause, 0) + 1
     if not causes:

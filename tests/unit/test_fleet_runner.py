@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from spk_visor.commands.common import failure_summary
-from spk_visor.config import Target
+from spk_visor.config import SshSpec, Target
 from spk_visor.connection import NodeResult, bounded_map
 from spk_visor.errors import TransportError, UsageError
 from spk_visor.output import Console
@@ -122,6 +122,25 @@ def test_failure_summary_groups_causes_without_addresses() -> None:
     assert failure_summary(results[:1]) == ""
     one: list[NodeResult[str]] = [NodeResult(items[0], error=UsageError("bad token"))]
     assert failure_summary(one) == "1 of 1 nodes failed: 1 bad token"
+
+
+def test_failure_summary_when_the_address_holds_the_node_name() -> None:
+    """Inventory hosts are named by their host name, which their address holds too: the
+    whole address goes, not the name out of the middle of it ("from http://:8080"), for
+    every node alike (the old code took the two out in set order, which varies per string
+    with the hash seed, so some nodes' causes came apart from the others')."""
+    results: list[NodeResult[str]] = []
+    for i in range(20):
+        host = f"node{i:02d}.rack1"
+        t = Target(name=host, url=f"http://{host}:8080")
+        results.append(NodeResult(t, error=TransportError(f"no answer from {t.url} within 3 s")))
+    ssh = Target(name="node20.rack1", ssh=SshSpec("node20.rack1", "admin", 2222))
+    results.append(
+        NodeResult(ssh, error=TransportError(f"cannot reach {ssh.address}: connection refused"))
+    )
+    assert failure_summary(results) == (
+        "21 of 21 nodes failed: 20 no answer within 3 s, 1 cannot reach connection refused"
+    )
 
 
 class _Tty(io.StringIO):
