@@ -38,6 +38,9 @@ class NodeResult(Generic[T]):
     target: Target
     value: T | None = None
     error: SpkVisorError | None = None
+    # How long this node took, from the start of its connection to its result: a hung
+    # node's is its deadline (and the moment it took to notice), whatever the fleet did.
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -55,6 +58,7 @@ def for_each(
 
     def one(target: Target) -> NodeResult[T]:
         result: NodeResult[T]
+        begun = time.monotonic()
         try:
             client = connect(target, settings)
         except SpkVisorError as e:
@@ -66,6 +70,7 @@ def for_each(
                 result = NodeResult(target, error=e)
             finally:
                 client.close()
+        result.seconds = time.monotonic() - begun
         if on_done is not None:
             on_done(result)
         return result
@@ -147,8 +152,10 @@ def bounded_map(
             for _ in range(min(max(1, limit), len(items))):
                 spawn()
             while started and not stop.is_set():
-                # Interruptible: Ctrl-C lands here.
-                changed.wait(timeout=min(0.1, slow_after) if slow_after else 0.1)
+                # Interruptible: Ctrl-C lands here. Woken by each worker that ends, and
+                # else at the very moment the oldest node turns slow (not on a poll:
+                # every 0.1 s tick once set hung nodes aside up to 0.1 s late).
+                changed.wait(timeout=_until_slow(started, parked, slow_after, pending))
                 if slow_after is None or pending.empty():
                     continue
                 now = time.monotonic()
@@ -163,3 +170,23 @@ def bounded_map(
     if failure:
         raise failure[0]
     return cast(list[R], results)
+
+
+# The longest the runner sleeps without being woken: only a safety net, nothing waits on it.
+IDLE_WAIT = 1.0
+
+
+def _until_slow(
+    started: dict[int, float | None],
+    parked: set[int],
+    slow_after: float | None,
+    pending: queue.SimpleQueue[int],
+) -> float:
+    """Seconds until the oldest node in progress has run `slow_after` (a node that starts
+    later turns slow later still), or IDLE_WAIT when no node can be set aside (then only a
+    worker that ends changes anything, and it wakes the runner)."""
+    if slow_after is None or pending.empty() or len(started) >= MAX_THREADS:
+        return IDLE_WAIT
+    running = [s for w, s in list(started.items()) if s is not None and w not in parked]
+    oldest = min(running, default=time.monotonic())
+    return min(IDLE_WAIT, max(0.0, oldest + slow_after - time.monotonic()))
