@@ -60,3 +60,11 @@ def ratio(anchor_s: list[float], subject_s: list[float], what: str) -> float:
     if r > ABSURD_RATIO:
         raise AbsurdFigure(f"{what}: ratio {r:.2f} > {ABSURD_RATIO} ({anchor_s} vs {subject_s})")
     return r
+
+
+def check_between(value: float, low: float, high: float, what: str) -> float:
+    """`value` when it lies in [low, high], the range a true figure can take; else
+    AbsurdFigure (it measured something other than it claims)."""
+    if not low <= value <= high:
+        raise AbsurdFigure(f"{what}: {value:.3f} outside the possible {low:.3f} to {high:.3f}")
+    return value
