@@ -44,7 +44,7 @@ DEFAULT_DAEMON_PORT = 8080
 DEFAULT_TIMEOUT = 10.0
 # Nodes queried at once by --fleet: enough to hide latency across racks, few enough not to
 # hammer a jump host or run out of file descriptors. A node that hangs stops counting
-# against it after half a second (connection.SLOW_AFTER).
+# against it after half a second, or less once others have answered (connection.SLOW_*).
 DEFAULT_PARALLEL = 64
 MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20

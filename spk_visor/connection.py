@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -85,6 +86,15 @@ def for_each(
 # deadline: its worker stops counting against --parallel, so that a few dead nodes cannot
 # hold every slot while the live ones wait in the queue.
 SLOW_AFTER = 0.5
+# Once enough nodes have answered, "slow" is SLOW_FACTOR times their median time (at least
+# SLOW_FLOOR, at most SLOW_AFTER): on a LAN a node answers in milliseconds, and half a
+# second per hung node is half a second of a slot that live nodes behind it could use
+# (50 hung nodes spread through 1,000 once held most of 64 slots, and the live ones took
+# 20 to 40 % longer). A node that is merely slow and is set aside costs one more thread,
+# not a wrong answer.
+SLOW_FACTOR = 4.0
+SLOW_FLOOR = 0.05
+SLOW_SAMPLES = 8  # answers needed before their median counts; the last 64 are kept
 # However many nodes hang, no more threads than this wait on them at once.
 MAX_THREADS = 1024
 
@@ -98,9 +108,10 @@ def bounded_map(
 ) -> list[R]:
     """`[fn(x) for x in items]` with at most `limit` items in progress, in the items' order.
 
-    An item that has been running for `slow_after` seconds no longer counts against
-    `limit` (its thread finishes it, then exits, and a fresh worker takes its place), so
-    dead nodes each cost their own deadline once, in parallel, not one after another.
+    An item that has been running for `slow_after` seconds (or less: slow_threshold) no
+    longer counts against `limit` (its thread finishes it, then exits, and a fresh worker
+    takes its place), so dead nodes each cost their own deadline once, in parallel, not
+    one after another.
 
     Not a ThreadPoolExecutor: on Ctrl-C its shutdown, and the interpreter's exit, wait for
     every queued node to time out in turn. These workers are daemon threads that take no
@@ -118,6 +129,7 @@ def bounded_map(
     started: dict[int, float | None] = {}
     parked: set[int] = set()
     threads: dict[int, threading.Thread] = {}
+    took: collections.deque[float] = collections.deque(maxlen=64)  # the last items' times
 
     def worker(wid: int) -> None:
         try:
@@ -126,7 +138,7 @@ def bounded_map(
                     index = pending.get_nowait()
                 except queue.Empty:
                     return
-                started[wid] = time.monotonic()
+                begun = started[wid] = time.monotonic()
                 try:
                     results[index] = fn(items[index])
                 except BaseException as e:  # re-raised in the caller's thread
@@ -135,6 +147,7 @@ def bounded_map(
                     return
                 finally:
                     started[wid] = None
+                took.append(time.monotonic() - begun)
         finally:
             with changed:
                 started.pop(wid, None)
@@ -155,12 +168,13 @@ def bounded_map(
                 # Interruptible: Ctrl-C lands here. Woken by each worker that ends, and
                 # else at the very moment the oldest node turns slow (not on a poll:
                 # every 0.1 s tick once set hung nodes aside up to 0.1 s late).
-                changed.wait(timeout=_until_slow(started, parked, slow_after, pending))
-                if slow_after is None or pending.empty():
+                slow = None if slow_after is None else slow_threshold(list(took), slow_after)
+                changed.wait(timeout=_until_slow(started, parked, slow, pending))
+                if slow is None or pending.empty():
                     continue
                 now = time.monotonic()
                 for wid, since in list(started.items()):
-                    if since is not None and wid not in parked and now - since >= slow_after:
+                    if since is not None and wid not in parked and now - since >= slow:
                         if len(started) >= MAX_THREADS:
                             break
                         parked.add(wid)
@@ -170,6 +184,16 @@ def bounded_map(
     if failure:
         raise failure[0]
     return cast(list[R], results)
+
+
+def slow_threshold(took: Sequence[float], slow_after: float) -> float:
+    """After how long a node in progress is set aside: `slow_after` until SLOW_SAMPLES
+    items have finished, then SLOW_FACTOR times their median, between SLOW_FLOOR and
+    `slow_after`."""
+    if len(took) < SLOW_SAMPLES:
+        return slow_after
+    median = sorted(took)[len(took) // 2]  # not statistics: its import costs every start 5 ms
+    return min(slow_after, max(SLOW_FLOOR, SLOW_FACTOR * median))
 
 
 # The longest the runner sleeps without being woken: only a safety net, nothing waits on it.

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import pytest
 
 from spk_visor.commands.common import failure_summary
 from spk_visor.config import SshSpec, Target
-from spk_visor.connection import NodeResult, bounded_map
+from spk_visor.connection import (
+    SLOW_FACTOR,
+    SLOW_FLOOR,
+    SLOW_SAMPLES,
+    NodeResult,
+    bounded_map,
+    slow_threshold,
+)
 from spk_visor.errors import TransportError, UsageError
 from spk_visor.output import Console
 from spk_visor.progress import fleet_progress
@@ -158,3 +166,42 @@ def test_progress_bar_only_on_a_terminal() -> None:
     with fleet_progress(Console(out=io.StringIO(), err=plain), 20) as tick:
         tick(None)
     assert plain.getvalue() == ""
+
+
+def test_slow_is_a_multiple_of_the_answers_seen_between_a_floor_and_the_cap() -> None:
+    assert slow_threshold([], 0.5) == 0.5
+    # Too few answers to judge: the cap.
+    assert slow_threshold([0.01] * (SLOW_SAMPLES - 1), 0.5) == 0.5
+    # Nodes that answer in 30 ms: one silent for four times that is set aside.
+    assert slow_threshold([0.03] * SLOW_SAMPLES, 0.5) == pytest.approx(SLOW_FACTOR * 0.03)
+    # The median, not the mean: a few hung nodes among the answers do not raise it.
+    assert slow_threshold([0.03] * 10 + [3.0] * 3, 0.5) == pytest.approx(SLOW_FACTOR * 0.03)
+    assert slow_threshold([0.001] * 20, 0.5) == SLOW_FLOOR
+    # Slow answers everywhere (logins over SSH): never more than the cap.
+    assert slow_threshold([0.4] * 20, 0.5) == 0.5
+
+
+def test_a_hung_node_is_set_aside_sooner_once_others_have_answered_fast() -> None:
+    """Limit 1: twenty instant items, then a hung one, then one more. The last starts
+    while the hung one still runs (it was set aside), and no sooner than the threshold
+    the instant ones made, which is well under the half-second cap; the hung item is
+    released only once the last has run, so nothing here depends on the machine's speed
+    except the lower bound."""
+    release = threading.Event()
+    hung_started: list[float] = []
+    last_started: list[float] = []
+
+    def fn(t: Target) -> str:
+        if t.name == "n20":
+            hung_started.append(time.monotonic())
+            assert release.wait(WAIT), "never released"
+        elif t.name == "n21":
+            last_started.append(time.monotonic())
+            release.set()
+        return t.name
+
+    items = targets(22)
+    assert bounded_map(fn, items, 1, slow_after=WAIT) == [t.name for t in items]
+    # With a fixed threshold of WAIT the last item would have waited for the release.
+    assert last_started and hung_started
+    assert last_started[0] - hung_started[0] >= SLOW_FLOOR
