@@ -117,8 +117,7 @@ def root(
             metavar="N",
             help="With --fleet: nodes queried at once [default: 64]; a node silent for four "
             "times the others' usual answer (at most half a second) stops counting, so hung "
-            "nodes cost their own timeout once.  "
-            + env_help("parallel"),
+            "nodes cost their own timeout once.  " + env_help("parallel"),
         ),
     ] = None,
     token: Annotated[

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from spk_visor import config
-from spk_visor.client import Client
+from spk_visor.client import Client, JsonDoc
 from spk_visor.connection import NodeResult, for_each
 from tests.support.fleet_sim import TOKEN
 
@@ -111,7 +111,7 @@ def test_a_black_hole_costs_its_deadline_and_holds_up_no_other_node(
         landed: dict[str, float] = {}
         lock = threading.Lock()
 
-        def on_done(result: NodeResult[object]) -> None:
+        def on_done(result: NodeResult[JsonDoc]) -> None:
             with lock:
                 landed[result.target.name] = time.monotonic()
 
