@@ -28,6 +28,8 @@ PACKAGES = (
     *("iproute2", "ifupdown", "isc-dhcp-client", "procps", "grub-common", "ca-certificates"),
     # The daemon makes its TLS certificate with it at first start (smechvisord/tls.py).
     "openssl",
+    # The node pulls its own updates on a schedule (/etc/cron.d/spk-visor-ota).
+    "cron",
 )
 # Path globs dpkg never unpacks (mmdebstrap's documented way to drop docs and locales).
 DPKG_EXCLUDE = (
