@@ -17,6 +17,8 @@ NODE_LINKS = {
     "etc/spk-deploy.json": f"{DATA}/etc/spk-deploy.json",
     "etc/smechvisord": f"{DATA}/etc/smechvisord",
     "etc/spk-visor/ota.conf": f"{DATA}/etc/spk-visor/ota.conf",
+    # `touch /etc/spk-visor/inhibit` stops this node's pulls across reboots (ota pull).
+    "etc/spk-visor/inhibit": f"{DATA}/etc/spk-visor/inhibit",
     # dhclient and an operator's static settings write here at run time.
     "etc/resolv.conf": "/run/resolv.conf",
     "var/tmp": "/tmp",  # noqa: S108 (the node's own /tmp, a tmpfs)
