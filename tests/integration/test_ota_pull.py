@@ -310,7 +310,7 @@ def test_jitter_sleeps_without_the_lock(
         with journal.locked(node.paths, "apply"):
             real_sleep(0)
 
-    monkeypatch.setattr(pull.time, "sleep", sleep)
+    monkeypatch.setattr(time, "sleep", sleep)
     for key, value in node.env.items():
         monkeypatch.setenv(key, value)
     with FlakyRepo(repo_dir) as server:
@@ -319,7 +319,7 @@ def test_jitter_sleeps_without_the_lock(
         assert code == ExitCode.OK
         assert holders == [None]
         # An apply holding the lock when the pull wakes up: the pull is busy (exit 6).
-        monkeypatch.setattr(pull.time, "sleep", lambda _s: None)
+        monkeypatch.setattr(time, "sleep", lambda _s: None)
         with journal.locked(node.paths, "apply"), pytest.raises(Exception) as busy:
             pull.run(load_context(), pull.PullOptions(jitter=900, interactive=False))
         assert getattr(busy.value, "exit_code", None) == ExitCode.BUSY
