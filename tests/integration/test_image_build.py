@@ -552,6 +552,10 @@ def test_boots_under_qemu_and_openrc_starts_smechvisord(
     # The read-only root costs no boot service (vhost-user-gpu has no backend in the image).
     failed = re.findall(r"ERROR: (\S+) failed to start", boot.log)
     assert failed == ["vhost-user-gpu"], failed
+    # Debian's cron, through its LSB script under OpenRC: the node's own pull schedule.
+    assert "Starting periodic command scheduler: cron." in boot.log
+    # One spk-visor start for the OTA boot work: boot-check recovers first.
+    assert "Recovering interrupted OTA work" not in boot.log
     # No data partition next to /dev/vda: the node said so and used a tmpfs.
     assert "no partition named data" in boot.log
 
