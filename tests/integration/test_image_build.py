@@ -109,7 +109,9 @@ def test_overlay_lays_files_over_the_image(built: dict[str, Any], tmp_path: Path
     check.chmod(0o755)
     (overlay / "etc/smechvisor-site").write_text("rack 7\n")
     doc, _ = image_build.build_image(tmp_path, "--overlay", str(overlay))
-    assert doc["cached"] is False and doc["key"] != built["key"]
+    # Its own cache entry (an earlier run of this test with the same base may have made
+    # it already: then this first build is cached too).
+    assert doc["key"] != built["key"]
     assert doc["kernel"] == built["kernel"] and doc["daemon_release"] == built["daemon_release"]
     with image_build.mounted(Path(doc["path"])) as mnt:
         placed = mnt / "etc/spk-visor/health.d/required/50-site"
