@@ -17,6 +17,8 @@ NODE_LINKS = {
     "etc/spk-deploy.json": f"{DATA}/etc/spk-deploy.json",
     "etc/smechvisord": f"{DATA}/etc/smechvisord",
     "etc/spk-visor/ota.conf": f"{DATA}/etc/spk-visor/ota.conf",
+    # `touch /etc/spk-visor/inhibit` stops this node's pulls across reboots (ota pull).
+    "etc/spk-visor/inhibit": f"{DATA}/etc/spk-visor/inhibit",
     # dhclient and an operator's static settings write here at run time.
     "etc/resolv.conf": "/run/resolv.conf",
     "var/tmp": "/tmp",  # noqa: S108 (the node's own /tmp, a tmpfs)
@@ -166,6 +168,29 @@ a = "/dev/disk/by-partlabel/root-a"
 b = "/dev/disk/by-partlabel/root-b"
 grubenv = "/boot/grub/grubenv"
 """
+
+# The node pulls its own updates (Debian's cron, started by OpenRC in the default runlevel).
+# The schedule is the same on every node; whether a node pulls, and from where, is its
+# ota.conf on the data partition: without base_urls the pull does nothing and prints
+# nothing (exit 8), so the entry is harmless on a node updated only by push. --jitter
+# spreads a fleet's runs over 15 minutes, slept before the OTA lock is taken; a pull never
+# overlaps a push or an apply (the lock: exit 6, one line). -q prints only what needs a
+# person (cron mails it, or logs it when the node has no mail transport).
+CRON_PATH = "etc/cron.d/spk-visor-ota"
+CRON_OTA = """\
+# /etc/cron.d/spk-visor-ota: pull signed updates from the repository in ota.conf's
+# base_urls (/etc/spk-visor/ota.conf, on the data partition). A node without base_urls
+# does not pull: the run ends at once, silently. See docs/ota.md, "Pulling from cron".
+SHELL=/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+*/30 * * * *  root  spk-visor ota pull -q --jitter 900
+"""
+
+# smechvisord on root's PATH, through `current`: an OTA swap of the daemon moves the link
+# `current`, so this command always runs the live release (its launcher resolves the
+# release tree from its own real path).
+DAEMON_COMMAND = "usr/sbin/smechvisord"
+DAEMON_COMMAND_TARGET = "/opt/smechvisord/current/bin/smechvisord"
 
 # Node-local health checks (greenboot model): required ones decide whether a trial boot of
 # a new base slot is committed. They run before smechvisord starts.

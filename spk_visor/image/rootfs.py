@@ -28,6 +28,8 @@ PACKAGES = (
     *("iproute2", "ifupdown", "isc-dhcp-client", "procps", "grub-common", "ca-certificates"),
     # The daemon makes its TLS certificate with it at first start (smechvisord/tls.py).
     "openssl",
+    # The node pulls its own updates on a schedule (/etc/cron.d/spk-visor-ota).
+    "cron",
 )
 # Path globs dpkg never unpacks (mmdebstrap's documented way to drop docs and locales).
 DPKG_EXCLUDE = (
@@ -106,6 +108,8 @@ DROP = (
 )
 MODULE_ZSTD_LEVEL = 12
 SERVICES_DEFAULT = ("smechvisord", "spk-visor-ota", "vhost-user-gpu")
+# Daily jobs of the package managers the seal removes (they would fail every day).
+SEALED_CRON_JOBS = ("etc/cron.daily/apt-compat", "etc/cron.daily/dpkg")
 # Stubs even where the image never had the command: the answer is "sealed", not "not found".
 ALWAYS_SEALED = ("apt", "apt-get", "dpkg", "pip", "pip3")
 # Names that would make the node able to build code (none must be in the image).
@@ -211,6 +215,8 @@ def node_files(root: Path, root_json: bytes, vmm: Path | None, firmware: Path | 
     _write(root, "etc/fstab", nodefiles.FSTAB)
     _write(root, "etc/network/interfaces", nodefiles.NETWORK_INTERFACES)
     _write(root, "etc/dhcp/dhclient-enter-hooks.d/spk-visor", nodefiles.DHCLIENT_HOOK)
+    _write(root, nodefiles.CRON_PATH, nodefiles.CRON_OTA)
+    _link(root, nodefiles.DAEMON_COMMAND, nodefiles.DAEMON_COMMAND_TARGET)
     for rel in ("data", "var/lib/dhcp"):
         (root / rel).mkdir(parents=True, exist_ok=True)
     if vmm is not None:
@@ -231,8 +237,10 @@ def services(root: Path) -> None:
         _write(root, f"etc/conf.d/{name}", (scripts / f"{name}.confd").read_text())
     _write(root, "etc/init.d/spk-visor-data", nodefiles.DATA_SERVICE, 0o755)
     chroot(root, ["rc-update", "add", "spk-visor-data", "sysinit"])
-    for name in (*SERVICES_DEFAULT, "ssh"):
-        chroot(root, ["rc-update", "add", name, "default"])
+    for name in (*SERVICES_DEFAULT, "ssh", "cron"):
+        # cron's postinst adds itself when openrc was unpacked first; not otherwise.
+        if not (root / "etc/runlevels/default" / name).is_symlink():
+            chroot(root, ["rc-update", "add", name, "default"])
 
 
 def recompile_python(root: Path, epoch: int) -> None:
@@ -268,6 +276,8 @@ def seal(root: Path, packages: str) -> list[str]:
                 _write(root, f"{bindir}/{name}", nodefiles.SEALED_STUB, 0o755)
                 replaced.append(f"/{bindir}/{name}")
                 break
+    for rel in SEALED_CRON_JOBS:
+        (root / rel).unlink(missing_ok=True)
     for rel in ("var/lib/dpkg", "etc/apt", "etc/dpkg", "usr/lib/apt", "usr/lib/dpkg"):
         path = root / rel
         if path.is_dir() and not path.is_symlink():

@@ -596,7 +596,12 @@ def hash_blobs(stream: BinaryIO, m: Manifest) -> None:
 def manual(ctx: OtaContext, action: str) -> ExitCode:
     """commit, rollback, discard and boot-check: under the lock, after recovery."""
     with journal.locked(ctx.paths, action):
-        recover_all(ctx)
+        recovered = recover_all(ctx)
+        if action == "boot-check":
+            # The boot service runs boot-check alone (no `ota recover` before it): say on
+            # the console what recovery did.
+            for what in recovered:
+                ctx.log(f"recovered: {what}")
         if action == "commit":
             return swap.commit(ctx)
         if action == "rollback":

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from spk_visor.errors import (
-    ConfigError,
     ExitCode,
     NotEligibleError,
     TransportError,
@@ -113,24 +112,26 @@ class _Started:
 def run(ctx: OtaContext, opts: PullOptions) -> tuple[ExitCode, dict[str, Any]]:
     config = ctx.config
     if not config.base_urls:
-        raise ConfigError(
-            f"no repository configured (base_urls in {ctx.paths.conf})",
-            'add base_urls = ["https://..."] to ota.conf',
+        # Not an error: every image node runs the pull from cron, and a node that was
+        # given no repository simply does not pull (silent under -q, as cron mails output).
+        raise NotEligibleError(
+            f"no repository configured (base_urls in {ctx.paths.conf}): this node does not pull",
+            'add base_urls = ["https://..."] to ota.conf to pull updates',
         )
     channel_name = opts.channel or config.channel
+    if not opts.interactive and opts.jitter > 0:
+        # Spread a fleet's cron runs so the repository never sees them all at once. Slept
+        # before taking the lock: an admin's push meanwhile is not refused as busy.
+        time.sleep(random.uniform(0, opts.jitter))  # noqa: S311 (not security)
     with journal.locked(ctx.paths, "pull") as lock_fd:
         engine.recover_all(ctx)
         state = _PullState(ctx)
-        if not opts.interactive:
-            if time.time() < float(state.doc.get("next_attempt", 0)):
-                raise TransportError(
-                    "backing off after earlier failures",
-                    f"next attempt after {time.ctime(float(state.doc['next_attempt']))}; "
-                    "run it on a terminal to try now",
-                )
-            if opts.jitter > 0:
-                # Spread a fleet's cron runs so the repository never sees them all at once.
-                time.sleep(random.uniform(0, opts.jitter))  # noqa: S311 (not security)
+        if not opts.interactive and time.time() < float(state.doc.get("next_attempt", 0)):
+            raise TransportError(
+                "backing off after earlier failures",
+                f"next attempt after {time.ctime(float(state.doc['next_attempt']))}; "
+                "run it on a terminal to try now",
+            )
         why = inhibited(ctx)
         if why:
             raise NotEligibleError(f"updates are inhibited by {why}", "remove it to allow updates")

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -87,7 +87,9 @@ class PushResult:
     """One node's outcome. `exit_code` uses the CLI's codes (errors.ExitCode): the node's
     own, or 7 when it could not be reached, 3 for a refused host key, 8 when skipped.
     `phase` is the node's last journal phase when it reported one, else where the push
-    stopped ("skipped", "apply", "follow")."""
+    stopped ("skipped", "apply", "follow"). `state` is what the table shows: where each
+    component the update touched ended, in words ("daemon committed, base staged in
+    slot b"), or "up to date", "nothing changed", "not started"."""
 
     node: str
     exit_code: int
@@ -96,6 +98,11 @@ class PushResult:
     downtime_ms: int | None
     message: str
     seconds: float
+    state: str = ""
+
+    @property
+    def state_text(self) -> str:
+        return self.state or ("not started" if self.phase == SKIPPED else self.phase)
 
     @property
     def ok(self) -> bool:
@@ -103,7 +110,7 @@ class PushResult:
 
     def to_doc(self) -> dict[str, object]:
         """The --json form: every field, under the names above."""
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "state": self.state_text}
 
 
 class NodeProgress(Protocol):
@@ -233,7 +240,7 @@ def summary_table(results: Sequence[PushResult]) -> str:
         [
             "node",
             "exit",
-            "phase",
+            "state",
             Column("version", absent="none"),
             Column("downtime", absent="n/a"),
             "time",
@@ -243,7 +250,7 @@ def summary_table(results: Sequence[PushResult]) -> str:
             [
                 r.node,
                 r.exit_code,
-                r.phase,
+                r.state_text,
                 r.version,
                 None if r.downtime_ms is None else f"{r.downtime_ms} ms",
                 f"{r.seconds:.1f} s",
@@ -581,22 +588,13 @@ class _NodePush:
         argv = [
             *command, "ota", "apply", "--bundle", "-", "--json", *self.apply_args,
         ]  # fmt: skip
-        # The last phase event of each component: what `ota status` would show of it.
-        components: dict[str, dict[str, Any]] = {}
 
         def on_line(line: str) -> None:
             doc = _json_object(line)
             if doc is None:
                 return
             display.event(doc)
-            event, component = doc.get("event"), doc.get("component")
-            if event == "phase" and component == "op" and doc.get("phase") == "started":
-                outcome.step = STEP_FOLLOW  # verified; the worker runs the update
-            elif event == "phase" and component in ("daemon", "base"):
-                components[str(component)] = doc
-            elif event == "result":
-                outcome.absorb(doc)
-                outcome.result_code = _int(doc.get("exit_code"))
+            outcome.event(doc)
 
         def sent(done: int) -> None:
             display.sent(done)
@@ -620,9 +618,7 @@ class _NodePush:
                 # (seconds per GiB on a slow disk) and follows the update to its end.
                 wait_timeout=self.follow_timeout,
             )
-        # The components' end states override the result event's plan (its version is
-        # the target's, even when the node rolled back).
-        outcome.absorb(components)
+        outcome.ended()
         outcome.cut = done.cut
         outcome.exit_code = _node_code(done.exit_status)
         if outcome.exit_code == ExitCode.OK and outcome.result_code not in (None, ExitCode.OK):
@@ -650,6 +646,48 @@ class _Outcome:
     downtime_ms: int | None = None
     message: str = ""
     cut: bool = False  # the stream ended one byte short: its gate was dropped
+    # The last phase event of each component: what `ota status` would show of it.
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    changed: bool | None = None  # the result event's: False when the node was up to date
+
+    def event(self, doc: Mapping[str, Any]) -> None:
+        """One NDJSON event of the node's `ota apply --json`."""
+        event, component = doc.get("event"), doc.get("component")
+        if event == "phase" and component == "op" and doc.get("phase") == "started":
+            self.step = STEP_FOLLOW  # verified; the worker runs the update
+        elif event == "phase" and component in ("daemon", "base"):
+            self.components[str(component)] = dict(doc)
+        elif event == "result":
+            self.absorb(doc)
+            self.result_code = _int(doc.get("exit_code"))
+            changed = doc.get("changed")
+            self.changed = changed if isinstance(changed, bool) else self.changed
+
+    def ended(self) -> None:
+        """The node's output is over: the components' end states override the result
+        event's plan (its version is the target's, even when the node rolled back)."""
+        self.absorb(self.components)
+
+    def state(self) -> str:
+        """Where the update left the node, in words (PushResult.state)."""
+        parts = []
+        for name in ("daemon", "base"):
+            doc = self.components.get(name) or {}
+            phase = doc.get("phase")
+            # "idle" is a journal with nothing under way: it says nothing about this push.
+            if not isinstance(phase, str) or phase in ("", "idle"):
+                continue
+            words = f"{name} {phase.replace('_', ' ')}"
+            if name == "base" and isinstance(doc.get("slot"), str):
+                words += f" in slot {doc['slot']}"
+            parts.append(words)
+        if parts:
+            return ", ".join(parts)
+        if self.exit_code == ExitCode.OK:
+            return "up to date" if self.changed is False else "applied"
+        if self.step == STEP_FOLLOW:
+            return "update started; run ota status on the node"
+        return "nothing changed"
 
     def absorb(self, doc: Mapping[str, Any]) -> None:
         """Take phase, version, downtime and message from a node's JSON (a result event,
@@ -681,6 +719,7 @@ class _Outcome:
             self.downtime_ms,
             message,
             round(seconds, 3),
+            self.state(),
         )
 
 

@@ -42,10 +42,6 @@ ALGORITHM = "sha256"
 _LOCK = threading.Lock()  # fleet commands record from several threads
 
 
-# Where an installed SmechVisor node keeps the daemon: its shell's PATH does not have it.
-IMAGE_DAEMON = "/opt/smechvisord/current/bin/smechvisord"
-
-
 def fingerprint(der: bytes) -> str:
     """Colon-separated upper-case SHA-256 hex, as `smechvisord --print-fingerprint`,
     `openssl x509 -fingerprint -sha256` and browsers show it."""
@@ -268,8 +264,8 @@ def pin(url: str, timeout: float, accept_new: bool, path: Path | None = None) ->
         raise CertificateError(
             f"{url}: unknown TLS certificate for {where.key}: SHA256 {fp}",
             "check it against the node's own (on the node: smechvisord --print-fingerprint, "
-            f"at {IMAGE_DAEMON} on an image node, or the daemon's start-up log), then re-run "
-            f"with --accept-new to record it in {path}; or trust a private CA with --ca-file",
+            f"or the daemon's start-up log), then re-run with --accept-new to record it in "
+            f"{path}; or trust a private CA with --ca-file",
         )
     try:
         record(path, where.key, fp)
@@ -300,8 +296,7 @@ def changed_error(
         f"{url}: the TLS certificate of {where.key} has CHANGED: {place} has SHA256 {old}, "
         f"the node presented SHA256 {now}",
         "someone may be intercepting the connection, or the node's certificate was replaced. "
-        f"Check on the node (smechvisord --print-fingerprint, at {IMAGE_DAEMON} on an image "
-        "node); if the change is expected, "
+        "Check on the node (smechvisord --print-fingerprint); if the change is expected, "
         f"delete that line of {path} and re-run with --accept-new. "
         "--accept-new never replaces a known certificate.",
     )

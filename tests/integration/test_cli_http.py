@@ -689,8 +689,8 @@ def test_https_refuses_an_unknown_certificate_by_default(https_node: str) -> Non
         f"spk-visor: error: {https_node}: unknown TLS certificate for {where}: SHA256 "
     )
     assert "--accept-new" in r.err_lines[1]
-    # Where to compare: image nodes do not have smechvisord on their PATH.
-    assert "/opt/smechvisord/current/bin/smechvisord" in r.err
+    # Where to compare: a command on the node's PATH (the image links it through `current`).
+    assert "on the node: smechvisord --print-fingerprint" in r.err
 
 
 def test_https_with_ca_file_verifies_the_certificate(https_node: str, tmp_path: Path) -> None:

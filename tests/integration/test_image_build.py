@@ -109,7 +109,9 @@ def test_overlay_lays_files_over_the_image(built: dict[str, Any], tmp_path: Path
     check.chmod(0o755)
     (overlay / "etc/smechvisor-site").write_text("rack 7\n")
     doc, _ = image_build.build_image(tmp_path, "--overlay", str(overlay))
-    assert doc["cached"] is False and doc["key"] != built["key"]
+    # Its own cache entry (an earlier run of this test with the same base may have made
+    # it already: then this first build is cached too).
+    assert doc["key"] != built["key"]
     assert doc["kernel"] == built["kernel"] and doc["daemon_release"] == built["daemon_release"]
     with image_build.mounted(Path(doc["path"])) as mnt:
         placed = mnt / "etc/spk-visor/health.d/required/50-site"
@@ -152,7 +154,7 @@ def test_openrc_is_init_and_there_is_no_systemd(mnt: Path) -> None:
 
 
 def test_services_are_in_their_runlevels(mnt: Path) -> None:
-    for name in ("smechvisord", "spk-visor-ota", "vhost-user-gpu", "ssh"):
+    for name in ("smechvisord", "spk-visor-ota", "vhost-user-gpu", "ssh", "cron"):
         link = mnt / "etc/runlevels/default" / name
         assert link.is_symlink(), name
         assert os.readlink(link) == f"/etc/init.d/{name}"
@@ -248,6 +250,82 @@ def _deploy_fstab_targets() -> list[str]:
             continue
         points.append(fields[1])
     return [p for p in points if p != "/boot/efi"]
+
+
+# root's PATH in a login shell (/etc/profile) and in an SSH command (Debian's sshd).
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _cron_jobs(text: str) -> list[tuple[list[str], str, str]]:
+    """(time fields, user, command) of each job line of a /etc/cron.d file."""
+    jobs = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#") or "=" in line.split()[0]:
+            continue
+        fields = line.split(None, 6)
+        jobs.append((fields[:5], fields[5], fields[6]))
+    return jobs
+
+
+def test_the_node_pulls_from_cron(mnt: Path) -> None:
+    """Debian's cron, in OpenRC's default runlevel, runs `ota pull` every 30 minutes. On a
+    node with no repository in ota.conf (this image as built: no /data) the run prints
+    nothing and exits 8, so cron has nothing to mail."""
+    assert "cron" in _packages(mnt)
+    entry = mnt / nodefiles.CRON_PATH
+    # cron ignores a file in /etc/cron.d that group or others may write, or not root's.
+    st = entry.stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o644, 0), oct(st.st_mode)
+    text = entry.read_text()
+    jobs = _cron_jobs(text)
+    assert len(jobs) == 1, text
+    fields, user, command = jobs[0]
+    assert fields == ["*/30", "*", "*", "*", "*"] and user == "root"
+    assert command.startswith("spk-visor ota pull -q --jitter "), command
+    path = re.search(r"^PATH=(\S+)$", text, re.M)
+    assert path, text
+    # The job's command, as cron runs it, in the image: silent, exit 8, no writes (the
+    # image is mounted read-only here, as on a node).
+    run = subprocess.run(
+        ["chroot", str(mnt), "/bin/sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": path.group(1), "HOME": "/root", "SHELL": "/bin/sh", "LOGNAME": "root"},
+    )
+    assert (run.returncode, run.stdout, run.stderr) == (8, "", ""), run
+    # The sealed package managers' daily jobs are gone (they would fail every day).
+    for rel in rootfs.SEALED_CRON_JOBS:
+        assert not (mnt / rel).exists(), rel
+
+
+def test_smechvisord_is_on_roots_path_through_current(mnt: Path, built: dict[str, Any]) -> None:
+    link = mnt / nodefiles.DAEMON_COMMAND
+    # Through `current`, which an OTA daemon swap moves: never a fixed release.
+    assert os.readlink(link) == "/opt/smechvisord/current/bin/smechvisord"
+    run = subprocess.run(
+        ["chroot", str(mnt), "smechvisord", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": ROOT_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert built["daemon_release"].startswith(run.stdout.split()[-1] + "-"), run.stdout
+    # What the CLI's pinning messages tell an operator to run on the node: it runs (no
+    # certificate in an image that never booted: it says where it will be).
+    run = subprocess.run(
+        ["chroot", str(mnt), "smechvisord", "--print-fingerprint"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": ROOT_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8"},
+    )
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "no TLS certificate" in run.stderr or "SHA256 Fingerprint=" in run.stdout, run
 
 
 def test_release_tree(mnt: Path, built: dict[str, Any]) -> None:
@@ -471,11 +549,15 @@ def test_boots_under_qemu_and_openrc_starts_smechvisord(
     # OpenRC, not systemd, brought it up, after the data service.
     assert "OpenRC" in boot.log
     data = boot.log.index("Mounting the data partition")
-    ota = boot.log.index("Recovering interrupted OTA work")
+    ota = boot.log.index("Checking a trial boot of the base system (after recovering")
     assert data < ota < boot.log.index("Starting smechvisord")
     # The read-only root costs no boot service (vhost-user-gpu has no backend in the image).
     failed = re.findall(r"ERROR: (\S+) failed to start", boot.log)
     assert failed == ["vhost-user-gpu"], failed
+    # Debian's cron, through its LSB script under OpenRC: the node's own pull schedule.
+    assert "Starting periodic command scheduler: cron." in boot.log
+    # One spk-visor start for the OTA boot work: boot-check recovers first.
+    assert "Recovering interrupted OTA work" not in boot.log
     # No data partition next to /dev/vda: the node said so and used a tmpfs.
     assert "no partition named data" in boot.log
 

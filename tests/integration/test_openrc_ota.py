@@ -1,5 +1,6 @@
-"""The spk-visor-ota boot service under the real OpenRC: it runs `ota recover` and then
-`ota boot-check`, and reboots when the trial boot failed (boot-check exit 5)."""
+"""The spk-visor-ota boot service under the real OpenRC: it runs `ota boot-check` (which
+recovers interrupted OTA work first, under the same lock: one Python start per boot), and
+reboots when the trial boot failed (boot-check exit 5)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def test_boot_service_recovers_with_the_real_cli(service: tuple[str, Path], tmp_
     node = make_node(tmp_path, Pki())
     stale = node.paths.releases / ".staging-2.0.0-deadbeef"
     (stale / "bin").mkdir(parents=True)
+    # A swap cut between making the new link and renaming it over `current`.
+    half_swapped = node.paths.current.with_name("current.tmp")
+    half_swapped.symlink_to("releases/2.0.0-deadbeef")
     cli = _script(
         tmp_path / "spk-visor", f'cd "{REPO}" && exec "{sys.executable}" -m spk_visor "$@"\n'
     )
@@ -66,6 +70,7 @@ def test_boot_service_recovers_with_the_real_cli(service: tuple[str, Path], tmp_
     started = rc(name, "start")
     assert started.returncode == 0, started.stdout + started.stderr
     assert not stale.exists(), "ota recover did not run: the half-staged release is still there"
+    assert not half_swapped.is_symlink(), "the half-done swap's link is still there"
     assert not (tmp_path / "rebooted").exists()
 
 
@@ -80,5 +85,17 @@ def test_failed_trial_reboots(service: tuple[str, Path], tmp_path: Path) -> None
     conf.write_text(f"SPK_VISOR_BIN='{fake}'\nSPK_VISOR_OTA_REBOOT_CMD='{reboot}'\n")
     started = rc(name, "start")
     assert started.returncode != 0
-    assert calls.read_text().split("\n")[:2] == ["ota recover", "ota boot-check"]
+    assert calls.read_text().splitlines() == ["ota boot-check"]
     assert (tmp_path / "rebooted").exists()
+
+
+def test_one_cli_start_per_boot(service: tuple[str, Path], tmp_path: Path) -> None:
+    """`ota boot-check` recovers before it checks (engine.manual), so the service starts
+    the CLI, a Python start of a second or more on a node, once."""
+    name, conf = service
+    calls = tmp_path / "calls"
+    fake = _script(tmp_path / "spk-visor", f'echo "$*" >> "{calls}"\nexit 0\n')
+    conf.write_text(f"SPK_VISOR_BIN='{fake}'\n")
+    started = rc(name, "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert calls.read_text().splitlines() == ["ota boot-check"]

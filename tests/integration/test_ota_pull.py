@@ -291,3 +291,35 @@ def test_not_modified_channel_still_applies_what_waits(
         later = server.requests[before:]
         assert [s.status for s in later if s.rel == rel_channel("stable")] == [304]
         assert not [s for s in later if s.rel.startswith(("manifests/", "blobs/"))]
+
+
+def test_jitter_sleeps_without_the_lock(
+    tmp_path: Path, pki: Pki, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cron pull's jitter (up to 15 minutes on an image node) is spent before it takes
+    the OTA lock: an admin's `ota push` meanwhile is not refused as busy (exit 6). The
+    pull itself still takes the lock for its work: it never overlaps an apply."""
+    repo_dir = tmp_path / "repo"
+    _publish(tmp_path, pki, repo_dir, size=64 << 10)
+    holders: list[str | None] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        holders.append(journal.lock_holder(node.paths))
+        # What a push's apply does while the pull waits: it gets the lock.
+        with journal.locked(node.paths, "apply"):
+            real_sleep(0)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    for key, value in node.env.items():
+        monkeypatch.setenv(key, value)
+    with FlakyRepo(repo_dir) as server:
+        _conf(node, [server.url])
+        code, _doc = pull.run(load_context(), pull.PullOptions(jitter=900, interactive=False))
+        assert code == ExitCode.OK
+        assert holders == [None]
+        # An apply holding the lock when the pull wakes up: the pull is busy (exit 6).
+        monkeypatch.setattr(time, "sleep", lambda _s: None)
+        with journal.locked(node.paths, "apply"), pytest.raises(Exception) as busy:
+            pull.run(load_context(), pull.PullOptions(jitter=900, interactive=False))
+        assert getattr(busy.value, "exit_code", None) == ExitCode.BUSY

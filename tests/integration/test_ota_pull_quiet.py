@@ -139,10 +139,27 @@ def test_success_is_silent_under_q(
         assert res.code == 0 and "0.2.0" in res.out and "applied" in res.out, res
 
 
-def test_refusals_and_failures_print_one_line_each(tmp_path: Path, pki: Pki, node: Node) -> None:
-    # Configuration (exit 2): no repository.
+def test_no_repository_is_silent_under_q(node: Node) -> None:
+    """A node with no base_urls does not pull: the image's cron entry runs every 30
+    minutes on every node, and cron mails what it prints. Nothing may be done (exit 8),
+    silently under -q, in words on a terminal."""
     conf(node, [])
-    one_line(pull(node, "-q"), ExitCode.USAGE, "base_urls")
+    before = node.tree_digest()
+    silent(pull(node, "-q", "--jitter", "900"), ExitCode.NOT_ELIGIBLE)
+    res = pull(node)
+    assert res.code == ExitCode.NOT_ELIGIBLE and res.out == "", res
+    assert "no repository configured" in res.err and "base_urls" in res.err, res.err
+    # It changed nothing on the node (no state, no backoff, no journal).
+    assert node.tree_digest() == before
+    # No ota.conf at all (a node before its first configuration): the same.
+    node.paths.conf.unlink()
+    silent(pull(node, "-q"), ExitCode.NOT_ELIGIBLE)
+
+
+def test_refusals_and_failures_print_one_line_each(tmp_path: Path, pki: Pki, node: Node) -> None:
+    # Configuration (exit 2): an ota.conf that does not parse.
+    node.write_conf("base_urls = [\n")
+    one_line(pull(node, "-q"), ExitCode.USAGE, "ota.conf")
     # Transient (exit 7): nothing listens.
     conf(node, [closed_port_url()])
     one_line(pull(node, "-q"), ExitCode.TRANSIENT)

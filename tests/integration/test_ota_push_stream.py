@@ -471,8 +471,8 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
     assert fleet.log(3) == []
     assert overall_exit(results) == ExitCode.ROLLED_BACK  # the failure, not the skips
     lines = summary_table(results).splitlines()
-    assert lines[0].split() == ["NODE", "EXIT", "PHASE", "VERSION", "DOWNTIME", "TIME", "MESSAGE"]
-    assert lines[2].split()[:5] == ["node1", "5", "rolled_back", "2.5.0", "250"]
+    assert lines[0].split() == ["NODE", "EXIT", "STATE", "VERSION", "DOWNTIME", "TIME", "MESSAGE"]
+    assert lines[2].split()[:6] == ["node1", "5", "daemon", "rolled", "back", "2.5.0"]
     assert lines[2].endswith("health check failed")
     assert results[3].to_doc() == {
         "node": "node3",
@@ -482,6 +482,7 @@ def test_stop_on_failure_skips_the_nodes_not_started(fleet: Fleet) -> None:
         "downtime_ms": None,
         "message": stopped,
         "seconds": 0.0,
+        "state": "not started",
     }
 
 
