@@ -29,7 +29,6 @@ and var/lib/ from it (the fstab below); the base image is expected to use `<data
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import secrets
@@ -57,7 +56,7 @@ from spk_visor.ota.verify import verify_manifest
 from spk_visor.trust import dsse
 from spk_visor.trust.manifest import DaemonComponent, ImageComponent, Manifest
 from spk_visor.trust.roots import Root
-from spk_visor.trust.verify import Verified
+from spk_visor.trust.verify import BlobCheck, Verified
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -437,8 +436,8 @@ class _PackSink:
         self.inst = inst
         self.daemon = daemon
         self.size = size
-        self.received = 0
-        self.hash = hashlib.sha256()
+        # Size and signed hash, checked as OTA checks a blob (trust.verify).
+        self.check = BlobCheck(daemon.pack, size)
         incoming = inst.mountpoint / ".spk-incoming"
         incoming.mkdir(mode=0o700, exist_ok=True)
         self.hex = daemon.pack.removeprefix("sha256:")
@@ -450,10 +449,10 @@ class _PackSink:
     def write(self, data: bytes | memoryview) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "pack sink already finished or closed")
-        if self.received + len(data) > self.size:
-            raise InstallError("too_many_bytes", f"daemon pack is declared as {self.size} bytes")
-        self.received += len(data)
-        self.hash.update(data)
+        try:
+            self.check.update(data)
+        except VerificationError as e:
+            raise InstallError("too_many_bytes", e.message) from e
         try:
             blockdev.write_all(self.fd, data)
         except OSError as e:
@@ -462,8 +461,10 @@ class _PackSink:
     def finish(self) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "pack sink already finished or closed")
-        if self.received != self.size or self.hash.hexdigest() != self.hex:
-            raise InstallError("blob_hash", "the daemon pack does not match the manifest")
+        try:
+            self.check.finish()
+        except VerificationError as e:
+            raise InstallError("blob_hash", f"the daemon pack: {e.message}") from e
         try:
             os.fsync(self.fd)
         except OSError as e:

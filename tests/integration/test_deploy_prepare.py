@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from spk_visor.deploy.install import Installer, validate_plan
+from spk_visor.deploy.install import Installer, InstallError, validate_plan
 from spk_visor.deploy.inventory import Disk, inventory
 from spk_visor.trust import roots
 from tests.support import deploy_images
@@ -50,8 +50,12 @@ def target(tmp_path: Path) -> Iterator[tuple[LoopDisk, Disk, Any]]:
         assert len(found) == 1, f"inventory does not show {disk.serial}"
         yield disk, found[0], (release, root)
     finally:
-        subprocess.run(["umount", "--lazy", str(tmp_path / "mnt")], capture_output=True, check=False)
-        subprocess.run(["partx", "--delete", disk.dev], capture_output=True, timeout=30, check=False)
+        subprocess.run(
+            ["umount", "--lazy", str(tmp_path / "mnt")], capture_output=True, check=False
+        )
+        subprocess.run(
+            ["partx", "--delete", disk.dev], capture_output=True, timeout=30, check=False
+        )
         disk.detach()
 
 
@@ -86,7 +90,7 @@ def _wrap(bindir: Path, tool: str, log: Path) -> None:
 def test_esp_and_data_filesystems_are_made_at_the_same_time(
     target: tuple[LoopDisk, Disk, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop, disk, release_root = target
+    _loop, disk, release_root = target
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "mkfs.log"
@@ -131,8 +135,6 @@ def test_a_failing_mkfs_fails_prepare_after_both_ended(
     (bindir / "mkfs.vfat").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     inst = _installer(tmp_path, disk, release_root)
-    from spk_visor.deploy.install import InstallError  # noqa: PLC0415
-
     try:
         with pytest.raises(InstallError) as caught:
             inst.prepare()
