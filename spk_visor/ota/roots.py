@@ -39,7 +39,9 @@ def read_bytes(path: Path, what: str, hint: str | None = None) -> bytes:
         with path.open("rb") as f:
             return f.read(MAX_ROOT_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"cannot read the {what} {path}: {e.strerror or e}", hint) from e
+        raise ConfigError(
+            f"cannot read the {what} {path}: {e.strerror or e}", hint or "check the path"
+        ) from e
 
 
 def _envelope(raw: bytes, path: Path) -> dsse.Envelope:
