@@ -27,8 +27,8 @@ def _tamper(raw: bytes) -> bytes:
 
 
 LOADERS: dict[str, Callable[[Path], Any]] = {
-    "deploy receive": lambda p: deploy_cmd._load_root(p),
-    "shim build": lambda p: shim_iso._load_trust_root(p),
+    "deploy receive": deploy_cmd._load_root,
+    "shim build": shim_iso._load_trust_root,
     "trust store": lambda p: ota_roots.TrustStore(p, p.parent / "no-trust-dir").load(),
 }
 
