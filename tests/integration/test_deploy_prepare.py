@@ -19,7 +19,7 @@ from spk_visor.deploy.inventory import Disk, inventory
 from spk_visor.trust import roots
 from tests.support import deploy_images
 from tests.support.loopdisk import LoopDisk
-from tests.support.prereq import need_command, need_root
+from tests.support.prereq import DISK_TOOLS, need_commands, need_root
 
 # How long each wrapped mkfs holds on before running the real one: long enough that two
 # run one after the other can never look overlapped, even on a loaded machine.
@@ -28,15 +28,7 @@ HOLD_S = 1.0
 
 def _prereqs() -> None:
     need_root()
-    for cmd, pkg in (
-        ("sfdisk", "fdisk"),
-        ("wipefs", "util-linux"),
-        ("partx", "util-linux"),
-        ("mkfs.vfat", "dosfstools"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("debugfs", "e2fsprogs"),
-    ):
-        need_command(cmd, pkg)
+    need_commands((*DISK_TOOLS, ("blkid", "util-linux")))
 
 
 @pytest.fixture
