@@ -184,3 +184,33 @@ def test_a_second_deploy_shows_nothing_of_the_first_in_the_data_filesystem(
             assert not f.read().strip(b"\0")
     finally:
         assert second.abort("test end") == []
+
+
+def test_the_plan_time_inventory_probes_only_the_planned_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PLAN names its disk: `wipefs -n` runs on that one alone, and still finds a
+    signature lsblk does not show."""
+    _prereqs()
+    planned, other = LoopDisk(tmp_path, "64M"), LoopDisk(tmp_path, "64M")
+    try:
+        # A filesystem written behind udev's back: lsblk's cached view has no FSTYPE.
+        with open(planned.dev, "r+b") as f:
+            f.seek(0x438)  # ext2/3/4 superblock magic
+            f.write(b"\x53\xef")
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        log = tmp_path / "wipefs.log"
+        real = shutil.which("wipefs")
+        (bindir / "wipefs").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
+        (bindir / "wipefs").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+        disks = inventory(allow_loop=True, only_serial=planned.serial)
+        probed = log.read_text().split() if log.exists() else []
+        assert planned.dev in probed and other.dev not in probed, probed
+        mine = {d.serial: d for d in disks}
+        assert other.serial in mine, "every disk is still listed"
+        assert mine[planned.serial].has_signatures
+    finally:
+        planned.detach()
+        other.detach()
