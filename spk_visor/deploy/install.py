@@ -582,7 +582,7 @@ class Installer:
         is reported to return zeros, which Linux no longer reports (BLKDISCARDZEROES is
         0), so the discard never saved a wipe either. Old data in free blocks stays
         readable only through the raw device, as before the deploy. What is lost is the
-        TRIM of the free space on an SSD: the installed node's fstrim does that."""
+        TRIM of the free space on an SSD at install time (`fstrim /data` on the node)."""
         _run_all(
             [
                 [
