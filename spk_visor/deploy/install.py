@@ -578,11 +578,12 @@ class Installer:
         written, or flagged unwritten and read as zeros, before anything reads them;
         block groups with unused inode tables are flagged uninitialised (their stale
         contents are never parsed) and zeroed by the kernel's lazy init; mke2fs zeroes
-        the journal itself. mke2fs skips its own inode-table zeroing only when a discard
-        is reported to return zeros, which Linux no longer reports (BLKDISCARDZEROES is
-        0), so the discard never saved a wipe either. Old data in free blocks stays
-        readable only through the raw device, as before the deploy. What is lost is the
-        TRIM of the free space on an SSD at install time (`fstrim /data` on the node)."""
+        the journal itself. The discard would matter to the inode tables' zeroing only
+        where the device reports that discarded blocks read as zeros, which Linux no
+        longer reports (BLKDISCARDZEROES is 0): they are zeroed either way. Old data in
+        free blocks stays readable only through the raw device, as before the deploy.
+        What is lost is the TRIM of the free space on an SSD at install time (`fstrim
+        /data` on the node does it)."""
         _run_all(
             [
                 [
