@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -631,9 +632,12 @@ class Installer:
 
     def _wipe(self) -> None:
         """Old boot code and both GPT copies gone before anything new is written."""
-        for part in self._old_partitions():
-            if os.path.exists(part):
-                _try(["wipefs", "--all", "--quiet", part])
+        # Each old partition's signatures, all at once (separate devices); best effort:
+        # a partition that cannot be opened is gone with the table below anyway.
+        old = [p for p in self._old_partitions() if os.path.exists(p)]
+        if old:
+            with ThreadPoolExecutor(max_workers=len(old)) as pool:
+                list(pool.map(lambda part: _try(["wipefs", "--all", "--quiet", part]), old))
         # The first and last MiB (MBR boot code, both GPT copies) are zeroed before the
         # whole-disk wipefs: wipefs, when it erases a partition table itself, sleeps
         # 250 ms and re-reads it. It still erases every other signature it finds; the old
