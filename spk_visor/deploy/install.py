@@ -520,6 +520,7 @@ class Installer:
         self.esp_volume_id = esp_id  # mkfs.vfat -i; shows as XXXX-XXXX
         self.esp_uuid = f"{esp_id[:4]}-{esp_id[4:]}"
         self.parts: dict[str, str] = {}
+        self._new_table: list[tuple[int, int]] = []
         self.made_nodes: list[str] = []
         self.durable_bytes = 0
         self.image_sha256: str | None = None
@@ -658,26 +659,33 @@ class Installer:
         # Kernel partitions of the old table would otherwise linger (and keep names busy).
         _try(["partx", "--delete", self.disk.path])
 
+    def _table(self) -> list[tuple[int, int]]:
+        """(start, size) of each partition sfdisk wrote, in the kernel's 512-byte units."""
+        out = _run(["sfdisk", "--json", self.disk.path], "partition")
+        try:
+            doc = json.loads(out)["partitiontable"]
+            unit = int(doc.get("sectorsize", 512)) // 512
+            table = [(int(p["start"]) * unit, int(p["size"]) * unit) for p in doc["partitions"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InstallError("partition", f"sfdisk --json: {e}") from e
+        if len(table) != len(PART_NAMES):
+            raise InstallError("partition", f"sfdisk wrote {len(table)} partitions")
+        return table
+
     def _sysfs_ready(self) -> bool:
-        """Every new partition is in the kernel, where the new table puts it (a partition
-        of the old table that could not be dropped would have the name but not the
-        place). Starts and sizes in 512-byte units; the data partition's size is not
-        known in advance (the rest of the disk, less the backup GPT)."""
+        """Every new partition is in the kernel, where the new table puts it: a partition
+        of the old table that could not be dropped has the name but not the place."""
+        if not self._new_table:
+            return False
         base = Path(f"/sys/block/{self.disk.name}")
-        sizes = {"bios_grub": BIOS_MIB, "esp": ESP_MIB, "root-a": self.plan.layout.slot_mib}
-        sizes["root-b"] = self.plan.layout.slot_mib
-        start_mib = 1
-        for i, name in enumerate(PART_NAMES, start=1):
+        for i, want in enumerate(self._new_table, start=1):
             part = base / _part_name(self.disk.name, i)
             try:
-                start = int((part / "start").read_text())
-                size = int((part / "size").read_text())
+                got = (int((part / "start").read_text()), int((part / "size").read_text()))
             except (OSError, ValueError):
                 return False
-            want = sizes.get(name)
-            if start != start_mib * MIB // 512 or (want is not None and size != want * MIB // 512):
+            if got != want:
                 return False
-            start_mib += want or 0
         return True
 
     def _wait(self, cond: Callable[[], bool], timeout: float) -> bool:
@@ -693,6 +701,7 @@ class Installer:
         partition: works where the kernel has no GPT parser, and does not wait); BLKRRPART
         where that did not do it. partprobe would also run dmidecode and `udevadm settle`
         twice, a quarter of a second."""
+        self._new_table = self._table()
         if not (_try(["partx", "--update", self.disk.path]) and self._sysfs_ready()):
             _try(["blockdev", "--rereadpt", self.disk.path])
             if not self._wait(self._sysfs_ready, APPEAR_TIMEOUT_S):

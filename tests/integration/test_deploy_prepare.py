@@ -148,7 +148,19 @@ def test_stale_kernel_partitions_are_not_taken_for_the_new_ones(
     subprocess.run(["partx", "--update", loop.dev], capture_output=True, timeout=30, check=False)
     inst = _installer(tmp_path, disk, release_root)
     assert Path(f"/sys/block/{disk.name}/{disk.name}p5").is_dir()
+    # The new table on the disk, the kernel not told yet: its partitions are the old ones.
+    script = inst.plan.layout.sfdisk_script(inst.partuuids)
+    subprocess.run(
+        ["sfdisk", "--quiet", "--no-tell-kernel", loop.dev],
+        input=script,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    inst._new_table = inst._table()
     assert not inst._sysfs_ready()
+    subprocess.run(["partx", "--update", loop.dev], capture_output=True, timeout=30, check=True)
+    assert inst._sysfs_ready()
     try:
         inst.prepare()
         assert inst._sysfs_ready()
