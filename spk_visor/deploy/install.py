@@ -698,14 +698,17 @@ class Installer:
 
     def _reread_partitions(self) -> None:
         """Tell the kernel about the new table: `partx --update` (BLKPG, partition by
-        partition: works where the kernel has no GPT parser, and does not wait); BLKRRPART
-        where that did not do it. partprobe would also run dmidecode and `udevadm settle`
-        twice, a quarter of a second."""
+        partition: works where the kernel has no GPT parser, and does not wait), a second
+        time where an old partition the wipe could not drop was in a new one's way when
+        the first run came to it, then BLKRRPART. partprobe would also run dmidecode and
+        `udevadm settle` twice, a quarter of a second."""
         self._new_table = self._table()
-        if not (_try(["partx", "--update", self.disk.path]) and self._sysfs_ready()):
-            _try(["blockdev", "--rereadpt", self.disk.path])
+        disk = self.disk.path
+        tries = (["partx", "--update", disk], ["partx", "--update", disk])
+        if not any(_try(argv) and self._sysfs_ready() for argv in tries):
+            _try(["blockdev", "--rereadpt", disk])
             if not self._wait(self._sysfs_ready, APPEAR_TIMEOUT_S):
-                raise InstallError("partition", f"partitions of {self.disk.path} did not appear")
+                raise InstallError("partition", f"partitions of {disk} did not appear")
         if shutil.which("udevadm"):
             _try(["udevadm", "settle", "--timeout=10"])
         for i, name in enumerate(PART_NAMES, start=1):
