@@ -46,17 +46,13 @@ def _default_trust_root() -> Path:
 
 
 def _load_root(path: Path | None) -> Any:
-    from spk_visor.trust import roots  # noqa: PLC0415 (cryptography only when needed)
+    from spk_visor.ota import roots  # noqa: PLC0415 (cryptography only when needed)
 
-    path = path or _default_trust_root()
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UsageError(
-            f"cannot read the trust root {path}: {e.strerror or e}",
-            "the shim bakes it in at build time; elsewhere pass --trust-root FILE",
-        ) from e
-    return roots.load_anchor(raw, f"trust root {path}")
+    root, _raw = roots.load_file(
+        path or _default_trust_root(),
+        hint="the shim bakes it in at build time; elsewhere pass --trust-root FILE",
+    )
+    return root
 
 
 class _Screen:

@@ -89,19 +89,10 @@ def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:
 
 def _root_file(path: Path) -> Any:
     """The root document (a DSSE envelope) in a file the user named; anything else is
-    their mistake (exit 2), said with the file's name."""
-    from spk_visor.errors import VerificationError  # noqa: PLC0415
-    from spk_visor.trust import dsse, roots  # noqa: PLC0415
+    their mistake (exit 2), said with the file's name (ota/roots.py)."""
+    from spk_visor.ota import roots  # noqa: PLC0415
 
-    try:
-        env = dsse.from_bytes(path.read_bytes(), dsse.ROOT_TYPE)
-        roots.parse_unverified(env)
-    except VerificationError as e:
-        raise UsageError(
-            f"{path} is not a root document ({e.message})",
-            "give a root.json written by `spk-visor ota root init` or `ota root rotate`",
-        ) from e
-    return env
+    return roots.document(path)
 
 
 def _check_role_keys(
@@ -454,11 +445,11 @@ def verify_cmd(
 ) -> None:
     """Verify a bundle offline against a root: signatures, schema, every blob, the end."""
     from spk_visor.ota import bundle, verify  # noqa: PLC0415
+    from spk_visor.ota import roots as ota_roots  # noqa: PLC0415
     from spk_visor.ota.engine import hash_blobs  # noqa: PLC0415
     from spk_visor.trust import roots  # noqa: PLC0415
 
-    _root_file(root_doc)  # the wrong kind of file is the user's mistake, said so
-    trusted = roots.load_anchor(root_doc.read_bytes(), f"root {root_doc}")
+    trusted, _raw = ota_roots.load_file(root_doc, "root")
     with _open_bundle(str(bundle_path)) as f:
         header = bundle.read_header(f)
         root, _added = roots.chain_from_list(trusted, header.roots)

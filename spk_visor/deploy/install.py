@@ -29,7 +29,6 @@ and var/lib/ from it (the fstab below); the base image is expected to use `<data
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import secrets
@@ -39,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +57,7 @@ from spk_visor.ota.verify import verify_manifest
 from spk_visor.trust import dsse
 from spk_visor.trust.manifest import DaemonComponent, ImageComponent, Manifest
 from spk_visor.trust.roots import Root
-from spk_visor.trust.verify import Verified
+from spk_visor.trust.verify import BlobCheck, Verified
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -288,6 +288,10 @@ def _run(argv: list[str], reason: str, stdin: str | None = None) -> str:
     )
 
 
+def _run_all(argvs: list[list[str]], reason: str) -> None:
+    runner.run_all(argvs, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S)
+
+
 def _try(argv: list[str]) -> bool:
     return runner.succeeds(argv, timeout=_TIMEOUT_S)
 
@@ -433,8 +437,8 @@ class _PackSink:
         self.inst = inst
         self.daemon = daemon
         self.size = size
-        self.received = 0
-        self.hash = hashlib.sha256()
+        # Size and signed hash, checked as OTA checks a blob (trust.verify).
+        self.check = BlobCheck(daemon.pack, size)
         incoming = inst.mountpoint / ".spk-incoming"
         incoming.mkdir(mode=0o700, exist_ok=True)
         self.hex = daemon.pack.removeprefix("sha256:")
@@ -446,10 +450,10 @@ class _PackSink:
     def write(self, data: bytes | memoryview) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "pack sink already finished or closed")
-        if self.received + len(data) > self.size:
-            raise InstallError("too_many_bytes", f"daemon pack is declared as {self.size} bytes")
-        self.received += len(data)
-        self.hash.update(data)
+        try:
+            self.check.update(data)
+        except VerificationError as e:
+            raise InstallError("too_many_bytes", e.message) from e
         try:
             blockdev.write_all(self.fd, data)
         except OSError as e:
@@ -458,8 +462,10 @@ class _PackSink:
     def finish(self) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "pack sink already finished or closed")
-        if self.received != self.size or self.hash.hexdigest() != self.hex:
-            raise InstallError("blob_hash", "the daemon pack does not match the manifest")
+        try:
+            self.check.finish()
+        except VerificationError as e:
+            raise InstallError("blob_hash", f"the daemon pack: {e.message}") from e
         try:
             os.fsync(self.fd)
         except OSError as e:
@@ -514,6 +520,7 @@ class Installer:
         self.esp_volume_id = esp_id  # mkfs.vfat -i; shows as XXXX-XXXX
         self.esp_uuid = f"{esp_id[:4]}-{esp_id[4:]}"
         self.parts: dict[str, str] = {}
+        self._new_table: list[tuple[int, int]] = []
         self.made_nodes: list[str] = []
         self.durable_bytes = 0
         self.image_sha256: str | None = None
@@ -539,10 +546,14 @@ class Installer:
         self.phase("wipe")
         self._wipe()
         self.phase("partition")
+        # --no-tell-kernel: sfdisk would sleep 250 ms, then sync() every disk of the
+        # machine, before its BLKRRPART; _reread_partitions tells the kernel instead.
+        # The table itself is fsynced by sfdisk either way.
         _run(
             [
                 "sfdisk",
                 "--quiet",
+                "--no-tell-kernel",
                 "--wipe",
                 "always",
                 "--wipe-partitions",
@@ -554,18 +565,54 @@ class Installer:
         )
         self._reread_partitions()
         self.phase("mkfs")
-        _run(
-            ["mkfs.vfat", "-F", "32", "-n", "SPK_ESP", "-i", self.esp_volume_id, self.parts["esp"]],
-            "mkfs",
-        )
-        _run(
-            ["mkfs.ext4", "-q", "-F", "-L", DATA_LABEL, "-U", self.data_uuid, self.parts["data"]],
-            "mkfs",
-        )
+        self._mkfs()
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         _run(["mount", "-t", "ext4", self.parts["data"], str(self.mountpoint)], "mount")
         self.state.mounted = True
         self.state.prepared = True
+
+    def _mkfs(self) -> None:
+        """Both filesystems at once: different partitions, no shared state.
+
+        mkfs.ext4 -E nodiscard: its default discard of the whole data partition is most
+        of its time (seconds on a large disk), and it changes nothing the new filesystem
+        shows. ext4 never exposes a block it has not allocated: a file's new blocks are
+        written, or flagged unwritten and read as zeros, before anything reads them;
+        block groups with unused inode tables are flagged uninitialised (their stale
+        contents are never parsed) and zeroed by the kernel's lazy init; mke2fs zeroes
+        the journal itself. The discard would matter to the inode tables' zeroing only
+        where the device reports that discarded blocks read as zeros, which Linux no
+        longer reports (BLKDISCARDZEROES is 0): they are zeroed either way. Old data in
+        free blocks stays readable only through the raw device, as before the deploy.
+        What is lost is the TRIM of the free space on an SSD at install time (`fstrim
+        /data` on the node does it)."""
+        _run_all(
+            [
+                [
+                    "mkfs.vfat",
+                    "-F",
+                    "32",
+                    "-n",
+                    "SPK_ESP",
+                    "-i",
+                    self.esp_volume_id,
+                    self.parts["esp"],
+                ],
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-E",
+                    "nodiscard",
+                    "-L",
+                    DATA_LABEL,
+                    "-U",
+                    self.data_uuid,
+                    self.parts["data"],
+                ],
+            ],
+            "mkfs",
+        )
 
     def _check_disk(self) -> None:
         # The device behind the name must still be the disk that was planned.
@@ -586,10 +633,16 @@ class Installer:
 
     def _wipe(self) -> None:
         """Old boot code and both GPT copies gone before anything new is written."""
-        for part in self._old_partitions():
-            if os.path.exists(part):
-                _try(["wipefs", "--all", "--quiet", part])
-        _run(["wipefs", "--all", "--quiet", self.disk.path], "wipe")
+        # Each old partition's signatures, all at once (separate devices); best effort:
+        # a partition that cannot be opened is gone with the table below anyway.
+        old = [p for p in self._old_partitions() if os.path.exists(p)]
+        if old:
+            with ThreadPoolExecutor(max_workers=len(old)) as pool:
+                list(pool.map(lambda part: _try(["wipefs", "--all", "--quiet", part]), old))
+        # The first and last MiB (MBR boot code, both GPT copies) are zeroed before the
+        # whole-disk wipefs: wipefs, when it erases a partition table itself, sleeps
+        # 250 ms and re-reads it. It still erases every other signature it finds; the old
+        # kernel partitions are dropped below.
         try:
             fd = os.open(self.disk.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -602,14 +655,38 @@ class Installer:
                 os.close(fd)
         except OSError as e:
             raise InstallError("wipe", f"{self.disk.path}: {e}") from e
+        _run(["wipefs", "--all", "--quiet", self.disk.path], "wipe")
         # Kernel partitions of the old table would otherwise linger (and keep names busy).
         _try(["partx", "--delete", self.disk.path])
 
+    def _table(self) -> list[tuple[int, int]]:
+        """(start, size) of each partition sfdisk wrote, in the kernel's 512-byte units."""
+        out = _run(["sfdisk", "--json", self.disk.path], "partition")
+        try:
+            doc = json.loads(out)["partitiontable"]
+            unit = int(doc.get("sectorsize", 512)) // 512
+            table = [(int(p["start"]) * unit, int(p["size"]) * unit) for p in doc["partitions"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InstallError("partition", f"sfdisk --json: {e}") from e
+        if len(table) != len(PART_NAMES):
+            raise InstallError("partition", f"sfdisk wrote {len(table)} partitions")
+        return table
+
     def _sysfs_ready(self) -> bool:
+        """Every new partition is in the kernel, where the new table puts it: a partition
+        of the old table that could not be dropped has the name but not the place."""
+        if not self._new_table:
+            return False
         base = Path(f"/sys/block/{self.disk.name}")
-        return all(
-            (base / _part_name(self.disk.name, i)).is_dir() for i in range(1, len(PART_NAMES) + 1)
-        )
+        for i, want in enumerate(self._new_table, start=1):
+            part = base / _part_name(self.disk.name, i)
+            try:
+                got = (int((part / "start").read_text()), int((part / "size").read_text()))
+            except (OSError, ValueError):
+                return False
+            if got != want:
+                return False
+        return True
 
     def _wait(self, cond: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -620,17 +697,20 @@ class Installer:
         return cond()
 
     def _reread_partitions(self) -> None:
-        """partprobe (or BLKRRPART); `partx --update` where the kernel lacks a GPT parser."""
-        if shutil.which("partprobe"):
-            _try(["partprobe", self.disk.path])
-        else:
-            _try(["blockdev", "--rereadpt", self.disk.path])
+        """Tell the kernel about the new table: `partx --update` (BLKPG, partition by
+        partition: works where the kernel has no GPT parser, and does not wait), a second
+        time where an old partition the wipe could not drop was in a new one's way when
+        the first run came to it, then BLKRRPART. partprobe would also run dmidecode and
+        `udevadm settle` twice, a quarter of a second."""
+        self._new_table = self._table()
+        disk = self.disk.path
+        tries = (["partx", "--update", disk], ["partx", "--update", disk])
+        if not any(_try(argv) and self._sysfs_ready() for argv in tries):
+            _try(["blockdev", "--rereadpt", disk])
+            if not self._wait(self._sysfs_ready, APPEAR_TIMEOUT_S):
+                raise InstallError("partition", f"partitions of {disk} did not appear")
         if shutil.which("udevadm"):
             _try(["udevadm", "settle", "--timeout=10"])
-        if not self._wait(self._sysfs_ready, 1.0):
-            _try(["partx", "--update", self.disk.path])
-            if not self._wait(self._sysfs_ready, APPEAR_TIMEOUT_S):
-                raise InstallError("partition", f"partitions of {self.disk.path} did not appear")
         for i, name in enumerate(PART_NAMES, start=1):
             self.parts[name] = self._node(i)
 

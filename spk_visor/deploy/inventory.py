@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ LSBLK_COLUMNS = (
 _STACKED = ("lvm", "crypt", "dm", "md", "raid")
 _NEVER = ("ram", "zram", "rom")
 _TIMEOUT_S = 30
+# wipefs probes run side by side (each is mostly process start-up).
+PROBES_AT_ONCE = 4
 
 
 @dataclass
@@ -154,25 +157,33 @@ def judge(disk: Disk, dev: dict[str, Any] | None, *, allow_loop: bool) -> Disk:
     return disk
 
 
-def inventory(*, allow_loop: bool = False) -> list[Disk]:
-    """Every whole disk the kernel shows, each judged eligible or not (with reasons)."""
+def inventory(*, allow_loop: bool = False, only_serial: str | None = None) -> list[Disk]:
+    """Every whole disk the kernel shows, each judged eligible or not (with reasons).
+
+    `wipefs -n` runs only where lsblk saw no partition table or filesystem (it can only
+    add one), for all such disks at once, and with `only_serial` (a PLAN names its disk)
+    only on that disk: the others are listed for the serial match, their signatures
+    unprobed."""
     done = _run(["lsblk", "-J", "-b", "-o", LSBLK_COLUMNS])
     if done.returncode != 0:
         raise RuntimeError(f"lsblk failed: {done.stderr.strip()}")
     devices = json.loads(done.stdout).get("blockdevices") or []
     boot_names = _boot_medium_serials()
-    disks: list[Disk] = []
+    found: list[tuple[dict[str, Any], Disk]] = []
+    probe: list[int] = []
     for dev in devices:
-        name = str(dev.get("name") or "")
         kind = str(dev.get("type") or "")
         # An unused loop device (no backing file) has size 0 and is just noise.
         if kind == "loop" and not int(dev.get("size") or 0):
             continue
-        signatures = (
-            _wipefs_signatures(str(dev.get("path") or f"/dev/{name}"))
-            if kind in ("disk", "loop")
-            else False
-        )
-        disk = disk_from_lsblk(dev, signatures=signatures, boot_names=boot_names)
-        disks.append(judge(disk, dev, allow_loop=allow_loop))
-    return disks
+        disk = disk_from_lsblk(dev, signatures=False, boot_names=boot_names)
+        wanted = only_serial is None or disk.serial == only_serial
+        if kind in ("disk", "loop") and wanted and not disk.has_signatures:
+            probe.append(len(found))
+        found.append((dev, disk))
+    if probe:
+        paths = [found[i][1].path for i in probe]
+        with ThreadPoolExecutor(max_workers=min(len(paths), PROBES_AT_ONCE)) as pool:
+            for i, signed in zip(probe, pool.map(_wipefs_signatures, paths), strict=True):
+                found[i][1].has_signatures = signed
+    return [judge(disk, dev, allow_loop=allow_loop) for dev, disk in found]

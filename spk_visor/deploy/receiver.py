@@ -576,7 +576,10 @@ class _Session:
         ):
             checked["confirm_wipe_serial"] = serial
         try:
-            disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
+            disks = inventory.inventory(
+                allow_loop=self.r.options.allow_loop,
+                only_serial=serial if isinstance(serial, str) else None,
+            )
             resolved = install.validate_plan(checked, disks, self.r.options.trust_root)
         except install.PlanRefused as e:
             # The reason and the detail travel apart; whoever shows them joins them once.

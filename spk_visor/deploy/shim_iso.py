@@ -30,10 +30,10 @@ from typing import IO
 import zstandard
 
 from smechvisord.version import VERSION
-from spk_visor.errors import ConfigError, SpkVisorError, VerificationError
+from spk_visor.errors import ConfigError, SpkVisorError
 from spk_visor.install import runner
+from spk_visor.ota import roots as ota_roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
-from spk_visor.trust import roots
 
 Progress = Callable[[str], None]
 
@@ -694,22 +694,13 @@ def _compression(kernel: _Kernel) -> str:
 
 
 def _load_trust_root(path: Path | None) -> bytes:
+    """The anchor to bake in, refused now if corrupt rather than on a blank machine in a
+    data centre."""
     if path is None:
         path = NodePaths(Path(os.environ.get(SYSROOT_ENV, "/"))).factory_root
-        if not path.is_file():
-            raise ConfigError(
-                "no trust root: this machine has no " + str(path),
-                hint="pass --trust-root with the product's root.json (OTA root of trust)",
-            )
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the trust root {path}: {exc.strerror}") from exc
-    # Refuse a corrupt anchor now rather than on a blank machine in a data centre.
-    try:
-        roots.load_anchor(raw, f"trust root {path}")
-    except SpkVisorError as exc:
-        raise VerificationError(f"trust root {path} refused: {exc.message}") from exc
+    _root, raw = ota_roots.load_file(
+        path, hint="pass --trust-root with the product's root.json (OTA root of trust)"
+    )
     return raw
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,6 +51,33 @@ def run_checked(
         tail = (done.stderr or done.stdout).strip()[-TAIL_CHARS:]
         raise error(f"{' '.join(argv[:3])} failed ({done.returncode}): {tail}")
     return done.stdout
+
+
+def run_all(
+    argvs: list[list[str]], error: Callable[[str], Exception], *, timeout: float
+) -> list[str]:
+    """run_checked for several independent tools at once (mkfs of two partitions): each
+    bounded by `timeout`, every exit status checked. Returns their stdouts in order;
+    once all have ended, the first failure in argv order is raised."""
+    results: list[str | BaseException] = [""] * len(argvs)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = run_checked(argvs[i], error, timeout=timeout)
+        except BaseException as e:  # raised below, on the caller's thread
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,), name=argvs[i][0]) for i in range(len(argvs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out: list[str] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        out.append(result)
+    return out
 
 
 def succeeds(argv: list[str], *, timeout: float) -> bool:

@@ -35,7 +35,6 @@ The target's address is checked after connecting, so DNS cannot route around the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import ipaddress
 import json
@@ -57,6 +56,7 @@ from spk_visor.errors import ConfigError, TransportError, VerificationError
 from spk_visor.ota import durable
 from spk_visor.ota.nodeconf import NodeConfig
 from spk_visor.ota.store import BlobStore, hex_of
+from spk_visor.trust.verify import BlobCheck
 
 Progress = Callable[[int], None]
 
@@ -589,13 +589,14 @@ class Fetcher:
         fd = os.open(store.partial(blob_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, start)
-            digest = _hash_prefix(fd, start)
+            check = BlobCheck(blob_id, size)
+            _hash_prefix(fd, start, check)
             tracker.at(start)
             if resp is not None:
                 os.lseek(fd, start, os.SEEK_SET)
                 _write_meta(store, blob_id, size, start, etag, url)
-                self._receive(resp, fd, digest, start, size, store, blob_id, etag, url, tracker)
-            return _finish(store, blob_id, fd, digest, resumed=start > 0)
+                self._receive(resp, fd, check, start, size, store, blob_id, etag, url, tracker)
+            return _finish(store, blob_id, fd, check, resumed=start > 0)
         finally:
             os.close(fd)
 
@@ -630,7 +631,7 @@ class Fetcher:
         self,
         resp: http.client.HTTPResponse,
         fd: int,
-        digest: hashlib._Hash,
+        check: BlobCheck,
         start: int,
         size: int,
         store: BlobStore,
@@ -646,7 +647,7 @@ class Fetcher:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
-                digest.update(chunk)
+                check.update(chunk)
                 pos += len(chunk)
                 tracker.at(pos)
                 if (
@@ -655,7 +656,7 @@ class Fetcher:
                 ):
                     _checkpoint(store, blob_id, fd, size, pos, etag, url)
                     synced_at, synced_t = pos, time.monotonic()
-        except _TooLarge:
+        except (_TooLarge, VerificationError):
             raise _NextMirror(f"sent more than the signed {size} bytes", corrupt=True) from None
         except _Retry:
             # Keep what arrived, durably, so the next attempt (or the next cron run after
@@ -714,32 +715,30 @@ def _resume_point(store: BlobStore, blob_id: str, size: int) -> tuple[int, str |
     return offset, etag, url
 
 
-def _hash_prefix(fd: int, length: int) -> hashlib._Hash:
+def _hash_prefix(fd: int, length: int, check: BlobCheck) -> None:
     # Re-reading the kept prefix is simpler and safer than persisting hash state, and
     # costs one read of what is already on disk.
-    digest = hashlib.sha256()
     pos = 0
     while pos < length:
         chunk = os.pread(fd, min(1 << 20, length - pos), pos)
         if not chunk:
             raise _Restart("partial file shorter than recorded")
-        digest.update(chunk)
+        check.update(chunk)
         pos += len(chunk)
-    return digest
 
 
-def _finish(
-    store: BlobStore, blob_id: str, fd: int, digest: hashlib._Hash, *, resumed: bool
-) -> Path:
-    actual = digest.hexdigest()
-    if actual != hex_of(blob_id):
+def _finish(store: BlobStore, blob_id: str, fd: int, check: BlobCheck, *, resumed: bool) -> Path:
+    try:
+        check.finish()  # the size is right (_receive retries a short body): the hash
+    except VerificationError:
+        actual = check.hexdigest()
         if resumed:
             # The kept prefix may be what is wrong (another mirror, a bad disk write):
             # one clean download from byte 0 decides.
-            raise _Restart(f"sha256 mismatch after resuming (got {actual[:12]}…)")
-        raise _NextMirror(f"sha256 mismatch (got {actual[:12]}…)", corrupt=True)
+            raise _Restart(f"sha256 mismatch after resuming (got {actual[:12]}…)") from None
+        raise _NextMirror(f"sha256 mismatch (got {actual[:12]}…)", corrupt=True) from None
     os.fsync(fd)
-    path = store.commit_partial(blob_id, actual)
+    path = store.promote(blob_id)
     with contextlib.suppress(FileNotFoundError):
         _meta_path(store, blob_id).unlink()
     return path

@@ -6,18 +6,79 @@
 <trust_dir>/<N>.root.json    chain history (audit)
 ```
 Reading and writing these files is all this module does; whether a root may be trusted
-is decided by spk_visor.trust.roots over the bytes.
+is decided by spk_visor.trust.roots over the bytes. `load_file` and `document` are the
+one way any command reads a root file (the node's store, the shim's baked-in anchor, a
+--root or --trust-root the operator named), so each problem is said one way everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from spk_visor.errors import OperatorNeededError, VerificationError
+from spk_visor.errors import ConfigError, VerificationError
 from spk_visor.ota import durable
-from spk_visor.trust.roots import MAX_ROOT_BYTES, MAX_ROOT_WALK, Root, newest_anchor, verify_next
+from spk_visor.trust import dsse
+from spk_visor.trust.roots import (
+    MAX_ROOT_BYTES,
+    MAX_ROOT_WALK,
+    Root,
+    load_anchor,
+    parse_unverified,
+    verify_next,
+)
+
+NOT_A_ROOT_HINT = "give a root.json written by `spk-visor ota root init` or `ota root rotate`"
+
+
+def read_bytes(path: Path, what: str, hint: str | None = None) -> bytes:
+    """A root file's bytes (at most MAX_ROOT_BYTES + 1: a longer one fails to parse)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(MAX_ROOT_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the {what} {path}: {e.strerror or e}", hint or "check the path"
+        ) from e
+
+
+def _envelope(raw: bytes, path: Path) -> dsse.Envelope:
+    """Not even a signed root envelope (junk, a key file, another kind of document):
+    whoever named the file made a mistake (exit 2), said with its name."""
+    try:
+        return dsse.from_bytes(raw, dsse.ROOT_TYPE)
+    except VerificationError as e:
+        raise ConfigError(f"{path} is not a root document ({e.message})", NOT_A_ROOT_HINT) from e
+
+
+@contextlib.contextmanager
+def _refusing(path: Path, what: str) -> Iterator[None]:
+    """A root envelope whose content or signatures do not hold: refused (exit 3)."""
+    try:
+        yield
+    except VerificationError as e:
+        raise VerificationError(f"{what} {path} refused: {e.message}", e.hint) from e
+
+
+def document(path: Path, what: str = "root document") -> dsse.Envelope:
+    """A file that must hold a root document, signatures not checked (to sign, rotate,
+    publish or compare it)."""
+    env = _envelope(read_bytes(path, what), path)
+    with _refusing(path, what):
+        parse_unverified(env)
+    return env
+
+
+def load_file(path: Path, what: str = "trust root", hint: str | None = None) -> tuple[Root, bytes]:
+    """A root trusted for where it came from (trust.roots.load_anchor): read, a root
+    document, and valid under its own root role. Returns the root and its bytes.
+    `hint` says where the file should come from when it cannot be read."""
+    raw = read_bytes(path, what, hint)
+    _envelope(raw, path)
+    with _refusing(path, what):
+        return load_anchor(raw, "self-signature"), raw
 
 
 @dataclass
@@ -32,16 +93,14 @@ class TrustStore:
         return self.trust_dir / "root.json"
 
     def load(self) -> Root:
-        anchors: list[tuple[bytes, str]] = []
+        """The newer of the two copies (each must verify)."""
+        best: Root | None = None
         for path in (self.newest_path, self.factory):
-            try:
-                with path.open("rb") as f:
-                    anchors.append((f.read(MAX_ROOT_BYTES + 1), f"trust root {path}"))
-            except FileNotFoundError:
+            if not path.exists():
                 continue
-            except OSError as e:
-                raise OperatorNeededError(f"cannot read trust root {path}: {e.strerror}") from e
-        best = newest_anchor(anchors)
+            root, _raw = load_file(path)
+            if best is None or root.version > best.version:
+                best = root
         if best is None:
             raise VerificationError(
                 f"no trust root: neither {self.factory} nor {self.newest_path} exists",

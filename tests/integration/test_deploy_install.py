@@ -37,7 +37,7 @@ from spk_visor.ota import nodeconf
 from spk_visor.ota.store import sha256_file
 from spk_visor.trust import roots
 from tests.support import deploy_images
-from tests.support.prereq import need_command, need_root
+from tests.support.prereq import DISK_TOOLS, need_command, need_commands, need_root
 from tests.support.sshkeys import public_line
 
 DISK_BYTES = 2 << 30
@@ -52,12 +52,8 @@ ADMIN_KEYS = f"{public_line('ed25519', 'admin@desk')}\n{public_line('ecdsa')}\n"
 
 def _prereqs() -> None:
     need_root()
+    need_commands(DISK_TOOLS)
     for cmd, pkg in (
-        ("sfdisk", "fdisk"),
-        ("wipefs", "util-linux"),
-        ("partx", "util-linux"),
-        ("mkfs.vfat", "dosfstools"),
-        ("mkfs.ext4", "e2fsprogs"),
         ("mcopy", "mtools"),
         ("grub-install", "grub2-common"),
         ("grub-mkimage", "grub-common"),
