@@ -16,8 +16,10 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
                flushed is reported as durable
 
 Each thread does one job, so the stream runs at the speed of its slowest stage (zstd, on
-one core) rather than the sum of them: sha256, zstd, memcmp and the I/O calls all release
-the GIL.
+one core) rather than the sum of them: sha256, zstd (python-zstandard's stream reader),
+memcmp (through ctypes) and the I/O calls all release the GIL. Each thread keeps a Clock
+(busy, waiting, CPU and run-queue seconds; `ImageWriter.figures()`), which bench/ prints:
+it shows whether a stream waits for a stage or for a CPU.
 
 The first MiB (where ext4, XFS, btrfs and FAT keep their superblocks) and an unaligned tail
 are held in memory: `write_ends` writes them only after the whole stream matched both
@@ -61,8 +63,10 @@ CHUNK = 16 * MIB
 WINDOWS = 4
 # How much of the encoded blob the decoder pulls per read.
 READ_SIZE = 4 * MIB
-# A FileSource reads this many READ_SIZE pieces ahead of the decoder.
+# A FileSource hashes this many READ_SIZE pieces ahead of the decoder...
 PREFETCH = 4
+# ...and reads this many ahead of its hashing (O_DIRECT reads have no kernel read-ahead).
+READ_AHEAD = 2
 # Checked bytes between two flushes. A flush per window made the stream wait for the
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
 # granularity of the durable progress, not of the read-back.
@@ -232,38 +236,77 @@ class RecordPipe:
 
 
 class FileSource(RecordPipe):
-    """A stored blob, read and hashed on its own thread, PREFETCH reads ahead of the
-    decoder (the read from disk and the blob's sha256 no longer wait on zstd). A
-    context manager: leaving it stops the reader.
+    """A stored blob, read on one thread (`image-blob-read`, READ_AHEAD reads ahead of the
+    hashing) and hashed on another (`image-blob`, PREFETCH pieces ahead of the decoder):
+    the read from disk, the blob's sha256 and zstd each wait on none of the others. A
+    context manager: leaving it stops both threads.
 
     The blob is read with O_DIRECT where its filesystem allows it: the disk fills the
     ring's buffers itself, with no copy out of the page cache (0.05-0.15 CPU seconds per
-    GiB of blob here) and no page cache filled with a blob that is read once. Hasher and
-    decoder still see the same bytes: both read the one private buffer."""
+    GiB of blob here) and no page cache filled with a blob that is read once. Without the
+    kernel's read-ahead each read waits for the disk, which is why reading has its own
+    thread. Hasher and decoder still see the same bytes: both read the one private
+    buffer, which is not reused before the decoder has let go of it."""
 
     def __init__(self, f: io.RawIOBase) -> None:
         super().__init__(PREFETCH)
-        # At most PREFETCH pieces are queued or held by the decoder, and they are the
-        # latest ones (it reads in order): one more buffer is always free to read into.
-        # Reused, page-aligned buffers (O_DIRECT wants them) spare a page fault per 4 KiB
-        # of every fresh 4 MiB bytes object.
-        self._ring = [blockdev.Buffer(READ_SIZE) for _ in range(PREFETCH + 1)]
+        # A piece is in one place at a time: being read (1), read and queued for the
+        # hasher (READ_AHEAD), being hashed or waiting for room (1), queued for or held by
+        # the decoder (PREFETCH). The ring has one buffer for each, so the reader never
+        # overwrites a piece still in use (all pieces move in order). Reused, page-aligned
+        # buffers (O_DIRECT wants them) also spare a page fault per 4 KiB of each piece.
+        self._ring = [blockdev.Buffer(READ_SIZE) for _ in range(PREFETCH + READ_AHEAD + 2)]
         self.direct = _try_direct(f)
-        self._thread = threading.Thread(target=self._pump, args=(f,), name="image-blob")
-        self._thread.daemon = True
-        self._thread.start()
+        self.read_clock = Clock()  # the reading thread: busy in reads, waiting for room
+        self._pieces: queue.Queue[memoryview | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._reader, args=(f,), name="image-blob-read"),
+            threading.Thread(target=self._pump, name="image-blob"),
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
 
-    def _pump(self, f: io.RawIOBase) -> None:
-        error: BaseException | None = None
-        self.clock.start()
+    def _hand(self, item: memoryview | BaseException | None) -> bool:
+        """Queue `item` for the hasher; False once the source is being closed."""
+        while not self._stop.is_set():
+            try:
+                self._pieces.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _reader(self, f: io.RawIOBase) -> None:
+        clock = self.read_clock
+        clock.start()
         try:
             for i in itertools.count():
                 buf = self._ring[i % len(self._ring)].view
                 n = self._read(f, buf)
-                self.clock.worked()
-                if not n:
+                clock.worked()
+                ok = self._hand(buf[:n] if n else None)
+                clock.waited()
+                if not n or not ok:
+                    return
+        except BaseException as e:
+            self._hand(e)
+        finally:
+            clock.stop()
+
+    def _pump(self) -> None:
+        error: BaseException | None = None
+        self.clock.start()
+        try:
+            while True:
+                item = self._pieces.get()
+                if item is None:
                     break
-                self.put(buf[:n])
+                if isinstance(item, BaseException):
+                    error = item
+                    break
+                self.put(item)
         except _Stopped:
             return
         except BaseException as e:
@@ -289,7 +332,9 @@ class FileSource(RecordPipe):
 
     def __exit__(self, *exc: object) -> None:
         self.fail(_Stopped())
-        self._thread.join()
+        self._stop.set()
+        for t in self._threads:
+            t.join()
 
 
 def _try_direct(f: io.RawIOBase) -> bool:
@@ -617,6 +662,8 @@ class ImageWriter:
         if feed is not None:
             out["decode"]["feed_wait_s"] = feed.read_wait
             out["blob"] = feed.clock.figures()
+            if isinstance(feed, FileSource):
+                out["blob-read"] = feed.read_clock.figures()
         out["stream"] = {"wall_s": self.stream_s}
         return out
 
