@@ -61,12 +61,15 @@ HEAD = MIB
 CHUNK = 16 * MIB
 # Windows in flight: one being decoded, one written, one checked, one spare.
 WINDOWS = 4
-# How much of the encoded blob the decoder pulls per read.
-READ_SIZE = 4 * MIB
+# How much of the encoded blob the decoder pulls per read, and a FileSource reads at once.
+# Large: an O_DIRECT read has no kernel read-ahead, and a 16 MiB read keeps several
+# requests in flight on the disk. At 4 MiB the decoder waited 0.5-1.5 s per GiB for the
+# blob under load, at 16 MiB 0.03-0.35 s (bench.ota_slots' `threads`, decode feed_wait_s).
+READ_SIZE = 16 * MIB
 # A FileSource hashes this many READ_SIZE pieces ahead of the decoder...
-PREFETCH = 4
-# ...and reads this many ahead of its hashing (O_DIRECT reads have no kernel read-ahead).
-READ_AHEAD = 2
+PREFETCH = 2
+# ...and reads this many ahead of its hashing. Its ring: PREFETCH + READ_AHEAD + 2 pieces.
+READ_AHEAD = 1
 # Checked bytes between two flushes. A flush per window made the stream wait for the
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
 # granularity of the durable progress, not of the read-back.
