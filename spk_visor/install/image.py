@@ -169,7 +169,9 @@ class RecordPipe:
         self._cond = threading.Condition()
         self.digest = hashlib.sha256()
         self.count = 0
-        self.clock = Clock()  # the feeding thread: busy hashing, waiting for room
+        # The feeding thread: busy hashing, waiting for room (its CPU and run-queue
+        # seconds only where the pipe runs that thread itself: FileSource).
+        self.clock = Clock()
         self.read_wait = 0.0  # the decoding thread, waiting for the feed
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
