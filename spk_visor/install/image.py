@@ -6,8 +6,9 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
     read       (OTA only: FileSource's reader) the stored blob, O_DIRECT, 16 MiB a read
     blob       (the feeding thread: FileSource's hasher, deploy's session) sha256 and
                count of the encoded blob, as it is handed to the decoder
-    decode     (the caller's thread; deploy: its decoding thread) zstd, bounded by raw_size, straight into page-aligned
-               windows (no copy between decoder and device)
+    decode     (the caller's thread; deploy: its decoding thread) zstd, bounded by
+               raw_size, straight into page-aligned windows (no copy between decoder
+               and device)
     hash       (own thread) sha256 of the raw stream, window by window, in order
     write      (own thread) each window with O_DIRECT where the device allows it
     check      (own thread) read the window back from the device and memcmp it with what
