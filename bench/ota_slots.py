@@ -26,6 +26,12 @@ sha256 every raw byte once (and every blob byte once), dd hashes nothing: so the
 in-run sha256 speed of this CPU is reported as well, raw_size / sha256_mbps being a floor
 on stage's time that no buffering can lower. Stage's CPU seconds (all threads) are
 reported too: on a machine shared with other work, wall time follows what it is given.
+
+`threads` gives, per thread of the image writer (medians over the rounds), its busy and
+waiting seconds, its CPU seconds and its run-queue seconds (ready to run, no CPU free),
+and `busy_share` = busy / stream wall time: the thread whose busy share is near 1 is the
+critical path, and a run-queue time near its busy time means it waited for a CPU, not
+for the stage before it.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import figures
+from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
 from tests.support.abdisk import ab_disk
@@ -150,6 +158,30 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class _Recorded(image_writer.ImageWriter):
+    """The image writer, remembered so the bench can read its clocks after a stage."""
+
+    last: image_writer.ImageWriter | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _Recorded.last = self
+
+
+def thread_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Median of each thread's figures over the rounds, with its busy share of the stream."""
+    out: dict[str, dict[str, float]] = {}
+    wall = statistics.median(r["stream"]["wall_s"] for r in runs)
+    for name in runs[0]:
+        if name == "stream":
+            continue
+        fig = {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
+        fig["busy_share"] = fig["busy_s"] / wall if wall > 0 else 0.0
+        out[name] = {k: round(v, 2) for k, v in fig.items()}
+    out["stream"] = {"wall_s": round(wall, 2)}
+    return out
+
+
 def run() -> dict[str, object]:
     size_mib = int(os.environ.get(SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ROUNDS_ENV, "3"))
@@ -176,6 +208,7 @@ def run() -> dict[str, object]:
             cpu: list[float] = []
             verify_phase: list[float] = []
             dd_cpu: list[float] = []
+            clocks: list[dict[str, dict[str, float]]] = []
 
             def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
@@ -195,12 +228,19 @@ def run() -> dict[str, object]:
                 t = time.perf_counter() - t0
                 cpu.append(_cpu_s() - c0)
                 assert code == 4, code
+                assert _Recorded.last is not None
+                clocks.append(_Recorded.last.figures())
                 write_phase.append(marks["verifying"] - marks["writing"])
                 verify_phase.append(marks["staged"] - marks["verifying"])
                 return t
 
             figures.print_load("before")
-            _anchor_s, times["stage"] = figures.alternate(rounds, anchor, subject)
+            real_writer = image_writer.ImageWriter
+            image_writer.ImageWriter = _Recorded  # type: ignore[misc]
+            try:
+                _anchor_s, times["stage"] = figures.alternate(rounds, anchor, subject)
+            finally:
+                image_writer.ImageWriter = real_writer  # type: ignore[misc]
             figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
@@ -219,6 +259,7 @@ def run() -> dict[str, object]:
             "stage_s": [round(t, 2) for t in times["stage"]],
             "stage_cpu_s": [round(t, 2) for t in cpu],
             "dd_direct_cpu_s": [round(t, 2) for t in dd_cpu],
+            "threads": thread_figures(clocks),
             "stage_write_phase_s": [round(t, 2) for t in write_phase],
             "stage_verify_phase_s": [round(t, 2) for t in verify_phase],
             "dd_fsync_s": [round(t, 2) for t in times["dd_fsync"]],

@@ -3,10 +3,12 @@
 OTA feeds it from a stored blob (a FileSource), deploy from the records of its channel
 (a RecordPipe). Either way:
 
-    blob       (the feeding thread: FileSource's reader, deploy's session) sha256 and
+    read       (OTA only: FileSource's reader) the stored blob, O_DIRECT, 16 MiB a read
+    blob       (the feeding thread: FileSource's hasher, deploy's session) sha256 and
                count of the encoded blob, as it is handed to the decoder
-    decode     (the caller's thread) zstd, bounded by raw_size, straight into page-aligned
-               windows (no copy between decoder and device)
+    decode     (the caller's thread; deploy: its decoding thread) zstd, bounded by
+               raw_size, straight into page-aligned windows (no copy between decoder
+               and device)
     hash       (own thread) sha256 of the raw stream, window by window, in order
     write      (own thread) each window with O_DIRECT where the device allows it
     check      (own thread) read the window back from the device and memcmp it with what
@@ -16,8 +18,10 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
                flushed is reported as durable
 
 Each thread does one job, so the stream runs at the speed of its slowest stage (zstd, on
-one core) rather than the sum of them: sha256, zstd, memcmp and the I/O calls all release
-the GIL.
+one core) rather than the sum of them: sha256, zstd (python-zstandard's stream reader),
+memcmp (through ctypes) and the I/O calls all release the GIL. Each thread keeps a Clock
+(busy, waiting, CPU and run-queue seconds; `ImageWriter.figures()`), which bench/ prints:
+it shows whether a stream waits for a stage or for a CPU.
 
 The first MiB (where ext4, XFS, btrfs and FAT keep their superblocks) and an unaligned tail
 are held in memory: `write_ends` writes them only after the whole stream matched both
@@ -31,12 +35,15 @@ proves, with one sha256 pass over the raw image instead of two.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
 import os
 import queue
+import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,10 +63,15 @@ HEAD = MIB
 CHUNK = 16 * MIB
 # Windows in flight: one being decoded, one written, one checked, one spare.
 WINDOWS = 4
-# How much of the encoded blob the decoder pulls per read.
-READ_SIZE = 4 * MIB
-# A FileSource reads this many READ_SIZE pieces ahead of the decoder.
-PREFETCH = 4
+# How much of the encoded blob the decoder pulls per read, and a FileSource reads at once.
+# Large: an O_DIRECT read has no kernel read-ahead, and a 16 MiB read keeps several
+# requests in flight on the disk. At 4 MiB the decoder waited 0.5-1.5 s per GiB for the
+# blob under load, at 16 MiB 0.03-0.35 s (bench.ota_slots' `threads`, decode feed_wait_s).
+READ_SIZE = 16 * MIB
+# A FileSource hashes this many READ_SIZE pieces ahead of the decoder...
+PREFETCH = 2
+# ...and reads this many ahead of its hashing. Its ring: PREFETCH + READ_AHEAD + 2 pieces.
+READ_AHEAD = 1
 # Checked bytes between two flushes. A flush per window made the stream wait for the
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
 # granularity of the durable progress, not of the read-back.
@@ -67,6 +79,59 @@ SYNC_BYTES = 128 * MIB
 # zstd's own default limit, stated so a frame cannot ask for more decoder memory.
 MAX_WINDOW = 1 << 27
 REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
+
+
+def _runqueue_s() -> float:
+    """Seconds this thread has waited, runnable, for a CPU (Linux schedstat; 0 without)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Clock:
+    """One thread's time in a stream: `busy` (wall seconds working), `wait` (wall seconds
+    blocked on its input, a free buffer or a full queue), `cpu` (its own CPU seconds) and
+    `runqueue` (seconds it was ready to run but had no CPU: busy - cpu - runqueue is time
+    in I/O calls). A few clock reads per window; bench/ prints them to show where a
+    stream waits, and whether it waits for another stage or for a CPU."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.wait = 0.0
+        self.cpu = 0.0
+        self.runqueue = 0.0
+        self._cpu0 = 0.0
+        self._rq0 = 0.0
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        self._cpu0 = time.thread_time()
+        self._rq0 = _runqueue_s()
+        self._t = time.perf_counter()
+
+    def waited(self) -> None:
+        now = time.perf_counter()
+        self.wait += now - self._t
+        self._t = now
+
+    def worked(self) -> None:
+        now = time.perf_counter()
+        self.busy += now - self._t
+        self._t = now
+
+    def stop(self) -> None:
+        self.cpu += time.thread_time() - self._cpu0
+        self.runqueue += _runqueue_s() - self._rq0
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "busy_s": self.busy,
+            "wait_s": self.wait,
+            "cpu_s": self.cpu,
+            "runqueue_s": self.runqueue,
+        }
 
 
 class ImageError(VerificationError):
@@ -105,15 +170,22 @@ class RecordPipe:
         self._cond = threading.Condition()
         self.digest = hashlib.sha256()
         self.count = 0
+        # The feeding thread: busy hashing, waiting for room (its CPU and run-queue
+        # seconds only where the pipe runs that thread itself: FileSource).
+        self.clock = Clock()
+        self.read_wait = 0.0  # the decoding thread, waiting for the feed
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        self.clock.waited()
         # Outside the lock: the decoder keeps reading while this hashes.
         self.digest.update(view)
         self.count += len(view)
+        self.clock.worked()
         with self._cond:
             while len(self._items) + self._held >= self._depth and self._dead is None:
                 self._cond.wait()
+            self.clock.waited()
             if self._dead is not None:
                 raise self._dead
             if self._closed:
@@ -140,8 +212,11 @@ class RecordPipe:
         with self._cond:
             self._held = 0
             self._cond.notify_all()
-            while not self._items and not self._closed:
-                self._cond.wait()
+            if not self._items and not self._closed:
+                t0 = time.perf_counter()
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                self.read_wait += time.perf_counter() - t0
             if not self._items:
                 if self._broken is not None:
                     raise self._broken
@@ -168,41 +243,118 @@ class RecordPipe:
 
 
 class FileSource(RecordPipe):
-    """A stored blob, read and hashed on its own thread, PREFETCH reads ahead of the
-    decoder (the read from disk and the blob's sha256 no longer wait on zstd). A
-    context manager: leaving it stops the reader."""
+    """A stored blob, read on one thread (`image-blob-read`, READ_AHEAD reads ahead of the
+    hashing) and hashed on another (`image-blob`, PREFETCH pieces ahead of the decoder):
+    the read from disk, the blob's sha256 and zstd each wait on none of the others. A
+    context manager: leaving it stops both threads.
+
+    The blob is read with O_DIRECT where its filesystem allows it: the disk fills the
+    ring's buffers itself, with no copy out of the page cache (0.05-0.15 CPU seconds per
+    GiB of blob here) and no page cache filled with a blob that is read once. Without the
+    kernel's read-ahead each read waits for the disk, which is why reading has its own
+    thread. Hasher and decoder still see the same bytes: both read the one private
+    buffer, which is not reused before the decoder has let go of it."""
 
     def __init__(self, f: io.RawIOBase) -> None:
         super().__init__(PREFETCH)
-        # At most PREFETCH pieces are queued or held by the decoder, and they are the
-        # latest ones (it reads in order): one more buffer is always free to read into.
-        # Reused buffers spare a page fault per 4 KiB of every fresh 4 MiB bytes object.
-        self._ring = [bytearray(READ_SIZE) for _ in range(PREFETCH + 1)]
-        self._thread = threading.Thread(target=self._pump, args=(f,), name="image-blob")
-        self._thread.daemon = True
-        self._thread.start()
+        # A piece is in one place at a time: being read (1), read and queued for the
+        # hasher (READ_AHEAD), being hashed or waiting for room (1), queued for or held by
+        # the decoder (PREFETCH). The ring has one buffer for each, so the reader never
+        # overwrites a piece still in use (all pieces move in order). Reused, page-aligned
+        # buffers (O_DIRECT wants them) also spare a page fault per 4 KiB of each piece.
+        self._ring = [blockdev.Buffer(READ_SIZE) for _ in range(PREFETCH + READ_AHEAD + 2)]
+        self.direct = _try_direct(f)
+        self.read_clock = Clock()  # the reading thread: busy in reads, waiting for room
+        self._pieces: queue.Queue[memoryview | BaseException | None] = queue.Queue(READ_AHEAD)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._reader, args=(f,), name="image-blob-read"),
+            threading.Thread(target=self._pump, name="image-blob"),
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
 
-    def _pump(self, f: io.RawIOBase) -> None:
-        error: BaseException | None = None
+    def _hand(self, item: memoryview | BaseException | None) -> bool:
+        """Queue `item` for the hasher; False once the source is being closed."""
+        while not self._stop.is_set():
+            try:
+                self._pieces.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _reader(self, f: io.RawIOBase) -> None:
+        clock = self.read_clock
+        clock.start()
         try:
             for i in itertools.count():
-                buf = memoryview(self._ring[i % len(self._ring)])
-                n = f.readinto(buf)
-                if not n:
+                buf = self._ring[i % len(self._ring)].view
+                n = self._read(f, buf)
+                clock.worked()
+                ok = self._hand(buf[:n] if n else None)
+                clock.waited()
+                if not n or not ok:
+                    return
+        except BaseException as e:
+            self._hand(e)
+        finally:
+            clock.stop()
+
+    def _pump(self) -> None:
+        error: BaseException | None = None
+        self.clock.start()
+        try:
+            while True:
+                item = self._pieces.get()
+                if item is None:
                     break
-                self.put(buf[:n])
+                if isinstance(item, BaseException):
+                    error = item
+                    break
+                self.put(item)
         except _Stopped:
             return
         except BaseException as e:
             error = e
+        finally:
+            self.clock.stop()
         self.close(error)
+
+    def _read(self, f: io.RawIOBase, buf: memoryview) -> int:
+        try:
+            return f.readinto(buf) or 0
+        except OSError as e:
+            # A filesystem that took the flag but refuses an aligned read: read through
+            # the page cache from here on (the position is unchanged after EINVAL).
+            if e.errno != errno.EINVAL or not self.direct:
+                raise
+        self.direct = False
+        blockdev.set_direct(f.fileno(), False)
+        return f.readinto(buf) or 0
 
     def __enter__(self) -> FileSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.fail(_Stopped())
-        self._thread.join()
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def _try_direct(f: io.RawIOBase) -> bool:
+    """Set O_DIRECT on a regular file opened unbuffered at a block boundary; False where
+    the file (a pipe, a test's stand-in, tmpfs before Linux 6.6) does not allow it."""
+    try:
+        fd = f.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.lseek(fd, 0, os.SEEK_CUR) % blockdev.ALIGN:
+            return False
+        blockdev.set_direct(fd, True)
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+    return True
 
 
 class _Stopped(Exception):
@@ -252,6 +404,8 @@ class ImageWriter:
         self.head = bytearray()
         self.tail = bytearray()
         self._errors: list[BaseException] = []
+        self._feed: RecordPipe | None = None
+        self.stream_s = 0.0
         self._cancelled = False
         self._lock = threading.Lock()
         self._free: queue.Queue[blockdev.Buffer] = queue.Queue()
@@ -261,6 +415,7 @@ class ImageWriter:
         self._to_hash: queue.Queue[_Piece | None] = queue.Queue()
         self._to_write: queue.Queue[_Piece | None] = queue.Queue()
         self._to_check: queue.Queue[_Piece | None] = queue.Queue()
+        self.clocks = {name: Clock() for name in ("decode", "hash", "write", "check", "sync")}
         self._threads = [
             threading.Thread(target=self._hasher, name="image-hash", daemon=True),
             threading.Thread(target=self._writer, name="image-write", daemon=True),
@@ -283,7 +438,10 @@ class ImageWriter:
         return bool(self._errors) or self._cancelled
 
     def _hasher(self) -> None:
+        clock = self.clocks["hash"]
+        clock.start()
         while (piece := self._to_hash.get()) is not None:
+            clock.waited()
             try:
                 if not self._failed():
                     self.digest.update(piece.view)
@@ -291,11 +449,16 @@ class ImageWriter:
                 self._errors.append(e)
             finally:
                 self._done(piece)
+                clock.worked()
+        clock.stop()
 
     def _writer(self) -> None:
         # After an error (or a cancel) it keeps taking pieces without working on them, so
         # every buffer comes back and the decoder never waits forever for one.
+        clock = self.clocks["write"]
+        clock.start()
         while (piece := self._to_write.get()) is not None:
+            clock.waited()
             handed_on = False
             try:
                 if not self._failed():
@@ -307,10 +470,15 @@ class ImageWriter:
             finally:
                 if not handed_on:
                     self._done(piece)
+                clock.worked()
+        clock.stop()
         self._to_check.put(None)
 
     def _checker(self) -> None:
+        clock = self.clocks["check"]
+        clock.start()
         while (piece := self._to_check.get()) is not None:
+            clock.waited()
             try:
                 if not self._failed():
                     self._check_window(piece)
@@ -318,6 +486,8 @@ class ImageWriter:
                 self._errors.append(e)
             finally:
                 self._done(piece)
+                clock.worked()
+        clock.stop()
 
     def _check_window(self, piece: _Piece) -> None:
         if piece.buf is None:
@@ -340,23 +510,30 @@ class ImageWriter:
 
     def _syncer(self) -> None:
         """Flush what was checked every SYNC_BYTES, and once more at the end."""
-        while True:
-            with self._sync:
-                while not self._sync_stop and self.written - self.durable < SYNC_BYTES:
-                    self._sync.wait()
-                upto, last = self.written, self._sync_stop
-            if upto > self.durable and not self._failed():
-                try:
-                    os.fdatasync(self.fd)
-                except BaseException as e:
-                    self._errors.append(e)
-                    return
+        clock = self.clocks["sync"]
+        clock.start()
+        try:
+            while True:
                 with self._sync:
-                    self.durable = upto
-                if self.on_durable is not None:
-                    self.on_durable(upto)
-            if last:
-                return
+                    while not self._sync_stop and self.written - self.durable < SYNC_BYTES:
+                        self._sync.wait()
+                    upto, last = self.written, self._sync_stop
+                clock.waited()
+                if upto > self.durable and not self._failed():
+                    try:
+                        os.fdatasync(self.fd)
+                    except BaseException as e:
+                        self._errors.append(e)
+                        return
+                    with self._sync:
+                        self.durable = upto
+                    if self.on_durable is not None:
+                        self.on_durable(upto)
+                clock.worked()
+                if last:
+                    return
+        finally:
+            clock.stop()
 
     def _submit(self, piece: _Piece, write: bool) -> None:
         if self._errors:
@@ -429,12 +606,17 @@ class ImageWriter:
                 n += got
             return n
 
+        clock = self.clocks["decode"]
+        clock.start()
+        t0 = time.perf_counter()
         try:
             self.head = bytearray(head_len)
             decoded = fill(memoryview(self.head))
             self._submit(_Piece(memoryview(self.head)[:decoded], 0), write=False)
             while decoded < body_end and decoded % blockdev.ALIGN == 0:
+                clock.worked()
                 buf = self._free.get()
+                clock.waited()
                 want = min(self.chunk, body_end - decoded)
                 n = fill(buf.view[:want])
                 # A short window means a short stream, refused below; it is not written.
@@ -455,11 +637,15 @@ class ImageWriter:
                     f"base image decodes to more than its signed raw_size {raw_size}",
                 )
             source.drain()
+            clock.worked()
         except BaseException:
             self._cancelled = True  # nothing more gets written
             raise
         finally:
+            clock.stop()
             self._close()
+            self.stream_s = time.perf_counter() - t0
+            self._feed = source
         if self._errors:
             raise self._errors[0]
         problem = self._blob_mismatch(source)
@@ -474,6 +660,19 @@ class ImageWriter:
             raise ImageError(
                 "image_hash", "decoded base image does not match its signed raw_sha256"
             )
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """Each stage's Clock after `stream` (the decoder's busy time includes its waits
+        for the feed, given apart as `feed_wait_s`), and the stream's wall time."""
+        out = {name: c.figures() for name, c in self.clocks.items()}
+        feed = self._feed
+        if feed is not None:
+            out["decode"]["feed_wait_s"] = feed.read_wait
+            out["blob"] = feed.clock.figures()
+            if isinstance(feed, FileSource):
+                out["blob-read"] = feed.read_clock.figures()
+        out["stream"] = {"wall_s": self.stream_s}
+        return out
 
     def write_ends(self) -> None:
         """After a verified stream: the tail, then the head, written and fsynced."""

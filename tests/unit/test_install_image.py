@@ -5,6 +5,7 @@ proves on the way."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -139,3 +140,82 @@ def test_a_blob_that_fails_to_read_fails_the_stream(tmp_path: Path) -> None:
         os.close(fd)
     assert e.value.errno == errno.EIO
     assert slot.read_bytes()[: image_writer.HEAD] == bytes(image_writer.HEAD)
+
+
+def _stream_blob(tmp_path: Path, raw: bytes, blob: bytes, f: io.RawIOBase) -> bool:
+    """Stream `blob` (read through `f`) onto a fresh slot file; whether it was read with
+    O_DIRECT. Raises what the writer raises."""
+    image = zstd_image(raw, blob)
+    slot = tmp_path / "slot"
+    slot.write_bytes(bytes(len(raw)))
+    fd, direct = blockdev.open_for_writing(str(slot))
+    try:
+        writer = image_writer.ImageWriter(fd, direct, image, len(blob))
+        with image_writer.FileSource(f) as src:
+            writer.stream(src)
+            used_direct = src.direct
+        writer.write_ends()
+        writer.check_ends()
+    finally:
+        os.close(fd)
+    assert slot.read_bytes() == raw
+    return used_direct
+
+
+def zstandard_blob(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=1).compress(raw)
+
+
+def _direct_allowed(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -> None:
+    """The blob bypasses the page cache where its filesystem allows it; its sha256 and
+    size are still checked on the bytes the decoder used, even when its length is no
+    multiple of the block size."""
+    raw = hashlib.shake_256(b"direct").digest(5 * MIB + 12345) + bytes(3 * MIB)
+    blob = zstandard_blob(raw)
+    assert len(blob) % blockdev.ALIGN
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    if not _direct_allowed(path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    with path.open("rb", buffering=0) as f:
+        assert _stream_blob(tmp_path, raw, blob, f) is True
+
+    # One byte changed past the first piece: the blob's signed hash refuses it.
+    bad = bytearray(blob)
+    bad[len(bad) - 10] ^= 1
+    path.write_bytes(bytes(bad))
+    with path.open("rb", buffering=0) as f, pytest.raises(image_writer.ImageError) as e:
+        _stream_blob(tmp_path, raw, blob, f)
+    assert e.value.reason in ("blob_hash", "bad_image")
+
+
+def test_a_direct_read_refused_after_open_falls_back_to_the_page_cache(tmp_path: Path) -> None:
+    """A filesystem that accepts O_DIRECT on the file but refuses the read (EINVAL): the
+    blob is read through the page cache instead, from the same position."""
+    raw = hashlib.shake_256(b"fallback").digest(3 * MIB) + bytes(2 * MIB)
+    blob = zstandard_blob(raw)
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    if not _direct_allowed(path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+
+    class Refusing(io.FileIO):
+        refused = 0
+
+        def readinto(self, buf: Any) -> int:
+            if fcntl.fcntl(self.fileno(), fcntl.F_GETFL) & os.O_DIRECT:
+                Refusing.refused += 1
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return super().readinto(buf)
+
+    with Refusing(path, "rb") as f:
+        assert _stream_blob(tmp_path, raw, blob, f) is False
+    assert Refusing.refused == 1
