@@ -196,10 +196,10 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
     mkimage = shutil.which("grub-mkimage")
     if mkimage is None:
         raise BootloaderError("bios", "grub-mkimage not found (install grub-common)")
-    prefix = _bios_prefix(disk, boot_dir)
     grub = boot_dir / "grub"
     target = grub / "i386-pc"
     target.mkdir(parents=True, exist_ok=True)
+    prefix = _bios_prefix(disk, boot_dir)
     for item in BIOS_LIB.iterdir():
         if item.suffix == ".mod" or item.name in BIOS_FILES:
             shutil.copyfile(item, target / item.name)
