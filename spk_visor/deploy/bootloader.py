@@ -204,7 +204,8 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
         if item.suffix == ".mod" or item.name in BIOS_FILES:
             shutil.copyfile(item, target / item.name)
     # grub-install's defaults (--fonts=unicode --locales=all); the menu needs neither,
-    # but the tree stays the one grub-install makes. No theme: Debian ships none here.
+    # but the tree stays the one grub-install makes. No theme: grub-install copies
+    # starfield only where grub-theme-starfield is installed, and the menu uses none.
     if FONT.is_file():
         (grub / "fonts").mkdir(exist_ok=True)
         shutil.copyfile(FONT, grub / "fonts" / FONT.name)
@@ -213,8 +214,9 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
         (grub / "locale").mkdir(exist_ok=True)
     for mo in catalogs:
         shutil.copyfile(mo, grub / "locale" / f"{mo.parent.parent.name}.mo")
-    # grub-install adds the modules that read boot_dir's partition table and filesystem,
-    # then the BIOS disk driver, after --modules; the order is the order in core.img.
+    # grub-install adds the modules that read boot_dir's partition table and filesystem
+    # (GPT and ext4: the installer makes both), then the BIOS disk driver, after
+    # --modules; the order is the order in core.img.
     modules = dict.fromkeys((*BIOS_MODULES, "ext2", "part_gpt", "biosdisk"))
     _run(
         [
@@ -231,7 +233,7 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
 def install_bios(disk: str, boot_dir: Path, prepared: bool = False) -> None:
     """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir.
     After prepare_bios, only grub-bios-setup runs: the same bytes as a whole grub-install
-    (checked), in a quarter of its time, because the modules are in place already."""
+    (checked, see prepare_bios), in a quarter of its time, because the modules are in place already."""
     if prepared:
         _run([str(BIOS_SETUP), f"--directory={boot_dir / 'grub' / 'i386-pc'}", disk], "bios")
     else:

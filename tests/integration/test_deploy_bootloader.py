@@ -109,7 +109,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prepared]:
                 *(sys.executable, "-c", code, loop, str(mnt / "boot")),
             ]
         )
-        yield Prepared(reference / "grub", mnt / "boot" / "grub", _strace_counts(summary.read_text()))
+        yield Prepared(
+            reference / "grub", mnt / "boot" / "grub", _strace_counts(summary.read_text())
+        )
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60, check=False)
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30, check=False)
