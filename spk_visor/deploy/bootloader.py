@@ -233,7 +233,8 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
 def install_bios(disk: str, boot_dir: Path, prepared: bool = False) -> None:
     """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir.
     After prepare_bios, only grub-bios-setup runs: the same bytes as a whole grub-install
-    (checked, see prepare_bios), in a quarter of its time, because the modules are in place already."""
+    (checked, see prepare_bios), in a quarter of its time, because the modules are in
+    place already."""
     if prepared:
         _run([str(BIOS_SETUP), f"--directory={boot_dir / 'grub' / 'i386-pc'}", disk], "bios")
     else:
