@@ -130,7 +130,16 @@ def write_config(boot_dir: Path, ids: BootIds, *, timeout_s: int = 3) -> Path:
     return cfg
 
 
-BIOS_SETUP = Path("/usr/lib/grub/i386-pc/grub-bios-setup")
+BIOS_LIB = Path("/usr/lib/grub/i386-pc")
+BIOS_SETUP = BIOS_LIB / "grub-bios-setup"
+# What grub-install copies from BIOS_LIB next to the modules (grub-install-common.c): the
+# module lists GRUB reads at run time, efiemu, and boot.img for grub-bios-setup.
+BIOS_FILES = (
+    *("boot.img", "efiemu32.o", "efiemu64.o", "modinfo.sh", "moddep.lst", "command.lst"),
+    *("fs.lst", "partmap.lst", "parttool.lst", "video.lst", "crypto.lst", "terminal.lst"),
+)
+FONT = Path("/usr/share/grub/unicode.pf2")
+LOCALES = Path("/usr/share/locale")
 
 
 def _grub_install_bios(disk: str, boot_dir: Path, *extra: str) -> None:
@@ -151,20 +160,81 @@ def _grub_install_bios(disk: str, boot_dir: Path, *extra: str) -> None:
     )
 
 
+def _bios_prefix(disk: str, boot_dir: Path) -> str:
+    """GRUB's prefix for boot_dir/grub the way grub-install writes it when the boot
+    directory is on the disk core.img boots from: `(,gptN)/path`, no drive name, no
+    search. boot_dir must be on a partition of `disk`, on a filesystem mounted at its
+    root (no bind mount), as the installer's data partition is."""
+    dev = os.stat(boot_dir).st_dev
+    sys_part = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    try:
+        number = int((sys_part / "partition").read_text())
+        parent = (sys_part.resolve().parent / "dev").read_text().strip()
+    except (OSError, ValueError):
+        raise BootloaderError("bios", f"{boot_dir} is not on a disk partition") from None
+    rdev = os.stat(disk).st_rdev
+    if parent != f"{os.major(rdev)}:{os.minor(rdev)}":
+        raise BootloaderError("bios", f"{boot_dir} is not on {disk}")
+    root = boot_dir
+    while not os.path.ismount(root):
+        root = root.parent
+    return f"(,gpt{number})/{(boot_dir / 'grub').relative_to(root)}"
+
+
 def prepare_bios(disk: str, boot_dir: Path) -> bool:
-    """Modules and core.img into boot_dir, nothing on the disk's boot path (grub-install
-    --no-bootsector): safe while slot A is still being written. False when this host has
-    no grub-bios-setup to finish with, and install_bios must do the whole job."""
+    """What `grub-install --no-bootsector` leaves in boot_dir/grub (modules, fonts,
+    locales, core.img), nothing on the disk's boot path: safe while slot A is still being
+    written. False when this host has no grub-bios-setup to finish with, and install_bios
+    must do the whole job.
+
+    Not grub-install itself: it fsyncs every file it copies (some 330), which competes
+    with the image stream on the same disk. Plain copies and one syncfs instead; core.img
+    comes from grub-mkimage with grub-install's arguments (same module order, so the
+    same bytes; tests/integration/test_deploy_bootloader.py compares the two trees)."""
     if not BIOS_SETUP.is_file():
         return False
-    _grub_install_bios(disk, boot_dir, "--no-bootsector")
+    mkimage = shutil.which("grub-mkimage")
+    if mkimage is None:
+        raise BootloaderError("bios", "grub-mkimage not found (install grub-common)")
+    grub = boot_dir / "grub"
+    target = grub / "i386-pc"
+    target.mkdir(parents=True, exist_ok=True)
+    prefix = _bios_prefix(disk, boot_dir)
+    for item in BIOS_LIB.iterdir():
+        if item.suffix == ".mod" or item.name in BIOS_FILES:
+            shutil.copyfile(item, target / item.name)
+    # grub-install's defaults (--fonts=unicode --locales=all); the menu needs neither,
+    # but the tree stays the one grub-install makes. No theme: grub-install copies
+    # starfield only where grub-theme-starfield is installed, and the menu uses none.
+    if FONT.is_file():
+        (grub / "fonts").mkdir(exist_ok=True)
+        shutil.copyfile(FONT, grub / "fonts" / FONT.name)
+    catalogs = sorted(LOCALES.glob("*/LC_MESSAGES/grub.mo"))
+    if catalogs:
+        (grub / "locale").mkdir(exist_ok=True)
+    for mo in catalogs:
+        shutil.copyfile(mo, grub / "locale" / f"{mo.parent.parent.name}.mo")
+    # grub-install adds the modules that read boot_dir's partition table and filesystem
+    # (GPT and ext4: the installer makes both), then the BIOS disk driver, after
+    # --modules; the order is the order in core.img.
+    modules = dict.fromkeys((*BIOS_MODULES, "ext2", "part_gpt", "biosdisk"))
+    _run(
+        [
+            *(mkimage, "--directory", str(BIOS_LIB), "--prefix", prefix),
+            *("--output", str(target / "core.img"), "--format", "i386-pc"),
+            *("--compression", "auto", *modules),
+        ],
+        "bios",
+    )
+    blockdev.sync(boot_dir)  # one syncfs for all of it
     return True
 
 
 def install_bios(disk: str, boot_dir: Path, prepared: bool = False) -> None:
     """boot.img into the MBR, core.img into the BIOS-boot partition, modules into boot_dir.
     After prepare_bios, only grub-bios-setup runs: the same bytes as a whole grub-install
-    (checked), in a quarter of its time, because the modules are in place already."""
+    (checked, see prepare_bios), in a quarter of its time, because the modules are in
+    place already."""
     if prepared:
         _run([str(BIOS_SETUP), f"--directory={boot_dir / 'grub' / 'i386-pc'}", disk], "bios")
     else:
