@@ -26,7 +26,7 @@ class Console:
         self.inp: TextIO = inp if inp is not None else sys.stdin
 
     def print(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        self.out.write(shown(text) + "\n")
 
     def write(self, text: str) -> None:
         """Raw text, flushed at once (a followed serial log must appear as it arrives)."""
@@ -44,7 +44,7 @@ class Console:
     def prompt(self, text: str) -> str:
         """Ask on stderr, read one line from the input ('' at end of input). stdout is
         left alone, so results and --json documents stay clean."""
-        self.err.write(text)
+        self.err.write(shown(text))
         self.err.flush()
         return self.inp.readline()
 
@@ -62,7 +62,7 @@ class Console:
         self.print(fit_lines(text, self.width))
 
     def error(self, text: str) -> None:
-        self.err.write(text + "\n")
+        self.err.write(shown(text) + "\n")
         self.err.flush()
 
     @property
@@ -81,6 +81,24 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, OSError, ValueError):
         return False
+
+
+# What a terminal would act on rather than show: C0 controls but newline and tab, DEL, C1
+# controls (0x9b is CSI on some terminals), and the Unicode line separators and bidi
+# overrides that reorder what is shown.
+_UNSHOWABLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
+
+
+def shown(text: str) -> str:
+    """`text` with every character a terminal would act on written as an escape (\\x1b):
+    human output carries a node's strings (disk paths, PCI names, error messages), and
+    a hostile node or file name must not clear the screen, retitle the window or write
+    the clipboard (OSC 52). --json and a VM's serial console (Console.write) stay raw."""
+    if _UNSHOWABLE.search(text) is None:
+        return text
+    return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class Column(NamedTuple):
