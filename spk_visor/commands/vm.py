@@ -18,7 +18,15 @@ from spk_visor.progress import waiting
 
 app = typer.Typer(help="Virtual machines: list, create, start and stop, console.")
 
-VmId = Annotated[str, typer.Argument(metavar="ID", help="The VM's id (its name).")]
+
+def _vm_id(value: str) -> str:
+    # An empty id would reach the daemon as GET /api/vms/ and come back "no API route".
+    if not value.strip():
+        raise typer.BadParameter("a VM id is required (`spk-visor vm list` shows them)")
+    return value
+
+
+VmId = Annotated[str, typer.Argument(metavar="ID", callback=_vm_id, help="The VM's id (its name).")]
 
 LIST_HEADERS = [
     Column("id"),

@@ -97,6 +97,17 @@ def test_missing_vm_id() -> None:
     assert r.err_lines[-1] == "Error: Missing argument 'ID'."
 
 
+@pytest.mark.parametrize("command", [c for c in VM_COMMANDS if c not in ("list", "create")])
+@pytest.mark.parametrize("vm_id", ["", "  "])
+def test_an_empty_vm_id_is_a_usage_error(command: str, vm_id: str) -> None:
+    # It used to reach the daemon as GET /api/vms/ ("no API route /api/vms/").
+    r = run("vm", command, vm_id, "--yes" if command == "delete" else "--json")
+    assert r.code == 2, r
+    assert r.err_lines[-1] == (
+        "Error: Invalid value for 'ID': a VM id is required (`spk-visor vm list` shows them)"
+    )
+
+
 @pytest.mark.parametrize(
     ("memory", "why"),
     [
