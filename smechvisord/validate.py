@@ -25,7 +25,12 @@ class VmSpec:
 def only_keys(body: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:
     for key in sorted(body):
         if key not in allowed:
-            raise invalid(key, f"unknown field; allowed: {', '.join(sorted(allowed))}")
+            known = (
+                f"allowed: {', '.join(sorted(allowed))}"
+                if allowed
+                else "this request takes no fields"
+            )
+            raise invalid(key, f"unknown field; {known}")
     for key in sorted(required):
         if key not in body:
             raise invalid(key, "required field is missing")
