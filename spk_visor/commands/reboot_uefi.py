@@ -54,6 +54,13 @@ def reboot_uefi(
     def ask(plan: hostops.RebootPlan) -> bool:
         vms = ", ".join(plan.live_vms)
         stopping = f"its running VMs ({vms}) are shut down first" if vms else "no VM is running"
+        if plan.unmanaged_vms:
+            if not vms:
+                stopping = "no VM of smechvisord's is running"
+            stopping += (
+                f"; VMMs it did not start ({', '.join(plan.unmanaged_vms)}) are not shut "
+                "down: the reboot ends them"
+            )
         return confirm(
             st,
             f"Reboot {plan.node} into firmware setup? {stopping}.",
