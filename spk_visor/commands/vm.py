@@ -139,6 +139,15 @@ def state_line(vm: JsonDoc) -> str:
     return f"VM {vm.get('id')}: {vm.get('state')}" + (f" (pid {pid})" if pid else "")
 
 
+def created_line(doc: JsonDoc) -> str:
+    cpus = doc.get("cpus")
+    return (
+        f"Created VM {doc.get('id')}: {doc.get('state')}, pid {doc.get('pid')}, "
+        f"{cpus} vCPU{'' if cpus == 1 else 's'}, {mib(doc.get('memory_mb'))}, "
+        f"disk {doc.get('disk')}"
+    )
+
+
 def dry_run_report(doc: JsonDoc) -> str:
     lines = [f"VM {doc.get('id')} would run:", "  " + shlex.join(doc.get("argv") or [])]
     problems = doc.get("problems") or []
@@ -228,10 +237,7 @@ def create(
     elif dry_run:
         st.console.print(dry_run_report(doc))
     else:
-        st.console.print(
-            f"Created VM {doc.get('id')}: {doc.get('state')}, pid {doc.get('pid')}, "
-            f"{doc.get('cpus')} vCPUs, {mib(doc.get('memory_mb'))}, disk {doc.get('disk')}"
-        )
+        st.console.print(created_line(doc))
         st.console.print(f"Serial console: spk-visor vm console {doc.get('id')}")
     if dry_run and doc.get("problems"):
         raise typer.Exit(ExitCode.REFUSED)
