@@ -773,11 +773,17 @@ class VmManager:
                 problems.append(e.message)
                 ch_path = self.settings.ch_bin
             argv = self.build_argv(ch_path, vm_id, vm_uuid, spec)
+            foreign = self._foreign_disks()
             with self._lock:
                 if vm_id in self._vms:
                     problems.append(f"a VM named {vm_id!r} already exists")
+                try:
+                    self._check_disk_free(str(spec.disk), foreign)
+                except ApiError as e:
+                    problems.append(e.message)
             return 200, {"dry_run": True, "id": vm_id, "argv": argv, "problems": problems}
         ch_path = self.preflight()
+        foreign = self._foreign_disks()  # before the lock: the /proc scan takes it too
         with self._lock:
             if vm_id in self._vms or vm_id in self._broken:
                 raise ApiError(
@@ -793,7 +799,7 @@ class VmManager:
                     f"VM {vm_id!r} is being deleted; retry when the delete has finished",
                     {"field": "name", "id": vm_id},
                 )
-            self._check_disk_free(str(spec.disk))
+            self._check_disk_free(str(spec.disk), foreign)
             vm = Vm(
                 id=vm_id,
                 uuid=vm_uuid,
@@ -849,23 +855,42 @@ class VmManager:
                 raise
         return 201, self._public(vm)
 
-    def _check_disk_free(self, disk: str) -> None:
+    def _foreign_disks(self) -> list[tuple[str, str, tuple[int, int] | None]]:
+        """(id, disk path, device and inode) of each disk a VMM this daemon did not start
+        has open. A relative path is the VMM's own: it is looked up from its cwd."""
+        found = []
+        for doc in self._foreign():
+            disk = doc.get("disk")
+            if isinstance(disk, str) and disk:
+                where = disk if disk.startswith("/") else f"{procs.PROC}/{doc['pid']}/cwd/{disk}"
+                found.append((str(doc["id"]), disk, disk_identity(where)))
+        return found
+
+    def _check_disk_free(
+        self, disk: str, foreign: list[tuple[str, str, tuple[int, int] | None]]
+    ) -> None:
         """409 when a live VM uses this disk by any name: the same path, or the same file
-        (device and inode) through a hard link, a symlink or a bind mount."""
+        (device and inode) through a hard link, a symlink or a bind mount. `foreign` are
+        the disks of VMMs this daemon did not start (_foreign_disks): a second VMM on
+        their image would corrupt it just the same."""
         wanted = disk_identity(disk)
-        for other in self._vms.values():
-            if other.state not in p.LIVE_STATES:
-                continue
-            same = other.disk == disk
+        users = [
+            (other.id, other.disk, tuple(other.disk_id) if other.disk_id else None)
+            for other in self._vms.values()
+            if other.state in p.LIVE_STATES
+        ]
+        for other_id, other_disk, recorded in [*users, *foreign]:
+            same = other_disk == disk
             if not same and wanted is not None:
-                recorded = tuple(other.disk_id) if other.disk_id else None
-                same = wanted in (recorded, disk_identity(other.disk))
+                # A relative path (a foreign VMM's) says nothing from the daemon's cwd.
+                now = disk_identity(other_disk) if other_disk.startswith("/") else None
+                same = wanted in (recorded, now)
             if same:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
-                    f"{disk} is in use by VM {other.id} (as {other.disk})",
-                    {"field": "disk", "id": other.id},
+                    f"{disk} is in use by VM {other_id} (as {other_disk})",
+                    {"field": "disk", "id": other_id},
                 )
 
     def _new_id(self) -> str:
@@ -1049,8 +1074,9 @@ class VmManager:
     def _do_start(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
         self._require(vm, p.STATE_STOPPED, p.STATE_FAILED)
         ch_path = self.preflight()
+        foreign = self._foreign_disks()
         with self._lock:
-            self._check_disk_free(vm.disk)
+            self._check_disk_free(vm.disk, foreign)
             vm.argv[0] = ch_path
             # Claim the disk before the lock drops: two stopped VMs on one disk started at
             # once would otherwise both pass the check and boot two VMMs on one image.

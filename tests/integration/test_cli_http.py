@@ -236,9 +236,10 @@ def test_vm_errors_from_the_daemon(daemon: Daemon, daemon_env: DaemonEnv) -> Non
     r = cli(d, "vm", "create", "--cpus", "1", "--memory", "512", "--disk", str(env.disk),
             "--name", "web-1", "--dry-run")  # fmt: skip
     assert r.code == 3
-    assert r.out.splitlines()[-2:] == [
+    assert r.out.splitlines()[-3:] == [
         "It would be refused now:",
         "  - a VM named 'web-1' already exists",
+        f"  - {env.disk} is in use by VM web-1 (as {env.disk})",
     ]
     r = cli(d, "vm", "resume", "web-1")
     assert r.code == 3
