@@ -63,6 +63,10 @@ def vm_name(body: Mapping[str, Any]) -> str | None:
         raise invalid(
             "name", "must be 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit"
         )
+    if p.UNMANAGED_ID_RE.fullmatch(value):
+        raise invalid(
+            "name", "pid-N is the id of a VMM smechvisord did not start; choose another name"
+        )
     return value
 
 

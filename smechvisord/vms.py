@@ -608,6 +608,12 @@ class VmManager:
             return sum(1 for vm in self._vms.values() if vm.state in p.LIVE_STATES)
 
     def get(self, vm_id: str) -> dict[str, Any]:
+        # `vm list` shows a VMM this daemon did not start as pid-N: show finds it too.
+        with self._lock:
+            ours = vm_id in self._vms
+        unmanaged = None if ours else self._unmanaged(vm_id)
+        if unmanaged is not None:
+            return unmanaged
         vm = self._find(vm_id)
         rt = self._rt[vm.id]
         if vm.state in p.LIVE_STATES and not rt.action.locked():
@@ -629,8 +635,23 @@ class VmManager:
                     {"id": vm_id, "state": p.STATE_BROKEN},
                 )
         if vm is None:
+            unmanaged = self._unmanaged(vm_id)
+            if unmanaged is not None:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"VM {vm_id} is a VMM smechvisord did not start (pid {unmanaged['pid']}): "
+                    "it is listed and shown, not driven; stop it where it was started",
+                    {"id": vm_id, "managed": False, "pid": unmanaged["pid"]},
+                )
             raise ApiError(404, p.ERR_NOT_FOUND, f"no VM named {vm_id!r}", {"id": vm_id})
         return vm
+
+    def _unmanaged(self, vm_id: str) -> dict[str, Any] | None:
+        """The listed document of the VMM this daemon did not start that `vm_id` names."""
+        if not p.UNMANAGED_ID_RE.fullmatch(vm_id):
+            return None
+        return next((doc for doc in self._foreign() if doc.get("id") == vm_id), None)
 
     def _foreign(self) -> list[dict[str, Any]]:
         """VMM processes this daemon did not start (by hand, or by another tool)."""
@@ -667,7 +688,7 @@ class VmManager:
                 if pid not in self._odd_foreign:
                     self._odd_foreign.add(pid)
                     log.warning("cannot read the command line of VMM pid %d: %r", pid, e)
-                doc = {"id": f"pid-{pid}", "name": None, "managed": False, "pid": pid}
+                doc = {"id": unmanaged_id(pid), "name": None, "managed": False, "pid": pid}
                 doc["state"] = "unknown"
             found.append(doc)
         self._foreign_cache = (now, found)
@@ -1339,10 +1360,14 @@ def _size_mb(text: str | None) -> int | None:
     return int(int(number) * units[unit]) if unit else int(number) // 2**20
 
 
+def unmanaged_id(pid: int) -> str:
+    return f"pid-{pid}"
+
+
 def foreign_doc(pid: int, argv: list[str], st: procs.ProcStat, cpu: float) -> dict[str, Any]:
     cpus = _option_value(argv, "--cpus", "boot")
     return {
-        "id": f"pid-{pid}",
+        "id": unmanaged_id(pid),
         "name": None,
         "managed": False,
         "state": p.STATE_RUNNING,
