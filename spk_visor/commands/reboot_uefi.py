@@ -15,7 +15,9 @@ from spk_visor.commands.common import JsonOpt, confirm, state
 from spk_visor.progress import waiting
 
 app = typer.Typer(
-    help="Reboot the node into UEFI firmware setup (asks first).", invoke_without_command=True
+    help="Reboot the node into UEFI firmware setup (asks first); running VMs are shut "
+    "down gracefully first, and VMMs smechvisord did not start end with the reboot.",
+    invoke_without_command=True,
 )
 
 
