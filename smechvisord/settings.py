@@ -253,10 +253,23 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = os.environ if environ is None else environ
     args = vars(build_parser().parse_args(argv))
     raw: dict[str, str] = {}
+    flags: dict[str, str] = {}  # the settings given as flags: an error names the flag
     for s in SETTINGS:
         dest = s.env.removeprefix("SMECHVISORD_").lower()
         flag_value = args.get(dest)
+        if flag_value is not None:
+            flags[s.env] = s.flag
         raw[s.env] = flag_value if flag_value is not None else env.get(s.env, s.default)
+    try:
+        return _from_raw(raw)
+    except SettingsError as e:
+        name, sep, rest = str(e).partition(":")
+        if sep and name in flags:
+            raise SettingsError(f"{flags[name]}:{rest}") from None
+        raise
+
+
+def _from_raw(raw: Mapping[str, str]) -> Settings:
     host, port = parse_bind(raw["SMECHVISORD_BIND"])
     state_dir = Path(raw["SMECHVISORD_STATE_DIR"]).absolute()
     image_dirs_raw = raw["SMECHVISORD_IMAGE_DIRS"]
