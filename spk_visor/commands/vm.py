@@ -112,8 +112,19 @@ def details(vm: JsonDoc) -> str:
     return text
 
 
+def shutdown_kind(shutdown: JsonDoc) -> str:
+    """How it ended, in words. The daemon's `graceful` says a graceful shutdown was asked
+    for; it was one only when the guest powered off at the ACPI button."""
+    if not shutdown.get("graceful"):
+        return "forced stop"
+    steps = shutdown.get("steps") or []
+    if steps and steps[-1].get("step") == "vm.power-button" and steps[-1].get("exited"):
+        return "graceful shutdown"
+    return "forced: the guest did not power off by itself"
+
+
 def shutdown_summary(shutdown: JsonDoc) -> str:
-    kind = "graceful" if shutdown.get("graceful") else "forced"
+    kind = shutdown_kind(shutdown).removesuffix(" shutdown").removesuffix(" stop")
     steps = shutdown.get("steps") or []
     last = steps[-1]["step"] if steps else "?"
     return f"{kind}, {shutdown.get('seconds', '?')} s, ended by {STEP_LABELS.get(last, last)}"
@@ -122,7 +133,7 @@ def shutdown_summary(shutdown: JsonDoc) -> str:
 def steps_report(vm: JsonDoc) -> str:
     """The escalation steps the daemon took, one per line, and how the VMM ended."""
     shutdown = vm.get("last_shutdown") or {}
-    kind = "graceful shutdown" if shutdown.get("graceful") else "forced stop"
+    kind = shutdown_kind(shutdown)
     lines = [f"VM {vm.get('id')}: {vm.get('state')} ({kind}, {shutdown.get('seconds', '?')} s)"]
     for number, step in enumerate(shutdown.get("steps") or [], 1):
         name = str(step.get("step"))
