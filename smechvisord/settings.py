@@ -132,6 +132,13 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds for a whole request head (and body) to arrive, keep-alive idling "
         "included, however slowly it trickles",
     ),
+    Setting(
+        "SMECHVISORD_SERIAL_LOG_MAX_MB",
+        "--serial-log-max-mb",
+        "16",
+        "MiB of disk one VM's serial log may use; past it the oldest output is dropped, so "
+        "a guest cannot fill the state dir through its serial port",
+    ),
 )
 
 
@@ -157,6 +164,7 @@ class Settings:
     max_connections_per_source: int = 64
     request_timeout: float = 10.0
     token_group: str = "smechvisor"  # noqa: S105 (a group name, not a secret)
+    serial_log_max_mb: int = 16
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION
@@ -299,4 +307,5 @@ def _from_raw(raw: Mapping[str, str]) -> Settings:
             "SMECHVISORD_MAX_CONNECTIONS_PER_SOURCE", raw, int, 1, 10_000
         ),
         request_timeout=_number("SMECHVISORD_REQUEST_TIMEOUT", raw, float, 0.1, 3600.0),
+        serial_log_max_mb=_number("SMECHVISORD_SERIAL_LOG_MAX_MB", raw, int, 1, 1 << 20),
     )

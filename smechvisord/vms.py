@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smechvisord import atomic, procs, strict_json
+from smechvisord import atomic, logcap, procs, strict_json
 from smechvisord import protocol as p
 from smechvisord.chapi import ChApi, ChApiError, ChUnreachableError
 from smechvisord.errors import ApiError
@@ -181,6 +181,9 @@ class _Runtime:
     events_size: int = -1
     # The VMM said its VM is shut down (Created/Shutdown) while its process lives on.
     retire: bool = False
+    # The serial log was cut to its budget (said once) / cannot be (warned once).
+    serial_capped: bool = False
+    serial_cap_failed: bool = False
 
 
 class VmManager:
@@ -338,6 +341,7 @@ class VmManager:
         for vm, rt in live:
             if rt is None or vm.state not in p.LIVE_STATES:
                 continue
+            self._cap_serial(vm, rt)
             # Hold the action lock, not just peek at it: an action starting between a peek
             # and _mark_exited would race this pass (both reaping rt.child, both writing
             # the record, a start's new child cleared by this pass's old verdict).
@@ -349,6 +353,31 @@ class VmManager:
             finally:
                 rt.action_name = ""
                 rt.action.release()
+
+    def _cap_serial(self, vm: Vm, rt: _Runtime) -> None:
+        """Keep the serial log within its disk budget: a guest printing without end would
+        otherwise fill the state dir (and with it every VM record). Half the budget is
+        kept, so a steady stream costs one cut per half budget, not one per pass."""
+        budget = self.settings.serial_log_max_mb << 20
+        path = str(self.vm_dir(vm.id) / SERIAL_LOG)
+        try:
+            if logcap.disk_usage(path)[1] <= budget:
+                return
+            dropped = logcap.drop_head(path, budget // 2)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if not rt.serial_cap_failed:
+                rt.serial_cap_failed = True
+                log.warning("VM %s: cannot keep its serial log to its budget: %s", vm.id, e)
+            return
+        if dropped and not rt.serial_capped:
+            rt.serial_capped = True
+            log.info(
+                "VM %s: serial log past %d MiB; its oldest output is dropped from now on",
+                vm.id,
+                self.settings.serial_log_max_mb,
+            )
 
     def _poll_vm(self, vm: Vm, rt: _Runtime) -> None:
         if vm.state not in p.LIVE_STATES:
@@ -701,6 +730,8 @@ class VmManager:
             with path.open("rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 start = max(0, size - max_bytes) if offset is None else min(offset, size)
+                # Never the dropped head of a long log (_cap_serial): it reads as NULs.
+                start = logcap.first_data(f.fileno(), start, size)
                 f.seek(start)
                 data = f.read(max_bytes)
         except FileNotFoundError:
