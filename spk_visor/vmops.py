@@ -34,7 +34,13 @@ OVERLAP_BYTES = 1024
 # A B (or iB) only after a unit letter: "512B" is not 512 MiB.
 _SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGT])(?:I?B)?)?\s*$", re.IGNORECASE)
 # Binary units, as cloud-hypervisor reads `size=4G`: people who type 4G mean 4096 MiB.
-_UNIT_MIB = {"K": Fraction(1, 1024), "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+_UNIT_MIB: dict[str, Fraction] = {
+    "K": Fraction(1, 1024),
+    "": Fraction(1),
+    "M": Fraction(1),
+    "G": Fraction(1024),
+    "T": Fraction(1024 * 1024),
+}
 # Past this no request can carry it (a JSON integer consumers hold is 64-bit), and the
 # exact arithmetic below stays cheap: no node has 2**63 MiB.
 MAX_MIB = 2**63 - 1

@@ -33,11 +33,11 @@ def test_an_unmanaged_vmm_can_be_shown_but_not_driven(
             )
         assert pid_alive(proc.pid)
         node = ("--node", daemon.url, "--token", daemon.token)
-        r = run(*node, "vm", "show", vm_id)
-        assert r.code == 0, r
-        assert "Managed     no: a VMM that smechvisord did not start" in r.out
-        r = run(*node, "vm", "stop", vm_id)
-        assert r.code == 3 and "did not start" in r.err, r
+        shown = run(*node, "vm", "show", vm_id)
+        assert shown.code == 0, shown
+        assert "Managed     no: a VMM that smechvisord did not start" in shown.out
+        stopped = run(*node, "vm", "stop", vm_id)
+        assert stopped.code == 3 and "did not start" in stopped.err, stopped
     # Gone: a 404 again, as for any id.
     assert wait_for(lambda: daemon.get(f"/api/vms/{vm_id}").status == 404, timeout=10)
 
