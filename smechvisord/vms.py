@@ -660,7 +660,10 @@ class VmManager:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
-                    f"the record of VM {vm_id!r} cannot be read: {self._broken[vm_id]}",
+                    f"the record of VM {vm_id!r} cannot be read "
+                    f"({self.vm_dir(vm_id) / RECORD}: {self._broken[vm_id]}): repair it, or "
+                    f"move {self.vm_dir(vm_id)} out of the state dir, then restart "
+                    "smechvisord (rc-service smechvisord restart)",
                     {"id": vm_id, "state": p.STATE_BROKEN},
                 )
         if vm is None:
