@@ -126,6 +126,7 @@ class Noted(NamedTuple):
 ELLIPSIS = "\u2026"
 GAP = "  "
 _MIN_WIDTH = 8  # a column that gives way keeps at least this much (or its header)
+_MAX_WORD_FLOOR = 16  # a wrapping column keeps words up to this long unbroken
 
 
 def table(
@@ -156,7 +157,8 @@ def table(
         cells.append(line)
     widths = [max([len(c.header), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
     if width is not None:
-        widths = _fit(cols, widths, width)
+        words = [max([0, *(len(w) for r in cells for w in r[i].split())]) for i in range(len(cols))]
+        widths = _fit(cols, widths, width, words)
     lines = [GAP.join(c.header.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     for row in cells:
         parts = [_fit_cell(value, col, w) for value, col, w in zip(row, cols, widths, strict=True)]
@@ -172,13 +174,19 @@ def table(
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _fit(cols: Sequence[Column], widths: list[int], width: int) -> list[int]:
+def _fit(cols: Sequence[Column], widths: list[int], width: int, words: Sequence[int]) -> list[int]:
     """Narrow the columns that may give way, widest first, until the table fits (or
-    none can give more)."""
+    none can give more). A wrapping column keeps its longest word whole (up to
+    _MAX_WORD_FLOOR: a long path still wraps inside itself)."""
     widths = list(widths)
     floor = [
-        w if c.fit == "keep" else min(w, max(len(c.header), _MIN_WIDTH))
-        for c, w in zip(cols, widths, strict=True)
+        w
+        if c.fit == "keep"
+        else min(
+            w,
+            max(len(c.header), _MIN_WIDTH, min(longest, _MAX_WORD_FLOOR) if c.fit == "wrap" else 0),
+        )
+        for c, w, longest in zip(cols, widths, words, strict=True)
     ]
     excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
     while excess > 0:

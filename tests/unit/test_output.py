@@ -104,3 +104,21 @@ def test_json_and_raw_console_output_are_left_alone() -> None:
     console.json({"disk": HOSTILE})
     assert out.getvalue().startswith("\x1b[1mlogin:\x1b[0m ")
     assert json.loads(out.getvalue().split(" ", 1)[1]) == {"disk": HOSTILE}
+
+
+def test_a_wrapping_column_breaks_between_words_not_inside_them() -> None:
+    # At 40 or 60 columns `pci` printed "VGA comp" / "atible c" / "ontrolle" / "r": the
+    # column went down to 8 characters even though the table could not fit anyway.
+    cols = [Column("address"), Column("class", fit="wrap"), Column("driver", fit="wrap")]
+    rows = [["0000:41:00.0", "VGA compatible controller", "snd_hda_intel"]]
+    lines = table(cols, rows, 30).splitlines()
+    assert [line.split() for line in lines[1:]] == [
+        ["0000:41:00.0", "VGA", "snd_hda_intel"],
+        ["compatible"],
+        ["controller"],
+    ]
+    # A very long "word" (a path) still wraps inside itself, from 16 characters on.
+    path = "/var/lib/smechvisord/vms/a-rather-long-image-name.img"
+    lines = table([Column("id"), Column("disk", fit="wrap")], [["web-1", path]], 30).splitlines()
+    assert max(len(line) for line in lines) <= 30
+    assert "".join(line[7:].strip() for line in lines[1:]) == path
