@@ -52,9 +52,14 @@ def _memory(text: str) -> int:
     # BadParameter, not ValueError: typer then names the option without a "Value error,"
     # prefix from its validation layer.
     try:
-        return vmops.parse_memory(text)
+        mib = vmops.parse_memory(text)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if mib < p.MIN_MEMORY_MB:
+        raise typer.BadParameter(
+            f"{text!r} is {mib} MiB; a VM needs at least {p.MIN_MEMORY_MB} MiB"
+        )
+    return mib
 
 
 # ---- rendering -----------------------------------------------------------------------
@@ -208,7 +213,7 @@ def create(
             "-m",
             metavar="SIZE",
             parser=_memory,
-            help="Memory: MiB (512) or a size (512M, 4G).",
+            help=f"Memory: MiB (512) or a size (512M, 4G); at least {p.MIN_MEMORY_MB} MiB.",
         ),
     ],
     disk: Annotated[
