@@ -1072,7 +1072,11 @@ class VmManager:
             if timeout
             else f"exited with code {code} while starting"
         )
-        raise ApiError(502, p.ERR_VMM_FAILED, f"cloud-hypervisor {what}; see stderr_tail", details)
+        # Its own last words on stderr ("Error booting VM: ..."), in the message itself:
+        # the failed VM is forgotten, and the dashboard shows only the message.
+        said = [line for line in tail_lines(self.vm_dir(vm.id) / VMM_STDERR, 5) if line.strip()]
+        why = f": {said[-1].strip()[:300]}" if said else ""
+        raise ApiError(502, p.ERR_VMM_FAILED, f"cloud-hypervisor {what}{why}", details)
 
     # ---- actions --------------------------------------------------------------------
 
