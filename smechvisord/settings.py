@@ -133,11 +133,11 @@ SETTINGS: tuple[Setting, ...] = (
         "included, however slowly it trickles",
     ),
     Setting(
-        "SMECHVISORD_SERIAL_LOG_MAX_MB",
-        "--serial-log-max-mb",
+        "SMECHVISORD_VM_LOG_MAX_MB",
+        "--vm-log-max-mb",
         "16",
-        "MiB of disk one VM's serial log may use; past it the oldest output is dropped, so "
-        "a guest cannot fill the state dir through its serial port",
+        "MiB of disk each log of a VM (serial, VMM log, events) may use; past it the oldest "
+        "output is dropped, so a guest cannot fill the state dir",
     ),
 )
 
@@ -164,7 +164,7 @@ class Settings:
     max_connections_per_source: int = 64
     request_timeout: float = 10.0
     token_group: str = "smechvisor"  # noqa: S105 (a group name, not a secret)
-    serial_log_max_mb: int = 16
+    vm_log_max_mb: int = 16
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION
@@ -307,5 +307,5 @@ def _from_raw(raw: Mapping[str, str]) -> Settings:
             "SMECHVISORD_MAX_CONNECTIONS_PER_SOURCE", raw, int, 1, 10_000
         ),
         request_timeout=_number("SMECHVISORD_REQUEST_TIMEOUT", raw, float, 0.1, 3600.0),
-        serial_log_max_mb=_number("SMECHVISORD_SERIAL_LOG_MAX_MB", raw, int, 1, 1 << 20),
+        vm_log_max_mb=_number("SMECHVISORD_VM_LOG_MAX_MB", raw, int, 1, 1 << 20),
     )

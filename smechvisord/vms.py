@@ -42,6 +42,8 @@ SERIAL_LOG = "serial.log"
 VMM_LOG = "vmm.log"
 VMM_STDERR = "vmm.stderr"
 EVENTS = "events.jsonl"
+# What the VMM writes without end while a VM runs (the daemon's _cap_logs bounds each).
+CAPPED_LOGS = (SERIAL_LOG, VMM_LOG, EVENTS)
 LOG_TAIL_LINES = 20
 USAGE_TTL = 1.0
 EVENTS_TAIL_BYTES = 16384
@@ -181,9 +183,9 @@ class _Runtime:
     events_size: int = -1
     # The VMM said its VM is shut down (Created/Shutdown) while its process lives on.
     retire: bool = False
-    # The serial log was cut to its budget (said once) / cannot be (warned once).
-    serial_capped: bool = False
-    serial_cap_failed: bool = False
+    # The logs cut to their budget (each said once) / a log that cannot be (warned once).
+    logs_capped: set[str] = field(default_factory=set)
+    log_cap_failed: bool = False
 
 
 class VmManager:
@@ -341,7 +343,7 @@ class VmManager:
         for vm, rt in live:
             if rt is None or vm.state not in p.LIVE_STATES:
                 continue
-            self._cap_serial(vm, rt)
+            self._cap_logs(vm, rt)
             # Hold the action lock, not just peek at it: an action starting between a peek
             # and _mark_exited would race this pass (both reaping rt.child, both writing
             # the record, a start's new child cleared by this pass's old verdict).
@@ -354,30 +356,33 @@ class VmManager:
                 rt.action_name = ""
                 rt.action.release()
 
-    def _cap_serial(self, vm: Vm, rt: _Runtime) -> None:
-        """Keep the serial log within its disk budget: a guest printing without end would
-        otherwise fill the state dir (and with it every VM record). Half the budget is
-        kept, so a steady stream costs one cut per half budget, not one per pass."""
-        budget = self.settings.serial_log_max_mb << 20
-        path = str(self.vm_dir(vm.id) / SERIAL_LOG)
-        try:
-            if logcap.disk_usage(path)[1] <= budget:
-                return
-            dropped = logcap.drop_head(path, budget // 2)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if not rt.serial_cap_failed:
-                rt.serial_cap_failed = True
-                log.warning("VM %s: cannot keep its serial log to its budget: %s", vm.id, e)
-            return
-        if dropped and not rt.serial_capped:
-            rt.serial_capped = True
-            log.info(
-                "VM %s: serial log past %d MiB; its oldest output is dropped from now on",
-                vm.id,
-                self.settings.serial_log_max_mb,
-            )
+    def _cap_logs(self, vm: Vm, rt: _Runtime) -> None:
+        """Keep each log the VMM writes within its disk budget: a guest printing without
+        end (or rebooting without end) would otherwise fill the state dir, and with it
+        every VM record. Half the budget is kept, so a steady stream costs one cut per
+        half budget, not one per pass."""
+        budget = self.settings.vm_log_max_mb << 20
+        for name in CAPPED_LOGS:
+            path = str(self.vm_dir(vm.id) / name)
+            try:
+                if logcap.disk_usage(path)[1] <= budget:
+                    continue
+                dropped = logcap.drop_head(path, budget // 2)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if not rt.log_cap_failed:
+                    rt.log_cap_failed = True
+                    log.warning("VM %s: cannot keep %s to its budget: %s", vm.id, name, e)
+                continue
+            if dropped and name not in rt.logs_capped:
+                rt.logs_capped.add(name)
+                log.info(
+                    "VM %s: %s past %d MiB; its oldest part is dropped from now on",
+                    vm.id,
+                    name,
+                    self.settings.vm_log_max_mb,
+                )
 
     def _poll_vm(self, vm: Vm, rt: _Runtime) -> None:
         if vm.state not in p.LIVE_STATES:

@@ -1,6 +1,7 @@
-"""A guest cannot fill the node's disk through its serial port: the daemon keeps each
-VM's serial log to SMECHVISORD_SERIAL_LOG_MAX_MB of disk, dropping the oldest output, and
-`vm console` still shows the newest output (never the dropped part as NUL bytes)."""
+"""A guest cannot fill the node's disk through its serial port (or by making its VMM log
+without end): the daemon keeps each of a VM's logs to SMECHVISORD_VM_LOG_MAX_MB of disk,
+dropping the oldest output, and `vm console` still shows the newest output (never the
+dropped part as NUL bytes)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ FLOOD_MIB = 8
 @pytest.fixture
 def noisy(tmp_path: Path) -> Iterator[tuple[Daemon, DaemonEnv]]:
     env = DaemonEnv(tmp_path / "node")
-    env.extra_env.update(
-        SMECHVISORD_SERIAL_LOG_MAX_MB="1", CH_STANDIN_SERIAL_FLOOD_MIB=str(FLOOD_MIB)
-    )
+    env.extra_env.update(SMECHVISORD_VM_LOG_MAX_MB="1", CH_STANDIN_SERIAL_FLOOD_MIB=str(FLOOD_MIB))
     d = Daemon(env)
     yield d, env
     d.stop()
@@ -54,3 +53,18 @@ def test_a_flooding_guest_keeps_its_serial_log_small(noisy: tuple[Daemon, Daemon
     assert doc["data"] and "\0" not in doc["data"], doc["data"][:80]
     assert doc["offset"] > 0 and doc["offset"] % 4096 == 0
     assert os.path.getsize(log) == doc["size"]
+
+
+def test_the_vmm_log_and_event_log_are_kept_small_too(noisy: tuple[Daemon, DaemonEnv]) -> None:
+    d, env = noisy
+    create_vm(d, env, name="chatty")
+    vm_dir = env.state_dir / "machines" / "chatty"
+    # What a guest rebooting without end makes its VMM write, a few MiB at once here.
+    for name in ("vmm.log", "events.jsonl"):
+        with (vm_dir / name).open("ab") as f:
+            for _ in range(4096):
+                f.write(b"x" * 1023 + b"\n")
+    for name in ("vmm.log", "events.jsonl"):
+        path = vm_dir / name
+        assert wait_for(lambda: path.stat().st_blocks * 512 <= 2 << 20, timeout=10), name
+        assert path.stat().st_size >= 4 << 20
