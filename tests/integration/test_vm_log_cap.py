@@ -66,5 +66,5 @@ def test_the_vmm_log_and_event_log_are_kept_small_too(noisy: tuple[Daemon, Daemo
                 f.write(b"x" * 1023 + b"\n")
     for name in ("vmm.log", "events.jsonl"):
         path = vm_dir / name
-        assert wait_for(lambda: path.stat().st_blocks * 512 <= 2 << 20, timeout=10), name
+        assert wait_for(lambda p=path: p.stat().st_blocks * 512 <= 2 << 20, timeout=10), name
         assert path.stat().st_size >= 4 << 20
