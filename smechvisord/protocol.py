@@ -41,6 +41,8 @@ STATE_BROKEN: Final = "broken"
 
 # A VM name becomes its id, a file name and part of a socket path: keep it tame.
 VM_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+# The id a VMM the daemon did not start is listed under (its PID); no VM may be named so.
+UNMANAGED_ID_RE: Final = re.compile(r"pid-[0-9]{1,10}")
 
 # Request body keys.
 KEY_CPUS: Final = "cpus"

@@ -132,6 +132,13 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds for a whole request head (and body) to arrive, keep-alive idling "
         "included, however slowly it trickles",
     ),
+    Setting(
+        "SMECHVISORD_VM_LOG_MAX_MB",
+        "--vm-log-max-mb",
+        "16",
+        "MiB of disk each log of a VM (serial, VMM log, events) may use; past it the oldest "
+        "output is dropped, so a guest cannot fill the state dir",
+    ),
 )
 
 
@@ -157,6 +164,7 @@ class Settings:
     max_connections_per_source: int = 64
     request_timeout: float = 10.0
     token_group: str = "smechvisor"  # noqa: S105 (a group name, not a secret)
+    vm_log_max_mb: int = 16
     # v42 (and the stand-in) answer vmm.ping well under a second after exec.
     vmm_ready_timeout: float = 10.0
     version: str = VERSION
@@ -253,10 +261,23 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = os.environ if environ is None else environ
     args = vars(build_parser().parse_args(argv))
     raw: dict[str, str] = {}
+    flags: dict[str, str] = {}  # the settings given as flags: an error names the flag
     for s in SETTINGS:
         dest = s.env.removeprefix("SMECHVISORD_").lower()
         flag_value = args.get(dest)
+        if flag_value is not None:
+            flags[s.env] = s.flag
         raw[s.env] = flag_value if flag_value is not None else env.get(s.env, s.default)
+    try:
+        return _from_raw(raw)
+    except SettingsError as e:
+        name, sep, rest = str(e).partition(":")
+        if sep and name in flags:
+            raise SettingsError(f"{flags[name]}:{rest}") from None
+        raise
+
+
+def _from_raw(raw: Mapping[str, str]) -> Settings:
     host, port = parse_bind(raw["SMECHVISORD_BIND"])
     state_dir = Path(raw["SMECHVISORD_STATE_DIR"]).absolute()
     image_dirs_raw = raw["SMECHVISORD_IMAGE_DIRS"]
@@ -286,4 +307,5 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             "SMECHVISORD_MAX_CONNECTIONS_PER_SOURCE", raw, int, 1, 10_000
         ),
         request_timeout=_number("SMECHVISORD_REQUEST_TIMEOUT", raw, float, 0.1, 3600.0),
+        vm_log_max_mb=_number("SMECHVISORD_VM_LOG_MAX_MB", raw, int, 1, 1 << 20),
     )

@@ -25,7 +25,12 @@ class VmSpec:
 def only_keys(body: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:
     for key in sorted(body):
         if key not in allowed:
-            raise invalid(key, f"unknown field; allowed: {', '.join(sorted(allowed))}")
+            known = (
+                f"allowed: {', '.join(sorted(allowed))}"
+                if allowed
+                else "this request takes no fields"
+            )
+            raise invalid(key, f"unknown field; {known}")
     for key in sorted(required):
         if key not in body:
             raise invalid(key, "required field is missing")
@@ -57,6 +62,10 @@ def vm_name(body: Mapping[str, Any]) -> str | None:
     if not isinstance(value, str) or not p.VM_ID_RE.fullmatch(value):
         raise invalid(
             "name", "must be 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit"
+        )
+    if p.UNMANAGED_ID_RE.fullmatch(value):
+        raise invalid(
+            "name", "pid-N is the id of a VMM smechvisord did not start; choose another name"
         )
     return value
 

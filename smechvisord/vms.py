@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smechvisord import atomic, procs, strict_json
+from smechvisord import atomic, logcap, procs, strict_json
 from smechvisord import protocol as p
 from smechvisord.chapi import ChApi, ChApiError, ChUnreachableError
 from smechvisord.errors import ApiError
@@ -42,6 +42,8 @@ SERIAL_LOG = "serial.log"
 VMM_LOG = "vmm.log"
 VMM_STDERR = "vmm.stderr"
 EVENTS = "events.jsonl"
+# What the VMM writes without end while a VM runs (the daemon's _cap_logs bounds each).
+CAPPED_LOGS = (SERIAL_LOG, VMM_LOG, EVENTS)
 LOG_TAIL_LINES = 20
 USAGE_TTL = 1.0
 EVENTS_TAIL_BYTES = 16384
@@ -181,6 +183,9 @@ class _Runtime:
     events_size: int = -1
     # The VMM said its VM is shut down (Created/Shutdown) while its process lives on.
     retire: bool = False
+    # The logs cut to their budget (each said once) / a log that cannot be (warned once).
+    logs_capped: set[str] = field(default_factory=set)
+    log_cap_failed: bool = False
 
 
 class VmManager:
@@ -338,6 +343,7 @@ class VmManager:
         for vm, rt in live:
             if rt is None or vm.state not in p.LIVE_STATES:
                 continue
+            self._cap_logs(vm, rt)
             # Hold the action lock, not just peek at it: an action starting between a peek
             # and _mark_exited would race this pass (both reaping rt.child, both writing
             # the record, a start's new child cleared by this pass's old verdict).
@@ -349,6 +355,34 @@ class VmManager:
             finally:
                 rt.action_name = ""
                 rt.action.release()
+
+    def _cap_logs(self, vm: Vm, rt: _Runtime) -> None:
+        """Keep each log the VMM writes within its disk budget: a guest printing without
+        end (or rebooting without end) would otherwise fill the state dir, and with it
+        every VM record. Half the budget is kept, so a steady stream costs one cut per
+        half budget, not one per pass."""
+        budget = self.settings.vm_log_max_mb << 20
+        for name in CAPPED_LOGS:
+            path = str(self.vm_dir(vm.id) / name)
+            try:
+                if logcap.disk_usage(path)[1] <= budget:
+                    continue
+                dropped = logcap.drop_head(path, budget // 2)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if not rt.log_cap_failed:
+                    rt.log_cap_failed = True
+                    log.warning("VM %s: cannot keep %s to its budget: %s", vm.id, name, e)
+                continue
+            if dropped and name not in rt.logs_capped:
+                rt.logs_capped.add(name)
+                log.info(
+                    "VM %s: %s past %d MiB; its oldest part is dropped from now on",
+                    vm.id,
+                    name,
+                    self.settings.vm_log_max_mb,
+                )
 
     def _poll_vm(self, vm: Vm, rt: _Runtime) -> None:
         if vm.state not in p.LIVE_STATES:
@@ -608,6 +642,12 @@ class VmManager:
             return sum(1 for vm in self._vms.values() if vm.state in p.LIVE_STATES)
 
     def get(self, vm_id: str) -> dict[str, Any]:
+        # `vm list` shows a VMM this daemon did not start as pid-N: show finds it too.
+        with self._lock:
+            ours = vm_id in self._vms
+        unmanaged = None if ours else self._unmanaged(vm_id)
+        if unmanaged is not None:
+            return unmanaged
         vm = self._find(vm_id)
         rt = self._rt[vm.id]
         if vm.state in p.LIVE_STATES and not rt.action.locked():
@@ -625,12 +665,30 @@ class VmManager:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
-                    f"the record of VM {vm_id!r} cannot be read: {self._broken[vm_id]}",
+                    f"the record of VM {vm_id!r} cannot be read "
+                    f"({self.vm_dir(vm_id) / RECORD}: {self._broken[vm_id]}): repair it, or "
+                    f"move {self.vm_dir(vm_id)} out of the state dir, then restart "
+                    "smechvisord (rc-service smechvisord restart)",
                     {"id": vm_id, "state": p.STATE_BROKEN},
                 )
         if vm is None:
+            unmanaged = self._unmanaged(vm_id)
+            if unmanaged is not None:
+                raise ApiError(
+                    409,
+                    p.ERR_CONFLICT,
+                    f"VM {vm_id} is a VMM smechvisord did not start (pid {unmanaged['pid']}): "
+                    "it is listed and shown, not driven; stop it where it was started",
+                    {"id": vm_id, "managed": False, "pid": unmanaged["pid"]},
+                )
             raise ApiError(404, p.ERR_NOT_FOUND, f"no VM named {vm_id!r}", {"id": vm_id})
         return vm
+
+    def _unmanaged(self, vm_id: str) -> dict[str, Any] | None:
+        """The listed document of the VMM this daemon did not start that `vm_id` names."""
+        if not p.UNMANAGED_ID_RE.fullmatch(vm_id):
+            return None
+        return next((doc for doc in self._foreign() if doc.get("id") == vm_id), None)
 
     def _foreign(self) -> list[dict[str, Any]]:
         """VMM processes this daemon did not start (by hand, or by another tool)."""
@@ -667,7 +725,7 @@ class VmManager:
                 if pid not in self._odd_foreign:
                     self._odd_foreign.add(pid)
                     log.warning("cannot read the command line of VMM pid %d: %r", pid, e)
-                doc = {"id": f"pid-{pid}", "name": None, "managed": False, "pid": pid}
+                doc = {"id": unmanaged_id(pid), "name": None, "managed": False, "pid": pid}
                 doc["state"] = "unknown"
             found.append(doc)
         self._foreign_cache = (now, found)
@@ -680,6 +738,8 @@ class VmManager:
             with path.open("rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 start = max(0, size - max_bytes) if offset is None else min(offset, size)
+                # Never the dropped head of a long log (_cap_serial): it reads as NULs.
+                start = logcap.first_data(f.fileno(), start, size)
                 f.seek(start)
                 data = f.read(max_bytes)
         except FileNotFoundError:
@@ -773,11 +833,17 @@ class VmManager:
                 problems.append(e.message)
                 ch_path = self.settings.ch_bin
             argv = self.build_argv(ch_path, vm_id, vm_uuid, spec)
+            foreign = self._foreign_disks()
             with self._lock:
                 if vm_id in self._vms:
                     problems.append(f"a VM named {vm_id!r} already exists")
+                try:
+                    self._check_disk_free(str(spec.disk), foreign)
+                except ApiError as e:
+                    problems.append(e.message)
             return 200, {"dry_run": True, "id": vm_id, "argv": argv, "problems": problems}
         ch_path = self.preflight()
+        foreign = self._foreign_disks()  # before the lock: the /proc scan takes it too
         with self._lock:
             if vm_id in self._vms or vm_id in self._broken:
                 raise ApiError(
@@ -793,7 +859,7 @@ class VmManager:
                     f"VM {vm_id!r} is being deleted; retry when the delete has finished",
                     {"field": "name", "id": vm_id},
                 )
-            self._check_disk_free(str(spec.disk))
+            self._check_disk_free(str(spec.disk), foreign)
             vm = Vm(
                 id=vm_id,
                 uuid=vm_uuid,
@@ -849,23 +915,42 @@ class VmManager:
                 raise
         return 201, self._public(vm)
 
-    def _check_disk_free(self, disk: str) -> None:
+    def _foreign_disks(self) -> list[tuple[str, str, tuple[int, int] | None]]:
+        """(id, disk path, device and inode) of each disk a VMM this daemon did not start
+        has open. A relative path is the VMM's own: it is looked up from its cwd."""
+        found = []
+        for doc in self._foreign():
+            disk = doc.get("disk")
+            if isinstance(disk, str) and disk:
+                where = disk if disk.startswith("/") else f"{procs.PROC}/{doc['pid']}/cwd/{disk}"
+                found.append((str(doc["id"]), disk, disk_identity(where)))
+        return found
+
+    def _check_disk_free(
+        self, disk: str, foreign: list[tuple[str, str, tuple[int, int] | None]]
+    ) -> None:
         """409 when a live VM uses this disk by any name: the same path, or the same file
-        (device and inode) through a hard link, a symlink or a bind mount."""
+        (device and inode) through a hard link, a symlink or a bind mount. `foreign` are
+        the disks of VMMs this daemon did not start (_foreign_disks): a second VMM on
+        their image would corrupt it just the same."""
         wanted = disk_identity(disk)
-        for other in self._vms.values():
-            if other.state not in p.LIVE_STATES:
-                continue
-            same = other.disk == disk
+        users = [
+            (other.id, other.disk, tuple(other.disk_id) if other.disk_id else None)
+            for other in self._vms.values()
+            if other.state in p.LIVE_STATES
+        ]
+        for other_id, other_disk, recorded in [*users, *foreign]:
+            same = other_disk == disk
             if not same and wanted is not None:
-                recorded = tuple(other.disk_id) if other.disk_id else None
-                same = wanted in (recorded, disk_identity(other.disk))
+                # A relative path (a foreign VMM's) says nothing from the daemon's cwd.
+                now = disk_identity(other_disk) if other_disk.startswith("/") else None
+                same = wanted in (recorded, now)
             if same:
                 raise ApiError(
                     409,
                     p.ERR_CONFLICT,
-                    f"{disk} is in use by VM {other.id} (as {other.disk})",
-                    {"field": "disk", "id": other.id},
+                    f"{disk} is in use by VM {other_id} (as {other_disk})",
+                    {"field": "disk", "id": other_id},
                 )
 
     def _new_id(self) -> str:
@@ -992,7 +1077,11 @@ class VmManager:
             if timeout
             else f"exited with code {code} while starting"
         )
-        raise ApiError(502, p.ERR_VMM_FAILED, f"cloud-hypervisor {what}; see stderr_tail", details)
+        # Its own last words on stderr ("Error booting VM: ..."), in the message itself:
+        # the failed VM is forgotten, and the dashboard shows only the message.
+        said = [line for line in tail_lines(self.vm_dir(vm.id) / VMM_STDERR, 5) if line.strip()]
+        why = f": {said[-1].strip()[:300]}" if said else ""
+        raise ApiError(502, p.ERR_VMM_FAILED, f"cloud-hypervisor {what}{why}", details)
 
     # ---- actions --------------------------------------------------------------------
 
@@ -1049,8 +1138,9 @@ class VmManager:
     def _do_start(self, vm: Vm, rt: _Runtime, timeout: int) -> None:
         self._require(vm, p.STATE_STOPPED, p.STATE_FAILED)
         ch_path = self.preflight()
+        foreign = self._foreign_disks()
         with self._lock:
-            self._check_disk_free(vm.disk)
+            self._check_disk_free(vm.disk, foreign)
             vm.argv[0] = ch_path
             # Claim the disk before the lock drops: two stopped VMs on one disk started at
             # once would otherwise both pass the check and boot two VMMs on one image.
@@ -1313,10 +1403,14 @@ def _size_mb(text: str | None) -> int | None:
     return int(int(number) * units[unit]) if unit else int(number) // 2**20
 
 
+def unmanaged_id(pid: int) -> str:
+    return f"pid-{pid}"
+
+
 def foreign_doc(pid: int, argv: list[str], st: procs.ProcStat, cpu: float) -> dict[str, Any]:
     cpus = _option_value(argv, "--cpus", "boot")
     return {
-        "id": f"pid-{pid}",
+        "id": unmanaged_id(pid),
         "name": None,
         "managed": False,
         "state": p.STATE_RUNNING,

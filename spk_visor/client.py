@@ -93,6 +93,25 @@ class Client:
             hint = f"it is not this node's token: copy it again from {on_node} on the node"
         return AuthError(f"{self.transport.address}: {what} (token looked for in: {where})", hint)
 
+    def _object(self, doc: Any, path: str, required: str) -> JsonDoc:
+        """`doc` if it is a JSON object holding `required`, else the answer of some other
+        service: a ProtocolError that says so, not an AttributeError (exit 1) later."""
+        if not isinstance(doc, dict) or required not in doc:
+            raise self._not_ours(path, f'a JSON object with "{required}"')
+        return doc
+
+    def _objects(self, doc: Any, path: str) -> list[JsonDoc]:
+        if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
+            raise self._not_ours(path, "a list of JSON objects")
+        return doc
+
+    def _not_ours(self, path: str, expected: str) -> ProtocolError:
+        return ProtocolError(
+            f"{self.transport.address}{path} answered JSON that is not smechvisord's "
+            f"(expected {expected})",
+            "check the URL and port: is this a SmechVisor node?",
+        )
+
     @staticmethod
     def _vm_path(vm_id: str, suffix: str = "") -> str:
         return f"{p.PATH_VMS}/{quote(vm_id, safe='')}{suffix}"
@@ -106,19 +125,14 @@ class Client:
         return doc
 
     def node(self) -> JsonDoc:
-        doc = self.call("GET", p.PATH_NODE)
-        if not isinstance(doc, dict) or "cpu_model" not in doc:
-            raise ProtocolError(f"{self.transport.address}: /api/node is not a node document")
-        return doc
+        return self._object(self.call("GET", p.PATH_NODE), p.PATH_NODE, "cpu_model")
 
     def vms(self) -> list[JsonDoc]:
-        doc = self.call("GET", p.PATH_VMS)
-        if not isinstance(doc, list):
-            raise ProtocolError(f"{self.transport.address}: /api/vms is not a list")
-        return cast(list[JsonDoc], doc)
+        return self._objects(self.call("GET", p.PATH_VMS), p.PATH_VMS)
 
     def vm(self, vm_id: str) -> JsonDoc:
-        return cast(JsonDoc, self.call("GET", self._vm_path(vm_id)))
+        path = self._vm_path(vm_id)
+        return self._object(self.call("GET", path), path, "id")
 
     def create_vm(
         self,
@@ -136,7 +150,7 @@ class Client:
         if dry_run:
             body[p.KEY_DRY_RUN] = True
         # `wait`: a create answers only once the VMM is up, which can outlast --timeout.
-        return cast(JsonDoc, self.call("POST", p.PATH_VMS, body, timeout=wait))
+        return self._object(self.call("POST", p.PATH_VMS, body, timeout=wait), p.PATH_VMS, "id")
 
     def vm_action(
         self, vm_id: str, action: str, timeout_seconds: int | None = None, wait: float | None = None
@@ -144,12 +158,12 @@ class Client:
         body: JsonDoc | None = None
         if timeout_seconds is not None:
             body = {p.KEY_TIMEOUT: timeout_seconds}
-        return cast(
-            JsonDoc, self.call("POST", self._vm_path(vm_id, f"/{action}"), body, timeout=wait)
-        )
+        path = self._vm_path(vm_id, f"/{action}")
+        return self._object(self.call("POST", path, body, timeout=wait), path, "id")
 
     def delete_vm(self, vm_id: str) -> JsonDoc:
-        return cast(JsonDoc, self.call("DELETE", self._vm_path(vm_id)))
+        path = self._vm_path(vm_id)
+        return self._object(self.call("DELETE", path), path, "deleted")
 
     def console(
         self, vm_id: str, offset: int | None = None, max_bytes: int | None = None
@@ -159,32 +173,37 @@ class Client:
             query.append(f"offset={offset}")
         if max_bytes is not None:
             query.append(f"max_bytes={max_bytes}")
-        suffix = "/console" + ("?" + "&".join(query) if query else "")
-        return cast(JsonDoc, self.call("GET", self._vm_path(vm_id, suffix)))
+        path = self._vm_path(vm_id, "/console")
+        return self._object(
+            self.call("GET", path + ("?" + "&".join(query) if query else "")), path, "data"
+        )
 
     def images(self) -> list[JsonDoc]:
-        return cast(list[JsonDoc], self.call("GET", p.PATH_IMAGES))
+        return self._objects(self.call("GET", p.PATH_IMAGES), p.PATH_IMAGES)
 
     def iommu(self) -> JsonDoc:
-        return cast(JsonDoc, self.call("GET", p.PATH_IOMMU))
+        return self._object(self.call("GET", p.PATH_IOMMU), p.PATH_IOMMU, "ready")
 
     def pci(self) -> list[JsonDoc]:
-        return cast(list[JsonDoc], self.call("GET", p.PATH_PCI))
+        return self._objects(self.call("GET", p.PATH_PCI), p.PATH_PCI)
 
     def vfio_status(self) -> JsonDoc:
-        return cast(JsonDoc, self.call("GET", p.PATH_VFIO))
+        return self._object(self.call("GET", p.PATH_VFIO), p.PATH_VFIO, "loaded")
 
     def set_vfio(self, enable: bool) -> JsonDoc:
-        return cast(JsonDoc, self.call("POST", p.PATH_VFIO, {p.KEY_ENABLE: enable}))
+        return self._object(
+            self.call("POST", p.PATH_VFIO, {p.KEY_ENABLE: enable}), p.PATH_VFIO, "enabled"
+        )
 
     def reboot_support(self) -> JsonDoc:
-        return cast(JsonDoc, self.call("GET", p.PATH_REBOOT_UEFI))
+        return self._object(self.call("GET", p.PATH_REBOOT_UEFI), p.PATH_REBOOT_UEFI, "supported")
 
     def reboot_uefi(self, timeout_seconds: int | None = None, wait: float | None = None) -> JsonDoc:
         body: JsonDoc = {p.KEY_CONFIRM: True}
         if timeout_seconds is not None:
             body[p.KEY_TIMEOUT] = timeout_seconds
-        return cast(JsonDoc, self.call("POST", p.PATH_REBOOT_UEFI, body, timeout=wait))
+        doc = self.call("POST", p.PATH_REBOOT_UEFI, body, timeout=wait)
+        return self._object(doc, p.PATH_REBOOT_UEFI, "rebooting")
 
     def close(self) -> None:
         self.transport.close()

@@ -25,7 +25,6 @@ looked in after the file's own [groups].
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -42,6 +41,9 @@ LOCAL_URL = "http://127.0.0.1:8080"
 NODE_TOKEN_FILE = "/etc/smechvisord/token"  # noqa: S105 (a path, not a secret)
 DEFAULT_DAEMON_PORT = 8080
 DEFAULT_TIMEOUT = 10.0
+# A day: past it the socket layer cannot represent the deadline (1e11 s raised
+# "timestamp out of range" from inside the request), and no answer is worth waiting for.
+MAX_TIMEOUT = 86400.0
 # Nodes queried at once by --fleet: enough to hide latency across racks, few enough not to
 # hammer a jump host or run out of file descriptors. A node that hangs stops counting
 # against it after half a second, or less once others have answered (connection.SLOW_*).
@@ -297,9 +299,14 @@ def _check_shape(path: Path, text: str, data: dict[str, Any]) -> None:
                 f"{_where(path, text, 'defaults', key)}: defaults.{key}: unknown key; "
                 "expected timeout, parallel, inventory"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value <= MAX_TIMEOUT
+        ):
             raise ConfigError(
-                f"{_where(path, text, 'defaults', key)}: defaults.timeout must be a positive number"
+                f"{_where(path, text, 'defaults', key)}: defaults.timeout must be a positive "
+                f"number, at most {MAX_TIMEOUT:g}"
             )
 
 
@@ -574,9 +581,12 @@ def resolve(
                 f"SPK_VISOR_TIMEOUT={env_timeout!r} is not a number of seconds",
                 "set it to a number such as 30, or unset it to use the default",
             ) from None
-    if timeout is not None and not 0 < timeout < math.inf:
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         # Not `timeout or ...`: --timeout 0 must not quietly become the default.
-        raise ConfigError(f"{timeout_source} {timeout:g}: must be a positive number of seconds")
+        raise ConfigError(
+            f"{timeout_source} {timeout:g}: must be a positive number of seconds, "
+            f"at most {MAX_TIMEOUT:g}"
+        )
     resolved_timeout = timeout if timeout is not None else file_timeout or DEFAULT_TIMEOUT
     resolved_parallel = _parallel(parallel, env, data.get("defaults", {}).get("parallel"))
     return Settings(

@@ -207,6 +207,13 @@ class DaemonError(SpkVisorError):
     def __init__(
         self, status: int, code: str, message: str, details: dict[str, Any], node: str
     ) -> None:
+        tail = details.get("stderr_tail")
+        if isinstance(tail, list) and tail:
+            # A VMM that failed to start: its last lines are the only account of why (the
+            # failed VM is not kept to look at later).
+            message += "\nVMM output (last lines):\n" + "\n".join(
+                f"  {line}" for line in tail[-10:]
+            )
         super().__init__(f"{node}: {message}")
         self.status = status
         self.code = code

@@ -39,6 +39,8 @@ class RebootPlan:
     node: str
     support: JsonDoc
     live_vms: list[str] = field(default_factory=list)
+    # VMMs smechvisord did not start: it cannot shut them down, so the reboot ends them.
+    unmanaged_vms: list[str] = field(default_factory=list)
 
 
 def reboot_budget(timeout_seconds: int | None) -> float:
@@ -69,12 +71,10 @@ def reboot_to_firmware_setup(
             f"{client.transport.address}: cannot reboot into firmware setup: "
             f"{support.get('reason') or 'the node says it is not supported'}"
         )
-    live = [
-        str(vm["id"])
-        for vm in client.vms()
-        if vm.get("managed") and vm.get("state") in p.LIVE_STATES
-    ]
-    if not confirm(RebootPlan(client.target.name, support, live)):
+    vms = client.vms()
+    live = [str(vm["id"]) for vm in vms if vm.get("managed") and vm.get("state") in p.LIVE_STATES]
+    unmanaged = [str(vm["id"]) for vm in vms if not vm.get("managed", True)]
+    if not confirm(RebootPlan(client.target.name, support, live, unmanaged)):
         raise RefusedError(f"{client.target.name} was not rebooted: not confirmed")
     budget = reboot_budget(timeout_seconds)
     with waiting(budget):

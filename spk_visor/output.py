@@ -26,7 +26,7 @@ class Console:
         self.inp: TextIO = inp if inp is not None else sys.stdin
 
     def print(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        self.out.write(shown(text) + "\n")
 
     def write(self, text: str) -> None:
         """Raw text, flushed at once (a followed serial log must appear as it arrives)."""
@@ -44,7 +44,7 @@ class Console:
     def prompt(self, text: str) -> str:
         """Ask on stderr, read one line from the input ('' at end of input). stdout is
         left alone, so results and --json documents stay clean."""
-        self.err.write(text)
+        self.err.write(shown(text))
         self.err.flush()
         return self.inp.readline()
 
@@ -62,7 +62,7 @@ class Console:
         self.print(fit_lines(text, self.width))
 
     def error(self, text: str) -> None:
-        self.err.write(text + "\n")
+        self.err.write(shown(text) + "\n")
         self.err.flush()
 
     @property
@@ -81,6 +81,24 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, OSError, ValueError):
         return False
+
+
+# What a terminal would act on rather than show: C0 controls but newline and tab, DEL, C1
+# controls (0x9b is CSI on some terminals), and the Unicode line separators and bidi
+# overrides that reorder what is shown.
+_UNSHOWABLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
+
+
+def shown(text: str) -> str:
+    """`text` with every character a terminal would act on written as an escape (\\x1b):
+    human output carries a node's strings (disk paths, PCI names, error messages), and
+    a hostile node or file name must not clear the screen, retitle the window or write
+    the clipboard (OSC 52). --json and a VM's serial console (Console.write) stay raw."""
+    if _UNSHOWABLE.search(text) is None:
+        return text
+    return _UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class Column(NamedTuple):
@@ -108,6 +126,7 @@ class Noted(NamedTuple):
 ELLIPSIS = "\u2026"
 GAP = "  "
 _MIN_WIDTH = 8  # a column that gives way keeps at least this much (or its header)
+_MAX_WORD_FLOOR = 16  # a wrapping column keeps words up to this long unbroken
 
 
 def table(
@@ -138,7 +157,8 @@ def table(
         cells.append(line)
     widths = [max([len(c.header), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
     if width is not None:
-        widths = _fit(cols, widths, width)
+        words = [max([0, *(len(w) for r in cells for w in r[i].split())]) for i in range(len(cols))]
+        widths = _fit(cols, widths, width, words)
     lines = [GAP.join(c.header.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     for row in cells:
         parts = [_fit_cell(value, col, w) for value, col, w in zip(row, cols, widths, strict=True)]
@@ -154,13 +174,19 @@ def table(
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _fit(cols: Sequence[Column], widths: list[int], width: int) -> list[int]:
+def _fit(cols: Sequence[Column], widths: list[int], width: int, words: Sequence[int]) -> list[int]:
     """Narrow the columns that may give way, widest first, until the table fits (or
-    none can give more)."""
+    none can give more). A wrapping column keeps its longest word whole (up to
+    _MAX_WORD_FLOOR: a long path still wraps inside itself)."""
     widths = list(widths)
     floor = [
-        w if c.fit == "keep" else min(w, max(len(c.header), _MIN_WIDTH))
-        for c, w in zip(cols, widths, strict=True)
+        w
+        if c.fit == "keep"
+        else min(
+            w,
+            max(len(c.header), _MIN_WIDTH, min(longest, _MAX_WORD_FLOOR) if c.fit == "wrap" else 0),
+        )
+        for c, w, longest in zip(cols, widths, words, strict=True)
     ]
     excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
     while excess > 0:

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 
 from smechvisord import protocol as p
 from spk_visor.client import Client, JsonDoc
@@ -31,25 +32,47 @@ MAX_POLL_SECONDS = 2.0
 OVERLAP_BYTES = 1024
 
 # A B (or iB) only after a unit letter: "512B" is not 512 MiB.
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:I?B)?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*(?:([KMGT])(?:I?B)?)?\s*$", re.IGNORECASE)
 # Binary units, as cloud-hypervisor reads `size=4G`: people who type 4G mean 4096 MiB.
-_UNIT_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+_UNIT_MIB: dict[str, Fraction] = {
+    "K": Fraction(1, 1024),
+    "": Fraction(1),
+    "M": Fraction(1),
+    "G": Fraction(1024),
+    "T": Fraction(1024 * 1024),
+}
+# Past this no request can carry it (a JSON integer consumers hold is 64-bit), and the
+# exact arithmetic below stays cheap: no node has 2**63 MiB.
+MAX_MIB = 2**63 - 1
+# A whole number of MiB needs at most 20 decimals (1 / 1024**2 of a T); more non-zero
+# decimals cannot be whole, and an unbounded run of digits would be slow to convert.
+_MAX_DECIMALS = 20
 
 
 def parse_memory(text: str) -> int:
-    """MiB from what people type: '512' (MiB), '512M', '4G', '4GiB', '1.5G'.
+    """MiB from what people type: '512' (MiB), '512M', '4G', '4GiB', '1.5G'. Exact
+    (no float rounding), so the number the daemon may refuse is the one typed.
 
     Raises:
-        ValueError: the text is not a size, or not a whole number of MiB.
+        ValueError: the text is not a size, not a whole number of MiB, or absurdly large.
     """
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"{text!r}: expected MiB (512) or a size such as 512M or 4G")
-    mib = float(m.group(1)) * _UNIT_MIB[(m.group(2) or "").upper()]
-    if mib != int(mib):
-        raise ValueError(f"{text!r} is not a whole number of MiB")
+    whole, decimals = m.group(1).lstrip("0"), (m.group(2) or "").rstrip("0")
+    shown = text.strip() if len(text) <= 40 else text.strip()[:37] + "..."
+    if len(whole) > len(str(MAX_MIB)):
+        raise ValueError(f"{shown!r} is too large for any node's memory")
+    if len(decimals) > _MAX_DECIMALS:
+        raise ValueError(f"{shown!r} is not a whole number of MiB")
+    number = int(whole or "0") + Fraction(int(decimals or "0"), 10 ** len(decimals))
+    mib = number * _UNIT_MIB[(m.group(3) or "").upper()]
+    if mib.denominator != 1:
+        raise ValueError(f"{shown!r} is not a whole number of MiB")
     if mib < 1:
-        raise ValueError(f"{text!r} is less than 1 MiB")
+        raise ValueError(f"{shown!r} is less than 1 MiB")
+    if mib > MAX_MIB:
+        raise ValueError(f"{shown!r} is too large for any node's memory")
     return int(mib)
 
 

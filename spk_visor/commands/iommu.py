@@ -13,7 +13,8 @@ from spk_visor.errors import ExitCode
 from spk_visor.output import Column
 
 app = typer.Typer(
-    help="Check the IOMMU: CPU virtualization, IOMMU groups, kernel command line.",
+    help="Check the IOMMU (CPU virtualization, IOMMU groups, kernel command line); "
+    "exit 0 when ready for passthrough, 3 when not.",
     invoke_without_command=True,
 )
 

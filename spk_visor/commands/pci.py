@@ -12,7 +12,8 @@ from spk_visor.commands.common import JsonOpt, show_fleet, state
 from spk_visor.output import Column, Noted
 
 app = typer.Typer(
-    help="List PCI devices: driver, IOMMU group, passthrough viability.",
+    help="List PCI devices: driver, IOMMU group, passthrough viability "
+    "(--fleet: a summary row per node).",
     invoke_without_command=True,
 )
 

@@ -15,7 +15,9 @@ from spk_visor.commands.common import JsonOpt, confirm, state
 from spk_visor.progress import waiting
 
 app = typer.Typer(
-    help="Reboot the node into UEFI firmware setup (asks first).", invoke_without_command=True
+    help="Reboot the node into UEFI firmware setup (asks first); running VMs are shut "
+    "down gracefully first, and VMMs smechvisord did not start end with the reboot.",
+    invoke_without_command=True,
 )
 
 
@@ -54,6 +56,13 @@ def reboot_uefi(
     def ask(plan: hostops.RebootPlan) -> bool:
         vms = ", ".join(plan.live_vms)
         stopping = f"its running VMs ({vms}) are shut down first" if vms else "no VM is running"
+        if plan.unmanaged_vms:
+            if not vms:
+                stopping = "no VM of smechvisord's is running"
+            stopping += (
+                f"; VMMs it did not start ({', '.join(plan.unmanaged_vms)}) are not shut "
+                "down: the reboot ends them"
+            )
         return confirm(
             st,
             f"Reboot {plan.node} into firmware setup? {stopping}.",

@@ -18,7 +18,15 @@ from spk_visor.progress import waiting
 
 app = typer.Typer(help="Virtual machines: list, create, start and stop, console.")
 
-VmId = Annotated[str, typer.Argument(metavar="ID", help="The VM's id (its name).")]
+
+def _vm_id(value: str) -> str:
+    # An empty id would reach the daemon as GET /api/vms/ and come back "no API route".
+    if not value.strip():
+        raise typer.BadParameter("a VM id is required (`spk-visor vm list` shows them)")
+    return value
+
+
+VmId = Annotated[str, typer.Argument(metavar="ID", callback=_vm_id, help="The VM's id (its name).")]
 
 LIST_HEADERS = [
     Column("id"),
@@ -44,9 +52,14 @@ def _memory(text: str) -> int:
     # BadParameter, not ValueError: typer then names the option without a "Value error,"
     # prefix from its validation layer.
     try:
-        return vmops.parse_memory(text)
+        mib = vmops.parse_memory(text)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if mib < p.MIN_MEMORY_MB:
+        raise typer.BadParameter(
+            f"{text!r} is {mib} MiB; a VM needs at least {p.MIN_MEMORY_MB} MiB"
+        )
+    return mib
 
 
 # ---- rendering -----------------------------------------------------------------------
@@ -104,8 +117,19 @@ def details(vm: JsonDoc) -> str:
     return text
 
 
+def shutdown_kind(shutdown: JsonDoc) -> str:
+    """How it ended, in words. The daemon's `graceful` says a graceful shutdown was asked
+    for; it was one only when the guest powered off at the ACPI button."""
+    if not shutdown.get("graceful"):
+        return "forced stop"
+    steps = shutdown.get("steps") or []
+    if steps and steps[-1].get("step") == "vm.power-button" and steps[-1].get("exited"):
+        return "graceful shutdown"
+    return "forced: the guest did not power off by itself"
+
+
 def shutdown_summary(shutdown: JsonDoc) -> str:
-    kind = "graceful" if shutdown.get("graceful") else "forced"
+    kind = shutdown_kind(shutdown).removesuffix(" shutdown").removesuffix(" stop")
     steps = shutdown.get("steps") or []
     last = steps[-1]["step"] if steps else "?"
     return f"{kind}, {shutdown.get('seconds', '?')} s, ended by {STEP_LABELS.get(last, last)}"
@@ -114,7 +138,7 @@ def shutdown_summary(shutdown: JsonDoc) -> str:
 def steps_report(vm: JsonDoc) -> str:
     """The escalation steps the daemon took, one per line, and how the VMM ended."""
     shutdown = vm.get("last_shutdown") or {}
-    kind = "graceful shutdown" if shutdown.get("graceful") else "forced stop"
+    kind = shutdown_kind(shutdown)
     lines = [f"VM {vm.get('id')}: {vm.get('state')} ({kind}, {shutdown.get('seconds', '?')} s)"]
     for number, step in enumerate(shutdown.get("steps") or [], 1):
         name = str(step.get("step"))
@@ -129,6 +153,15 @@ def steps_report(vm: JsonDoc) -> str:
 def state_line(vm: JsonDoc) -> str:
     pid = vm.get("pid")
     return f"VM {vm.get('id')}: {vm.get('state')}" + (f" (pid {pid})" if pid else "")
+
+
+def created_line(doc: JsonDoc) -> str:
+    cpus = doc.get("cpus")
+    return (
+        f"Created VM {doc.get('id')}: {doc.get('state')}, pid {doc.get('pid')}, "
+        f"{cpus} vCPU{'' if cpus == 1 else 's'}, {mib(doc.get('memory_mb'))}, "
+        f"disk {doc.get('disk')}"
+    )
 
 
 def dry_run_report(doc: JsonDoc) -> str:
@@ -180,7 +213,7 @@ def create(
             "-m",
             metavar="SIZE",
             parser=_memory,
-            help="Memory: MiB (512) or a size (512M, 4G).",
+            help=f"Memory: MiB (512) or a size (512M, 4G); at least {p.MIN_MEMORY_MB} MiB.",
         ),
     ],
     disk: Annotated[
@@ -220,10 +253,7 @@ def create(
     elif dry_run:
         st.console.print(dry_run_report(doc))
     else:
-        st.console.print(
-            f"Created VM {doc.get('id')}: {doc.get('state')}, pid {doc.get('pid')}, "
-            f"{doc.get('cpus')} vCPUs, {mib(doc.get('memory_mb'))}, disk {doc.get('disk')}"
-        )
+        st.console.print(created_line(doc))
         st.console.print(f"Serial console: spk-visor vm console {doc.get('id')}")
     if dry_run and doc.get("problems"):
         raise typer.Exit(ExitCode.REFUSED)

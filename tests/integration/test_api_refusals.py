@@ -338,3 +338,15 @@ def test_access_log_has_a_line_per_request_and_no_secrets(rig: tuple[Daemon, Dae
     assert d.token not in text
     assert "wrong-token-in-the-header" not in text
     assert "secret=abc" not in text
+
+
+def test_a_field_on_an_action_that_takes_none_is_named_plainly(
+    rig: tuple[Daemon, DaemonEnv],
+) -> None:
+    # The message used to end "unknown field; allowed: " (an empty list).
+    d, _env = rig
+    r = d.post("/api/vms/nosuch/start", {"force": True})
+    assert r.status == 400 and r.json["error"]["details"]["field"] == "force"
+    assert r.json["error"]["message"] == "force: unknown field; this request takes no fields"
+    r = d.post("/api/vms/nosuch/shutdown", {"force": True})
+    assert r.json["error"]["message"] == "force: unknown field; allowed: timeout_seconds"

@@ -18,6 +18,8 @@ Knobs, all from the environment:
   its first boot.
 - ``CH_STANDIN_POWEROFF_AFTER`` (seconds): the guest powers itself off that long after
   each boot.
+- ``CH_STANDIN_SERIAL_FLOOD_MIB`` (MiB): after boot, the guest writes that much to its
+  serial port, 256 KiB at a time, then ``flood done``: a guest filling the host's disk.
 """
 
 from __future__ import annotations
@@ -1234,12 +1236,16 @@ class Knobs:
         self.boot_fail = env.get("CH_STANDIN_BOOT_FAIL") or None
         self.reboot_after = seconds("CH_STANDIN_REBOOT_AFTER", None)
         self.poweroff_after = seconds("CH_STANDIN_POWEROFF_AFTER", None)
+        self.serial_flood = int(seconds("CH_STANDIN_SERIAL_FLOOD_MIB", 0) or 0) << 20
 
     def host_path(self, path: str) -> str:
         return os.path.join(self.sysroot, path.lstrip("/"))
 
 
 # -- Outputs: VMM log, event monitor, serial and console ------------------------------------
+
+
+FLOOD_CHUNK = 256 << 10
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -1700,6 +1706,22 @@ class Vmm:
             guest.timers.append(self.loop.call_later(knobs.reboot_after, self._guest_reboots))
         if knobs.poweroff_after is not None:
             guest.timers.append(self.loop.call_later(knobs.poweroff_after, self._guest_powers_off))
+        if knobs.serial_flood:
+            flood = knobs.serial_flood
+            guest.timers.append(self.loop.call_later(0.05, lambda: self._guest_floods(flood)))
+
+    def _guest_floods(self, left: int) -> None:
+        """A chatty (or hostile) guest: a chunk of serial output every 50 ms."""
+        if self.guest is None or self.guest.state != "Running":
+            return
+        line = f"{self._kernel_time()} flood {left:>12}\r\n"
+        chunk = min(left, FLOOD_CHUNK)
+        self._guest_out(line * (chunk // len(line)) if chunk >= len(line) else line[:chunk])
+        if left > chunk:
+            rest = left - chunk
+            self.guest.timers.append(self.loop.call_later(0.05, lambda: self._guest_floods(rest)))
+        else:
+            self._guest_out("flood done\r\n")
 
     def _stop_guest_timers(self, guest: Guest) -> None:
         for handle in guest.timers:

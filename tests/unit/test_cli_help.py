@@ -52,3 +52,20 @@ def test_help_names_values_not_python_types() -> None:
         assert res.code == 0, res
         raw = re.findall(r"<[a-z][^>]*>|\{[A-Z_.]+\}", res.out)
         assert not raw, (argv, raw, res.out)
+
+
+def test_the_help_of_single_commands_keeps_what_their_docstring_says() -> None:
+    # For iommu, pci and reboot-uefi the group's one-line help replaced the command's own
+    # text: `iommu --help` did not say it exits 3 when not ready, nor `reboot-uefi --help`
+    # that running VMs are shut down first.
+    from tests.support.cli import run  # noqa: PLC0415
+
+    wanted = {
+        "iommu": "exit 0 when ready for passthrough, 3 when not",
+        "pci": "--fleet: a summary row per node",
+        "reboot-uefi": "running VMs are shut down gracefully first",
+    }
+    for command, text in wanted.items():
+        r = run(command, "--help")
+        assert r.code == 0, r
+        assert text in " ".join(r.out.split()), r.out

@@ -97,6 +97,17 @@ def test_missing_vm_id() -> None:
     assert r.err_lines[-1] == "Error: Missing argument 'ID'."
 
 
+@pytest.mark.parametrize("command", [c for c in VM_COMMANDS if c not in ("list", "create")])
+@pytest.mark.parametrize("vm_id", ["", "  "])
+def test_an_empty_vm_id_is_a_usage_error(command: str, vm_id: str) -> None:
+    # It used to reach the daemon as GET /api/vms/ ("no API route /api/vms/").
+    r = run("vm", command, vm_id, "--yes" if command == "delete" else "--json")
+    assert r.code == 2, r
+    assert r.err_lines[-1] == (
+        "Error: Invalid value for 'ID': a VM id is required (`spk-visor vm list` shows them)"
+    )
+
+
 @pytest.mark.parametrize(
     ("memory", "why"),
     [
@@ -104,6 +115,11 @@ def test_missing_vm_id() -> None:
         ("lots", "'lots': expected MiB (512) or a size such as 512M or 4G"),
         ("1000K", "'1000K' is not a whole number of MiB"),
         ("0", "'0' is less than 1 MiB"),
+        # Below the daemon's minimum: said here, in the option's words, not as the API's
+        # "memory_mb: must be between 128 and ..." after a round trip.
+        ("64", "'64' is 64 MiB; a VM needs at least 128 MiB"),
+        ("0.1G", "'0.1G' is not a whole number of MiB"),
+        ("100M", "'100M' is 100 MiB; a VM needs at least 128 MiB"),
     ],
 )
 def test_bad_memory(memory: str, why: str) -> None:

@@ -179,6 +179,13 @@ def test_two_target_variables_are_refused(rack: dict[str, str]) -> None:
         (["--timeout", "0"], {}, "--timeout 0: must be a positive number of seconds"),
         (["--timeout", "inf"], {}, "--timeout inf: must be a positive number of seconds"),
         ([], {"SPK_VISOR_TIMEOUT": "0"}, "SPK_VISOR_TIMEOUT 0: must be a positive number of "),
+        # It reached the socket layer: "OverflowError: timestamp out of range", exit 7.
+        (
+            ["--timeout", "99999999999"],
+            {},
+            "--timeout 1e+11: must be a positive number of seconds, at most 86400",
+        ),
+        ([], {"SPK_VISOR_TIMEOUT": "1e11"}, "SPK_VISOR_TIMEOUT 1e+11: must be a positive"),
     ],
 )
 def test_a_zero_timeout_is_refused_not_replaced_by_the_default(

@@ -131,6 +131,10 @@ def test_malformed_node_urls_are_usage_errors(tmp_path: Path, url: str, message:
         ("[nodes.a]\nssh = 'a'\nurl = 'http://a:1'\n", "exactly one of url or ssh", ":1"),
         ("[groups]\nrack = ['ghost']\n", "not under [nodes]", ":2"),
         ("[defaults]\ntimeout = -1\n", "positive number", ":2"),
+        # inf, nan and 1e11 reached the socket layer: "timestamp out of range", exit 7.
+        ("[defaults]\ntimeout = inf\n", "positive number", ":2"),
+        ("[defaults]\ntimeout = nan\n", "positive number", ":2"),
+        ("[defaults]\ntimeout = 1e11\n", "at most 86400", ":2"),
         ("[extra]\nx = 1\n", "unknown section", ":1"),
         # An empty group answered an empty table and exit 0; a repeated name ran twice.
         ("[nodes.a]\nurl = 'http://a:1'\n[groups]\nrack = []\n", "has no nodes", ":4"),

@@ -349,3 +349,14 @@ def test_ota_conf_defaults_are_ota_confs(generated: dict[str, str]) -> None:
                 assert m.group(2) == shown, (opt, said, value)
                 seen.add(m.group(1))
     assert {"apply_daemon", "stage_base", "channel"} <= seen
+
+
+def test_smechvisord_exit_status_says_what_the_daemon_returns() -> None:
+    # The page put "the listen address" under exit 1; the daemon exits 2 for it (and for
+    # a token, state or image path it cannot use), as tests/integration/test_daemon_listen.py
+    # and test_daemon_state_dir.py check.
+    page = (ROOT / "man" / "smechvisord.8").read_text()
+    section = page.split('.SH "EXIT STATUS"', 1)[1].split(".SH", 1)[0]
+    items = dict(re.findall(r"\.TP\n\\fB(\d)\\fR\n(.*)", section))
+    assert "listen address" in items["2"] and "listen address" not in items["1"], items
+    assert "state directory" in items["2"], items

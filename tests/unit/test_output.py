@@ -4,10 +4,11 @@ values in words, and prints a reason shared by several rows once."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
-from spk_visor.output import Column, Noted, fit_lines, table, terminal_width
+from spk_visor.output import Column, Console, Noted, fit_lines, table, terminal_width
 
 COLUMNS = [
     Column("name"),
@@ -75,3 +76,49 @@ def test_the_push_summary_says_absent_values_in_words() -> None:
     skipped = PushResult("s2", 8, "skipped", None, None, "not started: the canary failed", 0.0)
     row = summary_table([skipped]).splitlines()[1].split()
     assert row[:6] == ["s2", "8", "skipped", "none", "n/a", "0.0"], row
+
+
+# A node's strings (a disk path, a PCI name, an error message) reach the operator's
+# terminal: an escape sequence in one must not act on it (clear the screen, set the
+# window title, write the clipboard with OSC 52, hide text with a bidi override).
+HOSTILE = "disk\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\r\u202egpj.img\x9b31m"
+
+
+def test_human_output_shows_control_characters_instead_of_sending_them() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    console = Console(out, err, io.StringIO())
+    console.print(f"line one\n\t{HOSTILE}")
+    console.error(f"spk-visor: error: {HOSTILE}")
+    console.table([Column("disk", fit="wrap")], [[HOSTILE]])
+    assert console.prompt(f"Delete {HOSTILE}? ") == ""
+    for text in (out.getvalue(), err.getvalue()):
+        assert not any(c in text for c in "\x1b\x07\r\u202e\x9b"), repr(text)
+        assert "\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\r\\u202egpj.img\\x9b31m" in text
+    assert out.getvalue().startswith("line one\n\tdisk")  # newlines and tabs are text
+
+
+def test_json_and_raw_console_output_are_left_alone() -> None:
+    out = io.StringIO()
+    console = Console(out, io.StringIO())
+    console.write("\x1b[1mlogin:\x1b[0m ")  # a guest's serial console is a terminal stream
+    console.json({"disk": HOSTILE})
+    assert out.getvalue().startswith("\x1b[1mlogin:\x1b[0m ")
+    assert json.loads(out.getvalue().split(" ", 1)[1]) == {"disk": HOSTILE}
+
+
+def test_a_wrapping_column_breaks_between_words_not_inside_them() -> None:
+    # At 40 or 60 columns `pci` printed "VGA comp" / "atible c" / "ontrolle" / "r": the
+    # column went down to 8 characters even though the table could not fit anyway.
+    cols = [Column("address"), Column("class", fit="wrap"), Column("driver", fit="wrap")]
+    rows = [["0000:41:00.0", "VGA compatible controller", "snd_hda_intel"]]
+    lines = table(cols, rows, 30).splitlines()
+    assert [line.split() for line in lines[1:]] == [
+        ["0000:41:00.0", "VGA", "snd_hda_intel"],
+        ["compatible"],
+        ["controller"],
+    ]
+    # A very long "word" (a path) still wraps inside itself, from 16 characters on.
+    path = "/var/lib/smechvisord/vms/a-rather-long-image-name.img"
+    lines = table([Column("id"), Column("disk", fit="wrap")], [["web-1", path]], 30).splitlines()
+    assert max(len(line) for line in lines) <= 30
+    assert "".join(line[7:].strip() for line in lines[1:]) == path

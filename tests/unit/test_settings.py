@@ -78,3 +78,20 @@ def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
 def test_ipv6_bind() -> None:
     s = settings.load(["--bind", "[::1]:8080"], environ={})
     assert (s.bind_host, s.bind_port) == ("::1", 8080)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bind", "1.2.3"], "--bind: expected HOST:PORT, got '1.2.3'"),
+        (["--max-connections", "lots"], "--max-connections: 'lots' is not a number"),
+        (["--socket-timeout", "0"], "--socket-timeout: 0.0 is out of range 0.1..3600.0"),
+        (["--token-group", "Wheel!"], "--token-group: 'Wheel!' is not a group name"),
+        (["--reboot-cmd", " "], "--reboot-cmd: empty command"),
+    ],
+)
+def test_a_bad_flag_is_named_as_the_flag(argv: list[str], message: str) -> None:
+    # The operator typed --bind; the error said SMECHVISORD_BIND, a variable they never set.
+    with pytest.raises(settings.SettingsError) as caught:
+        settings.load(argv, {})
+    assert str(caught.value).startswith(message)

@@ -44,6 +44,26 @@ def test_parse_memory_refuses(text: str) -> None:
         vmops.parse_memory(text)
 
 
+def test_parse_memory_is_exact() -> None:
+    # Floats rounded these: 10**18 + 1 came back as 10**18 (so the daemon's "got ..."
+    # named another number than the one typed), and a fraction of a MiB below float
+    # precision passed as a whole number.
+    assert vmops.parse_memory("1000000000000000001") == 10**18 + 1
+    for text in ("1.0000000000000001G", "1." + "0" * 5000 + "1G"):
+        with pytest.raises(ValueError, match="whole number of MiB"):
+            vmops.parse_memory(text)
+    assert vmops.parse_memory("1.5" + "0" * 5000 + "G") == 1536
+
+
+@pytest.mark.parametrize(
+    "text", ["9" * 400, "9" * 400 + "G", "9" * 5000, "1" + "0" * 30, "99999999999999T"]
+)
+def test_parse_memory_refuses_absurd_sizes(text: str) -> None:
+    # These were an OverflowError (float infinity), i.e. "internal error", exit 1.
+    with pytest.raises(ValueError, match="too large"):
+        vmops.parse_memory(text)
+
+
 def test_wait_covers_the_daemons_worst_case() -> None:
     # shutdown: the graceful wait plus the three 5 s escalation steps, on top of --timeout.
     assert vmops.action_wait("shutdown", 10, 60) == 10 + 60 + 15
