@@ -198,6 +198,11 @@ _DAEMON_EXIT = {
     # The node's state dir is full: someone has to free space (details.vm says what the
     # action really did).
     "insufficient_storage": ExitCode.OPERATOR_NEEDED,
+    # The node ran the command and it failed (a VMM that rejects the guest's image, a
+    # modprobe on a busy module): someone has to read its output on the node; it is not a
+    # fault of this tool, which is what exit 1 says.
+    "vmm_failed": ExitCode.OPERATOR_NEEDED,
+    "command_failed": ExitCode.OPERATOR_NEEDED,
 }
 
 

@@ -344,3 +344,11 @@ def test_progress_only_on_a_terminal() -> None:
         pass
     assert "Shutting down web-1" in tty.getvalue()
     assert "at most 45 s" in tty.getvalue()
+
+
+@pytest.mark.parametrize("code", ["vmm_failed", "command_failed"])
+def test_a_node_side_failure_is_operator_needed_not_internal(code: str) -> None:
+    # A VMM that rejects the guest's image, or a modprobe that fails on the node, is not a
+    # bug in spk-visor: exit 1 ("internal error") would send the operator to the wrong place.
+    e = DaemonError(502, code, "cloud-hypervisor exited with code 1", {}, "http://a")
+    assert e.exit_code == ExitCode.OPERATOR_NEEDED
