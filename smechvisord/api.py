@@ -257,12 +257,18 @@ class Api:
                 real = Path(entry.path).resolve()
                 if not any(real.is_relative_to(d.resolve()) for d in self.settings.image_dirs):
                     continue
+                try:
+                    size = real.stat().st_size
+                except OSError:
+                    # Removed (or made unreadable) since the listing: not an image any more,
+                    # and no reason to fail the whole list.
+                    continue
                 found.append(
                     {
                         "path": entry.path,
                         "name": entry.name,
                         "dir": str(root),
-                        "size_bytes": real.stat().st_size,
+                        "size_bytes": size,
                         "in_use": real in in_use,
                         "used_by": in_use.get(real, []),
                     }
