@@ -14,7 +14,13 @@ from urllib.parse import quote
 
 from smechvisord import protocol as p
 from spk_visor.config import NODE_TOKEN_FILE, Target
-from spk_visor.errors import AuthError, DaemonError, ProtocolError, register_secret
+from spk_visor.errors import (
+    WRONG_SERVICE_HINT,
+    AuthError,
+    DaemonError,
+    ProtocolError,
+    register_secret,
+)
 from spk_visor.transport.base import Transport
 
 JsonDoc = dict[str, Any]
@@ -77,7 +83,7 @@ class Client:
             raise ProtocolError(
                 f"{self.transport.address}{path} answered HTTP {status} with "
                 f"{ctype or 'no content type'}, not smechvisord's JSON",
-                "check the URL and port: is this a SmechVisor node?",
+                WRONG_SERVICE_HINT,
             )
         try:
             return json.loads(body)
@@ -109,7 +115,7 @@ class Client:
         return ProtocolError(
             f"{self.transport.address}{path} answered JSON that is not smechvisord's "
             f"(expected {expected})",
-            "check the URL and port: is this a SmechVisor node?",
+            WRONG_SERVICE_HINT,
         )
 
     @staticmethod

@@ -175,6 +175,10 @@ class ProtocolError(SpkVisorError):
     exit_code = ExitCode.USAGE
 
 
+# What to do when another service answers on the node's address.
+WRONG_SERVICE_HINT = "check the URL and port: is this a SmechVisor node?"
+
+
 # How a daemon error code maps to an exit code; anything else is INTERNAL.
 _DAEMON_EXIT = {
     "invalid_request": ExitCode.USAGE,

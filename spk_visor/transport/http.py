@@ -23,7 +23,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from smechvisord.version import VERSION
-from spk_visor.errors import CertificateError, ConfigError, TransportError
+from spk_visor.errors import (
+    WRONG_SERVICE_HINT,
+    CertificateError,
+    ConfigError,
+    ProtocolError,
+    TransportError,
+)
 from spk_visor.transport import tls_pinning
 from spk_visor.transport.base import MAX_RESPONSE_BYTES, Response, Transport
 from spk_visor.transport.deadline import Deadline, DeadlineSocket
@@ -240,6 +246,15 @@ class HttpTransport(Transport):
         except ssl.SSLError as e:
             self._drop(conn)
             raise TransportError(f"TLS failed with {url}: {e.reason or e}") from e
+        except http.client.BadStatusLine as e:
+            # Something is listening and said something that is not HTTP (sshd's banner on
+            # a mistyped port): the node is up, so "is the service running" and exit 7
+            # (retry later) would point the wrong way; the address is what is wrong.
+            self._drop(conn)
+            line = str(e.args[0] if e.args else "").strip()[:80]
+            raise ProtocolError(
+                f"{url} answered, but not HTTP: {line!r}", WRONG_SERVICE_HINT
+            ) from e
         except (http.client.HTTPException, OSError) as e:
             self._drop(conn)
             raise TransportError(

@@ -5,6 +5,7 @@ usage error that says so, from every command: it was `internal error: AttributeE
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -55,3 +56,43 @@ def test_json_of_another_shape_is_a_usage_error(other_service: str) -> None:
         assert r.code == 2, (argv, r)
         assert "not smechvisord's" in r.err_lines[0], (argv, r.err)
         assert r.err_lines[-1] == "check the URL and port: is this a SmechVisor node?", r.err
+
+
+@pytest.fixture
+def ssh_like_service() -> Iterator[str]:
+    """A listener that answers every connection with an SSH banner, as sshd on port 22 does."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
+                conn.settimeout(1.0)
+                try:
+                    conn.recv(4096)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        srv.close()
+
+
+def test_a_port_that_speaks_another_protocol_is_a_usage_error(ssh_like_service: str) -> None:
+    # It answered, so the node is up: "is the service running?" (exit 7, retry later) sends
+    # the operator the wrong way; the URL's port is what is wrong.
+    r = run("--node", ssh_like_service, "--token", "abcdefghijklmnopqrstuvwx", "node")
+    assert r.code == 2, r
+    assert "not HTTP" in r.err_lines[0] and "SSH-2.0" in r.err_lines[0], r.err
+    assert r.err_lines[-1] == "check the URL and port: is this a SmechVisor node?", r.err
