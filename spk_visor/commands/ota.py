@@ -785,7 +785,8 @@ def pull(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fetch and apply the channel's release from the configured repository (cron)."""
+    """Fetch and apply the channel's release from the repository in ota.conf's base_urls
+    (cron; with none configured this node does not pull: exit 8)."""
     from spk_visor.ota import pull as pull_mod  # noqa: PLC0415
 
     _check_channel(channel)
@@ -870,7 +871,8 @@ def discard(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def recover(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Finish or undo what a crash interrupted (run at boot; safe to run any time)."""
+    """Finish or undo what a crash interrupted (every OTA command, boot-check at boot
+    included, does it first; safe to run any time)."""
     from spk_visor.ota import engine, journal  # noqa: PLC0415
 
     with _node(ctx, as_json) as (octx, _reporter):
@@ -881,7 +883,8 @@ def recover(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @app.command("boot-check")
 def boot_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """At boot: commit a trial base slot that is healthy, or record the failed trial (exit 5)."""
+    """At boot (the spk-visor-ota service): recover interrupted work, then commit a trial
+    base slot that is healthy, or record the failed trial (exit 5)."""
     _locked_action(ctx, as_json, "boot-check")
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from spk_visor import strict_json
 from spk_visor.deploy import channel, code, discovery, guard, install, inventory, messages
-from spk_visor.errors import OperatorNeededError, TransportError
+from spk_visor.errors import OperatorNeededError, TransportError, UsageError
 from spk_visor.install import runner
 from spk_visor.trust.roots import Root
 
@@ -167,7 +167,17 @@ class Receiver:
 
     def serve(self) -> int:
         """Serve donors until `stop()` (or, with `once`, one successful deploy)."""
-        listener = socket.create_server((self.options.bind, self.options.port), reuse_port=False)
+        try:
+            listener = socket.create_server(
+                (self.options.bind, self.options.port), reuse_port=False
+            )
+        except OSError as e:
+            # A second receiver, another service on the port, an address not on this
+            # machine: the operator's to fix (exit 2), not an internal error.
+            raise UsageError(
+                f"cannot listen on {self.options.bind}:{self.options.port}: {e.strerror or e}",
+                "is another `deploy receive` running? stop it, or pass another --port/--bind",
+            ) from e
         listener.settimeout(0.5)
         self._listener = listener
         try:

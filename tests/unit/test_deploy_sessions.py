@@ -101,3 +101,20 @@ def test_donor_reader_turns_a_malformed_target_message_into_a_transient_failure(
         session._next(messages.FILE_OK)
     assert caught.value.exit_code == ExitCode.TRANSIENT
     assert "JSON" in caught.value.message
+
+
+def test_a_port_in_use_is_a_usage_error_not_an_internal_error(tmp_path: Path) -> None:
+    """`deploy receive` on a port another process holds (a second receiver) used to end
+    with "internal error: OSError: Address already in use" (exit 1): it is the operator's
+    to fix, exit 2, naming the address."""
+    import socket  # noqa: PLC0415
+
+    from spk_visor.errors import SpkVisorError  # noqa: PLC0415
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        r, _ = _receiver(tmp_path, bind="127.0.0.1", port=port)
+        with pytest.raises(SpkVisorError) as info:
+            r.serve()
+    assert info.value.exit_code == ExitCode.USAGE
+    assert f"127.0.0.1:{port}" in info.value.message
