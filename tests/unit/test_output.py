@@ -75,7 +75,8 @@ def test_the_push_summary_says_absent_values_in_words() -> None:
 
     skipped = PushResult("s2", 8, "skipped", None, None, "not started: the canary failed", 0.0)
     row = summary_table([skipped]).splitlines()[1].split()
-    assert row[:6] == ["s2", "8", "skipped", "none", "n/a", "0.0"], row
+    assert row[:7] == ["s2", "8", "not", "started", "none", "n/a", "0.0"], row
+    assert "-" not in row, row
 
 
 # A node's strings (a disk path, a PCI name, an error message) reach the operator's
