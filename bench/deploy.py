@@ -14,6 +14,15 @@
    deploy's time >= 0.5 for 1 GiB, >= 0.7 for 4 GiB. Root only.
 3. iso: the Deploy Shim ISO's size and build time (bench.deploy_iso; --skip-iso).
 
+`threads` gives the receiver's clocks of the image stream (medians over the rounds; see
+bench.ota_slots and spk_visor/install/image.py): the image writer's threads (decode,
+with `feed_wait_s`, its wait for records; hash, write, check, sync), `blob` (the
+session thread hashing the blob, `busy_s`, and waiting for room in the pipe, `wait_s`),
+`store` (the session thread writing the blob's store copy) and `session` (the session
+thread during the image: `recv_s` in receive, `decrypt_s` of it in the AEAD, `sink_s`
+handing records to the sink, which holds `store` and `blob`; its CPU and run-queue
+seconds).
+
 The deploy is timed from the donor process's start (interpreter start-up included) to its
 exit, which comes right after the target's REPORT ok: it includes the handshake, the
 target's wipe, partitioning and mkfs, the stream (zstd decode, sha256 of blob and raw
@@ -143,6 +152,14 @@ class _Receiver:
             return ""
         return self.proc.stderr.read().decode(errors="replace")[-2000:]
 
+    def threads(self) -> dict[str, dict[str, float]]:
+        """The image stream's thread clocks, from the receiver's file_ok event."""
+        with self.cond:
+            for _, doc in self.events:
+                if doc.get("event") == "file_ok" and "threads" in doc:
+                    return dict(doc["threads"])
+        raise RuntimeError("the receiver reported no thread clocks for the image")
+
     def phases(self, start: float, end: float) -> dict[str, float]:
         """Seconds from each phase event to the next one (the last one up to `end`)."""
         with self.cond:
@@ -174,11 +191,15 @@ class _Busy(RuntimeError):
     """The target's wipe found the disk opened exclusively by someone else."""
 
 
-def _deploy_once(
-    work: Path, bundle: Path, root: Path, disk: LoopDisk
-) -> tuple[float, dict[str, Any], dict[str, float], tuple[float, float]]:
+_Once = tuple[
+    float, dict[str, Any], dict[str, float], tuple[float, float], dict[str, dict[str, float]]
+]
+
+
+def _deploy_once(work: Path, bundle: Path, root: Path, disk: LoopDisk) -> _Once:
     """(wall seconds donor start -> exit, the donor's result doc, receiver phase seconds,
-    CPU seconds of the donor and of the receiver, each with the tools it ran)."""
+    CPU seconds of the donor and of the receiver, each with the tools it ran, and the
+    receiver's thread clocks of the image stream)."""
     port = _free_port()
     receiver = _Receiver(work, root, port)
     try:
@@ -222,7 +243,7 @@ def _deploy_once(
         if not receiver.rebooted.exists():
             raise RuntimeError("the receiver did not run its reboot command")
         cpu = (round(c1 - c0, 2), round(_children_cpu() - c1, 2))
-        return elapsed, docs[0], receiver.phases(t0, t0 + elapsed), cpu
+        return elapsed, docs[0], receiver.phases(t0, t0 + elapsed), cpu, receiver.threads()
     finally:
         if receiver.proc.poll() is None:
             receiver.proc.kill()
@@ -284,21 +305,23 @@ def run_deploy() -> dict[str, object]:
             deploy_cpu: list[float] = []
             split_cpu: list[tuple[float, float]] = []
             dd_cpu: list[float] = []
+            clocks: list[dict[str, dict[str, float]]] = []
 
             def deploy() -> float:
                 nonlocal retries
                 c0 = _children_cpu()
                 try:
-                    wall, doc, phase, split = _deploy_once(work, bundle, root, disk)
+                    wall, doc, phase, split, threads = _deploy_once(work, bundle, root, disk)
                 except _Busy:
                     # Another receiver (a concurrent test run) probed our loop device with
                     # `wipefs -n`, which opens it O_EXCL: our wipe's own O_EXCL open lost.
                     retries += 1
                     time.sleep(2)
-                    wall, doc, phase, split = _deploy_once(work, bundle, root, disk)
+                    wall, doc, phase, split, threads = _deploy_once(work, bundle, root, disk)
                 donor_s.append(float(doc["seconds"]))
                 phases.append(phase)
                 split_cpu.append(split)
+                clocks.append(threads)
                 deploy_cpu.append(_children_cpu() - c0)
                 return wall
 
@@ -345,6 +368,7 @@ def run_deploy() -> dict[str, object]:
             "goal_ratio": goal,
             "goal_met": ratio >= goal,
             "phases_s": phases,
+            "threads": ota_slots.thread_figures(clocks),
             "sha256_mbps": round(sha_mbps, 1),
             "load_average_1min_at_end": round(load, 2),
             "load_average": figures.load_average(),

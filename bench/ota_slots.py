@@ -176,7 +176,8 @@ def thread_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
         if name == "stream":
             continue
         fig = {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
-        fig["busy_share"] = fig["busy_s"] / wall if wall > 0 else 0.0
+        if "busy_s" in fig:
+            fig["busy_share"] = fig["busy_s"] / wall if wall > 0 else 0.0
         out[name] = {k: round(v, 2) for k, v in fig.items()}
     out["stream"] = {"wall_s": round(wall, 2)}
     return out

@@ -358,8 +358,14 @@ class _ImageSink:
         self.writer = image_writer.ImageWriter(
             fd, direct, image, size, on_durable=lambda done: self._durable(start + done)
         )
+        self.store_s = 0.0  # the session thread, writing the store copy
         self.thread = threading.Thread(target=self._decode, name="image-decode", daemon=True)
         self.thread.start()
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """The writer's thread clocks (`blob`: the session thread hashing the blob and
+        waiting for room in the pipe) and the session's seconds writing the store copy."""
+        return {**self.writer.figures(), "store": {"busy_s": self.store_s}}
 
     def _durable(self, n: int) -> None:
         self.inst.durable_bytes = n
@@ -381,10 +387,12 @@ class _ImageSink:
         self.received += len(data)
         try:
             if self.copy_fd is not None:
+                t0 = time.perf_counter()
                 blockdev.write_all(self.copy_fd, data)
                 if self.received // COPY_WRITEBACK != (self.received - len(data)) // COPY_WRITEBACK:
                     # Written back while the image streams: finish's fsync waits for little.
                     blockdev.start_writeback(self.copy_fd)
+                self.store_s += time.perf_counter() - t0
             self.pipe.put(data)
         except InstallError:
             raise

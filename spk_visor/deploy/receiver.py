@@ -40,6 +40,7 @@ from typing import Any
 from spk_visor import strict_json
 from spk_visor.deploy import channel, code, discovery, guard, install, inventory, messages
 from spk_visor.errors import OperatorNeededError, TransportError, UsageError
+from spk_visor.install import image as image_writer
 from spk_visor.install import runner
 from spk_visor.trust.roots import Root
 
@@ -689,8 +690,11 @@ class _Session:
     ) -> bool:
         got = 0
         failure: str | None = None
+        clock = _SessionClock(self.chan)
         while True:
+            clock.mark()
             mtype, payload = self.recv_view()  # DATA goes to the sink without a copy
+            clock.received()
             if mtype == messages.FILE_END:
                 break
             if mtype != messages.DATA:
@@ -703,8 +707,10 @@ class _Session:
                     sink.write(payload)
                 except Exception as e:
                     failure = f"write failed: {e}"
+            clock.handed()
             self.written += len(payload)
             self.progress()
+        clock.stop()
         if failure is None and got != size:
             failure = f"{got} bytes, the manifest declares {size}"
         if failure is None:
@@ -720,9 +726,62 @@ class _Session:
         journal.verified.add(blob_id)
         self.verified_bytes += size
         self.send(messages.FILE_OK, {"blob_id": blob_id})
-        self.r.emit("file_ok", {"blob_id": blob_id, "size": size})
+        event: dict[str, Any] = {"blob_id": blob_id, "size": size}
+        figures = getattr(sink, "figures", None)
+        if figures is not None:
+            # The image: where its stream waited, thread by thread (bench.deploy prints it).
+            event["threads"] = {**figures(), "session": clock.figures()}
+        self.r.emit("file_ok", event)
         self.progress(force=True)
         return True
+
+
+class _SessionClock:
+    """The session thread's time while one blob streams: `recv_s` in recv_view (waiting
+    for the socket and copying out of it, `decrypt_s` of it in the AEAD) and `sink_s` in
+    the sink's write (for the image: the store copy and the hand-off to the decoder,
+    which the image sink splits further), with the thread's CPU and run-queue seconds."""
+
+    def __init__(self, chan: channel.SecureChannel) -> None:
+        self.chan = chan
+        self.recv_s = 0.0
+        self.sink_s = 0.0
+        self.records = 0
+        self._decrypt0 = chan.decrypt_s
+        self._cpu0 = time.thread_time()
+        self._rq0 = image_writer.runqueue_s()
+        self._t0 = self._t = time.perf_counter()
+        self.cpu_s = self.runqueue_s = self.wall_s = 0.0
+
+    def mark(self) -> None:
+        self._t = time.perf_counter()
+
+    def received(self) -> None:
+        now = time.perf_counter()
+        self.recv_s += now - self._t
+        self._t = now
+
+    def handed(self) -> None:
+        now = time.perf_counter()
+        self.sink_s += now - self._t
+        self.records += 1
+        self._t = now
+
+    def stop(self) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        self.cpu_s = time.thread_time() - self._cpu0
+        self.runqueue_s = image_writer.runqueue_s() - self._rq0
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "wall_s": self.wall_s,
+            "recv_s": self.recv_s,
+            "decrypt_s": self.chan.decrypt_s - self._decrypt0,
+            "sink_s": self.sink_s,
+            "cpu_s": self.cpu_s,
+            "runqueue_s": self.runqueue_s,
+            "records": self.records,
+        }
 
 
 def _reset(conn: socket.socket) -> None:

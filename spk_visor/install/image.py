@@ -81,7 +81,7 @@ MAX_WINDOW = 1 << 27
 REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
 
 
-def _runqueue_s() -> float:
+def runqueue_s() -> float:
     """Seconds this thread has waited, runnable, for a CPU (Linux schedstat; 0 without)."""
     try:
         with open("/proc/thread-self/schedstat", "rb") as f:
@@ -108,7 +108,7 @@ class Clock:
 
     def start(self) -> None:
         self._cpu0 = time.thread_time()
-        self._rq0 = _runqueue_s()
+        self._rq0 = runqueue_s()
         self._t = time.perf_counter()
 
     def waited(self) -> None:
@@ -123,7 +123,7 @@ class Clock:
 
     def stop(self) -> None:
         self.cpu += time.thread_time() - self._cpu0
-        self.runqueue += _runqueue_s() - self._rq0
+        self.runqueue += runqueue_s() - self._rq0
 
     def figures(self) -> dict[str, float]:
         return {
