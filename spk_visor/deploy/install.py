@@ -346,6 +346,7 @@ class _StoreCopy:
         self.written = 0
         self.clock = image_writer.Clock()  # the store thread: writing / waiting for records
         self.put_wait = 0.0  # the session thread, waiting for room
+        self.writeback_s = 0.0  # of the store thread's busy time, starting writeback
         self._thread = threading.Thread(target=self._run, name="image-store", daemon=True)
         self._thread.start()
 
@@ -368,7 +369,9 @@ class _StoreCopy:
                         if self.written // COPY_WRITEBACK != before // COPY_WRITEBACK:
                             # Written back while the image streams: finish's fsync waits
                             # for little.
+                            t0 = time.perf_counter()
                             blockdev.start_writeback(self.fd)
+                            self.writeback_s += time.perf_counter() - t0
                 except BaseException as e:  # kept for put/finish; the queue keeps draining
                     self.error = e
                 finally:
@@ -408,7 +411,11 @@ class _StoreCopy:
             self._thread.join()
 
     def figures(self) -> dict[str, float]:
-        return {**self.clock.figures(), "put_wait_s": self.put_wait}
+        return {
+            **self.clock.figures(),
+            "put_wait_s": self.put_wait,
+            "writeback_s": self.writeback_s,
+        }
 
 
 class _ImageSink:
