@@ -421,7 +421,8 @@ class _StoreCopy:
 class _ImageSink:
     """The base image, through the image writer shared with OTA, onto root-a.
 
-    The session thread only hands records on (a RecordPipe, no copy); decoding runs on
+    The session thread only hashes the blob and hands records on, without a copy, to the
+    store copy's thread (_StoreCopy) and to the decoder (a RecordPipe); decoding runs on
     this sink's thread and hashing, writing and the read-back of each window on the
     writer's, so receiving, decrypting, decoding, hashing and writing all overlap. Every
     window is read back and compared as it goes: nothing is read or hashed again after
