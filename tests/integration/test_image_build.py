@@ -462,7 +462,7 @@ def test_bad_input_exits_2_and_builds_nothing(tmp_path: Path) -> None:
     ]
     bad_root = tmp_path / "bad.json"
     bad_root.write_text("{}")
-    cases.append((["--root", str(bad_root)], "trust root"))
+    cases.append((["--root", str(bad_root)], f"{bad_root} is not a root document"))
     for args, words in cases:
         run = subprocess.run(
             [sys.executable, "-m", "spk_visor", "image", "build", *args],
