@@ -188,7 +188,8 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
     must do the whole job.
 
     Not grub-install itself: it fsyncs every file it copies (some 330), which competes
-    with the image stream on the same disk. Plain copies and one syncfs instead; core.img
+    with the image stream on the same disk. Plain copies instead, made durable by the
+    installer's one syncfs of the data partition before grub-bios-setup; core.img
     comes from grub-mkimage with grub-install's arguments (same module order, so the
     same bytes; tests/integration/test_deploy_bootloader.py compares the two trees)."""
     if not BIOS_SETUP.is_file():
@@ -226,7 +227,9 @@ def prepare_bios(disk: str, boot_dir: Path) -> bool:
         ],
         "bios",
     )
-    blockdev.sync(boot_dir)  # one syncfs for all of it
+    # No sync here: this runs while the image streams to the same disk, and a syncfs
+    # would also write back the store copy's pages mid-stream. The installer's finalize
+    # syncs the data partition once, before grub-bios-setup makes any of this bootable.
     return True
 
 

@@ -35,6 +35,7 @@ proves, with one sha256 pass over the raw image instead of two.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -340,8 +341,14 @@ class FileSource(RecordPipe):
     def __exit__(self, *exc: object) -> None:
         self.fail(_Stopped())
         self._stop.set()
-        for t in self._threads:
-            t.join()
+        reader, pump = self._threads
+        reader.join()
+        # The reader, stopped, queues nothing more: the hasher may be waiting for a piece
+        # that never comes. Wake it (a full queue wakes it by itself: its next piece
+        # meets the stopped pipe).
+        with contextlib.suppress(queue.Full):
+            self._pieces.put_nowait(None)
+        pump.join()
 
 
 def _try_direct(f: io.RawIOBase) -> bool:

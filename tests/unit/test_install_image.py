@@ -219,3 +219,39 @@ def test_a_direct_read_refused_after_open_falls_back_to_the_page_cache(tmp_path:
     with Refusing(path, "rb") as f:
         assert _stream_blob(tmp_path, raw, blob, f) is False
     assert Refusing.refused == 1
+
+
+def test_leaving_the_source_early_while_a_read_is_slow_does_not_hang() -> None:
+    """The decoder stops (a read-back mismatch, a zstd error) while the reader thread is
+    inside a slow read: leaving the source must stop both threads. The hasher waited for
+    a piece the reader, seeing the stop, never queued, and the join hung forever (with
+    the OTA lock held)."""
+    inside_read = threading.Event()
+    release_read = threading.Event()
+
+    class Slow(io.RawIOBase):
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buf: Any) -> int:
+            self.reads += 1
+            if self.reads > 1:  # the second read: the disk is slow
+                inside_read.set()
+                release_read.wait(timeout=30)
+            buf[:4096] = bytes(4096)
+            return 4096
+
+    src = image_writer.FileSource(Slow())
+    src.read(4096)  # the decoder took a piece...
+    assert inside_read.wait(timeout=10)
+    # ...and stops while the reader is still inside its read; the read ends a little
+    # after the source is left.
+    threading.Timer(0.3, release_read.set).start()
+    done = threading.Event()
+    leaving = threading.Thread(target=lambda: (src.__exit__(None, None, None), done.set()))
+    leaving.daemon = True
+    leaving.start()
+    assert done.wait(timeout=20), "leaving the source hung with a read in flight"
