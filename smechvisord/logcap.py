@@ -1,11 +1,11 @@
 """Keep a file that another process appends to within a disk budget, without moving
 anything: the oldest part is deallocated in place (fallocate PUNCH_HOLE, KEEP_SIZE).
 
-Used for VM serial logs. cloud-hypervisor writes `--serial file=` through its own file
-offset, so the file cannot be truncated or rotated under it (the next write would land at
-the old offset, and the file would keep its size anyway); a punched hole keeps every
-offset and size as they were, reads as NUL bytes, and costs no disk. Readers skip the
-hole with SEEK_DATA (first_data)."""
+Used for a VM's logs (serial, vmm.log, events.jsonl: vms.CAPPED_LOGS). cloud-hypervisor
+writes `--serial file=` through its own file offset, so the file cannot be truncated or
+rotated under it (the next write would land at the old offset, and the file would keep
+its size anyway); a punched hole keeps every offset and size as they were, reads as NUL
+bytes, and costs no disk. Readers skip the hole with SEEK_DATA (first_data)."""
 
 from __future__ import annotations
 

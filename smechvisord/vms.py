@@ -738,7 +738,7 @@ class VmManager:
             with path.open("rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 start = max(0, size - max_bytes) if offset is None else min(offset, size)
-                # Never the dropped head of a long log (_cap_serial): it reads as NULs.
+                # Never the dropped head of a long log (_cap_logs): it reads as NULs.
                 start = logcap.first_data(f.fileno(), start, size)
                 f.seek(start)
                 data = f.read(max_bytes)

@@ -166,8 +166,11 @@ def bounded_map(
                 spawn()
             while started and not stop.is_set():
                 # Interruptible: Ctrl-C lands here. Woken by each worker that ends, and
-                # else at the very moment the oldest node turns slow (not on a poll:
-                # every 0.1 s tick once set hung nodes aside up to 0.1 s late).
+                # else at the very moment the oldest node turns slow by the threshold
+                # known when it went to sleep (not on a poll: every 0.1 s tick once set
+                # hung nodes aside up to 0.1 s late). Answers arriving meanwhile lower
+                # the threshold only from the next wake: the first batch's hung nodes
+                # wait out slow_after (0.5 s), later ones the measured threshold.
                 slow = None if slow_after is None else slow_threshold(list(took), slow_after)
                 changed.wait(timeout=_until_slow(started, parked, slow, pending))
                 if slow is None or pending.empty():

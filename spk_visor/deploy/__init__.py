@@ -9,7 +9,7 @@ Modules, one job each:
   discovery   the UDP announcement (public fields only) and the donor's listener
   inventory   block devices, eligibility, the HELLO inventory
   install     plan validation and the install to disk (layout, mkfs, payload, config)
-  bootloader  BIOS grub-install and the EFI fallback BOOTX64.EFI
+  bootloader  GRUB for BIOS (grub-mkimage + grub-bios-setup) and the EFI fallback BOOTX64.EFI
   receiver    the target side session loop (codes, attempts, BUSY, resume)
   donor       the donor side, one session per code, several in parallel
   shim_iso    building the Deploy Shim ISO from shim/

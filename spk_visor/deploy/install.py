@@ -341,7 +341,6 @@ class _StoreCopy:
         self._busy = 0  # records queued or being written
         self._cond = threading.Condition()
         self.error: BaseException | None = None
-        self.written = 0
         self.clock = image_writer.Clock()  # the store thread: writing / waiting for records
         self.put_wait = 0.0  # the session thread, waiting for room
         self._thread = threading.Thread(target=self._run, name="image-store", daemon=True)
@@ -368,7 +367,6 @@ class _StoreCopy:
                         # s per GiB behind slot A's writes and starved the decoder:
                         # 4 GiB deploy 12.5 s with it, 10.3 s without (docs/install-path.md).
                         blockdev.write_all(self.fd, view)
-                        self.written += len(view)
                 except BaseException as e:  # kept for put/finish; the queue keeps draining
                     self.error = e
                 finally:

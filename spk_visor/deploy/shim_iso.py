@@ -88,7 +88,6 @@ _DISK_TOOLS = (
 )
 # Useful but not required; a missing one is reported in IsoResult.warnings.
 _OPTIONAL_TOOLS = (
-    ("partprobe", "parted"),
     ("efibootmgr", "efibootmgr"),
     ("e2fsck", "e2fsprogs"),
     ("tune2fs", "e2fsprogs"),

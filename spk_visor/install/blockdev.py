@@ -30,10 +30,6 @@ _memcmp.restype = ctypes.c_int
 _syncfs = _libc.syncfs
 _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_sync_file_range.restype = ctypes.c_int
-SYNC_FILE_RANGE_WRITE = 2
 
 
 class Buffer:
@@ -124,12 +120,6 @@ def sync(*paths: str | os.PathLike[str]) -> None:
                 raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
         finally:
             os.close(fd)
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing `fd`'s dirty pages to its device without waiting for them, so a later
-    fsync finds little left to do (best effort: an fsync still follows)."""
-    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> int:

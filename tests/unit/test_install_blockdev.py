@@ -44,16 +44,3 @@ def test_sync_flushes_the_filesystem_of_a_path_not_every_disk(
 def test_sync_of_a_missing_path_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         blockdev.sync(tmp_path / "absent")
-
-
-def test_start_writeback_leaves_the_data_intact(tmp_path: Path) -> None:
-    path = tmp_path / "copy"
-    payload = os.urandom(3 << 20)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        blockdev.write_all(fd, payload)
-        blockdev.start_writeback(fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == payload

@@ -251,7 +251,10 @@ def test_leaving_the_source_early_while_a_read_is_slow_does_not_hang() -> None:
     # after the source is left.
     threading.Timer(0.3, release_read.set).start()
     done = threading.Event()
-    leaving = threading.Thread(target=lambda: (src.__exit__(None, None, None), done.set()))
-    leaving.daemon = True
-    leaving.start()
+
+    def leave() -> None:
+        src.__exit__(None, None, None)
+        done.set()
+
+    threading.Thread(target=leave, daemon=True).start()
     assert done.wait(timeout=20), "leaving the source hung with a read in flight"
