@@ -736,50 +736,45 @@ class _Session:
         return True
 
 
-class _SessionClock:
-    """The session thread's time while one blob streams: `recv_s` in recv_view (waiting
-    for the socket and copying out of it, `decrypt_s` of it in the AEAD) and `sink_s` in
-    the sink's write (for the image: the store copy and the hand-off to the decoder,
-    which the image sink splits further), with the thread's CPU and run-queue seconds."""
+class _SessionClock(image_writer.Clock):
+    """The session thread's time while one blob streams, on the writer threads' clock:
+    its `wait` is `recv_s`, in recv_view (waiting for the socket and copying out of it,
+    `decrypt_s` of it in the AEAD), its `busy` is `sink_s`, in the sink's write (for the
+    image: the store copy and the hand-off to the decoder, which the image sink splits
+    further), with the thread's CPU and run-queue seconds."""
 
     def __init__(self, chan: channel.SecureChannel) -> None:
+        super().__init__()
         self.chan = chan
-        self.recv_s = 0.0
-        self.sink_s = 0.0
         self.records = 0
         self._decrypt0 = chan.decrypt_s
-        self._cpu0 = time.thread_time()
-        self._rq0 = image_writer.runqueue_s()
-        self._t0 = self._t = time.perf_counter()
-        self.cpu_s = self.runqueue_s = self.wall_s = 0.0
+        self._t0 = time.perf_counter()
+        self.wall_s = 0.0
+        self.start()
 
     def mark(self) -> None:
+        """Neither receiving nor handing on from here (progress reports)."""
         self._t = time.perf_counter()
 
     def received(self) -> None:
-        now = time.perf_counter()
-        self.recv_s += now - self._t
-        self._t = now
+        self.waited()
 
     def handed(self) -> None:
-        now = time.perf_counter()
-        self.sink_s += now - self._t
+        self.worked()
         self.records += 1
-        self._t = now
 
     def stop(self) -> None:
+        super().stop()
         self.wall_s = time.perf_counter() - self._t0
-        self.cpu_s = time.thread_time() - self._cpu0
-        self.runqueue_s = image_writer.runqueue_s() - self._rq0
 
     def figures(self) -> dict[str, float]:
         return {
             "wall_s": self.wall_s,
-            "recv_s": self.recv_s,
+            "recv_s": self.wait,
             "decrypt_s": self.chan.decrypt_s - self._decrypt0,
-            "sink_s": self.sink_s,
-            "cpu_s": self.cpu_s,
-            "runqueue_s": self.runqueue_s,
+            "sink_s": self.busy,
+            "cpu_s": self.cpu,
+            "runqueue_s": self.runqueue,
             "records": self.records,
         }
 
