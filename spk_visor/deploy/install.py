@@ -4,9 +4,10 @@
 confirmation, verifies the manifest's signatures against the trust root baked into the
 shim and works out the layout. `Installer` then does, in this order and never otherwise:
 
-    prepare   wipe old boot code and both GPT copies, write the `ab` GPT, make the ESP
-              (mkfs.vfat, written later with mtools: no vfat mount needed) and the data
-              filesystem, mount data
+    prepare   through spk_visor.install.disk: wipe old boot code and both GPT copies,
+              write the `ab` GPT (spk_visor.install.layout), make the ESP (mkfs.vfat,
+              written later with mtools: no vfat mount needed) and the data filesystem;
+              then mount data
     receive   one sink per blob: the base image goes through spk_visor.install's image
               writer onto root-a (decoded, hashed and written on their own threads, each
               window read back and compared as it goes, its first MiB written only after
@@ -29,17 +30,16 @@ and var/lib/ from it (the fstab below); the base image is expected to use `<data
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import secrets
 import shutil
-import stat
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +49,10 @@ from spk_visor.deploy.hostname import problem as hostname_problem
 from spk_visor.deploy.inventory import Disk
 from spk_visor.errors import OperatorNeededError, RefusedError, SpkVisorError, VerificationError
 from spk_visor.install import blockdev, runner, tree
+from spk_visor.install import disk as disk_prep
 from spk_visor.install import image as image_writer
+from spk_visor.install import layout as disk_layout
+from spk_visor.install.layout import PART_NAMES, Layout
 from spk_visor.ota import durable
 from spk_visor.ota.journal import Installed as InstalledRecord
 from spk_visor.ota.nodeconf import NodePaths
@@ -60,22 +63,8 @@ from spk_visor.trust.manifest import DaemonComponent, ImageComponent, Manifest
 from spk_visor.trust.roots import Root
 from spk_visor.trust.verify import BlobCheck, Verified
 
-MIB = 1 << 20
-GIB = 1 << 30
-BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
-PART_NAMES = ("bios_grub", "esp", "root-a", "root-b", "data")
-BIOS_MIB = 1
-ESP_MIB = 512
-# 1 MiB alignment gap in front of partition 1, 1 MiB for the backup GPT at the end.
-FRAME_MIB = 2
-# Slots grow up to this on big disks; on small ones they shrink to what the image needs.
-DEFAULT_SLOT_BYTES = 16 * GIB
-# The data partition must hold the daemon pack twice (staged + unpacked), the image blob
-# (kept in the node's OTA store, so the node can deploy its peers) plus this.
-DATA_MIN_BYTES = 256 * MIB
 SECTOR_SIZES = (512, 4096)
 DATA_MOUNT = "/data"
-DATA_LABEL = "spk-data"
 # Held back while the image streams and written last (slots.py does the same): every
 # filesystem keeps its superblock in here, so an unfinished slot A has no mountable fs.
 HEAD = image_writer.HEAD
@@ -87,7 +76,6 @@ DISK_KEYS = {"serial", "size"}
 MAX_PATH = 1024
 MAX_COMPONENT = 255
 _TIMEOUT_S = 600
-APPEAR_TIMEOUT_S = 10.0
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -113,48 +101,12 @@ class InstallError(OperatorNeededError):
 # ---- layout ---------------------------------------------------------------------------
 
 
-def _mib_up(n: int) -> int:
-    return -(-n // MIB)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Partition sizes of the `ab` profile, in MiB; data takes the rest of the disk."""
-
-    slot_mib: int
-    data_min_mib: int
-
-    @property
-    def fixed_mib(self) -> int:
-        return FRAME_MIB + BIOS_MIB + ESP_MIB + 2 * self.slot_mib
-
-    def sfdisk_script(self, partuuids: dict[str, str]) -> str:
-        sizes = {"bios_grub": BIOS_MIB, "esp": ESP_MIB, "root-a": self.slot_mib}
-        sizes["root-b"] = self.slot_mib
-        types = {"bios_grub": BIOS_BOOT_TYPE, "esp": "U"}
-        lines = ["label: gpt"]
-        for name in PART_NAMES:
-            size = f"size={sizes[name]}MiB, " if name in sizes else ""
-            lines.append(
-                f'{size}type={types.get(name, "L")}, name="{name}", uuid={partuuids[name]}'
-            )
-        return "\n".join(lines) + "\n"
-
-
 def plan_layout(disk_size: int, image_raw: int, pack_size: int, image_blob: int = 0) -> Layout:
-    """Sizes for a disk, or PlanRefused("disk_too_small") when image + data do not fit."""
-    need_slot = max(_mib_up(image_raw), 1)
-    data_min = _mib_up(DATA_MIN_BYTES + 2 * pack_size + image_blob)
-    disk_mib = disk_size // MIB
-    spare = disk_mib - FRAME_MIB - BIOS_MIB - ESP_MIB - data_min
-    if spare < 2 * need_slot:
-        need = (FRAME_MIB + BIOS_MIB + ESP_MIB + data_min + 2 * need_slot) * MIB
-        raise PlanRefused(
-            "disk_too_small", f"the layout needs {need} bytes, the disk has {disk_size}"
-        )
-    # A quarter of what is left for each slot (half for data), within [image, default].
-    slot = max(need_slot, min(DEFAULT_SLOT_BYTES // MIB, spare // 4))
-    return Layout(slot_mib=slot, data_min_mib=data_min)
+    """Sizes for a disk (install/layout.py), or PlanRefused("disk_too_small")."""
+    try:
+        return disk_layout.plan(disk_size, image_raw, pack_size, image_blob)
+    except disk_layout.TooSmall as e:
+        raise PlanRefused("disk_too_small", e.message) from e
 
 
 # ---- plan validation ------------------------------------------------------------------
@@ -276,28 +228,6 @@ def validate_plan(
     image_blob = parsed.blobs[parsed.image.blob]
     layout = plan_layout(disk.size, parsed.image.raw_size, pack_size, image_blob)
     return ResolvedPlan(disk, verified, env.to_bytes(), layout, hostname, confirm is not None, keys)
-
-
-# ---- running tools --------------------------------------------------------------------
-
-
-def _run(argv: list[str], reason: str, stdin: str | None = None) -> str:
-    return runner.run_checked(
-        argv, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S, stdin=stdin
-    )
-
-
-def _run_all(argvs: list[list[str]], reason: str) -> None:
-    runner.run_all(argvs, lambda detail: InstallError(reason, detail), timeout=_TIMEOUT_S)
-
-
-def _try(argv: list[str]) -> bool:
-    return runner.succeeds(argv, timeout=_TIMEOUT_S)
-
-
-def _part_name(disk_name: str, index: int) -> str:
-    # sda -> sda1; nvme0n1, loop3, mmcblk0 -> nvme0n1p1, loop3p1, mmcblk0p1
-    return f"{disk_name}{'p' if disk_name[-1].isdigit() else ''}{index}"
 
 
 # ---- sinks ----------------------------------------------------------------------------
@@ -616,8 +546,6 @@ class Installer:
         self.esp_volume_id = esp_id  # mkfs.vfat -i; shows as XXXX-XXXX
         self.esp_uuid = f"{esp_id[:4]}-{esp_id[4:]}"
         self.parts: dict[str, str] = {}
-        self._new_table: list[tuple[int, int]] = []
-        self.made_nodes: list[str] = []
         self.durable_bytes = 0
         self.image_sha256: str | None = None
         self.daemon_release: str | None = None
@@ -637,189 +565,28 @@ class Installer:
     # -- prepare
 
     def prepare(self) -> None:
-        """Wipe, partition, make filesystems, mount data. Raises InstallError."""
-        self._check_disk()
-        self.phase("wipe")
-        self._wipe()
-        self.phase("partition")
-        # --no-tell-kernel: sfdisk would sleep 250 ms, then sync() every disk of the
-        # machine, before its BLKRRPART; _reread_partitions tells the kernel instead.
-        # The table itself is fsynced by sfdisk either way.
-        _run(
-            [
-                "sfdisk",
-                "--quiet",
-                "--no-tell-kernel",
-                "--wipe",
-                "always",
-                "--wipe-partitions",
-                "always",
-                self.disk.path,
-            ],
-            "partition",
-            stdin=self.plan.layout.sfdisk_script(self.partuuids),
-        )
-        self._reread_partitions()
-        self.phase("mkfs")
-        self._mkfs()
+        """Wipe, partition, make filesystems (install/disk.py), mount data. Raises
+        InstallError."""
+        path, name = self.disk.path, self.disk.name
+        try:
+            disk_prep.check_size(path, name, self.disk.size)
+            self.phase("wipe")
+            disk_prep.wipe(path, name)
+            self.phase("partition")
+            self.parts = disk_prep.partition(path, name, self.plan.layout, self.partuuids)
+            self.phase("mkfs")
+            esp, data = self.parts["esp"], self.parts["data"]
+            disk_prep.make_filesystems(esp, self.esp_volume_id, data, self.data_uuid)
+        except disk_prep.DiskError as e:
+            raise InstallError(e.reason, e.detail) from e
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        _run(["mount", "-t", "ext4", self.parts["data"], str(self.mountpoint)], "mount")
+        runner.run_checked(
+            ["mount", "-t", "ext4", self.parts["data"], str(self.mountpoint)],
+            functools.partial(InstallError, "mount"),
+            timeout=_TIMEOUT_S,
+        )
         self.state.mounted = True
         self.state.prepared = True
-
-    def _mkfs(self) -> None:
-        """Both filesystems at once: different partitions, no shared state.
-
-        mkfs.ext4 -E nodiscard: its default discard of the whole data partition is most
-        of its time (seconds on a large disk), and it changes nothing the new filesystem
-        shows. ext4 never exposes a block it has not allocated: a file's new blocks are
-        written, or flagged unwritten and read as zeros, before anything reads them;
-        block groups with unused inode tables are flagged uninitialised (their stale
-        contents are never parsed) and zeroed by the kernel's lazy init; mke2fs zeroes
-        the journal itself. The discard would matter to the inode tables' zeroing only
-        where the device reports that discarded blocks read as zeros, which Linux no
-        longer reports (BLKDISCARDZEROES is 0): they are zeroed either way. Old data in
-        free blocks stays readable only through the raw device, as before the deploy.
-        What is lost is the TRIM of the free space on an SSD at install time (`fstrim
-        /data` on the node does it)."""
-        _run_all(
-            [
-                [
-                    "mkfs.vfat",
-                    "-F",
-                    "32",
-                    "-n",
-                    "SPK_ESP",
-                    "-i",
-                    self.esp_volume_id,
-                    self.parts["esp"],
-                ],
-                [
-                    "mkfs.ext4",
-                    "-q",
-                    "-F",
-                    "-E",
-                    "nodiscard",
-                    "-L",
-                    DATA_LABEL,
-                    "-U",
-                    self.data_uuid,
-                    self.parts["data"],
-                ],
-            ],
-            "mkfs",
-        )
-
-    def _check_disk(self) -> None:
-        # The device behind the name must still be the disk that was planned.
-        try:
-            sectors = int(Path(f"/sys/class/block/{self.disk.name}/size").read_text())
-        except (OSError, ValueError) as e:
-            raise InstallError("disk_gone", f"{self.disk.path}: {e}") from e
-        if sectors * 512 != self.disk.size:
-            raise InstallError(
-                "disk_changed", f"{self.disk.path} is no longer {self.disk.size} bytes"
-            )
-
-    def _old_partitions(self) -> list[str]:
-        base = Path(f"/sys/block/{self.disk.name}")
-        return sorted(
-            f"/dev/{p.name}" for p in base.glob(f"{self.disk.name}*") if (p / "partition").exists()
-        )
-
-    def _wipe(self) -> None:
-        """Old boot code and both GPT copies gone before anything new is written."""
-        # Each old partition's signatures, all at once (separate devices); best effort:
-        # a partition that cannot be opened is gone with the table below anyway.
-        old = [p for p in self._old_partitions() if os.path.exists(p)]
-        if old:
-            with ThreadPoolExecutor(max_workers=len(old)) as pool:
-                list(pool.map(lambda part: _try(["wipefs", "--all", "--quiet", part]), old))
-        # The first and last MiB (MBR boot code, both GPT copies) are zeroed before the
-        # whole-disk wipefs: wipefs, when it erases a partition table itself, sleeps
-        # 250 ms and re-reads it. It still erases every other signature it finds; the old
-        # kernel partitions are dropped below.
-        try:
-            fd = os.open(self.disk.path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                size = os.lseek(fd, 0, os.SEEK_END)
-                zeros = bytes(MIB)
-                blockdev.pwrite_all(fd, zeros, 0)
-                blockdev.pwrite_all(fd, zeros, max(size - MIB, 0))
-                blockdev.flush(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise InstallError("wipe", f"{self.disk.path}: {e}") from e
-        _run(["wipefs", "--all", "--quiet", self.disk.path], "wipe")
-        # Kernel partitions of the old table would otherwise linger (and keep names busy).
-        _try(["partx", "--delete", self.disk.path])
-
-    def _table(self) -> list[tuple[int, int]]:
-        """(start, size) of each partition sfdisk wrote, in the kernel's 512-byte units."""
-        out = _run(["sfdisk", "--json", self.disk.path], "partition")
-        try:
-            doc = json.loads(out)["partitiontable"]
-            unit = int(doc.get("sectorsize", 512)) // 512
-            table = [(int(p["start"]) * unit, int(p["size"]) * unit) for p in doc["partitions"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InstallError("partition", f"sfdisk --json: {e}") from e
-        if len(table) != len(PART_NAMES):
-            raise InstallError("partition", f"sfdisk wrote {len(table)} partitions")
-        return table
-
-    def _sysfs_ready(self) -> bool:
-        """Every new partition is in the kernel, where the new table puts it: a partition
-        of the old table that could not be dropped has the name but not the place."""
-        if not self._new_table:
-            return False
-        base = Path(f"/sys/block/{self.disk.name}")
-        for i, want in enumerate(self._new_table, start=1):
-            part = base / _part_name(self.disk.name, i)
-            try:
-                got = (int((part / "start").read_text()), int((part / "size").read_text()))
-            except (OSError, ValueError):
-                return False
-            if got != want:
-                return False
-        return True
-
-    def _wait(self, cond: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(0.05)
-        return cond()
-
-    def _reread_partitions(self) -> None:
-        """Tell the kernel about the new table: `partx --update` (BLKPG, partition by
-        partition: works where the kernel has no GPT parser, and does not wait), a second
-        time where an old partition the wipe could not drop was in a new one's way when
-        the first run came to it, then BLKRRPART. partprobe would also run dmidecode and
-        `udevadm settle` twice, a quarter of a second."""
-        self._new_table = self._table()
-        disk = self.disk.path
-        tries = (["partx", "--update", disk], ["partx", "--update", disk])
-        if not any(_try(argv) and self._sysfs_ready() for argv in tries):
-            _try(["blockdev", "--rereadpt", disk])
-            if not self._wait(self._sysfs_ready, APPEAR_TIMEOUT_S):
-                raise InstallError("partition", f"partitions of {disk} did not appear")
-        if shutil.which("udevadm"):
-            _try(["udevadm", "settle", "--timeout=10"])
-        for i, name in enumerate(PART_NAMES, start=1):
-            self.parts[name] = self._node(i)
-
-    def _node(self, index: int) -> str:
-        """The partition's device node; made by hand where no udev/devtmpfs made it."""
-        part = _part_name(self.disk.name, index)
-        node = f"/dev/{part}"
-        if self._wait(lambda: os.path.exists(node), 2.0):
-            return node
-        major, minor = Path(f"/sys/block/{self.disk.name}/{part}/dev").read_text().split(":")
-        os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(int(major), int(minor)))
-        self.made_nodes.append(node)
-        return node
 
     # -- receive
 
@@ -1094,8 +861,8 @@ class Installer:
     def _unmount(self) -> None:
         if not self.state.mounted:
             return
-        if not _try(["umount", str(self.mountpoint)]):
-            _try(["umount", "--lazy", str(self.mountpoint)])
+        if not runner.succeeds(["umount", str(self.mountpoint)], timeout=_TIMEOUT_S):
+            runner.succeeds(["umount", "--lazy", str(self.mountpoint)], timeout=_TIMEOUT_S)
         self.state.mounted = False
 
     # -- abort

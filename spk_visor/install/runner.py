@@ -13,10 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 # How much of a failing tool's output is kept: the end is where the reason is.
 TAIL_CHARS = 2000
+
+_T = TypeVar("_T")
 
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -53,27 +55,35 @@ def run_checked(
     return done.stdout
 
 
+def _each(argvs: list[list[str]], one: Callable[[list[str]], _T]) -> list[_T | BaseException]:
+    """`one(argv)` for every argv at once, one thread each; what each returned or raised,
+    in argv order, once all have ended."""
+    results: list[_T | BaseException] = [RuntimeError("not run")] * len(argvs)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = one(argvs[i])
+        except BaseException as e:  # handed to the caller's thread
+            results[i] = e
+
+    threads = [
+        threading.Thread(target=call, args=(i,), name=argv[0]) for i, argv in enumerate(argvs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def run_all(
     argvs: list[list[str]], error: Callable[[str], Exception], *, timeout: float
 ) -> list[str]:
     """run_checked for several independent tools at once (mkfs of two partitions): each
     bounded by `timeout`, every exit status checked. Returns their stdouts in order;
     once all have ended, the first failure in argv order is raised."""
-    results: list[str | BaseException] = [""] * len(argvs)
-
-    def one(i: int) -> None:
-        try:
-            results[i] = run_checked(argvs[i], error, timeout=timeout)
-        except BaseException as e:  # raised below, on the caller's thread
-            results[i] = e
-
-    threads = [threading.Thread(target=one, args=(i,), name=argvs[i][0]) for i in range(len(argvs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
     out: list[str] = []
-    for result in results:
+    for result in _each(argvs, lambda argv: run_checked(argv, error, timeout=timeout)):
         if isinstance(result, BaseException):
             raise result
         out.append(result)
@@ -90,6 +100,12 @@ def succeeds(argv: list[str], *, timeout: float) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
+
+
+def succeeds_each(argvs: list[list[str]], *, timeout: float) -> list[bool]:
+    """`succeeds` for several independent best-effort tools at once (wipefs of each old
+    partition), in argv order, once all have ended."""
+    return [r is True for r in _each(argvs, lambda argv: succeeds(argv, timeout=timeout))]
 
 
 def pipeline(

@@ -24,14 +24,9 @@ from typing import Any
 import pytest
 
 from spk_visor.deploy import bootloader
-from spk_visor.deploy.install import (
-    BIOS_BOOT_TYPE,
-    PART_NAMES,
-    Installer,
-    InstallError,
-    validate_plan,
-)
+from spk_visor.deploy.install import Installer, InstallError, validate_plan
 from spk_visor.deploy.inventory import Disk, inventory
+from spk_visor.install.layout import BIOS_BOOT_TYPE, PART_NAMES
 from spk_visor.ota import bundle as bundle_mod
 from spk_visor.ota import nodeconf
 from spk_visor.ota.store import sha256_file

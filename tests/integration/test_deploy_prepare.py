@@ -16,6 +16,8 @@ import pytest
 
 from spk_visor.deploy.install import Installer, InstallError, validate_plan
 from spk_visor.deploy.inventory import Disk, inventory
+from spk_visor.install import disk as disk_prep
+from spk_visor.install.layout import PART_NAMES
 from spk_visor.trust import roots
 from tests.support import deploy_images
 from tests.support.loopdisk import LoopDisk
@@ -157,15 +159,15 @@ def test_stale_kernel_partitions_are_not_taken_for_the_new_ones(
         check=True,
         timeout=60,
     )
-    inst._new_table = inst._table()
-    assert not inst._sysfs_ready()
+    table = disk_prep.read_table(loop.dev, len(PART_NAMES))
+    assert not disk_prep.kernel_matches(disk.name, table)
     try:
         # partx --update alone leaves a gap here (the old p3 overlaps the new p2 when
         # p2's turn comes): what the kernel ends up with must be checked, and retried.
-        inst._reread_partitions()
-        assert inst._sysfs_ready()
+        disk_prep.reread(loop.dev, disk.name, table)
+        assert disk_prep.kernel_matches(disk.name, table)
         inst.prepare()
-        assert inst._sysfs_ready()
+        assert disk_prep.kernel_matches(disk.name, disk_prep.read_table(loop.dev, len(PART_NAMES)))
     finally:
         assert inst.abort("test end") == []
 

@@ -26,6 +26,7 @@ import pytest
 
 from spk_visor.deploy import install
 from spk_visor.image import ext4, nodefiles, rootfs, sources
+from spk_visor.install import layout
 from spk_visor.ota import nodeconf
 from tests.support import image_build, shim_qemu
 from tests.support.prereq import need_command, need_root
@@ -198,8 +199,8 @@ def test_trust_root_and_ota_defaults(mnt: Path) -> None:
     assert root_json.stat().st_mode & 0o222 == 0
     # The defaults parse, and name the slots as deploy lays out the disk.
     config = nodeconf.load_config(_paths_with_conf(mnt / "usr/share/spk-visor/ota.conf"))
-    assert config.slots.a.endswith("/" + install.PART_NAMES[2])
-    assert config.slots.b.endswith("/" + install.PART_NAMES[3])
+    assert config.slots.a.endswith("/" + layout.PART_NAMES[2])
+    assert config.slots.b.endswith("/" + layout.PART_NAMES[3])
     assert os.readlink(mnt / "etc/spk-visor/ota.conf") == "/data/etc/spk-visor/ota.conf"
     required = sorted((mnt / "etc/spk-visor/health.d/required").iterdir())
     assert required and all(os.access(p, os.X_OK) for p in required)

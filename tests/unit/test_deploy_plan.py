@@ -11,15 +11,10 @@ import pytest
 import zstandard
 
 from spk_visor.deploy import bootloader, donor, install, receiver
-from spk_visor.deploy.install import (
-    BIOS_BOOT_TYPE,
-    MIB,
-    PlanRefused,
-    plan_layout,
-    validate_plan,
-)
+from spk_visor.deploy.install import PlanRefused, plan_layout, validate_plan
 from spk_visor.deploy.inventory import Disk, disk_from_lsblk, judge
 from spk_visor.errors import ExitCode, SpkVisorError
+from spk_visor.install.layout import BIOS_BOOT_TYPE, MIB
 from spk_visor.ota import build
 from spk_visor.ota.nodeconf import NodePaths
 from spk_visor.ota.store import BlobStore
