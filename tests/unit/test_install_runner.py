@@ -44,6 +44,48 @@ def test_succeeds_is_false_for_failure_timeout_and_a_missing_tool(tmp_path: Path
     assert not runner.succeeds([str(tmp_path / "no-such-tool")], timeout=30)
 
 
+def _meet(here: Path, there: Path, rc: int = 0) -> list[str]:
+    """A tool that leaves `here`, then waits (bounded) for `there`: two of them both
+    succeed only when they run at the same time."""
+    code = (
+        "import pathlib, sys, time\n"
+        f"pathlib.Path({str(here)!r}).touch()\n"
+        "deadline = time.monotonic() + 5\n"
+        f"while not pathlib.Path({str(there)!r}).exists():\n"
+        "    if time.monotonic() > deadline: sys.exit(9)\n"
+        "    time.sleep(0.02)\n"
+        f"sys.stderr.write('done'); sys.exit({rc})\n"
+    )
+    return [PY, "-c", code]
+
+
+def test_succeeds_each_runs_the_tools_at_once_and_answers_in_order(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    missing = [str(tmp_path / "no-such-tool")]
+    assert runner.succeeds_each([_meet(a, b), missing, _meet(b, a)], timeout=30) == [
+        True,
+        False,
+        True,
+    ]
+    assert runner.succeeds_each([], timeout=30) == []
+
+
+def test_run_all_runs_at_once_and_raises_the_first_failure_once_all_ended(
+    tmp_path: Path,
+) -> None:
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    ok = [PY, "-c", "print('out')"]
+    assert runner.run_all([_meet(a, b), ok, _meet(b, a)], ToolFailed, timeout=30) == [
+        "",
+        "out\n",
+        "",
+    ]
+    with pytest.raises(ToolFailed, match=r"failed \(4\): done") as caught:
+        runner.run_all([_meet(c, d, rc=4), _meet(d, c, rc=5)], ToolFailed, timeout=30)
+    # The second (failing too, later in argv order) ran to its end alongside the first.
+    assert d.exists() and "(5)" not in str(caught.value)
+
+
 def test_pipeline_checks_both_ends_and_a_shared_deadline(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.write_bytes(b"abc")
