@@ -8,7 +8,8 @@ Modules, one job each:
   messages    message types and the strict per-side state machine
   discovery   the UDP announcement (public fields only) and the donor's listener
   inventory   block devices, eligibility, the HELLO inventory
-  install     plan validation and the install to disk (layout, mkfs, payload, config)
+  install     plan validation and the install to disk (phases, payload, config); the
+              disk itself is prepared by spk_visor.install.disk and .layout
   bootloader  GRUB for BIOS (grub-mkimage + grub-bios-setup) and the EFI fallback BOOTX64.EFI
   receiver    the target side session loop (codes, attempts, BUSY, resume)
   donor       the donor side, one session per code, several in parallel

@@ -35,7 +35,7 @@ from spk_visor.ota import durable
 IOMMU_ARGS = "intel_iommu=on amd_iommu=on iommu=pt"
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"
 ENTRY_IDS = {"a": "smechvisor-a", "b": "smechvisor-b"}
-# GPT partition numbers of the `ab` layout (install.py writes them in this order).
+# GPT partition numbers of the `ab` layout (install/layout.py's PART_NAMES order).
 SLOT_PARTITION = {"a": 3, "b": 4}
 EFI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
 MBR_CODE = 440  # bytes of boot code in front of the MBR's partition table

@@ -6,7 +6,11 @@
               window read back and compared while the next is written, head held back
     blockdev  exclusive opens, cache drops, whole reads and writes of block devices
     runner    every external tool: argv only, bounded in time, exit status always checked
+    layout    the `ab` partition layout: names, order, sizes, the sfdisk script
+    disk      a whole disk made ready: size check, wipe, the layout's GPT written and
+              checked against the kernel's partitions, the ESP and data filesystems
 
 OTA feeds the image writer from a stored blob, deploy from the records of its channel;
-neither carries its own copy of these steps.
+neither carries its own copy of these steps. Only deploy prepares a whole disk (disk,
+layout); OTA finds the slots the layout names.
 """

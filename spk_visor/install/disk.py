@@ -139,7 +139,8 @@ def kernel_matches(name: str, table: Table) -> bool:
     return True
 
 
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Whether `cond()` came true within `timeout` seconds (polled every 50 ms)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -158,20 +159,23 @@ def reread(path: str, name: str, table: Table) -> None:
     tries = (["partx", "--update", path], ["partx", "--update", path])
     if not any(_try(argv) and kernel_matches(name, table) for argv in tries):
         _try(["blockdev", "--rereadpt", path])
-        if not _wait(lambda: kernel_matches(name, table), APPEAR_TIMEOUT_S):
+        if not wait_until(lambda: kernel_matches(name, table), APPEAR_TIMEOUT_S):
             raise DiskError("partition", f"partitions of {path} did not appear")
     if shutil.which("udevadm"):
         _try(["udevadm", "settle", "--timeout=10"])
 
 
-def node(name: str, index: int) -> str:
-    """The partition's device node; made by hand where no udev/devtmpfs made it."""
+def node(name: str, index: int, made: list[str] | None = None) -> str:
+    """The partition's device node; made by hand (and added to `made`) where no
+    udev/devtmpfs made it."""
     part = part_name(name, index)
     path = f"/dev/{part}"
-    if _wait(lambda: os.path.exists(path), NODE_TIMEOUT_S):
+    if wait_until(lambda: os.path.exists(path), NODE_TIMEOUT_S):
         return path
     major, minor = Path(f"/sys/block/{name}/{part}/dev").read_text().split(":")
     os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(int(major), int(minor)))
+    if made is not None:
+        made.append(path)
     return path
 
 

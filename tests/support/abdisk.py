@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from spk_visor.install.disk import node, wait_until
 
 MIB = 1 << 20
 # How long to wait for the kernel (and devtmpfs) to show the partition devices.
@@ -54,27 +54,6 @@ def _sysfs_parts(loop: str, count: int) -> bool:
     return all(Path(f"/sys/block/{name}/{name}p{i}").is_dir() for i in range(1, count + 1))
 
 
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
-
-
-def _ensure_node(loop: str, index: int, made: list[str]) -> str:
-    """The partition's device node; made by hand (and noted in `made`) if devtmpfs did not."""
-    name = os.path.basename(loop)
-    node = f"{loop}p{index}"
-    if _wait(lambda: os.path.exists(node), 1.0):
-        return node
-    major, minor = Path(f"/sys/block/{name}/{name}p{index}/dev").read_text().split(":")
-    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(int(major), int(minor)))
-    made.append(node)
-    return node
-
-
 @contextlib.contextmanager
 def ab_disk(
     directory: Path, slot_mib: int = 24, esp_mib: int = 2, data_mib: int = 0
@@ -92,11 +71,14 @@ def ab_disk(
     loop = _run(["losetup", "--find", "--show", "--partscan", str(image)]).strip()
     made: list[str] = []
     try:
-        if not _wait(lambda: _sysfs_parts(loop, len(layout)), 1.0):
+        if not wait_until(lambda: _sysfs_parts(loop, len(layout)), 1.0):
             _run(["partx", "--add", loop])
-            if not _wait(lambda: _sysfs_parts(loop, len(layout)), APPEAR_TIMEOUT_S):
+            if not wait_until(lambda: _sysfs_parts(loop, len(layout)), APPEAR_TIMEOUT_S):
                 raise RuntimeError(f"partitions of {loop} did not appear")
-        parts = {name: _ensure_node(loop, i, made) for i, (name, _s) in enumerate(layout, start=1)}
+        parts = {
+            name: node(os.path.basename(loop), i, made)
+            for i, (name, _s) in enumerate(layout, start=1)
+        }
         yield AbDisk(image, loop, parts)
     finally:
         # partx-added partitions go with the loop device, but say so explicitly: a
