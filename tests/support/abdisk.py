@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from spk_visor.install.disk import node, wait_until
+from spk_visor.install import disk as disk_prep
 
 MIB = 1 << 20
 # How long to wait for the kernel (and devtmpfs) to show the partition devices.
@@ -71,12 +71,12 @@ def ab_disk(
     loop = _run(["losetup", "--find", "--show", "--partscan", str(image)]).strip()
     made: list[str] = []
     try:
-        if not wait_until(lambda: _sysfs_parts(loop, len(layout)), 1.0):
+        if not disk_prep.wait_until(lambda: _sysfs_parts(loop, len(layout)), 1.0):
             _run(["partx", "--add", loop])
-            if not wait_until(lambda: _sysfs_parts(loop, len(layout)), APPEAR_TIMEOUT_S):
+            if not disk_prep.wait_until(lambda: _sysfs_parts(loop, len(layout)), APPEAR_TIMEOUT_S):
                 raise RuntimeError(f"partitions of {loop} did not appear")
         parts = {
-            name: node(os.path.basename(loop), i, made)
+            name: disk_prep.node(os.path.basename(loop), i, made)
             for i, (name, _s) in enumerate(layout, start=1)
         }
         yield AbDisk(image, loop, parts)
