@@ -53,10 +53,6 @@ def _error(reason: str) -> Callable[[str], DiskError]:
     return functools.partial(DiskError, reason)
 
 
-def _try(argv: list[str]) -> bool:
-    return runner.succeeds(argv, timeout=TIMEOUT_S)
-
-
 def part_name(disk_name: str, index: int) -> str:
     """The kernel name of partition `index`: sda -> sda1; nvme0n1, loop3, mmcblk0 ->
     nvme0n1p1, loop3p1, mmcblk0p1."""
@@ -104,7 +100,7 @@ def wipe(path: str, name: str) -> None:
         raise DiskError("wipe", f"{path}: {e}") from e
     runner.run_checked(["wipefs", "--all", "--quiet", path], _error("wipe"), timeout=TIMEOUT_S)
     # Kernel partitions of the old table would otherwise linger (and keep names busy).
-    _try(["partx", "--delete", path])
+    runner.succeeds(["partx", "--delete", path], timeout=TIMEOUT_S)
 
 
 def read_table(path: str, count: int) -> Table:
@@ -156,13 +152,17 @@ def reread(path: str, name: str, table: Table) -> None:
     first run came to it (partx then exits 0 and leaves the new one out), then BLKRRPART.
     DiskError("partition") when the kernel still does not show `table`. partprobe would
     also run dmidecode and `udevadm settle` twice, a quarter of a second."""
-    tries = (["partx", "--update", path], ["partx", "--update", path])
-    if not any(_try(argv) and kernel_matches(name, table) for argv in tries):
-        _try(["blockdev", "--rereadpt", path])
+
+    def updated() -> bool:
+        partx = ["partx", "--update", path]
+        return runner.succeeds(partx, timeout=TIMEOUT_S) and kernel_matches(name, table)
+
+    if not (updated() or updated()):
+        runner.succeeds(["blockdev", "--rereadpt", path], timeout=TIMEOUT_S)
         if not wait_until(lambda: kernel_matches(name, table), APPEAR_TIMEOUT_S):
             raise DiskError("partition", f"partitions of {path} did not appear")
     if shutil.which("udevadm"):
-        _try(["udevadm", "settle", "--timeout=10"])
+        runner.succeeds(["udevadm", "settle", "--timeout=10"], timeout=TIMEOUT_S)
 
 
 def node(name: str, index: int, made: list[str] | None = None) -> str:
