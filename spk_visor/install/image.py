@@ -77,6 +77,9 @@ READ_AHEAD = 1
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
 # granularity of the durable progress, not of the read-back.
 SYNC_BYTES = 128 * MIB
+# Runs of zeros are found, and zeroed instead of written, in blocks of this size (the
+# scan: one memcmp per block). See _write_window and docs/install-path.md.
+ZERO_BLOCK = 256 << 10
 # zstd's own default limit, stated so a frame cannot ask for more decoder memory.
 MAX_WINDOW = 1 << 27
 REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
@@ -406,6 +409,11 @@ class ImageWriter:
         self.digest = hashlib.sha256()
         self.written = 0  # bytes of body written and read back identical
         self.durable = 0  # of those, flushed
+        # How the body reached the device: pwrite (data, and zeros where the device
+        # takes no BLKZEROOUT) or BLKZEROOUT (runs of zero blocks).
+        self.written_bytes = 0
+        self.zeroed_bytes = 0
+        self._zeroout = stat.S_ISBLK(os.fstat(fd).st_mode)
         self._sync = threading.Condition()
         self._sync_stop = False
         self.head = bytearray()
@@ -469,7 +477,7 @@ class ImageWriter:
             handed_on = False
             try:
                 if not self._failed():
-                    blockdev.pwrite_all(self.fd, piece.view, piece.offset)
+                    self._write_window(piece)
                     self._to_check.put(piece)
                     handed_on = True
             except BaseException as e:
@@ -480,6 +488,27 @@ class ImageWriter:
                 clock.worked()
         clock.stop()
         self._to_check.put(None)
+
+    def _write_window(self, piece: _Piece) -> None:
+        """Write a window: its data with pwrite, its runs of zero blocks with BLKZEROOUT
+        while the device takes it (the checker reads both back all the same)."""
+        if not self._zeroout or piece.buf is None:
+            blockdev.pwrite_all(self.fd, piece.view, piece.offset)
+            self.written_bytes += len(piece.view)
+            return
+        for at, n, zero in blockdev.zero_runs(piece.buf, len(piece.view), ZERO_BLOCK):
+            if zero and self._zeroout:
+                try:
+                    blockdev.zeroout(self.fd, piece.offset + at, n)
+                    self.zeroed_bytes += n
+                    continue
+                except OSError as e:
+                    if e.errno not in blockdev.ZEROOUT_UNSUPPORTED:
+                        raise
+                    # Not this device: its zeros are written like data from here on.
+                    self._zeroout = False
+            blockdev.pwrite_all(self.fd, piece.view[at : at + n], piece.offset + at)
+            self.written_bytes += n
 
     def _checker(self) -> None:
         clock = self.clocks["check"]
@@ -679,6 +708,7 @@ class ImageWriter:
             if isinstance(feed, FileSource):
                 out["blob-read"] = feed.read_clock.figures()
         out["stream"] = {"wall_s": self.stream_s}
+        out["bytes"] = {"written_bytes": self.written_bytes, "zeroed_bytes": self.zeroed_bytes}
         return out
 
     def write_ends(self) -> None:
