@@ -10,7 +10,8 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
                raw_size, straight into page-aligned windows (no copy between decoder
                and device)
     hash       (own thread) sha256 of the raw stream, window by window, in order
-    write      (own thread) each window with O_DIRECT where the device allows it
+    write      (own thread) each window with O_DIRECT where the device allows it; its
+               runs of zero blocks (ZERO_BLOCK) with BLKZEROOUT instead, see below
     check      (own thread) read the window back from the device and memcmp it with what
                was written, while the writer is already writing the next window
     sync       (own thread) fdatasync every SYNC_BYTES of checked windows, so writeback
@@ -27,6 +28,15 @@ The first MiB (where ext4, XFS, btrfs and FAT keep their superblocks) and an una
 are held in memory: `write_ends` writes them only after the whole stream matched both
 signed hashes, and `check_ends` reads them back. Until then the device carries no
 mountable filesystem, so an interrupted or refused write leaves it unbootable.
+
+Zero runs (a filesystem image's free space) are not written but zeroed: the writer finds
+runs of all-zero ZERO_BLOCK blocks in each window (memcmp against a zero buffer) and
+hands them to the device with BLKZEROOUT, which the device does as WRITE ZEROES or the
+kernel as writes of zero pages. Where the device refuses the ioctl (EOPNOTSUPP, EINVAL,
+ENOTTY) or the target is a regular file, zeros are written like data for the rest of the
+stream. Nothing about the proof changes: the window in memory holds those zeros, the raw
+sha256 covers them, the checker reads the zeroed ranges back from the device and
+compares them like the rest, and the syncer's fdatasync flushes them like writes.
 
 Why no second pass: sha256(stream) == raw_sha256 and device == stream (every window, head
 and tail compared byte for byte after a flush) prove what sha256(device) == raw_sha256

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +38,16 @@ def disk(tmp_path: Path) -> Iterator[AbDisk]:
     need_command("partx", "util-linux")
     with ab_disk(tmp_path, slot_mib=SLOT_MIB, esp_mib=1) as d:
         # Garbage everywhere: random in slot b (the target), 0xff in slot a (its neighbour).
-        fill(d.root_b, lambda n: os.urandom(n))
+        fill(d.root_b, os.urandom)
         fill(d.root_a, lambda n: b"\xff" * n)
         yield d
 
 
-def fill(device: str, make: object) -> None:
+def fill(device: str, make: Callable[[int], bytes]) -> None:
     fd = os.open(device, os.O_WRONLY)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        blockdev.pwrite_all(fd, make(size), 0)  # type: ignore[operator]
+        blockdev.pwrite_all(fd, make(size), 0)
         blockdev.flush(fd)
     finally:
         os.close(fd)
