@@ -83,8 +83,9 @@ def zero_runs(buf: Buffer, n: int, block: int) -> Iterator[tuple[int, int, bool]
 
 def zeroout(fd: int, offset: int, length: int) -> None:
     """Zero `length` bytes of the block device `fd` from `offset` (multiples of 512) with
-    BLKZEROOUT: the device's WRITE ZEROES where it has one (NVMe, SCSI/SATA WRITE SAME, a
-    loop device's fallocate of its backing file), else the kernel writes zero pages. It
+    BLKZEROOUT: the device's WRITE ZEROES where it has one (NVMe Write Zeroes, SCSI WRITE
+    SAME, a loop device's fallocate of its backing file), else the kernel writes zero
+    pages (SATA disks behind libata, for one). It
     returns when the device has done it; like a write, it is durable after a flush. Raises
     OSError; an errno in ZEROOUT_UNSUPPORTED means "write the zeros yourself"."""
     if offset % SECTOR or length % SECTOR:
