@@ -113,15 +113,24 @@ def component(raw: bytes, blob: bytes) -> ImageComponent:
     )
 
 
-def stage(tmp_path: Path, device: str, raw: bytes) -> image_writer.ImageWriter:
-    """The writer's whole job on `device`: stream, ends, ends checked."""
+def stage(
+    tmp_path: Path, device: str, raw: bytes, events: list[tuple[str, int]] | None = None
+) -> image_writer.ImageWriter:
+    """The writer's whole job on `device`: stream, ends, ends checked. `events` gets
+    ("durable", n) for each durable report."""
     blob = zstandard.ZstdCompressor(level=1).compress(raw)
     (tmp_path / "blob").write_bytes(blob)
     durable: list[int] = []
+
+    def on_durable(n: int) -> None:
+        durable.append(n)
+        if events is not None:
+            events.append(("durable", n))
+
     fd, direct = blockdev.open_for_writing(device)
     try:
         writer = image_writer.ImageWriter(
-            fd, direct, component(raw, blob), len(blob), on_durable=durable.append
+            fd, direct, component(raw, blob), len(blob), on_durable=on_durable
         )
         with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
             writer.stream(src)
@@ -134,7 +143,10 @@ def stage(tmp_path: Path, device: str, raw: bytes) -> image_writer.ImageWriter:
     return writer
 
 
-def spy_zeroout(monkeypatch: pytest.MonkeyPatch, real: bool = True) -> list[tuple[int, int]]:
+def spy_zeroout(
+    monkeypatch: pytest.MonkeyPatch, real: bool = True, events: list[tuple[str, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The writer's zeroout calls; `events` gets ("zeroed", end) when one returned."""
     calls: list[tuple[int, int]] = []
     original = blockdev.zeroout
 
@@ -142,6 +154,8 @@ def spy_zeroout(monkeypatch: pytest.MonkeyPatch, real: bool = True) -> list[tupl
         calls.append((offset, length))
         if real:
             original(fd, offset, length)
+        if events is not None:
+            events.append(("zeroed", offset + length))
 
     monkeypatch.setattr(blockdev, "zeroout", spy)
     return calls
@@ -152,8 +166,17 @@ def test_zero_runs_are_zeroed_on_the_device_and_the_slot_equals_the_image(
 ) -> None:
     raw = image_with_zero_runs()
     want = expected_zero_runs(raw)
-    calls = spy_zeroout(monkeypatch)
-    writer = stage(tmp_path, disk.root_b, raw)
+    events: list[tuple[str, int]] = []
+    real_sync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        events.append(("flush", 0))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(image_writer, "SYNC_BYTES", 8 * MIB)  # several flushes
+    calls = spy_zeroout(monkeypatch, events=events)
+    writer = stage(tmp_path, disk.root_b, raw, events)
 
     # Byte for byte, read around the writer; past the image the garbage is untouched, and
     # the neighbouring slot too (the ranges are relative to the partition).
@@ -170,6 +193,23 @@ def test_zero_runs_are_zeroed_on_the_device_and_the_slot_equals_the_image(
     assert writer.zeroed_bytes == zeroed > 10 * MIB
     assert writer.written_bytes == body - zeroed
     assert writer.figures()["bytes"] == {"written_bytes": body - zeroed, "zeroed_bytes": zeroed}
+
+    # Durable means flushed for zeroed ranges too: when the first n body bytes are
+    # reported durable, every zeroout inside them had returned before a flush began.
+    zeroed_before_flush: set[int] = set()
+    done: set[int] = set()
+    reports = 0
+    for kind, n in events:
+        if kind == "zeroed":
+            done.add(n)
+        elif kind == "flush":
+            zeroed_before_flush = set(done)
+        else:
+            reports += 1
+            inside = {end for end in done if end <= image_writer.HEAD + n}
+            assert inside <= zeroed_before_flush
+            assert len(inside) == sum(1 for at, ln in want if at + ln <= image_writer.HEAD + n)
+    assert reports >= 3
 
 
 def test_a_zeroout_that_does_nothing_is_caught_by_the_read_back(
