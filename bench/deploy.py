@@ -21,7 +21,8 @@ session thread hashing the blob, `busy_s`, and waiting for room in the pipe, `wa
 `store` (the session thread writing the blob's store copy) and `session` (the session
 thread during the image: `recv_s` in receive, `decrypt_s` of it in the AEAD, `sink_s`
 handing records to the sink, which holds `store` and `blob`; its CPU and run-queue
-seconds).
+seconds). `image_bytes` says how much of the image body the receiver wrote and how much
+it zeroed (BLKZEROOUT, the image's free space); dd writes every byte.
 
 The deploy is timed from the donor process's start (interpreter start-up included) to its
 exit, which comes right after the target's REPORT ok: it includes the handshake, the
@@ -367,6 +368,7 @@ def run_deploy() -> dict[str, object]:
             "ratio": round(ratio, 3),
             "goal_ratio": goal,
             "goal_met": ratio >= goal,
+            "image_bytes": ota_slots.byte_figures(clocks),
             "phases_s": phases,
             "threads": ota_slots.thread_figures(clocks),
             "sha256_mbps": round(sha_mbps, 1),

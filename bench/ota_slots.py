@@ -27,6 +27,9 @@ in-run sha256 speed of this CPU is reported as well, raw_size / sha256_mbps bein
 on stage's time that no buffering can lower. Stage's CPU seconds (all threads) are
 reported too: on a machine shared with other work, wall time follows what it is given.
 
+`image_bytes` says how much of the image body the writer wrote and how much it zeroed
+(BLKZEROOUT, runs of zero blocks: the image's free space), dd writing every byte.
+
 `threads` gives, per thread of the image writer (medians over the rounds), its busy and
 waiting seconds, its CPU seconds and its run-queue seconds (ready to run, no CPU free),
 and `busy_share` = busy / stream wall time: the thread whose busy share is near 1 is the
@@ -173,7 +176,7 @@ def thread_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
     out: dict[str, dict[str, float]] = {}
     wall = statistics.median(r["stream"]["wall_s"] for r in runs)
     for name in runs[0]:
-        if name == "stream":
+        if name in ("stream", "bytes"):
             continue
         fig = {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
         if "busy_s" in fig:
@@ -181,6 +184,22 @@ def thread_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
         out[name] = {k: round(v, 2) for k, v in fig.items()}
     out["stream"] = {"wall_s": round(wall, 2)}
     return out
+
+
+def byte_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, object]:
+    """How the image's body reached the device in the last round: written (pwrite) or
+    zeroed (BLKZEROOUT, runs of zero blocks). dd writes every byte, so the ratio against
+    it depends on the image's share of zeros; printed beside the ratio."""
+    got = runs[-1].get("bytes", {}) if runs else {}
+    written, zeroed = int(got.get("written_bytes", 0)), int(got.get("zeroed_bytes", 0))
+    total = written + zeroed
+    return {
+        "written_bytes": written,
+        "zeroed_bytes": zeroed,
+        "zeroed_share": round(zeroed / total, 3) if total else 0.0,
+        "note": "dd writes every byte; the writer zeroes runs of zero blocks instead "
+        "of writing them, and reads them back all the same",
+    }
 
 
 def run() -> dict[str, object]:
@@ -272,6 +291,7 @@ def run() -> dict[str, object]:
             "ratio_vs_dd_direct_fsync": round(direct_ratio, 2),
             "goal_ratio": GOAL_RATIO,
             "goal_met": direct_ratio >= GOAL_RATIO,
+            "image_bytes": byte_figures(clocks),
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
             "load_average_1min_at_end": round(load, 2),

@@ -1,4 +1,5 @@
-"""Block devices: exclusive opens, cache drops, whole reads and writes, aligned buffers.
+"""Block devices: exclusive opens, cache drops, whole reads and writes, zeroing, aligned
+buffers.
 
 A regular file stands in for a device in tests; every helper works on both."""
 
@@ -11,11 +12,16 @@ import hashlib
 import mmap
 import os
 import stat
+import struct
+from collections.abc import Iterator
 
 from spk_visor.errors import ConfigError, VerificationError
 
 # linux/fs.h: _IO(0x12, 97), drop the block device's clean cached pages.
 BLKFLSBUF = 0x1261
+# linux/fs.h: _IO(0x12, 127), zero a byte range {start, length} (both multiples of 512).
+BLKZEROOUT = 0x127F
+SECTOR = 512
 # O_DIRECT offsets, lengths and buffers are multiples of this (512 B and 4 KiB sectors).
 ALIGN = 4096
 READ_CHUNK = 16 << 20
@@ -32,6 +38,11 @@ _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
 
 
+# errnos of a BLKZEROOUT the device or its driver does not do (or a file that is not a
+# block device): the caller writes the zeros itself instead.
+ZEROOUT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY})
+
+
 class Buffer:
     """Page-aligned memory (O_DIRECT wants it), and its address for memcmp."""
 
@@ -44,6 +55,42 @@ class Buffer:
 def same(a: Buffer, b: Buffer, n: int) -> bool:
     """The first n bytes of a and b are equal."""
     return int(_memcmp(a.addr, b.addr, n)) == 0
+
+
+# What zero_runs compares blocks with. An anonymous mapping never written to reads as the
+# kernel's shared zero page, so it costs no memory and stays in the CPU cache.
+ZERO_SCAN_MAX = 4 << 20
+_zeros = Buffer(ZERO_SCAN_MAX)
+
+
+def zero_runs(buf: Buffer, n: int, block: int) -> Iterator[tuple[int, int, bool]]:
+    """The first n bytes of `buf` as (offset, length, all_zero) runs of whole `block`s
+    (the last one may be shorter), adjacent blocks of the same kind coalesced. One memcmp
+    per block: a block with data usually differs in its first bytes, a zero block is read
+    once at memory speed."""
+    if not 0 < block <= ZERO_SCAN_MAX:
+        raise ValueError(f"zero scan block {block} is not in 1..{ZERO_SCAN_MAX}")
+    start, kind = 0, False
+    for at in range(0, n, block):
+        zero = int(_memcmp(buf.addr + at, _zeros.addr, min(block, n - at))) == 0
+        if at and zero != kind:
+            yield start, at - start, kind
+            start = at
+        kind = zero
+    if n:
+        yield start, n - start, kind
+
+
+def zeroout(fd: int, offset: int, length: int) -> None:
+    """Zero `length` bytes of the block device `fd` from `offset` (multiples of 512) with
+    BLKZEROOUT: the device's WRITE ZEROES where it has one (NVMe Write Zeroes, SCSI WRITE
+    SAME, a loop device's fallocate of its backing file), else the kernel writes zero
+    pages (SATA disks behind libata, for one). It
+    returns when the device has done it; like a write, it is durable after a flush. Raises
+    OSError; an errno in ZEROOUT_UNSUPPORTED means "write the zeros yourself"."""
+    if offset % SECTOR or length % SECTOR:
+        raise ValueError(f"zeroout of {length} bytes at {offset} is not 512-byte aligned")
+    fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
 
 
 def open_exclusive(device: str, flags: int, hint: str = "check the configuration") -> int:

@@ -10,7 +10,8 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
                raw_size, straight into page-aligned windows (no copy between decoder
                and device)
     hash       (own thread) sha256 of the raw stream, window by window, in order
-    write      (own thread) each window with O_DIRECT where the device allows it
+    write      (own thread) each window with O_DIRECT where the device allows it; its
+               runs of zero blocks (ZERO_BLOCK) with BLKZEROOUT instead, see below
     check      (own thread) read the window back from the device and memcmp it with what
                was written, while the writer is already writing the next window
     sync       (own thread) fdatasync every SYNC_BYTES of checked windows, so writeback
@@ -27,6 +28,15 @@ The first MiB (where ext4, XFS, btrfs and FAT keep their superblocks) and an una
 are held in memory: `write_ends` writes them only after the whole stream matched both
 signed hashes, and `check_ends` reads them back. Until then the device carries no
 mountable filesystem, so an interrupted or refused write leaves it unbootable.
+
+Zero runs (a filesystem image's free space) are not written but zeroed: the writer finds
+runs of all-zero ZERO_BLOCK blocks in each window (memcmp against a zero buffer) and
+hands them to the device with BLKZEROOUT, which the device does as WRITE ZEROES or the
+kernel as writes of zero pages. Where the device refuses the ioctl (EOPNOTSUPP, EINVAL,
+ENOTTY) or the target is a regular file, zeros are written like data for the rest of the
+stream. Nothing about the proof changes: the window in memory holds those zeros, the raw
+sha256 covers them, the checker reads the zeroed ranges back from the device and
+compares them like the rest, and the syncer's fdatasync flushes them like writes.
 
 Why no second pass: sha256(stream) == raw_sha256 and device == stream (every window, head
 and tail compared byte for byte after a flush) prove what sha256(device) == raw_sha256
@@ -77,6 +87,9 @@ READ_AHEAD = 1
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
 # granularity of the durable progress, not of the read-back.
 SYNC_BYTES = 128 * MIB
+# Runs of zeros are found, and zeroed instead of written, in blocks of this size (the
+# scan: one memcmp per block). See _write_window and docs/install-path.md.
+ZERO_BLOCK = 256 << 10
 # zstd's own default limit, stated so a frame cannot ask for more decoder memory.
 MAX_WINDOW = 1 << 27
 REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
@@ -406,6 +419,11 @@ class ImageWriter:
         self.digest = hashlib.sha256()
         self.written = 0  # bytes of body written and read back identical
         self.durable = 0  # of those, flushed
+        # How the body reached the device: pwrite (data, and zeros where the device
+        # takes no BLKZEROOUT) or BLKZEROOUT (runs of zero blocks).
+        self.written_bytes = 0
+        self.zeroed_bytes = 0
+        self._zeroout = stat.S_ISBLK(os.fstat(fd).st_mode)
         self._sync = threading.Condition()
         self._sync_stop = False
         self.head = bytearray()
@@ -469,7 +487,7 @@ class ImageWriter:
             handed_on = False
             try:
                 if not self._failed():
-                    blockdev.pwrite_all(self.fd, piece.view, piece.offset)
+                    self._write_window(piece)
                     self._to_check.put(piece)
                     handed_on = True
             except BaseException as e:
@@ -480,6 +498,27 @@ class ImageWriter:
                 clock.worked()
         clock.stop()
         self._to_check.put(None)
+
+    def _write_window(self, piece: _Piece) -> None:
+        """Write a window: its data with pwrite, its runs of zero blocks with BLKZEROOUT
+        while the device takes it (the checker reads both back all the same)."""
+        if not self._zeroout or piece.buf is None:
+            blockdev.pwrite_all(self.fd, piece.view, piece.offset)
+            self.written_bytes += len(piece.view)
+            return
+        for at, n, zero in blockdev.zero_runs(piece.buf, len(piece.view), ZERO_BLOCK):
+            if zero and self._zeroout:
+                try:
+                    blockdev.zeroout(self.fd, piece.offset + at, n)
+                    self.zeroed_bytes += n
+                    continue
+                except OSError as e:
+                    if e.errno not in blockdev.ZEROOUT_UNSUPPORTED:
+                        raise
+                    # Not this device: its zeros are written like data from here on.
+                    self._zeroout = False
+            blockdev.pwrite_all(self.fd, piece.view[at : at + n], piece.offset + at)
+            self.written_bytes += n
 
     def _checker(self) -> None:
         clock = self.clocks["check"]
@@ -679,6 +718,7 @@ class ImageWriter:
             if isinstance(feed, FileSource):
                 out["blob-read"] = feed.read_clock.figures()
         out["stream"] = {"wall_s": self.stream_s}
+        out["bytes"] = {"written_bytes": self.written_bytes, "zeroed_bytes": self.zeroed_bytes}
         return out
 
     def write_ends(self) -> None:

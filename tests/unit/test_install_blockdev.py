@@ -44,3 +44,38 @@ def test_sync_flushes_the_filesystem_of_a_path_not_every_disk(
 def test_sync_of_a_missing_path_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         blockdev.sync(tmp_path / "absent")
+
+
+def test_zero_runs_finds_whole_zero_blocks_and_joins_neighbours() -> None:
+    block = 64 << 10
+    buf = blockdev.Buffer(10 * block)
+    view = buf.view
+    view[:] = b"\x01" * len(view)
+    view[block : 3 * block] = bytes(2 * block)  # two zero blocks: one run
+    view[4 * block + 1 : 5 * block] = bytes(block - 1)  # one data byte left: data
+    view[9 * block : 10 * block - 4096] = bytes(block - 4096)  # the short last block
+    n = 10 * block - 4096
+    assert list(blockdev.zero_runs(buf, n, block)) == [
+        (0, block, False),
+        (block, 2 * block, True),
+        (3 * block, 6 * block, False),
+        (9 * block, block - 4096, True),
+    ]
+    assert list(blockdev.zero_runs(buf, 0, block)) == []
+    with pytest.raises(ValueError):
+        list(blockdev.zero_runs(buf, n, blockdev.ZERO_SCAN_MAX + 1))
+
+
+def test_zeroout_refuses_unaligned_ranges_and_regular_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        blockdev.zeroout(0, 100, 512)
+    path = tmp_path / "file"
+    path.write_bytes(b"\x01" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            blockdev.zeroout(fd, 0, 4096)
+    finally:
+        os.close(fd)
+    assert e.value.errno in blockdev.ZEROOUT_UNSUPPORTED
+    assert path.read_bytes() == b"\x01" * 4096

@@ -106,6 +106,31 @@ def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
         assert flushes >= windows
 
 
+def test_a_regular_file_gets_its_zeros_written_without_zeroout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BLKZEROOUT is for block devices: a file standing in for a slot is written whole."""
+    monkeypatch.setattr(blockdev, "zeroout", lambda *a: pytest.fail("zeroout on a file"))
+    raw = hashlib.shake_256(b"file").digest(2 * MIB) + bytes(4 * MIB)
+    blob = zstandard_blob(raw)
+    (tmp_path / "blob").write_bytes(blob)
+    image = zstd_image(raw, blob)
+    slot = tmp_path / "slot"
+    slot.write_bytes(b"\xff" * len(raw))
+    fd, direct = blockdev.open_for_writing(str(slot))
+    try:
+        writer = image_writer.ImageWriter(fd, direct, image, len(blob))
+        with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
+            writer.stream(src)
+        writer.write_ends()
+        writer.check_ends()
+    finally:
+        os.close(fd)
+    assert slot.read_bytes() == raw
+    assert writer.zeroed_bytes == 0
+    assert writer.written_bytes == len(raw) - image_writer.HEAD
+
+
 def test_a_blob_that_fails_to_read_fails_the_stream(tmp_path: Path) -> None:
     """An I/O error on the stored blob reaches the caller (after the pieces read before
     it were decoded); nothing hangs and the slot's head stays unwritten."""
