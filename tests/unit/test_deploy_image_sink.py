@@ -140,7 +140,7 @@ def test_the_session_thread_does_not_hash_the_blob(
 ) -> None:
     """The session thread (here: the test's) only hands records on: the blob's sha256
     runs on the store copy's thread, over every byte, and is the hash the writer checks."""
-    raw, blob, image = _image()
+    _raw, blob, image = _image()
     calls: list[tuple[str, int]] = []
     real = hashlib.sha256
     monkeypatch.setattr(hashlib, "sha256", lambda: _Sha256Spy(real, calls))
@@ -206,7 +206,7 @@ def test_a_record_that_changes_before_the_store_copy_has_it_is_refused(
     reused too early would): the decoder saw the signed bytes, the store copy did not.
     The blob's hash is taken of what the store copy wrote, so the image is refused as a
     blob mismatch, the slot stays unbootable and no store copy is kept."""
-    raw, blob, image = _image()
+    _raw, blob, image = _image()
     k = len(blob) // RECORD // 2
     inst = _Inst(tmp_path)
     sink = install._ImageSink(inst, image, len(blob))  # type: ignore[arg-type]
@@ -240,7 +240,7 @@ def test_a_record_that_changes_after_the_store_copy_had_it_is_refused(
     """The other order: the store copy wrote and hashed the signed record, then the
     buffer changed before the decoder read it. The blob's hash matches; the decoded
     image does not (refused on raw_sha256, or as undecodable), and nothing is kept."""
-    raw, blob, image = _image()
+    _raw, blob, image = _image()
     k = len(blob) // RECORD // 2
     inst = _Inst(tmp_path)
     sink = install._ImageSink(inst, image, len(blob))  # type: ignore[arg-type]
