@@ -376,9 +376,9 @@ class _ImageSink:
         self.thread.start()
 
     def figures(self) -> dict[str, dict[str, float]]:
-        """The writer's thread clocks (`blob`: the session thread waiting for room in the
-        pipe) and the store copy's (writing and, `hash_s` of it, hashing the blob;
-        `put_wait_s`: the session thread waiting for room in its queue)."""
+        """The writer's thread clocks (`blob`: `put_wait_s`, the session thread waiting
+        for room in the decoder's pipe) and the store copy's (writing and, `hash_s` of
+        it, hashing the blob; `put_wait_s`: the session waiting for room in its queue)."""
         return {**self.writer.figures(), "store": self.copy.figures()}
 
     def _durable(self, n: int) -> None:
@@ -402,8 +402,11 @@ class _ImageSink:
         self.received += len(data)
         try:
             view = memoryview(data)
-            self.copy.put(view)
+            # The decoder first: it is the stream's slowest stage, and the store copy may
+            # lag (it only has to be done by finish). The other order held each record
+            # back from the decoder while the store copy's queue was full.
             self.pipe.put(view)
+            self.copy.put(view)
         except InstallError:
             raise
         except BaseException as e:

@@ -190,6 +190,7 @@ class RecordPipe:
         # The feeding thread: busy hashing, waiting for room (its CPU and run-queue
         # seconds only where the pipe runs that thread itself: FileSource).
         self.clock = Clock()
+        self.put_wait = 0.0  # the feeding thread, waiting for room
         self.read_wait = 0.0  # the decoding thread, waiting for the feed
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
@@ -201,8 +202,11 @@ class RecordPipe:
             self.count += len(view)
             self.clock.worked()
         with self._cond:
-            while len(self._items) + self._held >= self._depth and self._dead is None:
-                self._cond.wait()
+            if len(self._items) + self._held >= self._depth and self._dead is None:
+                t0 = time.perf_counter()
+                while len(self._items) + self._held >= self._depth and self._dead is None:
+                    self._cond.wait()
+                self.put_wait += time.perf_counter() - t0
             self.clock.waited()
             if self._dead is not None:
                 raise self._dead
@@ -706,7 +710,10 @@ class ImageWriter:
         feed = self._feed
         if feed is not None:
             out["decode"]["feed_wait_s"] = feed.read_wait
-            out["blob"] = feed.clock.figures()
+            # A pipe that does not hash runs no clock of its own (deploy: the hash is in
+            # its store copy's figures); either way, how long the feeder waited for room.
+            blob = feed.clock.figures() if feed.hashed else {}
+            out["blob"] = {**blob, "put_wait_s": feed.put_wait}
             if isinstance(feed, FileSource):
                 out["blob-read"] = feed.read_clock.figures()
         out["stream"] = {"wall_s": self.stream_s}
