@@ -17,11 +17,12 @@
 `threads` gives the receiver's clocks of the image stream (medians over the rounds; see
 bench.ota_slots and spk_visor/install/image.py): the image writer's threads (decode,
 with `feed_wait_s`, its wait for records; hash, write, check, sync), `blob` (the
-session thread hashing the blob, `busy_s`, and waiting for room in the pipe, `wait_s`),
-`store` (the session thread writing the blob's store copy) and `session` (the session
-thread during the image: `recv_s` in receive, `decrypt_s` of it in the AEAD, `sink_s`
-handing records to the sink, which holds `store` and `blob`; its CPU and run-queue
-seconds). `image_bytes` says how much of the image body the receiver wrote and how much
+session thread waiting for room in the decoder's pipe, `put_wait_s`), `store` (the
+`image-store` thread writing the blob's store copy and hashing it, `hash_s` of its busy
+time; `put_wait_s`, the session thread waiting for room in its queue) and `session` (the
+session thread during the image: `recv_s` in receive, `decrypt_s` of it in the AEAD,
+`sink_s` handing records to the sink, which holds both `put_wait_s`; its CPU and
+run-queue seconds). `image_bytes` says how much of the image body the receiver wrote and how much
 it zeroed (BLKZEROOUT, the image's free space); dd writes every byte.
 
 The deploy is timed from the donor process's start (interpreter start-up included) to its

@@ -38,7 +38,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from spk_visor.install import disk as disk_prep
 from spk_visor.install import image as image_writer
 from spk_visor.install import layout as disk_layout
 from spk_visor.install.layout import PART_NAMES, Layout
+from spk_visor.install.store_copy import StoreCopy
 from spk_visor.ota import durable
 from spk_visor.ota.journal import Installed as InstalledRecord
 from spk_visor.ota.nodeconf import NodePaths
@@ -68,8 +68,14 @@ DATA_MOUNT = "/data"
 # Held back while the image streams and written last (slots.py does the same): every
 # filesystem keeps its superblock in here, so an unfinished slot A has no mountable fs.
 HEAD = image_writer.HEAD
-# Records queued for the image decoder: fewer than the channel keeps valid, so a record
-# is never overwritten before it is decoded (see RecordPipe).
+# Records in hand, each, for the image decoder (RecordPipe) and the store copy
+# (StoreCopy). Why a record's receive buffer is never reused while either still reads it:
+# the channel overwrites record i's buffer only when it receives record i + RECV_RING,
+# which the session does after handing records i+1 .. i+RECV_RING-1 to both. Each takes
+# records in order and lets `put` return only while fewer than PIPE_DEPTH are in its
+# hands, so both have let go of record i once put(i + PIPE_DEPTH) has returned to the
+# session. PIPE_DEPTH <= RECV_RING - 1 is therefore enough; one less leaves a spare.
+# (tests/unit/test_deploy_image_sink.py feeds a ring of RECV_RING buffers the same way.)
 PIPE_DEPTH = channel.RECV_RING - 2
 PLAN_KEYS = {"manifest", "disk", "layout", "hostname", "confirm_wipe_serial", "authorized_keys"}
 DISK_KEYS = {"serial", "size"}
@@ -241,6 +247,10 @@ class BlobSink(Protocol):
     def close(self) -> None: ...
 
 
+def _store_error(e: BaseException) -> InstallError:
+    return InstallError("io_error", f"the store copy of the image: {e}")
+
+
 def _install_error(e: BaseException) -> InstallError:
     """The image writer's refusals and the device's I/O errors, as REPORT reasons."""
     if isinstance(e, InstallError):
@@ -252,105 +262,18 @@ def _install_error(e: BaseException) -> InstallError:
     return InstallError("image_failed", f"{type(e).__name__}: {e}")
 
 
-class _StoreCopy:
-    """The image blob, as it came, written to its partial file in the node's OTA store on
-    its own thread (`image-store`), so the session thread only receives, decrypts, hashes
-    and hands records on: the copy's page-cache writes and writeback (blocking 1.5 s per
-    GiB of image on the session thread, bench.deploy's `threads`) no longer hold up the
-    decoder's feed.
-
-    No copy of a record: the thread writes the channel's own receive buffer. `put` blocks
-    while `depth` records are queued or being written, the same bound as the decoder's
-    RecordPipe, so a record is written before the channel reuses its buffer. A write
-    error stops the copy; the next `put` or `finish` raises it."""
-
-    def __init__(self, fd: int, depth: int) -> None:
-        self.fd = fd
-        self._depth = depth
-        self._items: deque[memoryview | None] = deque()
-        self._busy = 0  # records queued or being written
-        self._cond = threading.Condition()
-        self.error: BaseException | None = None
-        self.clock = image_writer.Clock()  # the store thread: writing / waiting for records
-        self.put_wait = 0.0  # the session thread, waiting for room
-        self._thread = threading.Thread(target=self._run, name="image-store", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        clock = self.clock
-        clock.start()
-        try:
-            while True:
-                with self._cond:
-                    while not self._items:
-                        self._cond.wait()
-                    view = self._items.popleft()
-                clock.waited()
-                if view is None:
-                    return
-                try:
-                    if self.error is None:
-                        # No writeback started by hand while the image streams: the
-                        # kernel's own dirty-page limits write the copy back (and throttle
-                        # this thread, not the session), and the fsync before promotion
-                        # makes it durable. A sync_file_range every 32 MiB blocked 0.8-1.4
-                        # s per GiB behind slot A's writes and starved the decoder:
-                        # 4 GiB deploy 12.5 s with it, 10.3 s without (docs/install-path.md).
-                        blockdev.write_all(self.fd, view)
-                except BaseException as e:  # kept for put/finish; the queue keeps draining
-                    self.error = e
-                finally:
-                    del view  # the channel may reuse the buffer once _busy drops
-                    with self._cond:
-                        self._busy -= 1
-                        self._cond.notify_all()
-                clock.worked()
-        finally:
-            clock.stop()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise InstallError("io_error", f"the store copy of the image: {self.error}")
-
-    def put(self, view: memoryview) -> None:
-        self._raise()
-        t0 = time.perf_counter()
-        with self._cond:
-            while self._busy >= self._depth:
-                self._cond.wait()
-            self._busy += 1
-            self._items.append(view)
-            self._cond.notify_all()
-        self.put_wait += time.perf_counter() - t0
-
-    def finish(self) -> None:
-        """Wait until every record is written; raise the copy's error if it had one."""
-        self.stop()
-        self._raise()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            with self._cond:
-                self._items.append(None)
-                self._cond.notify_all()
-            self._thread.join()
-
-    def figures(self) -> dict[str, float]:
-        return {
-            **self.clock.figures(),
-            "put_wait_s": self.put_wait,
-        }
-
-
 class _ImageSink:
     """The base image, through the image writer shared with OTA, onto root-a.
 
-    The session thread only hashes the blob and hands records on, without a copy, to the
-    store copy's thread (_StoreCopy) and to the decoder (a RecordPipe); decoding runs on
-    this sink's thread and hashing, writing and the read-back of each window on the
-    writer's, so receiving, decrypting, decoding, hashing and writing all overlap. Every
-    window is read back and compared as it goes: nothing is read or hashed again after
-    the stream. The first MiB is written last, after both signed hashes matched."""
+    The session thread only hands records on, without a copy, to the store copy's thread
+    (install/store_copy.py: it writes the blob into the node's OTA store and takes the
+    blob's sha256 and size) and to the decoder (a RecordPipe that does not hash);
+    decoding runs on this sink's thread and hashing, writing and the read-back of each
+    window on the writer's, so receiving, decrypting, decoding, hashing and writing all
+    overlap. The writer checks the blob against the store copy's final hash: `finish`
+    waits for the store copy before it closes the pipe with it. Every window is read back
+    and compared as it goes: nothing is read or hashed again after the stream. The first
+    MiB is written last, after both signed hashes matched."""
 
     def __init__(self, inst: Installer, image: ImageComponent, size: int) -> None:
         self.inst = inst
@@ -358,7 +281,7 @@ class _ImageSink:
         self.size = size
         self.received = 0
         self.error: BaseException | None = None
-        self.pipe = image_writer.RecordPipe(PIPE_DEPTH)
+        self.pipe = image_writer.RecordPipe(PIPE_DEPTH, hashed=False)
         # The blob as it came, into the node's OTA store: the installed node can then send
         # this very release to a peer. It enters blobs/ only once the writer has checked
         # the stream against the blob's signed hash and size.
@@ -366,7 +289,7 @@ class _ImageSink:
         try:
             self.copy_fd = inst.store_partial(image.blob)
         except OSError as e:
-            raise InstallError("io_error", f"the store copy of the image: {e}") from e
+            raise _store_error(e) from e
         try:
             fd, direct = blockdev.open_for_writing(inst.parts["root-a"])
         except (OSError, SpkVisorError) as e:
@@ -378,14 +301,14 @@ class _ImageSink:
         self.writer = image_writer.ImageWriter(
             fd, direct, image, size, on_durable=lambda done: self._durable(start + done)
         )
-        self.copy = _StoreCopy(self.copy_fd, PIPE_DEPTH)
+        self.copy = StoreCopy(self.copy_fd, PIPE_DEPTH, _store_error)
         self.thread = threading.Thread(target=self._decode, name="image-decode", daemon=True)
         self.thread.start()
 
     def figures(self) -> dict[str, dict[str, float]]:
-        """The writer's thread clocks (`blob`: the session thread hashing the blob and
-        waiting for room in the pipe) and the store copy's (`put_wait_s`: the session
-        thread waiting for room in its queue)."""
+        """The writer's thread clocks (`blob`: `put_wait_s`, the session thread waiting
+        for room in the decoder's pipe) and the store copy's (writing and, `hash_s` of
+        it, hashing the blob; `put_wait_s`: the session waiting for room in its queue)."""
         return {**self.writer.figures(), "store": self.copy.figures()}
 
     def _durable(self, n: int) -> None:
@@ -399,8 +322,9 @@ class _ImageSink:
             self.pipe.fail(_install_error(e))
 
     def write(self, data: bytes | memoryview) -> None:
-        """Hand one record on; it must stay unchanged until the decoder has consumed it
-        (the channel's receive ring guarantees that for PIPE_DEPTH records)."""
+        """Hand one record on to the store copy and the decoder; it must stay unchanged
+        until both have let go of it (the channel's receive ring guarantees that: see
+        PIPE_DEPTH)."""
         if self.fd is None:
             raise InstallError("sink_closed", "image sink already finished or closed")
         if self.received + len(data) > self.size:
@@ -408,8 +332,11 @@ class _ImageSink:
         self.received += len(data)
         try:
             view = memoryview(data)
-            self.copy.put(view)
+            # The decoder first: it is the stream's slowest stage, and the store copy may
+            # lag (it only has to be done by finish). The other order held each record
+            # back from the decoder while the store copy's queue was full.
             self.pipe.put(view)
+            self.copy.put(view)
         except InstallError:
             raise
         except BaseException as e:
@@ -418,7 +345,14 @@ class _ImageSink:
     def finish(self) -> None:
         if self.fd is None:
             raise InstallError("sink_closed", "image sink already finished or closed")
-        self.pipe.close()
+        # The store copy's final size and hash first: the pipe's end carries them, so the
+        # writer's blob check (after the decoder sees the end) never reads a partial hash,
+        # and a store error stops everything before the head is written.
+        try:
+            blob = self.copy.finish()
+        except BaseException as e:
+            raise _install_error(e) from e
+        self.pipe.close(blob=blob)
         self.thread.join()
         try:
             if self.error is not None:
@@ -430,21 +364,21 @@ class _ImageSink:
         self._durable(self.inst.durable_bytes + len(self.writer.head) + len(self.writer.tail))
         self.inst.emit_progress()
         if self.copy_fd is not None:
-            self.copy.finish()
             try:
                 os.fsync(self.copy_fd)
                 os.close(self.copy_fd)
                 self.copy_fd = None
                 self.inst.store.promote(self.image.blob)
             except OSError as e:
-                raise InstallError("io_error", f"the store copy of the image: {e}") from e
+                raise _store_error(e) from e
         self.inst.image_sha256 = self.image.raw_sha256
         self.close()
 
     def close(self) -> None:
         if self.thread.is_alive():
-            self.pipe.fail(InstallError("sink_closed", "image sink closed"))
-            self.pipe.close()
+            closed = InstallError("sink_closed", "image sink closed")
+            self.pipe.fail(closed)
+            self.pipe.close(closed)
             self.thread.join()
         self.copy.stop()
         if self.fd is not None:

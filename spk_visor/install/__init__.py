@@ -4,6 +4,9 @@
               under releases/.staging-<id>, rename into place
     image     the image writer: decode into O_DIRECT windows, hash on its own thread, each
               window read back and compared while the next is written, head held back
+    store_copy
+              deploy's copy of the image blob into the OTA store, on its own thread,
+              hashed there (the blob hash the image writer checks)
     blockdev  exclusive opens, cache drops, whole reads and writes of block devices
     runner    every external tool: argv only, bounded in time, exit status always checked
     layout    the `ab` partition layout: names, order, sizes, the sfdisk script

@@ -4,8 +4,10 @@ OTA feeds it from a stored blob (a FileSource), deploy from the records of its c
 (a RecordPipe). Either way:
 
     read       (OTA only: FileSource's reader) the stored blob, O_DIRECT, 16 MiB a read
-    blob       (the feeding thread: FileSource's hasher, deploy's session) sha256 and
-               count of the encoded blob, as it is handed to the decoder
+    blob       sha256 and count of the encoded blob, beside the decoder: OTA on
+               FileSource's hasher as it hands each piece on, deploy on its store copy's
+               thread as it writes each record (install/store_copy.py), so deploy's
+               session thread only receives, decrypts and hands records on
     decode     (the caller's thread; deploy: its decoding thread) zstd, bounded by
                raw_size, straight into page-aligned windows (no copy between decoder
                and device)
@@ -165,16 +167,27 @@ def _read_back_error(offset: int) -> ImageError:
 
 
 class RecordPipe:
-    """Blob bytes handed from a feeding thread to the decoding thread, without copies,
-    sha256'd and counted on the feeding thread (so the hash runs beside the decoder).
+    """Blob bytes handed from a feeding thread to the decoding thread, without copies.
+
+    The blob's sha256 and size, which the writer checks once the stream has ended
+    (`blob`), come from one of two places:
+
+    - `hashed=True` (OTA's FileSource): taken here, on the feeding thread, as each piece
+      is put, so the hash runs beside the decoder; `close()` fixes them.
+    - `hashed=False` (deploy): the feeder has them taken by whatever else reads every
+      record (deploy's store copy hashes what it writes, on its own thread, so the
+      session thread only hands records on) and passes the final pair to
+      `close(blob=...)`. Until then there is none: a stream that ends without it is
+      refused as a blob mismatch, never accepted.
 
     Deploy's channel decrypts into a ring of buffers, so a record's memory stays valid
     for a few more records: `put` blocks while `depth` records are queued or held by the
-    decoder, which keeps every record alive until it has been decoded. A record is held
-    from the read that returns it until the next read (zstd asks for more input only
-    once it has consumed the last)."""
+    decoder, which keeps every record alive until it has been decoded. Records leave in
+    the order they came, so a record has been let go of before `depth` more puts have
+    returned. A record is held from the read that returns it until the next read (zstd
+    asks for more input only once it has consumed the last)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, *, hashed: bool = True) -> None:
         self._depth = depth
         self._items: deque[memoryview] = deque()
         self._held = 0
@@ -182,23 +195,31 @@ class RecordPipe:
         self._dead: BaseException | None = None
         self._broken: BaseException | None = None
         self._cond = threading.Condition()
-        self.digest = hashlib.sha256()
+        self.hashed = hashed
+        self.digest = hashlib.sha256() if hashed else None
         self.count = 0
+        # (size, sha256 hex) of the whole blob, once the feed has ended.
+        self.blob: tuple[int, str] | None = None
         # The feeding thread: busy hashing, waiting for room (its CPU and run-queue
         # seconds only where the pipe runs that thread itself: FileSource).
         self.clock = Clock()
+        self.put_wait = 0.0  # the feeding thread, waiting for room
         self.read_wait = 0.0  # the decoding thread, waiting for the feed
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         self.clock.waited()
-        # Outside the lock: the decoder keeps reading while this hashes.
-        self.digest.update(view)
-        self.count += len(view)
-        self.clock.worked()
+        if self.digest is not None:
+            # Outside the lock: the decoder keeps reading while this hashes.
+            self.digest.update(view)
+            self.count += len(view)
+            self.clock.worked()
         with self._cond:
-            while len(self._items) + self._held >= self._depth and self._dead is None:
-                self._cond.wait()
+            if len(self._items) + self._held >= self._depth and self._dead is None:
+                t0 = time.perf_counter()
+                while len(self._items) + self._held >= self._depth and self._dead is None:
+                    self._cond.wait()
+                self.put_wait += time.perf_counter() - t0
             self.clock.waited()
             if self._dead is not None:
                 raise self._dead
@@ -207,10 +228,20 @@ class RecordPipe:
             self._items.append(view)
             self._cond.notify_all()
 
-    def close(self, error: BaseException | None = None) -> None:
+    def close(
+        self, error: BaseException | None = None, *, blob: tuple[int, str] | None = None
+    ) -> None:
         """No more records: the decoder sees the end of the stream, or `error` (the feed
-        broke) once it has read what came before."""
+        broke) once it has read what came before. `blob`: the whole blob's (size, sha256
+        hex) where the pipe does not hash (`hashed=False`); given before the decoder can
+        see the end, so the writer's check always has the final pair."""
+        if self.digest is not None:
+            if blob is not None:
+                raise ValueError("a hashing pipe takes the blob's hash itself")
+            if error is None:
+                blob = (self.count, self.digest.hexdigest())
         with self._cond:
+            self.blob = None if error is not None else blob
             self._closed = True
             self._broken = error
             self._cond.notify_all()
@@ -250,8 +281,8 @@ class RecordPipe:
         return len(data)
 
     def drain(self) -> None:
-        """Take the rest of the feed: bytes the decoder never asked for are hashed and
-        counted too."""
+        """Take the rest of the feed, up to its end (so `blob` is final): bytes the
+        decoder never asked for are hashed and counted too."""
         while self.read(READ_SIZE):
             pass
 
@@ -605,9 +636,13 @@ class ImageWriter:
     # -- the stream
 
     def _blob_mismatch(self, source: RecordPipe) -> str | None:
-        if source.count != self.blob_size:
-            return f"base image blob has {source.count} bytes, its signed size is {self.blob_size}"
-        got = source.digest.hexdigest()
+        """Only after the feed has ended (the decoder saw its end or drained it), when
+        `source.blob` is final."""
+        if source.blob is None:
+            return "base image blob ended without its size and hash"
+        count, got = source.blob
+        if count != self.blob_size:
+            return f"base image blob has {count} bytes, its signed size is {self.blob_size}"
         if got != self.image.blob.removeprefix("sha256:"):
             return f"base image blob does not match its signed hash (got {got[:12]}…)"
         return None
@@ -714,7 +749,10 @@ class ImageWriter:
         feed = self._feed
         if feed is not None:
             out["decode"]["feed_wait_s"] = feed.read_wait
-            out["blob"] = feed.clock.figures()
+            # A pipe that does not hash runs no clock of its own (deploy: the hash is in
+            # its store copy's figures); either way, how long the feeder waited for room.
+            blob = feed.clock.figures() if feed.hashed else {}
+            out["blob"] = {**blob, "put_wait_s": feed.put_wait}
             if isinstance(feed, FileSource):
                 out["blob-read"] = feed.read_clock.figures()
         out["stream"] = {"wall_s": self.stream_s}

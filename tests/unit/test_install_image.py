@@ -283,3 +283,50 @@ def test_leaving_the_source_early_while_a_read_is_slow_does_not_hang() -> None:
 
     threading.Thread(target=leave, daemon=True).start()
     assert done.wait(timeout=20), "leaving the source hung with a read in flight"
+
+
+@pytest.mark.parametrize("given", ["right", "none", "wrong_hash", "wrong_size"])
+def test_a_pipe_that_does_not_hash_is_checked_against_the_pair_its_end_carries(
+    tmp_path: Path, given: str
+) -> None:
+    """Deploy's pipe does not hash (its store copy does): the writer checks the blob
+    against the (size, sha256) the pipe's close carries, and a feed that ends without
+    one is refused like a mismatch, never taken as matching."""
+    raw = hashlib.shake_256(b"pair").digest(2 * MIB) + bytes(MIB + 7)
+    blob = zstandard.ZstdCompressor().compress(raw)
+    image = zstd_image(raw, blob)
+    right = (len(blob), hashlib.sha256(blob).hexdigest())
+    pair = {
+        "right": right,
+        "none": None,
+        "wrong_hash": (len(blob), hashlib.sha256(b"other").hexdigest()),
+        "wrong_size": (len(blob) + 1, right[1]),
+    }[given]
+    slot = tmp_path / "slot"
+    slot.write_bytes(b"")
+    pipe = image_writer.RecordPipe(4, hashed=False)
+    fd, direct = blockdev.open_for_writing(str(slot))
+    writer = image_writer.ImageWriter(fd, direct, image, len(blob))
+    errors: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            writer.stream(pipe)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=decode)
+    t.start()
+    try:
+        for at in range(0, len(blob), 64 << 10):
+            pipe.put(blob[at : at + (64 << 10)])
+        assert pipe.digest is None and pipe.count == 0  # nothing hashed on put
+        pipe.close(blob=pair)
+        t.join(60)
+    finally:
+        os.close(fd)
+    if given == "right":
+        assert errors == []
+        return
+    assert len(errors) == 1 and isinstance(errors[0], image_writer.ImageError)
+    assert errors[0].reason == "blob_hash", errors[0]

@@ -1,0 +1,130 @@
+"""A blob copied into a file as it streams past, hashed on the copying thread.
+
+Deploy keeps the base image's blob, as it came, in the node's OTA store (the installed
+node can send the release on to a peer). `StoreCopy` writes it on its own thread
+(`image-store`) and takes the blob's sha256 and size there too, so the thread that feeds
+the records (deploy's session: receive, decrypt, hand on) does neither. The copy touches
+every record anyway and waits for records most of the time; sha256 and write() both
+release the GIL, so hashing here costs the stream no serial time. Before this, the
+session thread hashed the blob: 0.46 of its 1.1 s handing records on per GiB, while the
+decoder waited 0.8 s for records (bench.deploy's `threads`, docs/install-path.md).
+
+Each record is written first and hashed after, from the same buffer. The write copies
+the bytes into the file (the page cache) before it returns, so the file holds exactly
+what was there before the hash began. If a record's buffer ever changed while the copy
+had it (a reused receive buffer), either the file and the hash both saw the change, or
+the hash saw it and the file did not: both end in a blob mismatch, never in a file that
+differs from the bytes that matched the signed hash. (Hashing first would leave a window
+where the hash saw the signed bytes and the file got other ones.)
+
+No copy of a record: the thread writes and hashes the caller's buffer. `put` blocks
+while `depth` records are queued or in hand, and records are done in the order they
+came, so a record has been let go of before `depth` more puts have returned: the caller
+bounds how long its buffers must stay valid with `depth`. A write error stops the copy
+(records still drain, so `put` never waits forever); the next `put` or `finish` raises
+it, wrapped by `wrap` into the caller's error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from spk_visor.install import blockdev
+from spk_visor.install.image import Clock
+
+
+class StoreCopy:
+    """Writes and hashes each `put` record to `fd` on the `image-store` thread; `finish`
+    returns the blob's (size, sha256 hex) once every record is written."""
+
+    def __init__(self, fd: int, depth: int, wrap: Callable[[BaseException], Exception]) -> None:
+        self.fd = fd
+        self._depth = depth
+        self._wrap = wrap
+        self._items: deque[memoryview | None] = deque()
+        self._busy = 0  # records queued or in hand
+        self._cond = threading.Condition()
+        self._finished = False
+        self.error: BaseException | None = None
+        self.digest = hashlib.sha256()
+        self.count = 0  # bytes written and hashed
+        self.clock = Clock()  # the store thread: writing and hashing / waiting for records
+        self.hash_s = 0.0  # of its busy time, hashing
+        self.put_wait = 0.0  # the feeding thread, waiting for room
+        self._thread = threading.Thread(target=self._run, name="image-store", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        clock = self.clock
+        clock.start()
+        try:
+            while True:
+                with self._cond:
+                    while not self._items:
+                        self._cond.wait()
+                    view = self._items.popleft()
+                clock.waited()
+                if view is None:
+                    return
+                try:
+                    if self.error is None:
+                        # No writeback started by hand: the kernel's dirty-page limits
+                        # write the copy back (and throttle this thread, not the feeder);
+                        # the caller fsyncs before it keeps the file. A sync_file_range
+                        # every 32 MiB blocked 0.8-1.4 s per GiB behind slot A's writes
+                        # and starved the decoder (docs/install-path.md).
+                        blockdev.write_all(self.fd, view)
+                        t0 = time.perf_counter()
+                        self.digest.update(view)  # after the write: see the module's doc
+                        self.hash_s += time.perf_counter() - t0
+                        self.count += len(view)
+                except BaseException as e:  # kept for put/finish; the queue keeps draining
+                    self.error = e
+                finally:
+                    del view  # the caller may reuse the buffer once _busy drops
+                    with self._cond:
+                        self._busy -= 1
+                        self._cond.notify_all()
+                clock.worked()
+        finally:
+            clock.stop()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self._wrap(self.error)
+
+    def put(self, view: memoryview) -> None:
+        self._raise()
+        t0 = time.perf_counter()
+        with self._cond:
+            if self._finished:
+                raise ValueError("put after finish")
+            while self._busy >= self._depth:
+                self._cond.wait()
+            self._busy += 1
+            self._items.append(view)
+            self._cond.notify_all()
+        self.put_wait += time.perf_counter() - t0
+
+    def finish(self) -> tuple[int, str]:
+        """Wait until every record is written and hashed; the blob's (size, sha256 hex),
+        or the copy's error, wrapped."""
+        self.stop()
+        self._raise()
+        return self.count, self.digest.hexdigest()
+
+    def stop(self) -> None:
+        """End the thread after the records already put (idempotent)."""
+        with self._cond:
+            if not self._finished:
+                self._finished = True
+                self._items.append(None)
+                self._cond.notify_all()
+        self._thread.join()
+
+    def figures(self) -> dict[str, float]:
+        return {**self.clock.figures(), "hash_s": self.hash_s, "put_wait_s": self.put_wait}
