@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
