@@ -24,6 +24,9 @@ session thread during the image: `recv_s` in receive, `decrypt_s` of it in the A
 `sink_s` handing records to the sink, which holds both `put_wait_s`; its CPU and
 run-queue seconds). `image_bytes` says how much of the image body the receiver wrote and how much
 it zeroed (BLKZEROOUT, the image's free space); dd writes every byte.
+`machine_busy_share` is the whole machine's busy CPU share during each run (/proc/stat,
+kernel threads included: the loop device's worker does the disk I/O): a deploy near 1.0
+had no idle core left to go faster with.
 
 The deploy is timed from the donor process's start (interpreter start-up included) to its
 exit, which comes right after the target's REPORT ok: it includes the handshake, the
@@ -55,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -308,8 +312,27 @@ def run_deploy() -> dict[str, object]:
             split_cpu: list[tuple[float, float]] = []
             dd_cpu: list[float] = []
             clocks: list[dict[str, dict[str, float]]] = []
+            # The whole machine's busy share during each run (kernel threads included: the
+            # loop device's worker does the disk's writes and reads), receiver start-up
+            # included for the deploy: near 1.0 means both cores were busy throughout.
+            busy: dict[str, list[float]] = {"deploy": [], "dd": []}
+
+            def machine_busy(kind: str, run: Callable[[], float]) -> float:
+                m0, t0 = figures.machine_cpu_s(), time.perf_counter()
+                result = run()
+                share = (figures.machine_cpu_s() - m0) / (
+                    (time.perf_counter() - t0) * (os.cpu_count() or 1)
+                )
+                busy[kind].append(round(share, 2))
+                return result
 
             def deploy() -> float:
+                return machine_busy("deploy", deploy_round)
+
+            def dd() -> float:
+                return machine_busy("dd", dd_round)
+
+            def deploy_round() -> float:
                 nonlocal retries
                 c0 = _children_cpu()
                 try:
@@ -327,7 +350,7 @@ def run_deploy() -> dict[str, object]:
                 deploy_cpu.append(_children_cpu() - c0)
                 return wall
 
-            def dd() -> float:
+            def dd_round() -> float:
                 # The partition the deploy made holds slot A: dd the same bytes there.
                 c0 = _children_cpu()
                 t = ota_slots.dd(raw, disk.part(ROOT_A_INDEX), ["oflag=direct", "conv=fsync"])
@@ -364,6 +387,7 @@ def run_deploy() -> dict[str, object]:
             "donor_cpu_s": [d for d, _r in split_cpu],
             "receiver_cpu_s": [r for _d, r in split_cpu],
             "dd_cpu_s": [round(t, 2) for t in dd_cpu],
+            "machine_busy_share": busy,
             "deploy_mbps": round(raw_size / med_deploy / 1e6, 1),
             "dd_mbps": round(raw_size / med_dd / 1e6, 1),
             "ratio": round(ratio, 3),

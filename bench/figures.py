@@ -30,6 +30,19 @@ def load_average() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: every state
+    but idle and iowait). Unlike a process's own CPU it includes kernel threads, such as
+    the loop device's worker that does a loop disk's writes and reads: over a run,
+    delta / (wall * cpu_count) says how much of the machine the run kept busy."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    # guest time is already inside user; steal is time another VM had the CPU
+    busy = user + nice + system + irq + softirq
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def print_load(label: str) -> None:
     print(f"{label}: {load_average()}", flush=True)
 
