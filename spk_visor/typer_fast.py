@@ -44,7 +44,22 @@ _UNHANDLED = object()
 
 
 @dataclass(frozen=True)
-class ScalarParam(RuntimeParam):
+class _Fast(RuntimeParam):
+    """`_fast` settles a value or says _UNHANDLED: then Typer's own coercion judges it."""
+
+    def _fast(self, value: Any) -> Any:
+        return _UNHANDLED
+
+    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
+        result = self._fast(value)
+        if result is _UNHANDLED:
+            # Typer's own coercion (pydantic): only now is pydantic imported.
+            return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
+        return result
+
+
+@dataclass(frozen=True)
+class ScalarParam(_Fast):
     """A str, int or float parameter: fast for plain values, Typer's path for the rest."""
 
     def _fast(self, value: Any) -> Any:
@@ -68,16 +83,9 @@ class ScalarParam(RuntimeParam):
             return _UNHANDLED  # Typer's message names the range (or clamps)
         return number
 
-    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
-        result = self._fast(value)
-        if result is _UNHANDLED:
-            # Typer's own coercion (pydantic): only now is pydantic imported.
-            return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
-        return result
-
 
 @dataclass(frozen=True)
-class PathParam(RuntimeParam):
+class PathParam(_Fast):
     """A Path parameter with no constraints (no exists, resolve_path, allow_dash, file or
     dir only, writable, path_type): any path but one with a NUL byte is accepted as it
     is. Typer also refuses an existing path this process cannot read; that one, like
@@ -91,27 +99,20 @@ class PathParam(RuntimeParam):
             return _UNHANDLED
         return path
 
-    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
-        result = self._fast(value)
-        if result is _UNHANDLED:
-            return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
-        return result
-
 
 @dataclass(frozen=True)
-class ListParam(RuntimeParam):
+class ListParam(_Fast):
     """A repeatable option or a variadic argument of one of the kinds above: a list of
     the items, each settled as a single one would be; any item that is not settles the
     whole list through Typer (the same list, or Typer's error)."""
 
     item: ScalarParam | PathParam
 
-    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
-        if isinstance(value, (list, tuple)):
-            items = [self.item._fast(v) for v in value]
-            if not any(i is _UNHANDLED for i in items):
-                return items
-        return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
+    def _fast(self, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return _UNHANDLED
+        items = [self.item._fast(v) for v in value]
+        return _UNHANDLED if any(i is _UNHANDLED for i in items) else items
 
 
 def _plain_path(annotation: Any, info: Any) -> bool:

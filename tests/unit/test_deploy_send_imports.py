@@ -9,10 +9,7 @@ the bundle, the channel module) and the command exits 7 (transient: it did conne
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +19,7 @@ import pytest
 
 from spk_visor.ota import build
 from tests.support.ota_pki import Pki, tiny_tree
-
-ROOT = Path(__file__).resolve().parents[2]
-
-PROBE = """
-import json, sys
-from spk_visor.cli import main
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
-"""
+from tests.unit.test_cli_imports import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -71,42 +60,20 @@ def hang_up() -> Iterator[tuple[int, list[float]]]:
         thread.join(timeout=10)
 
 
-def run_send(tmp_path: Path, bundle: Path, port: int, *extra: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
-    env.update(
-        HOME=str(tmp_path),
-        SPK_VISOR_CONFIG=str(tmp_path / "none.toml"),
-        XDG_CONFIG_HOME=str(tmp_path),
-    )
-    argv = [
-        "deploy",
-        "send",
-        "--json",
-        "--bundle",
-        str(bundle),
-        "--target",
-        f"127.0.0.1:{port}",
-        "--disk",
-        "loop:disk.img",
-        "--confirm-wipe",
-        "loop:disk.img",
-        *extra,
-        "42-K7QX9",
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,  # -c puts the cwd first on sys.path: this checkout's spk_visor
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    result: dict[str, Any] = json.loads(lines[-1])
-    result["report"] = json.loads("\n".join(lines[:-1]))
+def probe(tmp_path: Path, *argv: str, **env_extra: str) -> dict[str, Any]:
+    """`spk-visor ARGV` in a fresh interpreter: its exit code, JSON report and modules."""
+    result = run_cli(tmp_path, *argv, **env_extra)
+    lines = result["stdout"].strip().splitlines()
+    result["report"] = json.loads("\n".join(lines[:-1]) or "null")
     return result
+
+
+def run_send(tmp_path: Path, bundle: Path, port: int) -> dict[str, Any]:
+    return probe(
+        tmp_path,
+        *("deploy", "send", "--json", "--bundle", str(bundle), "--target", f"127.0.0.1:{port}"),
+        *("--disk", "loop:disk.img", "--confirm-wipe", "loop:disk.img", "42-K7QX9"),
+    )
 
 
 def test_send_really_reaches_the_handshake(
@@ -165,32 +132,10 @@ def test_control_send_from_the_node_store_loads_the_store(
 ) -> None:
     """Without --bundle the donor reads this node's OTA store: the probe sees it load."""
     port, _ = hang_up
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
-    env.update(
-        HOME=str(tmp_path),
-        SPK_VISOR_CONFIG=str(tmp_path / "none.toml"),
+    result = probe(
+        tmp_path,
+        *("deploy", "send", "--json", "--target", f"127.0.0.1:{port}", "42-K7QX9"),
         SPK_VISOR_OTA_SYSROOT=str(tmp_path),
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PROBE,
-            "deploy",
-            "send",
-            "--json",
-            "--target",
-            f"127.0.0.1:{port}",
-            "42-K7QX9",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["code"] == 2, proc  # nothing installed under that sysroot: usage error
+    assert result["code"] == 2, result  # nothing installed under that sysroot: usage error
     assert "spk_visor.ota.journal" in result["modules"]
