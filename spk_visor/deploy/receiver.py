@@ -587,10 +587,15 @@ class _Session:
         self.receive_files(journal)
         self.r.set_state("busy")
         self.phase("finalizing")
-        report = journal.installer.finalize()
+        # Durable when finalize returns; the unmount follows the REPORT (finalize's
+        # docstring): the donor does not wait for it.
+        report = journal.installer.finalize(unmount=False)
         ok = bool(report.get("ok", True))
         self.r.journal = None  # finalize either finished the disk or reported why not
-        self.send(messages.REPORT, {**report, "ok": ok})
+        try:
+            self.send(messages.REPORT, {**report, "ok": ok})
+        finally:
+            journal.installer.unmount()
         self.r.emit("report", {"from": self.address, "ok": ok, "report": report})
         self.r.set_state("done" if ok else "failed")
         if not ok:
