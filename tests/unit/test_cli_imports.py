@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("paramiko", "cryptography")
 
 PROBE = """
-import json, sys
+import gc, json, sys
 from spk_visor.cli import main
 code = main(sys.argv[1:])
 loaded = sorted({m.split(".")[0] for m in sys.modules})
-print(json.dumps({"code": code, "loaded": loaded, "modules": sorted(sys.modules)}))
+modules = sorted(sys.modules)
+frozen = gc.get_freeze_count()
+print(json.dumps({"code": code, "loaded": loaded, "modules": modules, "frozen": frozen}))
 """
 
 
