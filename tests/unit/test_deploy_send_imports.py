@@ -101,9 +101,10 @@ def test_send_does_not_import_pydantic(
 
 
 # With --bundle and --target: the node's OTA store (journal, store, nodeconf), the trust
-# verifier (the target verifies, the donor only parses), discovery (--target skips it)
-# and the progress bars (--json) are not used.
+# verifier and the key code (the target verifies, the donor only parses the envelope),
+# discovery (--target skips it) and the progress bars (--json) are not used.
 NOT_FOR_A_BUNDLE_SEND = (
+    "spk_visor.trust.keys",
     "spk_visor.ota.store",
     "spk_visor.ota.journal",
     "spk_visor.ota.nodeconf",
