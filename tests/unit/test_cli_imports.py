@@ -21,17 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("paramiko", "cryptography")
 
 PROBE = """
-import gc, json, sys
+import json, sys
 from spk_visor.cli import main
 code = main(sys.argv[1:])
 loaded = sorted({m.split(".")[0] for m in sys.modules})
-modules = sorted(sys.modules)
-frozen = gc.get_freeze_count()
-print(json.dumps({"code": code, "loaded": loaded, "modules": modules, "frozen": frozen}))
+print(json.dumps({"code": code, "loaded": loaded, "modules": sorted(sys.modules)}))
 """
 
 
-def run_cli(tmp_path: Path, *argv: str, **env_extra: str) -> dict[str, Any]:
+def run_cli(tmp_path: Path, *argv: str, probe: str = PROBE, **env_extra: str) -> dict[str, Any]:
     # No configuration of the developer's may steer the run: no config file, no
     # SPK_VISOR_* variables (but those in env_extra), an empty home (SSH config, known_hosts).
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
@@ -43,7 +41,7 @@ def run_cli(tmp_path: Path, *argv: str, **env_extra: str) -> dict[str, Any]:
     )
     env.pop("SSH_AUTH_SOCK", None)
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
+        [sys.executable, "-c", probe, *argv],
         capture_output=True,
         text=True,
         env=env,

@@ -19,7 +19,7 @@ import pytest
 
 from spk_visor.ota import build
 from tests.support.ota_pki import Pki, tiny_tree
-from tests.unit.test_cli_imports import run_cli
+from tests.unit.test_cli_imports import PROBE, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,30 @@ def test_control_send_from_the_node_store_loads_the_store(
     assert "spk_visor.ota.journal" in result["modules"]
 
 
+# Registered before the CLI runs, so it runs after the CLI's own exit handlers (LIFO).
+AT_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print(f"frozen at exit: {gc.get_freeze_count()}", file=sys.stderr))
+"""
+
+
 def test_send_skips_the_final_garbage_collection(
     tmp_path: Path, bundle: Path, hang_up: tuple[int, list[float]]
 ) -> None:
-    """Once the results are out, the objects the imports made are frozen: the exit's
-    last collection (15-20 ms of every deploy) does not walk them."""
+    """At exit the objects the imports made are frozen: the interpreter's final
+    collection (15-20 ms of every deploy) does not walk them. Only at exit: a process
+    that runs the command and goes on (the tests') is left as it was."""
     port, _ = hang_up
-    result = run_send(tmp_path, bundle, port)
+    probe = (
+        AT_EXIT + PROBE + "print(f'frozen after main: {gc.get_freeze_count()}', file=sys.stderr)"
+    )
+    result = run_cli(
+        tmp_path,
+        *("deploy", "send", "--json", "--bundle", str(bundle), "--target", f"127.0.0.1:{port}"),
+        *("--disk", "loop:disk.img", "--confirm-wipe", "loop:disk.img", "42-K7QX9"),
+        probe=probe,
+    )
     assert result["code"] == 7, result
-    assert result["report"][0]["phase"] == "handshake"  # the results were printed first
-    assert result["frozen"] > 10_000, result["frozen"]
+    assert "frozen after main: 0" in result["stderr"]
+    at_exit = result["stderr"].rsplit("frozen at exit: ", 1)[1].split()[0]
+    assert int(at_exit) > 10_000, result["stderr"]
