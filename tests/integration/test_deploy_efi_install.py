@@ -19,16 +19,20 @@ from spk_visor.deploy import bootloader
 TOOLS = ("mkfs.vfat", "mcopy", "mdir", "mmd")
 
 
-@pytest.fixture
-def esp(tmp_path: Path) -> Path:
+def fat(image: Path, size: int, *mkfs: str) -> Path:
+    """A FAT filesystem in an image file (mtools reads and writes it as the ESP)."""
     for tool in TOOLS:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (scripts/install-sysdeps)")
-    image = tmp_path / "esp.img"
     with image.open("wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.vfat", "-F", "32", str(image)], check=True, capture_output=True)
+        f.truncate(size)
+    subprocess.run(["mkfs.vfat", *mkfs, str(image)], check=True, capture_output=True)
     return image
+
+
+@pytest.fixture
+def esp(tmp_path: Path) -> Path:
+    return fat(tmp_path / "esp.img", 64 << 20, "-F", "32")
 
 
 @pytest.fixture
@@ -86,13 +90,7 @@ def test_an_older_loader_is_replaced(esp: Path, counted: Path, tmp_path: Path) -
 
 def test_a_full_esp_is_a_bootloader_error(counted: Path, tmp_path: Path) -> None:
     """The write failing (no room) is reported, not taken for success."""
-    for tool in TOOLS:
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (scripts/install-sysdeps)")
-    small = tmp_path / "small.img"
-    with small.open("wb") as f:
-        f.truncate(1 << 20)
-    subprocess.run(["mkfs.vfat", str(small)], check=True, capture_output=True)
+    small = fat(tmp_path / "small.img", 1 << 20)
     image = tmp_path / "spk-BOOTX64.EFI"
     image.write_bytes(os.urandom(2 << 20))
     with pytest.raises(bootloader.BootloaderError):
