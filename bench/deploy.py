@@ -82,17 +82,22 @@ TIMEOUT = 900.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
-_PYCACHE = Path(tempfile.gettempdir()) / f"spk-bench-deploy-pycache-{os.getuid()}"
+# The run's bytecode cache (in its work folder, removed with it): see _compile.
+_pycache: Path | None = None
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(_REPO), "PYTHONPYCACHEPREFIX": str(_PYCACHE)}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # see the module docstring (bench/cli.py too)
+    env = {**os.environ, "PYTHONPATH": str(_REPO)}
+    if _pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # see the module docstring (and bench/cli.py)
+        env["PYTHONPYCACHEPREFIX"] = str(_pycache)
     return env
 
 
-def _compile() -> None:
-    """spk_visor's bytecode, once, into _PYCACHE (compileall rewrites only what changed)."""
+def _compile(work: Path) -> None:
+    """spk_visor's bytecode, once, into `work`: every process of the run uses it."""
+    global _pycache  # noqa: PLW0603 (one run at a time; _env reads it)
+    _pycache = work / "pycache"
     subprocess.run(
         [sys.executable, "-m", "compileall", "-q", str(_REPO / "spk_visor")],
         env=_env(),
@@ -377,9 +382,9 @@ def run_deploy() -> dict[str, object]:
             return {"skipped": f"{tool} not installed (scripts/install-sysdeps)"}
     size_mib = int(os.environ.get(SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ROUNDS_ENV, "1"))
-    _compile()
     with tempfile.TemporaryDirectory(prefix="spk-bench-deploy-") as tmp:
         work = Path(tmp)
+        _compile(work)
         raw, bundle, root, image_s, bundle_s = _release(work, size_mib)
         raw_size = raw.stat().st_size
         # 4 GiB: the ab layout needs ESP + two slots of the image + a data partition.
