@@ -33,7 +33,17 @@ exit, which comes right after the target's REPORT ok: it includes the handshake,
 target's wipe, partitioning and mkfs, the stream (zstd decode, sha256 of blob and raw
 bytes, O_DIRECT windows each flushed, read back and compared), the daemon pack and the
 bootloader install. The donor's own figure (session start to REPORT ok) is reported
-too, and the receiver's phase events give the breakdown. dd hashes nothing and writes
+too, and the receiver's events give the breakdown (`phases_s`): `start-up+handshake`
+(donor start to the target's `connected`: interpreter, imports, bundle header, connect,
+SPAKE2), `hello+plan` (to `plan_ok`: the HELLO inventory, the PLAN's validation and
+signature check), `plan_ok` (to the first disk phase), the disk phases, and `report+exit`
+(the target's `done` to the donor's exit: REPORT, REBOOT, the donor's exit). The first is
+split further by `donor_startup_s`: `deploy send` spawned against a loopback listener
+until it connects (the same command line; no target, so no handshake), beside its anchor,
+a bare `python -c` that connects. Both processes run from bytecode compiled once into a
+cache outside the checkout, as an installed spk-visor does (the image and the shim
+compile it): with PYTHONDONTWRITEBYTECODE, set in some dev shells, every donor start
+would compile spk_visor from source again. dd hashes nothing and writes
 once; the deploy must write, sync and read back. The bundle and the raw image are evicted
 from the page cache before every timed run. Deploy and dd take turns at going first;
 medians; the load average is printed; an absurd ratio fails (bench/figures.py).
@@ -78,8 +88,29 @@ TIMEOUT = 900.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
+# The run's bytecode cache (in its work folder, removed with it): see _compile.
+_pycache: Path | None = None
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(_REPO)}
+    env = {**os.environ, "PYTHONPATH": str(_REPO)}
+    if _pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # see the module docstring (and bench/cli.py)
+        env["PYTHONPYCACHEPREFIX"] = str(_pycache)
+    return env
+
+
+def _compile(work: Path) -> None:
+    """spk_visor's bytecode, once, into `work`: every process of the run uses it."""
+    global _pycache  # noqa: PLW0603 (one run at a time; _env reads it)
+    _pycache = work / "pycache"
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(_REPO / "spk_visor")],
+        env=_env(),
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
 
 
 def _children_cpu() -> float:
@@ -91,6 +122,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Receiver events that end a part of the session before the disk phases begin.
+_MARKS = {"connected": "hello+plan", "plan_ok": "plan_ok"}
 
 
 class _Receiver:
@@ -167,14 +202,20 @@ class _Receiver:
         raise RuntimeError("the receiver reported no thread clocks for the image")
 
     def phases(self, start: float, end: float) -> dict[str, float]:
-        """Seconds from each phase event to the next one (the last one up to `end`)."""
+        """Seconds from each mark to the next one (the last one up to `end`): the phase
+        events, and the session's `connected` (handshake done) and `plan_ok`."""
         with self.cond:
-            marks = [(t, str(d["phase"])) for t, d in self.events if d.get("event") == "phase"]
+            marks = [
+                (t, _MARKS.get(str(d.get("event")), str(d.get("phase"))))
+                for t, d in self.events
+                if d.get("event") in (*_MARKS, "phase")
+            ]
         out: dict[str, float] = {}
-        prev_t, prev = start, "connect+handshake+plan"
+        prev_t, prev = start, "start-up+handshake"
         for t, name in marks:
             out[prev] = round(out.get(prev, 0.0) + t - prev_t, 2)
-            prev_t, prev = t, name
+            # After `done`: the REPORT, the REBOOT and the donor's exit.
+            prev_t, prev = t, "report+exit" if name == "done" else name
         out[prev] = round(out.get(prev, 0.0) + end - prev_t, 2)
         return out
 
@@ -211,23 +252,7 @@ def _deploy_once(work: Path, bundle: Path, root: Path, disk: LoopDisk) -> _Once:
     try:
         code = receiver.code()
         ota_slots._evict(bundle)  # the same eviction as bench.ota_slots
-        argv = [
-            sys.executable,
-            "-m",
-            "spk_visor",
-            "deploy",
-            "send",
-            "--json",
-            "--bundle",
-            str(bundle),
-            "--target",
-            f"127.0.0.1:{port}",
-            "--disk",
-            disk.serial,
-            "--confirm-wipe",
-            disk.serial,
-            code,
-        ]
+        argv = _send_argv(bundle, port, disk.serial, code)
         t0, c0 = time.perf_counter(), _children_cpu()
         done = subprocess.run(
             argv,
@@ -254,6 +279,74 @@ def _deploy_once(work: Path, bundle: Path, root: Path, disk: LoopDisk) -> _Once:
         if receiver.proc.poll() is None:
             receiver.proc.kill()
         receiver.stop()
+
+
+def _send_argv(bundle: Path, port: int, serial: str, code: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "spk_visor",
+        "deploy",
+        "send",
+        "--json",
+        "--bundle",
+        str(bundle),
+        "--target",
+        f"127.0.0.1:{port}",
+        "--disk",
+        serial,
+        "--confirm-wipe",
+        serial,
+        code,
+    ]
+
+
+def _until_connect(argv_for: Any) -> float:
+    """Seconds from spawning argv_for(port) to its connection to a loopback listener."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        port = int(listener.getsockname()[1])
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            argv_for(port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+            cwd=_REPO,
+        )
+        try:
+            conn, _ = listener.accept()
+            elapsed = time.perf_counter() - t0
+            conn.close()
+        finally:
+            proc.wait(timeout=TIMEOUT)
+    return elapsed
+
+
+def donor_startup(bundle: Path, serial: str, rounds: int = 5) -> dict[str, object]:
+    """`deploy send` from spawn to connect (the bundle evicted first, as in a deploy),
+    against a bare interpreter that connects; alternated, medians."""
+
+    def send() -> float:
+        ota_slots._evict(bundle)
+        return _until_connect(lambda port: _send_argv(bundle, port, serial, f"{NAMEPLATE}-K7QX9"))
+
+    def bare() -> float:
+        return _until_connect(
+            lambda port: [
+                sys.executable,
+                "-c",
+                f"import socket; socket.create_connection(('127.0.0.1', {port})).close()",
+            ]
+        )
+
+    bare_s, send_s = figures.alternate(rounds, bare, send)
+    figures.ratio(bare_s, send_s, "donor start-up vs a bare interpreter")  # absurd: fails
+    return {
+        "donor_startup_s": round(statistics.median(send_s), 3),
+        "donor_startup_runs_s": [round(t, 3) for t in send_s],
+        "bare_python_connect_s": round(statistics.median(bare_s), 3),
+    }
 
 
 def _release(work: Path, size_mib: int) -> tuple[Path, Path, Path, float, float]:
@@ -297,6 +390,7 @@ def run_deploy() -> dict[str, object]:
     rounds = int(os.environ.get(ROUNDS_ENV, "1"))
     with tempfile.TemporaryDirectory(prefix="spk-bench-deploy-") as tmp:
         work = Path(tmp)
+        _compile(work)
         raw, bundle, root, image_s, bundle_s = _release(work, size_mib)
         raw_size = raw.stat().st_size
         # 4 GiB: the ab layout needs ESP + two slots of the image + a data partition.
@@ -358,6 +452,7 @@ def run_deploy() -> dict[str, object]:
                 return t
 
             figures.print_load("before")
+            startup = donor_startup(bundle, disk.serial)
             # The deploy goes first in round 0: dd needs the partition it makes.
             deploy_s, dd_s = figures.alternate(rounds, deploy, dd)
             figures.print_load("after")
@@ -395,6 +490,7 @@ def run_deploy() -> dict[str, object]:
             "goal_met": ratio >= goal,
             "image_bytes": ota_slots.byte_figures(clocks),
             "phases_s": phases,
+            **startup,
             "threads": ota_slots.thread_figures(clocks),
             "sha256_mbps": round(sha_mbps, 1),
             "load_average_1min_at_end": round(load, 2),
@@ -437,6 +533,15 @@ def main(argv: list[str] | None = None) -> int:
             f"(goal {dep['goal_ratio']}x)",
             flush=True,
         )
+        print(
+            f"donor start-up to connect: {dep['donor_startup_s']} s (bare python "
+            f"{dep['bare_python_connect_s']} s); phases (s):",
+            flush=True,
+        )
+        phases = dep["phases_s"]
+        assert isinstance(phases, list)
+        for phase in phases:
+            print("  " + ", ".join(f"{k} {v}" for k, v in phase.items()), flush=True)
     iso = {"skipped": "--skip-iso"} if args.skip_iso else deploy_iso.run()
     result["iso"] = iso
     if "skipped" in iso:

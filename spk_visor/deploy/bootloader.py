@@ -294,12 +294,18 @@ def prepare_efi(boot_dir: Path, data_fs_uuid: str) -> Path:
 
 def install_efi(esp: str, image: Path) -> int:
     """The removable-media fallback path EFI/BOOT/BOOTX64.EFI on the ESP, from the image
-    prepare_efi built (removed afterwards); returns its size."""
+    prepare_efi built (removed afterwards); returns its size.
+
+    Two mtools runs: one copies a tree EFI/BOOT/BOOTX64.EFI (-s makes the folders or
+    enters them, -o replaces an older loader), one reads the file back. A `mdir` probe
+    and a `mmd` per folder would be four more process starts between the image stream
+    and the REPORT."""
     with tempfile.TemporaryDirectory(prefix="spk-efi-") as tmp:
-        for directory in ("::/EFI", "::/EFI/BOOT"):
-            if not _mexists(esp, directory):
-                _run(["mmd", "-i", esp, directory], "efi", MTOOLS_ENV)
-        _run(["mcopy", "-o", "-i", esp, str(image), EFI_PATH], "efi", MTOOLS_ENV)
+        boot = Path(tmp, "EFI", "BOOT")
+        boot.mkdir(parents=True)
+        # mcopy reads through the link: the image is not copied once more on the way.
+        (boot / "BOOTX64.EFI").symlink_to(image.resolve())
+        _run(["mcopy", "-s", "-o", "-i", esp, str(boot.parent), "::/"], "efi", MTOOLS_ENV)
         # Read it back through mtools: what the firmware will read is what we built.
         back = Path(tmp, "back.efi")
         _run(["mcopy", "-n", "-i", esp, EFI_PATH, str(back)], "efi", MTOOLS_ENV)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from spk_visor import output
-from spk_visor.deploy import channel, code, discovery, messages
+from spk_visor.deploy import channel, code, messages
 from spk_visor.errors import (
     ExitCode,
     OperatorNeededError,
@@ -40,11 +40,11 @@ from spk_visor.errors import (
     VerificationError,
 )
 from spk_visor.ota import bundle as ota_bundle
-from spk_visor.ota.journal import Installed
-from spk_visor.ota.nodeconf import NodePaths
-from spk_visor.ota.store import BlobStore
 from spk_visor.trust import dsse
 from spk_visor.trust import manifest as ota_manifest
+
+if TYPE_CHECKING:
+    from spk_visor.ota.nodeconf import NodePaths
 
 RECORD = 64 << 10
 CONNECT_TIMEOUT = 10.0
@@ -132,6 +132,10 @@ def open_node_release(paths: NodePaths) -> Payload:
     UsageError (2): nothing installed here (not a node; pass --bundle). OperatorNeededError
     (9): the store lacks the manifest or a blob; the message names it and how to get it.
     """
+    # Here, not at the top: a send with --bundle never reads a store (start-up time).
+    from spk_visor.ota.journal import Installed  # noqa: PLC0415
+    from spk_visor.ota.store import BlobStore  # noqa: PLC0415
+
     installed = Installed(paths)
     try:
         doc = installed.read()
@@ -381,6 +385,8 @@ def locate(
             host, port = parse_target(targets[i])
             out.append(Target(text, nameplate, host, port, epoch))
             continue
+        from spk_visor.deploy import discovery  # noqa: PLC0415 (not with --target)
+
         found = discovery.discover(nameplate, port=discovery_port, timeout=discovery_timeout)
         if not found:
             raise DeployFailed(

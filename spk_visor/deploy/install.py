@@ -612,11 +612,17 @@ class Installer:
 
     # -- finalize
 
-    def finalize(self) -> dict[str, Any]:
+    def finalize(self, *, unmount: bool = True) -> dict[str, Any]:
         """Config, then the bootloader last; the REPORT document.
 
         Raises InstallError for anything before the bootloader (the caller aborts). A
         bootloader step that fails is reported per path (`boot`), with `ok` false.
+
+        Everything the REPORT speaks for is durable when this returns (the data
+        partition's syncfs, the boot code's device syncs), so the receiver passes
+        unmount=False, sends the REPORT and only then calls `unmount`: an unmount waits
+        for the filesystem's last journal commit and the device's flush, and the donor
+        need not wait for that.
         """
         manifest = self.plan.manifest
         if self.image_sha256 is None:
@@ -659,7 +665,8 @@ class Installer:
             blockdev.sync(self.disk.path, self.parts["bios_grub"], self.parts["esp"])
         except OSError as e:
             boot["sync"] = f"failed: {e}"
-        self._unmount()
+        if unmount:
+            self.unmount()
         ok = boot["bios"] == "ok" and boot["efi_fallback"].startswith("ok")
         ok = ok and "sync" not in boot
         self.state.finalized = ok
@@ -791,7 +798,8 @@ class Installer:
         durable.write_bytes(etc / "spk-deploy.manifest.json", self.plan.manifest_raw)
         self._write_ota_state()
 
-    def _unmount(self) -> None:
+    def unmount(self) -> None:
+        """Unmount the data partition (also after finalize(unmount=False) and its REPORT)."""
         if not self.state.mounted:
             return
         if not runner.succeeds(["umount", str(self.mountpoint)], timeout=_TIMEOUT_S):
@@ -818,5 +826,5 @@ class Installer:
                     blockdev.zero_head(root_a, HEAD, exclusive=False)
                 except OSError as e:
                     problems.append(f"slot A head: {e}")
-        self._unmount()
+        self.unmount()
         return problems

@@ -161,9 +161,10 @@ def inventory(*, allow_loop: bool = False, only_serial: str | None = None) -> li
     """Every whole disk the kernel shows, each judged eligible or not (with reasons).
 
     `wipefs -n` runs only where lsblk saw no partition table or filesystem (it can only
-    add one), for all such disks at once, and with `only_serial` (a PLAN names its disk)
-    only on that disk: the others are listed for the serial match, their signatures
-    unprobed."""
+    add one), for all such disks at once, only on disks judged eligible (eligibility does
+    not depend on signatures: an ineligible disk's flag would change nothing a plan may
+    do), and with `only_serial` (a PLAN names its disk) only on that disk: the others are
+    listed for the serial match, their signatures unprobed."""
     done = _run(["lsblk", "-J", "-b", "-o", LSBLK_COLUMNS])
     if done.returncode != 0:
         raise RuntimeError(f"lsblk failed: {done.stderr.strip()}")
@@ -176,9 +177,13 @@ def inventory(*, allow_loop: bool = False, only_serial: str | None = None) -> li
         # An unused loop device (no backing file) has size 0 and is just noise.
         if kind == "loop" and not int(dev.get("size") or 0):
             continue
-        disk = disk_from_lsblk(dev, signatures=False, boot_names=boot_names)
+        disk = judge(
+            disk_from_lsblk(dev, signatures=False, boot_names=boot_names),
+            dev,
+            allow_loop=allow_loop,
+        )
         wanted = only_serial is None or disk.serial == only_serial
-        if kind in ("disk", "loop") and wanted and not disk.has_signatures:
+        if kind in ("disk", "loop") and wanted and disk.eligible and not disk.has_signatures:
             probe.append(len(found))
         found.append((dev, disk))
     if probe:
@@ -186,4 +191,4 @@ def inventory(*, allow_loop: bool = False, only_serial: str | None = None) -> li
         with ThreadPoolExecutor(max_workers=min(len(paths), PROBES_AT_ONCE)) as pool:
             for i, signed in zip(probe, pool.map(_wipefs_signatures, paths), strict=True):
                 found[i][1].has_signatures = signed
-    return [judge(disk, dev, allow_loop=allow_loop) for dev, disk in found]
+    return [disk for _dev, disk in found]

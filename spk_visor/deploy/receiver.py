@@ -33,6 +33,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,8 @@ class Receiver:
         if why is not None:
             self._refuse_limited(conn, address, why)
             return False
-        chan = self._handshake(conn, address)
+        disks: list[Future[list[inventory.Disk]]] = []
+        chan = self._handshake(conn, address, disks)
         if chan is None:
             return False
         if not self._busy.acquire(blocking=False):
@@ -304,7 +306,7 @@ class Receiver:
             _send_busy_record(chan)
             return False
         try:
-            return self._session(chan, address)
+            return self._session(chan, address, disks[0] if disks else None)
         finally:
             self._busy.release()
 
@@ -333,7 +335,14 @@ class Receiver:
 
     # -- one donor --------------------------------------------------------------------
 
-    def _handshake(self, conn: socket.socket, address: str) -> channel.SecureChannel | None:
+    def _handshake(
+        self,
+        conn: socket.socket,
+        address: str,
+        disks: list[Future[list[inventory.Disk]]],
+    ) -> channel.SecureChannel | None:
+        """The handshake; None when it failed. An admitted code attempt also starts the
+        HELLO's inventory into `disks` (see _inventory_soon)."""
         with self._code_lock:
             current, instance_id = self.code, self.instance_id
         admitted = False
@@ -342,6 +351,8 @@ class Receiver:
         def admit() -> bool:
             nonlocal admitted
             admitted = self.guard.begin(address, current.epoch)
+            if admitted:
+                disks.append(self._inventory_soon())
             return admitted
 
         def end(wrong: bool) -> None:
@@ -375,6 +386,23 @@ class Receiver:
         end(wrong=False)
         return chan
 
+    def _inventory_soon(self) -> Future[list[inventory.Disk]]:
+        """The HELLO's disk inventory, on its own thread from the moment a code attempt is
+        admitted: lsblk and the wipefs probes (tens of ms of process starts) run while both
+        sides compute SPAKE2, instead of after it. Only an authenticated donor is sent the
+        result; a wrong code drops it. The attempts that start one are the ones the guard
+        budgets, so a stranger cannot make the target run it at will."""
+        future: Future[list[inventory.Disk]] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(inventory.inventory(allow_loop=self.options.allow_loop))
+            except BaseException as e:  # handed to the session, which reports it
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="hello-inventory", daemon=True).start()
+        return future
+
     def _wrong_code(self, address: str) -> None:
         attempt = self.guard.source_failures(address)
         limit = self.options.policy.source_guesses
@@ -400,11 +428,16 @@ class Receiver:
         self.emit("code_rotated", {"epoch": self.code.epoch})
         self.show_code()
 
-    def _session(self, chan: channel.SecureChannel, address: str) -> bool:
+    def _session(
+        self,
+        chan: channel.SecureChannel,
+        address: str,
+        disks: Future[list[inventory.Disk]] | None = None,
+    ) -> bool:
         """Serve one authenticated donor; True when it ended with a successful REPORT."""
         self.emit("connected", {"from": address, "verifier": chan.verifier})
         chan.settimeout(IDLE_TIMEOUT)
-        session = _Session(self, chan, address)
+        session = _Session(self, chan, address, disks)
         self.session = session
         try:
             return session.run()
@@ -476,10 +509,17 @@ class Receiver:
 class _Session:
     """The authenticated part of one connection."""
 
-    def __init__(self, receiver: Receiver, chan: channel.SecureChannel, address: str) -> None:
+    def __init__(
+        self,
+        receiver: Receiver,
+        chan: channel.SecureChannel,
+        address: str,
+        disks: Future[list[inventory.Disk]] | None = None,
+    ) -> None:
         self.r = receiver
         self.chan = chan
         self.address = address
+        self.disks = disks  # the HELLO's inventory, started during the handshake
         self.machine = messages.StateMachine("target")
         self.written = 0
         self.verified_bytes = 0
@@ -520,7 +560,10 @@ class _Session:
         return mtype, doc
 
     def hello(self) -> None:
-        disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
+        if self.disks is not None:
+            disks = self.disks.result(timeout=IDLE_TIMEOUT)
+        else:
+            disks = inventory.inventory(allow_loop=self.r.options.allow_loop)
         journal = self.r.journal
         self.send(
             messages.HELLO,
@@ -544,10 +587,15 @@ class _Session:
         self.receive_files(journal)
         self.r.set_state("busy")
         self.phase("finalizing")
-        report = journal.installer.finalize()
+        # Durable when finalize returns; the unmount follows the REPORT (finalize's
+        # docstring): the donor does not wait for it.
+        report = journal.installer.finalize(unmount=False)
         ok = bool(report.get("ok", True))
         self.r.journal = None  # finalize either finished the disk or reported why not
-        self.send(messages.REPORT, {**report, "ok": ok})
+        try:
+            self.send(messages.REPORT, {**report, "ok": ok})
+        finally:
+            journal.installer.unmount()
         self.r.emit("report", {"from": self.address, "ok": ok, "report": report})
         self.r.set_state("done" if ok else "failed")
         if not ok:

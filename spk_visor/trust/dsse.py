@@ -14,11 +14,15 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spk_visor import strict_json
 from spk_visor.errors import VerificationError
-from spk_visor.trust.keys import PublicKey, SigningKey
+
+if TYPE_CHECKING:
+    # Imported where keys are made: reading an envelope (`deploy send` reads the bundle's)
+    # needs no key code, and cryptography's key serialization is ~9 ms of start-up.
+    from spk_visor.trust.keys import PublicKey, SigningKey
 
 ROOT_TYPE = "application/vnd.spk-visor-ota.root+json"
 CHANNEL_TYPE = "application/vnd.spk-visor-ota.channel+json"
@@ -136,6 +140,8 @@ class Role:
             raise VerificationError(f"root: role {name} has no valid threshold")
         if not isinstance(keys, dict):
             raise VerificationError(f"root: role {name} has no keys")
+        from spk_visor.trust.keys import PublicKey  # noqa: PLC0415 (see the top)
+
         parsed: dict[str, PublicKey] = {}
         for keyid, hexkey in keys.items():
             try:

@@ -29,18 +29,19 @@ print(json.dumps({"code": code, "loaded": loaded, "modules": sorted(sys.modules)
 """
 
 
-def run_cli(tmp_path: Path, *argv: str) -> dict[str, Any]:
+def run_cli(tmp_path: Path, *argv: str, probe: str = PROBE, **env_extra: str) -> dict[str, Any]:
     # No configuration of the developer's may steer the run: no config file, no
-    # SPK_VISOR_* variables, an empty home (SSH config, known_hosts).
+    # SPK_VISOR_* variables (but those in env_extra), an empty home (SSH config, known_hosts).
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
     env.update(
         HOME=str(tmp_path),
         SPK_VISOR_CONFIG=str(tmp_path / "none.toml"),
         XDG_CONFIG_HOME=str(tmp_path),
+        **env_extra,
     )
     env.pop("SSH_AUTH_SOCK", None)
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
+        [sys.executable, "-c", probe, *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -51,6 +52,7 @@ def run_cli(tmp_path: Path, *argv: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     result["stderr"] = proc.stderr
+    result["stdout"] = proc.stdout
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,61 @@ def test_a_port_in_use_is_a_usage_error_not_an_internal_error(tmp_path: Path) ->
             r.serve()
     assert info.value.exit_code == ExitCode.USAGE
     assert f"127.0.0.1:{port}" in info.value.message
+
+
+class _FinishedInstaller:
+    """An install whose blobs are all verified (a resumed one): finalize reports ok. Its
+    unmount records whether the donor already held the REPORT when it began, waiting up
+    to 3 s for it."""
+
+    def __init__(self, report_seen: threading.Event) -> None:
+        self.report_seen = report_seen
+        self.unmounted_after_report: bool | None = None
+
+    def finalize(self, *, unmount: bool = True) -> dict[str, Any]:
+        if unmount:
+            self.unmount()
+        return {"ok": True}
+
+    def unmount(self) -> None:
+        if self.unmounted_after_report is None:
+            self.unmounted_after_report = self.report_seen.wait(3.0)
+
+
+def test_the_report_does_not_wait_for_the_unmount(
+    tmp_path: Path, pair: tuple[SecureChannel, SecureChannel]
+) -> None:
+    """Everything the REPORT speaks for is durable before it is sent; unmounting the data
+    partition (its last journal commit and flush) comes after it, so the donor's deploy
+    ends without that wait. The unmount still happens, before the session reads REBOOT."""
+    r, events = _receiver(tmp_path, reboot_cmd=(sys.executable, "-c", "pass"))
+    donor_chan, target_chan = pair
+    plan: dict[str, Any] = {"manifest": {}, "disk": {"serial": "S1", "size": 1},
+                            "layout": "ab", "hostname": "node-1"}  # fmt: skip
+    report_seen = threading.Event()
+    installer = _FinishedInstaller(report_seen)
+    r.journal = receiver.Journal(
+        plan_digest=receiver.plan_digest(plan), manifest_sha256="0" * 64, disk_serial="S1",
+        blobs={"b": 1}, installer=installer, verified={"b"},  # type: ignore[arg-type]
+    )  # fmt: skip
+    session = receiver._Session(r, target_chan, "127.0.0.1")
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(session.run()), daemon=True)
+    worker.start()
+    assert donor_chan.recv_json()[0] == messages.HELLO
+    donor_chan.send_json(messages.PLAN, plan)
+    mtype, answer = donor_chan.recv_json()
+    assert (mtype, answer["resume"]) == (messages.PLAN_OK, True)
+    donor_chan.send(messages.END)
+    while True:
+        mtype, doc = donor_chan.recv_json()
+        if mtype == messages.REPORT:
+            break
+        assert mtype in (messages.PHASE, messages.PROGRESS), (mtype, doc)
+    report_seen.set()
+    assert doc["ok"] is True
+    donor_chan.send(messages.REBOOT)
+    worker.join(timeout=30)
+    assert done == [True]
+    assert installer.unmounted_after_report is True
+    assert ("reboot", {"argv": [sys.executable, "-c", "pass"]}) in events

@@ -4,6 +4,7 @@ settles itself, the same error for every other one (it hands those to Typer)."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -29,8 +30,28 @@ def sample(
     timeout: Annotated[float | None, typer.Option(min=0.1)] = None,
     level: Annotated[int, typer.Option(min=0, max=3, clamp=True)] = 0,
     yes: Annotated[bool, typer.Option("--yes")] = False,
+    bundle: Annotated[Path | None, typer.Option()] = None,
+    out: Annotated[Path, typer.Option()] = Path("/mnt/target"),
+    tag: Annotated[list[str], typer.Option()] = [],  # noqa: B006
+    key: Annotated[list[Path], typer.Option()] = [],  # noqa: B006
+    port: Annotated[list[int], typer.Option(min=1, max=65535)] = [],  # noqa: B006
 ) -> None:
     """A parameter of each kind typer_fast handles."""
+
+
+@demo.command()
+def variadic(codes: Annotated[list[str], typer.Argument()]) -> None:
+    """A variadic argument (`deploy send CODE...`)."""
+
+
+@demo.command()
+def checked(
+    root: Annotated[Path, typer.Option(exists=True)],
+    dest: Annotated[Path, typer.Option(dir_okay=False, resolve_path=True)],
+    dash: Annotated[Path, typer.Option(allow_dash=True)],
+    roots: Annotated[list[Path], typer.Option(exists=True)],
+) -> None:
+    """Paths Typer checks: left to Typer."""
 
 
 @demo.command()
@@ -43,7 +64,21 @@ SAMPLES: dict[Any, list[Any]] = {
     int: ["0", "5", "-3", "+4", "007", "1e3", " 5", "5.0", "x", "", "99", 5, 9, True, 2.0, None],
     float: ["10", "0.5", "-1", "1e3", "inf", "nan", "1_000", ".5", "abc", "0.05", 30, 2.5, None],
     bool: [True, False, "true", "0", "", None],
+    Path: ["bundle.spkb", "", "a//b/", " sp ", "-", "~/x", "a\x00b", "a\udcff", "/", None],
 }
+UNREADABLE = "unreadable.txt"  # made by the test, mode 000: Typer says "not readable"
+SAMPLES[Path].append(UNREADABLE)
+for _kind, _list in ((str, list[str]), (int, list[int]), (Path, list[Path])):
+    _items = [v for v in SAMPLES[_kind] if v is not None]
+    SAMPLES[_list] = [
+        (),
+        [],
+        tuple(_items[:2]),
+        *[(v,) for v in _items],
+        tuple(_items),
+        "one",  # not a sequence: Typer's error
+        None,
+    ]
 
 
 def params(command: _click.Command, parent: _click.Context | None = None) -> list[Any]:
@@ -54,7 +89,7 @@ def params(command: _click.Command, parent: _click.Context | None = None) -> lis
         (p, ctx)
         for p in command.get_params(ctx)
         if isinstance(p, (TyperOption, TyperArgument))
-        and isinstance(p._runtime_param, typer_fast.ScalarParam)
+        and isinstance(p._runtime_param, typer_fast.FAST)
     ]
     if isinstance(command, TyperGroup):
         for sub in command.commands.values():
@@ -68,6 +103,13 @@ def outcome(runtime: Any, value: Any, param: Any, ctx: _click.Context) -> tuple[
     except _click.exceptions.BadParameter as e:
         return "error", e.format_message()
     return "value", (type(result), result)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relative sample paths resolve in tmp_path, the unreadable file among them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / UNREADABLE).touch(mode=0)
 
 
 def same_as_typer(command: _click.Command) -> int:
@@ -86,7 +128,24 @@ def same_as_typer(command: _click.Command) -> int:
 
 
 def test_every_kind_of_parameter_coerces_as_typer_does() -> None:
-    assert same_as_typer(typer.main.get_command(demo)) > 50
+    assert same_as_typer(typer.main.get_command(demo)) > 120
+
+
+def test_lists_and_paths_get_the_fast_coercion() -> None:
+    """The kinds `deploy send` has (CODE..., --bundle, --target, --disk): pydantic only for
+    the values Typer must judge."""
+    command = typer.main.get_command(demo)
+    typer_fast.install(command)
+    kinds = {p.name: type(p._runtime_param).__name__ for p, _ in params(command)}
+    assert kinds["bundle"] == kinds["out"] == "PathParam"
+    assert kinds["tag"] == kinds["key"] == kinds["port"] == kinds["codes"] == "ListParam"
+
+
+def test_paths_typer_checks_stay_typers() -> None:
+    command = typer.main.get_command(demo)
+    typer_fast.install(command)
+    names = {p.name for p, _ in params(command)}
+    assert names.isdisjoint({"root", "dest", "dash", "roots"})
 
 
 def test_the_apps_own_parameters_coerce_as_typer_does() -> None:
