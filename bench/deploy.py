@@ -57,6 +57,7 @@ raw image. Exit 0 unless a part fails to run; the goals are reported as goal_met
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -68,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ TIMEOUT = 900.0
 _REPO = Path(__file__).resolve().parents[1]
 
 
-# The run's bytecode cache (in its work folder, removed with it): see _compile.
+# The run's bytecode cache (in its work folder, removed with it): see _bytecode.
 _pycache: Path | None = None
 
 
@@ -100,17 +101,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _compile(work: Path) -> None:
-    """spk_visor's bytecode, once, into `work`: every process of the run uses it."""
+@contextlib.contextmanager
+def _bytecode(work: Path) -> Iterator[None]:
+    """spk_visor's bytecode, once, into `work`: every process of the run uses it, and
+    none after it (the folder goes with the run)."""
     global _pycache  # noqa: PLW0603 (one run at a time; _env reads it)
     _pycache = work / "pycache"
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(_REPO / "spk_visor")],
-        env=_env(),
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(_REPO / "spk_visor")],
+            env=_env(),
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
+        yield
+    finally:
+        _pycache = None
 
 
 def _children_cpu() -> float:
@@ -388,9 +395,8 @@ def run_deploy() -> dict[str, object]:
             return {"skipped": f"{tool} not installed (scripts/install-sysdeps)"}
     size_mib = int(os.environ.get(SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ROUNDS_ENV, "1"))
-    with tempfile.TemporaryDirectory(prefix="spk-bench-deploy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spk-bench-deploy-") as tmp, _bytecode(Path(tmp)):
         work = Path(tmp)
-        _compile(work)
         raw, bundle, root, image_s, bundle_s = _release(work, size_mib)
         raw_size = raw.stat().st_size
         # 4 GiB: the ab layout needs ESP + two slots of the image + a data partition.

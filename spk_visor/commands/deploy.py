@@ -395,6 +395,7 @@ def send(
     # memory that the exit frees anyway. Frozen at exit (atexit runs before that
     # collection; a process that calls this and goes on is not affected), they are
     # skipped; the flushing of stdout and stderr and every refcount-driven close still run.
+    atexit.unregister(gc.freeze)  # once, however often a process sends
     atexit.register(gc.freeze)
     worst = donor.overall_exit(results)
     if worst != ExitCode.OK:

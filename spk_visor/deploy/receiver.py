@@ -123,6 +123,9 @@ class Receiver:
         self.journal: Journal | None = None
         self.deploys = 0
         self._busy = threading.Lock()
+        # The HELLO inventory started during a handshake: at most one at a time.
+        self._inventory: Future[list[inventory.Disk]] | None = None
+        self._inventory_lock = threading.Lock()
         self._code_lock = threading.Lock()  # code and instance_id change together
         self._stop = threading.Event()
         self._workers: set[threading.Thread] = set()
@@ -352,7 +355,9 @@ class Receiver:
             nonlocal admitted
             admitted = self.guard.begin(address, current.epoch)
             if admitted:
-                disks.append(self._inventory_soon())
+                soon = self._inventory_soon()
+                if soon is not None:
+                    disks.append(soon)
             return admitted
 
         def end(wrong: bool) -> None:
@@ -386,13 +391,26 @@ class Receiver:
         end(wrong=False)
         return chan
 
-    def _inventory_soon(self) -> Future[list[inventory.Disk]]:
+    def _inventory_soon(self) -> Future[list[inventory.Disk]] | None:
         """The HELLO's disk inventory, on its own thread from the moment a code attempt is
         admitted: lsblk and the wipefs probes (tens of ms of process starts) run while both
         sides compute SPAKE2, instead of after it. Only an authenticated donor is sent the
-        result; a wrong code drops it. The attempts that start one are the ones the guard
-        budgets, so a stranger cannot make the target run it at will."""
-        future: Future[list[inventory.Disk]] = Future()
+        result; a wrong code drops it.
+
+        Admission needs no code (it comes with the donor's SPAKE2 message) and a hang-up
+        after it costs no guess, so a stranger can loop on it: at most one inventory runs
+        at a time (an attempt admitted while one runs shares it, its answer at most one
+        inventory old), and none starts while a session owns the disks (None: that HELLO,
+        if the attempt ever gets one, takes its own). Hang-ups cannot pile up lsblk and
+        wipefs runs behind a slow disk, nor probe disks during another donor's wipe."""
+        with self._inventory_lock:
+            if self._busy.locked():
+                return None
+            running = self._inventory
+            if running is not None and not running.done():
+                return running
+            future: Future[list[inventory.Disk]] = Future()
+            self._inventory = future
 
         def run() -> None:
             try:

@@ -77,6 +77,7 @@ _DISK_TOOLS = (
     ("mkfs.vfat", "dosfstools"),
     ("mcopy", "mtools"),
     ("mmd", "mtools"),
+    ("mdel", "mtools"),  # abort removes a BOOTX64.EFI it wrote
     ("mformat", "mtools"),
     ("mdir", "mtools"),
     ("grub-install", "grub2-common"),

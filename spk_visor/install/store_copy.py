@@ -101,10 +101,12 @@ class StoreCopy:
         self._raise()
         t0 = time.perf_counter()
         with self._cond:
+            while self._busy >= self._depth and not self._finished:
+                self._cond.wait()
+            # Checked after the wait too: a stop() while this waited (the sink closed from
+            # another thread) put the end marker in; a record after it would be dropped.
             if self._finished:
                 raise ValueError("put after finish")
-            while self._busy >= self._depth:
-                self._cond.wait()
             self._busy += 1
             self._items.append(view)
             self._cond.notify_all()

@@ -119,3 +119,60 @@ def test_a_wrong_code_is_sent_no_inventory(rig: Rig) -> None:
         channel.donor_handshake(sock, wrong, None, None)
     rig.wait_for("wrong_code")
     assert not any(e == "connected" for e, _ in rig.events)
+
+
+class HangUp(OSError):
+    pass
+
+
+class HangingUpSocket:
+    """A stranger's socket: it sends its hello and its SPAKE2 message (which is all it
+    takes to be admitted as a code attempt), then hangs up instead of confirming."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sends = 0
+
+    def sendall(self, data: bytes) -> None:
+        self._sends += 1
+        if self._sends == 3:
+            self._sock.close()
+            raise HangUp("hung up before the key confirmation")
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_hang_ups_after_the_spake2_message_do_not_pile_up_inventories(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission needs no code, and a hang-up costs no guess: were every admitted attempt
+    to start its own inventory, a stranger looping on connect/SPAKE2/close would leave
+    lsblk and wipefs runs piling up behind a slow disk. At most one runs at a time."""
+    release = threading.Event()
+    started: list[float] = []
+
+    def slow_inventory(**kw: Any) -> list[inventory.Disk]:
+        with rig.cond:
+            if not any(e == "code" for e, _ in rig.events):
+                return [DISK]  # the receiver's own, before it shows the code
+            started.append(time.monotonic())
+        release.wait(30)  # a disk whose probe hangs in I/O
+        return [DISK]
+
+    shown = rig.wait_for("code")
+    monkeypatch.setattr(inventory, "inventory", slow_inventory)
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", shown["port"]), timeout=10)
+            with pytest.raises((HangUp, channel.ChannelError, OSError)):
+                channel.donor_handshake(HangingUpSocket(sock), shown["code"], None, None)  # type: ignore[arg-type]
+            sock.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(started) < 1:
+            time.sleep(0.05)
+        time.sleep(0.5)  # room for any further inventory to start
+        assert len(started) == 1, f"{len(started)} inventories started for 5 hang-ups"
+    finally:
+        release.set()
