@@ -229,6 +229,9 @@ def run() -> dict[str, object]:
             verify_phase: list[float] = []
             dd_cpu: list[float] = []
             clocks: list[dict[str, dict[str, float]]] = []
+            # The whole machine's busy CPU share during each stage (/proc/stat, the loop
+            # device's kernel worker included): near 1.0, no idle core was left.
+            busy: list[float] = []
 
             def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
@@ -243,10 +246,11 @@ def run() -> dict[str, object]:
                 # once (what made rounds 2 and 3 report 19x and 57x).
                 slots.discard(ctx)
                 _evict(store_blob)
-                t0, c0 = time.perf_counter(), _cpu_s()
+                t0, c0, m0 = time.perf_counter(), _cpu_s(), figures.machine_cpu_s()
                 code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
                 t = time.perf_counter() - t0
                 cpu.append(_cpu_s() - c0)
+                busy.append((figures.machine_cpu_s() - m0) / (t * (os.cpu_count() or 1)))
                 assert code == 4, code
                 assert _Recorded.last is not None
                 clocks.append(_Recorded.last.figures())
@@ -278,6 +282,7 @@ def run() -> dict[str, object]:
             "rounds": rounds,
             "stage_s": [round(t, 2) for t in times["stage"]],
             "stage_cpu_s": [round(t, 2) for t in cpu],
+            "machine_busy_share": [round(b, 2) for b in busy],
             "dd_direct_cpu_s": [round(t, 2) for t in dd_cpu],
             "threads": thread_figures(clocks),
             "stage_write_phase_s": [round(t, 2) for t in write_phase],
