@@ -34,7 +34,9 @@ reported too: on a machine shared with other work, wall time follows what it is 
 waiting seconds, its CPU seconds and its run-queue seconds (ready to run, no CPU free),
 and `busy_share` = busy / stream wall time: the thread whose busy share is near 1 is the
 critical path, and a run-queue time near its busy time means it waited for a CPU, not
-for the stage before it.
+for the stage before it. `machine_busy_share` is the whole machine's busy CPU share
+during each stage (/proc/stat, kernel threads included): well below 1.0, the stream waits
+for something other than CPU.
 """
 
 from __future__ import annotations
