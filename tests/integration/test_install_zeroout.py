@@ -20,10 +20,10 @@ from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from spk_visor.ota.context import OtaContext
-from spk_visor.trust.manifest import ImageComponent
 from tests.support import ota_slots_worker as node
 from tests.support.abdisk import AbDisk, ab_disk
 from tests.support.prereq import need_command, need_root
+from tests.support.zstd_image import zstd_image
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -102,17 +102,6 @@ def expected_zero_runs(raw: bytes) -> list[tuple[int, int]]:
     return runs
 
 
-def component(raw: bytes, blob: bytes) -> ImageComponent:
-    return ImageComponent(
-        name="base",
-        version="1",
-        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
-        encoding="zstd",
-        raw_size=len(raw),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
-    )
-
-
 def stage(
     tmp_path: Path, device: str, raw: bytes, events: list[tuple[str, int]] | None = None
 ) -> image_writer.ImageWriter:
@@ -130,7 +119,7 @@ def stage(
     fd, direct = blockdev.open_for_writing(device)
     try:
         writer = image_writer.ImageWriter(
-            fd, direct, component(raw, blob), len(blob), on_durable=on_durable
+            fd, direct, zstd_image(raw, blob), len(blob), on_durable=on_durable
         )
         with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
             writer.stream(src)

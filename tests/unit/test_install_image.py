@@ -18,21 +18,9 @@ import zstandard
 
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from spk_visor.trust.manifest import ImageComponent
+from tests.support.zstd_image import zstd_image
 
 MIB = 1 << 20
-
-
-def zstd_image(raw: bytes, blob: bytes) -> ImageComponent:
-    """The manifest entry of `raw`, shipped as the zstd `blob`."""
-    return ImageComponent(
-        name="base",
-        version="1",
-        blob="sha256:" + hashlib.sha256(blob).hexdigest(),
-        encoding="zstd",
-        raw_size=len(raw),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
-    )
 
 
 def test_every_window_is_read_back_and_only_flushed_bytes_are_durable(
