@@ -23,7 +23,7 @@ from spk_visor.ota.context import OtaContext
 from tests.support import ota_slots_worker as node
 from tests.support.abdisk import AbDisk, ab_disk
 from tests.support.prereq import need_command, need_root
-from tests.support.zstd_image import zstd_image
+from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -116,17 +116,7 @@ def stage(
         if events is not None:
             events.append(("durable", n))
 
-    fd, direct = blockdev.open_for_writing(device)
-    try:
-        writer = image_writer.ImageWriter(
-            fd, direct, zstd_image(raw, blob), len(blob), on_durable=on_durable
-        )
-        with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
-            writer.stream(src)
-        writer.write_ends()
-        writer.check_ends()
-    finally:
-        os.close(fd)
+    writer = stage_file(device, zstd_image(raw, blob), tmp_path / "blob", on_durable)
     body = len(raw) - image_writer.HEAD - len(writer.tail)
     assert durable and durable[-1] == body, "the last flush covers the whole body"
     return writer

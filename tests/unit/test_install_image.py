@@ -18,7 +18,7 @@ import zstandard
 
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from tests.support.zstd_image import zstd_image
+from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
 
@@ -105,15 +105,7 @@ def test_a_regular_file_gets_its_zeros_written_without_zeroout(
     image = zstd_image(raw, blob)
     slot = tmp_path / "slot"
     slot.write_bytes(b"\xff" * len(raw))
-    fd, direct = blockdev.open_for_writing(str(slot))
-    try:
-        writer = image_writer.ImageWriter(fd, direct, image, len(blob))
-        with (tmp_path / "blob").open("rb", buffering=0) as f, image_writer.FileSource(f) as src:
-            writer.stream(src)
-        writer.write_ends()
-        writer.check_ends()
-    finally:
-        os.close(fd)
+    writer = stage_file(str(slot), image, tmp_path / "blob")
     assert slot.read_bytes() == raw
     assert writer.zeroed_bytes == 0
     assert writer.written_bytes == len(raw) - image_writer.HEAD
