@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spk_visor.errors import OperatorNeededError
-from spk_visor.install import blockdev, runner
+from spk_visor.install import blockdev, layout, runner
 from spk_visor.ota import durable
 
 # The kernel command line every slot gets (deploy.md, "Kernel command line for the hypervisor").
 IOMMU_ARGS = "intel_iommu=on amd_iommu=on iommu=pt"
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"
 ENTRY_IDS = {"a": "smechvisor-a", "b": "smechvisor-b"}
-# GPT partition numbers of the `ab` layout (install/layout.py's PART_NAMES order).
-SLOT_PARTITION = {"a": 3, "b": 4}
+# GPT partition numbers of the slots, from the `ab` layout's order (numbered from 1).
+SLOT_PARTITION = {slot: layout.PART_NAMES.index(f"root-{slot}") + 1 for slot in ("a", "b")}
 EFI_PATH = "::/EFI/BOOT/BOOTX64.EFI"
 MBR_CODE = 440  # bytes of boot code in front of the MBR's partition table
 # What BOOTX64.EFI carries itself, so it can find and read grub.cfg with no module loading;
