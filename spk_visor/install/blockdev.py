@@ -36,6 +36,12 @@ _memcmp.restype = ctypes.c_int
 _syncfs = _libc.syncfs
 _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
+# Not in Python's os module either.
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_sync_file_range.restype = ctypes.c_int
+# SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+_WRITE_OUT = 1 | 2 | 4
 
 
 # errnos of a BLKZEROOUT the device or its driver does not do (or a file that is not a
@@ -167,6 +173,15 @@ def sync(*paths: str | os.PathLike[str]) -> None:
                 raise OSError(err, f"syncfs {os.fspath(path)}: {os.strerror(err)}")
         finally:
             os.close(fd)
+
+
+def write_out(fd: int, offset: int, length: int) -> None:
+    """Write this range of a file's dirty pages to its device and wait for it: no journal
+    commit and no flush of the device's cache (an fsync after it does those, and has
+    only the rest left to write). Raises OSError (EIO: the device failed the writes)."""
+    if _sync_file_range(fd, offset, length, _WRITE_OUT) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
 
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
