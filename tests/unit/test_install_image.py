@@ -171,6 +171,16 @@ def zstandard_blob(raw: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=1).compress(raw)
 
 
+def _evict(path: Path) -> None:
+    """Out of the page cache: FileSource reads a cached blob from there, not O_DIRECT."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _direct_allowed(path: Path) -> bool:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
@@ -180,9 +190,9 @@ def _direct_allowed(path: Path) -> bool:
 
 
 def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -> None:
-    """The blob bypasses the page cache where its filesystem allows it; its sha256 and
-    size are still checked on the bytes the decoder used, even when its length is no
-    multiple of the block size."""
+    """A blob not in the page cache bypasses it where its filesystem allows it; its
+    sha256 and size are still checked on the bytes the decoder used, even when its length
+    is no multiple of the block size."""
     raw = hashlib.shake_256(b"direct").digest(5 * MIB + 12345) + bytes(3 * MIB)
     blob = zstandard_blob(raw)
     assert len(blob) % blockdev.ALIGN
@@ -190,6 +200,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     path.write_bytes(blob)
     if not _direct_allowed(path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    _evict(path)
     with path.open("rb", buffering=0) as f:
         assert _stream_blob(tmp_path, raw, blob, f) is True
 
@@ -197,6 +208,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     bad = bytearray(blob)
     bad[len(bad) - 10] ^= 1
     path.write_bytes(bytes(bad))
+    _evict(path)
     with path.open("rb", buffering=0) as f, pytest.raises(image_writer.ImageError) as e:
         _stream_blob(tmp_path, raw, blob, f)
     assert e.value.reason in ("blob_hash", "bad_image")
@@ -221,6 +233,7 @@ def test_a_direct_read_refused_after_open_falls_back_to_the_page_cache(tmp_path:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return super().readinto(buf)
 
+    _evict(path)
     with Refusing(path, "rb") as f:
         assert _stream_blob(tmp_path, raw, blob, f) is False
     assert Refusing.refused == 1
