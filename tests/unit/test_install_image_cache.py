@@ -21,6 +21,7 @@ from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from tests.support.loopdisk import LoopDisk
 from tests.support.prereq import need_command, need_root
+from tests.support.zstd_image import evict
 
 MIB = 1 << 20
 # Three pieces and a bit: the runs cross piece boundaries, the tail is unaligned.
@@ -53,15 +54,6 @@ def _blob(directory: Path) -> tuple[Path, bytes]:
     path = directory / "blob"
     path.write_bytes(data)
     return path, data
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _cache(path: Path, ranges: list[tuple[int, int]]) -> None:
@@ -125,7 +117,7 @@ def test_a_cached_blob_is_read_from_the_page_cache_not_the_disk(ext4: Path) -> N
 def test_a_cold_blob_is_read_from_the_disk_and_not_left_in_the_page_cache(ext4: Path) -> None:
     """A blob read once must not push other pages out of the cache for itself."""
     path, data = _blob(ext4)
-    _evict(path)
+    evict(path)
     assert 1 not in _resident(path)
     before = _disk_reads()
     with path.open("rb", buffering=0) as f:
@@ -140,7 +132,7 @@ def test_a_cold_blob_is_read_from_the_disk_and_not_left_in_the_page_cache(ext4: 
 def _half_cached(ext4: Path) -> tuple[Path, bytes, bytes]:
     """A blob with some ranges cached (across a piece boundary, and inside a piece)."""
     path, data = _blob(ext4)
-    _evict(path)
+    evict(path)
     piece = image_writer.READ_SIZE
     _cache(path, [(0, 6 * MIB), (piece - 3 * MIB, 5 * MIB), (2 * piece + 4 * MIB, 2 * MIB)])
     at_open = _resident(path)
@@ -196,7 +188,7 @@ def test_a_read_error_on_a_real_blob_fails_the_stream(ext4: Path, cached: bool) 
     if cached:
         _cache(path, [(0, len(data))])
     else:
-        _evict(path)
+        evict(path)
 
     class Failing(io.FileIO):
         reads = 0
