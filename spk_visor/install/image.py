@@ -305,12 +305,14 @@ class FileSource(RecordPipe):
 
     - cached (every page of a CACHED_RUN segment): read through the page cache, a copy
       from memory. After `ota pull` the blob it just downloaded and verified is usually
-      there; O_DIRECT threw that away and read it from the disk again, competing with the
-      slot's own writes for the same disk (a loop slot is a file on it): staging took
-      1.66-1.96 s instead of 1.55-1.68 s per GiB, the reader busy 1.1 s against 0.11 s.
+      there; O_DIRECT threw that away and read it from the disk again, on the disk the
+      slot's own writes and read-back go to (a loop slot is a file on it): for a 442 MiB
+      blob the reader was busy 0.9-1.3 s and read 442 MiB from the disk, through the
+      page cache 0.11-0.14 s and nothing (bench.ota_slots, `warm`).
     - not cached: O_DIRECT where the filesystem allows it, so the disk fills the ring's
-      buffers itself, with no copy out of the page cache (0.05 against 0.14 CPU seconds per
-      GiB of blob here) and no page cache filled with a blob that is read once. Where it
+      buffers itself, with no copy out of the page cache (the reader's CPU: 0.10-0.14
+      against 0.19-0.23 seconds per GiB of blob here) and no page cache filled with a
+      blob that is read once. Where it
       does not (or refuses a read with EINVAL, from which point it is not tried again):
       through the page cache, with kernel read-ahead, and the pages that were not cached
       before are dropped (POSIX_FADV_DONTNEED) once read.
