@@ -86,7 +86,7 @@ COLD, WARM = "cold", "warm"
 
 def _evict(path: Path) -> None:
     """Drop `path` from the page cache (its dirty pages written first: DONTNEED skips
-    them, which left a just-built file partly cached)."""
+    them, and the raw image is built just before the rounds)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
