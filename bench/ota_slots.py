@@ -18,8 +18,17 @@ staged and measure nothing; an absurd ratio fails the bench, see bench/figures.p
   dd       `dd if=RAW of=SLOT bs=4M conv=fsync` (page cache, then one fsync: the same
            durability as stage) and `dd ... oflag=direct conv=fsync` (reported too, and
            used for the strict ratio)
-Source files are evicted from the page cache (posix_fadvise DONTNEED) before every run,
-so neither side reads its input from memory the other had to read from disk.
+Both sides run under two conditions in every round, alternated (conditions and sides
+take turns going first), so each ratio compares like with like:
+  cold     the blob is evicted from the page cache (fdatasync, then posix_fadvise
+           DONTNEED) before each stage, and the raw image before each dd: both read
+           their input from the disk. The headline: the top-level keys are the cold ones.
+  warm     the blob is read into the page cache (untimed) before each stage, as it is
+           right after `ota pull` downloaded and verified it, and the raw image before
+           each dd: neither reads its input from the disk. Under the `warm` key.
+The share of each input in the page cache as each run starts (mincore) is reported
+(`blob_cached_share`, `raw_cached_share_at_start`; `warm.*` likewise), and the blob's
+after each stage: a cold blob the stage leaves uncached was not read into the cache.
 
 The goal is stage >= 0.85x dd oflag=direct's throughput (ratio = dd time / stage time). Staging must
 sha256 every raw byte once (and every blob byte once), dd hashes nothing: so the
@@ -52,10 +61,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import figures
+from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
@@ -69,14 +80,47 @@ GOAL_RATIO = 0.85  # against dd oflag=direct conv=fsync
 # the filesystem stays free (zeros).
 RANDOM_SHARE = 0.25
 USR_SHARE = 0.40
+# Both conditions run in every round (see the module's docstring); cold is the headline.
+COLD, WARM = "cold", "warm"
 
 
 def _evict(path: Path) -> None:
+    """Drop `path` from the page cache (its dirty pages written first: DONTNEED skips
+    them, and the raw image is built just before the rounds)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _load(path: Path) -> None:
+    """Read `path` into the page cache (untimed): as a blob is right after `ota pull`
+    downloaded and verified it."""
+    with path.open("rb", buffering=0) as f:
+        while f.read(16 * MIB):
+            pass
+
+
+def cached_share(path: Path) -> float:
+    """The share of `path`'s pages in the page cache now (mincore)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pages = blockdev.cached_pages(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return pages.count(1) / len(pages) if pages else 1.0
+
+
+def prepare(path: Path, cond: str) -> float:
+    """`path` evicted ("cold") or loaded ("warm") before a timed run; the share of it
+    cached at the start of the run, reported so a figure says what it measured."""
+    if cond == COLD:
+        _evict(path)
+    else:
+        _load(path)
+    return cached_share(path)
 
 
 def _fill_tree(root: Path, size: int) -> None:
@@ -135,8 +179,14 @@ def encode(raw: Path, out: Path, threads: int) -> float:
     return raw.stat().st_size / (time.perf_counter() - t0) / 1e6
 
 
-def dd(raw: Path, device: str, flags: list[str]) -> float:
-    _evict(raw)
+def dd(
+    raw: Path, device: str, flags: list[str], cond: str = COLD, seen: list[float] | None = None
+) -> float:
+    """`dd` of `raw` to `device`, `raw` evicted first (cold) or loaded (warm); the share
+    of it cached as dd starts goes to `seen`."""
+    share = prepare(raw, cond)
+    if seen is not None:
+        seen.append(share)
     t0 = time.perf_counter()
     subprocess.run(
         ["dd", f"if={raw}", f"of={device}", "bs=4M", *flags, "status=none"],
@@ -204,6 +254,55 @@ def byte_figures(runs: list[dict[str, dict[str, float]]]) -> dict[str, object]:
     }
 
 
+@dataclass
+class _Runs:
+    """One condition's rounds (cold or warm)."""
+
+    times: dict[str, list[float]] = field(
+        default_factory=lambda: {"stage": [], "dd_fsync": [], "dd_direct_fsync": []}
+    )
+    cpu: list[float] = field(default_factory=list)
+    # The whole machine's busy CPU share during each stage (/proc/stat, the loop
+    # device's kernel worker included): near 1.0, no idle core was left.
+    busy: list[float] = field(default_factory=list)
+    dd_cpu: list[float] = field(default_factory=list)
+    clocks: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    write_phase: list[float] = field(default_factory=list)
+    verify_phase: list[float] = field(default_factory=list)
+    # Share of the input in the page cache as each run starts (raw: dd's; blob: stage's),
+    # and of the blob after each stage.
+    cached: dict[str, list[float]] = field(default_factory=lambda: {"raw": [], "blob": []})
+    blob_cached_after: list[float] = field(default_factory=list)
+
+    def cached_figures(self) -> dict[str, list[float]]:
+        return {
+            "at_start": [round(c, 3) for c in self.cached["blob"]],
+            "after_stage": [round(c, 3) for c in self.blob_cached_after],
+        }
+
+    def summary(self, raw_size: int) -> dict[str, object]:
+        """The figures of one condition, for its own key (the cold ones are top-level)."""
+        ratio = figures.ratio(self.times["dd_direct_fsync"], self.times["stage"], "warm stage")
+        med = {k: statistics.median(v) for k, v in self.times.items()}
+        read = thread_figures(self.clocks).get("blob-read", {})
+        return {
+            "stage_s": [round(t, 2) for t in self.times["stage"]],
+            "stage_cpu_s": [round(t, 2) for t in self.cpu],
+            "machine_busy_share": [round(b, 2) for b in self.busy],
+            "dd_fsync_s": [round(t, 2) for t in self.times["dd_fsync"]],
+            "dd_direct_fsync_s": [round(t, 2) for t in self.times["dd_direct_fsync"]],
+            "dd_direct_cpu_s": [round(t, 2) for t in self.dd_cpu],
+            "stage_mbps": round(raw_size / med["stage"] / 1e6, 1),
+            "dd_direct_fsync_mbps": round(raw_size / med["dd_direct_fsync"] / 1e6, 1),
+            "ratio_vs_dd_fsync": round(med["dd_fsync"] / med["stage"], 2),
+            "ratio_vs_dd_direct_fsync": round(ratio, 2),
+            "goal_met": ratio >= GOAL_RATIO,
+            "blob_read_thread": read,
+            "raw_cached_share_at_start": [round(c, 3) for c in self.cached["raw"]],
+            "blob_cached_share": self.cached_figures(),
+        }
+
+
 def run() -> dict[str, object]:
     size_mib = int(os.environ.get(SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ROUNDS_ENV, "3"))
@@ -225,52 +324,57 @@ def run() -> dict[str, object]:
             ctx.emit = lambda ev, f: (
                 marks.__setitem__(str(f["phase"]), time.perf_counter()) if ev == "phase" else None
             )
-            times: dict[str, list[float]] = {"stage": [], "dd_fsync": [], "dd_direct_fsync": []}
-            write_phase: list[float] = []
-            cpu: list[float] = []
-            verify_phase: list[float] = []
-            dd_cpu: list[float] = []
-            clocks: list[dict[str, dict[str, float]]] = []
-            # The whole machine's busy CPU share during each stage (/proc/stat, the loop
-            # device's kernel worker included): near 1.0, no idle core was left.
-            busy: list[float] = []
+            by = {COLD: _Runs(), WARM: _Runs()}
 
-            def anchor() -> float:
-                times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
+            def anchor(cond: str) -> float:
+                r = by[cond]
+                seen = r.cached["raw"]
+                r.times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"], cond, seen))
                 c0 = _children_cpu_s()
-                t = dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"])
-                dd_cpu.append(_children_cpu_s() - c0)
-                times["dd_direct_fsync"].append(t)
+                t = dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"], cond, seen)
+                r.dd_cpu.append(_children_cpu_s() - c0)
+                r.times["dd_direct_fsync"].append(t)
                 return t
 
-            def subject() -> float:
+            def subject(cond: str) -> float:
+                r = by[cond]
                 # Without a discard the next round finds the image staged and returns at
                 # once (what made rounds 2 and 3 report 19x and 57x).
                 slots.discard(ctx)
-                _evict(store_blob)
+                r.cached["blob"].append(prepare(store_blob, cond))
                 t0, c0, m0 = time.perf_counter(), _cpu_s(), figures.machine_cpu_s()
                 code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
                 t = time.perf_counter() - t0
-                cpu.append(_cpu_s() - c0)
-                busy.append((figures.machine_cpu_s() - m0) / (t * (os.cpu_count() or 1)))
+                r.cpu.append(_cpu_s() - c0)
+                r.busy.append((figures.machine_cpu_s() - m0) / (t * (os.cpu_count() or 1)))
                 assert code == 4, code
                 assert _Recorded.last is not None
-                clocks.append(_Recorded.last.figures())
-                write_phase.append(marks["verifying"] - marks["writing"])
-                verify_phase.append(marks["staged"] - marks["verifying"])
+                r.clocks.append(_Recorded.last.figures())
+                r.write_phase.append(marks["verifying"] - marks["writing"])
+                r.verify_phase.append(marks["staged"] - marks["verifying"])
+                r.blob_cached_after.append(cached_share(store_blob))
+                r.times["stage"].append(t)
                 return t
 
             figures.print_load("before")
             real_writer = image_writer.ImageWriter
             image_writer.ImageWriter = _Recorded  # type: ignore[misc]
             try:
-                _anchor_s, times["stage"] = figures.alternate(rounds, anchor, subject)
+                # Conditions and sides take turns going first, so a drift in the
+                # machine's speed hits all four alike.
+                for i in range(rounds):
+                    for cond in (COLD, WARM) if i % 2 == 0 else (WARM, COLD):
+                        for side in (anchor, subject) if i % 2 == 0 else (subject, anchor):
+                            side(cond)
             finally:
                 image_writer.ImageWriter = real_writer  # type: ignore[misc]
             figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
             load = os.getloadavg()[0]
+        cold = by[COLD]
+        times, cpu, busy, clocks = cold.times, cold.cpu, cold.busy, cold.clocks
+        write_phase, verify_phase, dd_cpu = cold.write_phase, cold.verify_phase, cold.dd_cpu
         direct_ratio = figures.ratio(times["dd_direct_fsync"], times["stage"], "stage vs dd")
         med = {k: statistics.median(v) for k, v in times.items()}
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
@@ -302,6 +406,9 @@ def run() -> dict[str, object]:
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
             "load_average_1min_at_end": round(load, 2),
+            "blob_cached_share": cold.cached_figures(),
+            "raw_cached_share_at_start": [round(c, 3) for c in cold.cached["raw"]],
+            WARM: by[WARM].summary(raw_size),
         }
 
 

@@ -3,7 +3,8 @@
 OTA feeds it from a stored blob (a FileSource), deploy from the records of its channel
 (a RecordPipe). Either way:
 
-    read       (OTA only: FileSource's reader) the stored blob, O_DIRECT, 16 MiB a read
+    read       (OTA only: FileSource's reader) the stored blob, 16 MiB a read: through
+               the page cache where it is cached, O_DIRECT where it is not
     blob       sha256 and count of the encoded blob, beside the decoder: OTA on
                FileSource's hasher as it hands each piece on, deploy on its store copy's
                thread as it writes each record (install/store_copy.py), so deploy's
@@ -58,7 +59,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -81,6 +82,10 @@ WINDOWS = 4
 # requests in flight on the disk. At 4 MiB the decoder waited 0.5-1.5 s per GiB for the
 # blob under load, at 16 MiB 0.03-0.35 s (bench.ota_slots' `threads`, decode feed_wait_s).
 READ_SIZE = 16 * MIB
+# A FileSource reads a segment of this size through the page cache where all its pages
+# were cached as it opened, else with O_DIRECT (see FileSource): a few runs per piece,
+# and a piece of a partly cached blob is not split into thousands of page-sized reads.
+CACHED_RUN = MIB
 # A FileSource hashes this many READ_SIZE pieces ahead of the decoder...
 PREFETCH = 2
 # ...and reads this many ahead of its hashing. Its ring: PREFETCH + READ_AHEAD + 2 pieces.
@@ -293,12 +298,32 @@ class FileSource(RecordPipe):
     the read from disk, the blob's sha256 and zstd each wait on none of the others. A
     context manager: leaving it stops both threads.
 
-    The blob is read with O_DIRECT where its filesystem allows it: the disk fills the
-    ring's buffers itself, with no copy out of the page cache (0.05-0.15 CPU seconds per
-    GiB of blob here) and no page cache filled with a blob that is read once. Without the
-    kernel's read-ahead each read waits for the disk, which is why reading has its own
-    thread. Hasher and decoder still see the same bytes: both read the one private
-    buffer, which is not reused before the decoder has let go of it."""
+    Each part of the blob is read the cheaper way for where it is now. Which pages are in
+    the page cache is asked once, as the source opens (mincore, `blockdev.cached_pages`:
+    3-8 ms per GiB here, nothing read), before any read of ours or the kernel's read-ahead
+    can cache more:
+
+    - cached (every page of a CACHED_RUN segment): read through the page cache, a copy
+      from memory. After `ota pull` the blob it just downloaded and verified is usually
+      there; O_DIRECT threw that away and read it from the disk again, on the disk the
+      slot's own writes and read-back go to (a loop slot is a file on it): for a 442 MiB
+      blob the reader was busy 0.9-1.3 s and read 442 MiB from the disk, through the
+      page cache 0.11-0.14 s and nothing (bench.ota_slots, `warm`).
+    - not cached: O_DIRECT where the filesystem allows it, so the disk fills the ring's
+      buffers itself, with no copy out of the page cache (the reader's CPU: 0.10-0.14
+      against 0.19-0.23 seconds per GiB of blob here) and no page cache filled with a
+      blob that is read once. Where it
+      does not (or refuses a read with EINVAL, from which point it is not tried again):
+      through the page cache, with kernel read-ahead, and the pages that were not cached
+      before are dropped (POSIX_FADV_DONTNEED) once read.
+    The fd reads with POSIX_FADV_RANDOM while O_DIRECT is in use, so a cached segment's
+    read does not set off read-ahead into the uncached one after it (8 MiB here).
+
+    What was cached stays cached, what was not is not cached by this read. Where Linux
+    will not tell (mincore answers "all cached" to a caller that could not write the
+    file), every read goes through the page cache. Hasher and decoder see the same bytes
+    either way: both read the one private buffer, which is not reused before the decoder
+    has let go of it; the reads for one piece fill that buffer in order."""
 
     def __init__(self, f: io.RawIOBase) -> None:
         super().__init__(PREFETCH)
@@ -309,6 +334,20 @@ class FileSource(RecordPipe):
         # buffers (O_DIRECT wants them) also spare a page fault per 4 KiB of each piece.
         self._ring = [blockdev.Buffer(READ_SIZE) for _ in range(PREFETCH + READ_AHEAD + 2)]
         self.direct = _try_direct(f)
+        # Whether the fd has O_DIRECT set now; where the blob's pages were cached as it
+        # opened (None: not a regular file, nothing to ask); the file offset next read.
+        self._flag = self.direct
+        self._cached, self._pos = _cached_at_open(f)
+        if self._cached is not None:
+            os.posix_fadvise(
+                f.fileno(),
+                0,
+                0,
+                os.POSIX_FADV_RANDOM if self.direct else os.POSIX_FADV_SEQUENTIAL,
+            )
+        # Bytes read from the page cache where they were cached, with O_DIRECT, and
+        # through the page cache where they were not (then dropped).
+        self.read_bytes = {"cached": 0, "direct": 0, "uncached": 0}
         self.read_clock = Clock()  # the reading thread: busy in reads, waiting for room
         self._pieces: queue.Queue[memoryview | BaseException | None] = queue.Queue(READ_AHEAD)
         self._stop = threading.Event()
@@ -368,16 +407,56 @@ class FileSource(RecordPipe):
         self.close(error)
 
     def _read(self, f: io.RawIOBase, buf: memoryview) -> int:
+        """Fill `buf` from the blob, run by run (see the class's docstring); fewer bytes
+        only at its end."""
+        at_open = self._cached
+        if at_open is None:
+            return self._read_run(f, buf, cached=False)
+        n = 0
+        for length, cached in self._runs(at_open, len(buf)):
+            got = self._read_run(f, buf[n : n + length], cached)
+            if not cached and not self._flag:
+                _drop_uncached(f.fileno(), at_open, self._pos + n, got)
+            n += got
+            if got < length:
+                break
+        self._pos += n
+        return n
+
+    def _runs(self, at_open: bytes, size: int) -> Iterator[tuple[int, bool]]:
+        """(length, cached) runs of the next `size` bytes, by CACHED_RUN segments."""
+        page = blockdev.PAGE
+        run_start, run_cached = 0, False
+        for at in range(0, size, CACHED_RUN):
+            first = (self._pos + at) // page
+            pages = at_open[first : first + -(-min(CACHED_RUN, size - at) // page)]
+            cached = bool(pages) and 0 not in pages
+            if at and cached != run_cached:
+                yield at - run_start, run_cached
+                run_start = at
+            run_cached = cached
+        yield size - run_start, run_cached
+
+    def _read_run(self, f: io.RawIOBase, view: memoryview, cached: bool) -> int:
+        want = self.direct and not cached
+        if want != self._flag:
+            blockdev.set_direct(f.fileno(), want)
+            self._flag = want
         try:
-            return f.readinto(buf) or 0
+            n = f.readinto(view) or 0
         except OSError as e:
             # A filesystem that took the flag but refuses an aligned read: read through
-            # the page cache from here on (the position is unchanged after EINVAL).
-            if e.errno != errno.EINVAL or not self.direct:
+            # the page cache from here on (the position is unchanged after EINVAL), with
+            # read-ahead.
+            if e.errno != errno.EINVAL or not self._flag:
                 raise
-        self.direct = False
-        blockdev.set_direct(f.fileno(), False)
-        return f.readinto(buf) or 0
+            self.direct = self._flag = False
+            blockdev.set_direct(f.fileno(), False)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            n = f.readinto(view) or 0
+        kind = "cached" if cached else "direct" if self._flag else "uncached"
+        self.read_bytes[kind] += n
+        return n
 
     def __enter__(self) -> FileSource:
         return self
@@ -406,6 +485,34 @@ def _try_direct(f: io.RawIOBase) -> bool:
     except (OSError, ValueError):  # io.UnsupportedOperation is both
         return False
     return True
+
+
+def _cached_at_open(f: io.RawIOBase) -> tuple[bytes | None, int]:
+    """Which pages of the regular file `f` are cached (blockdev.cached_pages), and its
+    offset; (None, 0) for anything else (a pipe, a test's stand-in)."""
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, 0
+        return blockdev.cached_pages(fd, st.st_size), os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None, 0
+
+
+def _drop_uncached(fd: int, at_open: bytes, offset: int, length: int) -> None:
+    """Drop from the page cache what a read brought into it: the pages in
+    [offset, offset + length) that were not cached when the source opened (`at_open`)."""
+    page = blockdev.PAGE
+    at, end = offset // page, -(-(offset + length) // page)
+    while at < end:
+        gap = at_open.find(0, at, end)
+        if gap < 0:
+            return
+        stop = at_open.find(1, gap, end)
+        stop = end if stop < 0 else stop
+        os.posix_fadvise(fd, gap * page, (stop - gap) * page, os.POSIX_FADV_DONTNEED)
+        at = stop
 
 
 class _Stopped(Exception):

@@ -1,5 +1,5 @@
-"""Image-writer test helpers: the manifest entry of a raw image shipped as a zstd blob, and
-that blob streamed onto a device."""
+"""Image-writer test helpers: the manifest entry of a raw image shipped as a zstd blob,
+that blob streamed onto a device, and a blob file put out of the page cache."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def stage_file(
     finally:
         os.close(fd)
     return writer
+
+
+def evict(path: Path) -> None:
+    """`path` out of the page cache (its dirty pages written first: DONTNEED skips them),
+    so FileSource reads it from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

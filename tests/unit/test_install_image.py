@@ -18,7 +18,7 @@ import zstandard
 
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from tests.support.zstd_image import stage_file, zstd_image
+from tests.support.zstd_image import evict, stage_file, zstd_image
 
 MIB = 1 << 20
 
@@ -180,9 +180,9 @@ def _direct_allowed(path: Path) -> bool:
 
 
 def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -> None:
-    """The blob bypasses the page cache where its filesystem allows it; its sha256 and
-    size are still checked on the bytes the decoder used, even when its length is no
-    multiple of the block size."""
+    """A blob not in the page cache bypasses it where its filesystem allows it; its
+    sha256 and size are still checked on the bytes the decoder used, even when its length
+    is no multiple of the block size."""
     raw = hashlib.shake_256(b"direct").digest(5 * MIB + 12345) + bytes(3 * MIB)
     blob = zstandard_blob(raw)
     assert len(blob) % blockdev.ALIGN
@@ -190,6 +190,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     path.write_bytes(blob)
     if not _direct_allowed(path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    evict(path)
     with path.open("rb", buffering=0) as f:
         assert _stream_blob(tmp_path, raw, blob, f) is True
 
@@ -197,6 +198,7 @@ def test_a_stored_blob_is_read_with_o_direct_and_still_checked(tmp_path: Path) -
     bad = bytearray(blob)
     bad[len(bad) - 10] ^= 1
     path.write_bytes(bytes(bad))
+    evict(path)
     with path.open("rb", buffering=0) as f, pytest.raises(image_writer.ImageError) as e:
         _stream_blob(tmp_path, raw, blob, f)
     assert e.value.reason in ("blob_hash", "bad_image")
@@ -221,6 +223,7 @@ def test_a_direct_read_refused_after_open_falls_back_to_the_page_cache(tmp_path:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return super().readinto(buf)
 
+    evict(path)
     with Refusing(path, "rb") as f:
         assert _stream_blob(tmp_path, raw, blob, f) is False
     assert Refusing.refused == 1
