@@ -71,3 +71,16 @@ def test_an_endless_settings_file_is_a_usage_error(tmp_path: Path, which: str) -
     assert "internal error" not in res.stderr, res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     assert ("ota.conf" if which == "ota_conf" else ENDLESS) in res.stderr, res.stderr
+
+
+def test_an_endless_passphrase_file_is_a_usage_error(tmp_path: Path) -> None:
+    """--passphrase-file names a secret of one line; a device there is the admin's slip,
+    and no key is written."""
+    if not Path(ENDLESS).is_char_device():
+        pytest.skip(f"{ENDLESS} is not a character device here")
+    key = tmp_path / "root1"
+    res = _spk_visor(tmp_path, {}, "ota", "keygen", str(key), "--passphrase-file", ENDLESS)
+    assert res.returncode == ExitCode.USAGE, res
+    assert "internal error" not in res.stderr, res.stderr
+    assert ENDLESS in res.stderr, res.stderr
+    assert not key.exists()
