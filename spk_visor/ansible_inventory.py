@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spk_visor.capped_read import read_at_most
 from spk_visor.errors import ConfigError
 
 MAX_INVENTORY_BYTES = 4 << 20
@@ -214,7 +215,7 @@ def load(path: Path) -> Inventory:
     """Read an INI or YAML inventory; YAML when the suffix says so or the text is a
     mapping, INI otherwise (as Ansible tries its plugins)."""
     try:
-        raw = path.read_bytes()[: MAX_INVENTORY_BYTES + 1]
+        raw = read_at_most(path, MAX_INVENTORY_BYTES)
     except FileNotFoundError:
         raise InventoryError(
             f"inventory file {path} does not exist", "give the path of an Ansible inventory"

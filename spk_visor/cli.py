@@ -49,6 +49,8 @@ _verbose = False
 # The document is one line, so that it also ends a JSON Lines stream (ota pull --json,
 # vm console --follow --json) as one more record.
 _json = False
+# -q (ota apply/pull, the cron form) seen on the command line: a failure is one line.
+_quiet = False
 _state: "AppState | None" = None
 
 
@@ -241,12 +243,14 @@ def _carry_interrupts(command: _click.Command) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every failure becomes a message on stderr and its exit code."""
-    global _verbose, _json, _state  # noqa: PLW0603 (reset: main() may run more than once)
+    global _verbose, _json, _quiet, _state  # noqa: PLW0603 (reset: main() may run more than once)
     _verbose, _state = False, None
     args = list(argv) if argv is not None else sys.argv[1:]
     # Until the options are parsed (a usage error may come first), --json anywhere before
-    # a lone "--" counts.
-    _json = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+    # a lone "--" counts; so does -q, the cron form, which promises one line per failure.
+    options = args[: args.index("--")] if "--" in args else args
+    _json = "--json" in options
+    _quiet = not _json and ("-q" in options or "--quiet" in options)
     console = Console()
     try:
         command = build()
@@ -263,13 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.TyperException as e:
         # Typer's usage errors (unknown option, missing argument) print their own text.
         show = getattr(e, "show", None)
+        if _quiet:
+            # Cron mails stderr: the error alone, on one line, without the usage block.
+            return _fail(console, e.format_message(), ExitCode.USAGE)
         if show is not None:
             show(file=sys.stderr)
             return _fail(console, e.format_message(), ExitCode.USAGE, say=None)
         return _fail(console, e.format_message(), ExitCode.USAGE)
     except SpkVisorError as e:
         _traceback(console, e)
-        console.error(redact(f"spk-visor: error: {e.diagnostics()}"))
+        console.error(redact(f"spk-visor: error: {_diagnostics(e)}"))
         if _json_errors():
             console.json_line(e.document())
         return int(e.exit_code)
@@ -328,6 +335,15 @@ def _fail(
         except (BrokenPipeError, ValueError, OSError):  # stdout is gone: stderr said it
             pass
     return int(code)
+
+
+def _diagnostics(e: SpkVisorError) -> str:
+    """The message and its hint: on two lines, or joined into one under -q."""
+    if not _quiet:
+        return e.diagnostics()
+    from spk_visor.ota.report import one_line  # noqa: PLC0415 (only under -q)
+
+    return one_line(e.message, e.hint)
 
 
 def _json_errors() -> bool:

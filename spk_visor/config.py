@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from spk_visor.capped_read import read_at_most
 from spk_visor.errors import ConfigError, register_secret
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ MAX_TIMEOUT = 86400.0
 DEFAULT_PARALLEL = 64
 MAX_PARALLEL = 512
 MAX_CONFIG_BYTES = 1 << 20
+# What a token file is read up to: more than any token (MAX_TOKEN_CHARS) with blanks.
+MAX_TOKEN_FILE_BYTES = 4096
 NODE_KEYS = {"url", "ssh", "token_file", "daemon_port", "remote_token_file", "remote_command"}
 # The variable behind each global option. They are read here, in resolve(), and nowhere
 # else (not by Typer): one precedence (flag > env > file > default), one set of messages.
@@ -136,7 +139,7 @@ def config_path(environ: dict[str, str] | os._Environ[str]) -> Path:
 def load_file(path: Path) -> dict[str, Any]:
     """The parsed config file, {} when it does not exist; ConfigError names file and line."""
     try:
-        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+        raw = read_at_most(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -627,7 +630,9 @@ def read_local_token(target: Target) -> str | None:
         return target.token
     path = Path(target.token_file).expanduser()
     try:
-        return check_token(path.read_text(encoding="ascii"), f"token file {path}") or None
+        # Past the cap it is no token, and check_token says so by its length.
+        raw = read_at_most(path, MAX_TOKEN_FILE_BYTES)
+        return check_token(raw.decode("ascii"), f"token file {path}") or None
     except FileNotFoundError:
         return None
     except PermissionError:

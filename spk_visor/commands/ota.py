@@ -71,13 +71,25 @@ def duration(text: str) -> dt.timedelta:
     return dt.timedelta(days=int(match.group(1)) * _UNITS[match.group(2)])
 
 
+# A passphrase is one line; a file past this is the wrong file (or a device).
+MAX_PASSPHRASE_BYTES = 4096
+
+
 def _passphrase(path: Path | None) -> bytes | None:
     if path is None:
         return None
+    from spk_visor.capped_read import read_at_most  # noqa: PLC0415
+
     try:
-        return path.read_bytes().rstrip(b"\r\n")
+        secret = read_at_most(path, MAX_PASSPHRASE_BYTES)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from e
+    if len(secret) > MAX_PASSPHRASE_BYTES:
+        raise UsageError(
+            f"--passphrase-file {path} is larger than {MAX_PASSPHRASE_BYTES} bytes",
+            "give a file that holds the passphrase alone, on one line",
+        )
+    return secret.rstrip(b"\r\n")
 
 
 def _signing_keys(paths: list[Path], passphrase_file: Path | None) -> list[Any]:

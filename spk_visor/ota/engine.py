@@ -460,7 +460,12 @@ def follow(
             for component in ("base", "daemon"):
                 entry = doc.get(component) or {}
                 phase = str(entry.get("phase", "idle"))
-                if entry.get("manifest") == op.get("manifest") and seen.get(component) != phase:
+                # No entry: this part was never touched (a fresh node), no phase to say.
+                if (
+                    entry
+                    and entry.get("manifest") == op.get("manifest")
+                    and seen.get(component) != phase
+                ):
                     ctx.emit("phase", {"component": component, **_public(entry)})
                     seen[component] = phase
             if op.get("phase") == "done":

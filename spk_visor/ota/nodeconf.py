@@ -46,10 +46,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from spk_visor.capped_read import read_at_most
 from spk_visor.errors import ConfigError
 
 SYSROOT_ENV = "SPK_VISOR_OTA_SYSROOT"
 CONF_ENV = "SPK_VISOR_OTA_CONF"
+# ota.conf is a few lines of TOML.
+MAX_CONF_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -213,11 +216,15 @@ def load_config(paths: NodePaths) -> NodeConfig:
     """Read ota.conf; a missing file means every default. Unknown keys are errors."""
     path = paths.conf
     try:
-        raw = path.read_bytes()
+        raw = read_at_most(path, MAX_CONF_BYTES)
     except FileNotFoundError:
         return NodeConfig()
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    if len(raw) > MAX_CONF_BYTES:
+        raise ConfigError(
+            f"{path} is larger than {MAX_CONF_BYTES} bytes", "fix the file and run again"
+        )
     try:
         doc: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

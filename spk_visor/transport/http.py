@@ -79,7 +79,13 @@ class HttpTransport(Transport):
         if self._tls and ca_file:
             path = Path(ca_file).expanduser()
             if not path.is_file():
-                raise ConfigError(f"--ca-file {ca_file}: no such file")
+                # A folder or a device exists: "no such file" would send the admin
+                # looking for a typo. OpenSSL is never handed one (a device never ends).
+                if path.is_dir():
+                    why = "is a folder, not a file"
+                else:
+                    why = "is not a regular file" if path.exists() else "no such file"
+                raise ConfigError(f"--ca-file {ca_file}: {why}")
             self._context = tls_pinning.client_context(str(path))
         self._conn: _Connection | None = None
         self._lock = threading.Lock()

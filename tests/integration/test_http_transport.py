@@ -527,3 +527,19 @@ def test_a_ca_file_that_is_not_pem_is_a_usage_error(tmp_path: Path) -> None:
     assert r.err_lines[0].startswith(
         f"spk-visor: error: --ca-file {bogus}: not a PEM file of CA certificates"
     )
+
+
+def test_a_ca_file_that_is_a_folder_is_named_as_one(tmp_path: Path) -> None:
+    """A folder given as --ca-file exists: saying "no such file" sends the admin to look
+    for a typo that is not there."""
+    r = cli.run(
+        "--node", "https://127.0.0.1:1", "--token", TOKEN, "--ca-file", str(tmp_path), "node"
+    )
+    assert r.code == ExitCode.USAGE, r
+    assert r.err_lines[0] == f"spk-visor: error: --ca-file {tmp_path}: is a folder, not a file"
+    missing = tmp_path / "missing.pem"
+    r = cli.run(
+        "--node", "https://127.0.0.1:1", "--token", TOKEN, "--ca-file", str(missing), "node"
+    )
+    assert r.code == ExitCode.USAGE, r
+    assert r.err_lines[0] == f"spk-visor: error: --ca-file {missing}: no such file"

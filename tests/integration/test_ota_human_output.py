@@ -36,6 +36,18 @@ def test_status_of_a_fresh_node_in_words(ota_node: Node) -> None:
     assert "floor" in text
 
 
+def test_status_follow_with_nothing_running_reports_no_empty_phases(ota_node: Node) -> None:
+    """--follow on an idle node has no phase to report: not a bare "base: " on stderr,
+    nor phase events without a phase under --json."""
+    res = cli.run("ota", "status", "--follow", env=ota_node.env)
+    assert res.code == 0, res
+    assert res.err == "", res.err
+    res = cli.run("--json", "ota", "status", "--follow", env=ota_node.env)
+    assert res.code == 0, res
+    assert '"event": "phase"' not in res.out, res.out
+    assert "installed" in json.loads(res.out), res.out
+
+
 def test_status_of_an_updated_node(ota_node: Node) -> None:
     ota_node.ctx().installed.record(
         "daemon", {"release": "0.2.0-abcdef12", "version": "0.2.0"}, "ab" * 32, 2, "0.2.0"

@@ -186,3 +186,21 @@ def test_not_eligible_is_silent_under_q(tmp_path: Path, pki: Pki, node: Node) ->
         silent(pull(node, "-q"), ExitCode.NOT_ELIGIBLE)
         res = pull(node)
         assert res.code == ExitCode.NOT_ELIGIBLE and "rollout" in res.err, res
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--channel", "a/b"), ("channel",)),  # checked before the node is read
+        (("--bogus",), ("--bogus",)),  # an option the command does not have
+        (("--jitter", "-1"), ("--jitter",)),  # out of the option's range
+    ],
+)
+def test_command_line_mistakes_print_one_line_under_q(
+    node: Node, args: tuple[str, ...], words: tuple[str, ...]
+) -> None:
+    """A typo in a crontab line is mailed on every run: under -q it is one line too,
+    not a usage block or a message with its hint on a second line."""
+    conf(node, [closed_port_url()])
+    one_line(pull(node, "-q", *args), ExitCode.USAGE, *words)
+    one_line(pull(node, *args, "--quiet"), ExitCode.USAGE, *words)
