@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from spk_visor.capped_read import read_at_most
 from spk_visor.errors import ConfigError, UsageError
 from spk_visor.trust.keys import (
     PASSPHRASE_ENV,
@@ -56,8 +57,7 @@ def make_private_folders(folder: Path) -> None:
 
 def _read_capped(path: Path) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
+        data = read_at_most(path, _MAX_KEY_FILE)
     except OSError as e:
         raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
     if len(data) > _MAX_KEY_FILE:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spk_visor.capped_read import read_at_most
 from spk_visor.errors import (
     ExitCode,
     NotEligibleError,
@@ -83,8 +84,7 @@ class _PullState:
 
 def _read_capped(path: Path, cap: int) -> bytes | None:
     try:
-        with path.open("rb") as f:
-            data = f.read(cap + 1)
+        data = read_at_most(path, cap)
     except OSError:
         return None
     return data if len(data) <= cap else None
