@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import figures
+from bench import figures, floors
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
@@ -234,6 +234,14 @@ def run() -> dict[str, object]:
             # The whole machine's busy CPU share during each stage (/proc/stat, the loop
             # device's kernel worker included): near 1.0, no idle core was left.
             busy: list[float] = []
+            # The I/O floor (bench/floors.py): the writer's device I/O for this image,
+            # replayed from memory onto the same slot, beside the stage in every round.
+            raw_mem = floors.load(raw)
+            io_plan = floors.plan(raw_mem, raw_size)
+            io_floor: list[float] = []
+
+            def replay() -> None:
+                io_floor.append(floors.replay(disk.root_b, raw_mem, io_plan))
 
             def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
@@ -244,6 +252,9 @@ def run() -> dict[str, object]:
                 return t
 
             def subject() -> float:
+                replay_first = len(cpu) % 2 == 1  # the replay takes turns with the stage
+                if replay_first:
+                    replay()
                 # Without a discard the next round finds the image staged and returns at
                 # once (what made rounds 2 and 3 report 19x and 57x).
                 slots.discard(ctx)
@@ -258,6 +269,8 @@ def run() -> dict[str, object]:
                 clocks.append(_Recorded.last.figures())
                 write_phase.append(marks["verifying"] - marks["writing"])
                 verify_phase.append(marks["staged"] - marks["verifying"])
+                if not replay_first:
+                    replay()
                 return t
 
             figures.print_load("before")
@@ -270,9 +283,19 @@ def run() -> dict[str, object]:
             figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
+            cpu_floor_s, cpu_floor = floors.cpu_floor(raw_mem, raw_size, store_blob)
             load = os.getloadavg()[0]
         direct_ratio = figures.ratio(times["dd_direct_fsync"], times["stage"], "stage vs dd")
         med = {k: statistics.median(v) for k, v in times.items()}
+        io_floor_s = statistics.median(io_floor)
+        goal = floors.verdict(
+            goal=GOAL_RATIO,
+            measured_ratio=direct_ratio,
+            anchor_s=med["dd_direct_fsync"],
+            subject_s=med["stage"],
+            io_floor_s=io_floor_s,
+            cpu_floor_s=cpu_floor_s,
+        )
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
         return {
             "image_mib": size_mib,
@@ -301,6 +324,9 @@ def run() -> dict[str, object]:
             "image_bytes": byte_figures(clocks),
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
+            "io_floor_s": [round(t, 2) for t in io_floor],
+            "cpu_floor": cpu_floor,
+            "goal_vs_floors": goal,
             "load_average_1min_at_end": round(load, 2),
         }
 
