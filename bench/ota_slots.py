@@ -239,9 +239,12 @@ def run() -> dict[str, object]:
             raw_mem = floors.load(raw)
             io_plan = floors.plan(raw_mem, raw_size)
             io_floor: list[float] = []
+            io_cpu: list[float] = []
 
             def replay() -> None:
-                io_floor.append(floors.replay(disk.root_b, raw_mem, io_plan))
+                wall, machine_cpu = floors.machine_replay(disk.root_b, raw_mem, io_plan)
+                io_floor.append(wall)
+                io_cpu.append(machine_cpu)
 
             def anchor() -> float:
                 times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"]))
@@ -283,7 +286,7 @@ def run() -> dict[str, object]:
             figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
-            cpu_floor_s, cpu_floor = floors.cpu_floor(raw_mem, raw_size, store_blob)
+            cpu_floor = floors.cpu_floor(raw_mem, raw_size, store_blob)
             load = os.getloadavg()[0]
         direct_ratio = figures.ratio(times["dd_direct_fsync"], times["stage"], "stage vs dd")
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -294,7 +297,12 @@ def run() -> dict[str, object]:
             anchor_s=med["dd_direct_fsync"],
             subject_s=med["stage"],
             io_floor_s=io_floor_s,
-            cpu_floor_s=cpu_floor_s,
+            cpu_floor_s=cpu_floor.floor_s,
+            shared_s=floors.shared_floor_s(
+                cpu_floor.sum_s,
+                statistics.median(io_cpu),
+                os.cpu_count() or 1,
+            ),
         )
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
         return {
@@ -325,7 +333,8 @@ def run() -> dict[str, object]:
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
             "io_floor_s": [round(t, 2) for t in io_floor],
-            "cpu_floor": cpu_floor,
+            "io_floor_machine_cpu_s": [round(t, 2) for t in io_cpu],
+            "cpu_floor": cpu_floor.figures(),
             "goal_vs_floors": goal,
             "load_average_1min_at_end": round(load, 2),
         }
