@@ -41,6 +41,15 @@ class AbDisk:
     def root_b(self) -> str:
         return self.parts["root-b"]
 
+    def backing(self, device: str, offset: int, length: int) -> bytes:
+        """Bytes of one of its partitions, read through the loop device's backing file
+        (not through the device that wrote them, nor its page cache)."""
+        name, loop = os.path.basename(device), os.path.basename(self.loop)
+        start = int(Path(f"/sys/block/{loop}/{name}/start").read_text()) * 512
+        with self.image.open("rb") as f:
+            f.seek(start + offset)
+            return f.read(length)
+
 
 def _run(argv: list[str], stdin: bytes | None = None) -> str:
     done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
