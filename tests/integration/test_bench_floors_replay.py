@@ -23,6 +23,7 @@ from tests.support.prereq import need_command, need_root
 from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
+KIB = 1 << 10
 SLOT_MIB = 48
 
 
@@ -44,14 +45,15 @@ def disk(tmp_path: Path) -> Iterator[AbDisk]:
 
 
 def raw_image() -> bytes:
-    """Data with zero runs (a window's start, across two windows, the body's end), three
-    windows and an unaligned tail of data."""
+    """Data with zero runs (a window's start, one not aligned to the writer's scan block,
+    across two windows, the body's end), three windows and an unaligned tail of data."""
     head, w = image_writer.HEAD, image_writer.CHUNK
     size = head + 2 * w + 7 * MIB + 1234
     raw = bytearray(hashlib.shake_256(b"replay").digest(size))
     body_end = head + (size - head) // blockdev.ALIGN * blockdev.ALIGN
     for start, end in (
         (head, head + 3 * MIB),
+        (head + 5 * MIB + 100 * KIB, head + 6 * MIB + 3 * KIB),
         (head + w - 2 * MIB, head + w + MIB),
         (body_end - 3 * MIB, body_end),
     ):
