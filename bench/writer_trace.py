@@ -29,7 +29,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from bench import ota_slots
 from spk_visor.install import image as image_writer
@@ -38,10 +38,10 @@ SPANS_ENV = "SPK_BENCH_TRACE_SPANS"  # a file to write every span to
 Span = tuple[str, int, float, float]  # kind, window index (or sync count), start, end
 
 
-class Traced(ota_slots._Recorded):  # noqa: SLF001 - the bench's own recording writer
+class Traced(ota_slots._Recorded):
     """The image writer with a per-window trace (`spans`), every instance kept."""
 
-    runs: list[Traced] = []
+    runs: ClassVar[list[Traced]] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,13 +60,13 @@ class Traced(ota_slots._Recorded):  # noqa: SLF001 - the bench's own recording w
             return buf
 
         class _Digest:
-            def update(_self, data: Any) -> None:  # noqa: N805 - closes over the writer
+            def update(_self, data: Any) -> None:
                 t = time.perf_counter()
                 digest.update(data)
                 self._span("hash", self._hashed, t)
                 self._hashed += 1
 
-            def hexdigest(_self) -> str:  # noqa: N805
+            def hexdigest(_self) -> str:
                 return digest.hexdigest()
 
         self._free.get = get  # type: ignore[method-assign]
@@ -162,14 +162,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench.writer_trace needs root (loop devices)", file=sys.stderr)
         return 2
-    real_recorded, real_os = ota_slots._Recorded, image_writer.os  # noqa: SLF001
-    ota_slots._Recorded = Traced  # type: ignore[misc]  # noqa: SLF001
-    image_writer.os = _TracedOs()  # type: ignore[assignment]
+    real_recorded, real_os = ota_slots._Recorded, os
+    ota_slots._Recorded = Traced  # type: ignore[misc]
+    image_writer.os = _TracedOs()  # type: ignore[attr-defined,assignment]
     try:
         print(json.dumps(ota_slots.run(), indent=2))
     finally:
-        ota_slots._Recorded = real_recorded  # type: ignore[misc]  # noqa: SLF001
-        image_writer.os = real_os
+        ota_slots._Recorded = real_recorded  # type: ignore[misc]
+        image_writer.os = real_os  # type: ignore[attr-defined]
     traces = [summary(w.spans, w.stream_s) for w in Traced.runs]
     if out := os.environ.get(SPANS_ENV):  # every span, for a closer look
         with open(out, "w", encoding="utf-8") as f:

@@ -18,8 +18,7 @@ import zstandard
 from bench import floors
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from tests.support.abdisk import AbDisk, ab_disk
-from tests.support.prereq import need_command, need_root
+from tests.support.abdisk import AbDisk, ab_disk, need_ab_disk
 from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
@@ -29,10 +28,7 @@ SLOT_MIB = 48
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[AbDisk]:
-    need_root()
-    need_command("sfdisk", "fdisk")
-    need_command("losetup", "util-linux")
-    need_command("partx", "util-linux")
+    need_ab_disk()
     with ab_disk(tmp_path, slot_mib=SLOT_MIB, esp_mib=1) as d:
         for device in (d.root_a, d.root_b):
             fd = os.open(device, os.O_WRONLY)
@@ -81,9 +77,7 @@ def test_replay_leaves_the_raw_image_on_the_device(tmp_path: Path, disk: AbDisk)
     assert after != bytes(4096)
 
 
-def test_replay_writes_and_zeroes_what_the_image_writer_does(
-    tmp_path: Path, disk: AbDisk
-) -> None:
+def test_replay_writes_and_zeroes_what_the_image_writer_does(tmp_path: Path, disk: AbDisk) -> None:
     raw = raw_image()
     blob = zstandard.ZstdCompressor(level=1).compress(raw)
     (tmp_path / "blob").write_bytes(blob)
