@@ -73,7 +73,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import deploy_channel, deploy_iso, figures, ota_slots
+from bench import deploy_channel, deploy_iso, figures, floors, ota_slots
+from spk_visor.deploy import channel
 from spk_visor.ota import build
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
@@ -429,8 +430,27 @@ def run_deploy() -> dict[str, object]:
             def deploy() -> float:
                 return machine_busy("deploy", deploy_round)
 
+            # The floors (bench/floors.py): the image writer's device I/O for this image
+            # replayed from memory onto slot A beside dd in every round (the store copy's
+            # writes of the blob are not in it), and the stages' CPU after the rounds.
+            raw_mem = floors.load(raw)
+            io_plan = floors.plan(raw_mem, raw_size)
+            io_floor: list[float] = []
+            io_cpu: list[float] = []
+
+            def replay() -> None:
+                wall, machine_cpu = floors.machine_replay(disk.part(ROOT_A_INDEX), raw_mem, io_plan)
+                io_floor.append(wall)
+                io_cpu.append(machine_cpu)
+
             def dd() -> float:
-                return machine_busy("dd", dd_round)
+                replay_first = len(dd_cpu) % 2 == 1  # the replay takes turns with dd
+                if replay_first:
+                    replay()
+                t = machine_busy("dd", dd_round)
+                if not replay_first:
+                    replay()
+                return t
 
             def deploy_round() -> float:
                 nonlocal retries
@@ -463,6 +483,9 @@ def run_deploy() -> dict[str, object]:
             deploy_s, dd_s = figures.alternate(rounds, deploy, dd)
             figures.print_load("after")
             sha_mbps = ota_slots.sha256_mbps()
+            # The blob the bundle carries (build's own encoder, same bytes), for the floor.
+            _spec, blob = build.encode_image(raw, work)
+            cpu_floor = floors.cpu_floor(raw_mem, raw_size, blob.path, record=channel.CHUNK)
             load = os.getloadavg()[0]
         finally:
             disk.detach()
@@ -470,6 +493,17 @@ def run_deploy() -> dict[str, object]:
         med_dd = statistics.median(dd_s)
         ratio = figures.ratio(dd_s, deploy_s, "deploy vs dd")
         goal = GOAL_RATIO if size_mib <= 1024 else GOAL_RATIO_LARGE
+        goal_vs_floors = floors.verdict(
+            goal=goal,
+            measured_ratio=ratio,
+            anchor_s=med_dd,
+            subject_s=med_deploy,
+            io_floor_s=statistics.median(io_floor),
+            cpu_floor_s=cpu_floor.floor_s,
+            shared_s=floors.shared_floor_s(
+                cpu_floor.sum_s, statistics.median(io_cpu), os.cpu_count() or 1
+            ),
+        )
         return {
             "image_mib": size_mib,
             "image_build_s": round(image_s, 1),
@@ -499,6 +533,10 @@ def run_deploy() -> dict[str, object]:
             **startup,
             "threads": ota_slots.thread_figures(clocks),
             "sha256_mbps": round(sha_mbps, 1),
+            "io_floor_s": [round(t, 2) for t in io_floor],
+            "io_floor_machine_cpu_s": [round(t, 2) for t in io_cpu],
+            "cpu_floor": cpu_floor.figures(),
+            "goal_vs_floors": goal_vs_floors,
             "load_average_1min_at_end": round(load, 2),
             "load_average": figures.load_average(),
         }
@@ -539,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(goal {dep['goal_ratio']}x)",
             flush=True,
         )
+        print(f"deploy vs floors: {dep['goal_vs_floors']}", flush=True)
         print(
             f"donor start-up to connect: {dep['donor_startup_s']} s (bare python "
             f"{dep['bare_python_connect_s']} s); phases (s):",

@@ -45,7 +45,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from bench import figures
+from bench import figures, floors
 from spk_visor.deploy import channel, messages
 from spk_visor.deploy.channel import CHUNK, donor_handshake, target_handshake
 from spk_visor.deploy.code import Code, new_code, parse
@@ -60,6 +60,8 @@ CPU_S: dict[str, list[float]] = {}
 # The sha256 each kind's receiver computed in the verifying round (equal to the source's).
 VERIFIED: dict[str, str] = {}
 _BLOCK = os.urandom(1024 * 1024)
+# What the CPU floor measures the channel's stages on (scaled to the stream's size).
+FLOOR_SAMPLE = 256 << 20
 
 
 class _Pattern:
@@ -248,6 +250,22 @@ def run() -> dict[str, object]:
     aead = {kind: aead_cpu_s_per_gib(kind) for kind in ("aes", "chacha")}
     # On a saturated machine the wall-clock ratio follows the CPU each side costs.
     cpu_ratio = {kind: cpu_per_gib["raw"] / cpu_per_gib[kind] for kind in aead}
+    # The CPU floor (bench/floors.py): AES-256-GCM seal and open and TCP loopback send and
+    # receive, each on one thread, of a FLOOR_SAMPLE stand-in scaled to the stream's size.
+    sample = min(size, FLOOR_SAMPLE)
+    floor = floors.CpuFloor(
+        floors.channel_stages(memoryview(os.urandom(sample)), CHUNK, size / sample),
+        size,
+        os.cpu_count() or 1,
+    )
+    goal_vs_floors = floors.verdict(
+        goal=GOAL_RATIO,
+        measured_ratio=aes_ratio,
+        anchor_s=statistics.median(raw_s),
+        subject_s=statistics.median(aes_s),
+        io_floor_s=0.0,
+        cpu_floor_s=floor.floor_s,
+    )
     return {
         "bytes": size,
         "rounds": rounds,
@@ -268,6 +286,8 @@ def run() -> dict[str, object]:
         "aead_cpu_s_per_gib": {kind: round(t, 3) for kind, t in aead.items()},
         "cpu_ratio": {kind: round(r, 3) for kind, r in cpu_ratio.items()},
         "sha256_verified": {"source": want, **VERIFIED},
+        "cpu_floor": floor.figures(),
+        "goal_vs_floors": goal_vs_floors,
         "load_average": figures.load_average(),
     }
 

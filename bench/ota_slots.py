@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import figures
+from bench import figures, floors
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
@@ -325,6 +325,17 @@ def run() -> dict[str, object]:
                 marks.__setitem__(str(f["phase"]), time.perf_counter()) if ev == "phase" else None
             )
             by = {COLD: _Runs(), WARM: _Runs()}
+            # The I/O floor (bench/floors.py): the writer's device I/O for this image,
+            # replayed from memory onto the same slot, beside the stage in every round.
+            raw_mem = floors.load(raw)
+            io_plan = floors.plan(raw_mem, raw_size)
+            io_floor: list[float] = []
+            io_cpu: list[float] = []
+
+            def replay() -> None:
+                wall, machine_cpu = floors.machine_replay(disk.root_b, raw_mem, io_plan)
+                io_floor.append(wall)
+                io_cpu.append(machine_cpu)
 
             def anchor(cond: str) -> float:
                 r = by[cond]
@@ -338,6 +349,11 @@ def run() -> dict[str, object]:
 
             def subject(cond: str) -> float:
                 r = by[cond]
+                # The replay takes turns with the cold stage (the headline), so it runs
+                # once a round.
+                replay_first = cond == COLD and len(r.cpu) % 2 == 1
+                if replay_first:
+                    replay()
                 # Without a discard the next round finds the image staged and returns at
                 # once (what made rounds 2 and 3 report 19x and 57x).
                 slots.discard(ctx)
@@ -354,6 +370,8 @@ def run() -> dict[str, object]:
                 r.verify_phase.append(marks["staged"] - marks["verifying"])
                 r.blob_cached_after.append(cached_share(store_blob))
                 r.times["stage"].append(t)
+                if cond == COLD and not replay_first:
+                    replay()
                 return t
 
             figures.print_load("before")
@@ -371,12 +389,27 @@ def run() -> dict[str, object]:
             figures.print_load("after")
             assert slots.verify_installed(ctx, pub.manifest.image, "b") == []  # type: ignore[arg-type]
             hash_mbps = sha256_mbps()
+            cpu_floor = floors.cpu_floor(raw_mem, raw_size, store_blob)
             load = os.getloadavg()[0]
         cold = by[COLD]
         times, cpu, busy, clocks = cold.times, cold.cpu, cold.busy, cold.clocks
         write_phase, verify_phase, dd_cpu = cold.write_phase, cold.verify_phase, cold.dd_cpu
         direct_ratio = figures.ratio(times["dd_direct_fsync"], times["stage"], "stage vs dd")
         med = {k: statistics.median(v) for k, v in times.items()}
+        io_floor_s = statistics.median(io_floor)
+        goal = floors.verdict(
+            goal=GOAL_RATIO,
+            measured_ratio=direct_ratio,
+            anchor_s=med["dd_direct_fsync"],
+            subject_s=med["stage"],
+            io_floor_s=io_floor_s,
+            cpu_floor_s=cpu_floor.floor_s,
+            shared_s=floors.shared_floor_s(
+                cpu_floor.sum_s,
+                statistics.median(io_cpu),
+                os.cpu_count() or 1,
+            ),
+        )
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
         return {
             "image_mib": size_mib,
@@ -405,6 +438,10 @@ def run() -> dict[str, object]:
             "image_bytes": byte_figures(clocks),
             "sha256_mbps": round(hash_mbps, 1),
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
+            "io_floor_s": [round(t, 2) for t in io_floor],
+            "io_floor_machine_cpu_s": [round(t, 2) for t in io_cpu],
+            "cpu_floor": cpu_floor.figures(),
+            "goal_vs_floors": goal,
             "load_average_1min_at_end": round(load, 2),
             "blob_cached_share": cold.cached_figures(),
             "raw_cached_share_at_start": [round(c, 3) for c in cold.cached["raw"]],

@@ -55,12 +55,7 @@ def fill(device: str, make: Callable[[int], bytes]) -> None:
 
 def on_disk(disk: AbDisk, device: str, offset: int, length: int) -> bytes:
     """Bytes of a partition, read from the loop device's backing file."""
-    name = os.path.basename(device)
-    loop = os.path.basename(disk.loop)
-    start = int(Path(f"/sys/block/{loop}/{name}/start").read_text()) * 512
-    with disk.image.open("rb") as f:
-        f.seek(start + offset)
-        return f.read(length)
+    return disk.backing(device, offset, length)
 
 
 def image_with_zero_runs() -> bytes:

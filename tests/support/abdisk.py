@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spk_visor.install import disk as disk_prep
+from tests.support.prereq import need_command, need_root
 
 MIB = 1 << 20
 # How long to wait for the kernel (and devtmpfs) to show the partition devices.
@@ -41,6 +42,15 @@ class AbDisk:
     def root_b(self) -> str:
         return self.parts["root-b"]
 
+    def backing(self, device: str, offset: int, length: int) -> bytes:
+        """Bytes of one of its partitions, read through the loop device's backing file
+        (not through the device that wrote them, nor its page cache)."""
+        name, loop = os.path.basename(device), os.path.basename(self.loop)
+        start = int(Path(f"/sys/block/{loop}/{name}/start").read_text()) * 512
+        with self.image.open("rb") as f:
+            f.seek(start + offset)
+            return f.read(length)
+
 
 def _run(argv: list[str], stdin: bytes | None = None) -> str:
     done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30, check=False)
@@ -52,6 +62,14 @@ def _run(argv: list[str], stdin: bytes | None = None) -> str:
 def _sysfs_parts(loop: str, count: int) -> bool:
     name = os.path.basename(loop)
     return all(Path(f"/sys/block/{name}/{name}p{i}").is_dir() for i in range(1, count + 1))
+
+
+def need_ab_disk() -> None:
+    """Skip (fail under CI) unless ab_disk can run here: root, sfdisk, losetup, partx."""
+    need_root()
+    need_command("sfdisk", "fdisk")
+    need_command("losetup", "util-linux")
+    need_command("partx", "util-linux")
 
 
 @contextlib.contextmanager
