@@ -630,8 +630,13 @@ def read_local_token(target: Target) -> str | None:
         return target.token
     path = Path(target.token_file).expanduser()
     try:
-        # Past the cap it is no token, and check_token says so by its length.
         raw = read_at_most(path, MAX_TOKEN_FILE_BYTES)
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            # Refused, not cut: blanks then a long token would leave a shorter "token".
+            raise ConfigError(
+                f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token file",
+                f"copy the token again from {NODE_TOKEN_FILE} on the node (one short line)",
+            )
         return check_token(raw.decode("ascii"), f"token file {path}") or None
     except FileNotFoundError:
         return None

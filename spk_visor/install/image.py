@@ -339,12 +339,8 @@ class FileSource(RecordPipe):
         self._flag = self.direct
         self._cached, self._pos = _cached_at_open(f)
         if self._cached is not None:
-            os.posix_fadvise(
-                f.fileno(),
-                0,
-                0,
-                os.POSIX_FADV_RANDOM if self.direct else os.POSIX_FADV_SEQUENTIAL,
-            )
+            advice = os.POSIX_FADV_RANDOM if self.direct else os.POSIX_FADV_SEQUENTIAL
+            _hint(f.fileno(), 0, 0, advice)
         # Bytes read from the page cache where they were cached, with O_DIRECT, and
         # through the page cache where they were not (then dropped).
         self.read_bytes = {"cached": 0, "direct": 0, "uncached": 0}
@@ -452,7 +448,7 @@ class FileSource(RecordPipe):
                 raise
             self.direct = self._flag = False
             blockdev.set_direct(f.fileno(), False)
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            _hint(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             n = f.readinto(view) or 0
         kind = "cached" if cached else "direct" if self._flag else "uncached"
         self.read_bytes[kind] += n
@@ -472,6 +468,13 @@ class FileSource(RecordPipe):
         with contextlib.suppress(queue.Full):
             self._pieces.put_nowait(None)
         pump.join()
+
+
+def _hint(fd: int, offset: int, length: int, advice: int) -> None:
+    """posix_fadvise as the hint it is: a filesystem that refuses one only loses the
+    read-ahead or the cache tidying it asked for, never the stream."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, advice)
 
 
 def _try_direct(f: io.RawIOBase) -> bool:
@@ -511,7 +514,7 @@ def _drop_uncached(fd: int, at_open: bytes, offset: int, length: int) -> None:
             return
         stop = at_open.find(1, gap, end)
         stop = end if stop < 0 else stop
-        os.posix_fadvise(fd, gap * page, (stop - gap) * page, os.POSIX_FADV_DONTNEED)
+        _hint(fd, gap * page, (stop - gap) * page, os.POSIX_FADV_DONTNEED)
         at = stop
 
 

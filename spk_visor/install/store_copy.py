@@ -119,7 +119,10 @@ class StoreCopy:
                     self._cond.wait()
                 if self._finished or self.error is not None:
                     return
-                start, end = self.written_out, self.count
+                # One slice at a time, however far the copy got ahead: a stop() (an
+                # aborted deploy, whose copy is thrown away) waits for one slice at most.
+                start = self.written_out
+                end = start + WRITE_OUT_BYTES
             try:
                 blockdev.write_out(self.fd, start, end - start)
             except BaseException as e:

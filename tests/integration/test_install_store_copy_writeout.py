@@ -71,7 +71,7 @@ def test_the_copy_is_written_out_to_its_disk_as_it_streams(
             copy.put(memoryview(r))
         # Wait (bounded) for the copy to have taken every record, without finishing it;
         # well under the 30 s after which the kernel writes dirty pages out by itself.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 25
         while time.monotonic() < deadline:
             if copy.count == len(records) * RECORD and getattr(copy, "written_out", 0) >= 32 * MIB:
                 break
@@ -85,6 +85,7 @@ def test_the_copy_is_written_out_to_its_disk_as_it_streams(
     assert (mnt / "blob.partial").read_bytes() == data
     # Before any fsync, most of the 48 MiB were on the disk already (all but the last
     # WRITE_OUT_BYTES or so); the old copy had sent nothing.
+    assert getattr(copy, "written_out", 0) >= 32 * MIB
     assert on_disk >= 32 * MIB, f"only {on_disk} bytes reached the disk before the fsync"
 
 
@@ -99,9 +100,46 @@ def test_a_failed_write_out_fails_the_copy(tmp_path: Path, monkeypatch: pytest.M
     try:
         copy = StoreCopy(fd, 2, lambda e: RuntimeError(f"store: {e}"))
         with pytest.raises(RuntimeError, match="the disk failed the write-out"):
-            for _ in range(64):  # bounded: the error surfaces at a put or at finish
+            for _ in range(8):
                 copy.put(memoryview(bytes(RECORD)))
+            # The write-out runs on its own thread: wait (bounded) for it to have failed
+            # before finishing, which would otherwise leave the rest to the fsync.
+            deadline = time.monotonic() + 30
+            while getattr(copy, "error", None) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             copy.finish()
         copy.stop()
     finally:
         os.close(fd)
+
+
+def test_the_write_out_goes_a_slice_at_a_time_so_a_stop_waits_for_one_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slower than the stream lets the copy run far ahead; an aborted deploy
+    (stop) must not then wait for all of that to be written, only thrown away."""
+    monkeypatch.setattr(store_copy, "WRITE_OUT_BYTES", MIB, raising=False)
+    calls: list[int] = []
+
+    def slow(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        time.sleep(0.2)  # a slow disk: the copy gets many slices ahead meanwhile
+
+    monkeypatch.setattr(blockdev, "write_out", slow, raising=False)
+    fd = os.open(tmp_path / "blob.partial", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        copy = StoreCopy(fd, 4, lambda e: RuntimeError(str(e)))
+        for _ in range(32):
+            copy.put(memoryview(bytes(RECORD)))
+        deadline = time.monotonic() + 30
+        while getattr(copy, "count", 0) < 32 * RECORD and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before_stop = len(calls)
+        copy.stop()
+        during_stop = len(calls) - before_stop
+    finally:
+        os.close(fd)
+    assert calls, "nothing was written out"
+    assert all(n <= MIB for n in calls), f"write-out calls of {calls} bytes"
+    # The copy was up to 32 slices ahead; the stop waited for the slice in hand at most.
+    assert during_stop <= 1, f"{during_stop} write-outs began while the stop waited"

@@ -172,6 +172,17 @@ def test_local_token_file(tmp_path: Path) -> None:
     assert config.read_local_token(target) == "tok-123"
 
 
+def test_a_token_file_past_its_cap_is_refused_not_cut_short(tmp_path: Path) -> None:
+    env = env_for(tmp_path, GOOD)
+    target = resolve(env, node="alpha").targets[0]
+    # Blank lines up to near the cap, then a token that runs past it: cut at the cap,
+    # what is left would pass for a (wrong, shorter) token.
+    token = "t" * 200
+    (tmp_path / "alpha.token").write_text("\n" * 4000 + token + "\n")
+    with pytest.raises(ConfigError, match=r"larger than 4096 bytes: not a token file"):
+        config.read_local_token(target)
+
+
 def test_inventory_in_defaults_is_a_fallback_after_groups(tmp_path: Path) -> None:
     (tmp_path / "hosts.ini").write_text(
         "[rack1]\nn1 ansible_host=10.1.0.1 ansible_user=ops ansible_port=2222\n"
