@@ -71,6 +71,7 @@ from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
 from tests.support.abdisk import ab_disk
+from tests.support.zstd_image import evict
 
 MIB = 1 << 20
 SIZE_ENV = "SPK_BENCH_SLOT_MIB"
@@ -82,17 +83,6 @@ RANDOM_SHARE = 0.25
 USR_SHARE = 0.40
 # Both conditions run in every round (see the module's docstring); cold is the headline.
 COLD, WARM = "cold", "warm"
-
-
-def _evict(path: Path) -> None:
-    """Drop `path` from the page cache (its dirty pages written first: DONTNEED skips
-    them, and the raw image is built just before the rounds)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _load(path: Path) -> None:
@@ -117,7 +107,7 @@ def prepare(path: Path, cond: str) -> float:
     """`path` evicted ("cold") or loaded ("warm") before a timed run; the share of it
     cached at the start of the run, reported so a figure says what it measured."""
     if cond == COLD:
-        _evict(path)
+        evict(path)
     else:
         _load(path)
     return cached_share(path)
@@ -173,7 +163,7 @@ def build_image(work: Path, size_mib: int) -> Path:
 
 def encode(raw: Path, out: Path, threads: int) -> float:
     """zstd level 3 (what the build side uses); returns raw MB/s."""
-    _evict(raw)
+    evict(raw)
     t0 = time.perf_counter()
     node.encode(raw, out, level=3, threads=threads)
     return raw.stat().st_size / (time.perf_counter() - t0) / 1e6
