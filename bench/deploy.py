@@ -78,6 +78,7 @@ from spk_visor.deploy import channel
 from spk_visor.ota import build
 from tests.support.loopdisk import LoopDisk
 from tests.support.ota_pki import Pki, tiny_tree
+from tests.support.zstd_image import evict
 
 MIB = 1 << 20
 SIZE_ENV = "SPK_VISOR_BENCH_DEPLOY_MIB"
@@ -259,7 +260,7 @@ def _deploy_once(work: Path, bundle: Path, root: Path, disk: LoopDisk) -> _Once:
     receiver = _Receiver(work, root, port)
     try:
         code = receiver.code()
-        ota_slots._evict(bundle)  # the same eviction as bench.ota_slots
+        evict(bundle)  # the same eviction as bench.ota_slots
         argv = _send_argv(bundle, port, disk.serial, code)
         t0, c0 = time.perf_counter(), _children_cpu()
         done = subprocess.run(
@@ -336,7 +337,7 @@ def donor_startup(bundle: Path, serial: str, rounds: int = 5) -> dict[str, objec
     against a bare interpreter that connects; alternated, medians."""
 
     def send() -> float:
-        ota_slots._evict(bundle)
+        evict(bundle)
         return _until_connect(lambda port: _send_argv(bundle, port, serial, f"{NAMEPLATE}-K7QX9"))
 
     def bare() -> float:
