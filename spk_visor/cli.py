@@ -345,10 +345,10 @@ def _asks_quiet(options: Sequence[str], takes_value: set[str]) -> bool:
     not the value of an option (--token -q): what a usage error goes by, raised before
     the command has its parsed -q."""
     value_next = False
-    for token in options:
-        if not value_next and (token == "--quiet" or re.fullmatch(r"-q[A-Za-z]*", token)):
+    for word in options:
+        if not value_next and (word == "--quiet" or re.fullmatch(r"-q[A-Za-z]*", word)):
             return True
-        value_next = not value_next and token in takes_value
+        value_next = not value_next and word in takes_value
     return False
 
 
