@@ -16,6 +16,11 @@ the syncer (`sync`) is traced too. The summary says, over the stream:
   in progress and what did not (on a buffered loop device a flush holds up the loop
   worker's other requests).
 
+bench.ota_slots stages under two conditions each round (the blob cold: read from the
+disk; warm: in the page cache); each trace is labelled with its condition and the
+summaries are printed apart, under `trace.cold` and `trace.warm` (the streams differ:
+a cold stream's reads share the disk with the slot's writes).
+
 The writer's behaviour is unchanged: the trace is a subclass that times the writer's own
 methods, and a stand-in for image.py's `os` that times `fdatasync` on the syncer's
 thread. bench.ota_slots' own figures are printed as usual; the trace comes after them.
@@ -39,9 +44,11 @@ Span = tuple[str, int, float, float]  # kind, window index (or sync count), star
 
 
 class Traced(ota_slots._Recorded):
-    """The image writer with a per-window trace (`spans`), every instance kept."""
+    """The image writer with a per-window trace (`spans`), every instance kept, each with
+    the condition (cold, warm) its blob was prepared for."""
 
     runs: ClassVar[list[Traced]] = []
+    preparing: ClassVar[str] = "unknown"  # the condition of the latest ota_slots.prepare
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -49,6 +56,8 @@ class Traced(ota_slots._Recorded):
         self.spans: list[Span] = []
         self._windows: dict[int, int] = {}
         self._hashed = 0
+        # bench.ota_slots prepares the blob for its condition right before each stage.
+        self.condition = Traced.preparing
         Traced.runs.append(self)
         free_get = self._free.get
         digest = self.digest
@@ -162,18 +171,27 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench.writer_trace needs root (loop devices)", file=sys.stderr)
         return 2
-    real_recorded, real_os = ota_slots._Recorded, os
+    real_recorded, real_os, real_prepare = ota_slots._Recorded, os, ota_slots.prepare
+
+    def prepare(path: Any, cond: str) -> float:
+        Traced.preparing = cond
+        return real_prepare(path, cond)
+
     ota_slots._Recorded = Traced  # type: ignore[misc]
+    ota_slots.prepare = prepare
     image_writer.os = _TracedOs()  # type: ignore[attr-defined,assignment]
     try:
         print(json.dumps(ota_slots.run(), indent=2))
     finally:
         ota_slots._Recorded = real_recorded  # type: ignore[misc]
+        ota_slots.prepare = real_prepare
         image_writer.os = real_os  # type: ignore[attr-defined]
-    traces = [summary(w.spans, w.stream_s) for w in Traced.runs]
+    traces: dict[str, list[dict[str, object]]] = {}
+    for w in Traced.runs:
+        traces.setdefault(w.condition, []).append(summary(w.spans, w.stream_s))
     if out := os.environ.get(SPANS_ENV):  # every span, for a closer look
         with open(out, "w", encoding="utf-8") as f:
-            json.dump([w.spans for w in Traced.runs], f)
+            json.dump([{"condition": w.condition, "spans": w.spans} for w in Traced.runs], f)
     print(json.dumps({"trace": traces}, indent=2))
     return 0
 

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
+
+
+class NotAFileError(OSError):
+    """The path names a pipe or a socket: nothing to read as a settings file."""
 
 
 def read_at_most(path: Path, limit: int) -> bytes:
     """At most `limit + 1` bytes of `path`: more than `limit` means too large, found
-    without reading it whole (a device such as /dev/zero or a pipe never ends, and a
-    wrong multi-gigabyte file would be read into memory). OSError as path.read_bytes()."""
-    with path.open("rb") as f:
-        return f.read(limit + 1)
+    without reading it whole (a device such as /dev/zero never ends, and a wrong
+    multi-gigabyte file would be read into memory). OSError as path.read_bytes(); a
+    named pipe or socket raises NotAFileError, a folder IsADirectoryError."""
+    # O_NONBLOCK: opening a named pipe with no writer would otherwise wait forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket"
+            raise NotAFileError(errno.EINVAL, f"is {kind}, not a file", str(path))
+        # A file or a device: reads may block again (a device is still capped below).
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read(limit + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)

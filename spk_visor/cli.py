@@ -5,6 +5,7 @@
 # ~5 ms of start-up; as objects they are built once, at import.
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
@@ -49,7 +50,8 @@ _verbose = False
 # The document is one line, so that it also ends a JSON Lines stream (ota pull --json,
 # vm console --follow --json) as one more record.
 _json = False
-# -q (ota apply/pull, the cron form) seen on the command line: a failure is one line.
+# -q (ota apply/pull, the cron form) seen on the command line: a failure is one line
+# (once the command is parsed, the -q it got counts instead: _one_line).
 _quiet = False
 _state: "AppState | None" = None
 
@@ -250,10 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a lone "--" counts; so does -q, the cron form, which promises one line per failure.
     options = args[: args.index("--")] if "--" in args else args
     _json = "--json" in options
-    _quiet = not _json and ("-q" in options or "--quiet" in options)
+    _quiet = False
     console = Console()
     try:
         command = build()
+        _quiet = not _json and _asks_quiet(options, _takes_value(command))
         result = command.main(
             args=args,
             prog_name="spk-visor",
@@ -296,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mapped is None:
             return _internal(console, e)
         _traceback(console, e)
-        console.error(redact(f"spk-visor: error: {mapped.diagnostics()}"))
+        console.error(redact(f"spk-visor: error: {_diagnostics(mapped)}"))
         if _json_errors():
             console.json_line(mapped.document())
         return int(mapped.exit_code)
@@ -328,7 +331,7 @@ def _fail(
     error = UsageError(message, hint)
     error.exit_code = code
     if say is not None:
-        console.error(redact(say.format(error.diagnostics())))
+        console.error(redact(say.format(_diagnostics(error))))
     if _json_errors():
         try:
             console.json_line(error.document())
@@ -337,9 +340,41 @@ def _fail(
     return int(code)
 
 
+def _asks_quiet(options: Sequence[str], takes_value: set[str]) -> bool:
+    """-q or --quiet on the command line, alone or leading short flags (-qb FILE), and
+    not the value of an option (--token -q): what a usage error goes by, raised before
+    the command has its parsed -q."""
+    value_next = False
+    for word in options:
+        if not value_next and (word == "--quiet" or re.fullmatch(r"-q[A-Za-z]*", word)):
+            return True
+        value_next = not value_next and word in takes_value
+    return False
+
+
+def _takes_value(command: _click.Command) -> set[str]:
+    """The names of the root options that take a value (--token, -n...)."""
+    return {
+        name
+        for p in command.params
+        if p.param_type_name == "option"
+        and not getattr(p, "is_flag", True)
+        and not getattr(p, "count", False)
+        for name in p.opts + p.secondary_opts
+    }
+
+
+def _one_line() -> bool:
+    """Whether a failure is said on one line: once the command is parsed, whether it got
+    -q (ota apply/pull, the cron form); before, -q seen on the command line."""
+    if _json:
+        return False
+    return _state.quiet if _state is not None else _quiet
+
+
 def _diagnostics(e: SpkVisorError) -> str:
     """The message and its hint: on two lines, or joined into one under -q."""
-    if not _quiet:
+    if not _one_line():
         return e.diagnostics()
     from spk_visor.ota.report import one_line  # noqa: PLC0415 (only under -q)
 

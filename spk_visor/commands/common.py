@@ -43,6 +43,8 @@ class AppState:
         self.console = console
         self._settings: config.Settings | None = None
         self.json_requested = False
+        # -q as the command parsed it (ota apply/pull): main() then says a failure on one line.
+        self.quiet = False
 
     @property
     def settings(self) -> config.Settings:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 
-from spk_visor.commands.common import JsonOpt, state
+from spk_visor.commands.common import AppState, JsonOpt, state
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact
 from spk_visor.output import table
 
@@ -32,11 +32,22 @@ bundle_app = typer.Typer(help="Convert between a .spkb bundle and a pull reposit
 app.add_typer(root_app, name="root")
 app.add_typer(bundle_app, name="bundle")
 
+
+def _record_quiet(ctx: typer.Context, value: bool) -> bool:
+    # main() reports failures after the command is gone: it reads -q from here, the
+    # parsed value, not from argv (where "-q" may be another option's value).
+    st = ctx.find_object(AppState)
+    if st is not None:
+        st.quiet = value
+    return value
+
+
 QuietOpt = Annotated[
     bool,
     typer.Option(
         "--quiet",
         "-q",
+        callback=_record_quiet,
         help="For cron: print nothing on success, when there is nothing to do, or when "
         "nothing may be done now (exit 0, 77, 8); otherwise one line on stderr naming the cause.",
     ),

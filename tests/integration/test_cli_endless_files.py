@@ -5,7 +5,6 @@ size cap: the CLI must not read it whole into memory and die with "internal erro
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,19 @@ import pytest
 
 from spk_visor.errors import ExitCode
 from tests.support.cli import NO_KNOWN_CERTS
+from tests.support.prereq import need_command
 
 ENDLESS = "/dev/zero"
 # Far above every cap (at most a few MiB), far below what reading /dev/zero whole needs.
 MEMORY_LIMIT = 1 << 30
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
-def _spk_visor(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _spk_visor(
+    tmp_path: Path, env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    # prlimit sets the limit in the child it execs: a preexec_fn would run Python between
+    # fork and exec, unsafe when the test process has threads.
+    prlimit = need_command("prlimit", "util-linux")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
     clean.update(
         {
@@ -35,12 +36,11 @@ def _spk_visor(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Co
         }
     )
     return subprocess.run(
-        [sys.executable, "-m", "spk_visor", *args],
+        [prlimit, f"--as={MEMORY_LIMIT}", sys.executable, "-m", "spk_visor", *args],
         env=clean,
         capture_output=True,
         text=True,
-        timeout=120,
-        preexec_fn=_limit_memory,
+        timeout=timeout,
         check=False,
     )
 
@@ -84,3 +84,18 @@ def test_an_endless_passphrase_file_is_a_usage_error(tmp_path: Path) -> None:
     assert "internal error" not in res.stderr, res.stderr
     assert ENDLESS in res.stderr, res.stderr
     assert not key.exists()
+
+
+def test_a_settings_file_that_is_a_pipe_is_a_usage_error(tmp_path: Path) -> None:
+    """A named pipe with no writer would block the open forever: refused at once instead."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    try:
+        res = _spk_visor(
+            tmp_path, {"SPK_VISOR_CONFIG": str(fifo)}, "--node", "a", "node", timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("spk-visor blocked opening a named pipe as its config file")
+    assert res.returncode == ExitCode.USAGE, res
+    assert "internal error" not in res.stderr, res.stderr
+    assert str(fifo) in res.stderr and "pipe" in res.stderr, res.stderr

@@ -204,3 +204,46 @@ def test_command_line_mistakes_print_one_line_under_q(
     conf(node, [closed_port_url()])
     one_line(pull(node, "-q", *args), ExitCode.USAGE, *words)
     one_line(pull(node, *args, "--quiet"), ExitCode.USAGE, *words)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [
+        # An OSError about a path the user named: exit 2, the path and its hint.
+        ("path", ExitCode.USAGE, ("bundle.spkb",)),
+        # A bug: "internal error" and the --verbose hint.
+        ("bug", ExitCode.INTERNAL, ("internal error", "--verbose")),
+    ],
+)
+def test_unexpected_failures_print_one_line_under_q(
+    tmp_path: Path,
+    node: Node,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: str,
+    code: int,
+    words: tuple[str, ...],
+) -> None:
+    """The failures main() reports itself (not an SpkVisorError) keep to one line too."""
+    bundle = tmp_path / "bundle.spkb"
+    bundle.write_bytes(b"")
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        if raised == "path":
+            raise PermissionError(13, "Permission denied", str(bundle))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("spk_visor.ota.engine.apply_stream", fail)
+    res = cli.run("ota", "apply", "-q", "--bundle", str(bundle), env=node.env)
+    one_line(res, code, *words)
+    # Combined short flags: -q then -b and its value.
+    one_line(cli.run("ota", "apply", "-qb", str(bundle), env=node.env), code, *words)
+    # Without -q: the hint on a line of its own.
+    res = cli.run("ota", "apply", "--bundle", str(bundle), env=node.env)
+    assert res.code == code and len(res.err.splitlines()) == 2, res
+
+
+def test_an_option_value_that_reads_q_is_not_quiet(node: Node) -> None:
+    """`--token -q`: "-q" is the token, not the cron form; the hint keeps its own line."""
+    res = cli.run("--node", closed_port_url(), "--token", "-q", "node", env=node.env)
+    assert res.code == ExitCode.TRANSIENT, res
+    assert len(res.err.splitlines()) == 2, res.err
