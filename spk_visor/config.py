@@ -646,5 +646,7 @@ def read_local_token(target: Target) -> str | None:
             "run as root on the node, join the daemon's token group (usermod -aG "
             "smechvisor USER), or pass --token / SPK_VISOR_TOKEN",
         ) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
         raise ConfigError(f"cannot read token file {path}: {e}") from e
