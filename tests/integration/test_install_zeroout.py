@@ -21,8 +21,8 @@ from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from spk_visor.ota.context import OtaContext
 from tests.support import ota_slots_worker as node
-from tests.support.abdisk import AbDisk, ab_disk
-from tests.support.prereq import need_command, need_root
+from tests.support.abdisk import AbDisk, ab_disk, need_ab_disk
+from tests.support.prereq import need_command
 from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
@@ -32,10 +32,7 @@ SLOT_MIB = 48
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[AbDisk]:
-    need_root()
-    need_command("sfdisk", "fdisk")
-    need_command("losetup", "util-linux")
-    need_command("partx", "util-linux")
+    need_ab_disk()
     with ab_disk(tmp_path, slot_mib=SLOT_MIB, esp_mib=1) as d:
         # Garbage everywhere: random in slot b (the target), 0xff in slot a (its neighbour).
         fill(d.root_b, os.urandom)
