@@ -18,7 +18,7 @@ import zstandard
 from bench import floors
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
-from tests.support.abdisk import AbDisk, ab_disk, need_ab_disk
+from tests.support.abdisk import AbDisk, ab_disk, fill, need_ab_disk
 from tests.support.zstd_image import stage_file, zstd_image
 
 MIB = 1 << 20
@@ -31,12 +31,7 @@ def disk(tmp_path: Path) -> Iterator[AbDisk]:
     need_ab_disk()
     with ab_disk(tmp_path, slot_mib=SLOT_MIB, esp_mib=1) as d:
         for device in (d.root_a, d.root_b):
-            fd = os.open(device, os.O_WRONLY)
-            try:
-                blockdev.pwrite_all(fd, os.urandom(SLOT_MIB * MIB), 0)
-                blockdev.flush(fd)
-            finally:
-                os.close(fd)
+            fill(device, os.urandom)
         yield d
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from spk_visor.ota.context import OtaContext
 from tests.support import ota_slots_worker as node
-from tests.support.abdisk import AbDisk, ab_disk, need_ab_disk
+from tests.support.abdisk import AbDisk, ab_disk, fill, need_ab_disk
 from tests.support.prereq import need_command
 from tests.support.zstd_image import stage_file, zstd_image
 
@@ -38,16 +38,6 @@ def disk(tmp_path: Path) -> Iterator[AbDisk]:
         fill(d.root_b, os.urandom)
         fill(d.root_a, lambda n: b"\xff" * n)
         yield d
-
-
-def fill(device: str, make: Callable[[int], bytes]) -> None:
-    fd = os.open(device, os.O_WRONLY)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        blockdev.pwrite_all(fd, make(size), 0)
-        blockdev.flush(fd)
-    finally:
-        os.close(fd)
 
 
 def on_disk(disk: AbDisk, device: str, offset: int, length: int) -> bytes:

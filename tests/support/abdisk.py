@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from spk_visor.install import blockdev
 from spk_visor.install import disk as disk_prep
 from tests.support.prereq import need_command, need_root
 
@@ -108,3 +109,14 @@ def ab_disk(
                 os.unlink(node)
         with contextlib.suppress(FileNotFoundError):
             image.unlink()
+
+
+def fill(device: str, make: Callable[[int], bytes]) -> None:
+    """Fill the whole device with make(size), durably: garbage a writer must overwrite."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        blockdev.pwrite_all(fd, make(size), 0)
+        blockdev.flush(fd)
+    finally:
+        os.close(fd)
