@@ -22,8 +22,9 @@ session thread waiting for room in the decoder's pipe, `put_wait_s`), `store` (t
 time; `put_wait_s`, the session thread waiting for room in its queue) and `session` (the
 session thread during the image: `recv_s` in receive, `decrypt_s` of it in the AEAD,
 `sink_s` handing records to the sink, which holds both `put_wait_s`; its CPU and
-run-queue seconds). `image_bytes` says how much of the image body the receiver wrote and how much
-it zeroed (BLKZEROOUT, the image's free space); dd writes every byte.
+run-queue seconds); `threads_by_round`: the same clocks of each round (the first round is
+slower, see docs/install-path.md). `image_bytes` says how much of the image body the
+receiver wrote and how much it zeroed (BLKZEROOUT, the image's free space); dd writes every byte.
 `machine_busy_share` is the whole machine's busy CPU share during each run (/proc/stat,
 kernel threads included: the loop device's worker does the disk I/O): a deploy near 1.0
 had no idle core left to go faster with.
