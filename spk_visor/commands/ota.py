@@ -11,6 +11,7 @@ import datetime as dt
 import getpass
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -429,10 +430,24 @@ def _open_bundle(path: str) -> BinaryIO:
 
         widen_pipe(sys.stdin)
         return sys.stdin.buffer
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES  # noqa: PLC0415
+
     try:
-        return Path(path).open("rb")
+        f = Path(path).open("rb")
+    except IsADirectoryError as e:
+        raise UsageError(f"{path} is not an OTA bundle: it is a folder", NOT_A_BUNDLE_HINT) from e
     except OSError as e:
         raise UsageError(f"cannot open bundle {path}: {e.strerror}") from e
+    # A file the user named that is not a bundle at all is their mistake (exit 2), not a
+    # refused update (3). Only a regular file is looked at ahead (pread: the stream stays
+    # at 0); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    try:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            _not_a_bundle(path, os.pread(f.fileno(), SNIFF_BYTES, 0))
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 @app.command()
@@ -1035,39 +1050,21 @@ def push(
         raise typer.Exit(int(worst))
 
 
-def _not_a_bundle(path: Path) -> None:
+def _not_a_bundle(path: Path | str, head: bytes | None = None) -> None:
     """A file that is not a bundle (root.json, a key, /etc/passwd) is one local mistake:
     say so once, before any node is contacted, rather than stream it to every node. Only
     the magic is checked here; the nodes verify the rest."""
-    import json  # noqa: PLC0415
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES, not_a_bundle  # noqa: PLC0415
 
-    from spk_visor.ota.bundle import MAGIC  # noqa: PLC0415
-
-    try:
-        with path.open("rb") as f:
-            head = f.read(1 << 20)
-    except OSError:
-        return  # push names an unreadable bundle itself
-    what = None
-    if not head.strip():
-        what = "an empty file"
-    elif head.lstrip().startswith(b"-----BEGIN"):
-        what = "a PEM key or certificate"
-    elif head.lstrip().startswith(b"{"):
+    if head is None:
         try:
-            json.loads(head)
-            what = "a JSON document (a root.json or a public key?)"
-        except ValueError:
-            pass
-    # The format version (the magic's last 2 bytes) is the nodes' to judge: they may read
-    # a newer one than this workstation does.
-    if what is None and not head.startswith(MAGIC[:-2]):
-        what = "it does not start with the bundle magic"
+            with Path(path).open("rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError:
+            return  # push names an unreadable bundle itself
+    what = not_a_bundle(head)
     if what is not None:
-        raise UsageError(
-            f"{path} is not an OTA bundle: {what}",
-            "give the .spkb file `spk-visor ota build` wrote",
-        )
+        raise UsageError(f"{path} is not an OTA bundle: {what}", NOT_A_BUNDLE_HINT)
 
 
 def _check_channel(name: str | None) -> None:

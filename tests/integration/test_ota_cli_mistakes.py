@@ -25,6 +25,7 @@ import pytest
 from spk_visor.errors import ExitCode, user_path_error
 from spk_visor.trust import keys
 from tests.support import cli
+from tests.support.ota_pki import Node, Pki, make_bundle, tiny_tree
 from tests.support.prereq import need_root
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -437,3 +438,45 @@ def test_a_sysroot_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
             if "--json" in argv:
                 assert json.loads(res.out)["error"]["exit_code"] == ExitCode.USAGE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_named_file_that_is_not_a_bundle_is_the_users_mistake(
+    tmp_path: Path, ota_node: Node, ota_pki: Pki
+) -> None:
+    """`ota check --bundle FILE` on random bytes, an empty file, a text file or a key
+    said "bad magic" or "bundle truncated in the magic ... copy the bundle again" and
+    exited 3 (refused), and a folder said "Is a directory" and nothing to do. The wrong
+    file is the user's mistake: exit 2, naming it and the file to give. A real bundle
+    whose signature does not verify is still refused (3)."""
+    wrong = {
+        "empty": b"",
+        "noise": os.urandom(4096),
+        "notes.txt": b"hello\n",
+        "key.pem": b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    }
+    for name, data in wrong.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    root = tmp_path / "root.json"
+    root.write_bytes(ota_pki.root_env().to_bytes())
+    before = ota_node.tree_digest()
+    for name in [*wrong, "folder"]:
+        path = str(tmp_path / name)
+        for argv in (
+            ["ota", "check", "--bundle", path],
+            ["ota", "apply", "--bundle", path],
+            ["ota", "inspect", path],
+            ["ota", "verify", path, "--root", str(root)],
+        ):
+            err = one_error(cli.run(*argv, env=ota_node.env))
+            assert f"{path} is not an OTA bundle" in err, (argv, err)
+            assert "ota build" in err, (argv, err)
+    assert ota_node.tree_digest() == before
+    stranger = make_bundle(tmp_path, ota_pki, tree=tiny_tree(tmp_path / "t", "0.2.0"))
+    raw = bytearray(stranger.bundle.read_bytes())
+    at = raw.index(b'"sig":"') + len('"sig":"') + 10
+    raw[at] = ord("B") if raw[at] != ord("B") else ord("C")
+    stranger.bundle.write_bytes(bytes(raw))
+    res = cli.run("ota", "check", "--bundle", str(stranger.bundle), env=ota_node.env)
+    assert res.code == ExitCode.REFUSED and "signature" in res.err, res
+    assert ota_node.tree_digest() == before
