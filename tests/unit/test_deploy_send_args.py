@@ -56,3 +56,44 @@ def test_receive_ports_out_of_range_are_usage_errors(args: list[str]) -> None:
     res = cli.run("deploy", "receive", *args)
     assert res.code == ExitCode.USAGE, res
     assert args[0] in res.err and "internal error" not in res.err, res.err
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.support.ota_pki import Pki, make_bundle, tiny_tree  # noqa: PLC0415
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    return str(make_bundle(tmp, Pki(), tree=tiny_tree(tmp / "t", "0.2.0")).bundle)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["42-K7QX9", "43-K7QX9", "--target", "127.0.0.1:9"], "--target"),
+        (["42-K7QX9", "--target", "127.0.0.1:9", "--target", "127.0.0.2:9"], "--target"),
+        (["42-K7QX9", "42-k7qx9", "--target", "127.0.0.1:9", "--target", "127.0.0.2:9"], "twice"),
+        (
+            ["42-K7QX9", "43-K7QX9", "--target", "127.0.0.1:9", "--target", "127.0.0.1:9"],
+            "--target",
+        ),
+    ],
+)
+def test_argument_mistakes_print_nothing_before_the_error(
+    real_bundle: str, args: list[str], named: str
+) -> None:
+    """`deploy send A B --target X` printed "sending release ..." before its usage error:
+    every argument is checked before anything is said, read from the node or sent."""
+    res = cli.run("deploy", "send", *args, "--bundle", real_bundle)
+    assert res.code == ExitCode.USAGE, res
+    assert "sending" not in res.err and res.out == "", res
+    assert len(res.err_lines) == 2 and named in res.err_lines[0], res.err
+
+
+def test_a_file_that_is_not_a_bundle_is_a_usage_error(tmp_path: pytest.TempPathFactory) -> None:
+    """As for `ota check`: a named file that is not a bundle is the user's mistake."""
+    for data in (b"", b"hello\n"):
+        path = tmp_path / "notes.txt"  # type: ignore[operator]
+        path.write_bytes(data)
+        res = cli.run("deploy", "send", CODE, "--target", "127.0.0.1:9", "--bundle", str(path))
+        assert res.code == ExitCode.USAGE, res
+        assert f"{path} is not an OTA bundle" in res.err and "ota build" in res.err, res.err
