@@ -379,7 +379,13 @@ def build(
         list[Path], typer.Option("--root", help="Root documents to carry (offline rotation).")
     ] = [],  # noqa: B006 (typer reads the default; it is never mutated)
     probation: Annotated[
-        float, typer.Option("--probation", metavar="SECONDS", help="Probation seconds.")
+        float,
+        typer.Option(
+            "--probation",
+            metavar="SECONDS",
+            help="How long a new daemon must stay healthy before it is kept (0 to 3600, "
+            "0 excluded).",
+        ),
     ] = 30,
     dev: Annotated[bool, typer.Option("--dev", help="A development release.")] = False,
     passphrase_file: PassFileOpt = None,
@@ -390,6 +396,11 @@ def build(
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
     from spk_visor.trust import roots  # noqa: PLC0415
 
+    if not 0 < probation <= 3600:  # the manifest's bounds: nodes refuse anything else
+        raise UsageError(
+            f"--probation {probation:g}: must be more than 0 and at most 3600 seconds",
+            "for example --probation 30 (the default)",
+        )
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     if root_envs:  # the newest carried root names the release keys; else only nodes can tell
@@ -545,6 +556,11 @@ def publish(
         raise UsageError("give --bundle or --revert-to, not both")
     _check_channel(channel)
     r = Repo(repo)
+    if not 0 < probation <= 3600:  # the manifest's bounds: nodes refuse anything else
+        raise UsageError(
+            f"--probation {probation:g}: must be more than 0 and at most 3600 seconds",
+            "for example --probation 30 (the default)",
+        )
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     newest = _newest_root(r, root_envs)
