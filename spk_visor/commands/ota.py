@@ -169,6 +169,9 @@ def keygen(
             f"PRIVATE_KEY {str(out)!r} is a folder, not a key file name",
             "name the new key's file, e.g. spk-visor ota keygen keys/rel",
         )
+    from spk_visor.ota.keys import check_new_key  # noqa: PLC0415
+
+    check_new_key(out)  # before a passphrase is asked for
     secret = _passphrase(passphrase_file)
     if ask_passphrase:
         first = getpass.getpass("passphrase: ")
@@ -524,7 +527,13 @@ def verify_cmd(
 @app.command()
 def publish(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option("--repo", help="Repository directory (created).")],
+    repo: Annotated[
+        Path,
+        typer.Option(
+            "--repo",
+            help="Repository directory (made on a first publish; the folder it is in must exist).",
+        ),
+    ],
     key: KeyOpt,
     channel: Annotated[str, typer.Option("--channel", help="Channel name.")] = "stable",
     bundle_path: Annotated[
@@ -556,6 +565,7 @@ def publish(
         raise UsageError("give --bundle or --revert-to, not both")
     _check_channel(channel)
     r = Repo(repo)
+    r.check_place()
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     newest = _newest_root(r, root_envs)
@@ -607,7 +617,9 @@ def bundle_explode(
     """Unpack a bundle into a repository's layout (no channel change)."""
     from spk_visor.ota.repo import Repo  # noqa: PLC0415
 
-    sha, _m = Repo(repo).add_bundle(bundle_path)
+    r = Repo(repo)
+    r.check_place()
+    sha, _m = r.add_bundle(bundle_path)
     _print(ctx, as_json, {"manifest_sha256": sha}, f"manifest {sha}")
 
 

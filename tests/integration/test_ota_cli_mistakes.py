@@ -46,10 +46,10 @@ def test_keygen_creates_missing_key_folders_0700(
     assert res.code == 0, res.err
     assert (tmp_path / "keys" / "root1").is_file() and (tmp_path / "keys" / "root1.pub").is_file()
     assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
-    res = cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k"))
-    assert res.code == 0, res.err
-    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # Only the key's own folder is made: a missing folder above it is a typo to fix.
+    err = one_error(cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k")))
+    assert f"{tmp_path / 'a'} does not exist" in err and "mkdir" in err, err
+    assert not (tmp_path / "a").exists()
     # A folder that exists already keeps its mode.
     (tmp_path / "open").mkdir(mode=0o755)
     (tmp_path / "open").chmod(0o755)
@@ -480,3 +480,27 @@ def test_a_named_file_that_is_not_a_bundle_is_the_users_mistake(
     res = cli.run("ota", "check", "--bundle", str(stranger.bundle), env=ota_node.env)
     assert res.code == ExitCode.REFUSED and "signature" in res.err, res
     assert ota_node.tree_digest() == before
+
+
+def test_publish_makes_the_repository_folder_but_no_missing_folder_above_it(
+    tmp_path: Path,
+) -> None:
+    """`ota publish --repo /srv/updaets/repo` made /srv/updaets and all below it: a typo
+    silently became a new tree. The repository folder itself is made on a first publish
+    (docs/ota.md: `--repo updates`); a missing folder above it is refused, nothing made."""
+    k = _keys(tmp_path)
+    bundle = make_bundle(tmp_path, Pki(), tree=tiny_tree(tmp_path / "t", "0.2.0")).bundle
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (
+        ["ota", "publish", "--key", str(k["chan"]), "--bundle", str(bundle)],
+        ["ota", "bundle", "explode", str(bundle)],
+    ):
+        err = one_error(cli.run(*argv, "--repo", str(tmp_path / "typo" / "repo")))
+        assert f"{tmp_path / 'typo'} does not exist" in err and "mkdir" in err, (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    res = cli.run(
+        "ota", "publish", "--repo", str(tmp_path / "repo"), "--key", str(k["chan"]),
+        "--bundle", str(bundle),
+    )  # fmt: skip
+    assert res.code == 0, res
+    assert (tmp_path / "repo" / "v1" / "channels" / "stable.json").is_file()
