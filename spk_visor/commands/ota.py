@@ -451,7 +451,7 @@ def _open_bundle(path: str) -> BinaryIO:
     except IsADirectoryError as e:
         raise UsageError(f"{path} is not an OTA bundle: it is a folder", NOT_A_BUNDLE_HINT) from e
     except OSError as e:
-        raise UsageError(f"cannot open bundle {path}: {e.strerror}") from e
+        raise UsageError(f"cannot open bundle {path}: {e.strerror}", _bundle_hint(e)) from e
     # A file the user named that is not a bundle at all is their mistake (exit 2), not a
     # refused update (3). Only a regular file is looked at ahead (pread: the stream stays
     # at 0); a pipe (-b <(...)) is judged by the reader, as stdin is.
@@ -462,6 +462,12 @@ def _open_bundle(path: str) -> BinaryIO:
         f.close()
         raise
     return f
+
+
+def _bundle_hint(e: OSError) -> str | None:
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT  # noqa: PLC0415
+
+    return "check the path; " + NOT_A_BUNDLE_HINT if isinstance(e, FileNotFoundError) else None
 
 
 @app.command()

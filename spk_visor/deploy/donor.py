@@ -105,7 +105,11 @@ def open_bundle(path: Path) -> Payload:
             header = ota_bundle.read_header(f)
             size = path.stat().st_size
     except OSError as e:
-        raise UsageError(f"cannot read the bundle {path}: {e.strerror or e}") from e
+        hint = "check the path; " + ota_bundle.NOT_A_BUNDLE_HINT
+        raise UsageError(
+            f"cannot read the bundle {path}: {e.strerror or e}",
+            hint if isinstance(e, FileNotFoundError) else None,
+        ) from e
     parsed = ota_manifest.parse(header.manifest.payload_json())
     offsets: dict[str, int] = {}
     at = header.blobs_offset

@@ -693,13 +693,13 @@ def _compression(kernel: _Kernel) -> str:
     return "zstd" if "CONFIG_RD_ZSTD=y" in kernel.config else "gzip"
 
 
-def _load_trust_root(path: Path | None) -> bytes:
+def _load_trust_root(path: Path | None, option: str = "--trust-root") -> bytes:
     """The anchor to bake in, refused now if corrupt rather than on a blank machine in a
-    data centre."""
+    data centre. `option` is the command's name for it (image build: --root)."""
     if path is None:
         path = NodePaths(Path(os.environ.get(SYSROOT_ENV, "/"))).factory_root
     _root, raw = ota_roots.load_file(
-        path, hint="pass --trust-root with the product's root.json (OTA root of trust)"
+        path, hint=f"pass {option} with the product's root.json (OTA root of trust)"
     )
     return raw
 

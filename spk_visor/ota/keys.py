@@ -56,6 +56,12 @@ def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None)
 def _read_capped(path: Path) -> bytes:
     try:
         data = read_at_most(path, _MAX_KEY_FILE)
+    except FileNotFoundError as e:
+        private = path.with_name(path.name.removesuffix(".pub"))
+        raise ConfigError(
+            f"cannot read key {path}: {e.strerror}",
+            f"check the path, or make the key: spk-visor ota keygen {private}",
+        ) from e
     except OSError as e:
         raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
     if len(data) > _MAX_KEY_FILE:

@@ -504,3 +504,40 @@ def test_publish_makes_the_repository_folder_but_no_missing_folder_above_it(
     )  # fmt: skip
     assert res.code == 0, res
     assert (tmp_path / "repo" / "v1" / "channels" / "stable.json").is_file()
+
+
+def test_missing_files_in_the_docs_commands_say_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer's pass over the docs' commands: a missing file said only "No such file
+    or directory" (a bundle, a public key), and `image build --root` said to pass
+    --trust-root, which image build does not have. Each names the file and what to do."""
+    monkeypatch.chdir(tmp_path)
+    k = _keys(tmp_path)
+    cases = [
+        (["ota", "check", "--bundle", "spk-2.5.0.spkb"], "ota build"),
+        (["ota", "inspect", "spk-2.5.0.spkb"], "ota build"),
+        (["deploy", "send", "42-K7QX9", "--bundle", "spk-2.5.0.spkb"], "ota build"),
+        (
+            [
+                "ota",
+                "root",
+                "init",
+                "-o",
+                "r.json",
+                "--root-key",
+                "keys/root4.pub",
+                "--release-key",
+                f"{k['rel']}.pub",
+                "--channel-key",
+                f"{k['chan']}.pub",
+            ],
+            "ota keygen keys/root4",
+        ),
+        (["image", "build", "--root", "root.json", "--out", "b.img"], "--root"),
+    ]
+    for argv, hint in cases:
+        err = one_error(cli.run(*argv))
+        lines = err.splitlines()
+        assert len(lines) == 2 and hint in lines[1], (argv, err)
+        assert "--trust-root" not in err, (argv, err)
