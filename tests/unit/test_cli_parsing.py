@@ -184,7 +184,9 @@ def test_unknown_group(config: dict[str, str]) -> None:
     r = run("--fleet", "shelf", "node", env=config)
     assert r.code == 2
     assert r.err_lines == [
-        f"spk-visor: error: no group 'shelf' in {config['SPK_VISOR_CONFIG']} (groups: rack)"
+        f"spk-visor: error: no group 'shelf' in {config['SPK_VISOR_CONFIG']} (groups: rack)",
+        "use one of them, or list the group's nodes under [groups] in that file "
+        "(or give an Ansible inventory with -i)",
     ]
 
 
@@ -427,7 +429,8 @@ def test_helper_isolates_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SPK_VISOR_FLEET", "mine")
     monkeypatch.setenv("SPK_VISOR_CONFIG", "/somewhere/else.toml")
     r = run("--fleet", "rack", "node")
-    assert r.err_lines == [f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"]
+    assert r.err_lines[0] == f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"
+    assert r.err_lines[1].startswith("list the group's nodes under [groups]"), r.err
 
 
 @pytest.mark.parametrize("command", ["node", "iommu", "pci", "reboot-uefi"])
