@@ -74,7 +74,12 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     try:
         mode = path.stat().st_mode
     except OSError as e:
-        raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
+        raise ConfigError(
+            f"cannot read key {path}: {e.strerror}",
+            "check the path: give the private key file `spk-visor ota keygen` wrote"
+            if isinstance(e, FileNotFoundError)
+            else None,
+        ) from e
     if stat.S_ISDIR(mode):
         raise ConfigError(
             f"{path} is a folder, not a private key",

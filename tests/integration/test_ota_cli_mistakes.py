@@ -535,6 +535,7 @@ def test_missing_files_in_the_docs_commands_say_what_to_do(
             "ota keygen keys/root4",
         ),
         (["image", "build", "--root", "root.json", "--out", "b.img"], "--root"),
+        (["ota", "publish", "--repo", "updates", "--key", "nokey"], "the private key file"),
     ]
     for argv, hint in cases:
         err = one_error(cli.run(*argv))
