@@ -30,7 +30,8 @@ from typing import IO
 import zstandard
 
 from smechvisord.version import VERSION
-from spk_visor.errors import ConfigError, SpkVisorError
+from spk_visor import new_folder
+from spk_visor.errors import ConfigError, SpkVisorError, UsageError
 from spk_visor.install import runner
 from spk_visor.ota import roots as ota_roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
@@ -751,11 +752,24 @@ def build_iso(
     progress: called with one short line per build step.
     """
     start = time.monotonic()
-    _check_build_tools()
+    # What the operator typed first, before anything is said or made.
+    if out.is_dir():
+        raise UsageError(
+            f"--out {out} is a folder; the ISO is one file",
+            f"give the ISO's file name, e.g. --out {out / 'spk-shim.iso'}",
+        )
+    new_folder.check(out.parent, f"--out {out}")
     root_raw = _load_trust_root(trust_root)
+    if kernel is not None and not kernel.exists():
+        raise ConfigError(
+            f"kernel not found: {kernel}",
+            "give --kernel a linux-image .deb, an unpacked kernel tree or a kernel image, "
+            "or leave it out to use this machine's",
+        )
+    _check_build_tools()
     kernel_src = kernel if kernel is not None else find_kernel(progress=progress)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    new_folder.make(out.parent, f"--out {out}")
     with tempfile.TemporaryDirectory(prefix="spk-shim-") as tmp:
         work = Path(tmp)
         _say(progress, f"kernel: {kernel_src}")
