@@ -257,6 +257,7 @@ def test_an_option_value_that_reads_q_is_not_quiet(node: Node) -> None:
         ("ota", "pull", "--channel", "-q", "--bogus"),
         ("ota", "pull", "--channel", "--quiet", "--bogus"),
         ("ota", "pull", "--jitter", "-qx"),
+        ("entire-system-upgrade", "--channel", "-q", "--bogus"),  # the alias, at the root
         ("ota", "publish", "--repo", "-q", "--key", "k", "--bogus"),
         ("ota", "check", "--bundle", "-q", "--bogus"),
         ("ota", "apply", "-b", "-q", "--bogus"),
