@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer import _click
+from typer.core import TyperGroup
 
 from spk_visor import help_names, typer_fast
 from spk_visor.commands.lazy import LazyGroup
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         command = build()
-        _quiet = not _json and _asks_quiet(options, _takes_value(command))
+        _quiet = not _json and _asks_quiet(options, command)
         result = command.main(
             args=args,
             prog_name="spk-visor",
@@ -340,20 +341,38 @@ def _fail(
     return int(code)
 
 
-def _asks_quiet(options: Sequence[str], takes_value: set[str]) -> bool:
+_QUIET = re.compile(r"--quiet|-q[A-Za-z]*")
+
+
+def _asks_quiet(options: Sequence[str], command: _click.Command) -> bool:
     """-q or --quiet on the command line, alone or leading short flags (-qb FILE), and
-    not the value of an option (--token -q): what a usage error goes by, raised before
-    the command has its parsed -q."""
+    not the value of an option (--token -q, ota pull --channel -q): what a usage error
+    goes by, raised before the command has its parsed -q. The words are followed down the
+    command path, so each option's value is skipped by the options of the command it
+    follows."""
+    if not any(_QUIET.fullmatch(word) for word in options):
+        return False  # the usual case: no command module is loaded for this
+    ctx = command.context_class(command, info_name="spk-visor")
+    takes_value = _takes_value(command)
     value_next = False
     for word in options:
-        if not value_next and (word == "--quiet" or re.fullmatch(r"-q[A-Za-z]*", word)):
+        if value_next:
+            value_next = False
+        elif _QUIET.fullmatch(word):
             return True
-        value_next = not value_next and word in takes_value
+        elif word in takes_value:
+            value_next = True
+        elif not word.startswith("-") and isinstance(command, TyperGroup):
+            sub = command.get_command(ctx, word)
+            if sub is not None:  # else an argument of the command, or a mistake
+                command = sub
+                ctx = command.context_class(command, parent=ctx, info_name=word)
+                takes_value = _takes_value(command)
     return False
 
 
 def _takes_value(command: _click.Command) -> set[str]:
-    """The names of the root options that take a value (--token, -n...)."""
+    """The names of a command's options that take a value (--token, -n...)."""
     return {
         name
         for p in command.params

@@ -535,7 +535,12 @@ def resolve(
     elif fleet:
         if fleet not in groups:
             known = ", ".join(sorted(groups)) or "none"
-            raise ConfigError(f"no group {fleet!r} in {path} (groups: {known})")
+            raise ConfigError(
+                f"no group {fleet!r} in {path} (groups: {known})",
+                ("use one of them, or " if groups else "")
+                + "list the group's nodes under [groups] in that file "
+                "(or give an Ansible inventory with -i)",
+            )
         targets = [_node_target(n, nodes[n], flag_token, sources) for n in groups[fleet]]
     elif ssh:
         spec = parse_ssh(ssh, ssh_source)

@@ -306,23 +306,17 @@ def send(
 ) -> None:
     """Donor side: stream a signed release to each target showing one of CODE...
     (in parallel), then print one line per target. Exit 0 only if all succeeded."""
-    from spk_visor.deploy import code  # noqa: PLC0415
     from spk_visor.deploy.hostname import problem as hostname_problem  # noqa: PLC0415
 
     st = state(ctx, as_json)
-    # Everything the operator typed is checked before any file is read or anyone contacted.
-    for text in codes:
-        try:
-            code.parse(text)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+    from spk_visor.deploy import channel, donor  # noqa: PLC0415
+
+    # Everything the operator typed is checked before anything is said, any file read or
+    # anyone contacted.
+    donor.check_arguments(codes, target)
     why = hostname_problem(hostname)
     if why is not None:
         raise UsageError(f"--hostname: {why}")
-    from spk_visor.deploy import channel, donor  # noqa: PLC0415
-
-    for text in target:
-        donor.parse_target(text)
     keys = _authorized_keys(authorized_key)
 
     if bundle is None:

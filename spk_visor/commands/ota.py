@@ -11,6 +11,7 @@ import datetime as dt
 import getpass
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,6 +169,9 @@ def keygen(
             f"PRIVATE_KEY {str(out)!r} is a folder, not a key file name",
             "name the new key's file, e.g. spk-visor ota keygen keys/rel",
         )
+    from spk_visor.ota.keys import check_new_key  # noqa: PLC0415
+
+    check_new_key(out)  # before a passphrase is asked for
     secret = _passphrase(passphrase_file)
     if ask_passphrase:
         first = getpass.getpass("passphrase: ")
@@ -378,7 +382,13 @@ def build(
         list[Path], typer.Option("--root", help="Root documents to carry (offline rotation).")
     ] = [],  # noqa: B006 (typer reads the default; it is never mutated)
     probation: Annotated[
-        float, typer.Option("--probation", metavar="SECONDS", help="Probation seconds.")
+        float,
+        typer.Option(
+            "--probation",
+            metavar="SECONDS",
+            help="How long a new daemon must stay healthy before it is kept (0 to 3600, "
+            "0 excluded).",
+        ),
     ] = 30,
     dev: Annotated[bool, typer.Option("--dev", help="A development release.")] = False,
     passphrase_file: PassFileOpt = None,
@@ -389,6 +399,11 @@ def build(
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
     from spk_visor.trust import roots  # noqa: PLC0415
 
+    if not 0 < probation <= 3600:  # the manifest's bounds: nodes refuse anything else
+        raise UsageError(
+            f"--probation {probation:g}: must be more than 0 and at most 3600 seconds",
+            "for example --probation 30 (the default)",
+        )
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     if root_envs:  # the newest carried root names the release keys; else only nodes can tell
@@ -429,10 +444,30 @@ def _open_bundle(path: str) -> BinaryIO:
 
         widen_pipe(sys.stdin)
         return sys.stdin.buffer
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES  # noqa: PLC0415
+
     try:
-        return Path(path).open("rb")
+        f = Path(path).open("rb")  # noqa: SIM115 (returned: the caller's `with` closes it)
+    except IsADirectoryError as e:
+        raise UsageError(f"{path} is not an OTA bundle: it is a folder", NOT_A_BUNDLE_HINT) from e
     except OSError as e:
-        raise UsageError(f"cannot open bundle {path}: {e.strerror}") from e
+        raise UsageError(f"cannot open bundle {path}: {e.strerror}", _bundle_hint(e)) from e
+    # A file the user named that is not a bundle at all is their mistake (exit 2), not a
+    # refused update (3). Only a regular file is looked at ahead (pread: the stream stays
+    # at 0); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    try:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            _not_a_bundle(path, os.pread(f.fileno(), SNIFF_BYTES, 0))
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _bundle_hint(e: OSError) -> str | None:
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT  # noqa: PLC0415
+
+    return "check the path; " + NOT_A_BUNDLE_HINT if isinstance(e, FileNotFoundError) else None
 
 
 @app.command()
@@ -498,7 +533,13 @@ def verify_cmd(
 @app.command()
 def publish(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option("--repo", help="Repository directory (created).")],
+    repo: Annotated[
+        Path,
+        typer.Option(
+            "--repo",
+            help="Repository directory (made on a first publish; the folder it is in must exist).",
+        ),
+    ],
     key: KeyOpt,
     channel: Annotated[str, typer.Option("--channel", help="Channel name.")] = "stable",
     bundle_path: Annotated[
@@ -530,6 +571,7 @@ def publish(
         raise UsageError("give --bundle or --revert-to, not both")
     _check_channel(channel)
     r = Repo(repo)
+    r.check_place()
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     newest = _newest_root(r, root_envs)
@@ -581,7 +623,9 @@ def bundle_explode(
     """Unpack a bundle into a repository's layout (no channel change)."""
     from spk_visor.ota.repo import Repo  # noqa: PLC0415
 
-    sha, _m = Repo(repo).add_bundle(bundle_path)
+    r = Repo(repo)
+    r.check_place()
+    sha, _m = r.add_bundle(bundle_path)
     _print(ctx, as_json, {"manifest_sha256": sha}, f"manifest {sha}")
 
 
@@ -1035,39 +1079,21 @@ def push(
         raise typer.Exit(int(worst))
 
 
-def _not_a_bundle(path: Path) -> None:
+def _not_a_bundle(path: Path | str, head: bytes | None = None) -> None:
     """A file that is not a bundle (root.json, a key, /etc/passwd) is one local mistake:
     say so once, before any node is contacted, rather than stream it to every node. Only
     the magic is checked here; the nodes verify the rest."""
-    import json  # noqa: PLC0415
+    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES, not_a_bundle  # noqa: PLC0415
 
-    from spk_visor.ota.bundle import MAGIC  # noqa: PLC0415
-
-    try:
-        with path.open("rb") as f:
-            head = f.read(1 << 20)
-    except OSError:
-        return  # push names an unreadable bundle itself
-    what = None
-    if not head.strip():
-        what = "an empty file"
-    elif head.lstrip().startswith(b"-----BEGIN"):
-        what = "a PEM key or certificate"
-    elif head.lstrip().startswith(b"{"):
+    if head is None:
         try:
-            json.loads(head)
-            what = "a JSON document (a root.json or a public key?)"
-        except ValueError:
-            pass
-    # The format version (the magic's last 2 bytes) is the nodes' to judge: they may read
-    # a newer one than this workstation does.
-    if what is None and not head.startswith(MAGIC[:-2]):
-        what = "it does not start with the bundle magic"
+            with Path(path).open("rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError:
+            return  # push names an unreadable bundle itself
+    what = not_a_bundle(head)
     if what is not None:
-        raise UsageError(
-            f"{path} is not an OTA bundle: {what}",
-            "give the .spkb file `spk-visor ota build` wrote",
-        )
+        raise UsageError(f"{path} is not an OTA bundle: {what}", NOT_A_BUNDLE_HINT)
 
 
 def _check_channel(name: str | None) -> None:

@@ -96,10 +96,20 @@ def open_bundle(path: Path) -> Payload:
     """Read `path`'s header and manifest (unverified: the target verifies) for sending."""
     try:
         with path.open("rb") as f:
+            why = ota_bundle.not_a_bundle(f.read(ota_bundle.SNIFF_BYTES))
+            if why is not None:
+                raise UsageError(
+                    f"{path} is not an OTA bundle: {why}", ota_bundle.NOT_A_BUNDLE_HINT
+                )
+            f.seek(0)
             header = ota_bundle.read_header(f)
             size = path.stat().st_size
     except OSError as e:
-        raise UsageError(f"cannot read the bundle {path}: {e.strerror or e}") from e
+        hint = "check the path; " + ota_bundle.NOT_A_BUNDLE_HINT
+        raise UsageError(
+            f"cannot read the bundle {path}: {e.strerror or e}",
+            hint if isinstance(e, FileNotFoundError) else None,
+        ) from e
     parsed = ota_manifest.parse(header.manifest.payload_json())
     offsets: dict[str, int] = {}
     at = header.blobs_offset
@@ -361,6 +371,40 @@ def parse_target(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_arguments(codes: Sequence[str], targets: Sequence[str]) -> None:
+    """What the operator typed for `deploy send`, checked before anything is read, said or
+    sent: each code, one --target per code if any, and no code or target given twice (two
+    sessions to one target: the second is refused as BUSY, after the first one's code
+    attempt)."""
+    typed: dict[tuple[str, str], str] = {}
+    for text in codes:
+        try:
+            parsed = code.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        # Two targets may show one nameplate (each has its own secret); one code twice is
+        # one target.
+        if parsed in typed:
+            raise UsageError(
+                f"code {typed[parsed]!r} is given twice", "give each target's code once"
+            )
+        typed[parsed] = text.strip()
+    if targets and len(targets) != len(codes):
+        raise UsageError(
+            f"{len(codes)} codes but {len(targets)} --target",
+            "give one --target per code, in order",
+        )
+    seen: dict[tuple[str, int], str] = {}
+    for text in targets:
+        address = parse_target(text)
+        if address in seen:
+            raise UsageError(
+                f"--target {seen[address]!r} and {text!r} name the same address",
+                "give one --target per code, each a different target",
+            )
+        seen[address] = text
+
+
 def locate(
     codes: Sequence[str],
     targets: Sequence[str],
@@ -370,17 +414,10 @@ def locate(
     discovery_timeout: float = 30.0,
 ) -> list[Target]:
     """Each code's target: the --target given in the same position, else discovery."""
-    if targets and len(targets) != len(codes):
-        raise UsageError(
-            f"{len(codes)} codes but {len(targets)} --target",
-            "give one --target per code, in order",
-        )
+    check_arguments(codes, targets)
     out: list[Target] = []
     for i, text in enumerate(codes):
-        try:
-            nameplate, _ = code.parse(text)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+        nameplate, _ = code.parse(text)
         if targets:
             host, port = parse_target(targets[i])
             out.append(Target(text, nameplate, host, port, epoch))

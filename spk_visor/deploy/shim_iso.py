@@ -30,7 +30,8 @@ from typing import IO
 import zstandard
 
 from smechvisord.version import VERSION
-from spk_visor.errors import ConfigError, SpkVisorError
+from spk_visor import new_folder
+from spk_visor.errors import ConfigError, SpkVisorError, UsageError
 from spk_visor.install import runner
 from spk_visor.ota import roots as ota_roots
 from spk_visor.ota.nodeconf import SYSROOT_ENV, NodePaths
@@ -693,13 +694,13 @@ def _compression(kernel: _Kernel) -> str:
     return "zstd" if "CONFIG_RD_ZSTD=y" in kernel.config else "gzip"
 
 
-def _load_trust_root(path: Path | None) -> bytes:
+def _load_trust_root(path: Path | None, option: str = "--trust-root") -> bytes:
     """The anchor to bake in, refused now if corrupt rather than on a blank machine in a
-    data centre."""
+    data centre. `option` is the command's name for it (image build: --root)."""
     if path is None:
         path = NodePaths(Path(os.environ.get(SYSROOT_ENV, "/"))).factory_root
     _root, raw = ota_roots.load_file(
-        path, hint="pass --trust-root with the product's root.json (OTA root of trust)"
+        path, hint=f"pass {option} with the product's root.json (OTA root of trust)"
     )
     return raw
 
@@ -751,11 +752,24 @@ def build_iso(
     progress: called with one short line per build step.
     """
     start = time.monotonic()
-    _check_build_tools()
+    # What the operator typed first, before anything is said or made.
+    if out.is_dir():
+        raise UsageError(
+            f"--out {out} is a folder; the ISO is one file",
+            f"give the ISO's file name, e.g. --out {out / 'spk-shim.iso'}",
+        )
+    new_folder.check(out.parent, f"--out {out}")
     root_raw = _load_trust_root(trust_root)
+    if kernel is not None and not kernel.exists():
+        raise ConfigError(
+            f"kernel not found: {kernel}",
+            "give --kernel a linux-image .deb, an unpacked kernel tree or a kernel image, "
+            "or leave it out to use this machine's",
+        )
+    _check_build_tools()
     kernel_src = kernel if kernel is not None else find_kernel(progress=progress)
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    new_folder.make(out.parent, f"--out {out}")
     with tempfile.TemporaryDirectory(prefix="spk-shim-") as tmp:
         work = Path(tmp)
         _say(progress, f"kernel: {kernel_src}")

@@ -203,7 +203,7 @@ def _check_inputs(inputs: Inputs) -> None:
 
 def trust_root(path: Path | None) -> Path:
     """The root document to bake in, checked now (shim_iso refuses a bad one the same way)."""
-    shim_iso._load_trust_root(path)
+    shim_iso._load_trust_root(path, "--root")
     if path is None:
         raise UsageError("no trust root given", "pass --root FILE (the OTA root.json)")
     return path

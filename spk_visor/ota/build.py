@@ -21,6 +21,7 @@ from typing import Any
 
 import zstandard
 
+from spk_visor import new_folder
 from spk_visor.errors import UsageError
 from spk_visor.ota import bundle
 from spk_visor.trust import dsse, manifest
@@ -299,10 +300,11 @@ def build(
             f"{out} is a folder; the bundle is one file",
             f"give the bundle's file name, e.g. --out {out / f'spk-{version}.spkb'}",
         )
+    new_folder.check(out.parent, f"--out {out}")
     if daemon_tree is not None and check_tree:
         scan_tree(daemon_tree)  # names and file types first: the clearest error
         check_release_tree(daemon_tree, version)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    new_folder.make(out.parent, f"--out {out}")
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".spk-build-"))
     try:
         blobs: list[Blob] = []

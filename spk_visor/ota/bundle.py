@@ -44,6 +44,31 @@ def widen_pipe(stream: IO[bytes] | IO[str]) -> None:
         fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, STDIN_PIPE_SIZE)
 
 
+# What a file is, when it is not a bundle: enough of its start to tell (not_a_bundle).
+SNIFF_BYTES = 1 << 20
+NOT_A_BUNDLE_HINT = "give the .spkb file `spk-visor ota build` wrote"
+
+
+def not_a_bundle(head: bytes) -> str | None:
+    """Why a file starting with `head` is not a bundle (an empty file, a key, a JSON
+    document, anything without the magic), or None if it starts like one. Only the magic
+    is looked at, not its format version (the magic's last 2 bytes): a reader judges that
+    itself, and may read a newer one."""
+    if not head.strip():
+        return "an empty file"
+    if head.lstrip().startswith(b"-----BEGIN"):
+        return "a PEM key or certificate"
+    if head.lstrip().startswith(b"{"):
+        try:
+            json.loads(head)
+            return "a JSON document (a root.json or a public key?)"
+        except ValueError:
+            pass
+    if not head.startswith(MAGIC[:-2]):
+        return "it does not start with the bundle magic"
+    return None
+
+
 @dataclass
 class BundleHeader:
     manifest: dsse.Envelope

@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from spk_visor import new_folder
 from spk_visor.capped_read import read_at_most
 from spk_visor.errors import ConfigError, UsageError
 from spk_visor.trust.keys import (
@@ -26,14 +27,23 @@ from spk_visor.trust.keys import (
 _MAX_KEY_FILE = 64 * 1024
 
 
-def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None) -> Path:
-    """Write PRIVATE (0600, created exclusively) and PRIVATE.pub; return the .pub path."""
-    pem = key.to_pem(passphrase)
+def check_new_key(private_path: Path) -> Path:
+    """Refuse a key path keygen must not write (a key there already, or a missing folder
+    above the key's own); return the .pub path. Nothing is made."""
     public_path = private_path.with_name(private_path.name + ".pub")
     for path in (private_path, public_path):
         if path.exists():
             raise UsageError(f"{path} exists", "choose another name; keys are never overwritten")
-    make_private_folders(private_path.parent)
+    new_folder.check(private_path.parent, str(private_path))
+    return public_path
+
+
+def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None) -> Path:
+    """Write PRIVATE (0600, created exclusively) and PRIVATE.pub; return the .pub path."""
+    public_path = check_new_key(private_path)
+    pem = key.to_pem(passphrase)
+    # A key folder is nobody else's business: 0700 (one that exists keeps its mode).
+    new_folder.make(private_path.parent, str(private_path), 0o700)
     # O_EXCL + mode at creation: the private key is never readable by others, not even
     # for the instant a chmod after the write would leave open.
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -43,21 +53,15 @@ def write_keypair(key: SigningKey, private_path: Path, passphrase: bytes | None)
     return public_path
 
 
-def make_private_folders(folder: Path) -> None:
-    """Create `folder` and its missing parents, each 0700: a key folder is nobody
-    else's business. Folders that exist keep their mode."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir(mode=0o700)
-        path.chmod(0o700)  # whatever the umask
-
-
 def _read_capped(path: Path) -> bytes:
     try:
         data = read_at_most(path, _MAX_KEY_FILE)
+    except FileNotFoundError as e:
+        private = path.with_name(path.name.removesuffix(".pub"))
+        raise ConfigError(
+            f"cannot read key {path}: {e.strerror}",
+            f"check the path, or make the key: spk-visor ota keygen {private}",
+        ) from e
     except OSError as e:
         raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
     if len(data) > _MAX_KEY_FILE:
@@ -70,7 +74,12 @@ def load_signing_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     try:
         mode = path.stat().st_mode
     except OSError as e:
-        raise ConfigError(f"cannot read key {path}: {e.strerror}") from e
+        raise ConfigError(
+            f"cannot read key {path}: {e.strerror}",
+            "check the path: give the private key file `spk-visor ota keygen` wrote"
+            if isinstance(e, FileNotFoundError)
+            else None,
+        ) from e
     if stat.S_ISDIR(mode):
         raise ConfigError(
             f"{path} is a folder, not a private key",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from spk_visor import new_folder
 from spk_visor.errors import UsageError, VerificationError
 from spk_visor.ota import bundle, durable
 from spk_visor.ota.store import CHUNK
@@ -48,6 +49,11 @@ def rel_blob(blob_id: str) -> str:
 @dataclass
 class Repo:
     root: Path
+
+    def check_place(self) -> None:
+        """Before anything is read or written for a publish: the repository folder may be
+        new (a first publish makes it), but the folder it goes in must exist."""
+        new_folder.check(self.root, f"--repo {self.root}")
 
     @property
     def v1(self) -> Path:

@@ -357,3 +357,32 @@ def test_build_with_a_root_refuses_a_key_that_is_not_a_release_key(tmp_path: Pat
     assert res.code == 2 and "not a release key" in res.err, res.err
     assert not (tmp_path / "b.spkb").exists()
     ok(*argv, "--key", str(k["rel"]))
+
+
+@pytest.mark.parametrize("probation", ["-5", "0", "3601"])
+def test_a_probation_nodes_would_refuse_is_a_usage_error(tmp_path: Path, probation: str) -> None:
+    """`ota build --probation -5` built the manifest, rejected it and exited 3 (refused):
+    the operator's own option is a usage error that says the range, and nothing is
+    written."""
+    ok("ota", "keygen", str(tmp_path / "rel"))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    out = tmp_path / "b.spkb"
+    res = cli.run(
+        "ota", "build", "--daemon-tree", str(tree), "--version", "1.0.0", "--counter", "1",
+        "--key", str(tmp_path / "rel"), "--out", str(out), "--probation", probation,
+    )  # fmt: skip
+    assert res.code == 2, res
+    assert "--probation" in res.err and "3600" in res.err, res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel", "rel.pub", "tree"]
+
+
+def test_build_makes_the_out_folder_but_no_missing_folder_above_it(tmp_path: Path) -> None:
+    """As `ota publish --repo` and `ota keygen`: `--out typo/out/b.spkb` made typo/out."""
+    ok("ota", "keygen", str(tmp_path / "rel"))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    args = ["ota", "build", "--daemon-tree", str(tree), "--version", "1.0.0", "--counter", "1"]
+    args += ["--key", str(tmp_path / "rel")]
+    res = cli.run(*args, "--out", str(tmp_path / "typo" / "out" / "b.spkb"))
+    assert res.code == 2 and f"{tmp_path / 'typo'} does not exist" in res.err, res
+    assert not (tmp_path / "typo").exists()
+    assert cli.run(*args, "--out", str(tmp_path / "out" / "b.spkb")).code == 0

@@ -25,6 +25,7 @@ import pytest
 from spk_visor.errors import ExitCode, user_path_error
 from spk_visor.trust import keys
 from tests.support import cli
+from tests.support.ota_pki import Node, Pki, make_bundle, tiny_tree
 from tests.support.prereq import need_root
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -45,10 +46,10 @@ def test_keygen_creates_missing_key_folders_0700(
     assert res.code == 0, res.err
     assert (tmp_path / "keys" / "root1").is_file() and (tmp_path / "keys" / "root1.pub").is_file()
     assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
-    res = cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k"))
-    assert res.code == 0, res.err
-    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # Only the key's own folder is made: a missing folder above it is a typo to fix.
+    err = one_error(cli.run("ota", "keygen", str(tmp_path / "a" / "b" / "k")))
+    assert f"{tmp_path / 'a'} does not exist" in err and "mkdir" in err, err
+    assert not (tmp_path / "a").exists()
     # A folder that exists already keeps its mode.
     (tmp_path / "open").mkdir(mode=0o755)
     (tmp_path / "open").chmod(0o755)
@@ -437,3 +438,107 @@ def test_a_sysroot_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
             if "--json" in argv:
                 assert json.loads(res.out)["error"]["exit_code"] == ExitCode.USAGE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_named_file_that_is_not_a_bundle_is_the_users_mistake(
+    tmp_path: Path, ota_node: Node, ota_pki: Pki
+) -> None:
+    """`ota check --bundle FILE` on random bytes, an empty file, a text file or a key
+    said "bad magic" or "bundle truncated in the magic ... copy the bundle again" and
+    exited 3 (refused), and a folder said "Is a directory" and nothing to do. The wrong
+    file is the user's mistake: exit 2, naming it and the file to give. A real bundle
+    whose signature does not verify is still refused (3)."""
+    wrong = {
+        "empty": b"",
+        "noise": os.urandom(4096),
+        "notes.txt": b"hello\n",
+        "key.pem": b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    }
+    for name, data in wrong.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    root = tmp_path / "root.json"
+    root.write_bytes(ota_pki.root_env().to_bytes())
+    before = ota_node.tree_digest()
+    for name in [*wrong, "folder"]:
+        path = str(tmp_path / name)
+        for argv in (
+            ["ota", "check", "--bundle", path],
+            ["ota", "apply", "--bundle", path],
+            ["ota", "inspect", path],
+            ["ota", "verify", path, "--root", str(root)],
+        ):
+            err = one_error(cli.run(*argv, env=ota_node.env))
+            assert f"{path} is not an OTA bundle" in err, (argv, err)
+            assert "ota build" in err, (argv, err)
+    assert ota_node.tree_digest() == before
+    stranger = make_bundle(tmp_path, ota_pki, tree=tiny_tree(tmp_path / "t", "0.2.0"))
+    raw = bytearray(stranger.bundle.read_bytes())
+    at = raw.index(b'"sig":"') + len('"sig":"') + 10
+    raw[at] = ord("B") if raw[at] != ord("B") else ord("C")
+    stranger.bundle.write_bytes(bytes(raw))
+    res = cli.run("ota", "check", "--bundle", str(stranger.bundle), env=ota_node.env)
+    assert res.code == ExitCode.REFUSED and "signature" in res.err, res
+    assert ota_node.tree_digest() == before
+
+
+def test_publish_makes_the_repository_folder_but_no_missing_folder_above_it(
+    tmp_path: Path,
+) -> None:
+    """`ota publish --repo /srv/updaets/repo` made /srv/updaets and all below it: a typo
+    silently became a new tree. The repository folder itself is made on a first publish
+    (docs/ota.md: `--repo updates`); a missing folder above it is refused, nothing made."""
+    k = _keys(tmp_path)
+    bundle = make_bundle(tmp_path, Pki(), tree=tiny_tree(tmp_path / "t", "0.2.0")).bundle
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (
+        ["ota", "publish", "--key", str(k["chan"]), "--bundle", str(bundle)],
+        ["ota", "bundle", "explode", str(bundle)],
+    ):
+        err = one_error(cli.run(*argv, "--repo", str(tmp_path / "typo" / "repo")))
+        assert f"{tmp_path / 'typo'} does not exist" in err and "mkdir" in err, (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    res = cli.run(
+        "ota", "publish", "--repo", str(tmp_path / "repo"), "--key", str(k["chan"]),
+        "--bundle", str(bundle),
+    )  # fmt: skip
+    assert res.code == 0, res
+    assert (tmp_path / "repo" / "v1" / "channels" / "stable.json").is_file()
+
+
+def test_missing_files_in_the_docs_commands_say_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer's pass over the docs' commands: a missing file said only "No such file
+    or directory" (a bundle, a public key), and `image build --root` said to pass
+    --trust-root, which image build does not have. Each names the file and what to do."""
+    monkeypatch.chdir(tmp_path)
+    k = _keys(tmp_path)
+    cases = [
+        (["ota", "check", "--bundle", "spk-2.5.0.spkb"], "ota build"),
+        (["ota", "inspect", "spk-2.5.0.spkb"], "ota build"),
+        (["deploy", "send", "42-K7QX9", "--bundle", "spk-2.5.0.spkb"], "ota build"),
+        (
+            [
+                "ota",
+                "root",
+                "init",
+                "-o",
+                "r.json",
+                "--root-key",
+                "keys/root4.pub",
+                "--release-key",
+                f"{k['rel']}.pub",
+                "--channel-key",
+                f"{k['chan']}.pub",
+            ],
+            "ota keygen keys/root4",
+        ),
+        (["image", "build", "--root", "root.json", "--out", "b.img"], "--root"),
+        (["ota", "publish", "--repo", "updates", "--key", "nokey"], "the private key file"),
+    ]
+    for argv, hint in cases:
+        err = one_error(cli.run(*argv))
+        lines = err.splitlines()
+        assert len(lines) == 2 and hint in lines[1], (argv, err)
+        assert "--trust-root" not in err, (argv, err)

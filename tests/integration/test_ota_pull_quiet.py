@@ -16,6 +16,7 @@ import pytest
 
 from spk_visor.errors import ExitCode
 from spk_visor.ota import build, journal
+from spk_visor.ota.bundle import MAGIC
 from spk_visor.ota.repo import Repo
 from tests.support import cli
 from tests.support.flaky_repo import FlakyRepo, closed_port_url
@@ -225,7 +226,7 @@ def test_unexpected_failures_print_one_line_under_q(
 ) -> None:
     """The failures main() reports itself (not an SpkVisorError) keep to one line too."""
     bundle = tmp_path / "bundle.spkb"
-    bundle.write_bytes(b"")
+    bundle.write_bytes(MAGIC)  # starts like a bundle: apply_stream is reached
 
     def fail(*_args: object, **_kwargs: object) -> None:
         if raised == "path":
@@ -247,3 +248,46 @@ def test_an_option_value_that_reads_q_is_not_quiet(node: Node) -> None:
     res = cli.run("--node", closed_port_url(), "--token", "-q", "node", env=node.env)
     assert res.code == ExitCode.TRANSIENT, res
     assert len(res.err.splitlines()) == 2, res.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        # The value of a subcommand's option that reads -q, then a mistake.
+        ("ota", "pull", "--channel", "-q", "--bogus"),
+        ("ota", "pull", "--channel", "--quiet", "--bogus"),
+        ("ota", "pull", "--jitter", "-qx"),
+        ("entire-system-upgrade", "--channel", "-q", "--bogus"),  # the alias, at the root
+        ("ota", "publish", "--repo", "-q", "--key", "k", "--bogus"),
+        ("ota", "check", "--bundle", "-q", "--bogus"),
+        ("ota", "apply", "-b", "-q", "--bogus"),
+        # A root option's value, then a subcommand option's.
+        ("--token", "-q", "ota", "pull", "--channel", "-q", "--bogus"),
+        # A word before the subcommand's name is not its option's value.
+        ("--node", "pull", "ota", "pull", "--channel", "-q", "--bogus"),
+    ],
+)
+def test_a_subcommand_option_value_that_reads_q_is_not_quiet(
+    node: Node, args: tuple[str, ...]
+) -> None:
+    """`ota pull --channel -q --bogus`: "-q" is the channel's name, so the usage error is
+    not the cron form's one line; it keeps its usage block."""
+    res = cli.run(*args, env=node.env)
+    assert res.code == ExitCode.USAGE, res
+    assert res.err.startswith("Usage: spk-visor"), res.err
+    assert len(res.err.splitlines()) > 1, res.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("ota", "pull", "-q", "--channel", "x", "--bogus"),
+        ("ota", "pull", "--channel", "x", "-q", "--bogus"),
+        ("--token", "t", "ota", "pull", "--jitter", "1", "--quiet", "--bogus"),
+        ("ota", "apply", "-qb", "-q", "--bogus"),
+    ],
+)
+def test_q_after_option_values_is_still_quiet(node: Node, args: tuple[str, ...]) -> None:
+    res = cli.run(*args, env=node.env)
+    assert res.code == ExitCode.USAGE, res
+    assert len(res.err.splitlines()) == 1 and "--bogus" in res.err, res.err

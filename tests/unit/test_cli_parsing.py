@@ -184,7 +184,9 @@ def test_unknown_group(config: dict[str, str]) -> None:
     r = run("--fleet", "shelf", "node", env=config)
     assert r.code == 2
     assert r.err_lines == [
-        f"spk-visor: error: no group 'shelf' in {config['SPK_VISOR_CONFIG']} (groups: rack)"
+        f"spk-visor: error: no group 'shelf' in {config['SPK_VISOR_CONFIG']} (groups: rack)",
+        "use one of them, or list the group's nodes under [groups] in that file "
+        "(or give an Ansible inventory with -i)",
     ]
 
 
@@ -427,7 +429,8 @@ def test_helper_isolates_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("SPK_VISOR_FLEET", "mine")
     monkeypatch.setenv("SPK_VISOR_CONFIG", "/somewhere/else.toml")
     r = run("--fleet", "rack", "node")
-    assert r.err_lines == [f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"]
+    assert r.err_lines[0] == f"spk-visor: error: no group 'rack' in {NO_CONFIG} (groups: none)"
+    assert r.err_lines[1].startswith("list the group's nodes under [groups]"), r.err
 
 
 @pytest.mark.parametrize("command", ["node", "iommu", "pci", "reboot-uefi"])
@@ -440,3 +443,65 @@ def test_commands_without_subcommands_say_so(command: str) -> None:
     r = run(command, "extra")
     assert r.code == 2, r
     assert "unexpected extra argument" in r.err and "No such command" not in r.err, r.err
+
+
+# ---- numbers: nan, inf, an empty value -------------------------------------------------
+
+
+def _numeric_options() -> list[tuple[tuple[str, ...], str, str]]:
+    """Every int or float option of every command: (command words, option, kind)."""
+    from typer import _click  # noqa: PLC0415
+
+    from spk_visor import cli  # noqa: PLC0415
+
+    found: list[tuple[tuple[str, ...], str, str]] = []
+
+    def walk(path: tuple[str, ...], cmd: _click.Command) -> None:
+        ctx = _click.Context(cmd, info_name=cmd.name, **cmd.context_settings)
+        for p in cmd.get_params(ctx):
+            desc = getattr(p, "type_descriptor", None)
+            if (
+                p.param_type_name == "option"
+                and desc is not None
+                and desc.parameter_info.parser is None
+            ) and desc.annotation in (int, float):
+                found.append((path, p.opts[0], desc.annotation.__name__))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk((*path, name), sub)
+
+    walk((), cli.build(complete=True))
+    return found
+
+
+NUMERIC = _numeric_options()
+
+
+def test_the_numeric_options_are_all_found() -> None:
+    named = {(path, opt) for path, opt, _kind in NUMERIC}
+    assert {
+        ((), "--timeout"),
+        (("ota", "publish"), "--rollout"),
+        (("ota", "pull"), "--jitter"),
+    } <= named
+    assert len(NUMERIC) >= 25
+
+
+@pytest.mark.parametrize(
+    ("path", "option", "kind"), NUMERIC, ids=lambda v: " ".join(v) if isinstance(v, tuple) else v
+)
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "", " "])
+def test_nan_inf_and_empty_numbers_say_what_to_give(
+    path: tuple[str, ...], option: str, kind: str, value: str
+) -> None:
+    """`ota publish --rollout nan` said "Input should be less than or equal to 100", and
+    `ota pull --jitter inf` was taken (a sleep without end). Every number option refuses
+    a value that is not a finite number with one line naming it and saying what to give,
+    before the command runs (exit 2)."""
+    argv = [option, value, "pci"] if not path else [*path, option, value]
+    r = run(*argv)
+    assert r.code == 2, r
+    last = r.err_lines[-1]
+    assert last.startswith(f"Error: Invalid value for '{option}'"), r.err
+    what = "empty value" if not value.strip() else f"{value!r} is not a"
+    assert what in last and "; give a" in last, last
+    assert "Input should" not in last, last
