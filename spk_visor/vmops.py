@@ -179,8 +179,7 @@ def console(
     # A daemon without "state" in its console documents: follow until Ctrl-C, as before.
     if not _live(doc):
         raise RefusedError(
-            f"VM {vm_id} is {doc['state']}: there is nothing to follow "
-            f"(spk-visor vm start {vm_id})"
+            f"VM {vm_id} is {doc['state']}: there is nothing to follow (spk-visor vm start {vm_id})"
         )
     offset = int(doc["next_offset"])
     check = _check_text(str(doc.get("data", "")))

@@ -378,8 +378,7 @@ def test_console_follow_on_a_stopped_vm_prints_the_log_and_ends(
     assert r.code == 3, r
     assert "login:" in r.out
     assert r.err_lines == [
-        "spk-visor: error: VM idle is stopped: there is nothing to follow "
-        "(spk-visor vm start idle)"
+        "spk-visor: error: VM idle is stopped: there is nothing to follow (spk-visor vm start idle)"
     ]
 
 
@@ -396,9 +395,7 @@ def test_console_follow_ends_when_the_vm_stops(daemon: Daemon, daemon_env: Daemo
     assert r.err_lines == ["VM brief is stopped: its console has ended."]
 
 
-def test_console_follow_ends_when_the_vm_is_deleted(
-    daemon: Daemon, daemon_env: DaemonEnv
-) -> None:
+def test_console_follow_ends_when_the_vm_is_deleted(daemon: Daemon, daemon_env: DaemonEnv) -> None:
     create(daemon, daemon_env, "gone")
 
     def stop_and_delete() -> None:

@@ -210,16 +210,23 @@ def test_console_follow_overlap_is_bounded_and_skips_replaced_bytes() -> None:
 
 
 def follow_to_the_end(c: FakeClient, sleep: Any) -> tuple[list[str], str | None]:
-    """Follow c's console until the generator ends (at most 50 documents): what it
-    yielded and what it returned."""
-    gen = vmops.console(c, "web-1", follow=True, sleep=sleep)  # type: ignore[arg-type]
+    """Follow c's console until the generator ends (at most 50 polls): what it yielded
+    and what it returned."""
+    polls: list[float] = []
+
+    def bounded(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) > 50:
+            raise AssertionError("still following after 50 polls")
+        sleep(seconds)
+
+    gen = vmops.console(c, "web-1", follow=True, sleep=bounded)  # type: ignore[arg-type]
     data = []
-    for _ in range(50):
+    while True:
         try:
             data.append(next(gen)["data"])
         except StopIteration as stop:
             return data, stop.value
-    raise AssertionError(f"still following after {data!r}")
 
 
 def test_console_follow_ends_once_a_stopped_vm_is_read_to_the_end() -> None:
@@ -263,7 +270,11 @@ def test_console_follow_other_errors_still_raise() -> None:
 def test_console_follow_of_a_vm_that_is_not_live_is_refused_after_its_tail(state: str) -> None:
     c = FakeClient()
     c.log, c.console_state = b"login: ", state
-    gen = vmops.console(c, "web-1", follow=True, sleep=lambda _s: None)  # type: ignore[arg-type]
+
+    def no_polls(_seconds: float) -> None:
+        raise AssertionError("polled a VM that is not live")
+
+    gen = vmops.console(c, "web-1", follow=True, sleep=no_polls)  # type: ignore[arg-type]
     assert next(gen)["data"] == "login: "
     with pytest.raises(RefusedError, match=f"VM web-1 is {state}: there is nothing to follow"):
         next(gen)
