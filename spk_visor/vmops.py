@@ -179,7 +179,8 @@ def console(
     # A daemon without "state" in its console documents: follow until Ctrl-C, as before.
     if not _live(doc):
         raise RefusedError(
-            f"VM {vm_id} is {doc['state']}: there is nothing to follow (spk-visor vm start {vm_id})"
+            f"VM {vm_id} {ended_words(str(doc['state']))}: there is nothing to follow "
+            f"(spk-visor vm start {vm_id})"
         )
     offset = int(doc["next_offset"])
     check = _check_text(str(doc.get("data", "")))
@@ -211,6 +212,12 @@ def console(
             return str(doc["state"])
         pause = MIN_POLL_SECONDS if new else min(MAX_POLL_SECONDS, pause * 2)
         sleep(pause)
+
+
+def ended_words(state: str) -> str:
+    """How a VM that is no longer live is said after its id: "is stopped", "has failed",
+    "was deleted"."""
+    return {p.STATE_FAILED: "has failed", DELETED: "was deleted"}.get(state, f"is {state}")
 
 
 def _live(doc: JsonDoc) -> bool:

@@ -414,5 +414,4 @@ def console(
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     if ended is not None:
         # The follow ran to its end (exit 0): say why on stderr, off the guest's output.
-        how = "was deleted" if ended == vmops.DELETED else f"is {ended}"
-        st.console.error(f"VM {vm_id} {how}: its console has ended.")
+        st.console.error(f"VM {vm_id} {vmops.ended_words(ended)}: its console has ended.")

@@ -266,8 +266,10 @@ def test_console_follow_other_errors_still_raise() -> None:
         follow_to_the_end(c, sleep)
 
 
-@pytest.mark.parametrize("state", ["stopped", "failed"])
-def test_console_follow_of_a_vm_that_is_not_live_is_refused_after_its_tail(state: str) -> None:
+@pytest.mark.parametrize(("state", "words"), [("stopped", "is stopped"), ("failed", "has failed")])
+def test_console_follow_of_a_vm_that_is_not_live_is_refused_after_its_tail(
+    state: str, words: str
+) -> None:
     c = FakeClient()
     c.log, c.console_state = b"login: ", state
 
@@ -276,7 +278,7 @@ def test_console_follow_of_a_vm_that_is_not_live_is_refused_after_its_tail(state
 
     gen = vmops.console(c, "web-1", follow=True, sleep=no_polls)  # type: ignore[arg-type]
     assert next(gen)["data"] == "login: "
-    with pytest.raises(RefusedError, match=f"VM web-1 is {state}: there is nothing to follow"):
+    with pytest.raises(RefusedError, match=f"VM web-1 {words}: there is nothing to follow"):
         next(gen)
 
 
