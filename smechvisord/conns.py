@@ -160,8 +160,10 @@ class Deadlines:
                         heapq.heappush(self._heap, (w.due, next(self._seq), w))
                         continue
                     w.fired = True
+                    # The read side only: the worker wakes with end-of-file and can still
+                    # write its 408 (with a short send timeout of its own).
                     with contextlib.suppress(OSError):
-                        w.sock.shutdown(socket.SHUT_RDWR)
+                        w.sock.shutdown(socket.SHUT_RD)
                 wait = self._heap[0][0] - now if self._heap else None
                 self._lock.wait(timeout=wait)
 

@@ -72,6 +72,7 @@ ERR_METHOD_NOT_ALLOWED: Final = "method_not_allowed"  # 405
 ERR_CONFLICT: Final = "conflict"  # 409: the VM's state does not allow this
 ERR_IOMMU_NOT_READY: Final = "iommu_not_ready"  # 409: details.blockers
 ERR_UNSUPPORTED: Final = "unsupported"  # 409: this node cannot do it (firmware, ...)
+ERR_REQUEST_TIMEOUT: Final = "request_timeout"  # 408: part of a request came, then nothing
 ERR_PAYLOAD_TOO_LARGE: Final = "payload_too_large"  # 413
 ERR_UNSUPPORTED_MEDIA_TYPE: Final = "unsupported_media_type"  # 415
 ERR_VMM_UNAVAILABLE: Final = "vmm_unavailable"  # 503: cloud-hypervisor is not installed

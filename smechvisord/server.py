@@ -9,6 +9,7 @@ for the delayed ACK, ~44 ms), and a listen backlog of 128 (socketserver's 5 over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mimetypes
@@ -44,7 +45,7 @@ SECURITY_HEADERS = {
 BODY_METHODS = ("POST", "PUT", "PATCH")
 # RFC 9110: Content-Length = 1*DIGIT. int() also takes "+5", "1_0" and " 5 ": a proxy in
 # front that reads the length differently would see another request boundary.
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
 _PHRASES = {int(code) for code in HTTPStatus}
 # RFC 9112 field-line: a token, a colon, then visible characters, spaces and tabs. A line
 # without a colon used to end the headers silently (the rest became the body); a folded
@@ -297,16 +298,24 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not self._first:
             deadlines.arm(self._watch, self.server.head_timeout)
         self._first = False
+        self._head_begun = False
+        timed_out = False
         try:
             ok = self._read_head()
-        except OSError:  # timeouts included: the client stalled or went away
+        except OSError as e:  # timeouts included: the client stalled or went away
             ok = False
             self.close_connection = True
+            timed_out = isinstance(e, TimeoutError)
         finally:
             if deadlines.disarm(self._watch):
                 ok = False
+                timed_out = True
                 self.close_connection = True
         if not ok:
+            if timed_out and self._head_begun:
+                # Part of a request came, then nothing: say so (408, as nginx does), rather
+                # than close without a word. A connection that sent nothing gets nothing.
+                self._send_timeout()
             return
         try:
             getattr(self, "do_" + self.command, self._unsupported)()
@@ -324,13 +333,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         headers, any Transfer-Encoding."""
         self.command, self.requestline, self.request_version = "", "", "HTTP/0.9"
         self.close_connection = True
-        raw = self.rfile.readline(65537)
+        raw = self._readline(65537)
         self.raw_requestline = raw
         if len(raw) > 65536:
             self.send_error(414, "request line too long")
             return False
+        if not raw.endswith(b"\n"):
+            return False  # cut short: the client left or ran out of time (the caller says)
         if not raw.strip():
-            return False  # end of stream (or a stray blank line): nothing to answer
+            return False  # a stray blank line: nothing to answer
         self.requestline = raw.decode("latin-1").rstrip("\r\n")
         # Exactly three parts split by single spaces (RFC 9112); str.split() would also
         # split on the latin-1 no-break space.
@@ -339,7 +350,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return False
         headers = Headers()
         while True:
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            line = self._readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
                 self.send_error(431, f"a header line is longer than {MAX_HEADER_LINE} bytes")
                 return False
@@ -396,6 +407,25 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
             return False
         return True
+
+    def _readline(self, limit: int) -> bytes:
+        """One line of the head; notes that a request has begun once a byte of it came
+        (a socket timeout inside readline loses the bytes it had, so peek first)."""
+        if not self._head_begun:
+            # Blocks until the first byte, or end of stream.
+            self._head_begun = bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+        return self.rfile.readline(limit)
+
+    def _send_timeout(self) -> None:
+        self.close_connection = True
+        # A client that does not read either must not hold this worker for a whole
+        # socket timeout: the answer is small, and dropped if it does not go at once.
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(min(1.0, self.server.socket_timeout))
+        self.send_error(
+            408,
+            f"the request did not arrive whole within {self.server.head_timeout:g} s",
+        )
 
     # Every method goes through one dispatcher so unknown methods get a JSON 405 too.
     def do_GET(self) -> None:
@@ -483,24 +513,41 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not _CONTENT_LENGTH.fullmatch(raw_length):
             self.close_connection = True
             raise ApiError(400, p.ERR_INVALID_JSON, "Content-Length is not a number")
-        length = int(raw_length)
-        if length < 0 or length > p.MAX_BODY_BYTES:
+        # Any run of digits is a length, past 18 of them just too large (and never given
+        # to int(): thousands of digits would cost time, or raise).
+        digits = raw_length.lstrip("0")
+        length = int(digits or "0") if len(digits) <= 18 else 10**18
+        if length > p.MAX_BODY_BYTES:
             # The body stays unread, so this connection cannot be reused.
             self.close_connection = True
             raise ApiError(
                 413,
                 p.ERR_PAYLOAD_TOO_LARGE,
-                f"body of {length} bytes exceeds {p.MAX_BODY_BYTES}",
+                f"body of {length if len(digits) <= 18 else 'over 10**18'} bytes exceeds "
+                f"{p.MAX_BODY_BYTES}",
                 {"limit": p.MAX_BODY_BYTES},
             )
         # The body shares the request deadline: 64 KiB at a byte per call would
         # otherwise hold this worker for days.
         self.server.deadlines.arm(self._watch, self.server.head_timeout)
+        cut = False
         try:
             raw = self.rfile.read(length)
+        except TimeoutError:
+            raw, cut = b"", True  # the per-read socket timeout: a stall, as below
         finally:
-            cut = self.server.deadlines.disarm(self._watch)
-        if cut or len(raw) < length:
+            cut = self.server.deadlines.disarm(self._watch) or cut
+        if cut:
+            self.close_connection = True
+            # The answer goes out on a short send timeout (see _send_timeout).
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(min(1.0, self.server.socket_timeout))
+            raise ApiError(
+                408,
+                p.ERR_REQUEST_TIMEOUT,
+                f"the body did not arrive whole within {self.server.head_timeout:g} s",
+            )
+        if len(raw) < length:
             self.close_connection = True
             raise ApiError(400, p.ERR_INVALID_JSON, "the body ended before Content-Length")
         self._body_read = True
@@ -560,6 +607,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
         kind = p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL
+        if code == 408:
+            kind = p.ERR_REQUEST_TIMEOUT
         # 501 and 505 are the client asking for what this server does not do, not a fault.
         err = ApiError(
             code, p.ERR_NOT_IMPLEMENTED if code in (501, 505) else kind, message or phrase

@@ -733,6 +733,9 @@ class VmManager:
 
     def console(self, vm_id: str, offset: int | None, max_bytes: int) -> dict[str, Any]:
         vm = self._find(vm_id)
+        # Read before the log: a VM seen stopped here wrote all it will before the read
+        # below, so a follower that reads to `size` and sees it stopped has everything.
+        state = vm.state
         path = self.vm_dir(vm.id) / SERIAL_LOG
         try:
             with path.open("rb") as f:
@@ -750,6 +753,9 @@ class VmManager:
             "next_offset": start + len(data),
             "size": size,
             "data": data.decode("utf-8", "replace"),
+            # What the monitor last saw (no VMM call per poll): a follower stops once the
+            # VM is no longer live and it has read to `size`.
+            "state": state,
         }
 
     # ---- create and start ----------------------------------------------------------

@@ -198,6 +198,8 @@ _DAEMON_EXIT = {
     "kvm_unavailable": ExitCode.REFUSED,
     "firmware_missing": ExitCode.REFUSED,
     "busy": ExitCode.BUSY,
+    # The request stalled on its way (408): the network, not the command.
+    "request_timeout": ExitCode.TRANSIENT,
     "not_implemented": ExitCode.USAGE,
     # The node's state dir is full: someone has to free space (details.vm says what the
     # action really did).

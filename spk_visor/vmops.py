@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from fractions import Fraction
 
 from smechvisord import protocol as p
 from spk_visor.client import Client, JsonDoc
-from spk_visor.errors import RefusedError
+from spk_visor.errors import DaemonError, RefusedError
 
 # The daemon's escalation after the graceful wait: vm.shutdown+vmm.shutdown, SIGTERM and
 # SIGKILL, 5 s each (smechvisord/vms.py STEP_WAIT; design/daemon.md).
@@ -152,20 +152,36 @@ def delete(client: Client, vm_id: str, confirm: Callable[[JsonDoc], bool]) -> Js
     return client.delete_vm(vm_id)
 
 
+# How a followed console ended when the VM went away between two polls.
+DELETED = "deleted"
+
+
 def console(
     client: Client,
     vm_id: str,
     *,
     follow: bool = False,
     sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[JsonDoc]:
+) -> Generator[JsonDoc, None, str | None]:
     """The serial log: its tail, then (with `follow`) each new chunk as it arrives, until
-    the caller stops iterating (Ctrl-C). Yields the daemon's console documents; while
-    following, each covers only bytes not yielded before."""
+    the VM is no longer live and everything it wrote has been yielded, or the caller stops
+    iterating (Ctrl-C). Yields the daemon's console documents; while following, each
+    covers only bytes not yielded before. Returns the state that ended the follow (the
+    VM's, or DELETED), or None when nothing ended it (no follow).
+
+    Raises:
+        RefusedError: asked to follow a VM that is not live (after yielding its tail).
+    """
     doc = client.console(vm_id)
     yield doc
     if not follow:
-        return
+        return None
+    # A daemon without "state" in its console documents: follow until Ctrl-C, as before.
+    if not _live(doc):
+        raise RefusedError(
+            f"VM {vm_id} {ended_words(str(doc['state']))}: there is nothing to follow "
+            f"(spk-visor vm start {vm_id})"
+        )
     offset = int(doc["next_offset"])
     check = _check_text(str(doc.get("data", "")))
     pause = MIN_POLL_SECONDS
@@ -174,7 +190,12 @@ def console(
         # each time it rebuilds the VM (start, reboot), and a new log as long as the old
         # one is only told apart by its content.
         overlap = len(check.encode())
-        doc = client.console(vm_id, offset=offset - overlap, max_bytes=p.MAX_CONSOLE_BYTES)
+        try:
+            doc = client.console(vm_id, offset=offset - overlap, max_bytes=p.MAX_CONSOLE_BYTES)
+        except DaemonError as e:
+            if e.code != p.ERR_NOT_FOUND:
+                raise
+            return DELETED  # only a stopped VM can be deleted: its log is gone with it
         data = str(doc.get("data", ""))
         if int(doc["size"]) < offset or not data.startswith(check):
             offset, check = 0, ""  # a new log: read it from the top
@@ -186,8 +207,22 @@ def console(
         offset = int(doc["next_offset"])
         if offset < int(doc["size"]):
             continue  # more than one chunk waiting: read on without sleeping
+        if not _live(doc):
+            # Read to the end after the VM stopped: a VMM writes nothing more once gone.
+            return str(doc["state"])
         pause = MIN_POLL_SECONDS if new else min(MAX_POLL_SECONDS, pause * 2)
         sleep(pause)
+
+
+def ended_words(state: str) -> str:
+    """How a VM that is no longer live is said after its id: "is stopped", "has failed",
+    "was deleted"."""
+    return {p.STATE_FAILED: "has failed", DELETED: "was deleted"}.get(state, f"is {state}")
+
+
+def _live(doc: JsonDoc) -> bool:
+    state = doc.get("state")
+    return state is None or state in p.LIVE_STATES
 
 
 def _check_text(text: str) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import Generator
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -376,15 +376,25 @@ def console(
     *,
     follow: Annotated[
         bool,
-        typer.Option("--follow", "-f", help="Keep printing new output until Ctrl-C."),
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Keep printing new output until the VM stops (exit 0) or Ctrl-C (130); "
+            "a VM that is not running is refused (3).",
+        ),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the VM's serial log (the last 16 KiB; --follow: then what comes)."""
     st = state(ctx, as_json)
 
-    def show_all(docs: Iterator[JsonDoc]) -> None:
-        for doc in docs:
+    def show_all(docs: Generator[JsonDoc, None, str | None]) -> str | None:
+        """Print each document; what ended the follow (vmops.console's return)."""
+        while True:
+            try:
+                doc = next(docs)
+            except StopIteration as stop:
+                return cast("str | None", stop.value)
             data = str(doc.get("data", ""))
             if st.json:
                 # One document per chunk while following, so scripts can stream it.
@@ -396,9 +406,12 @@ def console(
                 st.console.write(data if not data or data.endswith("\n") else data + "\n")
 
     try:
-        st.one(lambda c: show_all(vmops.console(c, vm_id, follow=follow)))
+        ended = st.one(lambda c: show_all(vmops.console(c, vm_id, follow=follow)))
     except KeyboardInterrupt:
         if not follow:
             raise
         # Ctrl-C is how following ends: exit 130 with nothing after the guest's output.
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    if ended is not None:
+        # The follow ran to its end (exit 0): say why on stderr, off the guest's output.
+        st.console.error(f"VM {vm_id} {vmops.ended_words(ended)}: its console has ended.")

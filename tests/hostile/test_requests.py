@@ -103,6 +103,24 @@ def test_ambiguous_framing_is_refused(
 
 
 @pytest.mark.parametrize(
+    "length",
+    ["99999999999999999999999", "1" + "0" * 5000, "0" * 5000 + "99999"],
+)
+def test_a_content_length_past_18_digits_is_too_large(
+    rig: tuple[Daemon, DaemonEnv], length: str
+) -> None:
+    """A length of many digits is a length, too large (413), not "not a number" (and a
+    long one is never handed to int(), which refuses past 4300 digits)."""
+    d, env = rig
+    before = baseline(d)
+    answer = exchange(d, post(d.token, b"{}", f"Content-Length: {length}\r\n"))
+    assert status_of(answer) == 413, answer[:300]
+    assert b'"payload_too_large"' in answer
+    assert env.recorded() == []
+    prove(d, before)
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"enable": false, "enable": true}',

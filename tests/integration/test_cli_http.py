@@ -337,6 +337,83 @@ def test_console_follow_json_lines(daemon: Daemon, daemon_env: DaemonEnv) -> Non
     assert set(json.loads(lines[0])) == CONSOLE_KEYS
 
 
+def follow_until_it_ends(
+    d: Daemon, argv: list[str], before: Any = None, limit: float = 30
+) -> Result:
+    """Run the CLI as its own process and wait for it to end by itself (`before` runs
+    once it is following); a CLI still running after `limit` seconds is killed and
+    reported as code None, so a follow that never ends fails the test instead of
+    hanging it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", "--node", d.url, "--token", d.token, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if before is not None:
+            time.sleep(2)
+            before()
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=5)
+            return Result(None, out, err)  # type: ignore[arg-type]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    return Result(proc.returncode, out, err)
+
+
+def test_console_follow_on_a_stopped_vm_prints_the_log_and_ends(
+    daemon: Daemon, daemon_env: DaemonEnv
+) -> None:
+    create(daemon, daemon_env, "idle")
+    assert daemon.post("/api/vms/idle/stop").status == 200
+    r = follow_until_it_ends(daemon, ["vm", "console", "idle", "--follow"])
+    # Nothing more will come: following a stopped VM is refused (3) after its log.
+    assert r.code == 3, r
+    assert "login:" in r.out
+    assert r.err_lines == [
+        "spk-visor: error: VM idle is stopped: there is nothing to follow (spk-visor vm start idle)"
+    ]
+
+
+def test_console_follow_ends_when_the_vm_stops(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "brief")
+    r = follow_until_it_ends(
+        daemon,
+        ["vm", "console", "brief", "--follow"],
+        lambda: daemon.post("/api/vms/brief/shutdown", {"timeout_seconds": 10}),
+    )
+    # The follow ran to its natural end: 0, and one line on stderr says why it ended.
+    assert r.code == 0, r
+    assert "login:" in r.out
+    assert r.err_lines == ["VM brief is stopped: its console has ended."]
+
+
+def test_console_follow_ends_when_the_vm_is_deleted(daemon: Daemon, daemon_env: DaemonEnv) -> None:
+    create(daemon, daemon_env, "gone")
+
+    def stop_and_delete() -> None:
+        # Within one poll interval, so the follower may see either the stop or the 404.
+        assert daemon.post("/api/vms/gone/stop").status == 200
+        assert daemon.request("DELETE", "/api/vms/gone").status == 200
+
+    r = follow_until_it_ends(
+        daemon, ["--json", "vm", "console", "gone", "--follow"], stop_and_delete
+    )
+    assert r.code == 0, r
+    assert set(json.loads(r.out.splitlines()[0])) == CONSOLE_KEYS
+    assert r.err_lines in (
+        ["VM gone is stopped: its console has ended."],
+        ["VM gone was deleted: its console has ended."],
+    )
+
+
 # ---- IOMMU, PCI, VFIO ------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spk_visor.trust import keys
+from tests.support.mounts import unmount
 from tests.support.ota_pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,14 +85,17 @@ def build_image(
 def mounted(image: Path) -> Iterator[Path]:
     """The image loop-mounted read-only on a fresh directory; unmounted afterwards."""
     mnt = Path(tempfile.mkdtemp(prefix="spk-image-mnt-"))
-    subprocess.run(
-        ["mount", "-o", "ro,loop,noload", "-t", "ext4", str(image), str(mnt)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
     try:
-        yield mnt
+        subprocess.run(
+            ["mount", "-o", "ro,loop,noload", "-t", "ext4", str(image), str(mnt)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        try:
+            yield mnt
+        finally:
+            # A file still open under it (a failed test's) makes a plain umount fail.
+            unmount(mnt)
     finally:
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True, timeout=60)
         mnt.rmdir()

@@ -79,7 +79,7 @@ EXIT_KEYS = {"code", "signal", "at", "reason", "log_tail"}
 SHUTDOWN_KEYS = {"graceful", "steps", "seconds"}
 STEP_KEYS = {"step", "at", "result", "exited"}
 DRY_RUN_KEYS = {"dry_run", "id", "argv", "problems"}
-CONSOLE_KEYS = {"id", "offset", "next_offset", "size", "data"}
+CONSOLE_KEYS = {"id", "offset", "next_offset", "size", "data", "state"}
 IOMMU_KEYS = {
     "ready",
     "blockers",

@@ -23,6 +23,7 @@ import pytest
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from tests.support.loopdisk import LoopDisk
+from tests.support.mounts import unmount
 from tests.support.prereq import need_command, need_root
 from tests.support.zstd_image import evict
 
@@ -48,8 +49,7 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
             yield mnt
         finally:
             # Never leave a mount behind, even when the test failed with the blob open.
-            if subprocess.run(["umount", str(mnt)], check=False, timeout=60).returncode:
-                subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
+            unmount(mnt)
     finally:
         disk.detach()
 

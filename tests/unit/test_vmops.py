@@ -95,11 +95,16 @@ class FakeClient:
         self.support: dict[str, Any] = {"supported": True, "reason": ""}
         self.vm_list: list[dict[str, Any]] = []
         self.vfio_error: DaemonError | None = None
+        # The console documents' "state" (None: a daemon that does not send it).
+        self.console_state: str | None = None
+        self.console_error: DaemonError | None = None
 
     def console(
         self, vm_id: str, offset: int | None = None, max_bytes: int | None = None
     ) -> dict[str, Any]:
         self.calls.append(("console", (offset, max_bytes)))
+        if self.console_error is not None:
+            raise self.console_error
         size = len(self.log)
         cap = max_bytes or 16384
         start = max(0, size - cap) if offset is None else min(offset, size)
@@ -110,6 +115,7 @@ class FakeClient:
             "next_offset": start + len(data),
             "size": size,
             "data": data.decode("utf-8", "replace"),  # as the daemon does
+            **({} if self.console_state is None else {"state": self.console_state}),
         }
 
     def vm(self, vm_id: str) -> dict[str, Any]:
@@ -201,6 +207,93 @@ def test_console_follow_overlap_is_bounded_and_skips_replaced_bytes() -> None:
     assert next(gen)["data"] == " more"
     # Only "tail" (after the undecodable byte) was read again, not 1 KiB of it.
     assert c.calls[1] == ("console", (len(c.log) - 9, p.MAX_CONSOLE_BYTES))
+
+
+def follow_to_the_end(c: FakeClient, sleep: Any) -> tuple[list[str], str | None]:
+    """Follow c's console until the generator ends (at most 50 polls): what it yielded
+    and what it returned."""
+    polls: list[float] = []
+
+    def bounded(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) > 50:
+            raise AssertionError("still following after 50 polls")
+        sleep(seconds)
+
+    gen = vmops.console(c, "web-1", follow=True, sleep=bounded)  # type: ignore[arg-type]
+    data = []
+    while True:
+        try:
+            data.append(next(gen)["data"])
+        except StopIteration as stop:
+            return data, stop.value
+
+
+def test_console_follow_ends_once_a_stopped_vm_is_read_to_the_end() -> None:
+    c = FakeClient()
+    c.log, c.console_state = b"boot\n", "running"
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            # The guest's last words and its stop land between two polls.
+            c.log += b"reboot: Power down\n"
+            c.console_state = "stopped"
+
+    assert follow_to_the_end(c, sleep) == (["boot\n", "reboot: Power down\n"], "stopped")
+    assert len(sleeps) == 2
+
+
+def test_console_follow_ends_when_the_vm_is_deleted() -> None:
+    c = FakeClient()
+    c.log, c.console_state = b"boot\n", "running"
+
+    def sleep(_seconds: float) -> None:
+        c.console_error = DaemonError(404, p.ERR_NOT_FOUND, "no VM named 'web-1'", {}, "n1")
+
+    assert follow_to_the_end(c, sleep) == (["boot\n"], vmops.DELETED)
+
+
+def test_console_follow_other_errors_still_raise() -> None:
+    c = FakeClient()
+    c.log, c.console_state = b"boot\n", "running"
+
+    def sleep(_seconds: float) -> None:
+        c.console_error = DaemonError(401, "unauthorized", "bad token", {}, "n1")
+
+    with pytest.raises(DaemonError, match="bad token"):
+        follow_to_the_end(c, sleep)
+
+
+@pytest.mark.parametrize(("state", "words"), [("stopped", "is stopped"), ("failed", "has failed")])
+def test_console_follow_of_a_vm_that_is_not_live_is_refused_after_its_tail(
+    state: str, words: str
+) -> None:
+    c = FakeClient()
+    c.log, c.console_state = b"login: ", state
+
+    def no_polls(_seconds: float) -> None:
+        raise AssertionError("polled a VM that is not live")
+
+    gen = vmops.console(c, "web-1", follow=True, sleep=no_polls)  # type: ignore[arg-type]
+    assert next(gen)["data"] == "login: "
+    with pytest.raises(RefusedError, match=f"VM web-1 {words}: there is nothing to follow"):
+        next(gen)
+
+
+def test_console_follow_of_an_older_daemon_keeps_following() -> None:
+    c = FakeClient()
+    c.log = b"boot\n"  # no "state" in its documents: only Ctrl-C ends the follow
+    sleeps: list[float] = []
+    docs = islice(vmops.console(c, "web-1", follow=True, sleep=sleeps.append), 1)  # type: ignore[arg-type]
+    assert [d["data"] for d in docs] == ["boot\n"]
+    gen = vmops.console(c, "web-1", follow=True, sleep=sleeps.append)  # type: ignore[arg-type]
+    next(gen)
+    c.log += b"x"
+    for _ in range(8):
+        c.log += b"y"
+        assert next(gen)["data"] in ("xy", "y")
 
 
 def test_delete_asks_then_deletes() -> None:

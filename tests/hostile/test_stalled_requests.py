@@ -1,0 +1,113 @@
+"""A client that sends part of a request and stops: once the request timeout (or the
+per-read socket timeout) runs out, the daemon answers 408 Request Timeout with
+Connection: close, as nginx does, instead of closing without a word. A connection that
+sent nothing, or went quiet between requests, is closed without an answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.daemon import Daemon, DaemonEnv
+from tests.support.hostile import (
+    ATTACKER,
+    baseline,
+    connect_from,
+    exchange,
+    prove,
+    read_until_closed,
+    status_of,
+)
+
+REQUEST_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    env = DaemonEnv(tmp_path_factory.mktemp("stalled"))
+    env.extra_env["SMECHVISORD_REQUEST_TIMEOUT"] = str(REQUEST_TIMEOUT)
+    d = Daemon(env)
+    yield d
+    d.stop()
+    env.cleanup()
+
+
+def stalled(token: str) -> dict[str, bytes]:
+    body_head = (
+        f"POST /api/vfio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    return {
+        "half a request line": b"GET /api/hea",
+        "a request line without its end": b"GET /api/health HTTP/1.1",
+        "half the headers": b"GET /api/node HTTP/1.1\r\nHost: x\r\n",
+        "a header line cut short": b"GET /api/node HTTP/1.1\r\nHost: x\r\nX-Cut: ab",
+        "half the body": body_head + b'{"enable": ',
+    }
+
+
+def assert_408(answer: bytes) -> None:
+    assert status_of(answer) == 408, answer[:300]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "half a request line",
+        "a request line without its end",
+        "half the headers",
+        "a header line cut short",
+        "half the body",
+    ],
+)
+def test_a_stalled_request_is_answered_408(rig: Daemon, case: str) -> None:
+    before = baseline(rig)
+    started = time.monotonic()
+    answer = exchange(rig, stalled(rig.token)[case], source=ATTACKER, wait=REQUEST_TIMEOUT + 8)
+    elapsed = time.monotonic() - started
+    assert_408(answer)
+    # The timeout is the one configured: not cut earlier.
+    assert elapsed >= REQUEST_TIMEOUT - 0.2
+    assert rig.env.recorded() == []  # the stalled VFIO request never ran
+    prove(rig, before)
+
+
+def test_a_silent_connection_is_closed_without_an_answer(rig: Daemon) -> None:
+    before = baseline(rig)
+    assert exchange(rig, b"", source=ATTACKER, wait=REQUEST_TIMEOUT + 8) == b""
+    prove(rig, before)
+
+
+def test_an_idle_kept_alive_connection_is_closed_without_an_answer(rig: Daemon) -> None:
+    with contextlib.closing(connect_from(ATTACKER, rig.port)) as s:
+        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_until_closed(s, REQUEST_TIMEOUT + 8)
+    # One answer (the health document), then the close: no 408 for a request never begun.
+    assert answer.count(b"HTTP/1.1 ") == 1 and status_of(answer) == 200
+
+
+@pytest.mark.parametrize("case", ["half the headers", "half the body"])
+def test_a_read_that_outlasts_the_socket_timeout_is_answered_408(
+    daemon_env: DaemonEnv, case: str
+) -> None:
+    """The per-read socket timeout, when it is the shorter of the two, ends the request
+    the same way (a body read that timed out was an internal error, 500)."""
+    daemon_env.extra_env["SMECHVISORD_SOCKET_TIMEOUT"] = "1"
+    daemon_env.extra_env["SMECHVISORD_REQUEST_TIMEOUT"] = "30"
+    d = Daemon(daemon_env)
+    try:
+        before = baseline(d)
+        started = time.monotonic()
+        answer = exchange(d, stalled(d.token)[case], source=ATTACKER, wait=20)
+        assert_408(answer)
+        assert time.monotonic() - started < 20
+        prove(d, before)
+    finally:
+        d.stop()
