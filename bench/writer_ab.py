@@ -145,8 +145,8 @@ def run() -> dict[str, object]:
             try:
                 for i in range(rounds):
                     k = i % len(sides)
-                    for side in sides[k:] + sides[:k]:
-                        side()
+                    for go in sides[k:] + sides[:k]:
+                        go()
             finally:
                 image_writer.ImageWriter = real_writer  # type: ignore[misc]
             figures.print_load("after")

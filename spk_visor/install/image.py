@@ -77,10 +77,11 @@ HEAD = MIB
 CHUNK = 16 * MIB
 # Windows in flight: one being decoded, one written, one checked, and five the decoder
 # can fill while a flush holds up the device. On a buffered loop device a flush (an
-# fsync of the backing file) stalls every write and read-back queued behind it for
-# 60-170 ms; with 4 windows the decoder (25-30 ms a window) ran out of free windows in
-# each flush and waited 0.5-0.9 s per GiB. Costs 64 MiB more memory than 4 windows.
-# Measured with SYNC_BYTES below, see there.
+# fsync of the backing file) stalls every write and read-back queued behind it (115-175
+# ms a flush of 128 MiB, bench.writer_trace); with 4 windows the decoder (25-30 ms a
+# window) ran out of free windows in each flush and waited 0.5-0.9 s per GiB. Costs
+# 64 MiB more memory than 4 windows. Measured with SYNC_BYTES below, see there and
+# docs/install-path.md "Flush interval and windows".
 WINDOWS = 8
 # How much of the encoded blob the decoder pulls per read, and a FileSource reads at once.
 # Large: an O_DIRECT read has no kernel read-ahead, and a 16 MiB read keeps several
@@ -102,7 +103,7 @@ READ_AHEAD = 1
 # 64 MiB with 8 windows against 128 MiB with 4 (bench.writer_ab, 1 GiB, stages taking
 # turns with dd oflag=direct, 2026-12-06, load 1-4): cold 1.589 s against 1.659 s (10
 # rounds) and 1.584 s against 1.681 s (12 rounds), warm 1.620 s against 1.711 s (10
-# rounds); faster in 28 of 32 paired rounds, by a median 0.09 s (5-6 %). 128 MiB with 8
+# rounds); faster in 27 of 32 paired rounds, by a median 0.08-0.09 s (5-6 %). 128 MiB with 8
 # windows 1.627 s, 64 MiB with 8 windows of 8 MiB 1.669 s, 32 MiB 1.595 s, 10 windows
 # 1.61-1.64 s: no better. Flushing only at the end or every 512 MiB is slower (1.96-2.06
 # and 1.98 s against 1.80-1.89 s): the stream then waits for a 0.55 s fsync at its end.
