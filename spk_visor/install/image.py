@@ -75,8 +75,14 @@ HEAD = MIB
 # One window: decoded, hashed, written, flushed, read back and compared as a unit.
 # Large, so Python does little per byte and the device sees few flushes.
 CHUNK = 16 * MIB
-# Windows in flight: one being decoded, one written, one checked, one spare.
-WINDOWS = 4
+# Windows in flight: one being decoded, one written, one checked, and five the decoder
+# can fill while a flush holds up the device. On a buffered loop device a flush (an
+# fsync of the backing file) stalls every write and read-back queued behind it (115-175
+# ms a flush of 128 MiB, bench.writer_trace); with 4 windows the decoder (25-30 ms a
+# window) ran out of free windows in each flush and waited 0.5-0.9 s per GiB. Costs
+# 64 MiB more memory than 4 windows. Measured with SYNC_BYTES below, see there and
+# docs/install-path.md "Flush interval and windows".
+WINDOWS = 8
 # How much of the encoded blob the decoder pulls per read, and a FileSource reads at once.
 # Large: an O_DIRECT read has no kernel read-ahead, and a 16 MiB read keeps several
 # requests in flight on the disk. At 4 MiB the decoder waited 0.5-1.5 s per GiB for the
@@ -92,8 +98,16 @@ PREFETCH = 2
 READ_AHEAD = 1
 # Checked bytes between two flushes. A flush per window made the stream wait for the
 # device's write cache 64 times per GiB (0.54x dd on a loop device); this is the
-# granularity of the durable progress, not of the read-back.
-SYNC_BYTES = 128 * MIB
+# granularity of the durable progress, not of the read-back (nothing but progress and
+# a test's crash point reads it; the flush that makes the slot bootable is write_ends').
+# 64 MiB with 8 windows against 128 MiB with 4 (bench.writer_ab, 1 GiB, stages taking
+# turns with dd oflag=direct, 2026-12-06, load 1-4): cold 1.589 s against 1.659 s (10
+# rounds) and 1.584 s against 1.681 s (12 rounds), warm 1.620 s against 1.711 s (10
+# rounds); faster in 27 of 32 paired rounds, by a median 0.08-0.09 s (5-6 %). 128 MiB with 8
+# windows 1.627 s, 64 MiB with 8 windows of 8 MiB 1.669 s, 32 MiB 1.595 s, 10 windows
+# 1.61-1.64 s: no better. Flushing only at the end or every 512 MiB is slower (1.96-2.06
+# and 1.98 s against 1.80-1.89 s): the stream then waits for a 0.55 s fsync at its end.
+SYNC_BYTES = 64 * MIB
 # Runs of zeros are found, and zeroed instead of written, in blocks of this size (the
 # scan: one memcmp per block). See _write_window and docs/install-path.md.
 ZERO_BLOCK = 256 << 10
