@@ -399,11 +399,6 @@ def build(
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
     from spk_visor.trust import roots  # noqa: PLC0415
 
-    if not 0 < probation <= 3600:  # the manifest's bounds: nodes refuse anything else
-        raise UsageError(
-            f"--probation {probation:g}: must be more than 0 and at most 3600 seconds",
-            "for example --probation 30 (the default)",
-        )
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     if root_envs:  # the newest carried root names the release keys; else only nodes can tell
