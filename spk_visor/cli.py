@@ -14,7 +14,7 @@ import typer
 from typer import _click
 from typer.core import TyperGroup
 
-from spk_visor import help_names, typer_fast
+from spk_visor import help_names, number_options, typer_fast
 from spk_visor.commands.lazy import LazyGroup
 from spk_visor.config import env_help
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError, redact, user_path_error
@@ -220,6 +220,7 @@ def build(complete: bool = False) -> _click.Command:
     command = typer.main.get_command(app)
     # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
     typer_fast.install(command)
+    number_options.install(command)
     help_names.install(command)
     _carry_interrupts(command)
     if complete and isinstance(command, LazyGroup):

@@ -25,9 +25,21 @@ def check(folder: Path, what: str) -> None:
     )
 
 
-def make(folder: Path, what: str, mode: int = 0o755) -> None:
-    """`folder`, made with `mode` (whatever the umask) if missing; see check."""
+def make(folder: Path, what: str, mode: int | None = None) -> None:
+    """`folder`, made if missing (see check): as the umask says, or exactly `mode` (a
+    private key's 0700) when given. A folder already there, or made meanwhile by another
+    process, is kept as it is; a file there is refused."""
     check(folder, what)
-    if not folder.exists():
-        folder.mkdir(mode=mode)
-        folder.chmod(mode)
+    try:
+        if mode is None:
+            folder.mkdir()
+        else:
+            folder.mkdir(mode=mode)
+            folder.chmod(mode)  # mkdir's mode is cut by the umask; this one must be exact
+    except FileExistsError:
+        pass
+    if not folder.is_dir():
+        raise UsageError(
+            f"{what}: {folder} is a file, not a folder",
+            f"move {folder} out of the way or give another path",
+        )

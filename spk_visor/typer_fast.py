@@ -13,8 +13,8 @@ The same goes for a Path parameter without constraints (a path Typer would accep
 is) and for a list of either (`deploy send CODE... --target ... --disk ...`: each item
 as above, the whole list to Typer if any item needs it).
 
-One value gets a message of its own instead of Typer's: a number option given nan, inf or
-nothing (number_problem), which pydantic takes as a float or words as a range miss.
+A number option given nan, inf or nothing gets a message of its own from number_options,
+which is in place whether or not this module's coercion is.
 
 This reaches into Typer's private parts (`_runtime_param`, `typer._coercion`). pyproject
 pins the exact typer version, and tests/unit/test_typer_fast.py fails if they move; should
@@ -24,7 +24,6 @@ slower) rather than failing every command.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from typer import _click
-from typer._click.exceptions import BadParameter
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 try:
@@ -63,46 +61,9 @@ class _Fast(RuntimeParam):
         return result
 
 
-def number_problem(kind: Any, value: Any, info: Any) -> str | None:
-    """What is wrong with `value` typed for an int or float option, for what Typer (pydantic)
-    lets through or words oddly: nan and inf (pydantic takes them as floats, so `--jitter inf`
-    was a sleep without end and `--rollout nan` "should be less than or equal to 100") and
-    an empty value; None for anything else, which Typer judges."""
-    if kind not in (int, float) or type(value) is not str:
-        return None
-    text = value.strip()
-    if not text:
-        what = "an empty value is not a number"
-    else:
-        try:
-            number = float(text)
-        except ValueError:
-            return None
-        if math.isfinite(number):
-            return None
-        what = f"{value!r} is not a {'whole' if kind is int else 'finite'} number"
-    whole = "whole " if kind is int else ""
-    low, high = info.min, info.max
-    if low is not None and high is not None:
-        give = f"a {whole}number from {low:g} to {high:g}"
-    elif low is not None:
-        give = f"a {whole}number of at least {low:g}"
-    elif high is not None:
-        give = f"a {whole}number of at most {high:g}"
-    else:
-        give = f"a {whole}number such as {'3' if kind is int else '2.5'}"
-    return f"{what}; give {give}"
-
-
 @dataclass(frozen=True)
 class ScalarParam(_Fast):
     """A str, int or float parameter: fast for plain values, Typer's path for the rest."""
-
-    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
-        why = number_problem(self.annotation, value, self.parameter_info)
-        if why is not None:
-            raise BadParameter(why, ctx=ctx, param=param)
-        return super()._coerce_value(value, param, ctx)
 
     def _fast(self, value: Any) -> Any:
         kind = self.annotation
@@ -149,13 +110,6 @@ class ListParam(_Fast):
     whole list through Typer (the same list, or Typer's error)."""
 
     item: ScalarParam | PathParam
-
-    def _coerce_value(self, value: Any, param: Any, ctx: _click.Context) -> Any:
-        for v in value if isinstance(value, (list, tuple)) else ():
-            why = number_problem(self.item.annotation, v, self.parameter_info)
-            if why is not None:
-                raise BadParameter(why, ctx=ctx, param=param)
-        return super()._coerce_value(value, param, ctx)
 
     def _fast(self, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):

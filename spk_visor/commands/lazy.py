@@ -16,7 +16,7 @@ import typer.main
 from typer import _click
 from typer.core import TyperCommand, TyperGroup
 
-from spk_visor import help_names, typer_fast
+from spk_visor import help_names, number_options, typer_fast
 
 
 class Lazy(NamedTuple):
@@ -78,6 +78,7 @@ class LazyGroup(TyperGroup):
             command = _as_command(typer.main.get_group(holder).commands[cmd_name])
             # Without this, Typer imports pydantic on every run (~0.2 s): see typer_fast.
             typer_fast.install(command, ctx)
+            number_options.install(command)
             help_names.install(command)
             self._loaded[cmd_name] = command
         return self._loaded[cmd_name]

@@ -11,7 +11,6 @@ import datetime as dt
 import getpass
 import os
 import re
-import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -399,11 +398,6 @@ def build(
     from spk_visor.ota import build as build_mod  # noqa: PLC0415
     from spk_visor.trust import roots  # noqa: PLC0415
 
-    if not 0 < probation <= 3600:  # the manifest's bounds: nodes refuse anything else
-        raise UsageError(
-            f"--probation {probation:g}: must be more than 0 and at most 3600 seconds",
-            "for example --probation 30 (the default)",
-        )
     root_envs = [_root_file(p) for p in root_doc]
     signing = _signing_keys(key, passphrase_file)
     if root_envs:  # the newest carried root names the release keys; else only nodes can tell
@@ -444,30 +438,15 @@ def _open_bundle(path: str) -> BinaryIO:
 
         widen_pipe(sys.stdin)
         return sys.stdin.buffer
-    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES  # noqa: PLC0415
+    from spk_visor.ota.bundle import check_is_bundle, missing_hint  # noqa: PLC0415
 
-    try:
-        f = Path(path).open("rb")  # noqa: SIM115 (returned: the caller's `with` closes it)
-    except IsADirectoryError as e:
-        raise UsageError(f"{path} is not an OTA bundle: it is a folder", NOT_A_BUNDLE_HINT) from e
-    except OSError as e:
-        raise UsageError(f"cannot open bundle {path}: {e.strerror}", _bundle_hint(e)) from e
     # A file the user named that is not a bundle at all is their mistake (exit 2), not a
-    # refused update (3). Only a regular file is looked at ahead (pread: the stream stays
-    # at 0); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    # refused update (3); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    check_is_bundle(path)
     try:
-        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            _not_a_bundle(path, os.pread(f.fileno(), SNIFF_BYTES, 0))
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def _bundle_hint(e: OSError) -> str | None:
-    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT  # noqa: PLC0415
-
-    return "check the path; " + NOT_A_BUNDLE_HINT if isinstance(e, FileNotFoundError) else None
+        return Path(path).open("rb")
+    except OSError as e:
+        raise UsageError(f"cannot open bundle {path}: {e.strerror}", missing_hint(e)) from e
 
 
 @app.command()
@@ -1047,9 +1026,10 @@ def push(
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
 
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
+    from spk_visor.ota.bundle import check_is_bundle  # noqa: PLC0415
 
     st = state(ctx, as_json)
-    _not_a_bundle(bundle_path)
+    check_is_bundle(bundle_path)  # once here, rather than streamed to every node
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     extra = [
@@ -1077,23 +1057,6 @@ def push(
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
-
-
-def _not_a_bundle(path: Path | str, head: bytes | None = None) -> None:
-    """A file that is not a bundle (root.json, a key, /etc/passwd) is one local mistake:
-    say so once, before any node is contacted, rather than stream it to every node. Only
-    the magic is checked here; the nodes verify the rest."""
-    from spk_visor.ota.bundle import NOT_A_BUNDLE_HINT, SNIFF_BYTES, not_a_bundle  # noqa: PLC0415
-
-    if head is None:
-        try:
-            with Path(path).open("rb") as f:
-                head = f.read(SNIFF_BYTES)
-        except OSError:
-            return  # push names an unreadable bundle itself
-    what = not_a_bundle(head)
-    if what is not None:
-        raise UsageError(f"{path} is not an OTA bundle: {what}", NOT_A_BUNDLE_HINT)
 
 
 def _check_channel(name: str | None) -> None:

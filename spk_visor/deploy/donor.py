@@ -94,21 +94,14 @@ class Payload:
 
 def open_bundle(path: Path) -> Payload:
     """Read `path`'s header and manifest (unverified: the target verifies) for sending."""
+    ota_bundle.check_is_bundle(path)
     try:
         with path.open("rb") as f:
-            why = ota_bundle.not_a_bundle(f.read(ota_bundle.SNIFF_BYTES))
-            if why is not None:
-                raise UsageError(
-                    f"{path} is not an OTA bundle: {why}", ota_bundle.NOT_A_BUNDLE_HINT
-                )
-            f.seek(0)
             header = ota_bundle.read_header(f)
             size = path.stat().st_size
     except OSError as e:
-        hint = "check the path; " + ota_bundle.NOT_A_BUNDLE_HINT
         raise UsageError(
-            f"cannot read the bundle {path}: {e.strerror or e}",
-            hint if isinstance(e, FileNotFoundError) else None,
+            f"cannot read the bundle {path}: {e.strerror or e}", ota_bundle.missing_hint(e)
         ) from e
     parsed = ota_manifest.parse(header.manifest.payload_json())
     offsets: dict[str, int] = {}

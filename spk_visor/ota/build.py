@@ -291,6 +291,12 @@ def build(
 
     `check_tree=False` skips check_release_tree: for tests that need a release nodes
     must roll back."""
+    if not manifest.timeout_ok(probation_s):  # nodes would refuse the manifest (exit 3)
+        raise UsageError(
+            f"--probation {probation_s:g}: must be more than 0 and at most "
+            f"{manifest.MAX_TIMEOUT_S} seconds",
+            "for example --probation 30 (the default)",
+        )
     if daemon_tree is None and base_image is None:
         raise UsageError("nothing to build", "give --daemon-tree and/or --base-image")
     if not keys:

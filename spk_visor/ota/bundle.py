@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from spk_visor import strict_json
-from spk_visor.errors import VerificationError
+from spk_visor.errors import UsageError, VerificationError
 from spk_visor.trust import dsse
 
 MAGIC = b"SPKOTA\x00\x01"
@@ -67,6 +69,43 @@ def not_a_bundle(head: bytes) -> str | None:
     if not head.startswith(MAGIC[:-2]):
         return "it does not start with the bundle magic"
     return None
+
+
+def check_is_bundle(path: Path | str) -> None:
+    """UsageError (exit 2) if the user named a folder or a regular file that is not a
+    bundle (root.json, a key, /etc/passwd): one local mistake, said once, before any node
+    is contacted or anything is streamed. Only a regular file is read (its first
+    SNIFF_BYTES, at offset 0); a pipe (`-b <(...)`), a FIFO or a device is left to its
+    reader, as stdin is, since reading ahead would take bytes the reader needs. A path
+    that cannot be looked at is left to the caller, which names it (see missing_hint)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{path} is not an OTA bundle: it is a folder", NOT_A_BUNDLE_HINT)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does
+        # not wait for a writer, and fstat says so before anything is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        head = os.pread(fd, SNIFF_BYTES, 0)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    why = not_a_bundle(head)
+    if why is not None:
+        raise UsageError(f"{path} is not an OTA bundle: {why}", NOT_A_BUNDLE_HINT)
+
+
+def missing_hint(e: OSError) -> str | None:
+    """The hint for a bundle that could not be opened: a missing one is most likely a
+    wrong path or a bundle not built yet; other errors (permissions) say enough."""
+    return "check the path; " + NOT_A_BUNDLE_HINT if isinstance(e, FileNotFoundError) else None
 
 
 @dataclass

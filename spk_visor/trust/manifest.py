@@ -188,10 +188,24 @@ def _argv(doc: dict[str, Any], where: str) -> tuple[str, ...]:
     return tuple(argv)
 
 
+# The longest a manifest's health timeouts (timeout_s, probation_s, interval_s) and a
+# preflight's may be: a node refuses a manifest with more, or with 0 or less.
+MAX_TIMEOUT_S = 3600
+
+
+def timeout_ok(value: object) -> bool:
+    """Whether `value` is a number of seconds a manifest may carry: in (0, MAX_TIMEOUT_S]."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 < value <= MAX_TIMEOUT_S
+    )
+
+
 def _timeout(doc: dict[str, Any], key: str, where: str, default: float) -> float:
     value = doc.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 3600:
-        raise _fail(f"{where}{key} must be a number of seconds in (0, 3600]")
+    if not timeout_ok(value):
+        raise _fail(f"{where}{key} must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
     return float(value)
 
 

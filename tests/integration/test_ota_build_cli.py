@@ -376,6 +376,31 @@ def test_a_probation_nodes_would_refuse_is_a_usage_error(tmp_path: Path, probati
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rel", "rel.pub", "tree"]
 
 
+@pytest.mark.parametrize("probation", [-5.0, 0.0, 3601.0, float("nan"), float("inf")])
+def test_the_library_build_refuses_a_probation_nodes_would_refuse(
+    tmp_path: Path, probation: float
+) -> None:
+    """The bound is the manifest's (trust/manifest.py) and checked by ota build itself,
+    not only by the command: any caller gets the usage error before anything is made."""
+    from spk_visor.errors import UsageError  # noqa: PLC0415
+    from spk_visor.ota import build as build_mod  # noqa: PLC0415
+
+    ok("ota", "keygen", str(tmp_path / "rel"))
+    tree = tiny_tree(tmp_path / "tree", "1.0.0")
+    out = tmp_path / "new" / "b.spkb"
+    with pytest.raises(UsageError) as e:
+        build_mod.build(
+            out=out,
+            version="1.0.0",
+            counter=1,
+            keys=[load_signing_key(tmp_path / "rel", None)],
+            daemon_tree=tree,
+            probation_s=probation,
+        )
+    assert "--probation" in str(e.value) and "3600" in str(e.value), e.value
+    assert not out.parent.exists()
+
+
 def test_build_makes_the_out_folder_but_no_missing_folder_above_it(tmp_path: Path) -> None:
     """As `ota publish --repo` and `ota keygen`: `--out typo/out/b.spkb` made typo/out."""
     ok("ota", "keygen", str(tmp_path / "rel"))

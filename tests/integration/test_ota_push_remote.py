@@ -145,5 +145,7 @@ def test_a_command_with_broken_quoting_is_a_usage_error(tmp_path: Path) -> None:
         env={"SPK_VISOR_CONFIG": str(config)},
     )
     assert res.code == ExitCode.USAGE and "remote_command" in res.err, res
-    res = cli.run("--ssh", "node0", "ota", "push", str(tmp_path), "--remote-command", "'x")
+    res = cli.run(
+        "--ssh", "node0", "ota", "push", str(tmp_path / "b.spkb"), "--remote-command", "'x"
+    )
     assert res.code == ExitCode.USAGE and "--remote-command" in res.err, res
