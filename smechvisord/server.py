@@ -283,6 +283,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         super().setup()
         # Per-call socket timeout for bodies and writes, against clients that stall.
         self.connection.settimeout(self.server.socket_timeout)
+        self._timeout = self.server.socket_timeout
 
     def finish(self) -> None:
         try:
@@ -299,6 +300,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             deadlines.arm(self._watch, self.server.head_timeout)
         self._first = False
         self._head_begun = False
+        self._answered = False
         timed_out = False
         try:
             ok = self._read_head()
@@ -312,11 +314,13 @@ class RequestHandler(BaseHTTPRequestHandler):
                 timed_out = True
                 self.close_connection = True
         if not ok:
-            if timed_out and self._head_begun:
+            if timed_out and self._head_begun and not self._answered:
                 # Part of a request came, then nothing: say so (408, as nginx does), rather
-                # than close without a word. A connection that sent nothing gets nothing.
+                # than close without a word. A connection that sent nothing gets nothing,
+                # and one already refused (400, 431, ...) no second answer.
                 self._send_timeout()
             return
+        self._bound_reads(None)
         try:
             getattr(self, "do_" + self.command, self._unsupported)()
             self.wfile.flush()
@@ -411,10 +415,23 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _readline(self, limit: int) -> bytes:
         """One line of the head; notes that a request has begun once a byte of it came
         (a socket timeout inside readline loses the bytes it had, so peek first)."""
+        self._bound_reads(self.server.deadlines.remaining(self._watch))
         if not self._head_begun:
             # Blocks until the first byte, or end of stream.
             self._head_begun = bool(self.rfile.peek(1))  # type: ignore[attr-defined]
         return self.rfile.readline(limit)
+
+    def _bound_reads(self, left: float | None) -> None:
+        """The next read waits at most the socket timeout, and never past the request
+        deadline (`left` seconds away): the worker then sees the deadline as a read
+        timeout and can still answer 408, TLS included (the watchdog's shutdown, which
+        only comes after BACKSTOP_GRACE, ends a TLS stream)."""
+        t = self.server.socket_timeout
+        if left is not None:
+            t = min(t, max(left, 0.01))  # 0 would mean non-blocking, not "time is up"
+        if t != self._timeout:
+            self.connection.settimeout(t)
+            self._timeout = t
 
     def _send_timeout(self) -> None:
         self.close_connection = True
@@ -529,14 +546,23 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
         # The body shares the request deadline: 64 KiB at a byte per call would
         # otherwise hold this worker for days.
-        self.server.deadlines.arm(self._watch, self.server.head_timeout)
+        deadlines = self.server.deadlines
+        deadlines.arm(self._watch, self.server.head_timeout)
         cut = False
+        raw = b""
         try:
-            raw = self.rfile.read(length)
+            # One socket read at a time, each bounded by what is left of the deadline.
+            while len(raw) < length:
+                self._bound_reads(deadlines.remaining(self._watch))
+                chunk = self.rfile.read1(length - len(raw))  # type: ignore[attr-defined]
+                if not chunk:
+                    break
+                raw += chunk
         except TimeoutError:
-            raw, cut = b"", True  # the per-read socket timeout: a stall, as below
+            raw, cut = b"", True  # the deadline or the per-read socket timeout: a stall
         finally:
-            cut = self.server.deadlines.disarm(self._watch) or cut
+            cut = deadlines.disarm(self._watch) or cut
+            self._bound_reads(None)
         if cut:
             self.close_connection = True
             # The answer goes out on a short send timeout (see _send_timeout).
@@ -605,6 +631,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # http.server's own errors (bad request line, oversized headers) as JSON too.
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
+        self._answered = True  # no 408 after this (handle_one_request)
         phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
         kind = p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL
         if code == 408:
