@@ -413,13 +413,25 @@ class RequestHandler(BaseHTTPRequestHandler):
         return True
 
     def _readline(self, limit: int) -> bytes:
-        """One line of the head; notes that a request has begun once a byte of it came
-        (a socket timeout inside readline loses the bytes it had, so peek first)."""
-        self._bound_reads(self.server.deadlines.remaining(self._watch))
-        if not self._head_begun:
-            # Blocks until the first byte, or end of stream.
-            self._head_begun = bool(self.rfile.peek(1))  # type: ignore[attr-defined]
-        return self.rfile.readline(limit)
+        """One line of the head, at most one socket read at a time, each bounded by the
+        request deadline (readline would read on, a full socket timeout per read, for a
+        client that trickles). Notes that a request has begun once a byte of it came."""
+        rfile = self.rfile
+        deadlines = self.server.deadlines
+        line = b""
+        while True:
+            self._bound_reads(deadlines.remaining(self._watch))
+            buf = rfile.peek(1)  # type: ignore[attr-defined]  # buffered, or one read
+            if not buf:
+                return line  # end of stream
+            self._head_begun = True
+            want = limit - len(line)
+            end = buf.find(b"\n", 0, want)
+            if end >= 0:
+                return line + rfile.read(end + 1)
+            line += rfile.read(min(len(buf), want))
+            if len(line) >= limit:
+                return line
 
     def _bound_reads(self, left: float | None) -> None:
         """The next read waits at most the socket timeout, and never past the request
@@ -427,8 +439,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         timeout and can still answer 408, TLS included (the watchdog's shutdown, which
         only comes after BACKSTOP_GRACE, ends a TLS stream)."""
         t = self.server.socket_timeout
-        if left is not None:
-            t = min(t, max(left, 0.01))  # 0 would mean non-blocking, not "time is up"
+        if left is not None and left < t:
+            if self._timeout <= left + 0.05:
+                return  # already bounded closely enough: no system call per line
+            t = max(left, 0.01)  # 0 would mean non-blocking, not "time is up"
         if t != self._timeout:
             self.connection.settimeout(t)
             self._timeout = t
