@@ -568,7 +568,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             # One socket read at a time, each bounded by what is left of the deadline.
             while len(raw) < length:
                 self._bound_reads(deadlines.remaining(self._watch))
-                chunk = self.rfile.read1(length - len(raw))  # type: ignore[attr-defined]
+                chunk = self.rfile.read1(length - len(raw))
                 if not chunk:
                     break
                 raw += chunk

@@ -62,7 +62,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonSe
     ],
 )
 def test_a_refusal_is_the_only_answer(server: DaemonServer, head: bytes) -> None:
-    with socket.create_connection(server.server_address[:2], timeout=15) as s:
+    port = int(server.server_address[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
         s.sendall(head)
         answer = b""
         with contextlib.suppress(OSError):
