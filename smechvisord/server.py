@@ -300,6 +300,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             deadlines.arm(self._watch, self.server.head_timeout)
         self._first = False
         self._head_begun = False
+        self._head_buffered = False
         self._answered = False
         timed_out = False
         try:
@@ -417,6 +418,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         request deadline (readline would read on, a full socket timeout per read, for a
         client that trickles). Notes that a request has begun once a byte of it came."""
         rfile = self.rfile
+        if self._head_buffered:
+            return rfile.readline(limit)  # the fast path: no socket read, nothing to bound
         deadlines = self.server.deadlines
         line = b""
         while True:
@@ -425,6 +428,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not buf:
                 return line  # end of stream
             self._head_begun = True
+            if not line and (b"\r\n\r\n" in buf or b"\n\n" in buf):
+                # The whole head is in the buffer (the usual case): read it by line in C.
+                self._head_buffered = True
+                return rfile.readline(limit)
             want = limit - len(line)
             end = buf.find(b"\n", 0, want)
             if end >= 0:
