@@ -281,9 +281,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.server.deadlines.release(self._watch)
             raise
         super().setup()
-        # Per-call socket timeout for bodies and writes, against clients that stall.
-        self.connection.settimeout(self.server.socket_timeout)
-        self._timeout = self.server.socket_timeout
+        # Per-call socket timeout for bodies and writes, against clients that stall. No
+        # longer than the request deadline: every read is under it anyway, and then the
+        # usual request needs no settimeout (a system call) to bound its reads.
+        self._base_timeout = min(self.server.socket_timeout, self.server.head_timeout)
+        self.connection.settimeout(self._base_timeout)
+        self._timeout = self._base_timeout
 
     def finish(self) -> None:
         try:
@@ -441,11 +444,11 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return line
 
     def _bound_reads(self, left: float | None) -> None:
-        """The next read waits at most the socket timeout, and never past the request
+        """The next read waits at most the base timeout, and never past the request
         deadline (`left` seconds away): the worker then sees the deadline as a read
         timeout and can still answer 408, TLS included (the watchdog's shutdown, which
         only comes after BACKSTOP_GRACE, ends a TLS stream)."""
-        t = self.server.socket_timeout
+        t = self._base_timeout
         if left is not None and left < t:
             if self._timeout <= left + 0.05:
                 return  # already bounded closely enough: no system call per line
