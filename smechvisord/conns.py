@@ -37,6 +37,11 @@ OVERFLOW_WAIT = 2.0
 OVERFLOW_HEAD_BYTES = 8192
 # Sockets the overflow lane holds at once; past it new ones are closed unanswered.
 OVERFLOW_LIMIT = 4096
+# How long after a deadline the watchdog ends a connection. The worker bounds each read
+# by the deadline itself and answers 408; the watchdog is the backstop for a client that
+# trickles a byte per read, and must not get there first: its shutdown reads as
+# end-of-stream under TLS, after which no 408 can be written.
+BACKSTOP_GRACE = 1.0
 
 
 def source_of(address: str) -> str:
@@ -100,6 +105,8 @@ class Watch:
 class Deadlines:
     """One thread that ends connections whose deadline passed.
 
+    The worker sees the deadline first, as a read timeout (`remaining`); this thread acts
+    BACKSTOP_GRACE later, on a connection whose reads each returned in time.
     It calls shutdown() on a duplicate of the connection's socket: that wakes the worker's
     blocked recv with end-of-file, on a plain socket or under a TLS wrap (the duplicate
     stays valid when wrap_socket takes over the original). Each connection has at most one
@@ -122,12 +129,17 @@ class Deadlines:
             w.due = due
             if not w.queued:
                 w.queued = True
-                heapq.heappush(self._heap, (due, next(self._seq), w))
+                heapq.heappush(self._heap, (due + BACKSTOP_GRACE, next(self._seq), w))
                 if self._heap[0][2] is w:
                     self._lock.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
+
+    def remaining(self, w: Watch) -> float | None:
+        """Seconds left before the deadline (None: none armed); no lock, one read."""
+        due = w.due
+        return None if due is None else max(0.0, due - time.monotonic())
 
     def disarm(self, w: Watch) -> bool:
         """Stop watching; True when the deadline had already ended the connection."""
@@ -155,13 +167,13 @@ class Deadlines:
                     w.queued = False
                     if w.fired or w.due is None:
                         continue
-                    if w.due > now:
+                    if w.due + BACKSTOP_GRACE > now:
                         w.queued = True
-                        heapq.heappush(self._heap, (w.due, next(self._seq), w))
+                        heapq.heappush(self._heap, (w.due + BACKSTOP_GRACE, next(self._seq), w))
                         continue
                     w.fired = True
                     # The read side only: the worker wakes with end-of-file and can still
-                    # write its 408 (with a short send timeout of its own).
+                    # write its 408 on a plain socket (under TLS the stream is over).
                     with contextlib.suppress(OSError):
                         w.sock.shutdown(socket.SHUT_RD)
                 wait = self._heap[0][0] - now if self._heap else None

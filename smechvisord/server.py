@@ -281,8 +281,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.server.deadlines.release(self._watch)
             raise
         super().setup()
-        # Per-call socket timeout for bodies and writes, against clients that stall.
-        self.connection.settimeout(self.server.socket_timeout)
+        # Per-call socket timeout for bodies and writes, against clients that stall. No
+        # longer than the request deadline: every read is under it anyway, and then the
+        # usual request needs no settimeout (a system call) to bound its reads.
+        self._base_timeout = min(self.server.socket_timeout, self.server.head_timeout)
+        self.connection.settimeout(self._base_timeout)
+        self._timeout = self._base_timeout
 
     def finish(self) -> None:
         try:
@@ -299,6 +303,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             deadlines.arm(self._watch, self.server.head_timeout)
         self._first = False
         self._head_begun = False
+        self._head_buffered = False
+        self._answered = False
         timed_out = False
         try:
             ok = self._read_head()
@@ -312,11 +318,13 @@ class RequestHandler(BaseHTTPRequestHandler):
                 timed_out = True
                 self.close_connection = True
         if not ok:
-            if timed_out and self._head_begun:
+            if timed_out and self._head_begun and not self._answered:
                 # Part of a request came, then nothing: say so (408, as nginx does), rather
-                # than close without a word. A connection that sent nothing gets nothing.
+                # than close without a word. A connection that sent nothing gets nothing,
+                # and one already refused (400, 431, ...) no second answer.
                 self._send_timeout()
             return
+        self._bound_reads(None)
         try:
             getattr(self, "do_" + self.command, self._unsupported)()
             self.wfile.flush()
@@ -409,12 +417,45 @@ class RequestHandler(BaseHTTPRequestHandler):
         return True
 
     def _readline(self, limit: int) -> bytes:
-        """One line of the head; notes that a request has begun once a byte of it came
-        (a socket timeout inside readline loses the bytes it had, so peek first)."""
-        if not self._head_begun:
-            # Blocks until the first byte, or end of stream.
-            self._head_begun = bool(self.rfile.peek(1))  # type: ignore[attr-defined]
-        return self.rfile.readline(limit)
+        """One line of the head, at most one socket read at a time, each bounded by the
+        request deadline (readline would read on, a full socket timeout per read, for a
+        client that trickles). Notes that a request has begun once a byte of it came."""
+        rfile = self.rfile
+        if self._head_buffered:
+            return rfile.readline(limit)  # the fast path: no socket read, nothing to bound
+        deadlines = self.server.deadlines
+        line = b""
+        while True:
+            self._bound_reads(deadlines.remaining(self._watch))
+            buf = rfile.peek(1)  # type: ignore[attr-defined]  # buffered, or one read
+            if not buf:
+                return line  # end of stream
+            self._head_begun = True
+            if not line and (b"\r\n\r\n" in buf or b"\n\n" in buf):
+                # The whole head is in the buffer (the usual case): read it by line in C.
+                self._head_buffered = True
+                return rfile.readline(limit)
+            want = limit - len(line)
+            end = buf.find(b"\n", 0, want)
+            if end >= 0:
+                return line + rfile.read(end + 1)
+            line += rfile.read(min(len(buf), want))
+            if len(line) >= limit:
+                return line
+
+    def _bound_reads(self, left: float | None) -> None:
+        """The next read waits at most the base timeout, and never past the request
+        deadline (`left` seconds away): the worker then sees the deadline as a read
+        timeout and can still answer 408, TLS included (the watchdog's shutdown, which
+        only comes after BACKSTOP_GRACE, ends a TLS stream)."""
+        t = self._base_timeout
+        if left is not None and left < t:
+            if self._timeout <= left + 0.05:
+                return  # already bounded closely enough: no system call per line
+            t = max(left, 0.01)  # 0 would mean non-blocking, not "time is up"
+        if t != self._timeout:
+            self.connection.settimeout(t)
+            self._timeout = t
 
     def _send_timeout(self) -> None:
         self.close_connection = True
@@ -529,14 +570,23 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
         # The body shares the request deadline: 64 KiB at a byte per call would
         # otherwise hold this worker for days.
-        self.server.deadlines.arm(self._watch, self.server.head_timeout)
+        deadlines = self.server.deadlines
+        deadlines.arm(self._watch, self.server.head_timeout)
         cut = False
+        raw = b""
         try:
-            raw = self.rfile.read(length)
+            # One socket read at a time, each bounded by what is left of the deadline.
+            while len(raw) < length:
+                self._bound_reads(deadlines.remaining(self._watch))
+                chunk = self.rfile.read1(length - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
         except TimeoutError:
-            raw, cut = b"", True  # the per-read socket timeout: a stall, as below
+            raw, cut = b"", True  # the deadline or the per-read socket timeout: a stall
         finally:
-            cut = self.server.deadlines.disarm(self._watch) or cut
+            cut = deadlines.disarm(self._watch) or cut
+            self._bound_reads(None)
         if cut:
             self.close_connection = True
             # The answer goes out on a short send timeout (see _send_timeout).
@@ -605,6 +655,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     # http.server's own errors (bad request line, oversized headers) as JSON too.
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self.close_connection = True
+        self._answered = True  # no 408 after this (handle_one_request)
         phrase = HTTPStatus(code).phrase if code in _PHRASES else "Error"
         kind = p.ERR_INVALID_REQUEST if code < 500 else p.ERR_INTERNAL
         if code == 408:

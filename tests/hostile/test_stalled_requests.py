@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -111,3 +112,56 @@ def test_a_read_that_outlasts_the_socket_timeout_is_answered_408(
         prove(d, before)
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("case", ["half a request line", "half the headers", "half the body"])
+def test_a_stalled_request_over_tls_is_answered_408(rig: Daemon, case: str) -> None:
+    """Over TLS too: the deadline must not end the connection under the TLS layer (a
+    shutdown of the read side reads as end-of-stream to OpenSSL, and the 408 was lost)."""
+    before = baseline(rig)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the test is of the server, not its certificate
+    started = time.monotonic()
+    with (
+        contextlib.closing(connect_from(ATTACKER, rig.port, timeout=REQUEST_TIMEOUT + 8)) as raw,
+        ctx.wrap_socket(raw) as s,
+    ):
+        s.sendall(stalled(rig.token)[case])
+        answer = b""
+        with contextlib.suppress(OSError):  # an unclean close ends the answer too
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert_408(answer)
+    assert time.monotonic() - started >= REQUEST_TIMEOUT - 0.2
+    assert rig.env.recorded() == []
+    prove(rig, before)
+
+
+def test_a_trickled_header_line_over_tls_is_answered_408(rig: Daemon) -> None:
+    """A byte every 0.3 s, each read returning in time: the deadline still ends the
+    request with a 408 (not the watchdog's cut, which over TLS leaves no answer)."""
+    before = baseline(rig)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        contextlib.closing(connect_from(ATTACKER, rig.port, timeout=REQUEST_TIMEOUT + 8)) as raw,
+        ctx.wrap_socket(raw) as s,
+    ):
+        s.sendall(b"GET /api/node HTTP/1.1\r\nX-Slow: ")
+        deadline = time.monotonic() + REQUEST_TIMEOUT + 6
+        answer = b""
+        with contextlib.suppress(OSError):  # the daemon ends it: a write or read fails
+            # Between bytes, read: once the answer comes, stop sending (a byte sent after
+            # the daemon closed would reset the connection and could lose the answer).
+            while time.monotonic() < deadline and not answer:
+                s.sendall(b"a")
+                s.settimeout(0.3)
+                with contextlib.suppress(TimeoutError):
+                    answer += s.recv(65536)
+            s.settimeout(5)
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert_408(answer)
+    prove(rig, before)

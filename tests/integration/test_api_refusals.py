@@ -278,23 +278,35 @@ def test_malformed_request_line_gets_json(rig: tuple[Daemon, DaemonEnv]) -> None
     assert d.get("/api/health").status == 200
 
 
-def test_connection_cap(rig: tuple[Daemon, DaemonEnv]) -> None:
+def test_connection_cap(daemon_env: DaemonEnv) -> None:
     """Past the cap an extra client gets a 503 at once (but /api/health is still
     answered); the idle ones do not starve it for good: once they go away the daemon
     serves again."""
-    d, _ = rig
-    idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(8)]
-    try:
-        # Each idle connection holds a handler thread waiting for its request line.
-        time.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as extra:
-            extra.sendall(
+    # A daemon of its own, with timeouts far past the test's length: the idle sockets
+    # must stay held however slowly this machine runs (the module rig drops them at 1.5 s).
+    daemon_env.extra_env.update(
+        SMECHVISORD_MAX_CONNECTIONS="8",
+        SMECHVISORD_SOCKET_TIMEOUT="30",
+        SMECHVISORD_REQUEST_TIMEOUT="30",
+    )
+    d = Daemon(daemon_env)
+
+    def probe() -> int:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            s.sendall(
                 f"GET /api/node HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {d.token}\r\n"
-                "\r\n".encode()
+                "Connection: close\r\n\r\n".encode()
             )
-            data = read_until_closed(extra)
-        assert b" 503 " in data.split(b"\r\n")[0]
-        assert b'"busy"' in data
+            data = read_until_closed(s)
+        assert b'"busy"' in data or not data.startswith(b"HTTP/1.1 503 "), data
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0
+
+    idle: list[socket.socket] = []
+    try:
+        idle += [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(8)]
+        # Each idle connection holds a handler thread waiting for its request line, once
+        # the daemon accepted it: until then an extra client may still be served.
+        assert wait_for(lambda: probe() == 503, timeout=10)
         with socket.create_connection(("127.0.0.1", d.port), timeout=5) as extra:
             extra.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
             data = read_until_closed(extra)
@@ -303,7 +315,11 @@ def test_connection_cap(rig: tuple[Daemon, DaemonEnv]) -> None:
     finally:
         for s in idle:
             s.close()
-    assert wait_for(lambda: d.get("/api/health").status == 200, timeout=10)
+    try:
+        assert wait_for(lambda: d.get("/api/health").status == 200, timeout=10)
+        assert wait_for(lambda: probe() == 200, timeout=10)
+    finally:
+        d.stop()
 
 
 def test_silent_client_is_dropped_and_others_are_served(rig: tuple[Daemon, DaemonEnv]) -> None:

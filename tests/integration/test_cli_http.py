@@ -338,34 +338,56 @@ def test_console_follow_json_lines(daemon: Daemon, daemon_env: DaemonEnv) -> Non
 
 
 def follow_until_it_ends(
-    d: Daemon, argv: list[str], before: Any = None, limit: float = 30
+    d: Daemon, argv: list[str], before: Any = None, limit: float = 30, ready: str = "login:"
 ) -> Result:
-    """Run the CLI as its own process and wait for it to end by itself (`before` runs
-    once it is following); a CLI still running after `limit` seconds is killed and
-    reported as code None, so a follow that never ends fails the test instead of
-    hanging it."""
+    """Run the CLI as its own process and wait for it to end by itself. `before` runs
+    once it is following: once the tail (`ready` in it) is on its stdout, so the CLI has
+    its first console document (a fixed sleep may end before it asked, on a loaded
+    machine). A CLI still running after `limit` seconds is killed and reported as code
+    None, so a follow that never ends fails the test instead of hanging it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "spk_visor", "--node", d.url, "--token", d.token, *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+
+    def drain(fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            chunks[fd].append(chunk)
+
+    readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in chunks]
+    for t in readers:
+        t.start()
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    code: int | None = None
     try:
         if before is not None:
-            time.sleep(2)
+            following = wait_for(
+                lambda: ready.encode() in b"".join(chunks[out_fd]) or proc.poll() is not None,
+                timeout=30,
+            )
+            assert following and proc.poll() is None, (
+                f"the CLI did not start following: {b''.join(chunks[err_fd])!r}"
+            )
             before()
         try:
-            out, err = proc.communicate(timeout=limit)
+            code = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate(timeout=5)
-            return Result(None, out, err)  # type: ignore[arg-type]
+            proc.wait(timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
-    return Result(proc.returncode, out, err)
+        for t in readers:
+            t.join(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
+    text = {fd: b"".join(c).decode(errors="replace") for fd, c in chunks.items()}
+    return Result(code, text[out_fd], text[err_fd])  # type: ignore[arg-type]
 
 
 def test_console_follow_on_a_stopped_vm_prints_the_log_and_ends(
