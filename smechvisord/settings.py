@@ -123,7 +123,7 @@ SETTINGS: tuple[Setting, ...] = (
         "SMECHVISORD_SOCKET_TIMEOUT",
         "--socket-timeout",
         "15",
-        "seconds a client may stay silent in one read or write",
+        "seconds a client may stay silent in one read or write (at most the request timeout)",
     ),
     Setting(
         "SMECHVISORD_REQUEST_TIMEOUT",
