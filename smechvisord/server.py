@@ -448,6 +448,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         deadline (`left` seconds away): the worker then sees the deadline as a read
         timeout and can still answer 408, TLS included (the watchdog's shutdown, which
         only comes after BACKSTOP_GRACE, ends a TLS stream)."""
+        if left is not None and left <= 0:
+            # Past the deadline: time is up even if every read still returns in time (a
+            # client sending a byte every few ms), or the watchdog's cut comes first.
+            raise TimeoutError("request deadline")
         t = self._base_timeout
         if left is not None and left < t:
             if self._timeout <= left + 0.05:
