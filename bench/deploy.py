@@ -1,6 +1,6 @@
 """The deploy benchmark of issue 5, in one run:
 
-    sudo .venv/bin/python -m bench.deploy [--skip-iso] [--skip-channel] [--mib 4096]
+    sudo .venv/bin/python -m bench.deploy [--skip-iso] [--skip-channel] [--mib 4096] [--direct-io]
 
 1. channel: SecureChannel (AES-256-GCM, and ChaCha20-Poly1305 beside it) against raw TCP
    loopback of the same bytes (bench.deploy_channel, goal >= 0.7x). Needs no root.
@@ -74,7 +74,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import deploy_channel, deploy_iso, figures, floors, ota_slots
+from bench import deploy_channel, deploy_iso, figures, floors, loop_mode, ota_slots
 from spk_visor.deploy import channel
 from spk_visor.ota import build
 from tests.support.loopdisk import LoopDisk
@@ -389,7 +389,7 @@ def _release(work: Path, size_mib: int) -> tuple[Path, Path, Path, float, float]
     return raw, result.bundle, root, image_s, bundle_s
 
 
-def run_deploy() -> dict[str, object]:
+def run_deploy(direct_io: bool = False) -> dict[str, object]:
     """The whole-deploy figures (or {"skipped": reason})."""
     if os.geteuid() != 0:
         return {"skipped": "needs root (loop devices, partitioning, mount)"}
@@ -403,8 +403,9 @@ def run_deploy() -> dict[str, object]:
         raw, bundle, root, image_s, bundle_s = _release(work, size_mib)
         raw_size = raw.stat().st_size
         # 4 GiB: the ab layout needs ESP + two slots of the image + a data partition.
-        disk = LoopDisk(work, f"{max(4096, 3 * size_mib + 1024)}M")
+        disk = LoopDisk(work, f"{max(4096, 3 * size_mib + 1024)}M", direct_io=direct_io)
         try:
+            mode = loop_mode.figures(disk.dev)
             deploy_s: list[float] = []
             donor_s: list[float] = []
             dd_s: list[float] = []
@@ -508,6 +509,7 @@ def run_deploy() -> dict[str, object]:
         )
         return {
             "image_mib": size_mib,
+            **mode,
             "image_build_s": round(image_s, 1),
             "bundle_build_s": round(bundle_s, 1),
             "bundle_mib": round(bundle.stat().st_size / MIB, 1),
@@ -554,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-channel", action="store_true", help="Skip the channel part.")
     parser.add_argument("--mib", type=int, help=f"Image size in MiB (else ${SIZE_ENV}, 1024).")
     parser.add_argument("--rounds", type=int, help=f"Deploy rounds (else ${ROUNDS_ENV}, 1).")
+    loop_mode.add_option(parser)
     args = parser.parse_args(argv)
     if args.mib is not None:
         os.environ[SIZE_ENV] = str(args.mib)
@@ -571,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{ch['chacha20_mb_s']} MB/s = {ch['chacha20_ratio']}x",
             flush=True,
         )
-    dep: dict[str, object] = {"skipped": "--skip-deploy"} if args.skip_deploy else run_deploy()
+    dep: dict[str, object] = (
+        {"skipped": "--skip-deploy"} if args.skip_deploy else run_deploy(args.direct_io)
+    )
     result["deploy"] = dep
     if "skipped" in dep:
         print(f"deploy: skipped: {dep['skipped']}", flush=True)
@@ -579,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"deploy: {dep['image_mib']} MiB image in {dep['deploy_s']} s = {dep['deploy_mbps']}"
             f" MB/s vs dd {dep['dd_s']} s = {dep['dd_mbps']} MB/s = {dep['ratio']}x "
-            f"(goal {dep['goal_ratio']}x)",
+            f"(goal {dep['goal_ratio']}x), loop direct I/O {dep['loop_direct_io']}",
             flush=True,
         )
         print(f"deploy vs floors: {dep['goal_vs_floors']}", flush=True)

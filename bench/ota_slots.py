@@ -3,6 +3,7 @@ against `dd` writing the same raw bytes to the same partition, measured in the s
 
     sudo .venv/bin/python -m bench.ota_slots            # 1 GiB image
     SPK_BENCH_SLOT_MIB=256 sudo .venv/bin/python -m bench.ota_slots
+    sudo .venv/bin/python -m bench.ota_slots --direct-io  # DIO loop (bench/loop_mode.py)
 
 The image is a real ext4 filesystem (mkfs.ext4 -d) holding copies of files from /usr
 (binaries, libraries, text: what a root filesystem compresses like), a share of random
@@ -50,6 +51,7 @@ for something other than CPU.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -65,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import figures, floors
+from bench import figures, floors, loop_mode
 from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
@@ -293,7 +295,7 @@ class _Runs:
         }
 
 
-def run() -> dict[str, object]:
+def run(direct_io: bool = False) -> dict[str, object]:
     size_mib = int(os.environ.get(SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ROUNDS_ENV, "3"))
     with tempfile.TemporaryDirectory(prefix="spk-bench-slots-") as tmp:
@@ -306,7 +308,8 @@ def run() -> dict[str, object]:
         enc_mt = encode(raw, blob, threads=-1)
         enc_st = encode(raw, work / "st.zst", threads=0)
         (work / "st.zst").unlink()
-        with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1) as disk:
+        with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as disk:
+            mode = loop_mode.figures(disk.loop)
             ctx = node.node(work / "root", disk.root_a, disk.root_b)
             pub = node.publish(ctx, raw, encoded=blob)
             store_blob = ctx.store.path(pub.blob_id)
@@ -403,6 +406,7 @@ def run() -> dict[str, object]:
         mbps = {k: raw_size / v / 1e6 for k, v in med.items()}
         return {
             "image_mib": size_mib,
+            **mode,
             "image_build_s": round(build_s, 1),
             "blob_mib": round(blob.stat().st_size / MIB, 1),
             "compression_ratio": round(raw_size / blob.stat().st_size, 2),
@@ -439,11 +443,14 @@ def run() -> dict[str, object]:
         }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ota_slots", description=__doc__)
+    loop_mode.add_option(parser)
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.ota_slots needs root (loop devices)", file=sys.stderr)
         return 2
-    print(json.dumps(run(), indent=2))
+    print(json.dumps(run(direct_io=args.direct_io), indent=2))
     return 0
 
 

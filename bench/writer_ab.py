@@ -24,6 +24,7 @@ ranges is noise, not a result.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import figures, ota_slots
+from bench import figures, loop_mode, ota_slots
 from spk_visor.install import image as image_writer
 from spk_visor.ota import slots
 from tests.support import ota_slots_worker as node
@@ -81,7 +82,7 @@ def disk_bytes(disk: str) -> tuple[int, int]:
     return int(fields[2]) * 512, int(fields[6]) * 512
 
 
-def run() -> dict[str, object]:
+def run(direct_io: bool = False) -> dict[str, object]:
     size_mib = int(os.environ.get(ota_slots.SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ota_slots.ROUNDS_ENV, "3"))
     cond = os.environ.get(COND_ENV, ota_slots.COLD)
@@ -93,7 +94,8 @@ def run() -> dict[str, object]:
         blob = work / "raw.img.zst"
         ota_slots.encode(raw, blob, threads=-1)
         disk = disk_of(work)
-        with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1) as ab:
+        with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as ab:
+            mode = loop_mode.figures(ab.loop)
             ctx = node.node(work / "root", ab.root_a, ab.root_b)
             pub = node.publish(ctx, raw, encoded=blob)
             store_blob = ctx.store.path(pub.blob_id)
@@ -156,6 +158,7 @@ def run() -> dict[str, object]:
         "rounds": rounds,
         "condition": cond,
         "disk": disk,
+        **mode,
     }
     for name, ts in times.items():
         side: dict[str, object] = {
@@ -171,11 +174,14 @@ def run() -> dict[str, object]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.writer_ab", description=__doc__)
+    loop_mode.add_option(parser)
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.writer_ab needs root (loop devices)", file=sys.stderr)
         return 2
-    print(json.dumps(run(), indent=2))
+    print(json.dumps(run(direct_io=args.direct_io), indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spk_visor.install import blockdev
 from spk_visor.install import disk as disk_prep
+from tests.support.loopattach import attach, detach
 from tests.support.prereq import need_command, need_root
 
 MIB = 1 << 20
@@ -75,9 +76,15 @@ def need_ab_disk() -> None:
 
 @contextlib.contextmanager
 def ab_disk(
-    directory: Path, slot_mib: int = 24, esp_mib: int = 2, data_mib: int = 0
+    directory: Path,
+    slot_mib: int = 24,
+    esp_mib: int = 2,
+    data_mib: int = 0,
+    *,
+    direct_io: bool = False,
 ) -> Iterator[AbDisk]:
-    """A GPT disk image with [esp,] root-a, root-b [, data] on a partition-scanned loop."""
+    """A GPT disk image with [esp,] root-a, root-b [, data] on a partition-scanned loop
+    (with `direct_io`, one doing direct I/O to its backing file: tests/support/loopattach)."""
     layout = [("esp", esp_mib), ("root-a", slot_mib), ("root-b", slot_mib), ("data", data_mib)]
     layout = [(name, size) for name, size in layout if size > 0]
     image = directory / "abdisk.img"
@@ -87,7 +94,7 @@ def ab_disk(
         f.truncate(total)
     script = "label: gpt\n" + "".join(f"size={size}MiB, name={name}\n" for name, size in layout)
     _run(["sfdisk", "--quiet", str(image)], stdin=script.encode())
-    loop = _run(["losetup", "--find", "--show", "--partscan", str(image)]).strip()
+    loop = attach(image, partscan=True, direct_io=direct_io)
     made: list[str] = []
     try:
         if not disk_prep.wait_until(lambda: _sysfs_parts(loop, len(layout)), 1.0):
@@ -103,7 +110,7 @@ def ab_disk(
         # partx-added partitions go with the loop device, but say so explicitly: a
         # partition left behind would keep the loop device busy.
         subprocess.run(["partx", "--delete", loop], capture_output=True, timeout=30, check=False)
-        subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=30, check=False)
+        detach(loop)
         for node in made:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(node)

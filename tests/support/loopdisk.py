@@ -8,18 +8,15 @@ import secrets
 import subprocess
 from pathlib import Path
 
+from tests.support.loopattach import attach, detach
+
 
 class LoopDisk:
-    def __init__(self, work: Path, size: str) -> None:
+    def __init__(self, work: Path, size: str, *, direct_io: bool = False) -> None:
         self.file = work / f"spkdisk-{secrets.token_hex(4)}.img"
         subprocess.run(["truncate", "-s", size, str(self.file)], check=True, timeout=10)
-        self.dev = subprocess.run(
-            ["losetup", "-f", "--show", "-P", str(self.file)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
+        # direct_io: the loop device reads and writes the file O_DIRECT (loopattach).
+        self.dev = attach(self.file, partscan=True, direct_io=direct_io)
         self.serial = f"loop:{self.file.name}"
 
     def part(self, index: int) -> str:
@@ -30,4 +27,4 @@ class LoopDisk:
             return f.read(n)
 
     def detach(self) -> None:
-        subprocess.run(["losetup", "-d", self.dev], capture_output=True, timeout=30, check=False)
+        detach(self.dev)
