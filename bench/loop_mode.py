@@ -13,6 +13,9 @@ the output's `loop_direct_io` is read back from the device, not taken from the f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
 
 from tests.support import loopattach
 
@@ -30,3 +33,14 @@ def add_option(parser: argparse.ArgumentParser) -> None:
 def figures(dev: str) -> dict[str, object]:
     """The mode the loop device `dev` ran in, for the bench's JSON."""
     return {"loop_device": dev, "loop_direct_io": loopattach.dio(dev)}
+
+
+@contextlib.contextmanager
+def refusal_exits() -> Iterator[None]:
+    """A bench asked for --direct-io the kernel did not give: exit 2 with the reason (a
+    setup to change, not a bench failure), no traceback."""
+    try:
+        yield
+    except loopattach.DirectIoRefused as e:
+        print(f"--direct-io: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

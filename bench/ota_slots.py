@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.ota_slots needs root (loop devices)", file=sys.stderr)
         return 2
-    print(json.dumps(run(direct_io=args.direct_io), indent=2))
+    with loop_mode.refusal_exits():
+        print(json.dumps(run(direct_io=args.direct_io), indent=2))
     return 0
 
 
