@@ -406,6 +406,7 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
         disk = LoopDisk(work, f"{max(4096, 3 * size_mib + 1024)}M", direct_io=direct_io)
         try:
             mode = loop_mode.figures(disk.dev)
+            host = loop_mode.HostDisk(loop_mode.disk_of(work))
             deploy_s: list[float] = []
             donor_s: list[float] = []
             dd_s: list[float] = []
@@ -431,7 +432,7 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
                 return result
 
             def deploy() -> float:
-                return machine_busy("deploy", deploy_round)
+                return host.around("deploy", lambda: machine_busy("deploy", deploy_round))
 
             # The floors (bench/floors.py): the image writer's device I/O for this image
             # replayed from memory onto slot A beside dd in every round (the store copy's
@@ -442,7 +443,10 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
             io_cpu: list[float] = []
 
             def replay() -> None:
-                wall, machine_cpu = floors.machine_replay(disk.part(ROOT_A_INDEX), raw_mem, io_plan)
+                wall, machine_cpu = host.around(
+                    "io_floor",
+                    lambda: floors.machine_replay(disk.part(ROOT_A_INDEX), raw_mem, io_plan),
+                )
                 io_floor.append(wall)
                 io_cpu.append(machine_cpu)
 
@@ -450,7 +454,7 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
                 replay_first = len(dd_cpu) % 2 == 1  # the replay takes turns with dd
                 if replay_first:
                     replay()
-                t = machine_busy("dd", dd_round)
+                t = host.around("dd", lambda: machine_busy("dd", dd_round))
                 if not replay_first:
                     replay()
                 return t
@@ -542,6 +546,7 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
             "sha256_mbps": round(sha_mbps, 1),
             "io_floor_s": [round(t, 2) for t in io_floor],
             "io_floor_machine_cpu_s": [round(t, 2) for t in io_cpu],
+            **host.figures(),
             "cpu_floor": cpu_floor.figures(),
             "goal_vs_floors": goal_vs_floors,
             "load_average_1min_at_end": round(load, 2),

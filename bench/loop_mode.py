@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 from tests.support import loopattach
+
+MIB = 1 << 20
+T = TypeVar("T")
 
 HELP = (
     "Attach the bench's loop device with losetup --direct-io=on (reads and writes reach "
@@ -44,3 +51,38 @@ def refusal_exits() -> Iterator[None]:
     except loopattach.DirectIoRefused as e:
         print(f"--direct-io: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def disk_of(path: Path) -> str:
+    """The whole disk under `path` (sysfs name): where a loop file's I/O ends up."""
+    dev = os.stat(path).st_dev
+    link = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+    return link.parent.name if (link / "partition").exists() else link.name
+
+
+def disk_bytes(disk: str) -> tuple[int, int]:
+    """Bytes read and written by `disk` since boot."""
+    fields = Path(f"/sys/block/{disk}/stat").read_text().split()
+    return int(fields[2]) * 512, int(fields[6]) * 512
+
+
+@dataclass
+class HostDisk:
+    """MiB the disk under the loop file read and wrote during each timed run: whether a
+    read-back came from that disk (direct I/O) or from the backing file's page cache
+    (buffered). The disk's counters take in whatever else the machine did meanwhile."""
+
+    name: str
+    moved: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def around(self, what: str, run: Callable[[], T]) -> T:
+        r0, w0 = disk_bytes(self.name)
+        out = run()
+        r1, w1 = disk_bytes(self.name)
+        got = self.moved.setdefault(what, {"read_mib": [], "written_mib": []})
+        got["read_mib"].append(round((r1 - r0) / MIB, 1))
+        got["written_mib"].append(round((w1 - w0) / MIB, 1))
+        return out
+
+    def figures(self) -> dict[str, object]:
+        return {"host_disk": self.name, "host_disk_mib": self.moved}

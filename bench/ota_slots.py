@@ -47,6 +47,12 @@ critical path, and a run-queue time near its busy time means it waited for a CPU
 for the stage before it. `machine_busy_share` is the whole machine's busy CPU share
 during each stage (/proc/stat, kernel threads included): well below 1.0, the stream waits
 for something other than CPU.
+
+`--direct-io` attaches the loop device with `losetup --direct-io=on` (bench/loop_mode.py;
+`loop_direct_io` says which mode ran): dd, the stage and the I/O floor then read and
+write the disk under the loop file, not its page cache. `host_disk_mib` gives the MiB
+that disk read and wrote during each stage, dd oflag=direct and replay: with direct I/O
+the stage's read-back shows up as reads.
 """
 
 from __future__ import annotations
@@ -310,6 +316,7 @@ def run(direct_io: bool = False) -> dict[str, object]:
         (work / "st.zst").unlink()
         with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as disk:
             mode = loop_mode.figures(disk.loop)
+            host = loop_mode.HostDisk(loop_mode.disk_of(work))
             ctx = node.node(work / "root", disk.root_a, disk.root_b)
             pub = node.publish(ctx, raw, encoded=blob)
             store_blob = ctx.store.path(pub.blob_id)
@@ -326,7 +333,9 @@ def run(direct_io: bool = False) -> dict[str, object]:
             io_cpu: list[float] = []
 
             def replay() -> None:
-                wall, machine_cpu = floors.machine_replay(disk.root_b, raw_mem, io_plan)
+                wall, machine_cpu = host.around(
+                    "io_floor", lambda: floors.machine_replay(disk.root_b, raw_mem, io_plan)
+                )
                 io_floor.append(wall)
                 io_cpu.append(machine_cpu)
 
@@ -335,7 +344,10 @@ def run(direct_io: bool = False) -> dict[str, object]:
                 seen = r.cached["raw"]
                 r.times["dd_fsync"].append(dd(raw, disk.root_b, ["conv=fsync"], cond, seen))
                 c0 = _children_cpu_s()
-                t = dd(raw, disk.root_b, ["oflag=direct", "conv=fsync"], cond, seen)
+                direct = ["oflag=direct", "conv=fsync"]
+                t = host.around(
+                    f"dd_direct_{cond}", lambda: dd(raw, disk.root_b, direct, cond, seen)
+                )
                 r.dd_cpu.append(_children_cpu_s() - c0)
                 r.times["dd_direct_fsync"].append(t)
                 return t
@@ -352,7 +364,9 @@ def run(direct_io: bool = False) -> dict[str, object]:
                 slots.discard(ctx)
                 r.cached["blob"].append(prepare(store_blob, cond))
                 t0, c0, m0 = time.perf_counter(), _cpu_s(), figures.machine_cpu_s()
-                code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
+                code = host.around(
+                    f"stage_{cond}", lambda: slots.stage(ctx, pub.manifest, pub.manifest_hex)
+                )
                 t = time.perf_counter() - t0
                 r.cpu.append(_cpu_s() - c0)
                 r.busy.append((figures.machine_cpu_s() - m0) / (t * (os.cpu_count() or 1)))
@@ -434,6 +448,7 @@ def run(direct_io: bool = False) -> dict[str, object]:
             "stage_floor_s_from_sha256": round(raw_size / hash_mbps / 1e6, 2),
             "io_floor_s": [round(t, 2) for t in io_floor],
             "io_floor_machine_cpu_s": [round(t, 2) for t in io_cpu],
+            **host.figures(),
             "cpu_floor": cpu_floor.figures(),
             "goal_vs_floors": goal,
             "load_average_1min_at_end": round(load, 2),

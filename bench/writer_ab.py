@@ -69,19 +69,6 @@ def parse(spec: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def disk_of(path: Path) -> str:
-    """The whole disk under `path` (sysfs name), whose counters the stage moves."""
-    dev = os.stat(path).st_dev
-    link = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
-    return link.parent.name if (link / "partition").exists() else link.name
-
-
-def disk_bytes(disk: str) -> tuple[int, int]:
-    """Bytes read and written by `disk` since boot."""
-    fields = Path(f"/sys/block/{disk}/stat").read_text().split()
-    return int(fields[2]) * 512, int(fields[6]) * 512
-
-
 def run(direct_io: bool = False) -> dict[str, object]:
     size_mib = int(os.environ.get(ota_slots.SIZE_ENV, "1024"))
     rounds = int(os.environ.get(ota_slots.ROUNDS_ENV, "3"))
@@ -93,7 +80,7 @@ def run(direct_io: bool = False) -> dict[str, object]:
         raw = ota_slots.build_image(work, size_mib)
         blob = work / "raw.img.zst"
         ota_slots.encode(raw, blob, threads=-1)
-        disk = disk_of(work)
+        disk = loop_mode.disk_of(work)
         with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as ab:
             mode = loop_mode.figures(ab.loop)
             ctx = node.node(work / "root", ab.root_a, ab.root_b)
@@ -117,11 +104,11 @@ def run(direct_io: bool = False) -> dict[str, object]:
                     try:
                         slots.discard(ctx)
                         ota_slots.prepare(store_blob, cond)
-                        r0, w0 = disk_bytes(disk)
+                        r0, w0 = loop_mode.disk_bytes(disk)
                         t0 = time.perf_counter()
                         code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
                         t = time.perf_counter() - t0
-                        r1, w1 = disk_bytes(disk)
+                        r1, w1 = loop_mode.disk_bytes(disk)
                     finally:
                         for key, value in defaults.items():
                             setattr(image_writer, key, value)
