@@ -9,6 +9,8 @@ kernel left buffered. (tests/integration/test_loop_direct_io.py: the real device
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +49,7 @@ def test_attach_with_direct_io_asks_losetup_for_it_and_reads_it_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     fake = _Losetup("1")
-    monkeypatch.setattr(loopattach.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     assert loopattach.attach(tmp_path / "x.img", partscan=True, direct_io=True) == "/dev/loop9"
     attach, listing = fake.calls
     assert "--direct-io=on" in attach and "--partscan" in attach
@@ -59,7 +61,7 @@ def test_attach_without_direct_io_leaves_the_loop_device_buffered(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     fake = _Losetup("0")
-    monkeypatch.setattr(loopattach.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     assert loopattach.attach(tmp_path / "x.img") == "/dev/loop9"
     assert len(fake.calls) == 1
     assert not any(a.startswith("--direct-io") for a in fake.calls[0])
@@ -71,7 +73,7 @@ def test_direct_io_the_kernel_left_off_detaches_and_says_why(
 ) -> None:
     # losetup exits 0 when the kernel falls back to buffered I/O: only DIO tells.
     fake = _Losetup("0")
-    monkeypatch.setattr(loopattach.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     (tmp_path / "x.img").write_bytes(b"")
     with pytest.raises(loopattach.DirectIoRefused, match="DIO") as got:
         loopattach.attach(tmp_path / "x.img", partscan=True, direct_io=True)
@@ -86,7 +88,12 @@ def test_the_option_reaches_the_bench_run(
 ) -> None:
     module = SLOT_BENCHES[bench]
     seen: list[bool] = []
-    monkeypatch.setattr(module, "run", lambda direct_io=False: seen.append(direct_io) or {})
+
+    def run(direct_io: bool = False) -> dict[str, object]:
+        seen.append(direct_io)
+        return {}
+
+    monkeypatch.setattr(module, "run", run)
     monkeypatch.setattr(module.os, "geteuid", lambda: 0)
     assert module.main(argv) == 0
     assert seen == [want]
@@ -172,8 +179,8 @@ def test_the_deploy_run_attaches_its_target_disk_in_that_mode(
         raise _Attached
 
     raw = _fake_image(tmp_path, 0)
-    monkeypatch.setattr(deploy.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(deploy.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/sbin/{tool}")
     monkeypatch.setattr(deploy, "_bytecode", lambda _work: contextlib.nullcontext())
     monkeypatch.setattr(deploy, "_release", lambda *_a: (raw, raw, raw, 0.0, 0.0))
     monkeypatch.setattr(deploy, "LoopDisk", loop_disk)
