@@ -49,6 +49,11 @@ once; the deploy must write, sync and read back. The bundle and the raw image ar
 from the page cache before every timed run. Deploy and dd take turns at going first;
 medians; the load average is printed; an absurd ratio fails (bench/figures.py).
 
+--direct-io attaches the target loop device with `losetup --direct-io=on`
+(bench/loop_mode.py): dd, the deploy and the I/O floor then read and write the disk under
+the loop file, not its page cache; `loop_direct_io` says which mode ran, and
+`host_disk_mib` what that disk read and wrote during each deploy, dd and replay.
+
 Sizes: --mib or SPK_VISOR_BENCH_DEPLOY_MIB (1024) for both the channel stream and the
 image; rounds: SPK_VISOR_BENCH_ROUNDS (3) for the channel, --rounds or
 SPK_VISOR_BENCH_DEPLOY_ROUNDS (1) for the whole deploy. MB/s are 10^6 bytes per second of

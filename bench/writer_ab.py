@@ -19,7 +19,8 @@ the stages also the writer's stream wall time and its syncer's busy seconds, and
 bytes `vda`-like disks read and wrote during the stage (/sys/block/*/stat of the disk
 under the slot's backing file), which tells whether the read-back came from the disk or
 from the backing file's page cache. A difference between variants smaller than their
-ranges is noise, not a result.
+ranges is noise, not a result. `--direct-io` attaches the loop device with `losetup
+--direct-io=on` (bench/loop_mode.py; `loop_direct_io` says which mode ran).
 """
 
 from __future__ import annotations
