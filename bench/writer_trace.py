@@ -37,10 +37,15 @@ import time
 from typing import Any, ClassVar
 
 from bench import ota_slots
+from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 
 SPANS_ENV = "SPK_BENCH_TRACE_SPANS"  # a file to write every span to
-Span = tuple[str, int, float, float]  # kind, window index (or sync count), start, end
+# kind, window index (sync: its count; zero, pwrite, pread: the call's bytes), start, end
+Span = tuple[str, int, float, float]
+# The writer's and checker's device calls, each traced on its own (one window's write is
+# a pwrite per data run and a BLKZEROOUT per zero run).
+CALLS = {"zeroout": "zero", "pwrite_all": "pwrite", "pread_into": "pread"}
 
 
 class Traced(ota_slots._Recorded):
@@ -104,6 +109,26 @@ class Traced(ota_slots._Recorded):
         self._span("check", self._index(piece.offset), t)
 
 
+class _TracedBlockdev:
+    """image.py's `blockdev`, with each zeroout, pwrite and pread of the stream timed."""
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(blockdev, name)
+        kind = CALLS.get(name)
+        if kind is None:
+            return real
+
+        def call(fd: int, data: Any, *args: Any) -> Any:
+            t = time.perf_counter()
+            out = real(fd, data, *args)
+            writer = Traced.runs[-1] if Traced.runs else None
+            if writer is not None and threading.current_thread().name.startswith("image-"):
+                writer._span(kind, args[0] if kind == "zero" else len(data), t)
+            return out
+
+        return call
+
+
 class _TracedOs:
     """image.py's `os`, with the syncer's fdatasync timed."""
 
@@ -152,7 +177,7 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
     decoding = [(f[1], d[0]) for f, d in zip(free, decoded, strict=False)]
     out["decoder_busy_s"] = round(union_s(decoding), 3)
     out["decoder_free_wait_s"] = round(sum(b - a for a, b in free), 3)
-    for kind in ("hash", "write", "check", "sync"):
+    for kind in ("hash", "write", "check", "sync", "zero", "pwrite", "pread"):
         spans_k = by.get(kind, [])
         during = [b - a for a, b in spans_k if kind != "sync" and overlaps((a, b), syncs)]
         apart = [b - a for a, b in spans_k if kind == "sync" or not overlaps((a, b), syncs)]
@@ -164,6 +189,10 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
             "during_sync_median_s": round(statistics.median(during), 4) if during else 0,
             "apart_median_s": round(statistics.median(apart), 4) if apart else 0,
         }
+        if kind in CALLS.values():
+            sizes = [i for k, i, _a, _b in spans if k == kind]
+            out[kind]["mib"] = round(sum(sizes) / (1 << 20), 1)  # type: ignore[index]
+            out[kind]["max_s"] = round(max((b - a for a, b in spans_k), default=0), 4)  # type: ignore[index]
     return out
 
 
@@ -180,12 +209,14 @@ def main() -> int:
     ota_slots._Recorded = Traced  # type: ignore[misc]
     ota_slots.prepare = prepare
     image_writer.os = _TracedOs()  # type: ignore[attr-defined,assignment]
+    image_writer.blockdev = _TracedBlockdev()  # type: ignore[assignment]
     try:
         print(json.dumps(ota_slots.run(), indent=2))
     finally:
         ota_slots._Recorded = real_recorded  # type: ignore[misc]
         ota_slots.prepare = real_prepare
         image_writer.os = real_os  # type: ignore[attr-defined]
+        image_writer.blockdev = blockdev
     traces: dict[str, list[dict[str, object]]] = {}
     for w in Traced.runs:
         traces.setdefault(w.condition, []).append(summary(w.spans, w.stream_s))

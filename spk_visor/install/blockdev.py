@@ -73,8 +73,15 @@ ZEROOUT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY})
 class Buffer:
     """Page-aligned memory (O_DIRECT wants it), and its address for memcmp."""
 
-    def __init__(self, size: int) -> None:
-        self.mem = mmap.mmap(-1, size)
+    def __init__(self, size: int, kind: int = 0) -> None:
+        # EXPERIMENT kind: 0 shared anonymous (as before), 1 private, 2 private + THP
+        if kind:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self.mem = mmap.mmap(-1, size, flags=flags)
+            if kind == 2:
+                self.mem.madvise(mmap.MADV_HUGEPAGE)
+        else:
+            self.mem = mmap.mmap(-1, size)
         self.view = memoryview(self.mem)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
