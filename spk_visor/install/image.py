@@ -111,23 +111,9 @@ SYNC_BYTES = 64 * MIB
 # Runs of zeros are found, and zeroed instead of written, in blocks of this size (the
 # scan: one memcmp per block). See _write_window and docs/install-path.md.
 ZERO_BLOCK = 256 << 10
-# EXPERIMENT (bench.writer_ab): nice increments for the raw hasher and the blob hasher.
-HASH_NICE = 0
-BLOB_NICE = 0
-DECODE_NICE = 0
-ZEROOUT = 1  # EXPERIMENT: 0 writes zero runs like data
-BUFFERS = 0  # EXPERIMENT: blockdev.Buffer kind
-# EXPERIMENT: hand each window to the hasher in slices of this size as they are decoded.
-HASH_SLICE = 0
 # zstd's own default limit, stated so a frame cannot ask for more decoder memory.
 MAX_WINDOW = 1 << 27
 REFUSED_HINT = "the image or its release is corrupt; the slot was left unbootable"
-
-
-def _lower_priority(step: int) -> None:
-    if step:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
 
 
 def runqueue_s() -> float:
@@ -360,9 +346,7 @@ class FileSource(RecordPipe):
         # the decoder (PREFETCH). The ring has one buffer for each, so the reader never
         # overwrites a piece still in use (all pieces move in order). Reused, page-aligned
         # buffers (O_DIRECT wants them) also spare a page fault per 4 KiB of each piece.
-        self._ring = [
-            blockdev.Buffer(READ_SIZE, BUFFERS) for _ in range(PREFETCH + READ_AHEAD + 2)
-        ]
+        self._ring = [blockdev.Buffer(READ_SIZE) for _ in range(PREFETCH + READ_AHEAD + 2)]
         self.direct = _try_direct(f)
         # Whether the fd has O_DIRECT set now; where the blob's pages were cached as it
         # opened (None: not a regular file, nothing to ask); the file offset next read.
@@ -413,7 +397,6 @@ class FileSource(RecordPipe):
             clock.stop()
 
     def _pump(self) -> None:
-        _lower_priority(BLOB_NICE)
         error: BaseException | None = None
         self.clock.start()
         try:
@@ -561,7 +544,6 @@ class _Piece:
     offset: int
     buf: blockdev.Buffer | None = None  # a window to recycle; None for head and tail
     users: int = 1
-    hashed: bool = False  # EXPERIMENT: its slices went to the hasher already
 
 
 class ImageWriter:
@@ -596,7 +578,7 @@ class ImageWriter:
         # takes no BLKZEROOUT) or BLKZEROOUT (runs of zero blocks).
         self.written_bytes = 0
         self.zeroed_bytes = 0
-        self._zeroout = bool(ZEROOUT) and stat.S_ISBLK(os.fstat(fd).st_mode)
+        self._zeroout = stat.S_ISBLK(os.fstat(fd).st_mode)
         self._sync = threading.Condition()
         self._sync_stop = False
         self.head = bytearray()
@@ -607,9 +589,9 @@ class ImageWriter:
         self._cancelled = False
         self._lock = threading.Lock()
         self._free: queue.Queue[blockdev.Buffer] = queue.Queue()
-        self._check = blockdev.Buffer(self.chunk, BUFFERS)
+        self._check = blockdev.Buffer(self.chunk)
         for _ in range(WINDOWS):
-            self._free.put(blockdev.Buffer(self.chunk, BUFFERS))
+            self._free.put(blockdev.Buffer(self.chunk))
         self._to_hash: queue.Queue[_Piece | None] = queue.Queue()
         self._to_write: queue.Queue[_Piece | None] = queue.Queue()
         self._to_check: queue.Queue[_Piece | None] = queue.Queue()
@@ -636,13 +618,12 @@ class ImageWriter:
         return bool(self._errors) or self._cancelled
 
     def _hasher(self) -> None:
-        _lower_priority(HASH_NICE)
         clock = self.clocks["hash"]
         clock.start()
         while (piece := self._to_hash.get()) is not None:
             clock.waited()
             try:
-                if not self._failed() and not piece.hashed:
+                if not self._failed():
                     self.digest.update(piece.view)
             except BaseException as e:
                 self._errors.append(e)
@@ -831,9 +812,6 @@ class ImageWriter:
             return n
 
         clock = self.clocks["decode"]
-        tid = threading.get_native_id()
-        nice0 = os.getpriority(os.PRIO_PROCESS, tid)
-        _lower_priority(DECODE_NICE)
         clock.start()
         t0 = time.perf_counter()
         try:
@@ -845,22 +823,9 @@ class ImageWriter:
                 buf = self._free.get()
                 clock.waited()
                 want = min(self.chunk, body_end - decoded)
-                if HASH_SLICE:
-                    n = 0
-                    while n < want:
-                        m = fill(buf.view[n : min(want, n + HASH_SLICE)])
-                        if self._errors:
-                            break
-                        self._to_hash.put(_Piece(buf.view[n : n + m], decoded + n))
-                        n += m
-                        if not m:
-                            break
-                    piece = _Piece(buf.view[:n], decoded, buf, hashed=True)
-                else:
-                    n = fill(buf.view[:want])
-                    piece = _Piece(buf.view[:n], decoded, buf)
+                n = fill(buf.view[:want])
                 # A short window means a short stream, refused below; it is not written.
-                self._submit(piece, write=n == want)
+                self._submit(_Piece(buf.view[:n], decoded, buf), write=n == want)
                 decoded += n
                 if self.progress is not None:
                     self.progress(self.written)
@@ -882,8 +847,6 @@ class ImageWriter:
             self._cancelled = True  # nothing more gets written
             raise
         finally:
-            if DECODE_NICE:
-                os.setpriority(os.PRIO_PROCESS, tid, nice0)
             clock.stop()
             self._close()
             self.stream_s = time.perf_counter() - t0
