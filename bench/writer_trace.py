@@ -14,7 +14,10 @@ the syncer (`sync`) is traced too. The summary says, over the stream:
   not decoding: waiting for a free window or before its first;
 - per kind, the total and the median per window, split into what ran while a flush was
   in progress and what did not (on a buffered loop device a flush holds up the loop
-  worker's other requests).
+  worker's other requests);
+- the same for each device call of the stream on its own (`zero`: a BLKZEROOUT, `pwrite`:
+  a data write, `pread`: a read-back; a window's write is one call per run of zero or
+  data blocks), with the MiB each kind moved and its longest call.
 
 bench.ota_slots stages under two conditions each round (the blob cold: read from the
 disk; warm: in the page cache); each trace is labelled with its condition and the
@@ -181,7 +184,7 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
         spans_k = by.get(kind, [])
         during = [b - a for a, b in spans_k if kind != "sync" and overlaps((a, b), syncs)]
         apart = [b - a for a, b in spans_k if kind == "sync" or not overlaps((a, b), syncs)]
-        out[kind] = {
+        entry: dict[str, float] = {
             "n": len(spans_k),
             "total_s": round(sum(b - a for a, b in spans_k), 3),
             "median_s": round(statistics.median(b - a for a, b in spans_k), 4) if spans_k else 0,
@@ -191,8 +194,9 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
         }
         if kind in CALLS.values():
             sizes = [i for k, i, _a, _b in spans if k == kind]
-            out[kind]["mib"] = round(sum(sizes) / (1 << 20), 1)  # type: ignore[index]
-            out[kind]["max_s"] = round(max((b - a for a, b in spans_k), default=0), 4)  # type: ignore[index]
+            entry["mib"] = round(sum(sizes) / (1 << 20), 1)
+            entry["max_s"] = round(max((b - a for a, b in spans_k), default=0), 4)
+        out[kind] = entry
     return out
 
 
@@ -209,14 +213,14 @@ def main() -> int:
     ota_slots._Recorded = Traced  # type: ignore[misc]
     ota_slots.prepare = prepare
     image_writer.os = _TracedOs()  # type: ignore[attr-defined,assignment]
-    image_writer.blockdev = _TracedBlockdev()  # type: ignore[assignment]
+    image_writer.blockdev = _TracedBlockdev()  # type: ignore[attr-defined,assignment]
     try:
         print(json.dumps(ota_slots.run(), indent=2))
     finally:
         ota_slots._Recorded = real_recorded  # type: ignore[misc]
         ota_slots.prepare = real_prepare
         image_writer.os = real_os  # type: ignore[attr-defined]
-        image_writer.blockdev = blockdev
+        image_writer.blockdev = blockdev  # type: ignore[attr-defined]
     traces: dict[str, list[dict[str, object]]] = {}
     for w in Traced.runs:
         traces.setdefault(w.condition, []).append(summary(w.spans, w.stream_s))
