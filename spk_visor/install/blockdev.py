@@ -81,9 +81,9 @@ class Buffer:
     worker then copies those pages into and out of the backing file and is the stage
     every window waits for, so that cost is on the critical path: staging 1 GiB was
     0.19 s faster (median of paired rounds, 12 of 12 faster) with huge pages, and
-    0.04 s with private memory alone (bench.writer_ab, docs/install-path.md "Huge
-    pages for the windows"). Python's default, a shared anonymous mapping, is shmem,
-    which gets no huge pages from MADV_HUGEPAGE."""
+    0.04 s with private memory alone (bench.writer_ab; docs/install-path.md
+    "Staging's serial point, and huge pages for the windows"). Python's default, a
+    shared anonymous mapping, is shmem, which gets no huge pages from MADV_HUGEPAGE."""
 
     def __init__(self, size: int, *, huge: bool = True) -> None:
         self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
