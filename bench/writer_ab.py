@@ -123,6 +123,11 @@ def run(direct_io: bool = False) -> dict[str, object]:
                     note(name, "decode_wait_s", got["decode"]["wait_s"])
                     note(name, "feed_wait_s", got["decode"].get("feed_wait_s", 0.0))
                     note(name, "decode_runqueue_s", got["decode"]["runqueue_s"])
+                    note(name, "hash_cpu_s", got["hash"]["cpu_s"])
+                    note(name, "hash_runqueue_s", got["hash"]["runqueue_s"])
+                    note(name, "decode_cpu_s", got["decode"]["cpu_s"])
+                    note(name, "write_busy_s", got["write"]["busy_s"])
+                    note(name, "check_busy_s", got["check"]["busy_s"])
                     note(name, "disk_read_mib", (r1 - r0) / MIB)
                     note(name, "disk_written_mib", (w1 - w0) / MIB)
 

@@ -14,7 +14,10 @@ the syncer (`sync`) is traced too. The summary says, over the stream:
   not decoding: waiting for a free window or before its first;
 - per kind, the total and the median per window, split into what ran while a flush was
   in progress and what did not (on a buffered loop device a flush holds up the loop
-  worker's other requests).
+  worker's other requests);
+- the same for each device call of the stream on its own (`zero`: a BLKZEROOUT, `pwrite`:
+  a data write, `pread`: a read-back; a window's write is one call per run of zero or
+  data blocks), with the MiB each kind moved and its longest call.
 
 bench.ota_slots stages under two conditions each round (the blob cold: read from the
 disk; warm: in the page cache); each trace is labelled with its condition and the
@@ -37,10 +40,15 @@ import time
 from typing import Any, ClassVar
 
 from bench import ota_slots
+from spk_visor.install import blockdev
 from spk_visor.install import image as image_writer
 
 SPANS_ENV = "SPK_BENCH_TRACE_SPANS"  # a file to write every span to
-Span = tuple[str, int, float, float]  # kind, window index (or sync count), start, end
+# kind, window index (sync: its count; zero, pwrite, pread: the call's bytes), start, end
+Span = tuple[str, int, float, float]
+# The writer's and checker's device calls, each traced on its own (one window's write is
+# a pwrite per data run and a BLKZEROOUT per zero run).
+CALLS = {"zeroout": "zero", "pwrite_all": "pwrite", "pread_into": "pread"}
 
 
 class Traced(ota_slots._Recorded):
@@ -104,6 +112,26 @@ class Traced(ota_slots._Recorded):
         self._span("check", self._index(piece.offset), t)
 
 
+class _TracedBlockdev:
+    """image.py's `blockdev`, with each zeroout, pwrite and pread of the stream timed."""
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(blockdev, name)
+        kind = CALLS.get(name)
+        if kind is None:
+            return real
+
+        def call(fd: int, data: Any, *args: Any) -> Any:
+            t = time.perf_counter()
+            out = real(fd, data, *args)
+            writer = Traced.runs[-1] if Traced.runs else None
+            if writer is not None and threading.current_thread().name.startswith("image-"):
+                writer._span(kind, args[0] if kind == "zero" else len(data), t)
+            return out
+
+        return call
+
+
 class _TracedOs:
     """image.py's `os`, with the syncer's fdatasync timed."""
 
@@ -152,11 +180,11 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
     decoding = [(f[1], d[0]) for f, d in zip(free, decoded, strict=False)]
     out["decoder_busy_s"] = round(union_s(decoding), 3)
     out["decoder_free_wait_s"] = round(sum(b - a for a, b in free), 3)
-    for kind in ("hash", "write", "check", "sync"):
+    for kind in ("hash", "write", "check", "sync", "zero", "pwrite", "pread"):
         spans_k = by.get(kind, [])
         during = [b - a for a, b in spans_k if kind != "sync" and overlaps((a, b), syncs)]
         apart = [b - a for a, b in spans_k if kind == "sync" or not overlaps((a, b), syncs)]
-        out[kind] = {
+        entry: dict[str, float] = {
             "n": len(spans_k),
             "total_s": round(sum(b - a for a, b in spans_k), 3),
             "median_s": round(statistics.median(b - a for a, b in spans_k), 4) if spans_k else 0,
@@ -164,6 +192,11 @@ def summary(spans: list[Span], wall: float) -> dict[str, object]:
             "during_sync_median_s": round(statistics.median(during), 4) if during else 0,
             "apart_median_s": round(statistics.median(apart), 4) if apart else 0,
         }
+        if kind in CALLS.values():
+            sizes = [i for k, i, _a, _b in spans if k == kind]
+            entry["mib"] = round(sum(sizes) / (1 << 20), 1)
+            entry["max_s"] = round(max((b - a for a, b in spans_k), default=0), 4)
+        out[kind] = entry
     return out
 
 
@@ -180,12 +213,14 @@ def main() -> int:
     ota_slots._Recorded = Traced  # type: ignore[misc]
     ota_slots.prepare = prepare
     image_writer.os = _TracedOs()  # type: ignore[attr-defined,assignment]
+    image_writer.blockdev = _TracedBlockdev()  # type: ignore[attr-defined,assignment]
     try:
         print(json.dumps(ota_slots.run(), indent=2))
     finally:
         ota_slots._Recorded = real_recorded  # type: ignore[misc]
         ota_slots.prepare = real_prepare
         image_writer.os = real_os  # type: ignore[attr-defined]
+        image_writer.blockdev = blockdev  # type: ignore[attr-defined]
     traces: dict[str, list[dict[str, object]]] = {}
     for w in Traced.runs:
         traces.setdefault(w.condition, []).append(summary(w.spans, w.stream_s))

@@ -79,3 +79,34 @@ def test_zeroout_refuses_unaligned_ranges_and_regular_files(tmp_path: Path) -> N
         os.close(fd)
     assert e.value.errno in blockdev.ZEROOUT_UNSUPPORTED
     assert path.read_bytes() == b"\x01" * 4096
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `addr` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_window_buffers_are_private_memory_that_asks_for_huge_pages() -> None:
+    """The writer's windows and read-back buffers: private anonymous memory with
+    MADV_HUGEPAGE (VmFlags `hg`), so an O_DIRECT write or read of a window pins 8 huge
+    pages instead of 4096 small ones; a shared mapping (shmem, `sh`) gets none. The zero
+    buffer asks for none: it stays on the kernel's one 4 KiB zero page."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel has no transparent huge pages (or they are off)")
+    buf = blockdev.Buffer(16 << 20)
+    buf.view[:] = b"\x01" * len(buf.view)
+    flags = _vm_flags(buf.addr)
+    assert "sh" not in flags and "hg" in flags, flags
+    assert buf.addr % blockdev.ALIGN == 0
+    zero_flags = _vm_flags(blockdev._zeros.addr)
+    assert "sh" not in zero_flags and "hg" not in zero_flags, zero_flags
+    assert blockdev._zeros.view[: 1 << 20] == bytes(1 << 20)
