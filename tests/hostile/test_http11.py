@@ -254,16 +254,16 @@ def test_the_connection_closes_after_a_400(rig: tuple[Daemon, DaemonEnv], case: 
         "length too long": post(d, body + SMUGGLED, f"Content-Length: {len(body) + 9}\r\n"),
         "not JSON": post(d, b"[1,}" + SMUGGLED, "Content-Length: 4\r\n"),
         "a field refused": post(d, b'{"enable": 1}' + SMUGGLED, "Content-Length: 13\r\n"),
-        "405": b"PUT /api/vms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        "405": b"DELETE /api/node HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
         + d.token.encode()
-        + b"\r\nContent-Length: 0\r\n\r\n"
+        + b"\r\n\r\n"
         + SMUGGLED,
     }[case]
     answer = exchange(d, raw, wait=REQUEST_TIMEOUT + 3)
     if case == "405":
         # Not a 400: kept alive, and RFC 9110 section 15.5.6 wants the Allow header.
         assert status_of(answer) == 405, answer
-        assert b"\r\nAllow: GET, POST\r\n" in answer.split(b"\r\n\r\n", 1)[0], answer
+        assert b"\r\nAllow: GET\r\n\r\n" in answer, answer
         assert answer.count(b"HTTP/1.1 ") == 2, answer
     else:
         assert_refused(answer, 400)
