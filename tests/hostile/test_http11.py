@@ -135,14 +135,14 @@ def test_a_request_line_with_what_a_uri_cannot_hold_is_400(
 ) -> None:
     """RFC 9112 section 3: method = token, request-target a URI (visible ASCII, no `#`);
     invalid is 400. These were served (tab, CR), 404, or 501 and kept alive."""
-    d, env = rig
+    d, _ = rig
     before = baseline(d)
     line = REQUEST_LINES[case]
     raw = f"{line}\r\nHost: x\r\nAuthorization: Bearer {d.token}\r\n\r\n"
     answer = exchange(d, raw.encode("utf-8", "surrogateescape") + SMUGGLED)
     assert_refused(answer, 400)
     assert b"cpu_model" not in answer  # /api/node's document
-    assert not [line for line in d.lines if "\x1b" in line or "\0" in line]
+    assert not [logged for logged in d.lines if "\x1b" in logged or "\0" in logged]
     prove(d, before)
 
 
@@ -302,9 +302,7 @@ def test_close_among_other_connection_options_closes(rig: tuple[Daemon, DaemonEn
     ids=["comma list", "space inside", "CL and chunked", "identity", "chunked in odd case",
          "chunked, identity", "empty Transfer-Encoding", "tab before the colon", "NUL in a value"],
 )  # fmt: skip
-def test_framing_shapes_are_refused(
-    rig: tuple[Daemon, DaemonEnv], extra: str, status: int
-) -> None:
+def test_framing_shapes_are_refused(rig: tuple[Daemon, DaemonEnv], extra: str, status: int) -> None:
     d, env = rig
     before = baseline(d)
     assert_refused(exchange(d, post(d, b'{"enable": true}' + SMUGGLED, extra)), status)
