@@ -50,10 +50,23 @@ _PHRASES = {int(code) for code in HTTPStatus}
 # RFC 9112 field-line: a token, a colon, then visible characters, spaces and tabs. A line
 # without a colon used to end the headers silently (the rest became the body); a folded
 # line (leading space) or a control character is read differently by different parsers.
-_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+# Lines end with CRLF only: a proxy that reads "Host: x\nX: y" as one field and the
+# daemon as two disagree on the headers (Node.js's CVE-2023-30589).
+_FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n")
 MAX_HEADER_LINE = 8190
+# RFC 9112 request-line: a token, a request-target, the version, CRLF. The target is a URI:
+# visible ASCII without `#` (urlsplit drops a tab, CR or fragment a proxy would keep, and
+# the daemon served "/api/no\tde" as /api/node). One match checks the usual request.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!\x22\x24-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
+# RFC 9110 Host = uri-host [":" port]: a reg-name, IPv4 or [IP-literal], maybe empty.
+_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%\[\]:]*")
 MAX_HEADERS = 100
+# Empty lines ignored before a request line (RFC 9112 section 2.2: some clients send a
+# CRLF after a body); past this many the connection is closed unanswered, as before.
+MAX_EMPTY_LINES = 4
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass
@@ -332,29 +345,44 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _unsupported(self) -> None:
-        self.send_error(501, f"method {self.command} is not supported")
+        # The method is echoed cut short: a request line may be 64 KiB.
+        method = self.command if len(self.command) <= 40 else self.command[:40] + "..."
+        self.send_error(501, f"method {method} is not supported")
 
     def _read_head(self) -> bool:
         """Request line and header lines, refused (and the connection closed) at the first
-        framing a proxy in front could read differently: a header line without a colon,
+        framing a proxy in front could read differently: a line not ended by CRLF, a
+        request line that is not token, URI and version, a header line without a colon,
         a folded or control-character line, two Content-Length, Host or Authorization
-        headers, any Transfer-Encoding."""
+        headers, any Transfer-Encoding, an HTTP/1.1 request without one valid Host."""
         self.command, self.requestline, self.request_version = "", "", "HTTP/0.9"
         self.close_connection = True
         raw = self._readline(65537)
+        for _ in range(MAX_EMPTY_LINES):
+            if raw != b"\r\n":
+                break
+            raw = self._readline(65537)
         self.raw_requestline = raw
         if len(raw) > 65536:
             self.send_error(414, "request line too long")
             return False
         if not raw.endswith(b"\n"):
             return False  # cut short: the client left or ran out of time (the caller says)
-        if not raw.strip():
-            return False  # a stray blank line: nothing to answer
-        self.requestline = raw.decode("latin-1").rstrip("\r\n")
-        # Exactly three parts split by single spaces (RFC 9112); str.split() would also
-        # split on the latin-1 no-break space.
-        if len(self.requestline.split(" ")) != 3 or "" in self.requestline.split(" "):
-            self.send_error(400, "malformed request line; expected METHOD TARGET HTTP/1.1")
+        if raw == b"\r\n":
+            return False  # blank lines and nothing else: nothing to answer
+        if _REQUEST_LINE.fullmatch(raw) is None:
+            self._refuse_request_line(raw)
+            return False
+        # ASCII, three words split by single spaces: the match above says so. Parsed here
+        # rather than by http.server, whose header parser (the email package) cost more
+        # than the rest of a GET /api/node.
+        self.requestline = raw[:-2].decode("ascii")
+        method, target, version = self.requestline.split(" ")
+        self.command, self.path, self.request_version = method, target, version
+        if version[5] != "1":
+            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            return False
+        if target[0] != "/" and not self._other_target_form():
             return False
         headers = Headers()
         while True:
@@ -364,7 +392,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 return False
             if not line.endswith(b"\n"):
                 return False  # the head was cut short: the client left or ran out of time
-            if line in (b"\r\n", b"\n"):
+            if line == b"\r\n":
                 break
             if len(headers) >= MAX_HEADERS:
                 self.send_error(431, f"more than {MAX_HEADERS} header lines")
@@ -372,36 +400,22 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not _FIELD_LINE.fullmatch(line):
                 self.send_error(
                     400,
-                    "malformed header line: each must be 'Name: value' (no folding, "
-                    "no control characters)",
+                    "malformed header line: each must be 'Name: value' ended by CRLF (no "
+                    "folding, no control characters)",
                 )
                 return False
             name, _, value = line.decode("latin-1").partition(":")
             headers.add(name, value.strip())
         self.headers = headers  # type: ignore[assignment]
-        # The request line, parsed here rather than by http.server, whose header parser
-        # (the email package) cost more than the rest of a GET /api/node.
-        method, target, version = self.requestline.split(" ")
-        self.command, self.path, self.request_version = method, target, version
-        m = _VERSION.fullmatch(version)
-        if m is None:
-            self.send_error(400, f"bad HTTP version {_printable(version)!r}")
-            return False
-        if m.group(1) != "1":
-            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
-            return False
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")  # never an open redirect's //host
         connection = headers.get("Connection", "").lower()
-        self.close_connection = connection == "close" or (
-            version == "HTTP/1.0" and connection != "keep-alive"
+        self.close_connection = (
+            connection == "close"
+            or (version == "HTTP/1.0" and connection != "keep-alive")
+            # RFC 9112 section 9.6: a close option among others closes too.
+            or ("," in connection and "close" in (o.strip() for o in connection.split(",")))
         )
-        if (
-            headers.get("Expect", "").lower() == "100-continue"
-            and version != "HTTP/1.0"
-            and not self.handle_expect_100()
-        ):
-            return False
         # Two Authorization headers: which token was checked would depend on the reader.
         for name in ("Content-Length", "Host", "Authorization"):
             if len(self.headers.get_all(name) or ()) > 1:
@@ -414,7 +428,61 @@ class RequestHandler(BaseHTTPRequestHandler):
                 501, "Transfer-Encoding is not supported; send the body with Content-Length"
             )
             return False
+        # RFC 9112 section 3.2: an HTTP/1.1 request without Host, or with an invalid one,
+        # MUST get a 400 (HTTP/1.0 may leave it out).
+        host = headers.get("Host")
+        if host is None:
+            if version != "HTTP/1.0":
+                self.send_error(400, "the Host header is missing (required since HTTP/1.1)")
+                return False
+        elif not _HOST.fullmatch(host):
+            self.send_error(400, "the Host header is not a host name or address")
+            return False
+        # `Expect: 100-continue` is answered when the body is about to be read (_read_body),
+        # after the token and the framing were checked: never to a request refused unread.
         return True
+
+    def _refuse_request_line(self, raw: bytes) -> None:
+        """The 400 (or 505) for a request line that is not METHOD SP TARGET SP HTTP/1.x
+        CRLF, saying what is wrong with it."""
+        line = raw.decode("latin-1")
+        self.requestline = line.rstrip("\r\n")
+        words = line[:-2].split(" ") if line.endswith("\r\n") else []
+        if not line.endswith("\r\n"):
+            message = "the request line must end with CRLF"
+        elif len(words) != 3 or "" in words:
+            # Exactly three parts split by single spaces (RFC 9112); str.split() would
+            # also split on the latin-1 no-break space.
+            message = "malformed request line; expected METHOD TARGET HTTP/1.1"
+        elif (m := _VERSION.fullmatch(words[2])) is None:
+            message = f"bad HTTP version {_printable(words[2][:20])!r}"
+        elif m.group(1) != "1":
+            self.send_error(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            return
+        elif not _TOKEN.fullmatch(words[0]):
+            message = "the method is not a token (letters, digits, !#$%&'*+-.^_`|~)"
+        else:
+            message = (
+                "the request target holds a character a URL cannot (a control character, "
+                "a space, non-ASCII or '#'); percent-encode it"
+            )
+        self.send_error(400, message)
+
+    def _other_target_form(self) -> bool:
+        """A target that is not a path: `*` for OPTIONS, the authority of a CONNECT (501
+        later), or an absolute http(s) URL, which a server MUST accept (RFC 9112 section
+        3.2.2) and is served as its path. Anything else is refused (400)."""
+        target = self.path
+        if self.command == "CONNECT" or (target == "*" and self.command == "OPTIONS"):
+            return True
+        if target[:8].lower().startswith(("http://", "https://")):
+            url = urlsplit(target)
+            self.path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            return True
+        self.send_error(
+            400, "the request target must be a path (/...), an http(s) URL, or * for OPTIONS"
+        )
+        return False
 
     def _readline(self, limit: int) -> bytes:
         """One line of the head, at most one socket read at a time, each bounded by the
@@ -501,7 +569,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             if self.command in BODY_METHODS and not self._body_read:
                 # Refused before the body was read: it would be parsed as the next request.
                 self.close_connection = True
-            self._send_json(e.status, e.envelope())
+            allowed = e.details.get("allowed") if e.status == 405 else None
+            # RFC 9110 section 15.5.6: a 405 names the methods allowed in an Allow header.
+            self._send_json(
+                e.status, e.envelope(), {"Allow": ", ".join(allowed)} if allowed else None
+            )
         except Exception:
             # The path only, as in the access log: a query string may hold pasted secrets.
             log.exception(
@@ -572,6 +644,13 @@ class RequestHandler(BaseHTTPRequestHandler):
                 f"{p.MAX_BODY_BYTES}",
                 {"limit": p.MAX_BODY_BYTES},
             )
+        if (
+            self.request_version != "HTTP/1.0"
+            and self.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # Only now, with the token, the route and the length checked: the client is
+            # asked for a body the daemon will read, never for one it refuses unread.
+            self.wfile.write(CONTINUE)
         # The body shares the request deadline: 64 KiB at a byte per call would
         # otherwise hold this worker for days.
         deadlines = self.server.deadlines
@@ -620,8 +699,15 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ApiError(400, p.ERR_INVALID_JSON, "body must be a JSON object")
         return body
 
-    def _send_json(self, status: int, doc: Any) -> None:
-        self._send(status, _encode(doc), "application/json", {"Cache-Control": "no-store"})
+    def _send_json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        if status == 400:
+            # A request this malformed may be framed wrongly too (a body that does not parse
+            # is the sign of a wrong Content-Length): nothing after it is read as a request.
+            self.close_connection = True
+        extra = (
+            {"Cache-Control": "no-store", **headers} if headers else {"Cache-Control": "no-store"}
+        )
+        self._send(status, _encode(doc), "application/json", extra)
 
     def _send(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
         self.wfile.write(

@@ -166,3 +166,47 @@ def test_a_trickled_header_line_over_tls_is_answered_408(rig: Daemon, gap: float
                 answer += chunk
     assert_408(answer)
     prove(rig, before)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("gap", [0.3, 0.005], ids=["slow", "fast"])
+def test_a_trickled_body_is_answered_408(rig: Daemon, gap: float, tls: bool) -> None:
+    """The body, a byte every `gap` s, each read returning in time: the request deadline
+    still ends it with a 408, plain and over TLS, and the half-sent body never runs."""
+    before = baseline(rig)
+    # Far more body than can come at a byte per `gap` s within the deadline (a fast
+    # trickle sends some hundreds); JSON allows the spaces.
+    length = 60000
+    head = (
+        f"POST /api/vfio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rig.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        '{"enable": true'
+    ).encode()
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(
+            contextlib.closing(connect_from(ATTACKER, rig.port, timeout=REQUEST_TIMEOUT + 8))
+        )
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # the test is of the server, not its certificate
+            s = stack.enter_context(ctx.wrap_socket(s))
+        s.sendall(head)
+        deadline = started + REQUEST_TIMEOUT + 6
+        answer = b""
+        with contextlib.suppress(OSError):  # the daemon ends it: a write or read fails
+            # Between bytes, read: once the answer comes, stop sending (a byte sent after
+            # the daemon closed would reset the connection and could lose the answer).
+            while time.monotonic() < deadline and not answer:
+                s.sendall(b" ")
+                s.settimeout(gap)
+                with contextlib.suppress(TimeoutError):
+                    answer += s.recv(65536)
+            s.settimeout(5)
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert_408(answer)
+    assert time.monotonic() - started >= REQUEST_TIMEOUT - 0.2
+    assert rig.env.recorded() == []
+    prove(rig, before)

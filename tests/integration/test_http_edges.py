@@ -93,11 +93,14 @@ def test_odd_static_paths_are_404(rig: tuple[Daemon, DaemonEnv], path: str) -> N
 def test_control_characters_in_paths_do_not_reach_the_log_raw(
     rig: tuple[Daemon, DaemonEnv],
 ) -> None:
-    """The access log echoes the path: a terminal escape in it must arrive escaped, not
-    as a live escape sequence for whoever tails the log."""
+    """The access log echoes the path: a terminal escape in it must not arrive as a live
+    escape sequence for whoever tails the log. A raw one is refused with the request line
+    (400, not logged); a percent-encoded one is logged as sent."""
     d, _ = rig
-    exchange(d, b"GET /api/\x1b[2Jx HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert wait_for(lambda: any("/api/" in line and "x 401 " in line for line in d.lines))
+    data = exchange(d, b"GET /api/\x1b[2Jx HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    exchange(d, b"GET /api/%1b[2Jy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert wait_for(lambda: any("/api/%1b[2Jy 401 " in line for line in d.lines))
     assert not any("\x1b" in line for line in d.lines)
 
 
