@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shlex
+import stat
 import sys
 import threading
 import time
@@ -291,11 +292,19 @@ def push(
     if parallel < 1:
         raise UsageError(f"--parallel must be at least 1, not {parallel}")
     try:
-        size = bundle.stat().st_size
-        with bundle.open("rb"):
-            pass
+        st = bundle.stat()
+        if stat.S_ISREG(st.st_mode):  # a pipe's open would wait for a writer
+            with bundle.open("rb"):
+                pass
     except OSError as e:
         raise UsageError(f"cannot read the bundle {bundle}: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        # Every node reads it from its start, and its size is needed first: a pipe has
+        # neither. The CLI copies a pipe into a file first (spool.as_file).
+        raise UsageError(
+            f"the bundle {bundle} is not a regular file", "save it to a file and push that"
+        )
+    size = st.st_size
     node = _NodePush(
         bundle, size, remote_command, apply_args, progress_factory, timeout, accept_new,
         follow_timeout,
