@@ -1026,12 +1026,16 @@ def push(
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
 
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
+    from spk_visor.ota import spool  # noqa: PLC0415
     from spk_visor.ota.bundle import check_is_bundle  # noqa: PLC0415
 
     st = state(ctx, as_json)
     check_is_bundle(bundle_path)  # once here, rather than streamed to every node
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
+    # A pipe (<(curl ...), /dev/stdin, -) is read once into a private file, checked, and
+    # removed when the command ends: every node gets it from the start.
+    bundle_path = ctx.with_resource(spool.as_file(bundle_path))
     extra = [
         a
         for a, on in (("--allow-downgrade", allow_downgrade), ("--assume-time", assume_time))

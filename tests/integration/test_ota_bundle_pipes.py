@@ -17,21 +17,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from spk_visor.errors import ExitCode
+from spk_visor.errors import ExitCode, UsageError
+from spk_visor.ota import spool
 from tests.support import fake_bundle
 from tests.support.cli import NO_KNOWN_CERTS
 from tests.support.ota_pki import Node, Pki, make_bundle, tiny_tree
 from tests.support.sshd import Sshd
 
 FAKE_NODE = Path(__file__).resolve().parents[1] / "support" / "bin" / "fake-ota-node"
-DEADLINE = 120.0
+DEADLINE = 60.0
 SIZE = 3 << 20
 
 
@@ -66,7 +67,7 @@ class Writer(threading.Thread):
                 os.close(fd)
         except BrokenPipeError:
             pass  # the reader stopped early (it refused what it read)
-        except BaseException as e:  # noqa: BLE001 (reported by the test)
+        except BaseException as e:  # reported by the test
             self.error = e
 
 
@@ -137,11 +138,14 @@ def applies(home: Path, sshd: Sshd) -> list[dict[str, object]]:
 
 
 def push_args(home: Path, bundle: str, *nodes: str) -> list[str]:
-    fleet: list[str] = []
-    for node in nodes:
-        fleet += ["--ssh", node]
+    """`ota push` of `bundle` to the group of `nodes` (config.toml in `home`)."""
+    config = home / "no-config.toml"
+    config.write_text(
+        "".join(f'[nodes.{n}]\nssh = "{n}"\n' for n in nodes)
+        + f"[groups]\nrack = {json.dumps(list(nodes))}\n"
+    )
     return [
-        "--json", *fleet, "ota", "push", bundle,
+        "--json", "--fleet", "rack", "ota", "push", bundle,
         "--remote-command", str(home / "spk-visor-node"), "--parallel", "2",
     ]  # fmt: skip
 
@@ -173,9 +177,7 @@ def test_push_from_a_named_fifo_to_two_nodes(
     assert list((home / "tmp").iterdir()) == []  # the private copy is gone
 
 
-def test_push_from_dev_stdin_and_dash(
-    home: Path, sshd: Sshd, bundle: tuple[bytes, str]
-) -> None:
+def test_push_from_dev_stdin_and_dash(home: Path, sshd: Sshd, bundle: tuple[bytes, str]) -> None:
     """`/dev/stdin` fed by a pipe (as `curl URL | spk-visor ota push /dev/stdin`), and
     `-`, the way every other bundle option reads stdin."""
     data, digest = bundle
@@ -201,8 +203,9 @@ def test_push_of_a_pipe_that_is_not_a_bundle_contacts_no_node(
     proc = spk_visor(home, *push_args(home, str(fifo), "node0"))
     writer.join(DEADLINE)
     assert proc.returncode == ExitCode.USAGE, proc
-    assert proc.stdout == "", proc.stdout
-    assert f"{fifo} is not an OTA bundle" in proc.stderr and why in proc.stderr, proc.stderr
+    error = json.loads(proc.stdout)["error"]  # --json: the error is the output
+    assert f"{fifo} is not an OTA bundle" in error["message"] and why in error["message"], error
+    assert error["exit_code"] == ExitCode.USAGE and "ota build" in error["hint"], error
     assert applies(home, sshd) == []
     assert list((home / "tmp").iterdir()) == []
 
@@ -210,11 +213,9 @@ def test_push_of_a_pipe_that_is_not_a_bundle_contacts_no_node(
 def test_a_pipe_over_the_cap_is_refused_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle: tuple[bytes, str]
 ) -> None:
-    from spk_visor.errors import UsageError
-    from spk_visor.ota import spool
-
     monkeypatch.setattr(spool, "MAX_SPOOL", SIZE - 1)
-    monkeypatch.setattr(spool.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     (tmp_path / "tmp").mkdir()
     fifo = tmp_path / "bundle.fifo"
     os.mkfifo(fifo)
@@ -228,9 +229,7 @@ def test_a_pipe_over_the_cap_is_refused_and_leaves_nothing(
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_node_commands_read_a_fifo_once(
-    tmp_path: Path, ota_node: Node, ota_pki: Pki
-) -> None:
+def test_node_commands_read_a_fifo_once(tmp_path: Path, ota_node: Node, ota_pki: Pki) -> None:
     """`ota inspect`, `verify` and `check` with a named FIFO: they read it as they read
     stdin, and end (no second open waiting for a writer)."""
     made = make_bundle(tmp_path, ota_pki, tree=tiny_tree(tmp_path / "t", "0.2.0"))
@@ -254,9 +253,7 @@ def test_node_commands_read_a_fifo_once(
         assert proc.returncode == 0, (argv, proc)
 
 
-def test_deploy_send_from_a_fifo_reads_the_whole_bundle(
-    tmp_path: Path, ota_pki: Pki
-) -> None:
+def test_deploy_send_from_a_fifo_reads_the_whole_bundle(tmp_path: Path, ota_pki: Pki) -> None:
     """`deploy send --bundle <(...)` read the header, then took the size from stat() (0)
     and refused the bundle as "0 bytes, its manifest says N" (exit 3). Now the bundle is
     read whole; the send goes on to the target (here a closed port: unreachable, 7)."""
