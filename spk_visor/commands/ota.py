@@ -989,7 +989,14 @@ def verify_installed(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command()
 def push(
     ctx: typer.Context,
-    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    bundle_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="BUNDLE",
+            help="The .spkb file; a pipe (<(curl URL)) or - (stdin) is first read into a "
+            "private temporary file.",
+        ),
+    ],
     parallel: Annotated[
         int,
         typer.Option(
@@ -1022,6 +1029,16 @@ def push(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            callback=_record_quiet,
+            help="For cron: no table; only one line on stderr per node that failed or "
+            "needs a reboot, naming it and what to do (also printed without -q).",
+        ),
+    ] = False,
 ) -> None:
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
 
@@ -1056,8 +1073,10 @@ def push(
     docs = [r.to_doc() for r in results]
     if st.json:
         st.console.json(docs)
-    else:
+    elif not quiet:
         st.console.print(push_mod.summary_table(results))
+    for line in push_mod.attention_lines(results):
+        st.console.error(redact(f"spk-visor: {line}"))
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))
