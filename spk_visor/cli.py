@@ -258,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         command = build()
-        _quiet = not _json and _asks_quiet(options, command)
+        # With --json too: the JSON goes to stdout, and cron mails stderr all the same.
+        _quiet = _asks_quiet(options, command)
         result = command.main(
             args=args,
             prog_name="spk-visor",
@@ -386,9 +387,7 @@ def _takes_value(command: _click.Command) -> set[str]:
 
 def _one_line() -> bool:
     """Whether a failure is said on one line: once the command is parsed, whether it got
-    -q (ota apply/pull, the cron form); before, -q seen on the command line."""
-    if _json:
-        return False
+    -q (ota apply/pull/push, the cron form); before, -q seen on the command line."""
     return _state.quiet if _state is not None else _quiet
 
 

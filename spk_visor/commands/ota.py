@@ -678,8 +678,10 @@ def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[An
         with _as_root():
             yield load_context(reporter), reporter
     except SpkVisorError as e:
-        if not quiet or st.json:
+        if not quiet:
             raise
+        if st.json:
+            st.console.json_line(e.document())
         # -q is the cron form, and cron mails stderr: one line naming the cause, and none
         # when nothing may be done now (outside the rollout, inhibited: every run says so).
         if e.exit_code != ExitCode.NOT_ELIGIBLE:
@@ -709,14 +711,15 @@ def _outcome(
     if code == ExitCode.OK and unchanged_77 and not doc.get("changed", True):
         code = ExitCode.UNCHANGED
     reporter.result(int(code), **doc)
-    if not reporter.as_json:
-        console = state(ctx).console
+    console = state(ctx).console
+    success = code in (ExitCode.OK, ExitCode.UNCHANGED)
+    if not reporter.as_json and not quiet:
         text = report.outcome(int(code), doc, engine.status(octx))
-        success = code in (ExitCode.OK, ExitCode.UNCHANGED)
-        if not quiet:
-            (console.print if success else console.error)(text)
-        elif not success and code != ExitCode.NOT_ELIGIBLE:
-            console.error(redact(f"spk-visor: {text}"))
+        (console.print if success else console.error)(text)
+    elif quiet and not success and code != ExitCode.NOT_ELIGIBLE:
+        # Also beside --json (its result event is on stdout): cron mails stderr.
+        text = report.outcome(int(code), doc, engine.status(octx))
+        console.error(redact(f"spk-visor: {text}"))
     if code != ExitCode.OK:
         raise typer.Exit(int(code))
 
