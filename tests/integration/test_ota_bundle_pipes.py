@@ -272,3 +272,36 @@ def test_deploy_send_from_a_fifo_reads_the_whole_bundle(tmp_path: Path, ota_pki:
     assert "sending release 0.2.0" in proc.stderr, proc
     assert proc.returncode == ExitCode.TRANSIENT, proc
     assert list((home / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"", "an empty file"), (b"<html>404</html>\n", "bundle magic"), (b"\0" * 65536, "magic")],
+)
+def test_node_commands_say_a_pipe_of_something_else_is_not_a_bundle(
+    tmp_path: Path, ota_node: Node, ota_pki: Pki, content: bytes, why: str
+) -> None:
+    """A named file that is not a bundle is the user's mistake (exit 2, "is not an OTA
+    bundle"); a pipe of the same (curl's error page, an empty download) was refused as a
+    bad bundle instead (exit 3, "bad magic" or "truncated ... copy the bundle again")."""
+    root = tmp_path / "root.json"
+    root.write_bytes(ota_pki.root_env().to_bytes())
+    home = tmp_path / "h"
+    (home / "tmp").mkdir(parents=True)
+    before = ota_node.tree_digest()
+    for argv in (
+        ["ota", "inspect"],
+        ["ota", "verify", "--root", str(root)],
+        ["ota", "check", "--bundle"],
+        ["ota", "apply", "--bundle"],
+    ):
+        fifo = tmp_path / f"{argv[1]}.fifo"
+        os.mkfifo(fifo)
+        writer = Writer(fifo, content)
+        writer.start()
+        proc = spk_visor(home, *argv, str(fifo), env=ota_node.env)
+        writer.join(DEADLINE)
+        fifo.unlink()
+        assert proc.returncode == ExitCode.USAGE, (argv, proc)
+        assert f"{fifo} is not an OTA bundle" in proc.stderr and why in proc.stderr, proc
+    assert ota_node.tree_digest() == before
