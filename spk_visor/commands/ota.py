@@ -438,15 +438,22 @@ def _open_bundle(path: str) -> BinaryIO:
 
         widen_pipe(sys.stdin)
         return sys.stdin.buffer
-    from spk_visor.ota.bundle import check_is_bundle, missing_hint  # noqa: PLC0415
+    from spk_visor.ota.bundle import check_is_bundle, check_pipe_start, missing_hint  # noqa: PLC0415
 
     # A file the user named that is not a bundle at all is their mistake (exit 2), not a
-    # refused update (3); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    # refused update (3): a regular file is looked at before it is opened, a pipe
+    # (-b <(...)) by its first bytes, left in the buffer for the reader.
     check_is_bundle(path)
     try:
-        return Path(path).open("rb")
+        f = Path(path).open("rb")  # noqa: SIM115 (the caller closes it)
     except OSError as e:
         raise UsageError(f"cannot open bundle {path}: {e.strerror}", missing_hint(e)) from e
+    try:
+        check_pipe_start(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 @app.command()
