@@ -209,15 +209,15 @@ def load_known_hosts(into: paramiko.HostKeys) -> None:
     """
     for path in _known_hosts_files():
         try:
-            raw = read_at_most(path, MAX_KNOWN_HOSTS_BYTES)
-            text = raw.decode("utf-8")
+            data = read_at_most(path, MAX_KNOWN_HOSTS_BYTES)
+            text = data.decode("utf-8")
         except FileNotFoundError:
             continue
         except OSError as e:  # a pipe too: its open would wait for a writer
             raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"cannot read {path}: {e}") from e
-        if len(raw) > MAX_KNOWN_HOSTS_BYTES:
+        if len(data) > MAX_KNOWN_HOSTS_BYTES:
             raise ConfigError(f"{path} is larger than {MAX_KNOWN_HOSTS_BYTES >> 20} MiB")
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
