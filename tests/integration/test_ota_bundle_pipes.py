@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -305,3 +306,54 @@ def test_node_commands_say_a_pipe_of_something_else_is_not_a_bundle(
         assert proc.returncode == ExitCode.USAGE, (argv, proc)
         assert f"{fifo} is not an OTA bundle" in proc.stderr and why in proc.stderr, proc
     assert ota_node.tree_digest() == before
+
+
+def test_ctrl_c_while_the_pipe_is_read_removes_the_copy(
+    tmp_path: Path, bundle: tuple[bytes, str]
+) -> None:
+    """The download stalls half-way and the admin presses Ctrl-C: exit 130 at once, and
+    the half copy in TMPDIR is gone."""
+    home = tmp_path / "h"
+    (home / "tmp").mkdir(parents=True)
+    fifo = tmp_path / "stalled.fifo"
+    os.mkfifo(fifo)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
+    clean.update(
+        HOME=str(home),
+        SPK_VISOR_CONFIG=str(home / "none.toml"),
+        SPK_VISOR_KNOWN_CERTS=NO_KNOWN_CERTS,
+        TMPDIR=str(home / "tmp"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spk_visor", "--ssh", "root@127.0.0.1:9", "ota", "push", str(fifo)],
+        env=clean,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        fd = -1
+        end = time.monotonic() + DEADLINE
+        while fd < 0:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO or time.monotonic() > end:
+                    raise
+                time.sleep(0.02)
+        os.set_blocking(fd, True)
+        os.write(fd, bundle[0][: 1 << 20])  # half, then nothing more
+        while not list((home / "tmp").rglob("bundle.spkb")) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert list((home / "tmp").rglob("bundle.spkb")), "no copy was being written"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE)
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.INTERRUPTED, (out, err)
+    assert "Traceback" not in err, err
+    assert list((home / "tmp").iterdir()) == []
