@@ -56,7 +56,10 @@ def as_file(path: Path | str) -> Iterator[Path]:
             "the bundle is read from stdin (-), and stdin is a terminal",
             "pipe the bundle in (curl URL | spk-visor ota push - ...), or name the file",
         )
-    folder = Path(tempfile.mkdtemp(prefix="spk-visor-bundle-"))  # 0700, a fresh name
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="spk-visor-bundle-"))  # 0700, a fresh name
+    except OSError as e:  # no usable temporary folder at all
+        raise UsageError(f"cannot make a temporary folder: {e.strerror or e}", SPOOL_HINT) from e
     try:
         copy = folder / "bundle.spkb"
         _copy(name, copy)
