@@ -1,4 +1,4 @@
-"""Read a file named by the user no further than a size cap."""
+"""Read a file named by the user no further than a size cap; append only to a file."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def read_at_most(path: Path, limit: int) -> bytes:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def regular_size(fd: int, path: Path) -> int:
+    """The size of the file open at `fd`, for an append to a settings file; NotAFileError
+    if it is a pipe, a socket or a device (a line written there would go to whoever
+    reads it, or nowhere)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAFileError(errno.EINVAL, "is not a regular file", str(path))
+    return st.st_size

@@ -258,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         command = build()
-        _quiet = not _json and _asks_quiet(options, command)
+        # With --json too: the JSON goes to stdout, and cron mails stderr all the same.
+        _quiet = _asks_quiet(options, command)
+        _refuse_repeated_targets(options, command)
         result = command.main(
             args=args,
             prog_name="spk-visor",
@@ -372,6 +374,45 @@ def _asks_quiet(options: Sequence[str], command: _click.Command) -> bool:
     return False
 
 
+# The root's options that name where a command goes: a second one used to replace the
+# first without a word (`--ssh n1 --ssh n2 ota push` went to n2 alone).
+_TARGET_OPTIONS = ("node", "ssh", "fleet")
+
+
+def _refuse_repeated_targets(options: Sequence[str], command: _click.Command) -> None:
+    """UsageError if --node, --ssh or --fleet is given twice before the command. Only
+    the root's words are looked at (up to the first command name), and an option's value
+    is skipped (`--token --ssh` is a token)."""
+    names = {
+        opt: p.opts[0]
+        for p in command.params
+        if p.name in _TARGET_OPTIONS
+        for opt in p.opts + p.secondary_opts
+    }
+    if sum(word.split("=", 1)[0] in names for word in options) < 2:
+        return  # the usual case
+    takes_value = _takes_value(command)
+    seen: set[str] = set()
+    value_next = False
+    for word in options:
+        if value_next:
+            value_next = False
+            continue
+        name = word.split("=", 1)[0] if word.startswith("--") else word
+        if name in names:
+            if names[name] in seen:
+                raise UsageError(
+                    f"{names[name]} is given twice: a run goes to one node or one group",
+                    "for several nodes, make them a group in config.toml ([groups]) or an "
+                    "inventory and use --fleet GROUP",
+                )
+            seen.add(names[name])
+        if word in takes_value:
+            value_next = True
+        elif not word.startswith("-"):
+            return  # the command: its own options follow
+
+
 def _takes_value(command: _click.Command) -> set[str]:
     """The names of a command's options that take a value (--token, -n...)."""
     return {
@@ -386,9 +427,7 @@ def _takes_value(command: _click.Command) -> set[str]:
 
 def _one_line() -> bool:
     """Whether a failure is said on one line: once the command is parsed, whether it got
-    -q (ota apply/pull, the cron form); before, -q seen on the command line."""
-    if _json:
-        return False
+    -q (ota apply/pull/push, the cron form); before, -q seen on the command line."""
     return _state.quiet if _state is not None else _quiet
 
 

@@ -325,7 +325,10 @@ def send(
 
         payload = donor.open_node_release(node_paths())
     else:
-        payload = donor.open_bundle(bundle)
+        from spk_visor.ota import spool  # noqa: PLC0415
+
+        # Read at offsets, once per target: a pipe is first copied into a private file.
+        payload = donor.open_bundle(ctx.with_resource(spool.as_file(bundle)))
     if not st.json:
         st.console.error(
             f"sending release {payload.version} (counter {payload.counter}, manifest "

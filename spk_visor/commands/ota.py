@@ -438,15 +438,22 @@ def _open_bundle(path: str) -> BinaryIO:
 
         widen_pipe(sys.stdin)
         return sys.stdin.buffer
-    from spk_visor.ota.bundle import check_is_bundle, missing_hint  # noqa: PLC0415
+    from spk_visor.ota.bundle import check_is_bundle, check_pipe_start, missing_hint  # noqa: PLC0415
 
     # A file the user named that is not a bundle at all is their mistake (exit 2), not a
-    # refused update (3); a pipe (-b <(...)) is judged by the reader, as stdin is.
+    # refused update (3): a regular file is looked at before it is opened, a pipe
+    # (-b <(...)) by its first bytes, left in the buffer for the reader.
     check_is_bundle(path)
     try:
-        return Path(path).open("rb")
+        f = Path(path).open("rb")  # noqa: SIM115 (the caller closes it)
     except OSError as e:
         raise UsageError(f"cannot open bundle {path}: {e.strerror}", missing_hint(e)) from e
+    try:
+        check_pipe_start(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 @app.command()
@@ -678,8 +685,10 @@ def _node(ctx: typer.Context, as_json: bool, quiet: bool = False) -> Iterator[An
         with _as_root():
             yield load_context(reporter), reporter
     except SpkVisorError as e:
-        if not quiet or st.json:
+        if not quiet:
             raise
+        if st.json:
+            st.console.json_line(e.document())
         # -q is the cron form, and cron mails stderr: one line naming the cause, and none
         # when nothing may be done now (outside the rollout, inhibited: every run says so).
         if e.exit_code != ExitCode.NOT_ELIGIBLE:
@@ -709,14 +718,15 @@ def _outcome(
     if code == ExitCode.OK and unchanged_77 and not doc.get("changed", True):
         code = ExitCode.UNCHANGED
     reporter.result(int(code), **doc)
-    if not reporter.as_json:
-        console = state(ctx).console
+    console = state(ctx).console
+    success = code in (ExitCode.OK, ExitCode.UNCHANGED)
+    if not reporter.as_json and not quiet:
         text = report.outcome(int(code), doc, engine.status(octx))
-        success = code in (ExitCode.OK, ExitCode.UNCHANGED)
-        if not quiet:
-            (console.print if success else console.error)(text)
-        elif not success and code != ExitCode.NOT_ELIGIBLE:
-            console.error(redact(f"spk-visor: {text}"))
+        (console.print if success else console.error)(text)
+    elif quiet and not success and code != ExitCode.NOT_ELIGIBLE:
+        # Also beside --json (its result event is on stdout): cron mails stderr.
+        text = report.outcome(int(code), doc, engine.status(octx))
+        console.error(redact(f"spk-visor: {text}"))
     if code != ExitCode.OK:
         raise typer.Exit(int(code))
 
@@ -989,7 +999,14 @@ def verify_installed(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command()
 def push(
     ctx: typer.Context,
-    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE")],
+    bundle_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="BUNDLE",
+            help="The .spkb file; a pipe (<(curl URL)) or - (stdin) is first read into a "
+            "private temporary file.",
+        ),
+    ],
     parallel: Annotated[
         int,
         typer.Option(
@@ -1022,16 +1039,30 @@ def push(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            callback=_record_quiet,
+            help="For cron: no table; only one line on stderr per node that failed or "
+            "needs a reboot, naming it and what to do (also printed without -q).",
+        ),
+    ] = False,
 ) -> None:
     """Stream a bundle over SSH to --ssh/--node/--fleet nodes; each verifies and applies it."""
 
     from spk_visor.ota import push as push_mod  # noqa: PLC0415
+    from spk_visor.ota import spool  # noqa: PLC0415
     from spk_visor.ota.bundle import check_is_bundle  # noqa: PLC0415
 
     st = state(ctx, as_json)
     check_is_bundle(bundle_path)  # once here, rather than streamed to every node
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
+    # A pipe (<(curl ...), /dev/stdin, -) is read once into a private file, checked, and
+    # removed when the command ends: every node gets it from the start.
+    bundle_path = ctx.with_resource(spool.as_file(bundle_path))
     extra = [
         a
         for a, on in (("--allow-downgrade", allow_downgrade), ("--assume-time", assume_time))
@@ -1052,8 +1083,10 @@ def push(
     docs = [r.to_doc() for r in results]
     if st.json:
         st.console.json(docs)
-    else:
+    elif not quiet:
         st.console.print(push_mod.summary_table(results))
+    for line in push_mod.attention_lines(results):
+        st.console.error(redact(f"spk-visor: {line}"))
     worst = push_mod.overall_exit(results)
     if worst != ExitCode.OK:
         raise typer.Exit(int(worst))

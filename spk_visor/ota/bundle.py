@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import stat
@@ -98,6 +99,29 @@ def check_is_bundle(path: Path | str) -> None:
     finally:
         os.close(fd)
     why = not_a_bundle(head)
+    if why is not None:
+        raise UsageError(f"{path} is not an OTA bundle: {why}", NOT_A_BUNDLE_HINT)
+
+
+def check_pipe_start(f: io.BufferedReader, path: Path | str) -> None:
+    """UsageError (exit 2), as check_is_bundle says of a file, if the pipe (or device)
+    `f` that the user named starts with something other than a bundle: nothing at all, an
+    error page, zeros. Only what one read brings is looked at (peek), and left for the
+    reader; bytes that may yet become the magic pass. A regular file passes:
+    check_is_bundle looked at it already."""
+    try:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return
+        head = f.peek(SNIFF_BYTES)
+    except OSError:
+        return  # the reader meets it again and says so
+    complete = len(head) >= len(MAGIC) - 2
+    if not head or (complete and not head.startswith(MAGIC[:-2])):
+        why = not_a_bundle(head)
+    elif not complete and not MAGIC.startswith(head):
+        why = "it does not start with the bundle magic"
+    else:
+        return
     if why is not None:
         raise UsageError(f"{path} is not an OTA bundle: {why}", NOT_A_BUNDLE_HINT)
 

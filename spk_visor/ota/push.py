@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shlex
+import stat
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ SUCCESS = frozenset({ExitCode.OK, ExitCode.REBOOT_REQUIRED})
 SKIPPED = "skipped"
 STEP_APPLY = "apply"
 STEP_FOLLOW = "follow"
+SKIPPED_PREFIX = "not started: "
 # NodeProgress.event from the push itself: the bundle is sent ahead, but for its last byte.
 WAITING: Mapping[str, Any] = {"event": "waiting"}
 _T = TypeVar("_T")
@@ -89,7 +91,8 @@ class PushResult:
     `phase` is the node's last journal phase when it reported one, else where the push
     stopped ("skipped", "apply", "follow"). `state` is what the table shows: where each
     component the update touched ended, in words ("daemon committed, base staged in
-    slot b"), or "up to date", "nothing changed", "not started"."""
+    slot b"), or "up to date", "nothing changed", "not started". `hint` says what to do
+    about a failure (None for a success or a node that was not started)."""
 
     node: str
     exit_code: int
@@ -99,6 +102,7 @@ class PushResult:
     message: str
     seconds: float
     state: str = ""
+    hint: str | None = None
 
     @property
     def state_text(self) -> str:
@@ -235,6 +239,50 @@ def overall_exit(results: Sequence[PushResult]) -> ExitCode:
     return ExitCode.OK
 
 
+# What to do about a node's own outcome when it gave no hint (its `ota apply` prints the
+# cause, not the workstation's next step).
+_NEXT_STEP = {
+    ExitCode.INTERNAL: "run `spk-visor ota status` on the node, and report the bug",
+    ExitCode.USAGE: "check the node's OTA configuration (ota.conf, its trust root)",
+    ExitCode.REFUSED: "check the bundle against the node's root: "
+    "spk-visor ota verify BUNDLE --root ROOT.json; do not retry it as it is",
+    ExitCode.ROLLED_BACK: "see why on the node: spk-visor ota history",
+    ExitCode.BUSY: "another OTA operation runs on the node; push again when it ends",
+    ExitCode.TRANSIENT: "push again to this node",
+    ExitCode.NOT_ELIGIBLE: "see spk-visor ota status on the node",
+    ExitCode.OPERATOR_NEEDED: "log in to the node: spk-visor ota status, then ota recover",
+}
+
+
+def next_step(code: int) -> str:
+    """What to do about a node that ended with `code` and said nothing more."""
+    try:
+        return _NEXT_STEP.get(ExitCode(code), "see spk-visor ota status on the node")
+    except ValueError:  # a code outside ours: a crash on the node
+        return "run `spk-visor ota status` on the node"
+
+
+def attention_lines(results: Sequence[PushResult]) -> list[str]:
+    """One line per node that needs a person (failed, or staged a base to reboot into),
+    naming it and what to do; one more for the nodes not started, if any. What `ota push`
+    prints on stderr, with -q as without: cron mails it."""
+    lines = []
+    for r in results:
+        if r.phase == SKIPPED or r.exit_code == ExitCode.OK:
+            continue
+        hint = r.hint or ""
+        if r.exit_code == ExitCode.REBOOT_REQUIRED and "reboot" not in r.message:
+            hint = "reboot the node to use it"
+        lines.append(f"{r.node}: {r.message} (exit {r.exit_code})" + (f"; {hint}" if hint else ""))
+    skipped = [r for r in results if r.phase == SKIPPED]
+    if skipped:
+        names = ", ".join(r.node for r in skipped)
+        # "not started: WHY[; the bundle sent ahead was cut ...]": WHY is the same for all.
+        why = skipped[0].message.removeprefix(SKIPPED_PREFIX).split("; ")[0]
+        lines.append(f"{len(skipped)} not started ({names}): {why}; fix that, push to them again")
+    return lines
+
+
 def summary_table(results: Sequence[PushResult]) -> str:
     return table(
         [
@@ -291,11 +339,19 @@ def push(
     if parallel < 1:
         raise UsageError(f"--parallel must be at least 1, not {parallel}")
     try:
-        size = bundle.stat().st_size
-        with bundle.open("rb"):
-            pass
+        st = bundle.stat()
+        if stat.S_ISREG(st.st_mode):  # a pipe's open would wait for a writer
+            with bundle.open("rb"):
+                pass
     except OSError as e:
         raise UsageError(f"cannot read the bundle {bundle}: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        # Every node reads it from its start, and its size is needed first: a pipe has
+        # neither. The CLI copies a pipe into a file first (spool.as_file).
+        raise UsageError(
+            f"the bundle {bundle} is not a regular file", "save it to a file and push that"
+        )
+    size = st.st_size
     node = _NodePush(
         bundle, size, remote_command, apply_args, progress_factory, timeout, accept_new,
         follow_timeout,
@@ -495,7 +551,7 @@ class _NodePush:
 
     def skip(self, target: PushTarget, why: str) -> PushResult:
         result = PushResult(
-            target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None, f"not started: {why}", 0.0
+            target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None, SKIPPED_PREFIX + why, 0.0
         )
         self.progress_factory(target, self.size).finish(result)
         return result
@@ -524,6 +580,7 @@ class _NodePush:
         except SpkVisorError as e:
             outcome.exit_code = int(e.exit_code)
             outcome.message = e.message
+            outcome.hint = e.hint
         result = outcome.result(target.name, time.monotonic() - started)
         display.finish(result)
         return result
@@ -571,7 +628,7 @@ class _NodePush:
             )  # fmt: skip
         return PushResult(
             target.name, int(ExitCode.NOT_ELIGIBLE), SKIPPED, None, None,
-            f"not started: {gate.why}; the bundle sent ahead was cut "
+            f"{SKIPPED_PREFIX}{gate.why}; the bundle sent ahead was cut "
             f"{ssh_stream.HOLD_BACK} byte short, so the node applied none of it "
             f"(it exited {outcome.exit_code})", round(seconds, 3),
         )  # fmt: skip
@@ -645,6 +702,7 @@ class _Outcome:
     version: str | None = None
     downtime_ms: int | None = None
     message: str = ""
+    hint: str | None = None
     cut: bool = False  # the stream ended one byte short: its gate was dropped
     # The last phase event of each component: what `ota status` would show of it.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -711,6 +769,9 @@ class _Outcome:
 
     def result(self, node: str, seconds: float) -> PushResult:
         message = self.message or _describe(self.exit_code)
+        hint = self.hint
+        if hint is None and self.exit_code not in SUCCESS:
+            hint = next_step(self.exit_code)
         return PushResult(
             node,
             int(self.exit_code),
@@ -720,6 +781,7 @@ class _Outcome:
             message,
             round(seconds, 3),
             self.state(),
+            hint,
         )
 
 

@@ -43,6 +43,7 @@ import paramiko
 from paramiko.auth_strategy import AuthFailure, AuthSource, AuthStrategy, SourceResult
 
 from smechvisord.version import VERSION
+from spk_visor.capped_read import read_at_most, regular_size
 from spk_visor.config import SshSpec, Target, check_token, parse_ssh
 from spk_visor.errors import (
     AuthError,
@@ -188,6 +189,8 @@ def resolve_endpoint(spec: SshSpec, *, hop: bool = False) -> Endpoint:
 
 # ---- host keys -----------------------------------------------------------------------
 
+# Far above any real known_hosts (a line is ~100 bytes), and a bound for a device.
+MAX_KNOWN_HOSTS_BYTES = 64 << 20
 _KNOWN_HOSTS_LOCK = threading.Lock()  # fleet threads may record keys concurrently
 
 
@@ -206,11 +209,16 @@ def load_known_hosts(into: paramiko.HostKeys) -> None:
     """
     for path in _known_hosts_files():
         try:
-            text = path.read_text(encoding="utf-8")
+            data = read_at_most(path, MAX_KNOWN_HOSTS_BYTES)
+            text = data.decode("utf-8")
         except FileNotFoundError:
             continue
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:  # a pipe too: its open would wait for a writer
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
             raise ConfigError(f"cannot read {path}: {e}") from e
+        if len(data) > MAX_KNOWN_HOSTS_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_KNOWN_HOSTS_BYTES >> 20} MiB")
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith(("#", "@")):
@@ -226,14 +234,21 @@ def load_known_hosts(into: paramiko.HostKeys) -> None:
                 into.add(name, entry.key.get_name(), entry.key)
 
 
+def _lines(path: Path) -> list[str]:
+    """The lines of a known_hosts file; none when it cannot be read (load_known_hosts
+    says why)."""
+    try:
+        raw = read_at_most(path, MAX_KNOWN_HOSTS_BYTES)
+    except OSError:
+        return []
+    return raw.decode("utf-8", errors="replace").splitlines()
+
+
 def known_hosts_entries(name: str) -> list[str]:
     """``path:line`` of every known_hosts entry for `name`, hashed entries included."""
     found: list[str] = []
     for path in _known_hosts_files():
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            continue
+        lines = _lines(path)
         for number, line in enumerate(lines, 1):
             fields = line.split()
             if not fields or fields[0].startswith(("#", "@")):
@@ -257,10 +272,7 @@ def revoked_at(key: paramiko.PKey) -> str | None:
     """
     blob = key.get_base64()
     for path in _known_hosts_files():
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            continue
+        lines = _lines(path)
         for number, line in enumerate(lines, 1):
             fields = line.split()
             if len(fields) >= 4 and fields[0] == "@revoked" and fields[3] == blob:
@@ -288,7 +300,7 @@ def record_host_key(path: Path, name: str, key: paramiko.PKey) -> None:
             path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            size = os.fstat(fd).st_size
+            size = regular_size(fd, path)
             if size == 0:
                 os.fchmod(fd, 0o600)
             elif os.pread(fd, 1, size - 1) != b"\n":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from spk_visor.capped_read import read_at_most, regular_size
 from spk_visor.errors import CertificateError, ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ class Known:
 def lookup(path: Path, key: str) -> Known | None:
     """The recorded fingerprint for `key` (the first line that names it)."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_KNOWN_CERTS_BYTES + 1)
+        raw = read_at_most(path, MAX_KNOWN_CERTS_BYTES)  # a pipe is refused, not waited on
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -147,7 +147,7 @@ def record(path: Path, key: str, fp: str) -> None:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            size = os.fstat(fd).st_size
+            size = regular_size(fd, path)
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a hand-edited file without a final newline
             os.write(fd, line)

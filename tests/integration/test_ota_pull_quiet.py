@@ -10,6 +10,7 @@ release fails its preflight, so no OpenRC is needed.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,38 @@ def test_q_after_option_values_is_still_quiet(node: Node, args: tuple[str, ...])
     res = cli.run(*args, env=node.env)
     assert res.code == ExitCode.USAGE, res
     assert len(res.err.splitlines()) == 1 and "--bogus" in res.err, res.err
+
+
+def one_line_beside_json(res: cli.Result, code: int, *words: str) -> None:
+    """`-q --json`: the JSON on stdout (each line a document) and still one line on
+    stderr, which is what cron mails."""
+    assert res.code == code, res
+    docs = [json.loads(line) for line in res.out.splitlines()]
+    assert docs, res
+    last = docs[-1]
+    assert last.get("exit_code", last.get("error", {}).get("exit_code")) == code, docs
+    lines = res.err.splitlines()
+    assert len(lines) == 1, res.err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_quiet_with_json_still_says_each_failure_on_one_line(
+    tmp_path: Path, pki: Pki, node: Node
+) -> None:
+    """`ota pull -q --json` (a cron job that also keeps the JSON): an error printed its
+    message and hint on two lines, and a rollback nothing at all on stderr."""
+    conf(node, [closed_port_url()])
+    one_line_beside_json(pull(node, "-q", "--json"), ExitCode.TRANSIENT, "connection refused")
+    node.paths.state_dir.joinpath("pull.json").unlink()
+    repo_dir = tmp_path / "repo"
+    publish(
+        tmp_path, pki, repo_dir, launcher="#!/bin/sh\necho 'cannot open the state' >&2\nexit 1\n"
+    )
+    with FlakyRepo(repo_dir) as server:
+        conf(node, [server.url], apply_daemon=True)
+        one_line_beside_json(
+            cli.run("--json", "ota", "pull", "-q", env=node.env),
+            ExitCode.ROLLED_BACK,
+            "rolled back",
+        )

@@ -9,6 +9,7 @@ component's "idle". Each case here is the event sequence of one real outcome.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from spk_visor.errors import ExitCode
@@ -90,3 +91,32 @@ def test_table_has_a_state_column() -> None:
     assert lines[0].split()[:3] == ["NODE", "EXIT", "STATE"]
     assert "daemon rolled back" in lines[1]
     assert lines[2].split()[:4] == ["node2", "8", "not", "started"]
+
+
+def test_attention_lines_name_each_node_that_needs_a_person() -> None:
+    """What `ota push` prints on stderr: nothing for a success, a line for a staged base
+    (reboot it), one per failure with what to do, and one for all the nodes not started."""
+    ok = _run("apply", ExitCode.OK, STARTED, {"event": "result", "exit_code": 0})
+    staged = _run(
+        "apply",
+        ExitCode.REBOOT_REQUIRED,
+        STARTED,
+        {"event": "phase", "component": "base", "phase": "staged", "slot": "b"},
+    )
+    busy = _run("apply", ExitCode.BUSY, {"event": "result", "exit_code": 6, "message": "locked"})
+    skipped = [
+        push.PushResult(n, 8, push.SKIPPED, None, None, f"{push.SKIPPED_PREFIX}{why}", 0.0)
+        for n, why in (("n4", "stopped after n3 failed"), ("n5", "stopped after n3 failed; cut"))
+    ]
+    results = [
+        ok,
+        dataclasses.replace(staged, node="n2"),
+        dataclasses.replace(busy, node="n3"),
+        *skipped,
+    ]
+    assert push.attention_lines(results) == [
+        "n2: base staged; reboot the node to use it (exit 4)",
+        "n3: locked (exit 6); another OTA operation runs on the node; push again when it ends",
+        "2 not started (n4, n5): stopped after n3 failed; fix that, push to them again",
+    ]
+    assert busy.hint is not None and ok.hint is None

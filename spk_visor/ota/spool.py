@@ -1,0 +1,111 @@
+"""A bundle given as a pipe, made a file: `ota push BUNDLE` and `deploy send --bundle`
+read their bundle many times (once per node, at offsets), and take its size first; a pipe
+(`<(curl ...)`, a named FIFO, `/dev/stdin`, `-`) can be read once, has no size, and a
+second open of a FIFO waits for a writer that never comes.
+
+So a bundle that is not a regular file is copied once into a private temporary file
+(a folder of its own, mode 0700, under $TMPDIR or /tmp), checked like a named bundle as
+soon as its first bytes are in (something that is not a bundle is refused before the
+rest is read: /dev/zero fills no disk), capped at MAX_SPOOL bytes, and removed when the
+command ends, also on Ctrl-C or an error. A regular file is used where it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from spk_visor.errors import UsageError
+from spk_visor.ota import bundle as ota_bundle
+
+# Far above any release (a base image is a few GiB), and a bound for a stream that never
+# ends: the temporary folder is not filled without limit.
+MAX_SPOOL = 64 << 30
+CHUNK = 1 << 20
+STDIN = "-"
+SPOOL_HINT = (
+    "save the bundle to a file first (curl -o spk.spkb URL) and push that file, "
+    "or set TMPDIR to a folder with room"
+)
+
+
+@contextlib.contextmanager
+def as_file(path: Path | str) -> Iterator[Path]:
+    """`path` itself if it is a regular file (or cannot be looked at: its reader names the
+    error); else a private copy of what it yields, removed on exit. "-" is stdin.
+
+    UsageError (2): what the pipe yields is not a bundle, is over MAX_SPOOL bytes, or the
+    temporary folder has no room for it."""
+    name = str(path)
+    if name != STDIN:
+        try:
+            mode = os.stat(name).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder: its reader says so
+            yield Path(name)
+            return
+    elif sys.stdin.isatty():
+        raise UsageError(
+            "the bundle is read from stdin (-), and stdin is a terminal",
+            "pipe the bundle in (curl URL | spk-visor ota push - ...), or name the file",
+        )
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="spk-visor-bundle-"))  # 0700, a fresh name
+    except OSError as e:  # no usable temporary folder at all
+        raise UsageError(f"cannot make a temporary folder: {e.strerror or e}", SPOOL_HINT) from e
+    try:
+        copy = folder / "bundle.spkb"
+        _copy(name, copy)
+        yield copy
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy(name: str, out: Path) -> None:
+    shown = "stdin" if name == STDIN else name
+    try:
+        source = sys.stdin.buffer if name == STDIN else open(name, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise UsageError(
+            f"cannot read the bundle {name}: {e.strerror or e}", ota_bundle.missing_hint(e)
+        ) from e
+    try:
+        with out.open("wb") as sink:
+            head = b""
+            done = 0
+            while chunk := source.read(CHUNK):
+                if len(head) < ota_bundle.SNIFF_BYTES:
+                    head += chunk[: ota_bundle.SNIFF_BYTES - len(head)]
+                    if len(head) >= ota_bundle.SNIFF_BYTES:
+                        _check_head(shown, head)
+                done += len(chunk)
+                if done > MAX_SPOOL:
+                    raise UsageError(
+                        f"the bundle from {shown} is over {MAX_SPOOL >> 30} GiB; "
+                        "a pipe is copied to a temporary file first",
+                        SPOOL_HINT,
+                    )
+                sink.write(chunk)
+            if len(head) < ota_bundle.SNIFF_BYTES:
+                _check_head(shown, head)
+    except OSError as e:
+        raise UsageError(
+            f"cannot copy the bundle from {shown} to {out.parent}: {e.strerror or e}",
+            SPOOL_HINT,
+        ) from e
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def _check_head(shown: str, head: bytes) -> None:
+    why = ota_bundle.not_a_bundle(head)
+    if why is not None:
+        raise UsageError(f"{shown} is not an OTA bundle: {why}", ota_bundle.NOT_A_BUNDLE_HINT)
