@@ -75,23 +75,45 @@ class Buffer:
     """Page-aligned memory (O_DIRECT wants it), and its address for memcmp.
 
     Private anonymous memory, in transparent huge pages where the kernel has them
-    (MADV_HUGEPAGE; most distributions set THP to "madvise", so without asking there are
-    none). Every O_DIRECT write and read-back of a 16 MiB window pins and walks its
-    pages: 8 huge pages instead of 4096 small ones. On a loop device the device's one
-    worker then copies those pages into and out of the backing file and is the stage
-    every window waits for, so that cost is on the critical path: staging 1 GiB was
-    0.19 s faster (median of paired rounds, 12 of 12 faster) with huge pages, and
-    0.04 s with private memory alone (bench.writer_ab; docs/install-path.md
-    "Staging's serial point, and huge pages for the windows"). Python's default, a
-    shared anonymous mapping, is shmem, which gets no huge pages from MADV_HUGEPAGE."""
+    (MADV_HUGEPAGE). Distributions differ in THP's default: Debian and Ubuntu build
+    their kernels with "madvise" (no huge pages unless asked for), the kernel's own
+    default and RHEL's is "always"; asking makes it the same everywhere. Every O_DIRECT
+    write and read-back of a 16 MiB window pins and walks its pages: 8 huge pages
+    instead of 4096 small ones. On a loop device the device's one worker then copies
+    those pages into and out of the backing file and is the stage every window waits
+    for, so that cost is on the critical path: staging 1 GiB was 0.19 s faster (median
+    of paired rounds, 12 of 12 faster) with huge pages, and 0.04 s with private memory
+    alone (bench.writer_ab; docs/install-path.md "Staging's serial point, and huge pages
+    for the windows"). Python's default, a shared anonymous mapping, is shmem, which
+    gets no huge pages from MADV_HUGEPAGE.
 
-    def __init__(self, size: int, *, huge: bool = True) -> None:
+    The cost: with THP's "defrag" at "madvise" (the kernel's default), a fault on
+    memory that asked for huge pages may reclaim and compact memory synchronously
+    before it falls back to small pages. A stream's buffers are faulted in as its first
+    windows pass: an ImageWriter's 9 windows (144 MiB, 72 huge pages; deploy), plus a
+    FileSource's ring of 5 blob pieces (80 MiB; staging: 224 MiB, 112 huge pages). On a
+    node whose memory is fragmented or given to VMs those first windows can stall. No
+    per-mapping knob bounds this; the node's defrag setting does ("defer": huge pages
+    only where free ones are at hand), not measured here.
+
+    I/O buffers (`io`, the default) are also MADV_DONTFORK: open(2) says O_DIRECT I/O
+    into MAP_PRIVATE memory must not run while the process forks, or a read-back can
+    land in the child's copy-on-write copy and not ours. Subprocesses start with vfork
+    today (no preexec_fn), which is safe; a fork (a future preexec_fn, say) would not
+    be. The child gets no mapping there at all, so a forked child must not use a Buffer
+    made before the fork (an exec'd one never sees it). `io=False` is for memory that is
+    only read by memcmp: small pages refused huge ones (MADV_NOHUGEPAGE), and it is
+    inherited."""
+
+    def __init__(self, size: int, *, io: bool = True) -> None:
         self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        # A hint: a kernel without THP (EINVAL) or a Python without madvise keeps small
-        # pages, which work the same, only slower.
-        if huge:
+        # Hints: a kernel without THP (EINVAL) or a Python without the constant keeps
+        # small pages, which work the same, only slower; a kernel without MADV_DONTFORK
+        # (before 2.6.16) is not one this runs on.
+        advice = (mmap.MADV_HUGEPAGE, mmap.MADV_DONTFORK) if io else (mmap.MADV_NOHUGEPAGE,)
+        for name in advice:
             with contextlib.suppress(AttributeError, OSError):
-                self.mem.madvise(mmap.MADV_HUGEPAGE)
+                self.mem.madvise(name)
         self.view = memoryview(self.mem)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
@@ -102,10 +124,11 @@ def same(a: Buffer, b: Buffer, n: int) -> bool:
 
 
 # What zero_runs compares blocks with. A private anonymous mapping never written to reads
-# as the kernel's shared zero page (4 KiB, small pages asked for), so it costs no memory
-# and stays in the CPU cache.
+# as the kernel's shared zero page, so it costs no memory and stays in the CPU cache: the
+# 4 KiB one, as huge pages are refused (where THP is "always" a read fault on a 2 MiB
+# aligned range would map the 2 MiB huge zero page instead).
 ZERO_SCAN_MAX = 4 << 20
-_zeros = Buffer(ZERO_SCAN_MAX, huge=False)
+_zeros = Buffer(ZERO_SCAN_MAX, io=False)
 
 
 def zero_runs(buf: Buffer, n: int, block: int) -> Iterator[tuple[int, int, bool]]:

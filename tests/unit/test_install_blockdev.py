@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -98,15 +100,56 @@ def test_window_buffers_are_private_memory_that_asks_for_huge_pages() -> None:
     """The writer's windows and read-back buffers: private anonymous memory with
     MADV_HUGEPAGE (VmFlags `hg`), so an O_DIRECT write or read of a window pins 8 huge
     pages instead of 4096 small ones; a shared mapping (shmem, `sh`) gets none. The zero
-    buffer asks for none: it stays on the kernel's one 4 KiB zero page."""
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("this kernel has no transparent huge pages (or they are off)")
+    buffer refuses them (MADV_NOHUGEPAGE, `nh`): where THP is "always" a read fault would
+    otherwise map the 2 MiB huge zero page, not the 4 KiB one.
+
+    madvise sets the flag whatever THP's sysfs setting is ("never" included: the kernel's
+    hugepage_madvise does not look at it), so only a kernel built without THP, where
+    madvise refuses the advice, cannot show it."""
+    if not Path("/sys/kernel/mm/transparent_hugepage").exists():
+        pytest.skip("this kernel is built without transparent huge pages")
     buf = blockdev.Buffer(16 << 20)
     buf.view[:] = b"\x01" * len(buf.view)
     flags = _vm_flags(buf.addr)
     assert "sh" not in flags and "hg" in flags, flags
     assert buf.addr % blockdev.ALIGN == 0
     zero_flags = _vm_flags(blockdev._zeros.addr)
-    assert "sh" not in zero_flags and "hg" not in zero_flags, zero_flags
+    assert "sh" not in zero_flags and "nh" in zero_flags and "hg" not in zero_flags, zero_flags
     assert blockdev._zeros.view[: 1 << 20] == bytes(1 << 20)
+
+
+def test_window_buffers_are_not_inherited_by_a_forked_child() -> None:
+    """open(2): O_DIRECT I/O into MAP_PRIVATE memory must not run while the process
+    forks, or a read-back can land in the child's copy-on-write copy instead of ours.
+    The windows are MADV_DONTFORK (VmFlags `dc`): a child forked mid-stream (say by a
+    future preexec_fn) gets no mapping at that address at all. The zero buffer, never an
+    I/O target, stays inherited so a forked child can still scan."""
+    buf = blockdev.Buffer(4 << 20)
+    buf.view[:4096] = b"\x01" * 4096
+    assert "dc" in _vm_flags(buf.addr)
+    assert "dc" not in _vm_flags(blockdev._zeros.addr)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: wait for the parent's look, touch nothing
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        spans = []
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((lo, hi))
+    finally:
+        os.close(w)  # the child's read returns: it exits
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+    assert spans, "read no mappings of the child"
+    assert not any(lo <= buf.addr < hi for lo, hi in spans), f"child maps {buf.addr:#x}"
+    zeros = blockdev._zeros.addr
+    assert any(lo <= zeros < hi for lo, hi in spans)
