@@ -141,16 +141,22 @@ def detach(dev: str) -> None:
     subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30, check=False)
 
 
-def attach(backing: Path, *, partscan: bool = False, direct_io: bool = False) -> str:
+def attach(
+    backing: Path, *, partscan: bool = False, direct_io: bool = False, sector: int | None = None
+) -> str:
     """Attach `backing` to a free loop device; its path. With `direct_io`, the device
-    does direct I/O to the file or this raises DirectIoRefused (nothing left attached)."""
+    does direct I/O to the file or this raises DirectIoRefused (nothing left attached).
+    `sector`: the device's sector size (with `direct_io`, 512 unless given)."""
     argv = ["--find", "--show"]
     if partscan:
         argv.append("--partscan")
     if direct_io:
+        argv.append("--direct-io=on")
         # Without it a newer kernel gives a direct-I/O device on a 4 KiB-block disk
         # 4 KiB sectors (and the 512-byte GPT is not found); with it, it leaves DIO off.
-        argv += ["--direct-io=on", "--sector-size", str(SECTOR)]
+        sector = sector or SECTOR
+    if sector is not None:
+        argv += ["--sector-size", str(sector)]
     dev = _losetup([*argv, str(backing)]).strip()
     if direct_io:
         try:
