@@ -135,9 +135,11 @@ def test_a_disk_with_4k_blocks_refuses_direct_io_with_the_reason(dio_folder: Pat
         try:
             with pytest.raises(loopattach.DirectIoRefused, match="4096-byte logical blocks"):
                 loop_mode.probe(mnt)
-            with pytest.raises(loopattach.DirectIoRefused, match="512-byte sectors"):
-                with ab_disk(mnt, slot_mib=2, esp_mib=1, direct_io=True):
-                    pass
+            with (
+                pytest.raises(loopattach.DirectIoRefused, match="512-byte sectors"),
+                ab_disk(mnt, slot_mib=2, esp_mib=1, direct_io=True),
+            ):
+                pass
             assert sorted(p.name for p in mnt.iterdir()) == ["lost+found"]
         finally:
             subprocess.run(["umount", str(mnt)], check=False, timeout=30)

@@ -278,7 +278,9 @@ def test_an_ab_disk_whose_attach_fails_leaves_no_image(
 ) -> None:
     need_command("sfdisk", "fdisk")
     monkeypatch.setattr(abdisk, "attach", _refuse)
-    with pytest.raises(loopattach.DirectIoRefused):
-        with abdisk.ab_disk(tmp_path, slot_mib=2, esp_mib=1, direct_io=True):
-            pass
+    with (
+        pytest.raises(loopattach.DirectIoRefused),
+        abdisk.ab_disk(tmp_path, slot_mib=2, esp_mib=1, direct_io=True),
+    ):
+        pass
     assert list(tmp_path.iterdir()) == []
