@@ -284,3 +284,10 @@ def test_an_ab_disk_whose_attach_fails_leaves_no_image(
     ):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_o_direct_probe_leaves_nothing_and_fails_where_it_cannot_write(tmp_path: Path) -> None:
+    # tmp_path may be on a filesystem without O_DIRECT; either way no probe file stays.
+    loopattach.o_direct_ok(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert not loopattach.o_direct_ok(tmp_path / "missing")
