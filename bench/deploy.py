@@ -405,13 +405,15 @@ def run_deploy(direct_io: bool = False) -> dict[str, object]:
     rounds = int(os.environ.get(ROUNDS_ENV, "1"))
     with tempfile.TemporaryDirectory(prefix="spk-bench-deploy-") as tmp, _bytecode(Path(tmp)):
         work = Path(tmp)
+        if direct_io:
+            loop_mode.probe(work)
         raw, bundle, root, image_s, bundle_s = _release(work, size_mib)
         raw_size = raw.stat().st_size
         # 4 GiB: the ab layout needs ESP + two slots of the image + a data partition.
         disk = LoopDisk(work, f"{max(4096, 3 * size_mib + 1024)}M", direct_io=direct_io)
         try:
             mode = loop_mode.figures(disk.dev)
-            host = loop_mode.HostDisk(loop_mode.disk_of(work))
+            host = loop_mode.HostDisk.under(work)
             deploy_s: list[float] = []
             donor_s: list[float] = []
             dd_s: list[float] = []
@@ -568,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help=f"Deploy rounds (else ${ROUNDS_ENV}, 1).")
     loop_mode.add_option(parser)
     args = parser.parse_args(argv)
+    if args.direct_io and args.skip_deploy:
+        parser.error("--direct-io sets up the deploy's target disk: drop --skip-deploy or it")
     if args.mib is not None:
         os.environ[SIZE_ENV] = str(args.mib)
     if args.rounds is not None:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,16 +54,35 @@ def refusal_exits() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def disk_of(path: Path) -> str:
-    """The whole disk under `path` (sysfs name): where a loop file's I/O ends up."""
-    dev = os.stat(path).st_dev
-    link = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
-    return link.parent.name if (link / "partition").exists() else link.name
+def probe(folder: Path) -> None:
+    """Attach a tiny throwaway file in `folder` with direct I/O and let it go: a refusal
+    (DirectIoRefused) in seconds, before the bench builds its image."""
+    with tempfile.NamedTemporaryFile(prefix="direct-io-probe-", dir=folder) as f:
+        f.truncate(MIB)
+        loopattach.detach(loopattach.attach(Path(f.name), direct_io=True))
 
 
-def disk_bytes(disk: str) -> tuple[int, int]:
+def disk_of(
+    where: Path | int,
+    *,
+    sys_root: Path = loopattach.SYS,
+    mountinfo: Path = loopattach.MOUNTINFO,
+) -> str | None:
+    """The whole disk (sysfs name) under the folder `where` (or under a filesystem's
+    device number): where a loop file's I/O ends up. A partition counts as its disk, a
+    device-mapper volume as itself; None when no block device is behind the folder
+    (tmpfs, overlayfs, ZFS)."""
+    dev = where if isinstance(where, int) else os.stat(where).st_dev
+    found = loopattach.block_device(dev, sys_root=sys_root, mountinfo=mountinfo)
+    if found is None:
+        return None
+    disk = found.parent if (found / "partition").exists() else found
+    return disk.name if (sys_root / "block" / disk.name / "stat").is_file() else None
+
+
+def disk_bytes(disk: str, *, sys_root: Path = loopattach.SYS) -> tuple[int, int]:
     """Bytes read and written by `disk` since boot."""
-    fields = Path(f"/sys/block/{disk}/stat").read_text().split()
+    fields = (sys_root / "block" / disk / "stat").read_text().split()
     return int(fields[2]) * 512, int(fields[6]) * 512
 
 
@@ -70,19 +90,28 @@ def disk_bytes(disk: str) -> tuple[int, int]:
 class HostDisk:
     """MiB the disk under the loop file read and wrote during each timed run: whether a
     read-back came from that disk (direct I/O) or from the backing file's page cache
-    (buffered). The disk's counters take in whatever else the machine did meanwhile."""
+    (buffered). The disk's counters take in whatever else the machine did meanwhile.
+    Without a disk behind the folder (`name` None) the runs just run and both figures
+    are null."""
 
-    name: str
+    name: str | None
+    sys_root: Path = loopattach.SYS
     moved: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
+    @classmethod
+    def under(cls, folder: Path) -> HostDisk:
+        return cls(disk_of(folder))
+
     def around(self, what: str, run: Callable[[], T]) -> T:
-        r0, w0 = disk_bytes(self.name)
+        if self.name is None:
+            return run()
+        r0, w0 = disk_bytes(self.name, sys_root=self.sys_root)
         out = run()
-        r1, w1 = disk_bytes(self.name)
+        r1, w1 = disk_bytes(self.name, sys_root=self.sys_root)
         got = self.moved.setdefault(what, {"read_mib": [], "written_mib": []})
         got["read_mib"].append(round((r1 - r0) / MIB, 1))
         got["written_mib"].append(round((w1 - w0) / MIB, 1))
         return out
 
     def figures(self) -> dict[str, object]:
-        return {"host_disk": self.name, "host_disk_mib": self.moved}
+        return {"host_disk": self.name, "host_disk_mib": self.moved if self.name else None}

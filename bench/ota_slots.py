@@ -306,6 +306,8 @@ def run(direct_io: bool = False) -> dict[str, object]:
     rounds = int(os.environ.get(ROUNDS_ENV, "3"))
     with tempfile.TemporaryDirectory(prefix="spk-bench-slots-") as tmp:
         work = Path(tmp)
+        if direct_io:
+            loop_mode.probe(work)
         t0 = time.perf_counter()
         raw = build_image(work, size_mib)
         build_s = time.perf_counter() - t0
@@ -316,7 +318,7 @@ def run(direct_io: bool = False) -> dict[str, object]:
         (work / "st.zst").unlink()
         with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as disk:
             mode = loop_mode.figures(disk.loop)
-            host = loop_mode.HostDisk(loop_mode.disk_of(work))
+            host = loop_mode.HostDisk.under(work)
             ctx = node.node(work / "root", disk.root_a, disk.root_b)
             pub = node.publish(ctx, raw, encoded=blob)
             store_blob = ctx.store.path(pub.blob_id)

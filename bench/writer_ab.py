@@ -78,10 +78,12 @@ def run(direct_io: bool = False) -> dict[str, object]:
     defaults = {k: getattr(image_writer, k) for v in variants.values() for k in v}
     with tempfile.TemporaryDirectory(prefix="spk-bench-ab-") as tmp:
         work = Path(tmp)
+        if direct_io:
+            loop_mode.probe(work)
         raw = ota_slots.build_image(work, size_mib)
         blob = work / "raw.img.zst"
         ota_slots.encode(raw, blob, threads=-1)
-        disk = loop_mode.disk_of(work)
+        host = loop_mode.HostDisk.under(work)
         with ab_disk(work, slot_mib=size_mib + 4, esp_mib=1, direct_io=direct_io) as ab:
             mode = loop_mode.figures(ab.loop)
             ctx = node.node(work / "root", ab.root_a, ab.root_b)
@@ -105,11 +107,11 @@ def run(direct_io: bool = False) -> dict[str, object]:
                     try:
                         slots.discard(ctx)
                         ota_slots.prepare(store_blob, cond)
-                        r0, w0 = loop_mode.disk_bytes(disk)
                         t0 = time.perf_counter()
-                        code = slots.stage(ctx, pub.manifest, pub.manifest_hex)
+                        code = host.around(
+                            name, lambda: slots.stage(ctx, pub.manifest, pub.manifest_hex)
+                        )
                         t = time.perf_counter() - t0
-                        r1, w1 = loop_mode.disk_bytes(disk)
                     finally:
                         for key, value in defaults.items():
                             setattr(image_writer, key, value)
@@ -128,8 +130,9 @@ def run(direct_io: bool = False) -> dict[str, object]:
                     note(name, "decode_cpu_s", got["decode"]["cpu_s"])
                     note(name, "write_busy_s", got["write"]["busy_s"])
                     note(name, "check_busy_s", got["check"]["busy_s"])
-                    note(name, "disk_read_mib", (r1 - r0) / MIB)
-                    note(name, "disk_written_mib", (w1 - w0) / MIB)
+                    if name in host.moved:
+                        note(name, "disk_read_mib", host.moved[name]["read_mib"][-1])
+                        note(name, "disk_written_mib", host.moved[name]["written_mib"][-1])
 
                 return go
 
@@ -150,7 +153,7 @@ def run(direct_io: bool = False) -> dict[str, object]:
         "image_mib": size_mib,
         "rounds": rounds,
         "condition": cond,
-        "disk": disk,
+        "disk": host.name,
         **mode,
     }
     for name, ts in times.items():

@@ -93,8 +93,12 @@ def ab_disk(
     with image.open("wb") as f:
         f.truncate(total)
     script = "label: gpt\n" + "".join(f"size={size}MiB, name={name}\n" for name, size in layout)
-    _run(["sfdisk", "--quiet", str(image)], stdin=script.encode())
-    loop = attach(image, partscan=True, direct_io=direct_io)
+    try:
+        _run(["sfdisk", "--quiet", str(image)], stdin=script.encode())
+        loop = attach(image, partscan=True, direct_io=direct_io)
+    except BaseException:
+        image.unlink()
+        raise
     made: list[str] = []
     try:
         if not disk_prep.wait_until(lambda: _sysfs_parts(loop, len(layout)), 1.0):

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from bench import deploy, ota_slots, writer_ab
-from tests.support import loopattach
+from tests.support import abdisk, loopattach
+from tests.support.prereq import need_command
 
 # The benches on an A/B slot disk (bench.deploy has its own target disk).
 SLOT_BENCHES: dict[str, Any] = {"ota_slots": ota_slots, "writer_ab": writer_ab}
@@ -197,3 +198,96 @@ def test_every_bench_offers_the_same_option(capsys: pytest.CaptureFixture[str]) 
             main(["--help"])
         assert got.value.code == 0
         assert "--direct-io" in capsys.readouterr().out
+
+
+def test_direct_io_asks_for_the_512_byte_sectors_the_disks_are_laid_out_in(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # On a disk with 4 KiB logical blocks a newer kernel would otherwise give the loop
+    # device 4 KiB sectors, and the GPT sfdisk wrote in 512-byte sectors is not found.
+    fake = _Losetup("1")
+    monkeypatch.setattr(subprocess, "run", fake)
+    loopattach.attach(tmp_path / "x.img", partscan=True, direct_io=True)
+    attach = fake.calls[0]
+    assert attach[attach.index("--sector-size") + 1] == "512"
+
+
+def test_a_refusal_for_a_disk_with_larger_blocks_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(subprocess, "run", _Losetup("0"))
+    monkeypatch.setattr(loopattach, "backing_block_size", lambda _p: 4096)
+    with pytest.raises(loopattach.DirectIoRefused) as got:
+        loopattach.attach(tmp_path / "x.img", partscan=True, direct_io=True)
+    assert "4096-byte logical blocks" in str(got.value)
+    assert "512-byte sectors" in str(got.value)
+
+
+def test_a_refusal_for_a_filesystem_without_o_direct_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(subprocess, "run", _Losetup("0"))
+    monkeypatch.setattr(loopattach, "o_direct_ok", lambda _folder: False)
+    with pytest.raises(loopattach.DirectIoRefused) as got:
+        loopattach.attach(tmp_path / "x.img", direct_io=True)
+    assert f"{tmp_path} does not do O_DIRECT" in str(got.value)
+
+
+class _Built(Exception):
+    """Raised by the stand-in image builders: the bench got as far as building."""
+
+
+def _refuse(*_a: object, **_kw: object) -> str:
+    raise loopattach.DirectIoRefused("the kernel left direct I/O off")
+
+
+def _built(*_a: object, **_kw: object) -> Any:
+    raise _Built
+
+
+@pytest.mark.parametrize("bench", ["ota_slots", "writer_ab", "deploy"])
+def test_direct_io_is_probed_before_the_image_is_built(
+    monkeypatch: pytest.MonkeyPatch, bench: str
+) -> None:
+    monkeypatch.setattr(loopattach, "attach", _refuse)
+    monkeypatch.setattr(ota_slots, "build_image", _built)
+    monkeypatch.setattr(deploy, "_release", _built)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    monkeypatch.setattr(deploy, "_bytecode", lambda _work: contextlib.nullcontext())
+    run = deploy.run_deploy if bench == "deploy" else SLOT_BENCHES[bench].run
+    with pytest.raises(loopattach.DirectIoRefused):
+        run(direct_io=True)
+    # Without --direct-io there is nothing to probe: the bench goes on to build.
+    with pytest.raises(_Built):
+        run(direct_io=False)
+
+
+def test_deploy_refuses_direct_io_with_the_deploy_skipped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(deploy, "run_deploy", _built)
+    with pytest.raises(SystemExit) as got:
+        deploy.main(["--skip-iso", "--skip-channel", "--skip-deploy", "--direct-io"])
+    assert got.value.code == 2
+    assert "--direct-io" in capsys.readouterr().err
+
+
+def test_an_ab_disk_whose_attach_fails_leaves_no_image(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    need_command("sfdisk", "fdisk")
+    monkeypatch.setattr(abdisk, "attach", _refuse)
+    with (
+        pytest.raises(loopattach.DirectIoRefused),
+        abdisk.ab_disk(tmp_path, slot_mib=2, esp_mib=1, direct_io=True),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_o_direct_probe_leaves_nothing_and_fails_where_it_cannot_write(tmp_path: Path) -> None:
+    # tmp_path may be on a filesystem without O_DIRECT; either way no probe file stays.
+    loopattach.o_direct_ok(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert not loopattach.o_direct_ok(tmp_path / "missing")
