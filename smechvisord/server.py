@@ -67,6 +67,8 @@ MAX_HEADERS = 100
 # CRLF after a body); past this many the connection is closed unanswered, as before.
 MAX_EMPTY_LINES = 4
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The access log's status for a request the client reset before it was answered (nginx's).
+CLIENT_GONE = 499
 
 
 @dataclass
@@ -105,6 +107,10 @@ class Headers:
 
     def __len__(self) -> int:
         return self._count
+
+
+class _ClientGone(Exception):
+    """The client reset the connection while its request was being read."""
 
 
 class Encoded(bytes):
@@ -361,6 +367,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         for _ in range(MAX_EMPTY_LINES):
             if raw != b"\r\n":
                 break
+            # An empty line begins no request (an idle connection after it gets no 408),
+            # and a buffer that began with two says nothing of the head after them: it is
+            # read under the deadline unless it is in the buffer whole.
+            self._head_begun = self._head_buffered = False
             raw = self._readline(65537)
         self.raw_requestline = raw
         if len(raw) > 65536:
@@ -409,12 +419,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.headers = headers  # type: ignore[assignment]
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")  # never an open redirect's //host
-        connection = headers.get("Connection", "").lower()
-        self.close_connection = (
-            connection == "close"
-            or (version == "HTTP/1.0" and connection != "keep-alive")
-            # RFC 9112 section 9.6: a close option among others closes too.
-            or ("," in connection and "close" in (o.strip() for o in connection.split(",")))
+        lines = headers.get_all("Connection")
+        connection = lines[0].lower() if len(lines) == 1 else ""
+        if len(lines) > 1 or "," in connection:
+            # RFC 9112 section 9.6: a close option among others closes too, on any of the
+            # Connection lines (together one list, RFC 9110 section 5.3).
+            options = {o.strip() for o in ",".join(lines).lower().split(",")}
+            connection = next((o for o in ("close", "keep-alive") if o in options), "")
+        self.close_connection = connection == "close" or (
+            version == "HTTP/1.0" and connection != "keep-alive"
         )
         # Two Authorization headers: which token was checked would depend on the reader.
         for name in ("Content-Length", "Host", "Authorization"):
@@ -574,6 +587,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._send_json(
                 e.status, e.envelope(), {"Allow": ", ".join(allowed)} if allowed else None
             )
+        except _ClientGone:
+            # The client reset the connection mid-request: routine, and nothing to answer.
+            self.close_connection = True
+            status = CLIENT_GONE
         except Exception:
             # The path only, as in the access log: a query string may hold pasted secrets.
             log.exception(
@@ -650,7 +667,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         ):
             # Only now, with the token, the route and the length checked: the client is
             # asked for a body the daemon will read, never for one it refuses unread.
-            self.wfile.write(CONTINUE)
+            try:
+                self.wfile.write(CONTINUE)
+            except OSError:
+                raise _ClientGone from None
         # The body shares the request deadline: 64 KiB at a byte per call would
         # otherwise hold this worker for days.
         deadlines = self.server.deadlines
@@ -667,6 +687,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 raw += chunk
         except TimeoutError:
             raw, cut = b"", True  # the deadline or the per-read socket timeout: a stall
+        except OSError:
+            raise _ClientGone from None  # reset mid-body: nothing to answer
         finally:
             cut = deadlines.disarm(self._watch) or cut
             self._bound_reads(None)
@@ -694,16 +716,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             body = strict_json.loads(raw)
         except strict_json.StrictJsonError as e:
+            # A body that does not parse is the sign of a wrong Content-Length: what
+            # follows it must not be read as the next request.
+            self.close_connection = True
             raise ApiError(400, p.ERR_INVALID_JSON, f"body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, p.ERR_INVALID_JSON, "body must be a JSON object")
         return body
 
     def _send_json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
-        if status == 400:
-            # A request this malformed may be framed wrongly too (a body that does not parse
-            # is the sign of a wrong Content-Length): nothing after it is read as a request.
-            self.close_connection = True
         extra = (
             {"Cache-Control": "no-store", **headers} if headers else {"Cache-Control": "no-store"}
         )

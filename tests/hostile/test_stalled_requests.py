@@ -210,3 +210,53 @@ def test_a_trickled_body_is_answered_408(rig: Daemon, gap: float, tls: bool) -> 
     assert time.monotonic() - started >= REQUEST_TIMEOUT - 0.2
     assert rig.env.recorded() == []
     prove(rig, before)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_empty_lines_before_a_trickled_head_do_not_lift_the_deadline(
+    rig: Daemon, tls: bool
+) -> None:
+    """Empty lines before the request line, then a header line a byte every 0.3 s. A
+    buffer that began with CRLF CRLF passed for a whole head, and the rest of it was read
+    without the deadline: the watchdog's cut, a second late, ended it (a late 408 plain,
+    none over TLS)."""
+    before = baseline(rig)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(
+            contextlib.closing(connect_from(ATTACKER, rig.port, timeout=REQUEST_TIMEOUT + 8))
+        )
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # the test is of the server, not its certificate
+            s = stack.enter_context(ctx.wrap_socket(s))
+        s.sendall(b"\r\n\r\nGET /api/node HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        deadline = started + REQUEST_TIMEOUT + 6
+        answer = b""
+        with contextlib.suppress(OSError):  # the daemon ends it: a write or read fails
+            while time.monotonic() < deadline and not answer:
+                s.sendall(b"a")
+                s.settimeout(0.3)
+                with contextlib.suppress(TimeoutError):
+                    answer += s.recv(65536)
+            s.settimeout(5)
+            while chunk := s.recv(65536):
+                answer += chunk
+    elapsed = time.monotonic() - started
+    assert_408(answer)
+    # The deadline's own 408, not the watchdog's cut BACKSTOP_GRACE (1 s) later.
+    assert REQUEST_TIMEOUT - 0.2 <= elapsed < REQUEST_TIMEOUT + 0.75, elapsed
+    prove(rig, before)
+
+
+def test_an_idle_connection_after_a_trailing_crlf_gets_no_answer(rig: Daemon) -> None:
+    """Some clients send a CRLF after a request (after a POST body): an empty line, not
+    the start of a request. The connection then idles and must be closed without a word;
+    it got a 408."""
+    before = baseline(rig)
+    with contextlib.closing(connect_from(ATTACKER, rig.port)) as s:
+        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
+        answer = read_until_closed(s, REQUEST_TIMEOUT + 8)
+    assert answer.count(b"HTTP/1.1 ") == 1 and status_of(answer) == 200, answer
+    prove(rig, before)
