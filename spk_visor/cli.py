@@ -6,6 +6,7 @@
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
@@ -233,6 +234,37 @@ class _Interrupted(Exception):
     main() must report it like any failure (under --json: the error document)."""
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a service stop) or SIGHUP (the terminal closed): stopped
+    through the same cleanup as Ctrl-C, exit 128 + the signal's number, as a shell says."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """Install the SIGINT (Ctrl-C), SIGTERM and SIGHUP handlers; the ones they replace, for main() to put
+    back. Installed even where the signal was inherited as ignored (a `nohup` or a
+    script's background job), as commands/deploy.py does: a stop must still clean up."""
+    before: dict[int, object] = {}
+    handlers = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: _raise_signalled,
+        signal.SIGHUP: _raise_signalled,
+    }
+    for signum, handler in handlers.items():
+        try:
+            before[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread (main() called from a test's thread)
+            break
+    return before
+
+
 def _carry_interrupts(command: _click.Command) -> None:
     invoke = command.invoke
 
@@ -256,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _json = "--json" in options
     _quiet = False
     console = Console()
+    replaced = _stop_on_signals()
     try:
         command = build()
         # With --json too: the JSON goes to stdout, and cron mails stderr all the same.
@@ -287,7 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _json_errors():
             console.json_line(e.document())
         return int(e.exit_code)
-    except (KeyboardInterrupt, _Interrupted):
+    except (KeyboardInterrupt, _Interrupted) as e:
+        stop = e if isinstance(e, _Signalled) else e.__cause__
+        if isinstance(stop, _Signalled):
+            name = signal.Signals(stop.signum).name
+            _fail(console, f"stopped by {name}", ExitCode.INTERRUPTED, say=f"spk-visor: {name}")
+            return 128 + stop.signum
         return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()
@@ -309,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mapped.exit_code)
     except Exception as e:  # a bug: one line, the traceback only under --verbose
         return _internal(console, e)
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def _internal(console: Console, e: Exception) -> int:
