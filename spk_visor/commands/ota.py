@@ -1057,7 +1057,8 @@ def push(
     from spk_visor.ota.bundle import check_is_bundle  # noqa: PLC0415
 
     st = state(ctx, as_json)
-    check_is_bundle(bundle_path)  # once here, rather than streamed to every node
+    if str(bundle_path) != spool.STDIN:  # not ./-: stdin's start is checked as it is read
+        check_is_bundle(bundle_path)  # once here, rather than streamed to every node
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     # A pipe (<(curl ...), /dev/stdin, -) is read once into a private file, checked, and

@@ -73,7 +73,11 @@ class Writer(threading.Thread):
 
 
 def spk_visor(
-    home: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
     clean.update(
@@ -96,6 +100,7 @@ def spk_visor(
             encoding="latin-1",
             timeout=DEADLINE,
             check=False,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"spk-visor {' '.join(args)} did not end within {DEADLINE} s (a hang)")
@@ -190,6 +195,20 @@ def test_push_from_dev_stdin_and_dash(home: Path, sshd: Sshd, bundle: tuple[byte
     assert list((home / "tmp").iterdir()) == []
 
 
+def test_push_of_dash_ignores_a_file_named_dash(
+    tmp_path: Path, home: Path, sshd: Sshd, bundle: tuple[bytes, str]
+) -> None:
+    """`-` is stdin even where the current folder holds a stray file named `-`."""
+    data, digest = bundle
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "-").write_text("not a bundle\n")
+    proc = spk_visor(home, *push_args(home, "-", "node0"), stdin=data, cwd=here)
+    assert proc.returncode == 0, proc
+    received = json.loads((node_dir(home, sshd) / "received.json").read_text())
+    assert received["sha256"] == digest and received["bytes"] == SIZE, received
+
+
 @pytest.mark.parametrize(
     ("content", "why"),
     [(b"", "an empty file"), (b"\0" * (4 << 20), "bundle magic"), (b'{"a": 1}', "JSON")],
@@ -273,6 +292,20 @@ def test_deploy_send_from_a_fifo_reads_the_whole_bundle(tmp_path: Path, ota_pki:
     assert "sending release 0.2.0" in proc.stderr, proc
     assert proc.returncode == ExitCode.TRANSIENT, proc
     assert list((home / "tmp").iterdir()) == []
+
+
+def test_push_of_dash_ignores_a_file_named_dash(
+    tmp_path: Path, home: Path, sshd: Sshd, bundle: tuple[bytes, str]
+) -> None:
+    """`-` is stdin even where the current folder holds a stray file named `-`."""
+    data, digest = bundle
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "-").write_text("not a bundle\n")
+    proc = spk_visor(home, *push_args(home, "-", "node0"), stdin=data, cwd=here)
+    assert proc.returncode == 0, proc
+    received = json.loads((node_dir(home, sshd) / "received.json").read_text())
+    assert received["sha256"] == digest and received["bytes"] == SIZE, received
 
 
 @pytest.mark.parametrize(
