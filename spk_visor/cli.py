@@ -418,6 +418,7 @@ def _asks_quiet(options: Sequence[str], command: _click.Command) -> bool:
 # The root's options that name where a command goes: a second one used to replace the
 # first without a word (`--ssh n1 --ssh n2 ota push` went to n2 alone).
 _TARGET_OPTIONS = ("node", "ssh", "fleet")
+_HELP = ("--help", "-h")
 
 
 def _refuse_repeated_targets(options: Sequence[str], command: _click.Command) -> None:
@@ -430,28 +431,42 @@ def _refuse_repeated_targets(options: Sequence[str], command: _click.Command) ->
         if p.name in _TARGET_OPTIONS
         for opt in p.opts + p.secondary_opts
     }
-    if sum(word.split("=", 1)[0] in names for word in options) < 2:
+
+    def option_of(word: str) -> str:
+        """The option a word gives: --ssh=a is --ssh, and -nb is -n with its value b."""
+        if word.startswith("--"):
+            return word.split("=", 1)[0]
+        if word.startswith("-") and word[:2] in names:
+            return word[:2]
+        return word
+
+    if sum(option_of(word) in names for word in options) < 2:
         return  # the usual case
     takes_value = _takes_value(command)
     seen: set[str] = set()
+    repeated: str | None = None
     value_next = False
     for word in options:
         if value_next:
             value_next = False
             continue
-        name = word.split("=", 1)[0] if word.startswith("--") else word
+        if word in _HELP:
+            return  # the help asked for, as without the repeat
+        name = option_of(word)
         if name in names:
             if names[name] in seen:
-                raise UsageError(
-                    f"{names[name]} is given twice: a run goes to one node or one group",
-                    "for several nodes, make them a group in config.toml ([groups]) or an "
-                    "inventory and use --fleet GROUP",
-                )
+                repeated = repeated or names[name]
             seen.add(names[name])
         if word in takes_value:
             value_next = True
         elif not word.startswith("-"):
-            return  # the command: its own options follow
+            break  # the command: its own options follow
+    if repeated is not None:
+        raise UsageError(
+            f"{repeated} is given twice: a run goes to one node or one group",
+            "for several nodes, make them a group in config.toml ([groups]) or an "
+            "inventory and use --fleet GROUP",
+        )
 
 
 def _takes_value(command: _click.Command) -> set[str]:
