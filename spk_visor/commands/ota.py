@@ -1079,7 +1079,7 @@ def push(
         apply_args=extra,
         timeout=settings.timeout,
         accept_new=settings.accept_new,
-        show_progress=not st.json and st.console.err_is_tty,
+        show_progress=not st.json and not quiet and st.console.err_is_tty,
     )
     docs = [r.to_doc() for r in results]
     if st.json:
