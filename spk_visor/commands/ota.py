@@ -1062,7 +1062,7 @@ def push(
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     # A pipe (<(curl ...), /dev/stdin, -) is read once into a private file, checked, and
-    # removed when the command ends: every node gets it from the start.
+    # gone when the command ends (it has no name): every node gets it from the start.
     bundle_path = ctx.with_resource(spool.as_file(bundle_path))
     extra = [
         a

@@ -13,6 +13,7 @@ a hang fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -241,11 +242,28 @@ def test_a_pipe_over_the_cap_is_refused_and_leaves_nothing(
     os.mkfifo(fifo)
     writer = Writer(fifo, bundle[0])
     writer.start()
-    with pytest.raises(UsageError) as e, spool.as_file(fifo):
-        pass
+    raised: list[BaseException] = []
+
+    def spool_it() -> None:  # in a thread: a writer that never comes fails, not hangs
+        try:
+            with spool.as_file(fifo):
+                pass
+        except BaseException as error:  # reported below
+            raised.append(error)
+
+    reader = threading.Thread(target=spool_it, daemon=True)
+    reader.start()
+    reader.join(DEADLINE)
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # releases the reader's open
+        reader.join(DEADLINE)
+        pytest.fail(f"spooling {fifo} did not end within {DEADLINE} s")
     writer.join(DEADLINE)
-    assert str(fifo) in e.value.message and "GiB" in e.value.message, e.value.message
-    assert e.value.hint and "file" in e.value.hint
+    assert len(raised) == 1, raised
+    e = raised[0]
+    assert isinstance(e, UsageError), e
+    assert str(fifo) in e.message and "GiB" in e.message, e.message
+    assert e.hint and "file" in e.hint
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -405,3 +423,30 @@ def _copying_into(pid: int, folder: Path) -> bool:
     except OSError:  # it ended, or an fd closed while listed
         return False
     return any(link.startswith(f"{folder}/") for link in links)
+
+
+def test_a_read_error_of_the_source_is_not_blamed_on_tmpdir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipe that fails mid-read (EIO from a hung-up terminal or a broken device) is the
+    source's fault: the message says so, and does not send the user to TMPDIR."""
+
+    class Failing(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: object) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    class Stdin:
+        buffer = Failing()
+
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    with pytest.raises(UsageError) as e, spool.as_file("-"):
+        pass
+    assert "cannot read the bundle from stdin" in e.value.message, e.value.message
+    assert "Input/output error" in e.value.message, e.value.message
+    assert "TMPDIR" not in (e.value.hint or ""), e.value.hint
