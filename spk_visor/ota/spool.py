@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import stat
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from spk_visor.ota import bundle as ota_bundle
 # ends: the temporary folder is not filled without limit.
 MAX_SPOOL = 64 << 30
 CHUNK = 1 << 20
+POLL_MS = 500
 STDIN = "-"
 SPOOL_HINT = (
     "save the bundle to a file first (curl -o spk.spkb URL) and push that file, "
@@ -81,9 +83,17 @@ def _copy(name: str, sink: BinaryIO) -> None:
     try:
         head = b""
         done = 0
+        fd = source.fileno()
+        wait = select.poll()
+        wait.register(fd, select.POLLIN)
         while True:
             try:
-                chunk = source.read(CHUNK)
+                # Python runs a signal's handler between bytecodes, not inside a blocked
+                # read: one that lands just before a read of a stalled pipe would wait for
+                # data that never comes. The poll wakes at least every POLL_MS.
+                if not wait.poll(POLL_MS):
+                    continue
+                chunk = _read(fd)
             except OSError as e:  # the source's fault, not the temporary folder's
                 raise UsageError(
                     f"cannot read the bundle from {shown}: {e.strerror or e}",
@@ -115,6 +125,11 @@ def _copy(name: str, sink: BinaryIO) -> None:
     finally:
         if source is not sys.stdin.buffer:
             source.close()
+
+
+def _read(fd: int) -> bytes:
+    """What the source has, up to CHUNK bytes (b"" at its end)."""
+    return os.read(fd, CHUNK)
 
 
 def _check_head(shown: str, head: bytes) -> None:

@@ -13,7 +13,6 @@ a hang fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import signal
@@ -399,7 +398,7 @@ def test_a_signal_while_the_pipe_is_read_leaves_no_copy(
         os.write(fd, bundle[0][: 1 << 20])  # half, then nothing more
         while not _copying_into(proc.pid, home / "tmp") and time.monotonic() < end:
             time.sleep(0.02)
-        assert _copying_into(proc.pid, home / "tmp"), "no copy was being written"
+        assert _copying_into(proc.pid, home / "tmp"), ("no copy was being written", proc.poll())
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=DEADLINE)
         os.close(fd)
@@ -431,22 +430,26 @@ def test_a_read_error_of_the_source_is_not_blamed_on_tmpdir(
     """A pipe that fails mid-read (EIO from a hung-up terminal or a broken device) is the
     source's fault: the message says so, and does not send the user to TMPDIR."""
 
-    class Failing(io.RawIOBase):
-        def readable(self) -> bool:
-            return True
+    def failing_read(fd: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
 
-        def readinto(self, b: object) -> int:
-            raise OSError(errno.EIO, "Input/output error")
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")  # the source has data: the read itself fails
 
     class Stdin:
-        buffer = Failing()
+        buffer = os.fdopen(read_end, "rb")
 
         def isatty(self) -> bool:
             return False
 
+    monkeypatch.setattr(spool, "_read", failing_read)
     monkeypatch.setattr(sys, "stdin", Stdin())
-    with pytest.raises(UsageError) as e, spool.as_file("-"):
-        pass
+    try:
+        with pytest.raises(UsageError) as e, spool.as_file("-"):
+            pass
+    finally:
+        Stdin.buffer.close()
+        os.close(write_end)
     assert "cannot read the bundle from stdin" in e.value.message, e.value.message
     assert "Input/output error" in e.value.message, e.value.message
     assert "TMPDIR" not in (e.value.hint or ""), e.value.hint
