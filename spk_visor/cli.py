@@ -248,18 +248,15 @@ def _raise_signalled(signum: int, frame: object) -> None:
 
 
 def _stop_on_signals() -> dict[int, object]:
-    """Install the SIGINT (Ctrl-C), SIGTERM and SIGHUP handlers; the ones they replace, for main() to put
-    back. Installed even where the signal was inherited as ignored (a `nohup` or a
-    script's background job), as commands/deploy.py does: a stop must still clean up."""
+    """Install the SIGTERM and SIGHUP handlers; the ones they replace, for main() to put
+    back. A signal inherited as ignored stays ignored: `nohup spk-visor ...` is meant to
+    outlive its terminal (as SIGINT stays ignored in a script's background job)."""
     before: dict[int, object] = {}
-    handlers = {
-        signal.SIGINT: signal.default_int_handler,
-        signal.SIGTERM: _raise_signalled,
-        signal.SIGHUP: _raise_signalled,
-    }
-    for signum, handler in handlers.items():
+    for signum in (signal.SIGTERM, signal.SIGHUP):
         try:
-            before[signum] = signal.signal(signum, handler)
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            before[signum] = signal.signal(signum, _raise_signalled)
         except ValueError:  # not the main thread (main() called from a test's thread)
             break
     return before

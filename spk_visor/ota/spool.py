@@ -20,8 +20,8 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 from spk_visor.errors import UsageError
 from spk_visor.ota import bundle as ota_bundle

@@ -311,20 +311,6 @@ def test_deploy_send_from_a_fifo_reads_the_whole_bundle(tmp_path: Path, ota_pki:
     assert list((home / "tmp").iterdir()) == []
 
 
-def test_push_of_dash_ignores_a_file_named_dash(
-    tmp_path: Path, home: Path, sshd: Sshd, bundle: tuple[bytes, str]
-) -> None:
-    """`-` is stdin even where the current folder holds a stray file named `-`."""
-    data, digest = bundle
-    here = tmp_path / "here"
-    here.mkdir()
-    (here / "-").write_text("not a bundle\n")
-    proc = spk_visor(home, *push_args(home, "-", "node0"), stdin=data, cwd=here)
-    assert proc.returncode == 0, proc
-    received = json.loads((node_dir(home, sshd) / "received.json").read_text())
-    assert received["sha256"] == digest and received["bytes"] == SIZE, received
-
-
 @pytest.mark.parametrize(
     ("content", "why"),
     [(b"", "an empty file"), (b"<html>404</html>\n", "bundle magic"), (b"\0" * 65536, "magic")],
@@ -383,6 +369,9 @@ def test_a_signal_while_the_pipe_is_read_leaves_no_copy(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: this test's runner may have been started with the signal
+        # ignored (a background job, nohup), which the child would inherit.
+        preexec_fn=_as_from_a_terminal,  # noqa: PLW1509 (no lock taken: signal() only)
     )
     try:
         fd = -1
@@ -412,6 +401,11 @@ def test_a_signal_while_the_pipe_is_read_leaves_no_copy(
         assert proc.returncode == 128 + signum, (proc.returncode, out, err)
     assert "Traceback" not in err, err
     assert list((home / "tmp").iterdir()) == []
+
+
+def _as_from_a_terminal() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _copying_into(pid: int, folder: Path) -> bool:
