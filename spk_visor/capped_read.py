@@ -7,6 +7,8 @@ import os
 import stat
 from pathlib import Path
 
+from spk_visor.errors import ConfigError
+
 
 class NotAFileError(OSError):
     """The path names a pipe or a socket: nothing to read as a settings file."""
@@ -36,11 +38,17 @@ def read_at_most(path: Path, limit: int) -> bytes:
             os.close(fd)
 
 
-def regular_size(fd: int, path: Path) -> int:
-    """The size of the file open at `fd`, for an append to a settings file; NotAFileError
-    if it is a pipe, a socket or a device (a line written there would go to whoever
-    reads it, or nowhere)."""
+def regular_size(fd: int, path: Path) -> int | None:
+    """The size of the file open at `fd`, for an append to a settings file; None if it is
+    /dev/null: "keep no key", as OpenSSH takes UserKnownHostsFile=/dev/null (the line is
+    not written). ConfigError (exit 2) for a pipe, a socket or any other device: a line
+    written there would go to whoever reads it, or nowhere the user meant."""
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise NotAFileError(errno.EINVAL, "is not a regular file", str(path))
-    return st.st_size
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev:
+        return None
+    raise ConfigError(
+        f"{path} is not a regular file: a key is only ever added to a file",
+        f"name a file there, or {os.devnull} to keep no key",
+    )

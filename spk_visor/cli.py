@@ -6,6 +6,7 @@
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
@@ -233,6 +234,34 @@ class _Interrupted(Exception):
     main() must report it like any failure (under --json: the error document)."""
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a service stop) or SIGHUP (the terminal closed): stopped
+    through the same cleanup as Ctrl-C, exit 128 + the signal's number, as a shell says."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """Install the SIGTERM and SIGHUP handlers; the ones they replace, for main() to put
+    back. A signal inherited as ignored stays ignored: `nohup spk-visor ...` is meant to
+    outlive its terminal (as SIGINT stays ignored in a script's background job)."""
+    before: dict[int, object] = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            before[signum] = signal.signal(signum, _raise_signalled)
+        except ValueError:  # not the main thread (main() called from a test's thread)
+            break
+    return before
+
+
 def _carry_interrupts(command: _click.Command) -> None:
     invoke = command.invoke
 
@@ -256,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _json = "--json" in options
     _quiet = False
     console = Console()
+    replaced = _stop_on_signals()
     try:
         command = build()
         # With --json too: the JSON goes to stdout, and cron mails stderr all the same.
@@ -287,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _json_errors():
             console.json_line(e.document())
         return int(e.exit_code)
-    except (KeyboardInterrupt, _Interrupted):
+    except (KeyboardInterrupt, _Interrupted) as e:
+        stop = e if isinstance(e, _Signalled) else e.__cause__
+        if isinstance(stop, _Signalled):
+            name = signal.Signals(stop.signum).name
+            _fail(console, f"stopped by {name}", ExitCode.INTERRUPTED, say=f"spk-visor: {name}")
+            return 128 + stop.signum
         return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()
@@ -309,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mapped.exit_code)
     except Exception as e:  # a bug: one line, the traceback only under --verbose
         return _internal(console, e)
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def _internal(console: Console, e: Exception) -> int:
@@ -377,6 +415,7 @@ def _asks_quiet(options: Sequence[str], command: _click.Command) -> bool:
 # The root's options that name where a command goes: a second one used to replace the
 # first without a word (`--ssh n1 --ssh n2 ota push` went to n2 alone).
 _TARGET_OPTIONS = ("node", "ssh", "fleet")
+_HELP = ("--help", "-h")
 
 
 def _refuse_repeated_targets(options: Sequence[str], command: _click.Command) -> None:
@@ -389,28 +428,42 @@ def _refuse_repeated_targets(options: Sequence[str], command: _click.Command) ->
         if p.name in _TARGET_OPTIONS
         for opt in p.opts + p.secondary_opts
     }
-    if sum(word.split("=", 1)[0] in names for word in options) < 2:
+
+    def option_of(word: str) -> str:
+        """The option a word gives: --ssh=a is --ssh, and -nb is -n with its value b."""
+        if word.startswith("--"):
+            return word.split("=", 1)[0]
+        if word.startswith("-") and word[:2] in names:
+            return word[:2]
+        return word
+
+    if sum(option_of(word) in names for word in options) < 2:
         return  # the usual case
     takes_value = _takes_value(command)
     seen: set[str] = set()
+    repeated: str | None = None
     value_next = False
     for word in options:
         if value_next:
             value_next = False
             continue
-        name = word.split("=", 1)[0] if word.startswith("--") else word
+        if word in _HELP:
+            return  # the help asked for, as without the repeat
+        name = option_of(word)
         if name in names:
             if names[name] in seen:
-                raise UsageError(
-                    f"{names[name]} is given twice: a run goes to one node or one group",
-                    "for several nodes, make them a group in config.toml ([groups]) or an "
-                    "inventory and use --fleet GROUP",
-                )
+                repeated = repeated or names[name]
             seen.add(names[name])
         if word in takes_value:
             value_next = True
         elif not word.startswith("-"):
-            return  # the command: its own options follow
+            break  # the command: its own options follow
+    if repeated is not None:
+        raise UsageError(
+            f"{repeated} is given twice: a run goes to one node or one group",
+            "for several nodes, make them a group in config.toml ([groups]) or an "
+            "inventory and use --fleet GROUP",
+        )
 
 
 def _takes_value(command: _click.Command) -> set[str]:

@@ -1057,11 +1057,12 @@ def push(
     from spk_visor.ota.bundle import check_is_bundle  # noqa: PLC0415
 
     st = state(ctx, as_json)
-    check_is_bundle(bundle_path)  # once here, rather than streamed to every node
+    if str(bundle_path) != spool.STDIN:  # not ./-: stdin's start is checked as it is read
+        check_is_bundle(bundle_path)  # once here, rather than streamed to every node
     settings = st.settings
     targets = push_mod.targets_from_settings(settings)
     # A pipe (<(curl ...), /dev/stdin, -) is read once into a private file, checked, and
-    # removed when the command ends: every node gets it from the start.
+    # gone when the command ends (it has no name): every node gets it from the start.
     bundle_path = ctx.with_resource(spool.as_file(bundle_path))
     extra = [
         a
@@ -1078,7 +1079,7 @@ def push(
         apply_args=extra,
         timeout=settings.timeout,
         accept_new=settings.accept_new,
-        show_progress=not st.json and st.console.err_is_tty,
+        show_progress=not st.json and not quiet and st.console.err_is_tty,
     )
     docs = [r.to_doc() for r in results]
     if st.json:

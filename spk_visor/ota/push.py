@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 from spk_visor import strict_json
 from spk_visor.config import Settings, SshSpec
 from spk_visor.errors import ExitCode, SpkVisorError, UsageError
+from spk_visor.ota.report import clean
 from spk_visor.output import Column, table
 from spk_visor.transport import ssh, ssh_stream
 
@@ -273,14 +274,23 @@ def attention_lines(results: Sequence[PushResult]) -> list[str]:
         hint = r.hint or ""
         if r.exit_code == ExitCode.REBOOT_REQUIRED and "reboot" not in r.message:
             hint = "reboot the node to use it"
-        lines.append(f"{r.node}: {r.message} (exit {r.exit_code})" + (f"; {hint}" if hint else ""))
+        line = f"{r.node}: {r.message} (exit {r.exit_code})" + (f"; {hint}" if hint else "")
+        lines.append(_one_line(line))
     skipped = [r for r in results if r.phase == SKIPPED]
     if skipped:
         names = ", ".join(r.node for r in skipped)
         # "not started: WHY[; the bundle sent ahead was cut ...]": WHY is the same for all.
         why = skipped[0].message.removeprefix(SKIPPED_PREFIX).split("; ")[0]
-        lines.append(f"{len(skipped)} not started ({names}): {why}; fix that, push to them again")
+        lines.append(
+            _one_line(f"{len(skipped)} not started ({names}): {why}; fix that, push to them again")
+        )
     return lines
+
+
+def _one_line(text: str) -> str:
+    """What a node said, over several lines or not, as one line (cron's one per node),
+    its control characters shown escaped."""
+    return clean(" ".join(text.split()))
 
 
 def summary_table(results: Sequence[PushResult]) -> str:

@@ -301,6 +301,8 @@ def record_host_key(path: Path, name: str, key: paramiko.PKey) -> None:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = regular_size(fd, path)
+            if size is None:  # /dev/null: the user keeps no key
+                return
             if size == 0:
                 os.fchmod(fd, 0o600)
             elif os.pread(fd, 1, size - 1) != b"\n":

@@ -148,6 +148,8 @@ def record(path: Path, key: str, fp: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = regular_size(fd, path)
+            if size is None:  # /dev/null: the user keeps no key
+                return
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line  # a hand-edited file without a final newline
             os.write(fd, line)

@@ -73,7 +73,11 @@ class Writer(threading.Thread):
 
 
 def spk_visor(
-    home: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SPK_VISOR_")}
     clean.update(
@@ -96,6 +100,7 @@ def spk_visor(
             encoding="latin-1",
             timeout=DEADLINE,
             check=False,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"spk-visor {' '.join(args)} did not end within {DEADLINE} s (a hang)")
@@ -190,6 +195,20 @@ def test_push_from_dev_stdin_and_dash(home: Path, sshd: Sshd, bundle: tuple[byte
     assert list((home / "tmp").iterdir()) == []
 
 
+def test_push_of_dash_ignores_a_file_named_dash(
+    tmp_path: Path, home: Path, sshd: Sshd, bundle: tuple[bytes, str]
+) -> None:
+    """`-` is stdin even where the current folder holds a stray file named `-`."""
+    data, digest = bundle
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "-").write_text("not a bundle\n")
+    proc = spk_visor(home, *push_args(home, "-", "node0"), stdin=data, cwd=here)
+    assert proc.returncode == 0, proc
+    received = json.loads((node_dir(home, sshd) / "received.json").read_text())
+    assert received["sha256"] == digest and received["bytes"] == SIZE, received
+
+
 @pytest.mark.parametrize(
     ("content", "why"),
     [(b"", "an empty file"), (b"\0" * (4 << 20), "bundle magic"), (b'{"a": 1}', "JSON")],
@@ -222,11 +241,28 @@ def test_a_pipe_over_the_cap_is_refused_and_leaves_nothing(
     os.mkfifo(fifo)
     writer = Writer(fifo, bundle[0])
     writer.start()
-    with pytest.raises(UsageError) as e, spool.as_file(fifo):
-        pass
+    raised: list[BaseException] = []
+
+    def spool_it() -> None:  # in a thread: a writer that never comes fails, not hangs
+        try:
+            with spool.as_file(fifo):
+                pass
+        except BaseException as error:  # reported below
+            raised.append(error)
+
+    reader = threading.Thread(target=spool_it, daemon=True)
+    reader.start()
+    reader.join(DEADLINE)
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # releases the reader's open
+        reader.join(DEADLINE)
+        pytest.fail(f"spooling {fifo} did not end within {DEADLINE} s")
     writer.join(DEADLINE)
-    assert str(fifo) in e.value.message and "GiB" in e.value.message, e.value.message
-    assert e.value.hint and "file" in e.value.hint
+    assert len(raised) == 1, raised
+    e = raised[0]
+    assert isinstance(e, UsageError), e
+    assert str(fifo) in e.message and "GiB" in e.message, e.message
+    assert e.hint and "file" in e.hint
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -308,11 +344,13 @@ def test_node_commands_say_a_pipe_of_something_else_is_not_a_bundle(
     assert ota_node.tree_digest() == before
 
 
-def test_ctrl_c_while_the_pipe_is_read_removes_the_copy(
-    tmp_path: Path, bundle: tuple[bytes, str]
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_signal_while_the_pipe_is_read_leaves_no_copy(
+    tmp_path: Path, bundle: tuple[bytes, str], signum: int
 ) -> None:
-    """The download stalls half-way and the admin presses Ctrl-C: exit 130 at once, and
-    the half copy in TMPDIR is gone."""
+    """The download stalls half-way and the admin presses Ctrl-C (exit 130 at once), or
+    `timeout` sends SIGTERM, or the terminal closes (SIGHUP), or even SIGKILL: the half
+    copy in TMPDIR is gone (it has no name from the start)."""
     home = tmp_path / "h"
     (home / "tmp").mkdir(parents=True)
     fifo = tmp_path / "stalled.fifo"
@@ -331,6 +369,9 @@ def test_ctrl_c_while_the_pipe_is_read_removes_the_copy(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: this test's runner may have been started with the signal
+        # ignored (a background job, nohup), which the child would inherit.
+        preexec_fn=_as_from_a_terminal,  # noqa: PLW1509 (no lock taken: signal() only)
     )
     try:
         fd = -1
@@ -344,16 +385,65 @@ def test_ctrl_c_while_the_pipe_is_read_removes_the_copy(
                 time.sleep(0.02)
         os.set_blocking(fd, True)
         os.write(fd, bundle[0][: 1 << 20])  # half, then nothing more
-        while not list((home / "tmp").rglob("bundle.spkb")) and time.monotonic() < end:
+        while not _copying_into(proc.pid, home / "tmp") and time.monotonic() < end:
             time.sleep(0.02)
-        assert list((home / "tmp").rglob("bundle.spkb")), "no copy was being written"
-        proc.send_signal(signal.SIGINT)
+        assert _copying_into(proc.pid, home / "tmp"), ("no copy was being written", proc.poll())
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=DEADLINE)
         os.close(fd)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == ExitCode.INTERRUPTED, (out, err)
+    if signum == signal.SIGINT:
+        assert proc.returncode == ExitCode.INTERRUPTED, (out, err)
+    elif signum != signal.SIGKILL:
+        assert proc.returncode == 128 + signum, (proc.returncode, out, err)
     assert "Traceback" not in err, err
     assert list((home / "tmp").iterdir()) == []
+
+
+def _as_from_a_terminal() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _copying_into(pid: int, folder: Path) -> bool:
+    """Whether process `pid` has a file under `folder` open (named or not)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        links = [os.readlink(fd) for fd in fds.iterdir()]
+    except OSError:  # it ended, or an fd closed while listed
+        return False
+    return any(link.startswith(f"{folder}/") for link in links)
+
+
+def test_a_read_error_of_the_source_is_not_blamed_on_tmpdir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipe that fails mid-read (EIO from a hung-up terminal or a broken device) is the
+    source's fault: the message says so, and does not send the user to TMPDIR."""
+
+    def failing_read(fd: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")  # the source has data: the read itself fails
+
+    class Stdin:
+        buffer = os.fdopen(read_end, "rb")
+
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(spool, "_read", failing_read)
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    try:
+        with pytest.raises(UsageError) as e, spool.as_file("-"):
+            pass
+    finally:
+        Stdin.buffer.close()
+        os.close(write_end)
+    assert "cannot read the bundle from stdin" in e.value.message, e.value.message
+    assert "Input/output error" in e.value.message, e.value.message
+    assert "TMPDIR" not in (e.value.hint or ""), e.value.hint

@@ -12,24 +12,33 @@ from tests.support import cli
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "option"),
     [
-        ["--ssh", "root@127.0.0.1:1", "--ssh", "root@127.0.0.1:2", "ota", "push", "b.spkb"],
-        ["--node", "a", "-n", "b", "node"],
-        ["--fleet=rack1", "--fleet", "rack2", "node"],
-        ["-q", "--ssh", "x", "--ssh=y", "node"],
+        (["--ssh", "root@127.0.0.1:1", "--ssh", "root@127.0.0.1:2", "ota", "push", "b"], "--ssh"),
+        (["--node", "a", "-n", "b", "node"], "--node"),
+        (["-n", "a", "-nb", "node"], "--node"),
+        (["-fg1", "-f", "g2", "node"], "--fleet"),
+        (["--fleet=rack1", "--fleet", "rack2", "node"], "--fleet"),
+        (["-q", "--ssh", "x", "--ssh=y", "node"], "--ssh"),
     ],
 )
-def test_a_target_option_given_twice_is_a_usage_error(argv: list[str]) -> None:
+def test_a_target_option_given_twice_is_a_usage_error(argv: list[str], option: str) -> None:
     res = cli.run(*argv)
     assert res.code == ExitCode.USAGE, res
-    option = next(w for w in argv if w.startswith("--") and w != "--ssh=y").split("=")[0]
     assert f"{option} is given twice" in res.err, res.err
     assert "--fleet" in res.err and "internal error" not in res.err, res.err
     assert res.out == "", res.out
 
 
 def test_an_option_value_that_looks_like_the_option_is_not_a_repeat() -> None:
-    """`--token --ssh` is a token, not a second --ssh (and fails for its own reason)."""
+    """`--token --ssh` is a token, not a second --ssh: the command's -h runs."""
     res = cli.run("--ssh", "root@127.0.0.1:1", "--token", "--ssh", "ota", "push", "-h")
-    assert "given twice" not in res.err, res
+    assert res.code == ExitCode.OK, res
+    assert "given twice" not in res.err and "Usage" in res.out, res
+
+
+@pytest.mark.parametrize("help_option", ["--help", "-h"])
+def test_help_wins_over_a_repeated_target(help_option: str) -> None:
+    res = cli.run("--ssh", "a", "--ssh", "b", help_option)
+    assert res.code == ExitCode.OK, res
+    assert "given twice" not in res.err and "Usage" in res.out, res

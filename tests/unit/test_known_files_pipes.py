@@ -60,8 +60,9 @@ def test_recording_a_certificate_into_a_pipe_writes_nothing(tmp_path: Path) -> N
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # what would see a write
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError) as e:
             tls_pinning.record(fifo, "node1:8443", "AB" * 32)
+        assert e.value.exit_code == ExitCode.USAGE and str(fifo) in e.value.message
         assert os.read(reader, 100) == b""  # nothing was written, and no writer is left
     finally:
         os.close(reader)
@@ -91,8 +92,46 @@ def test_recording_a_host_key_into_a_pipe_writes_nothing(fifo_known_hosts: Path)
     reader = os.open(fifo_known_hosts, os.O_RDONLY | os.O_NONBLOCK)
     try:
         pkey = paramiko.RSAKey.generate(1024)
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError) as e:
             ssh.record_host_key(fifo_known_hosts, "node1", pkey)
+        assert e.value.exit_code == ExitCode.USAGE and str(fifo_known_hosts) in e.value.message
         assert os.read(reader, 100) == b""
     finally:
         os.close(reader)
+
+
+# /dev/null is "keep no key", as OpenSSH's UserKnownHostsFile=/dev/null: nothing is known,
+# and --accept-new's recording goes nowhere without an error. Any other device is refused.
+
+
+def test_known_certs_that_is_dev_null_knows_nothing_and_keeps_nothing(tmp_path: Path) -> None:
+    null = tmp_path / "known_certs"
+    null.symlink_to(os.devnull)
+    assert tls_pinning.lookup(null, "node1:8443") is None
+    tls_pinning.record(null, "node1:8443", "AB" * 32)
+    assert tls_pinning.lookup(null, "node1:8443") is None
+
+
+def test_known_hosts_that_is_dev_null_knows_nothing_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (home / ".ssh" / "known_hosts").symlink_to(os.devnull)
+    keys = paramiko.HostKeys()
+    ssh.load_known_hosts(keys)
+    ssh.record_host_key(ssh.user_known_hosts(), "node1", paramiko.RSAKey.generate(1024))
+    ssh.load_known_hosts(keys)
+    assert list(keys.keys()) == []
+
+
+def test_recording_into_another_device_is_refused(tmp_path: Path) -> None:
+    zero = tmp_path / "known_certs"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError) as e:
+        tls_pinning.record(zero, "node1:8443", "AB" * 32)
+    assert e.value.exit_code == ExitCode.USAGE and str(zero) in e.value.message
+    with pytest.raises(ConfigError) as e:
+        ssh.record_host_key(zero, "node1", paramiko.RSAKey.generate(1024))
+    assert "/dev/null" in (e.value.hint or ""), e.value.hint

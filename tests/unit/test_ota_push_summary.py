@@ -120,3 +120,14 @@ def test_attention_lines_name_each_node_that_needs_a_person() -> None:
         "2 not started (n4, n5): stopped after n3 failed; fix that, push to them again",
     ]
     assert busy.hint is not None and ok.hint is None
+
+
+def test_attention_lines_are_one_line_per_node_whatever_the_node_says() -> None:
+    """A node's message or hint over several lines (or with a terminal escape) is shown on
+    one line: -q promises cron one line per node."""
+    failed = push.PushResult(
+        "n1", 3, "apply", None, None, "refused:\nsecond line\x1b[2J", 0.0, hint="do\nthis"
+    )
+    lines = push.attention_lines([failed])
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0], lines
+    assert "second line" in lines[0] and "this" in lines[0], lines
