@@ -4,6 +4,7 @@
 # annotation strings (each an Annotated[..., typer.Option(...)]) several times per run,
 # ~5 ms of start-up; as objects they are built once, at import.
 
+import contextlib
 import os
 import re
 import signal
@@ -321,8 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop = e if isinstance(e, _Signalled) else e.__cause__
         if isinstance(stop, _Signalled):
             name = signal.Signals(stop.signum).name
-            _fail(console, f"stopped by {name}", ExitCode.INTERRUPTED, say=f"spk-visor: {name}")
-            return 128 + stop.signum
+            return _fail(
+                console,
+                f"stopped by {name}",
+                ExitCode.INTERRUPTED,
+                say=f"spk-visor: {name}",
+                status=128 + stop.signum,
+            )
         return _fail(console, "interrupted", ExitCode.INTERRUPTED, say="spk-visor: interrupted")
     except BrokenPipeError:
         return _output_closed()
@@ -366,20 +372,28 @@ def _fail(
     code: ExitCode,
     hint: str | None = None,
     say: str | None = "spk-visor: error: {}",
+    status: int | None = None,
 ) -> int:
     """Report a failure that is not an SpkVisorError: `say` on stderr, formatted with the
     message and hint (None: it is printed already), and under --json the same document an
-    SpkVisorError gives."""
+    SpkVisorError gives. `status` is the exit status when it is not `code` itself (128 +
+    the signal that stopped us); the document says the same status."""
     error = UsageError(message, hint)
     error.exit_code = code
     if say is not None:
-        console.error(redact(say.format(_diagnostics(error))))
+        # After a SIGHUP the terminal is gone and the write fails (EIO): the exit status
+        # must still say what happened.
+        with contextlib.suppress(OSError):
+            console.error(redact(say.format(_diagnostics(error))))
     if _json_errors():
+        document = error.document()
+        if status is not None:
+            document["error"]["exit_code"] = status
         try:
-            console.json_line(error.document())
+            console.json_line(document)
         except (BrokenPipeError, ValueError, OSError):  # stdout is gone: stderr said it
             pass
-    return int(code)
+    return int(code) if status is None else status
 
 
 _QUIET = re.compile(r"--quiet|-q[A-Za-z]*")
