@@ -110,7 +110,8 @@ class Headers:
 
 
 class _ClientGone(Exception):
-    """The client reset the connection while its request was being read."""
+    """The client reset or dropped the connection while its request was read or its
+    answer written: routine (a browser leaving a page), nothing to answer, not a fault."""
 
 
 class Encoded(bytes):
@@ -570,36 +571,42 @@ class RequestHandler(BaseHTTPRequestHandler):
             # the next request on this kept-alive connection: answer, then close.
             self.close_connection = True
         try:
-            url = urlsplit(self.path)
-            path = url.path
-            if path == p.API_PREFIX or path.startswith(p.API_PREFIX + "/"):
-                status, doc = self._api(path, url.query)
-                self._send_json(status, doc)
-            else:
-                status = self._static(path)
-        except ApiError as e:
-            status = e.status
-            if self.command in BODY_METHODS and not self._body_read:
-                # Refused before the body was read: it would be parsed as the next request.
+            try:
+                url = urlsplit(self.path)
+                path = url.path
+                if path == p.API_PREFIX or path.startswith(p.API_PREFIX + "/"):
+                    status, doc = self._api(path, url.query)
+                    self._send_json(status, doc)
+                else:
+                    status = self._static(path)
+            except ApiError as e:
+                status = e.status
+                if self.command in BODY_METHODS and not self._body_read:
+                    # Refused before the body was read: it would be parsed as the next request.
+                    self.close_connection = True
+                allowed = e.details.get("allowed") if e.status == 405 else None
+                # RFC 9110 section 15.5.6: a 405 names the methods allowed in an Allow header.
+                self._send_json(
+                    e.status, e.envelope(), {"Allow": ", ".join(allowed)} if allowed else None
+                )
+            except _ClientGone:
+                # The client reset the connection mid-request: routine, and nothing to answer.
                 self.close_connection = True
-            allowed = e.details.get("allowed") if e.status == 405 else None
-            # RFC 9110 section 15.5.6: a 405 names the methods allowed in an Allow header.
-            self._send_json(
-                e.status, e.envelope(), {"Allow": ", ".join(allowed)} if allowed else None
-            )
+                status = CLIENT_GONE
+            except Exception:
+                # The path only, as in the access log: a query string may hold pasted secrets.
+                log.exception(
+                    "internal error on %s %s", self.command, _printable(self.path.split("?")[0])
+                )
+                status = 500
+                self._send_json(
+                    500,
+                    ApiError(500, p.ERR_INTERNAL, "internal error; see the daemon log").envelope(),
+                )
         except _ClientGone:
-            # The client reset the connection mid-request: routine, and nothing to answer.
+            # The answer (or the 500 for a fault) could not be written: the client left.
             self.close_connection = True
             status = CLIENT_GONE
-        except Exception:
-            # The path only, as in the access log: a query string may hold pasted secrets.
-            log.exception(
-                "internal error on %s %s", self.command, _printable(self.path.split("?")[0])
-            )
-            status = 500
-            self._send_json(
-                500, ApiError(500, p.ERR_INTERNAL, "internal error; see the daemon log").envelope()
-            )
         finally:
             elapsed = (time.monotonic() - started) * 1000
             self.server.access_log.write(
@@ -731,15 +738,19 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send(status, _encode(doc), "application/json", extra)
 
     def _send(self, status: int, data: bytes, ctype: str, headers: dict[str, str]) -> None:
-        self.wfile.write(
-            response_bytes(
-                status,
-                data,
-                {"Content-Type": ctype, **headers},
-                close=self.close_connection,
-                head_only=self.command == "HEAD",
-            )
+        answer = response_bytes(
+            status,
+            data,
+            {"Content-Type": ctype, **headers},
+            close=self.close_connection,
+            head_only=self.command == "HEAD",
         )
+        try:
+            self.wfile.write(answer)
+        except OSError:
+            # Reset, closed, or not reading within the socket timeout: the answer cannot
+            # go, and a second one (a 500) would fail the same way.
+            raise _ClientGone from None
 
     def _static(self, path: str) -> int:
         if self.command not in ("GET", "HEAD"):
@@ -775,10 +786,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         err = ApiError(
             code, p.ERR_NOT_IMPLEMENTED if code in (501, 505) else kind, message or phrase
         )
-        try:
+        with contextlib.suppress(_ClientGone):
             self._send_json(code, err.envelope())
-        except OSError:
-            pass
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _dispatch writes the access log line with the timing

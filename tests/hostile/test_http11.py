@@ -401,3 +401,40 @@ def test_absolute_form_is_served_as_its_path(rig: tuple[Daemon, DaemonEnv]) -> N
     assert status_of(ok) == 200 and b"cpu_model" in ok, ok[:300]
     anon = b"GET HTTPS://x/api/node HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert status_of(exchange(d, anon)) == 401
+
+
+def test_a_client_reset_while_its_answer_is_written_is_not_an_internal_error(
+    rig: tuple[Daemon, DaemonEnv],
+) -> None:
+    """A client that asks for more than it reads, then resets (a browser leaving a page
+    mid-download): the daemon's write fails. That is the client leaving, logged as 499;
+    it was logged as an internal error with a traceback, and a 500 it then failed to send."""
+    d, env = rig
+    before = baseline(d)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small window: the daemon's answers fill it and the socket buffers, then its write
+    # waits, and the reset lands on that write.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.bind((ATTACKER, 0))
+    s.connect(("127.0.0.1", d.port))
+    try:
+        # 35 KiB of app.js per answer: some MiB in all, far past any socket buffer.
+        s.sendall(get(d, "/app.js?gone") * 200)
+        deadline = time.monotonic() + REQUEST_TIMEOUT + 5
+        while time.monotonic() < deadline:
+            if [line for line in d.lines if "/app.js" in line]:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # the daemon is now waiting on a full socket
+    finally:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST, not FIN
+    deadline = time.monotonic() + REQUEST_TIMEOUT + 5
+    while time.monotonic() < deadline:
+        if [line for line in d.lines if "/app.js" in line and " 499 " in line]:
+            break
+        time.sleep(0.05)
+    assert not [line for line in d.lines if "internal error" in line], d.lines[-20:]
+    assert [line for line in d.lines if "/app.js" in line and " 499 " in line], d.lines[-20:]
+    assert env.recorded() == []
+    prove(d, before)
