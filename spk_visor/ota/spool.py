@@ -68,7 +68,6 @@ def as_file(path: Path | str) -> Iterator[Path]:
         raise UsageError(f"cannot make a temporary file: {e.strerror or e}", SPOOL_HINT) from e
     with spooled:
         _copy(name, spooled)
-        spooled.flush()
         yield Path(f"/proc/self/fd/{spooled.fileno()}")
 
 
@@ -115,16 +114,23 @@ def _copy(name: str, sink: BinaryIO) -> None:
             try:
                 sink.write(chunk)
             except OSError as e:
-                raise UsageError(
-                    f"cannot copy the bundle from {shown} to {tempfile.gettempdir()}: "
-                    f"{e.strerror or e}",
-                    SPOOL_HINT,
-                ) from e
+                raise _no_room(shown, e) from e
         if len(head) < ota_bundle.SNIFF_BYTES:
             _check_head(shown, head)
+        try:
+            sink.flush()  # the last buffered bytes: a full disk can refuse them too
+        except OSError as e:
+            raise _no_room(shown, e) from e
     finally:
         if source is not sys.stdin.buffer:
             source.close()
+
+
+def _no_room(shown: str, e: OSError) -> UsageError:
+    return UsageError(
+        f"cannot copy the bundle from {shown} to {tempfile.gettempdir()}: {e.strerror or e}",
+        SPOOL_HINT,
+    )
 
 
 def _read(fd: int) -> bytes:
